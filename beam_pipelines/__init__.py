@@ -1,0 +1,1 @@
+"""Beam pipelines that turn raw text into packed, tokenized ArrayRecord shards."""

@@ -1,0 +1,1 @@
+"""maxlm: raw text to a served language model on JAX."""

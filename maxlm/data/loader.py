@@ -1,0 +1,173 @@
+"""Packed ArrayRecord shards -> per-process batches of int32 arrays, through Grain.
+
+Checkpointing the iterator with Orbax: Grain's handler is `grain.checkpoint.CheckpointHandler`.
+Importing grain registers it with Orbax for `grain.checkpoint.CheckpointSave`/`CheckpointRestore`
+(what `iterator_save_args`/`iterator_restore_args` return), so a `CheckpointManager` driven by
+`ocp.args.Composite(..., data_iter=...)` needs no extra setup. A manager built with explicit
+`item_handlers` must list `data_iter=grain.checkpoint.CheckpointHandler()`. The handler writes one
+`process_{i}-of-{n}.json` per JAX process, so restore with the same process count.
+"""
+
+import functools
+import json
+import os
+
+from etils import epath
+import grain
+import jax
+
+from beam_pipelines.records import MANIFEST_NAME, RECORD_FORMAT, TOKENIZER_NAME, decode_packed
+
+PREPARE_COMMAND = "`python -m beam_pipelines.prepare_text`"
+_MAX_SEED = 2**32
+
+
+def load_manifest(data_dir: str | os.PathLike) -> dict:
+  """Reads `data_dir/manifest.json`, checking its format and that every listed shard exists."""
+  root = epath.Path(data_dir)
+  if not root.is_dir():
+    raise FileNotFoundError(
+        f"--data_dir {data_dir} does not exist; point it at the output of {PREPARE_COMMAND}")
+  manifest_path = root / MANIFEST_NAME
+  if not manifest_path.exists():
+    raise FileNotFoundError(
+        f"--data_dir {data_dir} has no {MANIFEST_NAME}; run {PREPARE_COMMAND} first")
+  manifest = _parse_manifest(manifest_path)
+  _check_format(manifest, manifest_path)
+  for split in manifest["splits"]:
+    _check_shards_exist(root, manifest, split)
+  return manifest
+
+
+def _parse_manifest(manifest_path: epath.Path) -> dict:
+  try:
+    return json.loads(manifest_path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(
+        f"{manifest_path} is not valid JSON ({e}); re-run {PREPARE_COMMAND} to rewrite it") from e
+
+
+def _check_format(manifest: dict, manifest_path: epath.Path) -> None:
+  found = manifest.get("format") if isinstance(manifest, dict) else None
+  if found != RECORD_FORMAT:
+    raise ValueError(
+        f"{manifest_path} has format {found!r} but maxlm reads {RECORD_FORMAT!r}; "
+        f"re-run {PREPARE_COMMAND} with this version of maxlm")
+  missing = {"seq_len", "splits"} - manifest.keys()
+  if missing:
+    raise ValueError(
+        f"{manifest_path} lacks {sorted(missing)}; re-run {PREPARE_COMMAND} to rewrite it")
+
+
+def _check_shards_exist(root: epath.Path, manifest: dict, split: str) -> None:
+  for shard in manifest["splits"][split]["shards"]:
+    if not (root / shard).exists():
+      raise FileNotFoundError(
+          f"--data_dir {root} is missing shard {shard} listed in {MANIFEST_NAME}; copy the whole "
+          f"directory or re-run {PREPARE_COMMAND}")
+
+
+def tokenizer_path(data_dir: str | os.PathLike) -> epath.Path:
+  """The SentencePiece model the data dir was tokenized with."""
+  manifest = load_manifest(data_dir)
+  path = epath.Path(data_dir) / manifest.get("tokenizer", {}).get("file", TOKENIZER_NAME)
+  if not path.exists():
+    raise FileNotFoundError(
+        f"--data_dir {data_dir} has no {path.name}; re-run {PREPARE_COMMAND} to write it")
+  return path
+
+
+def split_shard_paths(data_dir: str | os.PathLike, manifest: dict, split: str) -> list[str]:
+  """Absolute paths of `split`'s ArrayRecord shards, in manifest order."""
+  if split not in manifest["splits"]:
+    raise ValueError(
+        f"--data_dir {data_dir} has no split {split!r}; pick one of {sorted(manifest['splits'])}")
+  return [os.fspath(epath.Path(data_dir) / shard) for shard in manifest["splits"][split]["shards"]]
+
+
+def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(
+        f"global_batch_size={global_batch_size} must be a positive multiple of the "
+        f"{process_count} JAX processes; set it to a multiple of {process_count}")
+  return global_batch_size // process_count
+
+
+def resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  """(index, count) of this reader; None means the JAX process's own."""
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(
+        f"process_index={index} is outside [0, process_count={count}); pass both or neither")
+  return index, count
+
+
+def make_dataset(
+    data_dir: str | os.PathLike,
+    split: str,
+    *,
+    global_batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    drop_remainder: bool | None = None,
+    read_threads: int = 0,
+) -> grain.IterDataset:
+  """Batches of `split` for this process: {field: int32 [global_batch_size // process_count, seq_len]}.
+
+  Process `i` of `n` reads records i, i+n, i+2n, ...: disjoint slices covering the split. Each
+  epoch is shuffled with a different permutation derived from `seed`; `num_epochs=None` repeats
+  forever. `drop_remainder=None` means `shuffle`: training batches all have one shape (batches
+  span epoch boundaries), while eval (`shuffle=False, num_epochs=1`) keeps a smaller last batch so
+  every sequence is seen exactly once. `read_threads > 0` decodes records in background threads.
+  `iter(ds)` gives a checkpointable `grain.DatasetIterator` (`get_state`/`set_state`).
+  """
+  manifest = load_manifest(data_dir)
+  index, count = resolve_process(process_index, process_count)
+  batch_size = per_process_batch_size(global_batch_size, count)
+  _check_epochs_and_seed(num_epochs, seed)
+  records = grain.MapDataset.source(
+      grain.sources.ArrayRecordDataSource(split_shard_paths(data_dir, manifest, split)))
+  _check_record_count(records, manifest, split, count)
+  records = records[index::count]
+  if shuffle:
+    records = records.shuffle(seed=seed)
+  sequences = records.repeat(num_epochs).map(
+      functools.partial(decode_packed, seq_len=manifest["seq_len"]))
+  read_options = grain.ReadOptions(
+      num_threads=read_threads, prefetch_buffer_size=2 * batch_size if read_threads else 0)
+  return sequences.to_iter_dataset(read_options).batch(
+      batch_size, drop_remainder=shuffle if drop_remainder is None else drop_remainder)
+
+
+def _check_epochs_and_seed(num_epochs: int | None, seed: int) -> None:
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"num_epochs={num_epochs} must be positive; use None to repeat forever")
+  if not 0 <= seed < _MAX_SEED:
+    raise ValueError(f"seed={seed} must be in [0, 2**32); pick a seed in that range")
+
+
+def _check_record_count(
+    records: grain.MapDataset, manifest: dict, split: str, process_count: int) -> None:
+  expected = manifest["splits"][split].get("sequences", len(records))
+  if len(records) != expected:
+    raise ValueError(
+        f"split {split!r} shards hold {len(records)} sequences but {MANIFEST_NAME} says "
+        f"{expected}; re-run {PREPARE_COMMAND} (a shard was truncated or replaced)")
+  if len(records) < process_count:
+    raise ValueError(
+        f"split {split!r} has {len(records)} sequences, fewer than the {process_count} "
+        f"processes reading it; prepare more data or use fewer processes")
+
+
+def iterator_save_args(iterator: grain.DatasetIterator):
+  """Orbax args saving `iterator`'s position, for `ocp.args.Composite(data_iter=...)`."""
+  return grain.checkpoint.CheckpointSave(iterator)
+
+
+def iterator_restore_args(iterator: grain.DatasetIterator):
+  """Orbax args restoring a saved position into `iterator` (a fresh one from the same dataset)."""
+  return grain.checkpoint.CheckpointRestore(iterator)

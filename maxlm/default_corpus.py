@@ -1,0 +1,69 @@
+"""The embedded default corpus: the installed Python's standard library sources plus its
+`pydoc_data` topics, run through `beam_pipelines.prepare_text` once into a cache directory.
+
+Real text already on every machine with Python, so `python -m maxlm.train` trains on
+something meaningful with no flags and no download.
+"""
+
+import json
+import os
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+
+import gin
+
+from beam_pipelines import prepare_text
+from beam_pipelines.records import MANIFEST_NAME
+
+_SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idlelib",
+                 "lib2to3", "turtledemo", "ensurepip", "config-3"}
+
+
+def cache_root() -> Path:
+  if os.environ.get("MAXLM_CACHE"):
+    return Path(os.environ["MAXLM_CACHE"])
+  return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maxlm"
+
+
+def stdlib_source_globs() -> list[str]:
+  """One glob per top-level stdlib package (skipping third-party and test trees)."""
+  stdlib = Path(sysconfig.get_paths()["stdlib"])
+  globs = [str(stdlib / "*.py")]
+  for child in sorted(stdlib.iterdir()):
+    if child.is_dir() and not any(child.name.startswith(s) for s in _SKIPPED_DIRS):
+      if next(child.rglob("*.py"), None) is not None:
+        globs.append(str(child / "**" / "*.py"))
+  return globs
+
+
+def write_pydoc_topics(path: Path) -> Path:
+  """The interpreter's help topics (`pydoc_data.topics`) as JSONL, one topic a document."""
+  from pydoc_data import topics  # pylint: disable=import-outside-toplevel
+  with open(path, "w", encoding="utf-8") as out:
+    for name, text in sorted(topics.topics.items()):
+      out.write(json.dumps({"text": text, "topic": name}) + "\n")
+  return path
+
+
+@gin.configurable(module="maxlm")
+def ensure_default_corpus(vocab_size: int = 4096, seq_len: int = 256,
+                          cache_dir: str | None = None) -> str:
+  """Returns the data dir of the stdlib corpus, building it first if it is not cached."""
+  version = f"py{sys.version_info.major}.{sys.version_info.minor}"
+  root = Path(cache_dir) if cache_dir else cache_root()
+  data_dir = root / f"stdlib-{version}-v{vocab_size}-s{seq_len}"
+  if (data_dir / MANIFEST_NAME).exists():
+    return str(data_dir)
+  print(f"no data configured: building the Python {version} standard library corpus into "
+        f"{data_dir} (once)", flush=True)
+  partial = data_dir.with_name(data_dir.name + ".partial")
+  shutil.rmtree(partial, ignore_errors=True)
+  partial.mkdir(parents=True)
+  topics = write_pydoc_topics(root / f"pydoc-topics-{version}.jsonl")
+  prepare_text.run(stdlib_source_globs() + [str(topics)], str(partial),
+                   vocab_size=vocab_size, seq_len=seq_len)
+  shutil.rmtree(data_dir, ignore_errors=True)
+  os.replace(partial, data_dir)
+  return str(data_dir)

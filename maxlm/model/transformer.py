@@ -1,0 +1,180 @@
+"""A Llama-style decoder-only transformer in Flax NNX.
+
+Token embedding, RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, optional tied
+embeddings. Every parameter carries `logical_axes` metadata that `maxlm.sharding` maps onto
+the mesh. The KV cache is a plain pytree passed in and returned, so serving can jit it.
+"""
+
+import dataclasses
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from maxlm.model import layers
+from maxlm.sharding import constrain
+
+
+@gin.configurable(module="maxlm")
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The model's shape; `vocab_size=None` means "take it from the data's tokenizer"."""
+  vocab_size: int | None = None
+  num_layers: int = 4
+  embed_dim: int = 256
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 64
+  mlp_dim: int = 768
+  max_seq_len: int = 2048
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  dtype: str = "float32"  # activation/compute dtype; parameters stay float32
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
+                       f"ModelConfig.num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+
+
+KVCache = list[dict[str, jax.Array]]  # per layer: {"k", "v"}: [batch, max_len, kv_heads, head_dim]
+
+
+def init_kv_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
+  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  dtype = jnp.dtype(config.dtype)
+  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+          for _ in range(config.num_layers)]
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
+           fan_in: int) -> nnx.Param:
+  init = jax.nn.initializers.normal(stddev=fan_in ** -0.5)
+  return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("embed",))
+    self.eps = eps
+
+  def __call__(self, x):
+    return layers.rms_norm(x, self.scale[...], self.eps)
+
+
+class Attention(nnx.Module):
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    self.q = _param(rngs, (c.embed_dim, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"),
+                    c.embed_dim)
+    self.k = _param(rngs, (c.embed_dim, c.num_kv_heads, c.head_dim),
+                    ("embed", "kv_heads", "head_dim"), c.embed_dim)
+    self.v = _param(rngs, (c.embed_dim, c.num_kv_heads, c.head_dim),
+                    ("embed", "kv_heads", "head_dim"), c.embed_dim)
+    self.o = _param(rngs, (c.num_heads, c.head_dim, c.embed_dim), ("heads", "head_dim", "embed"),
+                    c.num_heads * c.head_dim * c.num_layers * 2)
+
+  def __call__(self, x, positions, segment_ids, cache):
+    """x: [batch, seq, embed]; positions: [batch, seq]. Returns (out, updated cache or None)."""
+    dtype = x.dtype
+    q = jnp.einsum("bse,ehd->bshd", x, self.q[...].astype(dtype))
+    k = jnp.einsum("bse,ehd->bshd", x, self.k[...].astype(dtype))
+    v = jnp.einsum("bse,ehd->bshd", x, self.v[...].astype(dtype))
+    q = layers.rope(q, positions, self.config.rope_theta)
+    k = layers.rope(k, positions, self.config.rope_theta)
+    if cache is None:
+      index = jnp.broadcast_to(jnp.arange(x.shape[1]), positions.shape)
+      mask = layers.attention_mask(index, index[0], segment_ids, segment_ids)
+    else:
+      # One document per cache row: a token's cache slot is its position.
+      rows = jnp.arange(x.shape[0])[:, None]
+      k = cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype))
+      v = cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype))
+      cache = {"k": k, "v": v}
+      mask = layers.attention_mask(positions, jnp.arange(k.shape[1]))
+    out = layers.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask)
+    return jnp.einsum("bshd,hde->bse", out, self.o[...].astype(dtype)), cache
+
+
+class MLP(nnx.Module):
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    c = config
+    self.gate = _param(rngs, (c.embed_dim, c.mlp_dim), ("embed", "mlp"), c.embed_dim)
+    self.up = _param(rngs, (c.embed_dim, c.mlp_dim), ("embed", "mlp"), c.embed_dim)
+    self.down = _param(rngs, (c.mlp_dim, c.embed_dim), ("mlp", "embed"), c.mlp_dim * c.num_layers * 2)
+
+  def __call__(self, x):
+    dtype = x.dtype
+    return layers.swiglu(x, self.gate[...].astype(dtype), self.up[...].astype(dtype),
+                         self.down[...].astype(dtype))
+
+
+class Block(nnx.Module):
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    self.attention_norm = RMSNorm(config.embed_dim, config.norm_eps)
+    self.attention = Attention(config, rngs)
+    self.mlp_norm = RMSNorm(config.embed_dim, config.norm_eps)
+    self.mlp = MLP(config, rngs)
+
+  def __call__(self, x, positions, segment_ids, cache):
+    attended, cache = self.attention(self.attention_norm(x), positions, segment_ids, cache)
+    x = constrain(x + attended, ("batch", "length", "act_embed"))
+    x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "act_embed"))
+    return x, cache
+
+
+class Transformer(nnx.Module):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    if config.vocab_size is None:
+      raise ValueError("ModelConfig.vocab_size is unset; maxlm.train fills it from the data's "
+                       "tokenizer, other callers must set it")
+    c = config
+    self.config = c
+    self.embedding = _param(rngs, (c.vocab_size, c.embed_dim), ("vocab", "embed"), 1)
+    self.blocks = nnx.List([Block(c, rngs) for _ in range(c.num_layers)])
+    self.final_norm = RMSNorm(c.embed_dim, c.norm_eps)
+    if not c.tie_embeddings:
+      self.unembedding = _param(rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"), c.embed_dim)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, cache: KVCache | None = None
+               ) -> tuple[jax.Array, Any]:
+    """tokens, positions, segment_ids: [batch, seq] int.
+
+    Without a cache: causal attention within each segment (packed documents never see
+    each other). With a cache: the tokens are written at their positions and attend to
+    every earlier slot (prefill and decode alike).
+    Returns (logits float32 [batch, seq, vocab], updated cache or None).
+    """
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    dtype = jnp.dtype(self.config.dtype)
+    x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+    x = constrain(x, ("batch", "length", "act_embed"))
+    new_cache = [] if cache is not None else None
+    for i, block in enumerate(self.blocks):
+      x, layer_cache = block(x, positions, segment_ids, None if cache is None else cache[i])
+      if cache is not None:
+        new_cache.append(layer_cache)
+    x = self.final_norm(x)
+    if self.config.tie_embeddings:
+      logits = jnp.einsum("bse,ve->bsv", x, self.embedding[...].astype(dtype))
+    else:
+      logits = x @ self.unembedding[...].astype(dtype)
+    return logits.astype(jnp.float32), new_cache
+
+
+def count_params(config: ModelConfig) -> int:
+  """Closed-form parameter count, independent of the module code."""
+  c = config
+  attention = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+  mlp = 3 * c.embed_dim * c.mlp_dim
+  per_layer = attention + mlp + 2 * c.embed_dim
+  embeddings = c.vocab_size * c.embed_dim * (1 if c.tie_embeddings else 2)
+  return c.num_layers * per_layer + embeddings + c.embed_dim

@@ -1,0 +1,30 @@
+"""The optimizer: AdamW with linear warmup, cosine decay and global-norm clipping."""
+
+import gin
+import jax
+import optax
+
+
+@gin.configurable(module="maxlm")
+def learning_rate_schedule(total_steps: int, peak_learning_rate: float = 3e-4,
+                           warmup_steps: int = 100, final_fraction: float = 0.1) -> optax.Schedule:
+  warmup_steps = min(warmup_steps, max(total_steps - 1, 1))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak_learning_rate, warmup_steps=warmup_steps,
+      decay_steps=max(total_steps, warmup_steps + 1),
+      end_value=peak_learning_rate * final_fraction)
+
+
+def _is_matrix(params):
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+@gin.configurable(module="maxlm")
+def make_optimizer(schedule: optax.Schedule, weight_decay: float = 0.1, b1: float = 0.9,
+                   b2: float = 0.95, eps: float = 1e-8,
+                   max_grad_norm: float = 1.0) -> optax.GradientTransformation:
+  """Weight decay skips vectors (norm scales): only matrices and embeddings decay."""
+  return optax.chain(
+      optax.clip_by_global_norm(max_grad_norm),
+      optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_is_matrix),
+  )

@@ -1,0 +1,92 @@
+"""The sharded train and eval steps, shared by every task.
+
+A task hands in `loss_fn(model, batch) -> (loss, metrics)`; this module owns the state
+pytree, its shardings on the mesh, and the jitted steps with explicit in/out shardings.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from maxlm import sharding
+from maxlm.model import ModelConfig, Transformer
+
+LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict]]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+
+
+def abstract_model(config: ModelConfig, seed: int = 0):
+  """(graphdef, abstract nnx.State) without allocating parameters."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed))))
+
+
+def state_shardings(abstract_state: nnx.State, optimizer: optax.GradientTransformation,
+                    mesh: Mesh) -> TrainState:
+  """Where each leaf of the TrainState lives: optimizer moments follow their parameter."""
+  params = sharding.param_shardings(abstract_state, mesh)
+  abstract_params = nnx.to_pure_dict(abstract_state)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  opt_state = optax.tree_map_params(
+      optimizer, lambda _, param_sharding: param_sharding,
+      jax.eval_shape(optimizer.init, abstract_params), params,
+      transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=params, opt_state=opt_state)
+
+
+def abstract_train_state(abstract_state: nnx.State, optimizer, shardings: TrainState):
+  """ShapeDtypeStructs with shardings: the restore target for a checkpoint."""
+  params = nnx.to_pure_dict(abstract_state)
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                      opt_state=jax.eval_shape(optimizer.init, params))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)
+
+
+def init_train_state(config: ModelConfig, optimizer, shardings: TrainState,
+                     seed: int = 0) -> TrainState:
+  """Initializes parameters directly in their sharded layout (never whole on one device)."""
+  def init():
+    params = nnx.to_pure_dict(nnx.state(Transformer(config, rngs=nnx.Rngs(seed))))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params))
+  return jax.jit(init, out_shardings=shardings)()
+
+
+def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    shardings: TrainState, batch_sharding: NamedSharding):
+  """Returns jitted `step(state, batch) -> (state, metrics)`; `state` is donated."""
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def loss_of(params):
+      return loss_fn(nnx.merge(graphdef, params), batch)
+    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  batch_shardings = {name: batch_sharding for name in ("tokens", "segment_ids", "positions")}
+  return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+                 out_shardings=(shardings, None), donate_argnums=0)
+
+
+def make_eval_step(graphdef, loss_fn: LossFn, param_shardings: dict,
+                   batch_sharding: NamedSharding):
+  """Returns jitted `eval_step(params, batch) -> metrics` (sums, to be added over batches)."""
+  def eval_step(params: dict, batch: dict) -> dict:
+    _, metrics = loss_fn(nnx.merge(graphdef, params), batch)
+    return metrics
+
+  batch_shardings = {name: batch_sharding for name in ("tokens", "segment_ids", "positions")}
+  return jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings))

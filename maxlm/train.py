@@ -1,0 +1,223 @@
+"""Entry point: gin -> mesh -> state -> loop.
+
+  python -m maxlm.train                              # embedded default: stdlib corpus, tiny.gin
+  python -m maxlm.train --gin_file=1b.gin --data_dir=DIR --workdir=DIR [--steps=N]
+                        [--gin_param='ModelConfig.num_layers=2' ...]
+
+Bare gin file names resolve under `configs/`. Rerunning the same command resumes from the
+latest checkpoint in WORKDIR.
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import gin
+import jax
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+from maxlm import checkpoint, data, metrics, optim, sampling, sharding, tasks
+from maxlm import steps as train_steps
+from maxlm.default_corpus import ensure_default_corpus
+from maxlm.model import ModelConfig
+from maxlm.config_checks import UserError, check_compatible, resolve_model_config
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+_GIN_FILE = flags.DEFINE_multi_string("gin_file", ["tiny.gin"], "Gin files; bare names resolve "
+                                      "under configs/.")
+_GIN_PARAM = flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. 'train.seed=1'.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics); "
+                               "default runs/<first gin file name>.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Output of beam_pipelines.prepare_text; "
+                                "default: build the stdlib corpus into the cache.")
+_STEPS = flags.DEFINE_integer("steps", None, "Total training steps (overrides train.steps).")
+
+
+@gin.configurable(module="maxlm")
+def train(workdir: str, data_dir: str | None = None, steps: int = 300,
+          global_batch_size: int = 16, seed: int = 0, checkpoint_every: int = 100,
+          eval_every: int = 100, eval_batches: int = 16, log_every: int = 10,
+          sample_prompt: str = "def ", sample_tokens: int = 48) -> dict:
+  """Trains (or resumes) a model in `workdir`; returns the final summary numbers."""
+  workdir = Path(workdir)
+  data_dir = data_dir or ensure_default_corpus()
+  try:
+    manifest = data.load_manifest(data_dir)
+  except (FileNotFoundError, ValueError) as error:
+    raise UserError(str(error)) from None
+  seq_len = manifest["seq_len"]
+  config = resolve_model_config(ModelConfig(), manifest)
+  mesh = sharding.make_mesh()
+  if global_batch_size % sharding.batch_divisor(mesh):
+    raise UserError(f"train.global_batch_size={global_batch_size} must be a multiple of the "
+                    f"mesh's data*fsdp size {sharding.batch_divisor(mesh)}")
+  schedule = optim.learning_rate_schedule(steps)
+  optimizer = optim.make_optimizer(schedule)
+  graphdef, abstract_state = train_steps.abstract_model(config, seed)
+  shardings = train_steps.state_shardings(abstract_state, optimizer, mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  train_iter = iter(data.make_dataset(data_dir, "train", global_batch_size=global_batch_size,
+                                      seed=seed))
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpointer = checkpoint.Checkpointer(workdir, save_every=checkpoint_every)
+  meta = checkpoint.model_meta(config, seq_len=seq_len, data_dir=str(data_dir),
+                               tokenizer_sha256=manifest["tokenizer"]["sha256"])
+  state = _restore_or_init(checkpointer, workdir, config, meta, abstract_state, optimizer,
+                           shardings, train_iter, seed, data_dir)
+  first_step = int(state.step)
+  train_step = train_steps.make_train_step(graphdef, tasks.next_token_loss, optimizer, shardings,
+                                     batch_sharding)
+  eval_step = train_steps.make_eval_step(graphdef, tasks.next_token_loss, shardings.params,
+                                   batch_sharding)
+  evaluate = lambda params: _evaluate(eval_step, params, data_dir, global_batch_size,  # noqa: E731
+                                      eval_batches, batch_sharding)
+  writer = metrics.create_writer(workdir, is_primary=jax.process_index() == 0)
+  writer.write_hparams({"model": meta["model_config"], "global_batch_size": global_batch_size,
+                        "steps": steps, "seq_len": seq_len, "mesh": dict(mesh.shape)})
+  progress = metrics.ConsoleProgress(steps, first_step, log_every)
+  tokens_per_step = global_batch_size * seq_len
+  _log(f"params {sum(x.size for x in jax.tree.leaves(state.params)):,} | mesh {dict(mesh.shape)}"
+       f" | {tokens_per_step:,} tokens/step | steps {first_step} -> {steps}")
+  last_eval = None
+  with jax.set_mesh(mesh):
+    for step in range(first_step + 1, steps + 1):
+      started = time.perf_counter()
+      batch = _to_global(next(train_iter), batch_sharding)
+      state, step_metrics = train_step(state, batch)
+      loss = float(step_metrics["loss"])
+      scalars = {"loss": loss, "learning_rate": float(schedule(step - 1)),
+                 "grad_norm": float(step_metrics["grad_norm"]),
+                 "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
+      if not np.isfinite(loss):
+        raise UserError(f"loss is {loss} at step {step}; lower optim.learning_rate_schedule."
+                        "peak_learning_rate or check the data")
+      if step % eval_every == 0 or step == steps:
+        last_eval = evaluate(state.params)
+        scalars["eval_loss"] = last_eval
+      writer.write_scalars(step, scalars)
+      progress.update(step, {k: v for k, v in scalars.items() if k != "grad_norm"})
+      checkpointer.save(step, state, data.iterator_save_args(train_iter), meta,
+                        force=step == steps)
+    checkpointer.wait()
+    writer.flush()
+    if last_eval is None:
+      last_eval = evaluate(state.params)
+    summary = _report(last_eval, manifest, int(state.step))
+    prompt_ids = [manifest["tokenizer"]["bos_id"]] + _tokenizer(data_dir).encode(sample_prompt)
+    sample_ids = sampling.generate(graphdef, state.params, prompt_ids,
+                                   max_new_tokens=sample_tokens, temperature=0.0,
+                                   eos_id=manifest["tokenizer"]["eos_id"], config=config)
+  sample = _tokenizer(data_dir).decode(sample_ids)
+  print(f"\nsample (greedy) for {sample_prompt!r}:\n{sample_prompt}{sample}\n", flush=True)
+  checkpointer.close()
+  writer.close()
+  return {**summary, "sample": sample_prompt + sample}
+
+
+def _restore_or_init(checkpointer, workdir, config, meta, abstract_state, optimizer, shardings,
+                     train_iter, seed, data_dir):
+  latest = checkpointer.latest_step()
+  if latest is None:
+    shutil.copy(data.tokenizer_path(data_dir), workdir / checkpoint.TOKENIZER)
+    return train_steps.init_train_state(config, optimizer, shardings, seed)
+  _, saved_meta = checkpoint.read_meta(workdir, latest)
+  check_compatible(saved_meta, meta, workdir)
+  target = train_steps.abstract_train_state(abstract_state, optimizer, shardings)
+  state, _ = checkpointer.restore(latest, target, data.iterator_restore_args(train_iter))
+  metrics.JsonlWriter.truncate_after(workdir / "metrics.jsonl", latest)
+  _log(f"resumed from {workdir / checkpoint.CHECKPOINTS / str(latest)} (step {latest})")
+  return state
+
+
+def _to_global(local_batch: dict, batch_sharding) -> dict:
+  return {name: jax.make_array_from_process_local_data(batch_sharding, array)
+          for name, array in local_batch.items()}
+
+
+def _evaluate(eval_step, params, data_dir, global_batch_size, max_batches, batch_sharding):
+  """Mean next-token loss over (up to `max_batches` of) the validation split."""
+  dataset = data.make_dataset(data_dir, "validation", global_batch_size=global_batch_size,
+                              seed=0, shuffle=False, num_epochs=1)
+  local_size = global_batch_size // jax.process_count()
+  nll, count = 0.0, 0.0
+  for i, batch in enumerate(dataset):
+    if i == max_batches:
+      break
+    padded = {k: np.pad(v, [(0, local_size - len(v)), (0, 0)]) for k, v in batch.items()}
+    result = eval_step(params, _to_global(padded, batch_sharding))
+    nll += float(result["nll_sum"])
+    count += float(result["target_tokens"])
+  return nll / max(count, 1.0)
+
+
+def _report(eval_loss: float, manifest: dict, step: int) -> dict:
+  entropy = manifest["unigram_entropy_nats"]
+  below = 1.0 - eval_loss / entropy
+  print(f"\nheld-out loss after {step} steps: {eval_loss:.3f} nats/token | unigram entropy of "
+        f"the training tokens: {entropy:.3f} nats/token | {100 * below:.1f}% below", flush=True)
+  return {"eval_loss": eval_loss, "unigram_entropy_nats": entropy, "fraction_below": below,
+          "step": step}
+
+
+def _tokenizer(data_dir):
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  return spm.SentencePieceProcessor(model_file=str(data.tokenizer_path(data_dir)))
+
+
+def _log(message: str):
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def resolve_gin_file(name: str) -> str:
+  """A path as given if it exists, else the bare name under configs/."""
+  if os.path.exists(name):
+    return name
+  candidate = CONFIGS_DIR / name
+  if candidate.exists():
+    return str(candidate)
+  known = ", ".join(sorted(p.name for p in CONFIGS_DIR.glob("*.gin")))
+  raise UserError(f"--gin_file {name} is neither a file nor one of configs/: {known}")
+
+
+def main(argv):
+  del argv
+  gin.add_config_file_search_path(str(CONFIGS_DIR))
+  gin_files = [resolve_gin_file(name) for name in _GIN_FILE.value]
+  try:
+    gin.parse_config_files_and_bindings(gin_files, _GIN_PARAM.value)
+  except (ValueError, KeyError, gin.config.ParseError) as error:  # pytype: disable=module-attr
+    raise UserError(f"gin configuration error: {error}") from None
+  overrides = {"workdir": _WORKDIR.value, "data_dir": _DATA_DIR.value, "steps": _STEPS.value}
+  overrides = {k: v for k, v in overrides.items() if v is not None}
+  if "workdir" not in overrides and not _has_binding("train.workdir"):
+    overrides["workdir"] = os.path.join("runs", Path(gin_files[0]).stem)
+  summary = train(**overrides)
+  logging.info("summary: %s", json.dumps(summary))
+
+
+def _has_binding(name: str) -> bool:
+  try:
+    gin.query_parameter(name)
+    return True
+  except ValueError:
+    return False
+
+
+def run():
+  """Console entry: user errors print one line instead of a traceback."""
+  try:
+    app.run(main)
+  except UserError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,244 @@
+"""maxlm.data against a tiny data dir whose every record is known: record r has tokens[0] == r."""
+
+import json
+
+from array_record.python.array_record_module import ArrayRecordWriter
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from beam_pipelines.records import MANIFEST_NAME, RECORD_FORMAT, encode_packed
+from maxlm import data
+
+SEQ_LEN = 8
+SHARD_SIZES = (20, 17)
+NUM_RECORDS = sum(SHARD_SIZES)
+
+
+def known_record(record_id: int) -> dict[str, np.ndarray]:
+  """Two documents; tokens[0] names the record so any batch row can be traced back."""
+  split_at = 3 + record_id % 4
+  return {
+      "tokens": np.arange(SEQ_LEN, dtype=np.int32) * 1000 + record_id,
+      "segment_ids": np.where(np.arange(SEQ_LEN) < split_at, 1, 2).astype(np.int32),
+      "positions": np.concatenate([np.arange(split_at), np.arange(SEQ_LEN - split_at)]).astype(
+          np.int32),
+  }
+
+
+def write_shards(data_dir, split: str) -> list[str]:
+  names, record_id = [], 0
+  for shard_index, size in enumerate(SHARD_SIZES):
+    name = f"{split}-{shard_index:05d}-of-{len(SHARD_SIZES):05d}.array_record"
+    writer = ArrayRecordWriter(str(data_dir / name), "group_size:1")
+    for _ in range(size):
+      writer.write(encode_packed(**known_record(record_id)))
+      record_id += 1
+    writer.close()
+    names.append(name)
+  return names
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data")
+  split_info = lambda split: {
+      "documents": 2 * NUM_RECORDS, "tokens": SEQ_LEN * NUM_RECORDS, "sequences": NUM_RECORDS,
+      "shards": write_shards(root, split)}
+  manifest = {
+      "format": RECORD_FORMAT, "seq_len": SEQ_LEN,
+      "fields": ["tokens", "segment_ids", "positions"],
+      "tokenizer": {"file": "tokenizer.model", "vocab_size": 4096, "pad_id": 0},
+      "splits": {"train": split_info("train"), "validation": split_info("validation")},
+  }
+  (root / MANIFEST_NAME).write_text(json.dumps(manifest))
+  (root / "tokenizer.model").write_bytes(b"stand-in")
+  return root
+
+
+def record_ids(batches) -> list[int]:
+  return [int(r) for batch in batches for r in batch["tokens"][:, 0]]
+
+
+def take(iterator, n: int) -> list[dict]:
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for field in x:
+      np.testing.assert_array_equal(x[field], y[field])
+
+
+def train_dataset(data_dir, **overrides):
+  kwargs = dict(global_batch_size=4, seed=7, process_index=0, process_count=1) | overrides
+  return data.make_dataset(data_dir, "train", **kwargs)
+
+
+def test_load_manifest_reads_seq_len(data_dir):
+  assert data.load_manifest(data_dir)["seq_len"] == SEQ_LEN
+  assert data.tokenizer_path(data_dir).name == "tokenizer.model"
+
+
+def test_each_record_once_per_epoch_with_a_new_order_each_epoch(data_dir):
+  ds = train_dataset(data_dir, global_batch_size=5, num_epochs=3, drop_remainder=False)
+  ids = record_ids(ds)
+  epochs = [ids[e * NUM_RECORDS:(e + 1) * NUM_RECORDS] for e in range(3)]
+  assert len(ids) == 3 * NUM_RECORDS
+  for epoch in epochs:
+    assert sorted(epoch) == list(range(NUM_RECORDS))
+  assert epochs[0] != list(range(NUM_RECORDS))
+  assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_batches_decode_to_the_written_int32_records(data_dir):
+  batch = next(iter(train_dataset(data_dir)))
+  assert set(batch) == {"tokens", "segment_ids", "positions"}
+  for field, rows in batch.items():
+    assert rows.dtype == np.int32 and rows.shape == (4, SEQ_LEN)
+    for record_id, row in zip(batch["tokens"][:, 0], rows):
+      np.testing.assert_array_equal(row, known_record(int(record_id))[field])
+
+
+def test_repeat_forever_gives_full_batches_past_the_first_epoch(data_dir):
+  batches = take(iter(train_dataset(data_dir, global_batch_size=4)), 3 * NUM_RECORDS // 4)
+  assert all(b["tokens"].shape == (4, SEQ_LEN) for b in batches)
+
+
+def test_finite_training_epochs_drop_the_ragged_batch(data_dir):
+  batches = list(train_dataset(data_dir, num_epochs=1))
+  assert len(batches) == NUM_RECORDS // 4
+
+
+def test_same_seed_same_batches_other_seed_other_order(data_dir):
+  first = take(iter(train_dataset(data_dir, seed=7)), 12)
+  assert_same_batches(first, take(iter(train_dataset(data_dir, seed=7)), 12))
+  assert record_ids(first) != record_ids(take(iter(train_dataset(data_dir, seed=8)), 12))
+
+
+def test_eval_sees_each_validation_sequence_once_in_order(data_dir):
+  ds = data.make_dataset(data_dir, "validation", global_batch_size=8, seed=0, shuffle=False,
+                         num_epochs=1, process_index=0, process_count=1)
+  batches = list(ds)
+  assert [len(b["tokens"]) for b in batches] == [8, 8, 8, 8, 5]
+  assert record_ids(batches) == list(range(NUM_RECORDS))
+
+
+def test_processes_read_disjoint_slices_covering_the_split(data_dir):
+  per_process = [
+      record_ids(train_dataset(data_dir, global_batch_size=4, num_epochs=1, drop_remainder=False,
+                               process_index=i, process_count=2))
+      for i in range(2)]
+  assert all(len(ids) == len(set(ids)) for ids in per_process)
+  assert not set(per_process[0]) & set(per_process[1])
+  assert sorted(per_process[0] + per_process[1]) == list(range(NUM_RECORDS))
+
+
+def test_per_process_batch_is_global_over_process_count(data_dir):
+  batch = next(iter(train_dataset(data_dir, global_batch_size=6, process_index=1,
+                                  process_count=3)))
+  assert batch["tokens"].shape == (2, SEQ_LEN)
+
+
+def test_process_defaults_to_the_jax_process(data_dir):
+  ds = data.make_dataset(data_dir, "train", global_batch_size=4, seed=7)
+  assert_same_batches(take(iter(ds), 3), take(iter(train_dataset(data_dir)), 3))
+
+
+def test_state_round_trip_resumes_at_the_same_batch(data_dir):
+  ds = train_dataset(data_dir)
+  iterator = iter(ds)
+  take(iterator, 11)  # past the first epoch boundary
+  state = iterator.get_state()
+  expected = take(iterator, 5)
+  resumed = iter(train_dataset(data_dir))
+  resumed.set_state(state)
+  assert_same_batches(take(resumed, 5), expected)
+
+
+def test_state_round_trip_with_read_threads(data_dir):
+  iterator = iter(train_dataset(data_dir, read_threads=2))
+  take(iterator, 3)
+  state = iterator.get_state()
+  expected = take(iterator, 4)
+  resumed = iter(train_dataset(data_dir, read_threads=2))
+  resumed.set_state(state)
+  assert_same_batches(take(resumed, 4), expected)
+  assert_same_batches(expected, take(iter(train_dataset(data_dir)), 7)[3:])
+
+
+def test_orbax_checkpoint_manager_round_trip(data_dir, tmp_path):
+  iterator = iter(train_dataset(data_dir))
+  take(iterator, 6)
+  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+    manager.save(6, args=ocp.args.Composite(
+        step=ocp.args.JsonSave({"step": 6}), data_iter=data.iterator_save_args(iterator)))
+    manager.wait_until_finished()
+  expected = take(iterator, 3)
+
+  fresh = iter(train_dataset(data_dir))
+  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        step=ocp.args.JsonRestore(), data_iter=data.iterator_restore_args(fresh)))
+  assert restored.step == {"step": 6}
+  assert restored.data_iter is fresh
+  assert_same_batches(take(fresh, 3), expected)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(global_batch_size=5, process_count=2), "multiple of 2"),
+    (dict(global_batch_size=0), "positive multiple"),
+    (dict(num_epochs=0), "num_epochs=0"),
+    (dict(seed=-1), "seed=-1"),
+    (dict(process_index=2, process_count=2), "process_index=2"),
+])
+def test_bad_arguments_name_the_fix(data_dir, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    train_dataset(data_dir, **kwargs)
+
+
+def test_unknown_split_lists_the_known_ones(data_dir):
+  with pytest.raises(ValueError, match="pick one of"):
+    data.make_dataset(data_dir, "test", global_batch_size=4, seed=0, process_count=1,
+                      process_index=0)
+
+
+def test_missing_dir(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    data.load_manifest(tmp_path / "nowhere")
+
+
+def test_missing_manifest_says_to_run_prepare_text(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"has no manifest.json; run `python -m beam_pip"):
+    data.load_manifest(tmp_path)
+
+
+def copy_with_manifest(data_dir, tmp_path, **changes):
+  manifest = json.loads((data_dir / MANIFEST_NAME).read_text()) | changes
+  for path in data_dir.iterdir():
+    (tmp_path / path.name).write_bytes(path.read_bytes())
+  (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))
+  return tmp_path
+
+
+def test_unknown_format(data_dir, tmp_path):
+  copy = copy_with_manifest(data_dir, tmp_path, format="maxlm.packed_int16.v9")
+  with pytest.raises(ValueError, match="maxlm.packed_int16.v9"):
+    data.load_manifest(copy)
+
+
+def test_missing_shard_is_named(data_dir, tmp_path):
+  copy = copy_with_manifest(data_dir, tmp_path)
+  (copy / "validation-00001-of-00002.array_record").unlink()
+  with pytest.raises(FileNotFoundError, match="validation-00001-of-00002.array_record"):
+    data.load_manifest(copy)
+
+
+def test_sequence_count_mismatch(data_dir, tmp_path):
+  manifest = json.loads((data_dir / MANIFEST_NAME).read_text())
+  manifest["splits"]["train"]["sequences"] = NUM_RECORDS + 1
+  copy = copy_with_manifest(data_dir, tmp_path, splits=manifest["splits"])
+  with pytest.raises(ValueError, match="truncated or replaced"):
+    train_dataset(copy)

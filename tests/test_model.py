@@ -1,0 +1,134 @@
+"""The model against an independent float64 NumPy transformer, and the configs' sizes."""
+
+from pathlib import Path
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from maxlm.model import ModelConfig, Transformer, count_params, init_kv_cache
+
+CONFIG = ModelConfig(vocab_size=97, num_layers=2, embed_dim=48, num_heads=6, num_kv_heads=2,
+                     head_dim=8, mlp_dim=80, max_seq_len=64)
+
+
+def _np_rms_norm(x, scale, eps):
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def _np_rope(x, positions, theta):
+  """x: [seq, heads, head_dim]; rotates pairs (i, i + head_dim/2)."""
+  half = x.shape[-1] // 2
+  out = np.empty_like(x)
+  for s, pos in enumerate(positions):
+    for i in range(half):
+      angle = pos / theta ** (2 * i / x.shape[-1])
+      a, b = x[s, :, i], x[s, :, i + half]
+      out[s, :, i] = a * np.cos(angle) - b * np.sin(angle)
+      out[s, :, i + half] = b * np.cos(angle) + a * np.sin(angle)
+  return out
+
+
+def _np_forward(params, tokens, positions, segment_ids, c):
+  """One sequence, written loop-by-loop from the Llama recipe, in float64."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x = p["embedding"][tokens]
+  seq = len(tokens)
+  group = c.num_heads // c.num_kv_heads
+  for layer in range(c.num_layers):
+    blk = p["blocks"][layer]
+    h = _np_rms_norm(x, blk["attention_norm"]["scale"], c.norm_eps)
+    q = _np_rope(np.einsum("se,ehd->shd", h, blk["attention"]["q"]), positions, c.rope_theta)
+    k = _np_rope(np.einsum("se,ehd->shd", h, blk["attention"]["k"]), positions, c.rope_theta)
+    v = np.einsum("se,ehd->shd", h, blk["attention"]["v"])
+    heads_out = np.zeros((seq, c.num_heads, c.head_dim))
+    for head in range(c.num_heads):
+      kv = head // group
+      for i in range(seq):
+        allowed = [j for j in range(i + 1) if segment_ids[j] == segment_ids[i]]
+        scores = np.array([q[i, head] @ k[j, kv] for j in allowed]) / np.sqrt(c.head_dim)
+        weights = np.exp(scores - scores.max())
+        weights /= weights.sum()
+        heads_out[i, head] = sum(w * v[j, kv] for w, j in zip(weights, allowed))
+    x = x + np.einsum("shd,hde->se", heads_out, blk["attention"]["o"])
+    h = _np_rms_norm(x, blk["mlp_norm"]["scale"], c.norm_eps)
+    gate = h @ blk["mlp"]["gate"]
+    x = x + (gate / (1 + np.exp(-gate)) * (h @ blk["mlp"]["up"])) @ blk["mlp"]["down"]
+  x = _np_rms_norm(x, p["final_norm"]["scale"], c.norm_eps)
+  unembed = p["embedding"].T if c.tie_embeddings else p["unembedding"]
+  return x @ unembed
+
+
+def _packed_example(rng, batch, seq):
+  tokens = rng.integers(1, CONFIG.vocab_size, (batch, seq)).astype(np.int32)
+  segment_ids = np.zeros((batch, seq), np.int32)
+  positions = np.zeros((batch, seq), np.int32)
+  for b in range(batch):
+    cuts = sorted(rng.choice(np.arange(1, seq - 2), size=2, replace=False))
+    bounds = [0, *cuts, seq - 2]  # two trailing pad tokens
+    for segment, (start, end) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
+      segment_ids[b, start:end] = segment
+      positions[b, start:end] = np.arange(end - start)
+  return tokens, segment_ids, positions
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_forward_matches_float64_numpy_reference(tie):
+  config = ModelConfig(**{**CONFIG.__dict__, "tie_embeddings": tie})
+  model = Transformer(config, rngs=nnx.Rngs(3))
+  params = nnx.to_pure_dict(nnx.state(model))
+  tokens, segment_ids, positions = _packed_example(np.random.default_rng(0), 2, 24)
+  logits, _ = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segment_ids))
+  for b in range(2):
+    expected = _np_forward(params, tokens[b], positions[b], segment_ids[b], config)
+    real = segment_ids[b] != 0  # padding rows attend only to padding: not compared
+    np.testing.assert_allclose(np.asarray(logits[b])[real], expected[real], rtol=2e-4, atol=2e-4)
+
+
+def test_packed_documents_do_not_see_each_other():
+  model = Transformer(CONFIG, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(1)
+  first, second = rng.integers(1, 97, 10), rng.integers(1, 97, 12)
+  packed = np.concatenate([first, second])[None]
+  segments = np.array([[1] * 10 + [2] * 12])
+  positions = np.concatenate([np.arange(10), np.arange(12)])[None]
+  packed_logits, _ = model(jnp.asarray(packed), jnp.asarray(positions), jnp.asarray(segments))
+  alone_logits, _ = model(jnp.asarray(second[None]))
+  np.testing.assert_allclose(packed_logits[0, 10:], alone_logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_decode_matches_full_forward():
+  model = Transformer(CONFIG, rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(2).integers(1, 97, (2, 12)), jnp.int32)
+  full, _ = model(tokens)
+  cache = init_kv_cache(CONFIG, batch=2, max_len=32)
+  prefill, cache = model(tokens[:, :7], cache=cache)
+  steps = [prefill]
+  for pos in range(7, 12):
+    step_logits, cache = model(tokens[:, pos:pos + 1], jnp.full((2, 1), pos), cache=cache)
+    steps.append(step_logits)
+  np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_param_count_matches_closed_form():
+  for tie in (False, True):
+    config = ModelConfig(**{**CONFIG.__dict__, "tie_embeddings": tie})
+    params = nnx.state(nnx.eval_shape(lambda c=config: Transformer(c, rngs=nnx.Rngs(0))))
+    assert sum(x.size for x in jax.tree.leaves(params)) == count_params(config)
+
+
+@pytest.mark.parametrize("name, expected_millions", [
+    ("125m.gin", 109.53), ("1b.gin", 1235.81), ("7b.gin", 6738.42)])
+def test_config_sizes(name, expected_millions):
+  """Counted by hand: layers*(attn + 3*embed*mlp + 2*embed) + embeddings + final norm."""
+  gin.clear_config()
+  gin.parse_config_file(str(Path(__file__).parent.parent / "configs" / name),
+                        skip_unknown=True)
+  config = ModelConfig()
+  gin.clear_config()
+  params = nnx.state(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+  assert sum(x.size for x in jax.tree.leaves(params)) / 1e6 == pytest.approx(expected_millions,
+                                                                             abs=0.01)
