@@ -1,0 +1,217 @@
+"""Tests for beam_pipelines.prepare_text: packing, splitting, and a small end-to-end run."""
+
+import collections
+import gzip
+import json
+import math
+import pathlib
+import random
+import textwrap
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from array_record.python.array_record_module import ArrayRecordReader
+
+from beam_pipelines import documents
+from beam_pipelines import packing
+from beam_pipelines import prepare_text
+from beam_pipelines import records
+from beam_pipelines import tokenizer_training
+
+SEQ_LEN = 64
+PYTHON_SNIPPET = (
+    "class Greeter:\n"
+    "    \"\"\"Says hello.\"\"\"\n"
+    "\n"
+    "    def greet(self, name: str) -> str:\n"
+    "\tif not name:  \n"
+    "            return 'héllo, wörld ✓'\n"
+    "        return f\"hello, {name}!\"   # trailing spaces   \n"
+    "\n\n"
+    "x = [1,  2,   3]\r\n")
+
+
+def segment_layout(tokens, segment_ids, positions) -> list[tuple[int, int]]:
+  """[start, end) of each segment, checking numbering, positions and tail-only padding."""
+  used = int(np.count_nonzero(segment_ids))
+  assert np.all(segment_ids[:used] > 0) and np.all(segment_ids[used:] == 0)
+  assert np.all(tokens[used:] == packing.PAD_ID) and np.all(positions[used:] == 0)
+  starts = [0] + [i for i in range(1, used) if segment_ids[i] != segment_ids[i - 1]]
+  assert list(segment_ids[starts]) == list(range(1, len(starts) + 1))
+  bounds = list(zip(starts, starts[1:] + [used]))
+  for start, end in bounds:
+    assert list(positions[start:end]) == list(range(end - start))
+  return bounds
+
+
+def reconstruct_pieces(sequences, seq_len):
+  """(piece tokens, piece ended its sequence) in order, checking the per-sequence layout."""
+  pieces = []
+  for index, (tokens, segment_ids, positions) in enumerate(sequences):
+    assert tokens.shape == segment_ids.shape == positions.shape == (seq_len,)
+    bounds = segment_layout(tokens, segment_ids, positions)
+    if index < len(sequences) - 1:
+      assert bounds[-1][1] == seq_len, "only the final sequence may carry padding"
+    pieces += [(list(tokens[start:end]), end == seq_len) for start, end in bounds]
+  return pieces
+
+
+@pytest.mark.parametrize("seq_len", [1, 5, 16])
+def test_pack_documents_keeps_every_document_intact(seq_len):
+  rng = random.Random(seq_len)
+  docs = [[1000 * d + t for t in range(rng.choice([1, 2, seq_len, seq_len + 1, 3 * seq_len + 2]))]
+          for d in range(1, 40)]
+  sequences = list(packing.pack_documents(docs, seq_len))
+  assert len(sequences) == math.ceil(sum(map(len, docs)) / seq_len)
+  pieces = iter(reconstruct_pieces(sequences, seq_len))
+  for doc in docs:
+    rebuilt, ended_sequence = [], True
+    while len(rebuilt) < len(doc):
+      assert ended_sequence, "a document only continues after filling a sequence"
+      piece, ended_sequence = next(pieces)
+      rebuilt += piece
+    assert rebuilt == doc
+  assert next(pieces, None) is None
+
+
+def test_pack_documents_of_nothing_is_nothing():
+  assert list(packing.pack_documents([], 8)) == []
+
+
+def test_split_holds_out_one_document_even_for_tiny_fractions():
+  keys = [2**40, 2**41, 2**62, 2**63 - 1]
+  bounds = (len(keys), min(keys), max(keys))
+  splits = [documents.split_of(k, 1e-9, bounds) for k in keys]
+  assert splits == [documents.VALIDATION, documents.TRAIN, documents.TRAIN, documents.TRAIN]
+  assert documents.split_of(5, 0.99, (2, 5, 9)) == documents.VALIDATION
+  assert documents.split_of(9, 0.99, (2, 5, 9)) == documents.TRAIN
+
+
+def test_recursive_glob_also_matches_top_level_files(tmp_path):
+  (tmp_path / "sub" / "deeper").mkdir(parents=True)
+  for name in ("top.py", "sub/mid.py", "sub/deeper/low.py", "sub/skip.txt"):
+    (tmp_path / name).write_text("x = 1\n")
+  matched = documents.resolve_inputs([f"{tmp_path}/**/*.py"])
+  assert matched.files == 3
+  assert documents.recursive_variants("a/**/b/**/c") == [
+      "a/**/b/**/c", "a/**/b/c", "a/b/**/c", "a/b/c"]
+
+
+def test_hash_sample_respects_budgets_and_is_order_independent():
+  docs = [(0, f"document {i} " * (i % 7 + 1)) for i in range(200)]
+  sampler = tokenizer_training.HashSample(max_docs=50, max_bytes=1000)
+  whole = sampler.extract_output(
+      sampler.merge_accumulators([_accumulate(sampler, docs)]))
+  halves = sampler.extract_output(sampler.merge_accumulators(
+      [_accumulate(sampler, docs[1::2]), _accumulate(sampler, docs[::2])]))
+  assert whole == halves
+  by_priority = sorted((tokenizer_training.sample_priority(t), t) for _, t in docs)
+  expected, total = [], 0
+  for _, text in by_priority[:50]:
+    total += len(text.encode())
+    if total > 1000:
+      break
+    expected.append(text)
+  assert whole == expected
+
+
+def _accumulate(sampler, docs):
+  accumulator = sampler.create_accumulator()
+  for doc in docs:
+    accumulator = sampler.add_input(accumulator, doc)
+  return accumulator
+
+
+def test_glob_matching_nothing_names_the_glob(tmp_path):
+  missing = f"{tmp_path}/nowhere/*.txt"
+  with pytest.raises(ValueError, match="nowhere/\\*.txt' matched no files"):
+    prepare_text.run([missing], str(tmp_path / "out"), vocab_size=400, seq_len=SEQ_LEN)
+  with pytest.raises(SystemExit, match="matched no files"):
+    prepare_text.main([f"--input={missing}", f"--output_dir={tmp_path}/out"])
+
+
+def write_corpus(root: pathlib.Path) -> list[str]:
+  """Writes text files and a JSONL.gz with bad lines; returns the documents they hold."""
+  texts = [pathlib.Path(module.__file__).read_text() for module in (json, textwrap)]
+  texts += [PYTHON_SNIPPET, "Ünïcödé prose, with emoji 🙂 and\ttabs.\n"]
+  (root / "code").mkdir()
+  for i, text in enumerate(texts):
+    (root / "code" / f"doc{i}.txt").write_text(text, newline="")
+  (root / "code" / "empty.txt").write_text("")
+  lines_docs = [f"JSONL document number {i}: " + "lorem ipsum dolor " * i for i in range(1, 6)]
+  lines = [json.dumps({"text": t, "id": i}) for i, t in enumerate(lines_docs)]
+  lines[2:2] = ['{"text": "broken', json.dumps({"body": "no text field"}),
+                json.dumps({"text": ""}), ""]
+  with gzip.open(root / "lines.jsonl.gz", "wt") as f:
+    f.write("\n".join(lines) + "\n")
+  return texts + lines_docs
+
+
+def read_records(output_dir: pathlib.Path, split: dict, seq_len: int) -> list[dict]:
+  decoded = []
+  for shard in split["shards"]:
+    reader = ArrayRecordReader(str(output_dir / shard))
+    decoded += [records.decode_packed(r, seq_len) for r in reader.read_all()]
+    reader.close()
+  return decoded
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  root = tmp_path_factory.mktemp("corpus")
+  texts = write_corpus(root)
+  output_dir = root / "out"
+  manifest = prepare_text.run(
+      [f"{root}/code/*.txt", f"{root}/*.jsonl.gz"], str(output_dir), vocab_size=600,
+      seq_len=SEQ_LEN, validation_fraction=0.2, num_shards=2)
+  return texts, output_dir, manifest
+
+
+def test_manifest_counts_match_an_independent_count(prepared):
+  texts, output_dir, manifest = prepared
+  sp = spm.SentencePieceProcessor(model_file=str(output_dir / manifest["tokenizer"]["file"]))
+  splits = manifest["splits"]
+  assert splits["validation"]["documents"] >= 1
+  assert sum(s["documents"] for s in splits.values()) == len(texts)
+  expected_tokens = collections.Counter()
+  for ids in sp.encode(texts):
+    expected_tokens.update([sp.bos_id(), *ids, sp.eos_id()])
+  assert sum(s["tokens"] for s in splits.values()) == sum(expected_tokens.values())
+
+  written_tokens = collections.Counter()
+  for name, split in splits.items():
+    assert len(split["shards"]) == (2 if name == "train" else 1)
+    sequences = read_records(output_dir, split, SEQ_LEN)
+    assert len(sequences) == split["sequences"]
+    for s in sequences:
+      segment_layout(s["tokens"], s["segment_ids"], s["positions"])
+    padded = sum(int(s["segment_ids"][-1] == 0) for s in sequences)
+    assert padded <= len(split["shards"]), "one padded sequence per pack bucket at most"
+    tokens = np.concatenate([s["tokens"][s["segment_ids"] > 0] for s in sequences])
+    assert len(tokens) == split["tokens"]
+    assert np.count_nonzero(tokens == sp.bos_id()) == split["documents"]
+    split_counts = collections.Counter(tokens.tolist())
+    written_tokens += split_counts
+    if name == "train":
+      p = np.array(list(split_counts.values()), dtype=np.float64) / len(tokens)
+      assert manifest["unigram_entropy_nats"] == pytest.approx(-(p * np.log(p)).sum())
+  assert written_tokens == expected_tokens
+
+
+def test_tokenizer_round_trips_python_source(prepared):
+  _, output_dir, manifest = prepared
+  tokenizer = manifest["tokenizer"]
+  assert (tokenizer["pad_id"], tokenizer["bos_id"], tokenizer["eos_id"], tokenizer["unk_id"]) == (
+      0, 1, 2, 3)
+  sp = spm.SentencePieceProcessor(model_file=str(output_dir / tokenizer["file"]))
+  assert tokenizer["vocab_size"] == sp.get_piece_size() == 600
+  source = pathlib.Path(documents.__file__).read_text()
+  for text in (PYTHON_SNIPPET, source, "    leading spaces\n\n\n  "):
+    assert sp.decode(sp.encode(text)) == text
+
+
+def test_refuses_to_overwrite_a_prepared_directory(prepared):
+  _, output_dir, manifest = prepared
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    prepare_text.run(manifest["inputs"], str(output_dir), vocab_size=600, seq_len=SEQ_LEN)
