@@ -51,6 +51,11 @@ def sample_next(logits: jax.Array, key: jax.Array, temperature: jax.Array | floa
   return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
+def seed_key(seed: int) -> jax.Array:
+  """A key from any int seed; `jax.random.key` alone keeps only 32 bits when x64 is off."""
+  return jax.random.fold_in(jax.random.key(seed & 0xFFFFFFFF), (seed >> 32) & 0xFFFFFFFF)
+
+
 def context_length(config: ModelConfig, max_len: int | None = None) -> int:
   """Cache length: the model's context, optionally capped to save memory."""
   return config.max_seq_len if max_len is None else min(config.max_seq_len, max_len)
@@ -60,6 +65,14 @@ def prefill_bucket(prompt_len: int, cache_len: int) -> int:
   """Power-of-two padded prompt length (at least MIN_PREFILL_BUCKET, at most the cache)."""
   bucket = max(MIN_PREFILL_BUCKET, 1 << (prompt_len - 1).bit_length())
   return min(bucket, cache_len)
+
+
+def prefill_buckets(cache_len: int) -> list[int]:
+  """Every bucket `prefill_bucket` can return for this cache, smallest first."""
+  buckets = [prefill_bucket(1, cache_len)]
+  while buckets[-1] < cache_len:
+    buckets.append(prefill_bucket(buckets[-1] + 1, cache_len))
+  return buckets
 
 
 def check_prompt(prompt_ids: list[int], max_new_tokens: int, cache_len: int, vocab_size: int):
@@ -108,7 +121,7 @@ def stream_tokens(graphdef, params, prompt_ids: list[int], *, config: ModelConfi
   prompt_len = len(prompt_ids)
   padded_prompt = np.full((1, prefill_bucket(prompt_len, cache_len)), PAD_ID, np.int32)
   padded_prompt[0, :prompt_len] = prompt_ids
-  key = jax.random.key(seed)
+  key = seed_key(seed)
   temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
   token, cache = _prefill(graphdef, params, padded_prompt, prompt_len, key, temperature, top_p,
                           cache_len=cache_len)

@@ -1,0 +1,5 @@
+"""Serving: a checkpoint behind an engine (text in, text out) and an OpenAI-compatible server."""
+
+from serving.engine import Completion, ContextLengthError, Engine
+
+__all__ = ["Completion", "ContextLengthError", "Engine"]

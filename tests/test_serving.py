@@ -1,0 +1,288 @@
+"""maxlm.sampling, serving.engine and serving.server against a tiny random-init run dir.
+
+The KV-cached generation is checked token for token against a decoder that reruns the whole
+sequence every step; the server is checked over real HTTP (curl and the official openai
+client) against that same reference.
+"""
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import grain
+import httpx
+import jax
+import numpy as np
+import openai
+import portpicker
+import pytest
+import sentencepiece as spm
+from fastapi.testclient import TestClient
+
+from maxlm import checkpoint, optim, sampling, sharding, steps
+from maxlm.model import ModelConfig
+from serving.engine import ContextLengthError, Engine
+from serving.server import create_app
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONTEXT = 64
+INIT_SCALE = 2.0  # sharper logits than the default init, so greedy output is not one token
+PROMPT = "def wrap(text, width=70):"
+
+
+def train_tokenizer(directory: Path) -> Path:
+  lines = [line for line in Path(textwrap.__file__).read_text().splitlines() if line.strip()]
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines), model_prefix=str(directory / "spm"), model_type="bpe",
+      vocab_size=384, byte_fallback=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+      minloglevel=2)
+  return directory / "spm.model"
+
+
+def save_random_checkpoint(workdir: Path, config: ModelConfig, tokenizer_sha256: str):
+  optimizer = optim.make_optimizer(optim.learning_rate_schedule(10))
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  _, abstract_state = steps.abstract_model(config)
+  shardings = steps.state_shardings(abstract_state, optimizer, mesh)
+  state = steps.init_train_state(config, optimizer, shardings, seed=0)
+  state = dataclasses.replace(state, params=jax.tree.map(lambda p: p * INIT_SCALE, state.params))
+  data_iter = iter(grain.MapDataset.range(10).to_iter_dataset())
+  checkpointer = checkpoint.Checkpointer(workdir, save_every=1)
+  checkpointer.save(1, state, grain.checkpoint.CheckpointSave(data_iter),
+                    checkpoint.model_meta(config, seq_len=CONTEXT,
+                                          tokenizer_sha256=tokenizer_sha256), force=True)
+  checkpointer.wait()
+  checkpointer.close()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+  tokenizer_file = train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+  vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer_file)).vocab_size()
+  config = ModelConfig(vocab_size=vocab_size, num_layers=2, embed_dim=64, num_heads=4,
+                       num_kv_heads=2, head_dim=16, mlp_dim=128, max_seq_len=CONTEXT)
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  save_random_checkpoint(workdir, config, hashlib.sha256(tokenizer_file.read_bytes()).hexdigest())
+  shutil.copy(tokenizer_file, workdir / checkpoint.TOKENIZER)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def engine(run_dir) -> Engine:
+  return Engine.from_checkpoint(run_dir)
+
+
+def wait_until_healthy(process: subprocess.Popen, port: int, log_file: Path, timeout_s=120.0):
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    if process.poll() is not None:
+      pytest.fail(f"server exited with {process.returncode}:\n{log_file.read_text()}")
+    try:
+      if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
+        return
+    except httpx.TransportError:
+      time.sleep(0.2)
+  pytest.fail(f"server not healthy after {timeout_s}s:\n{log_file.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def server_port(run_dir, tmp_path_factory):
+  port = portpicker.pick_unused_port()
+  log_file = tmp_path_factory.mktemp("server") / "server.log"
+  with open(log_file, "wb") as log:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.server", f"--checkpoint_dir={run_dir}", f"--port={port}"],
+        cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+  try:
+    wait_until_healthy(process, port, log_file)
+    yield port
+  finally:
+    process.terminate()
+    try:
+      process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      process.kill()
+      process.wait()
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+def numpy_nucleus(logits: np.ndarray, top_p: float) -> set[int]:
+  """Most likely tokens first, until their probability reaches top_p."""
+  probs = np.exp(logits - logits.max())
+  probs /= probs.sum()
+  kept, total = set(), 0.0
+  for token in np.argsort(-probs):
+    kept.add(int(token))
+    total += probs[token]
+    if total >= top_p:
+      break
+  return kept
+
+
+def test_sample_next_at_temperature_zero_is_argmax():
+  logits = np.random.default_rng(0).normal(size=(5, 50)).astype(np.float32)
+  for seed in range(3):
+    ids = sampling.sample_next(logits, jax.random.key(seed), 0.0, 0.5)
+    np.testing.assert_array_equal(ids, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.75, 0.95, 1.0])
+def test_nucleus_mask_keeps_exactly_the_nucleus(top_p):
+  logits = np.random.default_rng(1).normal(scale=2.0, size=(6, 40)).astype(np.float32)
+  mask = np.asarray(sampling.nucleus_mask(logits, top_p))
+  for row, row_logits in zip(mask, logits):
+    assert set(np.flatnonzero(row)) == numpy_nucleus(row_logits.astype(np.float64), top_p)
+
+
+def test_sample_next_draws_from_the_tempered_nucleus():
+  temperature, top_p, draws = 0.7, 0.8, 4000
+  logits = np.random.default_rng(2).normal(scale=1.0, size=20).astype(np.float32)
+  ids = np.asarray(sampling.sample_next(np.tile(logits, (draws, 1)), jax.random.key(0),
+                                        temperature, top_p))
+  nucleus = sorted(numpy_nucleus(logits.astype(np.float64) / temperature, top_p))
+  assert set(ids.tolist()) <= set(nucleus) and len(nucleus) > 2
+  weights = np.exp(logits[nucleus] / temperature - logits.max() / temperature)
+  frequencies = np.bincount(ids, minlength=20)[nucleus] / draws
+  np.testing.assert_allclose(frequencies, weights / weights.sum(), atol=0.03)
+
+
+def test_generate_with_cache_matches_decode_without_cache(engine):
+  text_ids = engine.encode(Path(textwrap.__file__).read_text()[:2000])
+  generated = []
+  for prompt_len in (1, 7, 16, 17, 40):  # buckets 16, 16, 16, 32, 64 (the whole cache)
+    prompt_ids = text_ids[:prompt_len]
+    cached = sampling.generate(engine.graphdef, engine.params, prompt_ids, max_new_tokens=12,
+                               eos_id=engine.eos_id, config=engine.config)
+    assert cached == engine.greedy_decode_without_cache(prompt_ids, 12), prompt_len
+    generated += cached
+  assert len(set(generated)) > 5, "degenerate model: the comparison would prove little"
+
+
+def test_generate_refuses_what_does_not_fit(engine):
+  with pytest.raises(ValueError, match="exceed the 64-token context"):
+    sampling.generate(engine.graphdef, engine.params, [1] * 60, max_new_tokens=5,
+                      config=engine.config)
+
+
+# --- engine ------------------------------------------------------------------------------------
+
+def test_engine_holds_params_on_one_device(engine, run_dir):
+  devices = {d for leaf in jax.tree.leaves(engine.params) for d in leaf.devices()}
+  assert devices == {jax.devices()[0]}
+  assert engine.model_name == run_dir.name
+  assert Engine.from_checkpoint(run_dir / "checkpoints").model_name == run_dir.name
+
+
+def test_engine_refuses_a_different_tokenizer(run_dir, tmp_path):
+  copy = shutil.copytree(run_dir, tmp_path / "run")
+  (copy / checkpoint.TOKENIZER).write_bytes(b"not the tokenizer it was trained with")
+  with pytest.raises(ValueError, match="sha256"):
+    Engine.from_checkpoint(copy)
+
+
+def test_complete_stops_before_a_stop_string(engine):
+  full = engine.complete(PROMPT, max_tokens=12, temperature=0.0)
+  assert full.finish_reason == "length" and len(full.token_ids) == 12
+  assert len(full.text) >= 6, full.text
+  stop = full.text[3:6]
+  cut = engine.complete(PROMPT, max_tokens=12, temperature=0.0, stop=["\x00never", stop])
+  assert cut.text == full.text[:full.text.find(stop)]
+  assert cut.finish_reason == "stop"
+
+
+def test_complete_with_a_seed_is_reproducible(engine):
+  sample = lambda: engine.complete(PROMPT, max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+  assert sample() == sample()
+
+
+def test_complete_refuses_a_prompt_longer_than_the_context(engine):
+  with pytest.raises(ContextLengthError, match="shorten the prompt"):
+    engine.complete("word " * 200, max_tokens=1)
+
+
+# --- server ------------------------------------------------------------------------------------
+
+def test_curl_completion(server_port, engine):
+  request = {"model": engine.model_name, "prompt": PROMPT, "max_tokens": 5, "temperature": 0}
+  result = subprocess.run(
+      ["curl", "-sS", "-X", "POST", f"http://127.0.0.1:{server_port}/v1/completions",
+       "-H", "Content-Type: application/json", "-d", json.dumps(request)],
+      capture_output=True, text=True, check=True, timeout=60)
+  body = json.loads(result.stdout)
+  assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+  assert body["model"] == engine.model_name
+  [choice] = body["choices"]
+  assert choice["index"] == 0 and choice["logprobs"] is None
+  assert choice["finish_reason"] in ("stop", "length")
+  usage = body["usage"]
+  assert usage["prompt_tokens"] == len(engine.encode(PROMPT))
+  assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_openai_client_matches_decode_without_cache(server_port, engine):
+  client = openai.OpenAI(base_url=f"http://127.0.0.1:{server_port}/v1", api_key="x")
+  assert [m.id for m in client.models.list().data] == [engine.model_name]
+  response = client.completions.create(model=engine.model_name, prompt=PROMPT, max_tokens=8,
+                                       temperature=0, seed=0)
+  reference = engine.greedy_decode_without_cache(engine.encode(PROMPT), 8)
+  assert response.choices[0].text == engine.decode(reference)
+  assert response.usage.completion_tokens == len(reference)
+
+
+def test_server_answers_malformed_json_with_an_openai_error(server_port):
+  response = httpx.post(f"http://127.0.0.1:{server_port}/v1/completions", content=b"{oops",
+                        headers={"Content-Type": "application/json"}, timeout=30)
+  assert response.status_code == 400
+  assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.fixture(scope="module")
+def app_client(engine):
+  with TestClient(create_app(engine)) as client:
+    yield client
+
+
+@pytest.mark.parametrize("change, status, param, code", [
+    ({"max_tokens": "eight"}, 400, "max_tokens", None),
+    ({"temperature": -1}, 400, "temperature", None),
+    ({"prompt": ["one", "two"]}, 400, "prompt", None),
+    ({"n": 2}, 400, "n", None),
+    ({"stream": True}, 400, "stream", None),
+    ({"prompt": "word " * 200}, 400, "prompt", "context_length_exceeded"),
+    ({"max_tokens": 60}, 400, "prompt", "context_length_exceeded"),
+    ({"model": "gpt-nothing"}, 404, "model", "model_not_found"),
+])
+def test_bad_requests_get_openai_errors(app_client, engine, change, status, param, code):
+  request = {"model": engine.model_name, "prompt": PROMPT, "max_tokens": 2, **change}
+  response = app_client.post("/v1/completions", json=request)
+  assert response.status_code == status, response.text
+  error = response.json()["error"]
+  assert (error["param"], error["code"]) == (param, code)
+  assert error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_malformed_json_gets_a_400(app_client):
+  response = app_client.post("/v1/completions", content=b'{"model": ',
+                             headers={"Content-Type": "application/json"})
+  assert response.status_code == 400
+  assert response.json()["error"]["param"] is None
+
+
+def test_an_engine_failure_is_a_500_with_an_openai_error(engine):
+  class BrokenEngine:
+    model_name, context_length = engine.model_name, engine.context_length
+
+    def complete(self, *args, **kwargs):
+      raise RuntimeError("device lost")
+
+  client = TestClient(create_app(BrokenEngine()), raise_server_exceptions=False)
+  response = client.post("/v1/completions", json={"model": engine.model_name, "prompt": "x"})
+  assert response.status_code == 500
+  assert response.json()["error"]["type"] == "server_error"
