@@ -18,7 +18,7 @@ from beam_pipelines import prepare_text
 from beam_pipelines.records import MANIFEST_NAME
 
 _SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idlelib",
-                 "lib2to3", "turtledemo", "ensurepip", "config-3"}
+                 "lib2to3", "turtledemo", "ensurepip", "config-3", "encodings"}  # encodings/: generated codec tables
 
 
 def cache_root() -> Path:
@@ -49,11 +49,12 @@ def write_pydoc_topics(path: Path) -> Path:
 
 @gin.configurable(module="maxlm")
 def ensure_default_corpus(vocab_size: int = 4096, seq_len: int = 256,
+                          validation_fraction: float = 0.03,
                           cache_dir: str | None = None) -> str:
   """Returns the data dir of the stdlib corpus, building it first if it is not cached."""
   version = f"py{sys.version_info.major}.{sys.version_info.minor}"
   root = Path(cache_dir) if cache_dir else cache_root()
-  data_dir = root / f"stdlib-{version}-v{vocab_size}-s{seq_len}"
+  data_dir = root / f"stdlib-{version}-v{vocab_size}-s{seq_len}-h{validation_fraction:g}"
   if (data_dir / MANIFEST_NAME).exists():
     return str(data_dir)
   print(f"no data configured: building the Python {version} standard library corpus into "
@@ -63,7 +64,8 @@ def ensure_default_corpus(vocab_size: int = 4096, seq_len: int = 256,
   partial.mkdir(parents=True)
   topics = write_pydoc_topics(root / f"pydoc-topics-{version}.jsonl")
   prepare_text.run(stdlib_source_globs() + [str(topics)], str(partial),
-                   vocab_size=vocab_size, seq_len=seq_len)
+                   vocab_size=vocab_size, seq_len=seq_len,
+                   validation_fraction=validation_fraction)
   shutil.rmtree(data_dir, ignore_errors=True)
   os.replace(partial, data_dir)
   return str(data_dir)

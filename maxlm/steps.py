@@ -73,7 +73,7 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
     (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   batch_shardings = {name: batch_sharding for name in ("tokens", "segment_ids", "positions")}

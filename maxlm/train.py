@@ -188,6 +188,8 @@ def resolve_gin_file(name: str) -> str:
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every save at INFO
   gin.add_config_file_search_path(str(CONFIGS_DIR))
   gin_files = [resolve_gin_file(name) for name in _GIN_FILE.value]
   try:

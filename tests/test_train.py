@@ -1,0 +1,102 @@
+"""The training entry point end to end on a small prepared corpus: it learns, it checkpoints,
+and a restarted run continues from the checkpoint instead of starting over."""
+
+import json
+import sysconfig
+from pathlib import Path
+
+import gin
+import pytest
+
+from beam_pipelines import prepare_text
+from maxlm import train as train_module
+from maxlm.config_checks import UserError
+
+TINY_BINDINGS = """
+ModelConfig.num_layers = 2
+ModelConfig.embed_dim = 64
+ModelConfig.num_heads = 4
+ModelConfig.num_kv_heads = 2
+ModelConfig.head_dim = 16
+ModelConfig.mlp_dim = 128
+ModelConfig.max_seq_len = 256
+make_mesh.data = 2
+make_mesh.fsdp = 2
+make_mesh.tensor = 2
+train.global_batch_size = 8
+train.checkpoint_every = 4
+train.eval_every = 4
+train.eval_batches = 2
+train.log_every = 2
+train.sample_tokens = 8
+learning_rate_schedule.peak_learning_rate = 3e-3
+learning_rate_schedule.warmup_steps = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  stdlib = Path(sysconfig.get_paths()["stdlib"])
+  files = [str(stdlib / name) for name in ("textwrap.py", "string.py", "bisect.py",
+                                           "heapq.py", "colorsys.py", "fnmatch.py")]
+  out = tmp_path_factory.mktemp("data")
+  prepare_text.run(files, str(out), vocab_size=400, seq_len=64, validation_fraction=0.2)
+  return str(out)
+
+
+@pytest.fixture(autouse=True)
+def tiny_gin():
+  gin.clear_config()
+  gin.parse_config(TINY_BINDINGS)
+  yield
+  gin.clear_config()
+
+
+def _metrics(workdir):
+  return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_resumes_from_its_last_checkpoint(data_dir, tmp_path):
+  first = train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=8)
+  assert first["step"] == 8
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
+                if p.name.isdigit()) == ["1", "4", "8"]
+  rows = _metrics(tmp_path)
+  assert [r["step"] for r in rows] == list(range(1, 9))
+  assert {"loss", "learning_rate", "tokens_per_s"} <= set(rows[0])
+  assert "eval_loss" in rows[3] and "eval_loss" not in rows[2]
+  assert rows[-1]["loss"] < rows[0]["loss"]
+
+  second = train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=12)
+  rows = _metrics(tmp_path)
+  assert [r["step"] for r in rows] == list(range(1, 13)), "no step repeated or lost"
+  assert second["step"] == 12
+  assert (tmp_path / "tensorboard").is_dir() and any((tmp_path / "tensorboard").iterdir())
+
+
+def test_resume_after_a_crash_drops_the_lost_steps_from_metrics(data_dir, tmp_path):
+  train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=4)
+  with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:  # steps 5-6 never saved
+    f.write('{"step": 5, "loss": 1.0}\n{"step": 6, "loss": 1.0}\n')
+  train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=6)
+  rows = _metrics(tmp_path)
+  assert [r["step"] for r in rows] == list(range(1, 7))
+  assert rows[4]["loss"] != 1.0
+
+
+def test_checkpoint_from_another_model_shape_is_refused(data_dir, tmp_path):
+  train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=1)
+  gin.bind_parameter("ModelConfig.num_layers", 3)
+  with pytest.raises(UserError, match="num_layers: 2 -> 3"):
+    train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=2)
+
+
+def test_missing_data_dir_is_a_one_line_error(tmp_path):
+  with pytest.raises(UserError, match="has no manifest.json|does not exist"):
+    train_module.train(workdir=str(tmp_path / "run"), data_dir=str(tmp_path / "nothing"))
+
+
+def test_batch_that_does_not_divide_the_mesh_is_refused(data_dir, tmp_path):
+  gin.bind_parameter("train.global_batch_size", 6)
+  with pytest.raises(UserError, match="multiple of the mesh's data\\*fsdp size 4"):
+    train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=1)
