@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import gin
@@ -63,9 +64,15 @@ def ensure_default_corpus(vocab_size: int = 4096, seq_len: int = 256,
   shutil.rmtree(partial, ignore_errors=True)
   partial.mkdir(parents=True)
   topics = write_pydoc_topics(root / f"pydoc-topics-{version}.jsonl")
-  prepare_text.run(stdlib_source_globs() + [str(topics)], str(partial),
-                   vocab_size=vocab_size, seq_len=seq_len,
-                   validation_fraction=validation_fraction)
+  started = time.perf_counter()
+  manifest = prepare_text.run(stdlib_source_globs() + [str(topics)], str(partial),
+                              vocab_size=vocab_size, seq_len=seq_len,
+                              validation_fraction=validation_fraction)
+  splits = manifest["splits"]
+  print(f"corpus ready in {time.perf_counter() - started:.0f}s: " + ", ".join(
+      f"{name} {s['documents']:,} documents / {s['tokens']:,} tokens / {s['sequences']:,} "
+      f"sequences" for name, s in splits.items()) +
+        f"; unigram entropy {manifest['unigram_entropy_nats']:.3f} nats/token", flush=True)
   shutil.rmtree(data_dir, ignore_errors=True)
   os.replace(partial, data_dir)
   return str(data_dir)

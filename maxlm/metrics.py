@@ -28,11 +28,11 @@ def _import_clu_writers():
 
     stub.SummaryWriter = SummaryWriter
     sys.modules.setdefault("clu.metric_writers.summary_writer", stub)
-  from clu import metric_writers  # pylint: disable=import-outside-toplevel
-  return metric_writers
+  from clu import metric_writers, periodic_actions  # pylint: disable=import-outside-toplevel
+  return metric_writers, periodic_actions
 
 
-metric_writers = _import_clu_writers()
+metric_writers, periodic_actions = _import_clu_writers()
 
 
 class TensorBoardWriter(metric_writers.MetricWriter):

@@ -43,7 +43,8 @@ _STEPS = flags.DEFINE_integer("steps", None, "Total training steps (overrides tr
 def train(workdir: str, data_dir: str | None = None, steps: int = 300,
           global_batch_size: int = 16, seed: int = 0, checkpoint_every: int = 100,
           eval_every: int = 100, eval_batches: int = 16, log_every: int = 10,
-          sample_prompt: str = "def ", sample_tokens: int = 48) -> dict:
+          sample_prompt: str = "def ", sample_tokens: int = 48,
+          sample_temperature: float = 0.0) -> dict:
   """Trains (or resumes) a model in `workdir`; returns the final summary numbers."""
   workdir = Path(workdir)
   data_dir = data_dir or ensure_default_corpus()
@@ -81,6 +82,8 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
   writer.write_hparams({"model": meta["model_config"], "global_batch_size": global_batch_size,
                         "steps": steps, "seq_len": seq_len, "mesh": dict(mesh.shape)})
   progress = metrics.ConsoleProgress(steps, first_step, log_every)
+  report = metrics.periodic_actions.ReportProgress(num_train_steps=steps, writer=writer,
+                                                   every_steps=log_every, every_secs=None)
   tokens_per_step = global_batch_size * seq_len
   _log(f"params {sum(x.size for x in jax.tree.leaves(state.params)):,} | mesh {dict(mesh.shape)}"
        f" | {tokens_per_step:,} tokens/step | steps {first_step} -> {steps}")
@@ -98,23 +101,29 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
         raise UserError(f"loss is {loss} at step {step}; lower optim.learning_rate_schedule."
                         "peak_learning_rate or check the data")
       if step % eval_every == 0 or step == steps:
-        last_eval = evaluate(state.params)
+        with report.timed("eval"):
+          last_eval = evaluate(state.params)
         scalars["eval_loss"] = last_eval
       writer.write_scalars(step, scalars)
+      report(step)
       progress.update(step, {k: v for k, v in scalars.items() if k != "grad_norm"})
-      checkpointer.save(step, state, data.iterator_save_args(train_iter), meta,
-                        force=step == steps)
+      with report.timed("checkpoint"):
+        checkpointer.save(step, state, data.iterator_save_args(train_iter), meta,
+                          force=step == steps)
     checkpointer.wait()
     writer.flush()
     if last_eval is None:
       last_eval = evaluate(state.params)
     summary = _report(last_eval, manifest, int(state.step))
-    prompt_ids = [manifest["tokenizer"]["bos_id"]] + _tokenizer(data_dir).encode(sample_prompt)
+    tokenizer = _tokenizer(data_dir)
+    prompt_ids = [manifest["tokenizer"]["bos_id"]] + tokenizer.encode(sample_prompt)
     sample_ids = sampling.generate(graphdef, state.params, prompt_ids,
-                                   max_new_tokens=sample_tokens, temperature=0.0,
-                                   eos_id=manifest["tokenizer"]["eos_id"], config=config)
-  sample = _tokenizer(data_dir).decode(sample_ids)
-  print(f"\nsample (greedy) for {sample_prompt!r}:\n{sample_prompt}{sample}\n", flush=True)
+                                   max_new_tokens=sample_tokens, temperature=sample_temperature,
+                                   top_p=0.95, seed=seed, eos_id=manifest["tokenizer"]["eos_id"],
+                                   config=config)
+  sample = tokenizer.decode(sample_ids)
+  how = f"temperature {sample_temperature}, top_p 0.95" if sample_temperature else "greedy"
+  print(f"\nsample ({how}) for {sample_prompt!r}:\n{sample_prompt}{sample}\n", flush=True)
   checkpointer.close()
   writer.close()
   return {**summary, "sample": sample_prompt + sample}
