@@ -81,12 +81,14 @@ class TensorBoardWriter(metric_writers.MetricWriter):
 class JsonlWriter(metric_writers.MetricWriter):
   """One JSON object per step in `path`: the scalars written for that step, merged.
 
-  Steps arrive in order; a step's line is written when a later step (or flush) arrives.
+  Steps arrive in order; a step's line is written when a later step (or flush) arrives, and
+  the file is line-buffered so `tail -f` sees each step as it ends.
   """
 
   def __init__(self, path: str | os.PathLike):
     self._path = Path(path)
-    self._file = open(self._path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    self._file = open(self._path, "a", encoding="utf-8",  # pylint: disable=consider-using-with
+                      buffering=1)
     self._pending: dict[str, Any] = {}
 
   @staticmethod

@@ -228,6 +228,10 @@ def run():
   except UserError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:
+    print("\ninterrupted: rerun the same command to resume from the last complete checkpoint",
+          file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":
