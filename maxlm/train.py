@@ -8,10 +8,13 @@ Bare gin file names resolve under `configs/`. Rerunning the same command resumes
 latest checkpoint in WORKDIR.
 """
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,7 +91,7 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
   _log(f"params {sum(x.size for x in jax.tree.leaves(state.params)):,} | mesh {dict(mesh.shape)}"
        f" | {tokens_per_step:,} tokens/step | steps {first_step} -> {steps}")
   last_eval = None
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), _sigterm_requests_stop() as preempted:
     for step in range(first_step + 1, steps + 1):
       started = time.perf_counter()
       batch = _to_global(next(train_iter), batch_sharding)
@@ -109,9 +112,17 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
       progress.update(step, {k: v for k, v in scalars.items() if k != "grad_norm"})
       with report.timed("checkpoint"):
         checkpointer.save(step, state, data.iterator_save_args(train_iter), meta,
-                          force=step == steps)
+                          force=step == steps or preempted.is_set())
+      if preempted.is_set():
+        break
     checkpointer.wait()
     writer.flush()
+    if preempted.is_set():
+      _log(f"SIGTERM: checkpoint of step {int(state.step)} written; rerun the same command "
+           "to resume")
+      checkpointer.close()
+      writer.close()
+      return {"step": int(state.step), "preempted": True}
     if last_eval is None:
       last_eval = evaluate(state.params)
     summary = _report(last_eval, manifest, int(state.step))
@@ -127,6 +138,21 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
   checkpointer.close()
   writer.close()
   return {**summary, "sample": sample_prompt + sample}
+
+
+@contextlib.contextmanager
+def _sigterm_requests_stop():
+  """Yields an event that SIGTERM (preemption) sets: the loop finishes its step, saves a
+  checkpoint and returns, so the process exits 0."""
+  requested = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield requested
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: requested.set())
+  try:
+    yield requested
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def _restore_or_init(checkpointer, workdir, config, meta, abstract_state, optimizer, shardings,

@@ -100,3 +100,32 @@ def test_batch_that_does_not_divide_the_mesh_is_refused(data_dir, tmp_path):
   gin.bind_parameter("train.global_batch_size", 6)
   with pytest.raises(UserError, match="multiple of the mesh's data\\*fsdp size 4"):
     train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=1)
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(data_dir, tmp_path):
+  """A real `python -m maxlm.train` process, preempted with SIGTERM mid-run."""
+  import os
+  import signal
+  import subprocess
+  import sys
+
+  bindings = [f"--gin_param={line}" for line in TINY_BINDINGS.strip().splitlines()]
+  command = [sys.executable, "-m", "maxlm.train", f"--workdir={tmp_path}",
+             f"--data_dir={data_dir}", "--steps=100000", *bindings,
+             "--gin_param=train.log_every=1", "--gin_param=train.checkpoint_every=1000"]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=env, cwd=Path(__file__).parent.parent)
+  output = []
+  for line in process.stdout:  # the step lines are flushed as each step ends
+    output.append(line)
+    if line.startswith("step 3/"):
+      break
+  process.send_signal(signal.SIGTERM)
+  rest, _ = process.communicate(timeout=120)
+  output.append(rest)
+  assert process.returncode == 0, "".join(output)
+  steps_done = [r["step"] for r in _metrics(tmp_path)]
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps_done[-1] >= 3 and saved[-1] == steps_done[-1], "".join(output)
+  assert "SIGTERM: checkpoint of step" in "".join(output)
