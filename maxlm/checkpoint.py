@@ -33,13 +33,15 @@ def run_paths(directory: str | os.PathLike) -> tuple[Path, Path]:
 class Checkpointer:
   """Owns the Orbax CheckpointManager of one run directory."""
 
-  def __init__(self, workdir: str | os.PathLike, *, save_every: int, max_to_keep: int = 3):
+  def __init__(self, workdir: str | os.PathLike, *, save_every: int, max_to_keep: int = 3,
+               keep_period: int | None = None):
+    """Keeps the latest `max_to_keep` checkpoints, plus each step divisible by `keep_period`."""
     checkpoints, _ = run_paths(workdir)
     self._manager = ocp.CheckpointManager(
         checkpoints,
         options=ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, max_to_keep=max_to_keep, create=True,
-            enable_async_checkpointing=True))
+            save_interval_steps=save_every, max_to_keep=max_to_keep, keep_period=keep_period,
+            create=True, enable_async_checkpointing=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -66,18 +66,28 @@ def init_train_state(config: ModelConfig, optimizer, shardings: TrainState,
 
 def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     shardings: TrainState, batch_sharding: NamedSharding):
-  """Returns jitted `step(state, batch) -> (state, metrics)`; `state` is donated."""
+  """Returns jitted `step(state, batch) -> (state, metrics)`; `state` is donated.
+
+  A step whose loss or gradient is not finite leaves parameters and optimizer state as they
+  were (the batch is still consumed) and reports `skipped=1`.
+  """
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     def loss_of(params):
       return loss_fn(nnx.merge(graphdef, params), batch)
     (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_if_bad = lambda new, old: jax.tree.map(  # noqa: E731
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = {**metrics, "loss": loss, "grad_norm": grad_norm,
+               "skipped": 1 - finite.astype(jnp.int32)}
+    return TrainState(step=state.step + 1, params=keep_if_bad(params, state.params),
+                      opt_state=keep_if_bad(opt_state, state.opt_state)), metrics
 
-  batch_shardings = {name: batch_sharding for name in ("tokens", "segment_ids", "positions")}
-  return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+  # One sharding for every batch field: a task may bring whatever [batch, ...] arrays it needs.
+  return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, None), donate_argnums=0)
 
 
@@ -88,5 +98,4 @@ def make_eval_step(graphdef, loss_fn: LossFn, param_shardings: dict,
     _, metrics = loss_fn(nnx.merge(graphdef, params), batch)
     return metrics
 
-  batch_shardings = {name: batch_sharding for name in ("tokens", "segment_ids", "positions")}
-  return jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings))
+  return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding))

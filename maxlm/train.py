@@ -47,8 +47,14 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
           global_batch_size: int = 16, seed: int = 0, checkpoint_every: int = 100,
           eval_every: int = 100, eval_batches: int = 16, log_every: int = 10,
           sample_prompt: str = "def ", sample_tokens: int = 48,
-          sample_temperature: float = 0.0) -> dict:
-  """Trains (or resumes) a model in `workdir`; returns the final summary numbers."""
+          sample_temperature: float = 0.0, max_bad_steps: int = 10,
+          keep_checkpoints: int = 3, keep_checkpoint_every: int | None = None) -> dict:
+  """Trains (or resumes) a model in `workdir`; returns the final summary numbers.
+
+  A step with a non-finite loss or gradient is skipped and counted; `max_bad_steps` in a row
+  stop the run (the last good checkpoint stays). Checkpoints: the latest `keep_checkpoints`,
+  plus every step divisible by `keep_checkpoint_every` if set.
+  """
   workdir = Path(workdir)
   data_dir = data_dir or ensure_default_corpus()
   try:
@@ -69,7 +75,9 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
   train_iter = iter(data.make_dataset(data_dir, "train", global_batch_size=global_batch_size,
                                       seed=seed))
   workdir.mkdir(parents=True, exist_ok=True)
-  checkpointer = checkpoint.Checkpointer(workdir, save_every=checkpoint_every)
+  checkpointer = checkpoint.Checkpointer(workdir, save_every=checkpoint_every,
+                                        max_to_keep=keep_checkpoints,
+                                        keep_period=keep_checkpoint_every)
   meta = checkpoint.model_meta(config, seq_len=seq_len, data_dir=str(data_dir),
                                tokenizer_sha256=manifest["tokenizer"]["sha256"])
   state = _restore_or_init(checkpointer, workdir, config, meta, abstract_state, optimizer,
@@ -91,6 +99,7 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
   _log(f"params {sum(x.size for x in jax.tree.leaves(state.params)):,} | mesh {dict(mesh.shape)}"
        f" | {tokens_per_step:,} tokens/step | steps {first_step} -> {steps}")
   last_eval = None
+  bad_in_a_row, skipped_total = 0, 0
   with jax.set_mesh(mesh), _sigterm_requests_stop() as preempted:
     for step in range(first_step + 1, steps + 1):
       started = time.perf_counter()
@@ -100,9 +109,17 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
       scalars = {"loss": loss, "learning_rate": float(schedule(step - 1)),
                  "grad_norm": float(step_metrics["grad_norm"]),
                  "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
-      if not np.isfinite(loss):
-        raise UserError(f"loss is {loss} at step {step}; lower optim.learning_rate_schedule."
-                        "peak_learning_rate or check the data")
+      if int(step_metrics["skipped"]):
+        bad_in_a_row, skipped_total = bad_in_a_row + 1, skipped_total + 1
+        scalars["skipped_steps"] = skipped_total
+        if bad_in_a_row >= max_bad_steps:
+          checkpointer.wait()
+          raise UserError(
+              f"{bad_in_a_row} steps in a row up to step {step} had a non-finite loss or "
+              f"gradient (loss {loss}); the last good checkpoint is kept in {workdir}. Lower "
+              "learning_rate_schedule.peak_learning_rate or check the data")
+      else:
+        bad_in_a_row = 0
       if step % eval_every == 0 or step == steps:
         with report.timed("eval"):
           last_eval = evaluate(state.params)
@@ -110,9 +127,13 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
       writer.write_scalars(step, scalars)
       report(step)
       progress.update(step, {k: v for k, v in scalars.items() if k != "grad_norm"})
-      with report.timed("checkpoint"):
-        checkpointer.save(step, state, data.iterator_save_args(train_iter), meta,
-                          force=step == steps or preempted.is_set())
+      if bad_in_a_row == 0:  # never checkpoint in the middle of a run of bad steps
+        with report.timed("checkpoint"):
+          save_started = time.perf_counter()
+          if checkpointer.save(step, state, data.iterator_save_args(train_iter), meta,
+                               force=step == steps or preempted.is_set()):
+            blocked_s = time.perf_counter() - save_started
+            writer.write_scalars(step, {"checkpoint_blocked_s": blocked_s})
       if preempted.is_set():
         break
     checkpointer.wait()

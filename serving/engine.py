@@ -1,6 +1,6 @@
 """The serving engine: a trained checkpoint on one device, text in, text out.
 
-`complete` runs the KV-cached generation of `maxlm.sampling`; `greedy_decode_without_cache`
+`stream` yields the generation token by token with its newly stable text; `complete` runs the KV-cached generation of `maxlm.sampling`; `greedy_decode_without_cache`
 recomputes the whole sequence every step and exists as the independent reference for it.
 """
 
@@ -9,7 +9,7 @@ import functools
 import hashlib
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +20,7 @@ from flax import nnx
 
 from maxlm import checkpoint, sampling, sharding, steps
 from maxlm.model import ModelConfig
+from serving.detokenize import TextStream
 
 
 class ContextLengthError(ValueError):
@@ -32,6 +33,14 @@ class Completion:
   token_ids: list[int]  # the generated tokens, the eos that ended them included
   prompt_tokens: int
   finish_reason: Literal["stop", "length"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+  """One generated token and the text it made stable (often "", e.g. mid-character)."""
+  text: str
+  token_id: int
+  finish_reason: Literal["stop", "length"] | None  # set on the last delta only
 
 
 def load_tokenizer(path: Path, expected_sha256: str | None) -> spm.SentencePieceProcessor:
@@ -55,12 +64,6 @@ def one_device_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, st
       lambda shape, sharding_: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding_),
       nnx.to_pure_dict(abstract_state), sharding.param_shardings(abstract_state, mesh))
   return graphdef, checkpoint.restore_params(checkpoint_dir, abstract_params, step)
-
-
-def first_stop(text: str, stops: Iterable[str]) -> int | None:
-  """Index of the earliest stop string in `text`, or None."""
-  found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
-  return min(found) if found else None
 
 
 class Engine:
@@ -119,35 +122,49 @@ class Engine:
           f"model's {self.context_length}-token context; lower max_tokens to at most "
           f"{self.context_length - prompt_tokens} or shorten the prompt")
 
-  def complete(self, prompt: str, *, max_tokens: int | None = 16, temperature: float = 1.0,
-               top_p: float = 1.0, seed: int | None = None,
-               stop: list[str] | None = None) -> Completion:
-    """Continues `prompt`; `max_tokens=None` means up to the end of the context."""
+  def prompt_ids(self, prompt: str, max_tokens: int | None) -> tuple[list[int], int]:
+    """(token ids, max_tokens) of a request, `max_tokens=None` meaning the rest of the context."""
     prompt_ids = self.encode(prompt)
     if max_tokens is None:
-      max_tokens = self.context_length - len(prompt_ids)
+      max_tokens = max(1, self.context_length - len(prompt_ids))
     self.check_fits(len(prompt_ids), max_tokens)
+    return prompt_ids, max_tokens
+
+  def stream(self, prompt_ids: list[int], *, max_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, seed: int | None = None,
+             stop: list[str] | None = None) -> Iterator[Delta]:
+    """One Delta per generated token, ending at eos, a stop string or `max_tokens`.
+
+    Lazy: closing the iterator stops generation before the next decode step.
+    """
     tokens = sampling.stream_tokens(
         self.graphdef, self.params, prompt_ids, config=self.config, max_new_tokens=max_tokens,
         temperature=temperature, top_p=top_p,
         seed=secrets.randbits(31) if seed is None else seed, eos_id=self.eos_id,
         max_len=self.context_length)
-    token_ids, text, finish_reason = self._read_until_stop(tokens, [s for s in stop or [] if s])
-    return Completion(text, token_ids, len(prompt_ids), finish_reason)
-
-  def _read_until_stop(self, tokens: Iterable[int], stops: list[str]):
-    """(token_ids, text, finish_reason), ending at eos or just before a stop string."""
-    token_ids = []
-    for token_id in tokens:
-      token_ids.append(token_id)
+    text = TextStream(self.decode, stop)
+    for count, token_id in enumerate(tokens, 1):
       if token_id == self.eos_id:
-        return token_ids, self.decode(token_ids), "stop"
-      if stops:
-        text = self.decode(token_ids)
-        cut = first_stop(text, stops)
-        if cut is not None:
-          return token_ids, text[:cut], "stop"
-    return token_ids, self.decode(token_ids), "length"
+        yield Delta(text.flush(), token_id, "stop")
+        return
+      new_text, stopped = text.push(token_id)
+      if stopped:
+        yield Delta(new_text, token_id, "stop")
+        return
+      if count == max_tokens:
+        yield Delta(new_text + text.flush(), token_id, "length")
+        return
+      yield Delta(new_text, token_id, None)
+
+  def complete(self, prompt: str, *, max_tokens: int | None = 16, temperature: float = 1.0,
+               top_p: float = 1.0, seed: int | None = None,
+               stop: list[str] | None = None) -> Completion:
+    """Continues `prompt`; `max_tokens=None` means up to the end of the context."""
+    prompt_ids, max_tokens = self.prompt_ids(prompt, max_tokens)
+    deltas = list(self.stream(prompt_ids, max_tokens=max_tokens, temperature=temperature,
+                              top_p=top_p, seed=seed, stop=stop))
+    return Completion("".join(d.text for d in deltas), [d.token_id for d in deltas],
+                      len(prompt_ids), deltas[-1].finish_reason)
 
   def greedy_decode_without_cache(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """Argmax decoding that reruns the full sequence every step, without a KV cache.

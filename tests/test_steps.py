@@ -71,3 +71,31 @@ def test_loss_matches_hand_computation():
   # position 0 predicts token 1 (p=0.25); position 1 predicts token 2 (p=0.1)
   assert float(count) == 2
   np.testing.assert_allclose(float(nll), -np.log(0.25) - np.log(0.1), rtol=1e-6)
+
+
+def test_non_finite_step_is_skipped_and_counted():
+  def loss_poisoned_by_first_token(model, batch):
+    loss, metrics = tasks.next_token_loss(model, batch)
+    return loss * jax.numpy.where(batch["tokens"][0, 0] == 0, jax.numpy.nan, 1.0), metrics
+
+  mesh = sharding.make_mesh(2, 2, 2)
+  optimizer = optim.make_optimizer(optim.learning_rate_schedule(10, 1e-2, 2))
+  graphdef, abstract_state = steps.abstract_model(CONFIG)
+  shardings = steps.state_shardings(abstract_state, optimizer, mesh)
+  state = steps.init_train_state(CONFIG, optimizer, shardings)
+  before = jax.device_get(state)
+  train_step = steps.make_train_step(graphdef, loss_poisoned_by_first_token, optimizer,
+                                     shardings, sharding.batch_sharding(mesh))
+  poisoned = _batch()
+  poisoned["tokens"][0, 0] = 0
+  with jax.set_mesh(mesh):
+    state, metrics = train_step(state, poisoned)
+    assert int(metrics["skipped"]) == 1 and int(state.step) == 1
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(before.params)):
+      np.testing.assert_array_equal(np.asarray(got), want)
+    for got, want in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(before.opt_state)):
+      np.testing.assert_array_equal(np.asarray(got), want)
+    for seed in (1, 2):  # the first good step runs at warm-up's learning rate 0
+      state, metrics = train_step(state, _batch(seed=seed))
+      assert int(metrics["skipped"]) == 0
+  assert not np.array_equal(np.asarray(state.params["embedding"]), before.params["embedding"])

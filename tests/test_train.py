@@ -2,6 +2,10 @@
 and a restarted run continues from the checkpoint instead of starting over."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -102,30 +106,49 @@ def test_batch_that_does_not_divide_the_mesh_is_refused(data_dir, tmp_path):
     train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=1)
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_zero(data_dir, tmp_path):
-  """A real `python -m maxlm.train` process, preempted with SIGTERM mid-run."""
-  import os
-  import signal
-  import subprocess
-  import sys
-
+def _train_process(workdir, data_dir, *extra_flags):
+  """A real `python -m maxlm.train` with the tiny bindings, one progress line per step."""
   bindings = [f"--gin_param={line}" for line in TINY_BINDINGS.strip().splitlines()]
-  command = [sys.executable, "-m", "maxlm.train", f"--workdir={tmp_path}",
-             f"--data_dir={data_dir}", "--steps=100000", *bindings,
-             "--gin_param=train.log_every=1", "--gin_param=train.checkpoint_every=1000"]
+  command = [sys.executable, "-m", "maxlm.train", f"--workdir={workdir}",
+             f"--data_dir={data_dir}", *bindings, "--gin_param=train.log_every=1", *extra_flags]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, env=env, cwd=Path(__file__).parent.parent)
+  return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env, cwd=Path(__file__).parent.parent)
+
+
+def _run_until_step(process, step: int) -> list[str]:
   output = []
   for line in process.stdout:  # the step lines are flushed as each step ends
     output.append(line)
-    if line.startswith("step 3/"):
+    if line.startswith(f"step {step}/"):
       break
+  return output
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(data_dir, tmp_path):
+  process = _train_process(tmp_path, data_dir, "--steps=100000",
+                           "--gin_param=train.checkpoint_every=1000")
+  output = _run_until_step(process, 3)
   process.send_signal(signal.SIGTERM)
-  rest, _ = process.communicate(timeout=120)
-  output.append(rest)
+  output.append(process.communicate(timeout=120)[0])
   assert process.returncode == 0, "".join(output)
   steps_done = [r["step"] for r in _metrics(tmp_path)]
   saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert steps_done[-1] >= 3 and saved[-1] == steps_done[-1], "".join(output)
   assert "SIGTERM: checkpoint of step" in "".join(output)
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_losses_bitwise(data_dir, tmp_path):
+  flags = ["--steps=9", "--gin_param=train.checkpoint_every=3", "--gin_param=train.eval_every=100"]
+  uninterrupted = _train_process(tmp_path / "a", data_dir, *flags)
+  assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stdout.read()
+
+  killed = _train_process(tmp_path / "b", data_dir, *flags)
+  _run_until_step(killed, 5)
+  killed.kill()
+  killed.wait()
+  rerun = _train_process(tmp_path / "b", data_dir, *flags)
+  output = rerun.communicate(timeout=300)[0]
+  assert rerun.returncode == 0 and "resumed from" in output, output
+  losses = lambda run: [(r["step"], r["loss"]) for r in _metrics(tmp_path / run)]  # noqa: E731
+  assert losses("b") == losses("a")

@@ -1,0 +1,53 @@
+"""Prometheus metrics of one server (its own registry, so several apps can live in one process)."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServerMetrics:
+  content_type = CONTENT_TYPE_LATEST
+
+  def __init__(self):
+    self.registry = CollectorRegistry()
+    self.requests = Counter("maxlm_requests", "HTTP requests answered, by path and status",
+                            ["path", "status"], registry=self.registry)
+    self.prompt_tokens = Counter("maxlm_prompt_tokens", "Prompt tokens prefilled",
+                                 registry=self.registry)
+    self.generated_tokens = Counter("maxlm_generated_tokens", "Tokens generated",
+                                    registry=self.registry)
+    self.time_to_first_token = Histogram(
+        "maxlm_time_to_first_token_seconds", "From request accepted to its first token",
+        buckets=LATENCY_BUCKETS_S, registry=self.registry)
+    self.time_per_output_token = Histogram(
+        "maxlm_time_per_output_token_seconds", "Between consecutive tokens of one request",
+        buckets=LATENCY_BUCKETS_S, registry=self.registry)
+    self.queue_depth = Gauge("maxlm_queue_depth", "Requests waiting for the engine",
+                             registry=self.registry)
+    self.running = Gauge("maxlm_running_requests", "Requests generating now",
+                         registry=self.registry)
+
+  def exposition(self) -> bytes:
+    return generate_latest(self.registry)
+
+
+class CountResponses:
+  """ASGI middleware counting responses by status (pure ASGI, so streams pass straight through)."""
+
+  def __init__(self, app: ASGIApp, metrics: ServerMetrics):
+    self.app, self.metrics = app, metrics
+
+  async def __call__(self, scope: Scope, receive: Receive, send: Send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+
+    async def counting_send(message: Message):
+      if message["type"] == "http.response.start":
+        route = scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        self.metrics.requests.labels(path, str(message["status"])).inc()
+      await send(message)
+
+    await self.app(scope, receive, send=counting_send)
