@@ -250,7 +250,7 @@ def main(argv):
   gin_files = [resolve_gin_file(name) for name in _GIN_FILE.value]
   try:
     gin.parse_config_files_and_bindings(gin_files, _GIN_PARAM.value)
-  except (ValueError, KeyError, gin.config.ParseError) as error:  # pytype: disable=module-attr
+  except (ValueError, KeyError, SyntaxError) as error:
     raise UserError(f"gin configuration error: {error}") from None
   overrides = {"workdir": _WORKDIR.value, "data_dir": _DATA_DIR.value, "steps": _STEPS.value}
   overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -273,7 +273,8 @@ def run():
   try:
     app.run(main)
   except UserError as error:
-    print(f"error: {error}", file=sys.stderr)
+    # gin appends "In call to configurable ..." lines; the first line says what to fix.
+    print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
     sys.exit(2)
   except KeyboardInterrupt:
     print("\ninterrupted: rerun the same command to resume from the last complete checkpoint",

@@ -27,6 +27,8 @@ from fastapi.testclient import TestClient
 
 from maxlm import checkpoint, optim, sampling, sharding, steps
 from maxlm.model import ModelConfig
+from serving.chat import chat_prompt
+from serving.detokenize import REPLACEMENT_CHAR, TextStream
 from serving.engine import ContextLengthError, Engine
 from serving.server import create_app
 
@@ -207,6 +209,46 @@ def test_complete_refuses_a_prompt_longer_than_the_context(engine):
     engine.complete("word " * 200, max_tokens=1)
 
 
+# --- incremental detokenization ----------------------------------------------------------------
+
+def test_text_stream_never_emits_half_a_character(engine):
+  text = "wrap the café: 5€ 😀 naïve text"
+  token_ids = engine.tokenizer.encode(text)
+  pieces = [engine.tokenizer.id_to_piece(t) for t in token_ids]
+  assert sum(piece.startswith("<0x") for piece in pieces) >= 6, "no byte fallback exercised"
+  stream = TextStream(engine.decode)
+  emitted = []
+  for token_id in token_ids:
+    new_text, stopped = stream.push(token_id)
+    assert not stopped and REPLACEMENT_CHAR not in new_text
+    emitted.append(new_text)
+  emitted.append(stream.flush())
+  assert "".join(emitted) == engine.decode(token_ids) == text
+  assert sum(bool(piece) for piece in emitted) > 10  # incremental, not all at the end
+
+
+def test_text_stream_holds_back_what_may_become_a_stop(engine):
+  token_ids = engine.tokenizer.encode("return text, width")
+  stream = TextStream(engine.decode, ["xt, wid"])
+  emitted, stopped = "", False
+  for token_id in token_ids:
+    new_text, stopped = stream.push(token_id)
+    emitted += new_text
+    assert "xt" not in emitted
+    if stopped:
+      break
+  assert stopped and emitted == "return te"
+
+
+def test_stream_deltas_make_up_the_completion(engine):
+  prompt_ids, max_tokens = engine.prompt_ids(PROMPT, 12)
+  deltas = list(engine.stream(prompt_ids, max_tokens=max_tokens, temperature=0.0))
+  assert [d.finish_reason for d in deltas] == [None] * 11 + ["length"]
+  whole = engine.complete(PROMPT, max_tokens=12, temperature=0.0)
+  assert "".join(d.text for d in deltas) == whole.text
+  assert [d.token_id for d in deltas] == whole.token_ids
+
+
 # --- server ------------------------------------------------------------------------------------
 
 def test_curl_completion(server_port, engine):
@@ -254,7 +296,8 @@ def app_client(engine):
     ({"temperature": -1}, 400, "temperature", None),
     ({"prompt": ["one", "two"]}, 400, "prompt", None),
     ({"n": 2}, 400, "n", None),
-    ({"stream": True}, 400, "stream", None),
+    ({"stream_options": {"include_usage": True}}, 400, "stream_options", None),
+    ({"logprobs": 2}, 400, "logprobs", None),
     ({"prompt": "word " * 200}, 400, "prompt", "context_length_exceeded"),
     ({"max_tokens": 60}, 400, "prompt", "context_length_exceeded"),
     ({"model": "gpt-nothing"}, 404, "model", "model_not_found"),
@@ -275,14 +318,84 @@ def test_malformed_json_gets_a_400(app_client):
   assert response.json()["error"]["param"] is None
 
 
-def test_an_engine_failure_is_a_500_with_an_openai_error(engine):
-  class BrokenEngine:
-    model_name, context_length = engine.model_name, engine.context_length
+# --- streaming, chat and metrics over HTTP -----------------------------------------------------
 
-    def complete(self, *args, **kwargs):
-      raise RuntimeError("device lost")
+def openai_client(port: int) -> openai.OpenAI:
+  return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
 
-  client = TestClient(create_app(BrokenEngine()), raise_server_exceptions=False)
-  response = client.post("/v1/completions", json={"model": engine.model_name, "prompt": "x"})
-  assert response.status_code == 500
-  assert response.json()["error"]["type"] == "server_error"
+
+@pytest.mark.parametrize("max_tokens", [1, 20])
+def test_streamed_completion_equals_the_whole_one(server_port, engine, max_tokens):
+  client = openai_client(server_port)
+  request = dict(model=engine.model_name, prompt=PROMPT, max_tokens=max_tokens, temperature=0)
+  whole = client.completions.create(**request)
+  chunks = list(client.completions.create(**request, stream=True,
+                                          stream_options={"include_usage": True}))
+  *text_chunks, usage_chunk = chunks
+  assert "".join(c.choices[0].text for c in text_chunks) == whole.choices[0].text
+  assert [c.choices[0].finish_reason for c in text_chunks][-1] == whole.choices[0].finish_reason
+  assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
+  assert all(c.id == chunks[0].id and c.object == "text_completion" for c in chunks)
+  assert usage_chunk.choices == [] and usage_chunk.usage == whole.usage
+  assert all(c.usage is None for c in text_chunks)
+
+
+def test_stream_is_server_sent_events(server_port, engine):
+  request = {"model": engine.model_name, "prompt": PROMPT, "max_tokens": 6, "temperature": 0,
+             "stream": True}
+  with httpx.stream("POST", f"http://127.0.0.1:{server_port}/v1/completions", json=request,
+                    timeout=60) as response:
+    assert response.headers["content-type"].startswith("text/event-stream")
+    body = response.read().decode()
+  events = body.split("\n\n")
+  assert events[-2:] == ["data: [DONE]", ""]
+  assert all(event.startswith("data: {") for event in events[:-2])
+  assert "usage" not in json.loads(events[0][len("data: "):])
+
+
+def test_chat_completion_whole_and_streamed(server_port, engine):
+  client = openai_client(server_port)
+  messages = [{"role": "system", "content": "You wrap text."},
+              {"role": "user", "content": PROMPT}]
+  request = dict(model=engine.model_name, messages=messages, max_tokens=10, temperature=0)
+  whole = client.chat.completions.create(**request)
+  assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-")
+  [choice] = whole.choices
+  assert choice.message.role == "assistant"
+  prompt = chat_prompt([("system", "You wrap text."), ("user", PROMPT)])
+  assert prompt == f"<|system|>\nYou wrap text.\n<|user|>\n{PROMPT}\n<|assistant|>\n"
+  reference = engine.complete(prompt, max_tokens=10, temperature=0.0,
+                              stop=["<|system|>", "<|user|>", "<|assistant|>"])
+  assert choice.message.content == reference.text
+  assert choice.finish_reason == reference.finish_reason
+  assert whole.usage.prompt_tokens == len(engine.encode(prompt))
+
+  chunks = list(client.chat.completions.create(**request, stream=True))
+  assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+  assert chunks[0].choices[0].delta.role == "assistant"
+  assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
+  assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+
+
+def metric_value(exposition: str, name: str) -> float:
+  lines = [line for line in exposition.splitlines() if line.startswith(name + " ")
+           or line.startswith(name + "{")]
+  assert lines, f"{name} missing from /metrics"
+  return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def test_metrics_count_requests_and_tokens(server_port, engine):
+  scrape = lambda: httpx.get(f"http://127.0.0.1:{server_port}/metrics", timeout=10).text
+  before = scrape()
+  openai_client(server_port).completions.create(model=engine.model_name, prompt=PROMPT,
+                                                max_tokens=5, temperature=0)
+  after = scrape()
+  ok = 'maxlm_requests_total{path="/v1/completions",status="200"}'
+  assert metric_value(after, ok) == metric_value(before, ok) + 1 if ok in before else \
+      metric_value(after, ok) >= 1
+  generated = "maxlm_generated_tokens_total"
+  assert metric_value(after, generated) - metric_value(before, generated) == 5
+  for histogram in ("maxlm_time_to_first_token_seconds", "maxlm_time_per_output_token_seconds"):
+    assert (metric_value(after, histogram + "_count")
+            - metric_value(before, histogram + "_count")) == (1 if "first" in histogram else 4)
+  assert metric_value(after, "maxlm_queue_depth") == 0

@@ -1,0 +1,136 @@
+"""Pallas backward kernels for flash attention: one for dq, one for dk/dv.
+
+Both recompute probabilities from the forward's logsumexp: probs = exp(scores - lse), and use
+delta = rowsum(do * o) so that dscores = probs * (do @ v.T - delta). Layouts and backend notes are in
+`flash_attention_kernels.py`. The dk/dv kernel works in transposed score space ([block_k, block_q]) so
+every matmul is a plain or rhs-transposed one, which both Triton and TPU Mosaic lower well.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels_pallas.flash_attention_kernels import (
+    KernelConfig, _first_visible_q_block, _masked, _matmul, _num_visible_k_blocks, _positions,
+    _query_head_spec, _scores, _segment_specs, _split_refs, _visible)
+
+
+def _dq_kernel(*refs, cfg: KernelConfig, has_segments: bool):
+  """One (batch, head, q block). q_ref, do_ref: [block_q, d]; k_ref, v_ref: [kv_len_padded, d];
+  lse_ref, delta_ref: [block_q, 1] -> dq_ref: [block_q, d]."""
+  inputs, q_seg_ref, kv_seg_ref, (dq_ref,) = _split_refs(refs, 6, has_segments)
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = inputs
+  block_q, head_dim = q_ref.shape
+  q_start = pl.program_id(2) * block_q
+  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  q_seg = None if q_seg_ref is None else q_seg_ref[...]
+
+  def step(j, dq):
+    k_start = pl.multiple_of(j * cfg.block_k, cfg.block_k)
+    keys = pl.ds(k_start, cfg.block_k)
+    q_pos, k_pos = _positions(q_start, k_start, (block_q, cfg.block_k))
+    kv_seg = None if kv_seg_ref is None else kv_seg_ref[:, keys]
+    k = k_ref[keys, :]
+    scores = _masked(_scores(q, k, cfg.sm_scale), _visible(q_pos, k_pos, q_seg, kv_seg, cfg))
+    probs = jnp.exp(scores - lse)
+    dprobs = _scores(do, v_ref[keys, :], 1.0)
+    return dq + _matmul(probs * (dprobs - delta), k)
+
+  num_k_blocks = _num_visible_k_blocks(q_start, cfg, k_ref.shape[0] // cfg.block_k)
+  dq = jax.lax.fori_loop(0, num_k_blocks, step, jnp.zeros((block_q, head_dim), jnp.float32))
+  dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(*refs, cfg: KernelConfig, has_segments: bool):
+  """One (batch, kv head, k block), summing over the kv head's query group.
+
+  q_ref, do_ref: [group, q_len_padded, d]; k_ref, v_ref: [block_k, d];
+  lse_ref, delta_ref: [group, 1, q_len_padded] -> dk_ref, dv_ref: [block_k, d].
+  """
+  inputs, q_seg_ref, kv_seg_ref, (dk_ref, dv_ref) = _split_refs(refs, 6, has_segments)
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = inputs
+  group, q_len_padded, _ = q_ref.shape
+  block_k, head_dim = k_ref.shape
+  k_start = pl.program_id(2) * block_k
+  k, v = k_ref[...], v_ref[...]
+  kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
+  first_q_block = _first_visible_q_block(k_start, cfg)
+
+  def step(i, carry, g):
+    dk, dv = carry
+    q_start = pl.multiple_of(i * cfg.block_q, cfg.block_q)
+    queries = pl.ds(q_start, cfg.block_q)
+    k_pos, q_pos = _positions(k_start, q_start, (block_k, cfg.block_q))
+    q_seg = None if q_seg_ref is None else q_seg_ref[:, queries]
+    q, do = q_ref[g, queries, :], do_ref[g, queries, :]
+    scores_t = _masked(_scores(k, q, cfg.sm_scale), _visible(q_pos, k_pos, q_seg, kv_seg, cfg))
+    probs_t = jnp.exp(scores_t - lse_ref[g, :, queries])
+    dprobs_t = _scores(v, do, 1.0)
+    dscores_t = probs_t * (dprobs_t - delta_ref[g, :, queries])
+    return dk + _matmul(dscores_t, q), dv + _matmul(probs_t, do)
+
+  def head(g, carry):
+    return jax.lax.fori_loop(first_q_block, q_len_padded // cfg.block_q,
+                             lambda i, c: step(i, c, g), carry)
+
+  zeros = jnp.zeros((block_k, head_dim), jnp.float32)
+  dk, dv = jax.lax.fori_loop(0, group, head, (zeros, zeros))
+  dk_ref[...] = (dk * cfg.sm_scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq(q, k, v, do, lse, delta, q_seg, kv_seg, cfg: KernelConfig):
+  batch, kv_heads, group, q_len_padded, head_dim = q.shape
+  kv_len_padded = k.shape[2]
+  has_segments = q_seg is not None
+  kv_spec = pl.BlockSpec((None, None, kv_len_padded, head_dim), lambda b, h, i: (b, h // group, 0, 0))
+  q_spec = _query_head_spec(cfg.block_q, head_dim, group)
+  stat_spec = _query_head_spec(cfg.block_q, 1, group)
+  in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec]
+  if has_segments:
+    in_specs += _segment_specs(cfg.block_q, kv_len_padded)
+  kernel = pl.pallas_call(
+      lambda *refs: _dq_kernel(*refs, cfg=cfg, has_segments=has_segments),
+      grid=(batch, kv_heads * group, q_len_padded // cfg.block_q),
+      in_specs=in_specs,
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      interpret=cfg.interpret,
+      name="flash_attention_dq",
+  )
+  segments = (q_seg, kv_seg) if has_segments else ()
+  return kernel(q, k, v, do, lse, delta, *segments)
+
+
+def _dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, cfg: KernelConfig):
+  batch, kv_heads, group, q_len_padded, head_dim = q.shape
+  kv_len_padded = k.shape[2]
+  has_segments = q_seg is not None
+  group_spec = pl.BlockSpec((None, None, group, q_len_padded, head_dim), lambda b, h, j: (b, h, 0, 0, 0))
+  stat_spec = pl.BlockSpec((None, None, group, 1, q_len_padded), lambda b, h, j: (b, h, 0, 0, 0))
+  kv_spec = pl.BlockSpec((None, None, cfg.block_k, head_dim), lambda b, h, j: (b, h, j, 0))
+  in_specs = [group_spec, kv_spec, kv_spec, group_spec, stat_spec, stat_spec]
+  segments = ()
+  if has_segments:
+    in_specs += [pl.BlockSpec((None, 1, q_len_padded), lambda b, h, j: (b, 0, 0)),
+                 pl.BlockSpec((None, cfg.block_k, 1), lambda b, h, j: (b, j, 0))]
+    segments = (q_seg.reshape(batch, 1, q_len_padded), kv_seg.reshape(batch, kv_len_padded, 1))
+  row = lambda stat: stat.reshape(batch, kv_heads, group, 1, q_len_padded)
+  kernel = pl.pallas_call(
+      lambda *refs: _dkdv_kernel(*refs, cfg=cfg, has_segments=has_segments),
+      grid=(batch, kv_heads, kv_len_padded // cfg.block_k),
+      in_specs=in_specs,
+      out_specs=[kv_spec, kv_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      interpret=cfg.interpret,
+      name="flash_attention_dkdv",
+  )
+  return kernel(q, k, v, do, row(lse), row(delta), *segments)
+
+
+def backward(q, k, v, o, lse, do, q_seg, kv_seg, cfg: KernelConfig):
+  """Kernel-layout tensors (see `flash_attention_kernels`) -> (dq, dk, dv) in the same layouts."""
+  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+  dq = _dq(q, k, v, do, lse, delta, q_seg, kv_seg, cfg)
+  dk, dv = _dkdv(q, k, v, do, lse, delta, q_seg, kv_seg, cfg)
+  return dq, dk, dv
