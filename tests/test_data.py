@@ -57,7 +57,9 @@ def data_dir(tmp_path_factory):
 
 
 def record_ids(batches) -> list[int]:
-  return [int(r) for batch in batches for r in batch["tokens"][:, 0]]
+  """Record ids in order; padding rows (no segment: a short last batch filled up) are left out."""
+  return [int(row[0]) for batch in batches
+          for row, segments in zip(batch["tokens"], batch["segment_ids"]) if segments.any()]
 
 
 def take(iterator, n: int) -> list[dict]:
@@ -122,7 +124,8 @@ def test_eval_sees_each_validation_sequence_once_in_order(data_dir):
   ds = data.make_dataset(data_dir, "validation", global_batch_size=8, seed=0, shuffle=False,
                          num_epochs=1, process_index=0, process_count=1)
   batches = list(ds)
-  assert [len(b["tokens"]) for b in batches] == [8, 8, 8, 8, 5]
+  assert [len(b["tokens"]) for b in batches] == [8, 8, 8, 8, 8]  # the last one padded
+  assert not batches[-1]["segment_ids"][5:].any()
   assert record_ids(batches) == list(range(NUM_RECORDS))
 
 
@@ -134,6 +137,18 @@ def test_processes_read_disjoint_slices_covering_the_split(data_dir):
   assert all(len(ids) == len(set(ids)) for ids in per_process)
   assert not set(per_process[0]) & set(per_process[1])
   assert sorted(per_process[0] + per_process[1]) == list(range(NUM_RECORDS))
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_global_batches_do_not_depend_on_the_process_count(data_dir, shuffle):
+  """Two processes' rows, stacked, are exactly one process's global batches."""
+  def batches(index, count):
+    return take(iter(data.make_dataset(data_dir, "train", global_batch_size=6, seed=3,
+                                       shuffle=shuffle, process_index=index,
+                                       process_count=count)), 8)
+  single, first, second = batches(0, 1), batches(0, 2), batches(1, 2)
+  stacked = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(first, second)]
+  assert_same_batches(stacked, single)
 
 
 def test_per_process_batch_is_global_over_process_count(data_dir):

@@ -15,8 +15,10 @@ import os
 from etils import epath
 import grain
 import jax
+import numpy as np
 
-from beam_pipelines.records import MANIFEST_NAME, RECORD_FORMAT, TOKENIZER_NAME, decode_packed
+from beam_pipelines.records import (MANIFEST_NAME, RECORD_FIELDS, RECORD_FORMAT, TOKENIZER_NAME,
+                                    decode_packed)
 
 PREPARE_COMMAND = "`python -m beam_pipelines.prepare_text`"
 _MAX_SEED = 2**32
@@ -118,11 +120,12 @@ def make_dataset(
 ) -> grain.IterDataset:
   """Batches of `split` for this process: {field: int32 [global_batch_size // process_count, seq_len]}.
 
-  Process `i` of `n` reads records i, i+n, i+2n, ...: disjoint slices covering the split. Each
-  epoch is shuffled with a different permutation derived from `seed`; `num_epochs=None` repeats
-  forever. `drop_remainder=None` means `shuffle`: training batches all have one shape (batches
-  span epoch boundaries), while eval (`shuffle=False, num_epochs=1`) keeps a smaller last batch so
-  every sequence is seen exactly once. `read_threads > 0` decodes records in background threads.
+  Every process sees the same global order (each epoch shuffled with its own permutation from
+  `seed`; `num_epochs=None` repeats forever) and takes its own block of rows of each global
+  batch, so a run is the same on any number of processes. `drop_remainder=None` means
+  `shuffle`: training batches span epoch boundaries, while eval (`shuffle=False, num_epochs=1`)
+  pads its last global batch with empty sequences (segment_ids 0) so every sequence is seen
+  exactly once and every process runs the same number of steps. `read_threads > 0` decodes records in background threads.
   `iter(ds)` gives a checkpointable `grain.DatasetIterator` (`get_state`/`set_state`).
   """
   manifest = load_manifest(data_dir)
@@ -132,15 +135,41 @@ def make_dataset(
   records = grain.MapDataset.source(
       grain.sources.ArrayRecordDataSource(split_shard_paths(data_dir, manifest, split)))
   _check_record_count(records, manifest, split, count)
-  records = records[index::count]
   if shuffle:
     records = records.shuffle(seed=seed)
-  sequences = records.repeat(num_epochs).map(
-      functools.partial(decode_packed, seq_len=manifest["seq_len"]))
+  drop_remainder = shuffle if drop_remainder is None else drop_remainder
+  rows = rows_of_process(records.repeat(num_epochs), global_batch_size, index, count,
+                         pad_last_batch=not drop_remainder and num_epochs is not None)
+  sequences = rows.map(functools.partial(_decode_or_pad, seq_len=manifest["seq_len"]))
   read_options = grain.ReadOptions(
       num_threads=read_threads, prefetch_buffer_size=2 * batch_size if read_threads else 0)
-  return sequences.to_iter_dataset(read_options).batch(
-      batch_size, drop_remainder=shuffle if drop_remainder is None else drop_remainder)
+  return sequences.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True)
+
+
+def rows_of_process(records: grain.MapDataset, global_batch_size: int, index: int, count: int,
+                    *, pad_last_batch: bool) -> grain.MapDataset:
+  """Process `index`'s rows of every global batch, so that the global batch (and the training
+  run) is the same whatever the number of processes: element j is global element
+  (j // b) * global_batch_size + index * b + j % b, with b = global_batch_size // count.
+  `pad_last_batch` fills a short last global batch with empty records (padding) instead of
+  dropping it (Grain drops `None` elements, so padding is `b""`).
+  """
+  local = global_batch_size // count
+  total = len(records)
+  num_batches = -(-total // global_batch_size) if pad_last_batch else total // global_batch_size
+
+  def fetch(j: int):
+    position = (j // local) * global_batch_size + index * local + j % local
+    return records[position] if position < total else b""
+
+  return grain.MapDataset.range(num_batches * local).map(fetch)
+
+
+def _decode_or_pad(record: bytes, seq_len: int) -> dict:
+  """A packed record, or for padding an all-zero sequence (segment 0: no loss, no attention)."""
+  if not record:
+    return {name: np.zeros(seq_len, np.int32) for name in RECORD_FIELDS}
+  return decode_packed(record, seq_len)
 
 
 def _check_epochs_and_seed(num_epochs: int | None, seed: int) -> None:
