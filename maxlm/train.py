@@ -40,6 +40,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Output of beam_pipelines.prepare_text; "
                                 "default: build the stdlib corpus into the cache.")
 _STEPS = flags.DEFINE_integer("steps", None, "Total training steps (overrides train.steps).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a "
+                                   "multi-process run without a cluster that JAX detects.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, "
+                                   "num_processes).")
 
 
 @gin.configurable(module="maxlm")
@@ -242,10 +247,27 @@ def resolve_gin_file(name: str) -> str:
   raise UserError(f"--gin_file {name} is neither a file nor one of configs/: {known}")
 
 
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None):
+  """Joins a multi-process run when told so by flags, or by a cluster JAX detects itself
+  (a multi-host TPU slice, SLURM); a single process does nothing."""
+  explicit = (coordinator_address, num_processes, process_id)
+  if any(value is not None for value in explicit):
+    if any(value is None for value in explicit):
+      raise UserError("--coordinator_address, --num_processes and --process_id go together; "
+                      "pass all three")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts talk via gloo
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or int(
+      os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()
+
+
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every save at INFO
+  initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   gin.add_config_file_search_path(str(CONFIGS_DIR))
   gin_files = [resolve_gin_file(name) for name in _GIN_FILE.value]
   try:

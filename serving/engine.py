@@ -1,7 +1,8 @@
 """The serving engine: a trained checkpoint on one device, text in, text out.
 
-`stream` yields the generation token by token with its newly stable text; `complete` runs the KV-cached generation of `maxlm.sampling`; `greedy_decode_without_cache`
-recomputes the whole sequence every step and exists as the independent reference for it.
+`stream` runs the KV-cached generation of `maxlm.sampling` token by token, with the text each
+token makes stable; `complete` collects it. `greedy_decode_without_cache` recomputes the whole
+sequence every step and exists as the independent reference for it.
 """
 
 import dataclasses

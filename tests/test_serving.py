@@ -338,6 +338,7 @@ def test_streamed_completion_equals_the_whole_one(server_port, engine, max_token
   assert all(c.id == chunks[0].id and c.object == "text_completion" for c in chunks)
   assert usage_chunk.choices == [] and usage_chunk.usage == whole.usage
   assert all(c.usage is None for c in text_chunks)
+  assert len(text_chunks) > max_tokens // 2  # streamed as it was generated, not at the end
 
 
 def test_stream_is_server_sent_events(server_port, engine):
@@ -355,18 +356,17 @@ def test_stream_is_server_sent_events(server_port, engine):
 
 def test_chat_completion_whole_and_streamed(server_port, engine):
   client = openai_client(server_port)
-  messages = [{"role": "system", "content": "You wrap text."},
-              {"role": "user", "content": PROMPT}]
+  messages = [{"role": "system", "content": "Wrap."}, {"role": "user", "content": "def f(x):"}]
   request = dict(model=engine.model_name, messages=messages, max_tokens=10, temperature=0)
   whole = client.chat.completions.create(**request)
   assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-")
   [choice] = whole.choices
   assert choice.message.role == "assistant"
-  prompt = chat_prompt([("system", "You wrap text."), ("user", PROMPT)])
-  assert prompt == f"<|system|>\nYou wrap text.\n<|user|>\n{PROMPT}\n<|assistant|>\n"
+  prompt = chat_prompt([("system", "Wrap."), ("user", "def f(x):")])
+  assert prompt == "<|system|>\nWrap.\n<|user|>\ndef f(x):\n<|assistant|>\n"
   reference = engine.complete(prompt, max_tokens=10, temperature=0.0,
                               stop=["<|system|>", "<|user|>", "<|assistant|>"])
-  assert choice.message.content == reference.text
+  assert choice.message.content == reference.text and reference.text
   assert choice.finish_reason == reference.finish_reason
   assert whole.usage.prompt_tokens == len(engine.encode(prompt))
 
@@ -378,10 +378,9 @@ def test_chat_completion_whole_and_streamed(server_port, engine):
 
 
 def metric_value(exposition: str, name: str) -> float:
-  lines = [line for line in exposition.splitlines() if line.startswith(name + " ")
-           or line.startswith(name + "{")]
-  assert lines, f"{name} missing from /metrics"
-  return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+  """The sum of a metric's samples over its labels; 0 when it has none yet."""
+  return sum(float(line.rsplit(" ", 1)[1]) for line in exposition.splitlines()
+             if line.startswith((name + " ", name + "{")))
 
 
 def test_metrics_count_requests_and_tokens(server_port, engine):
@@ -391,11 +390,10 @@ def test_metrics_count_requests_and_tokens(server_port, engine):
                                                 max_tokens=5, temperature=0)
   after = scrape()
   ok = 'maxlm_requests_total{path="/v1/completions",status="200"}'
-  assert metric_value(after, ok) == metric_value(before, ok) + 1 if ok in before else \
-      metric_value(after, ok) >= 1
+  assert metric_value(after, ok) == metric_value(before, ok) + 1
   generated = "maxlm_generated_tokens_total"
   assert metric_value(after, generated) - metric_value(before, generated) == 5
   for histogram in ("maxlm_time_to_first_token_seconds", "maxlm_time_per_output_token_seconds"):
     assert (metric_value(after, histogram + "_count")
             - metric_value(before, histogram + "_count")) == (1 if "first" in histogram else 4)
-  assert metric_value(after, "maxlm_queue_depth") == 0
+  assert "maxlm_queue_depth 0.0" in after.splitlines()

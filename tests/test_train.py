@@ -10,6 +10,7 @@ import sysconfig
 from pathlib import Path
 
 import gin
+import numpy as np
 import pytest
 
 from beam_pipelines import prepare_text
@@ -106,12 +107,12 @@ def test_batch_that_does_not_divide_the_mesh_is_refused(data_dir, tmp_path):
     train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=1)
 
 
-def _train_process(workdir, data_dir, *extra_flags):
+def _train_process(workdir, data_dir, *extra_flags, devices=8):
   """A real `python -m maxlm.train` with the tiny bindings, one progress line per step."""
   bindings = [f"--gin_param={line}" for line in TINY_BINDINGS.strip().splitlines()]
   command = [sys.executable, "-m", "maxlm.train", f"--workdir={workdir}",
              f"--data_dir={data_dir}", *bindings, "--gin_param=train.log_every=1", *extra_flags]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=env, cwd=Path(__file__).parent.parent)
 
@@ -152,3 +153,22 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_losses_bitwise(data_dir, tmp
   assert rerun.returncode == 0 and "resumed from" in output, output
   losses = lambda run: [(r["step"], r["loss"]) for r in _metrics(tmp_path / run)]  # noqa: E731
   assert losses("b") == losses("a")
+
+
+def test_two_processes_train_in_lockstep_with_one_eight_device_process(data_dir, tmp_path):
+  """2 processes x 4 CPU devices (gloo collectives) against 1 process x 8 devices, same mesh
+  (data=2, fsdp=2, tensor=2) and the same global batches."""
+  import portpicker  # pylint: disable=import-outside-toplevel
+  flags = ["--steps=4", "--gin_param=train.eval_every=100"]
+  coordinator = f"--coordinator_address=127.0.0.1:{portpicker.pick_unused_port()}"
+  pair = [_train_process(tmp_path / "two", data_dir, *flags, coordinator, "--num_processes=2",
+                         f"--process_id={i}", devices=4) for i in range(2)]
+  single = _train_process(tmp_path / "one", data_dir, *flags)
+  for process in [*pair, single]:
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output
+  two = [r["loss"] for r in _metrics(tmp_path / "two")]
+  one = [r["loss"] for r in _metrics(tmp_path / "one")]
+  assert len(two) == len(one) == 4
+  # Same global batches and mesh; only the collectives' summation order differs.
+  np.testing.assert_allclose(two, one, rtol=1e-5)

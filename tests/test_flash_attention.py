@@ -1,0 +1,199 @@
+"""Flash attention (Pallas, interpret mode on CPU) against a float64 NumPy attention and its gradients.
+
+Tolerance: float32 inputs, outputs and q/k/v gradients within atol = rtol = 2e-5 of float64 NumPy.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels_pallas
+
+ATOL = RTOL = 2e-5
+
+
+def numpy_mask(batch, q_len, kv_len, causal, segment_ids):
+  """bool [batch, q_len, kv_len]."""
+  q_pos = np.arange(q_len)[:, None]
+  k_pos = np.arange(kv_len)[None, :]
+  mask = np.broadcast_to((k_pos <= q_pos + kv_len - q_len) | (not causal), (batch, q_len, kv_len))
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  return mask
+
+
+def numpy_attention(q, k, v, mask, scale):
+  """float64 attention and its pullback. q: [b, lq, h, d]; k, v: [b, lk, kvh, d]; mask: [b, lq, lk]."""
+  group = q.shape[2] // k.shape[2]
+  k_heads, v_heads = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+  scores = np.einsum("bqhd,bkhd->bhqk", q, k_heads) * scale
+  scores = np.where(mask[:, None], scores, -np.inf)
+  row_max = scores.max(-1, keepdims=True)
+  weights = np.exp(scores - np.where(np.isfinite(row_max), row_max, 0.0))
+  row_sum = weights.sum(-1, keepdims=True)
+  probs = weights / np.where(row_sum == 0, 1.0, row_sum)
+  out = np.einsum("bhqk,bkhd->bqhd", probs, v_heads)
+
+  def pullback(d_out):
+    d_probs = np.einsum("bqhd,bkhd->bhqk", d_out, v_heads)
+    d_scores = probs * (d_probs - (probs * d_probs).sum(-1, keepdims=True))
+    dq = np.einsum("bhqk,bkhd->bqhd", d_scores, k_heads) * scale
+    dk = np.einsum("bhqk,bqhd->bkhd", d_scores, q) * scale
+    dv = np.einsum("bhqk,bqhd->bkhd", probs, d_out)
+    sum_group = lambda x: x.reshape(x.shape[:2] + (k.shape[2], group, x.shape[3])).sum(3)
+    return dq, sum_group(dk), sum_group(dv)
+
+  return out, pullback
+
+
+def documents(batch, seq_len, num_docs, rng):
+  """segment_ids [batch, seq_len]: num_docs documents 1..n of random lengths, then padding segment 0."""
+  rows = []
+  for _ in range(batch):
+    cuts = np.sort(rng.choice(np.arange(1, seq_len - 2), size=num_docs, replace=False))
+    row = np.zeros(seq_len, np.int32)
+    for doc, (start, end) in enumerate(zip(np.r_[0, cuts[:-1]], cuts)):
+      row[start:end] = doc + 1
+    rows.append(row)
+  return np.stack(rows)
+
+
+def random_inputs(rng, batch, q_len, kv_len, num_heads, num_kv_heads, head_dim):
+  normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  return (normal(batch, q_len, num_heads, head_dim), normal(batch, kv_len, num_kv_heads, head_dim),
+          normal(batch, kv_len, num_kv_heads, head_dim), normal(batch, q_len, num_heads, head_dim))
+
+
+CASES = [
+    # batch, q_len, kv_len, heads, kv_heads, head_dim, causal, num_docs, block_q, block_k
+    (1, 64, 64, 2, 2, 16, True, 0, None, None),
+    (2, 37, 37, 4, 2, 16, True, 0, 16, 16),
+    (1, 50, 50, 4, 1, 32, False, 0, 24, 16),
+    (2, 45, 45, 2, 1, 16, True, 2, 16, 24),
+    (1, 70, 70, 4, 4, 16, False, 3, 32, 40),
+    (2, 33, 33, 4, 1, 16, False, 2, 8, 16),
+    (1, 96, 96, 2, 1, 32, True, 3, 32, 32),
+    (1, 29, 53, 4, 2, 16, True, 0, 16, 16),   # fewer queries than keys: causal aligned to the end
+    (2, 41, 23, 2, 2, 16, True, 0, 16, 8),    # more queries than keys: leading queries see nothing
+    (1, 20, 61, 2, 1, 16, False, 0, None, 24),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_q{}_k{}_h{}_kv{}_d{}_c{}_docs{}_bq{}_bk{}".format(*c))
+def test_matches_numpy_outputs_and_gradients(case):
+  batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, causal, num_docs, block_q, block_k = case
+  rng = np.random.default_rng(abs(hash(case)) % 2**32)
+  q, k, v, d_out = random_inputs(rng, batch, q_len, kv_len, num_heads, num_kv_heads, head_dim)
+  segment_ids = documents(batch, q_len, num_docs, rng) if num_docs else None
+  scale = head_dim ** -0.5
+
+  def flash(q, k, v):
+    return kernels_pallas.flash_attention(
+        q, k, v, causal=causal, segment_ids=None if segment_ids is None else jnp.asarray(segment_ids),
+        block_q=block_q, block_k=block_k)
+
+  out, vjp = jax.vjp(flash, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+  grads = vjp(jnp.asarray(d_out))
+  mask = numpy_mask(batch, q_len, kv_len, causal, segment_ids)
+  want_out, pullback = numpy_attention(*(x.astype(np.float64) for x in (q, k, v)), mask, scale)
+  want_grads = pullback(d_out.astype(np.float64))
+
+  np.testing.assert_allclose(np.asarray(out), want_out, atol=ATOL, rtol=RTOL)
+  for name, got, want in zip("qkv", grads, want_grads):
+    np.testing.assert_allclose(np.asarray(got), want, atol=ATOL, rtol=RTOL, err_msg=f"d{name}")
+
+
+def test_query_that_sees_no_key_gives_zeros_not_nan():
+  rng = np.random.default_rng(0)
+  q, k, v, d_out = random_inputs(rng, 1, 24, 8, 2, 1, 16)   # causal with 24 queries over 8 keys
+  flash = lambda q, k, v: kernels_pallas.flash_attention(q, k, v, causal=True, block_q=8, block_k=8)
+  out, vjp = jax.vjp(flash, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+  grads = vjp(jnp.asarray(d_out))
+  assert all(np.isfinite(np.asarray(x)).all() for x in (out, *grads))
+  np.testing.assert_array_equal(np.asarray(out)[:, :16], 0.0)
+  np.testing.assert_array_equal(np.asarray(grads[0])[:, :16], 0.0)
+
+
+def test_padded_block_and_padding_segment_have_no_nan():
+  rng = np.random.default_rng(1)
+  q, k, v, d_out = random_inputs(rng, 1, 21, 21, 2, 2, 16)
+  segment_ids = jnp.asarray([[1] * 10 + [2] * 6 + [0] * 5], jnp.int32)
+  flash = lambda q, k, v: kernels_pallas.flash_attention(q, k, v, segment_ids=segment_ids, block_q=16)
+  out, vjp = jax.vjp(flash, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+  assert all(np.isfinite(np.asarray(x)).all() for x in (out, *vjp(jnp.asarray(d_out))))
+
+
+@pytest.mark.parametrize("causal, num_docs", [(True, 0), (False, 2), (True, 3)])
+def test_reference_attention_matches_numpy(causal, num_docs):
+  rng = np.random.default_rng(2)
+  q, k, v, _ = random_inputs(rng, 2, 30, 30, 4, 2, 16)
+  segment_ids = documents(2, 30, num_docs, rng) if num_docs else None
+  got = kernels_pallas.reference_attention(
+      q, k, v, causal=causal, segment_ids=None if segment_ids is None else jnp.asarray(segment_ids))
+  mask = numpy_mask(2, 30, 30, causal, segment_ids)
+  want, _ = numpy_attention(*(x.astype(np.float64) for x in (q, k, v)), mask, 16 ** -0.5)
+  np.testing.assert_allclose(np.asarray(got), want, atol=ATOL, rtol=RTOL)
+
+
+def test_bfloat16_inputs_close_to_reference():
+  rng = np.random.default_rng(3)
+  q, k, v, _ = (jnp.asarray(x, jnp.bfloat16) for x in random_inputs(rng, 1, 40, 40, 2, 1, 16))
+  got = kernels_pallas.flash_attention(q, k, v, block_q=16, block_k=16)
+  want = kernels_pallas.reference_attention(q, k, v)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=2e-2)
+
+
+def test_numpy_pullback_matches_finite_differences():
+  rng = np.random.default_rng(4)
+  q, k, v, d_out = (x.astype(np.float64) for x in random_inputs(rng, 1, 5, 5, 2, 1, 3))
+  mask = numpy_mask(1, 5, 5, True, np.array([[1, 1, 2, 2, 0]]))
+  loss = lambda q, k, v: (numpy_attention(q, k, v, mask, 0.7)[0] * d_out).sum()
+  grads = numpy_attention(q, k, v, mask, 0.7)[1](d_out)
+  eps = 1e-6
+  for arg, grad in enumerate(grads):
+    inputs = [q, k, v]
+    numeric = np.zeros_like(grad)
+    for index in np.ndindex(grad.shape):
+      plus, minus = [x.copy() for x in inputs], [x.copy() for x in inputs]
+      plus[arg][index] += eps
+      minus[arg][index] -= eps
+      numeric[index] = (loss(*plus) - loss(*minus)) / (2 * eps)
+    np.testing.assert_allclose(grad, numeric, atol=1e-6, rtol=1e-6)
+
+
+def test_bad_arguments_raise_one_sentence():
+  q = jnp.zeros((1, 16, 2, 16))
+  with pytest.raises(ValueError, match="multiple of 8"):
+    kernels_pallas.flash_attention(q, q, q, block_q=12)
+  with pytest.raises(ValueError, match="q_len == kv_len"):
+    kernels_pallas.flash_attention(q, q[:, :8], q[:, :8], segment_ids=jnp.zeros((1, 16), jnp.int32))
+  with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+    kernels_pallas.flash_attention(jnp.zeros((1, 16, 3, 16)), q, q)
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("platform, device_kind", [("tpu", "TPU v5 lite"), ("cuda", "NVIDIA H100 80GB HBM3")])
+def test_lowers_for_accelerators(platform, device_kind):
+  """Compiled (non-interpret) forward and backward lower to TPU Mosaic / Triton without the hardware.
+
+  Only lowering is checked: the backend compilers themselves need the device.
+  """
+  device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1,
+                                       platform="tpu" if platform == "tpu" else "gpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=device)
+  q = jax.ShapeDtypeStruct((1, 128, 4, 64), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
+  segment_ids = jax.ShapeDtypeStruct((1, 128), jnp.int32)
+
+  def loss(q, k, v, segment_ids):
+    out = kernels_pallas.flash_attention(q, k, v, segment_ids=segment_ids, block_k=64, interpret=False)
+    return out.astype(jnp.float32).sum()
+
+  unchecked = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  with jax.sharding.use_abstract_mesh(mesh):
+    exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[platform],
+                                 disabled_checks=unchecked)(q, kv, kv, segment_ids)
+  kernel_call = "tpu_custom_call" if platform == "tpu" else "xla.gpu.triton"
+  assert exported.mlir_module().count(kernel_call) == 3   # forward, dq, dk/dv
