@@ -11,14 +11,21 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels_pallas.flash_attention_kernels import (
-    KernelConfig, _first_visible_q_block, _masked, _matmul, _num_visible_k_blocks, _positions,
-    _query_head_spec, _scores, _segment_specs, _split_refs, _visible)
+    KernelConfig, mask_scores, matmul_f32, num_visible_k_blocks, query_head_spec, scaled_scores,
+    segment_specs, split_refs, tile_positions, visible_pairs)
+
+
+def first_visible_q_block(k_start, cfg: KernelConfig):
+  """Query blocks [n, end) hold every query that may see some key in [k_start, k_start + block_k)."""
+  if not cfg.causal:
+    return 0
+  return jax.lax.div(jnp.maximum(k_start - cfg.causal_offset, 0), cfg.block_q)
 
 
 def _dq_kernel(*refs, cfg: KernelConfig, has_segments: bool):
   """One (batch, head, q block). q_ref, do_ref: [block_q, d]; k_ref, v_ref: [kv_len_padded, d];
   lse_ref, delta_ref: [block_q, 1] -> dq_ref: [block_q, d]."""
-  inputs, q_seg_ref, kv_seg_ref, (dq_ref,) = _split_refs(refs, 6, has_segments)
+  inputs, q_seg_ref, kv_seg_ref, (dq_ref,) = split_refs(refs, 6, has_segments)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = inputs
   block_q, head_dim = q_ref.shape
   q_start = pl.program_id(2) * block_q
@@ -28,15 +35,15 @@ def _dq_kernel(*refs, cfg: KernelConfig, has_segments: bool):
   def step(j, dq):
     k_start = pl.multiple_of(j * cfg.block_k, cfg.block_k)
     keys = pl.ds(k_start, cfg.block_k)
-    q_pos, k_pos = _positions(q_start, k_start, (block_q, cfg.block_k))
+    q_pos, k_pos = tile_positions(q_start, k_start, (block_q, cfg.block_k))
     kv_seg = None if kv_seg_ref is None else kv_seg_ref[:, keys]
     k = k_ref[keys, :]
-    scores = _masked(_scores(q, k, cfg.sm_scale), _visible(q_pos, k_pos, q_seg, kv_seg, cfg))
+    scores = mask_scores(scaled_scores(q, k, cfg.sm_scale), visible_pairs(q_pos, k_pos, q_seg, kv_seg, cfg))
     probs = jnp.exp(scores - lse)
-    dprobs = _scores(do, v_ref[keys, :], 1.0)
-    return dq + _matmul(probs * (dprobs - delta), k)
+    dprobs = scaled_scores(do, v_ref[keys, :], 1.0)
+    return dq + matmul_f32(probs * (dprobs - delta), k)
 
-  num_k_blocks = _num_visible_k_blocks(q_start, cfg, k_ref.shape[0] // cfg.block_k)
+  num_k_blocks = num_visible_k_blocks(q_start, cfg, k_ref.shape[0] // cfg.block_k)
   dq = jax.lax.fori_loop(0, num_k_blocks, step, jnp.zeros((block_q, head_dim), jnp.float32))
   dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
 
@@ -47,27 +54,27 @@ def _dkdv_kernel(*refs, cfg: KernelConfig, has_segments: bool):
   q_ref, do_ref: [group, q_len_padded, d]; k_ref, v_ref: [block_k, d];
   lse_ref, delta_ref: [group, 1, q_len_padded] -> dk_ref, dv_ref: [block_k, d].
   """
-  inputs, q_seg_ref, kv_seg_ref, (dk_ref, dv_ref) = _split_refs(refs, 6, has_segments)
+  inputs, q_seg_ref, kv_seg_ref, (dk_ref, dv_ref) = split_refs(refs, 6, has_segments)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = inputs
   group, q_len_padded, _ = q_ref.shape
   block_k, head_dim = k_ref.shape
   k_start = pl.program_id(2) * block_k
   k, v = k_ref[...], v_ref[...]
   kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
-  first_q_block = _first_visible_q_block(k_start, cfg)
+  first_q_block = first_visible_q_block(k_start, cfg)
 
   def step(i, carry, g):
     dk, dv = carry
     q_start = pl.multiple_of(i * cfg.block_q, cfg.block_q)
     queries = pl.ds(q_start, cfg.block_q)
-    k_pos, q_pos = _positions(k_start, q_start, (block_k, cfg.block_q))
+    k_pos, q_pos = tile_positions(k_start, q_start, (block_k, cfg.block_q))
     q_seg = None if q_seg_ref is None else q_seg_ref[:, queries]
     q, do = q_ref[g, queries, :], do_ref[g, queries, :]
-    scores_t = _masked(_scores(k, q, cfg.sm_scale), _visible(q_pos, k_pos, q_seg, kv_seg, cfg))
+    scores_t = mask_scores(scaled_scores(k, q, cfg.sm_scale), visible_pairs(q_pos, k_pos, q_seg, kv_seg, cfg))
     probs_t = jnp.exp(scores_t - lse_ref[g, :, queries])
-    dprobs_t = _scores(v, do, 1.0)
+    dprobs_t = scaled_scores(v, do, 1.0)
     dscores_t = probs_t * (dprobs_t - delta_ref[g, :, queries])
-    return dk + _matmul(dscores_t, q), dv + _matmul(probs_t, do)
+    return dk + matmul_f32(dscores_t, q), dv + matmul_f32(probs_t, do)
 
   def head(g, carry):
     return jax.lax.fori_loop(first_q_block, q_len_padded // cfg.block_q,
@@ -84,11 +91,11 @@ def _dq(q, k, v, do, lse, delta, q_seg, kv_seg, cfg: KernelConfig):
   kv_len_padded = k.shape[2]
   has_segments = q_seg is not None
   kv_spec = pl.BlockSpec((None, None, kv_len_padded, head_dim), lambda b, h, i: (b, h // group, 0, 0))
-  q_spec = _query_head_spec(cfg.block_q, head_dim, group)
-  stat_spec = _query_head_spec(cfg.block_q, 1, group)
+  q_spec = query_head_spec(cfg.block_q, head_dim, group)
+  stat_spec = query_head_spec(cfg.block_q, 1, group)
   in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec]
   if has_segments:
-    in_specs += _segment_specs(cfg.block_q, kv_len_padded)
+    in_specs += segment_specs(cfg.block_q, kv_len_padded)
   kernel = pl.pallas_call(
       lambda *refs: _dq_kernel(*refs, cfg=cfg, has_segments=has_segments),
       grid=(batch, kv_heads * group, q_len_padded // cfg.block_q),

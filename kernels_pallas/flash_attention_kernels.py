@@ -11,8 +11,13 @@ Backend notes (only interpret mode is tested here; no accelerator was available)
   of one batch row resident in fast memory. That is the Triton-style kernel; on TPU Mosaic it bounds
   the sequence length by VMEM (roughly kv_len * head_dim * 2 arrays * 2 buffers * itemsize). Long
   contexts on TPU want a kv grid axis with scratch accumulators instead.
-- Triton needs power-of-two block shapes (and head_dim) of at least 16 for `dot`; TPU wants block_q,
-  block_k multiples of 8 (128 for full lane use in the [block_q, block_k] scores).
+- Triton needs power-of-two block shapes (and head_dim) of at least 16 for `dot`. TPU wants block_q and
+  block_k multiples of 128: the kernels slice segment ids and the dk/dv kernel's lse/delta rows along the
+  lane dimension at block offsets, which Mosaic handles best (or only) when 128-aligned.
+- On GPU, `pallas_call` without compiler params lowers through Pallas-Triton, which JAX 0.12 marks
+  deprecated in favour of Mosaic GPU; a Mosaic GPU port needs its own (warpgroup/wgmma) kernel.
+- Lowering of forward, dq and dk/dv to TPU Mosaic and Triton is checked offline in the tests (via
+  `jax.export` with an abstract device); the backend compilers themselves have not run.
 - Running max/sum are kept as [block_q, 1] float32 columns; TPU pads those to 128 lanes, which is a
   layout cost, not a correctness one.
 """
@@ -41,18 +46,18 @@ class KernelConfig:
     return self.kv_len - self.q_len
 
 
-def _scores(a, b, sm_scale):
+def scaled_scores(a, b, sm_scale):
   """a: [m, d], b: [n, d] -> a @ b.T * sm_scale in float32: [m, n]."""
   dims = (((1,), (1,)), ((), ()))
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32) * sm_scale
 
 
-def _matmul(a, b):
+def matmul_f32(a, b):
   """a: [m, n], b: [n, d] -> a @ b in float32 (a is cast to b's dtype first, as MXU/tensor cores want)."""
   return jnp.dot(a.astype(b.dtype), b, preferred_element_type=jnp.float32)
 
 
-def _visible(q_pos, k_pos, q_seg, kv_seg, cfg: KernelConfig):
+def visible_pairs(q_pos, k_pos, q_seg, kv_seg, cfg: KernelConfig):
   """Which (query, key) pairs may attend; positions are int32 arrays of one shape, segments broadcast.
 
   Returns a bool array of that shape, or None when nothing is masked.
@@ -71,18 +76,18 @@ def _visible(q_pos, k_pos, q_seg, kv_seg, cfg: KernelConfig):
   return visible
 
 
-def _positions(row_start, col_start, shape):
+def tile_positions(row_start, col_start, shape):
   """Absolute row and column indices of a [rows, cols] tile starting at (row_start, col_start)."""
   rows = row_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
   cols = col_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
   return rows, cols
 
 
-def _masked(scores, visible):
+def mask_scores(scores, visible):
   return scores if visible is None else jnp.where(visible, scores, -jnp.inf)
 
 
-def _num_visible_k_blocks(q_start, cfg: KernelConfig, num_k_blocks: int):
+def num_visible_k_blocks(q_start, cfg: KernelConfig, num_k_blocks: int):
   """Key blocks [0, n) hold every key some query in [q_start, q_start + block_q) may see."""
   if not cfg.causal:
     return num_k_blocks
@@ -91,14 +96,7 @@ def _num_visible_k_blocks(q_start, cfg: KernelConfig, num_k_blocks: int):
   return jnp.minimum(n, num_k_blocks)
 
 
-def _first_visible_q_block(k_start, cfg: KernelConfig):
-  """Query blocks [n, end) hold every query that may see some key in [k_start, k_start + block_k)."""
-  if not cfg.causal:
-    return 0
-  return jax.lax.div(jnp.maximum(k_start - cfg.causal_offset, 0), cfg.block_q)
-
-
-def _split_refs(refs, num_inputs, has_segments):
+def split_refs(refs, num_inputs, has_segments):
   """(inputs, q_seg_ref, kv_seg_ref, outputs); the segment refs are None without segment ids."""
   inputs, rest = refs[:num_inputs], refs[num_inputs:]
   if has_segments:
@@ -106,13 +104,12 @@ def _split_refs(refs, num_inputs, has_segments):
   return inputs, None, None, rest
 
 
-# ---------------------------------------------------------------------------------------------- forward
 def _forward_kernel(*refs, cfg: KernelConfig, has_segments: bool):
   """One (batch, head, q block): online softmax over the visible key blocks.
 
   q_ref: [block_q, d]; k_ref, v_ref: [kv_len_padded, d] -> o_ref: [block_q, d], lse_ref: [block_q, 1].
   """
-  (q_ref, k_ref, v_ref), q_seg_ref, kv_seg_ref, (o_ref, lse_ref) = _split_refs(refs, 3, has_segments)
+  (q_ref, k_ref, v_ref), q_seg_ref, kv_seg_ref, (o_ref, lse_ref) = split_refs(refs, 3, has_segments)
   block_q, head_dim = q_ref.shape
   q_start = pl.program_id(2) * block_q
   q = q_ref[...]
@@ -122,34 +119,34 @@ def _forward_kernel(*refs, cfg: KernelConfig, has_segments: bool):
     row_max, row_sum, acc = carry
     k_start = pl.multiple_of(j * cfg.block_k, cfg.block_k)
     keys = pl.ds(k_start, cfg.block_k)
-    q_pos, k_pos = _positions(q_start, k_start, (block_q, cfg.block_k))
+    q_pos, k_pos = tile_positions(q_start, k_start, (block_q, cfg.block_k))
     kv_seg = None if kv_seg_ref is None else kv_seg_ref[:, keys]
-    scores = _masked(_scores(q, k_ref[keys, :], cfg.sm_scale), _visible(q_pos, k_pos, q_seg, kv_seg, cfg))
+    scores = mask_scores(scaled_scores(q, k_ref[keys, :], cfg.sm_scale), visible_pairs(q_pos, k_pos, q_seg, kv_seg, cfg))
     new_max = jnp.maximum(row_max, scores.max(axis=1, keepdims=True))
     safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)   # all keys so far masked: keep exp() finite
     probs = jnp.exp(scores - safe_max)
     rescale = jnp.exp(row_max - safe_max)
     row_sum = rescale * row_sum + probs.sum(axis=1, keepdims=True)
-    acc = rescale * acc + _matmul(probs, v_ref[keys, :])
+    acc = rescale * acc + matmul_f32(probs, v_ref[keys, :])
     return new_max, row_sum, acc
 
   init = (jnp.full((block_q, 1), -jnp.inf, jnp.float32),
           jnp.zeros((block_q, 1), jnp.float32),
           jnp.zeros((block_q, head_dim), jnp.float32))
-  num_k_blocks = _num_visible_k_blocks(q_start, cfg, k_ref.shape[0] // cfg.block_k)
+  num_k_blocks = num_visible_k_blocks(q_start, cfg, k_ref.shape[0] // cfg.block_k)
   row_max, row_sum, acc = jax.lax.fori_loop(0, num_k_blocks, step, init)
   empty = row_sum == 0.0   # a query that sees no key: output 0, lse +inf so backward probs are 0
   o_ref[...] = (acc / jnp.where(empty, 1.0, row_sum)).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(empty, jnp.inf, row_max + jnp.log(jnp.where(empty, 1.0, row_sum)))
 
 
-def _query_head_spec(block_q, head_dim, group):
+def query_head_spec(block_q, head_dim, group):
   """Block of one query head's q block from [b, kv_heads, group, q_len, d] on grid (b, head, q block)."""
   return pl.BlockSpec((None, None, None, block_q, head_dim),
                       lambda b, h, i: (b, h // group, h % group, i, 0))
 
 
-def _segment_specs(block_q, kv_len_padded):
+def segment_specs(block_q, kv_len_padded):
   """q segment ids [b, q_len, 1] by q block and kv segment ids [b, 1, kv_len] whole, grid (b, head, q block)."""
   return [pl.BlockSpec((None, block_q, 1), lambda b, h, i: (b, i, 0)),
           pl.BlockSpec((None, 1, kv_len_padded), lambda b, h, i: (b, 0, 0))]
@@ -161,14 +158,14 @@ def forward(q, k, v, q_seg, kv_seg, cfg: KernelConfig):
   kv_len_padded = k.shape[2]
   has_segments = q_seg is not None
   kv_spec = pl.BlockSpec((None, None, kv_len_padded, head_dim), lambda b, h, i: (b, h // group, 0, 0))
-  in_specs = [_query_head_spec(cfg.block_q, head_dim, group), kv_spec, kv_spec]
+  in_specs = [query_head_spec(cfg.block_q, head_dim, group), kv_spec, kv_spec]
   if has_segments:
-    in_specs += _segment_specs(cfg.block_q, kv_len_padded)
+    in_specs += segment_specs(cfg.block_q, kv_len_padded)
   kernel = pl.pallas_call(
       lambda *refs: _forward_kernel(*refs, cfg=cfg, has_segments=has_segments),
       grid=(batch, kv_heads * group, q_len_padded // cfg.block_q),
       in_specs=in_specs,
-      out_specs=[_query_head_spec(cfg.block_q, head_dim, group), _query_head_spec(cfg.block_q, 1, group)],
+      out_specs=[query_head_spec(cfg.block_q, head_dim, group), query_head_spec(cfg.block_q, 1, group)],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(q.shape[:-1] + (1,), jnp.float32)],
       interpret=cfg.interpret,

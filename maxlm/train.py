@@ -27,7 +27,7 @@ from flax import nnx
 from maxlm import checkpoint, data, metrics, optim, sampling, sharding, tasks
 from maxlm import steps as train_steps
 from maxlm.default_corpus import ensure_default_corpus
-from maxlm.model import ModelConfig
+from maxlm.model import ModelConfig, training_flops_per_token
 from maxlm.config_checks import UserError, check_compatible, resolve_model_config
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -53,12 +53,16 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
           eval_every: int = 100, eval_batches: int = 16, log_every: int = 10,
           sample_prompt: str = "def ", sample_tokens: int = 48,
           sample_temperature: float = 0.0, max_bad_steps: int = 10,
-          keep_checkpoints: int = 3, keep_checkpoint_every: int | None = None) -> dict:
+          keep_checkpoints: int = 3, keep_checkpoint_every: int | None = None,
+          peak_flops_per_device: float | None = None,
+          profile_steps: tuple[int, int] | None = None) -> dict:
   """Trains (or resumes) a model in `workdir`; returns the final summary numbers.
 
   A step with a non-finite loss or gradient is skipped and counted; `max_bad_steps` in a row
   stop the run (the last good checkpoint stays). Checkpoints: the latest `keep_checkpoints`,
-  plus every step divisible by `keep_checkpoint_every` if set.
+  plus every step divisible by `keep_checkpoint_every` if set. `peak_flops_per_device` turns
+  on the `mfu` scalar; `profile_steps=(first, last)` writes a profiler trace of those steps
+  to WORKDIR/profile (open it with TensorBoard's profile plugin or Perfetto).
   """
   workdir = Path(workdir)
   data_dir = data_dir or ensure_default_corpus()
@@ -101,19 +105,28 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
   report = metrics.periodic_actions.ReportProgress(num_train_steps=steps, writer=writer,
                                                    every_steps=log_every, every_secs=None)
   tokens_per_step = global_batch_size * seq_len
+  flops_per_token = training_flops_per_token(config, seq_len)
+  peak_flops = peak_flops_per_device * jax.device_count() if peak_flops_per_device else None
   _log(f"params {sum(x.size for x in jax.tree.leaves(state.params)):,} | mesh {dict(mesh.shape)}"
        f" | {tokens_per_step:,} tokens/step | steps {first_step} -> {steps}")
   last_eval = None
   bad_in_a_row, skipped_total = 0, 0
   with jax.set_mesh(mesh), _sigterm_requests_stop() as preempted:
     for step in range(first_step + 1, steps + 1):
+      if profile_steps and step == profile_steps[0]:
+        jax.profiler.start_trace(str(workdir / "profile"))
       started = time.perf_counter()
       batch = _to_global(next(train_iter), batch_sharding)
       state, step_metrics = train_step(state, batch)
       loss = float(step_metrics["loss"])
+      tokens_per_s = tokens_per_step / (time.perf_counter() - started)
+      if profile_steps and step == profile_steps[1]:
+        jax.profiler.stop_trace()
       scalars = {"loss": loss, "learning_rate": float(schedule(step - 1)),
-                 "grad_norm": float(step_metrics["grad_norm"]),
-                 "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
+                 "grad_norm": float(step_metrics["grad_norm"]), "tokens_per_s": tokens_per_s,
+                 "model_flops_per_s": flops_per_token * tokens_per_s}
+      if peak_flops:
+        scalars["mfu"] = scalars["model_flops_per_s"] / peak_flops
       if int(step_metrics["skipped"]):
         bad_in_a_row, skipped_total = bad_in_a_row + 1, skipped_total + 1
         scalars["skipped_steps"] = skipped_total
@@ -129,9 +142,11 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
         with report.timed("eval"):
           last_eval = evaluate(state.params)
         scalars["eval_loss"] = last_eval
+        scalars["eval_perplexity"] = float(np.exp(last_eval))
       writer.write_scalars(step, scalars)
       report(step)
-      progress.update(step, {k: v for k, v in scalars.items() if k != "grad_norm"})
+      progress.update(step, {k: scalars[k] for k in ("loss", "learning_rate", "tokens_per_s",
+                                                     "eval_loss", "mfu") if k in scalars})
       if bad_in_a_row == 0:  # never checkpoint in the middle of a run of bad steps
         with report.timed("checkpoint"):
           save_started = time.perf_counter()

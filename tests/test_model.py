@@ -132,3 +132,12 @@ def test_config_sizes(name, expected_millions):
   params = nnx.state(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
   assert sum(x.size for x in jax.tree.leaves(params)) / 1e6 == pytest.approx(expected_millions,
                                                                              abs=0.01)
+
+
+def test_training_flops_per_token_by_hand():
+  from maxlm.model import training_flops_per_token
+  # 2 layers: attention 48*8*(2*6+2*2)=6144, mlp 3*48*80=11520, norms 96 -> 17760 per layer;
+  # matmul weights: 2*17760 (norm scales counted as a few extra) + final norm 48 + unembed 97*48.
+  matmul = 2 * 17760 + 48 + 97 * 48
+  attention = 6 * 2 * 6 * 8 * 24
+  assert training_flops_per_token(CONFIG, seq_len=24) == 6 * matmul + attention

@@ -172,3 +172,23 @@ def test_two_processes_train_in_lockstep_with_one_eight_device_process(data_dir,
   assert len(two) == len(one) == 4
   # Same global batches and mesh; only the collectives' summation order differs.
   np.testing.assert_allclose(two, one, rtol=1e-5)
+
+
+def test_a_save_cut_off_midway_is_never_restored(data_dir, tmp_path):
+  """What a kill during an async save leaves behind: Orbax's temporary directory, never
+  renamed to its step. The restart must resume from the last complete checkpoint."""
+  train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=4)
+  partial = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "garbage").write_bytes(b"\0" * 100)
+  summary = train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=6)
+  assert summary["step"] == 6
+  assert [r["step"] for r in _metrics(tmp_path)] == list(range(1, 7))
+
+
+def test_metrics_carry_perplexity_and_model_flops(data_dir, tmp_path):
+  gin.bind_parameter("train.peak_flops_per_device", 1e9)
+  train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=4)
+  rows = _metrics(tmp_path)
+  assert rows[3]["eval_perplexity"] == pytest.approx(np.exp(rows[3]["eval_loss"]), rel=1e-6)
+  assert rows[0]["mfu"] == pytest.approx(rows[0]["model_flops_per_s"] / (1e9 * 8), rel=1e-6)

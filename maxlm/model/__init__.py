@@ -1,6 +1,7 @@
 """The decoder-only transformer."""
 
 from maxlm.model.transformer import (KVCache, ModelConfig, Transformer, count_params,
-                                     init_kv_cache)
+                                     init_kv_cache, training_flops_per_token)
 
-__all__ = ["KVCache", "ModelConfig", "Transformer", "count_params", "init_kv_cache"]
+__all__ = ["KVCache", "ModelConfig", "Transformer", "count_params", "init_kv_cache",
+           "training_flops_per_token"]

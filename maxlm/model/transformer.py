@@ -178,3 +178,12 @@ def count_params(config: ModelConfig) -> int:
   per_layer = attention + mlp + 2 * c.embed_dim
   embeddings = c.vocab_size * c.embed_dim * (1 if c.tie_embeddings else 2)
   return c.num_layers * per_layer + embeddings + c.embed_dim
+
+
+def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+  """Model FLOPs of one training token (forward + backward): 6 per weight it multiplies
+  (the input embedding is a lookup), plus causal attention's scores and weighted sum."""
+  c = config
+  matmul_params = count_params(c) - c.vocab_size * c.embed_dim * (0 if c.tie_embeddings else 1)
+  attention = 6 * c.num_layers * c.num_heads * c.head_dim * seq_len  # 2 matmuls, half masked
+  return 6.0 * matmul_params + attention
