@@ -141,3 +141,33 @@ def test_training_flops_per_token_by_hand():
   matmul = 2 * 17760 + 48 + 97 * 48
   attention = 6 * 2 * 6 * 8 * 24
   assert training_flops_per_token(CONFIG, seq_len=24) == 6 * matmul + attention
+
+
+def test_pallas_attention_matches_xla_in_loss_and_gradients_sharded_too():
+  """The model with the flash kernel (interpret mode on CPU) against the XLA path, alone and
+  in a train step on a (data=2, fsdp=2, tensor=2) mesh, where it runs under shard_map."""
+  from maxlm import optim, sharding, steps, tasks
+  tokens, segment_ids, positions = _packed_example(np.random.default_rng(4), 8, 32)
+  batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+  results = {}
+  for implementation in ("xla", "pallas"):
+    config = ModelConfig(**{**CONFIG.__dict__, "attention": implementation})
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    grads = nnx.grad(lambda m: tasks.next_token_loss(m, batch)[0])(model)
+    mesh = sharding.make_mesh(2, 2, 2)
+    optimizer = optim.make_optimizer(optim.learning_rate_schedule(10, 1e-2, 1))
+    graphdef, abstract_state = steps.abstract_model(config)
+    shardings = steps.state_shardings(abstract_state, optimizer, mesh)
+    train_step = steps.make_train_step(graphdef, tasks.next_token_loss, optimizer, shardings,
+                                       sharding.batch_sharding(mesh))
+    with jax.set_mesh(mesh):
+      _, metrics = train_step(steps.init_train_state(config, optimizer, shardings), batch)
+    results[implementation] = (nnx.to_pure_dict(grads), float(metrics["loss"]))
+  np.testing.assert_allclose(results["pallas"][1], results["xla"][1], rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(results["pallas"][0]), jax.tree.leaves(results["xla"][0])):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_unknown_attention_is_refused():
+  with pytest.raises(ValueError, match="ModelConfig.attention='flash'"):
+    ModelConfig(attention="flash")

@@ -13,8 +13,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maxlm.model import layers
+from maxlm.model import attention, layers
 from maxlm.sharding import constrain
+
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
 
 
 @gin.configurable(module="maxlm")
@@ -33,8 +36,12 @@ class ModelConfig:
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   dtype: str = "float32"  # activation/compute dtype; parameters stay float32
+  attention: str = "xla"   # training attention: "xla", "pallas" (flash kernel) or "cudnn"
 
   def __post_init__(self):
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"ModelConfig.attention={self.attention!r}; choose one of "
+                       f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
                        f"ModelConfig.num_kv_heads={self.num_kv_heads}")
@@ -88,6 +95,9 @@ class Attention(nnx.Module):
     v = jnp.einsum("bse,ehd->bshd", x, self.v[...].astype(dtype))
     q = layers.rope(q, positions, self.config.rope_theta)
     k = layers.rope(k, positions, self.config.rope_theta)
+    if cache is None and self.config.attention != "xla":
+      out = attention.fused_attention(q, k, v, segment_ids, self.config.attention)
+      return jnp.einsum("bshd,hde->bse", out, self.o[...].astype(dtype)), None
     if cache is None:
       index = jnp.broadcast_to(jnp.arange(x.shape[1]), positions.shape)
       mask = layers.attention_mask(index, index[0], segment_ids, segment_ids)

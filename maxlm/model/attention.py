@@ -1,0 +1,55 @@
+"""Fused training attention: our Pallas flash kernel or cuDNN, run per shard under a mesh.
+
+A Pallas kernel is a per-device program, so under a mesh it runs inside `shard_map` over the
+batch and head axes; XLA's own attention (`layers.dot_product_attention`) needs no wrapper.
+"""
+
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+import kernels_pallas
+from maxlm.model import layers
+from maxlm.sharding import logical_to_spec
+
+
+def _pallas(q, k, v, segment_ids):
+  return kernels_pallas.flash_attention(q, k, v, causal=True, segment_ids=segment_ids)
+
+
+def _cudnn(q, k, v, segment_ids):
+  mask = None
+  if segment_ids is not None:
+    mask = layers.attention_mask(jnp.broadcast_to(jnp.arange(q.shape[1]), segment_ids.shape),
+                                 jnp.arange(k.shape[1]), segment_ids, segment_ids)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=segment_ids is None,
+                                      implementation="cudnn")
+
+
+_KERNELS = {"pallas": _pallas, "cudnn": _cudnn}
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
+                    implementation: str) -> jax.Array:
+  """Causal attention within segments. q: [batch, seq, heads, head_dim]; k, v: [batch, seq,
+  kv_heads, head_dim]; segment_ids: [batch, seq] or None. Returns q's shape."""
+  kernel = _KERNELS[implementation]
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return kernel(q, k, v, segment_ids)
+  mesh_shape = dict(mesh.shape)
+  batch_axes = logical_to_spec(("batch",), q.shape[:1], mesh_shape)[0]
+  # Heads split only where query and KV heads split alike, so each shard keeps whole groups.
+  q_heads = logical_to_spec(("heads",), q.shape[2:3], mesh_shape)[0]
+  kv_heads = logical_to_spec(("kv_heads",), k.shape[2:3], mesh_shape)[0]
+  head_axes = q_heads if q_heads == kv_heads else None
+  qkv_spec = PartitionSpec(batch_axes, None, head_axes, None)
+  if segment_ids is None:
+    per_shard = lambda q_, k_, v_: kernel(q_, k_, v_, None)  # noqa: E731
+    specs, args = (qkv_spec,) * 3, (q, k, v)
+  else:
+    per_shard = kernel
+    specs, args = (qkv_spec,) * 3 + (PartitionSpec(batch_axes, None),), (q, k, v, segment_ids)
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=qkv_spec,
+                       check_vma=False)(*args)
