@@ -2,7 +2,7 @@
 
   python -m maxlm.train                              # embedded default: stdlib corpus, tiny.gin
   python -m maxlm.train --gin_file=1b.gin --data_dir=DIR --workdir=DIR [--steps=N]
-                        [--gin_param='ModelConfig.num_layers=2' ...]
+                        [--checkpoint_every=N] [--gin_param='ModelConfig.num_layers=2' ...]
 
 Bare gin file names resolve under `configs/`. Rerunning the same command resumes from the
 latest checkpoint in WORKDIR.
@@ -40,6 +40,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Output of beam_pipelines.prepare_text; "
                                 "default: build the stdlib corpus into the cache.")
 _STEPS = flags.DEFINE_integer("steps", None, "Total training steps (overrides train.steps).")
+_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints "
+                                         "(overrides train.checkpoint_every).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a "
                                    "multi-process run without a cluster that JAX detects.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
@@ -92,10 +94,10 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
   state = _restore_or_init(checkpointer, workdir, config, meta, abstract_state, optimizer,
                            shardings, train_iter, seed, data_dir)
   first_step = int(state.step)
-  train_step = train_steps.make_train_step(graphdef, tasks.next_token_loss, optimizer, shardings,
-                                     batch_sharding)
+  train_step = train_steps.make_train_step(graphdef, tasks.next_token_loss, optimizer,
+                                           shardings, batch_sharding)
   eval_step = train_steps.make_eval_step(graphdef, tasks.next_token_loss, shardings.params,
-                                   batch_sharding)
+                                         batch_sharding)
   evaluate = lambda params: _evaluate(eval_step, params, data_dir, global_batch_size,  # noqa: E731
                                       eval_batches, batch_sharding)
   writer = metrics.create_writer(workdir, is_primary=jax.process_index() == 0)
@@ -130,12 +132,6 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
       if int(step_metrics["skipped"]):
         bad_in_a_row, skipped_total = bad_in_a_row + 1, skipped_total + 1
         scalars["skipped_steps"] = skipped_total
-        if bad_in_a_row >= max_bad_steps:
-          checkpointer.wait()
-          raise UserError(
-              f"{bad_in_a_row} steps in a row up to step {step} had a non-finite loss or "
-              f"gradient (loss {loss}); the last good checkpoint is kept in {workdir}. Lower "
-              "learning_rate_schedule.peak_learning_rate or check the data")
       else:
         bad_in_a_row = 0
       if step % eval_every == 0 or step == steps:
@@ -147,6 +143,13 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
       report(step)
       progress.update(step, {k: scalars[k] for k in ("loss", "learning_rate", "tokens_per_s",
                                                      "eval_loss", "mfu") if k in scalars})
+      if bad_in_a_row >= max_bad_steps:
+        checkpointer.wait()
+        writer.close()
+        raise UserError(
+            f"{bad_in_a_row} steps in a row up to step {step} had a non-finite loss or "
+            f"gradient (loss {loss}); the last good checkpoint is kept in {workdir}. Lower "
+            "learning_rate_schedule.peak_learning_rate or check the data")
       if bad_in_a_row == 0:  # never checkpoint in the middle of a run of bad steps
         with report.timed("checkpoint"):
           save_started = time.perf_counter()
@@ -217,16 +220,15 @@ def _to_global(local_batch: dict, batch_sharding) -> dict:
 
 
 def _evaluate(eval_step, params, data_dir, global_batch_size, max_batches, batch_sharding):
-  """Mean next-token loss over (up to `max_batches` of) the validation split."""
+  """Mean next-token loss over (up to `max_batches` of) the validation split; the loader pads
+  its last batch with empty sequences, which carry no target."""
   dataset = data.make_dataset(data_dir, "validation", global_batch_size=global_batch_size,
                               seed=0, shuffle=False, num_epochs=1)
-  local_size = global_batch_size // jax.process_count()
   nll, count = 0.0, 0.0
   for i, batch in enumerate(dataset):
     if i == max_batches:
       break
-    padded = {k: np.pad(v, [(0, local_size - len(v)), (0, 0)]) for k, v in batch.items()}
-    result = eval_step(params, _to_global(padded, batch_sharding))
+    result = eval_step(params, _to_global(batch, batch_sharding))
     nll += float(result["nll_sum"])
     count += float(result["target_tokens"])
   return nll / max(count, 1.0)
@@ -289,7 +291,8 @@ def main(argv):
     gin.parse_config_files_and_bindings(gin_files, _GIN_PARAM.value)
   except (ValueError, KeyError, SyntaxError) as error:
     raise UserError(f"gin configuration error: {error}") from None
-  overrides = {"workdir": _WORKDIR.value, "data_dir": _DATA_DIR.value, "steps": _STEPS.value}
+  overrides = {"workdir": _WORKDIR.value, "data_dir": _DATA_DIR.value, "steps": _STEPS.value,
+               "checkpoint_every": _CHECKPOINT_EVERY.value}
   overrides = {k: v for k, v in overrides.items() if v is not None}
   if "workdir" not in overrides and not _has_binding("train.workdir"):
     overrides["workdir"] = os.path.join("runs", Path(gin_files[0]).stem)

@@ -192,3 +192,45 @@ def test_metrics_carry_perplexity_and_model_flops(data_dir, tmp_path):
   rows = _metrics(tmp_path)
   assert rows[3]["eval_perplexity"] == pytest.approx(np.exp(rows[3]["eval_loss"]), rel=1e-6)
   assert rows[0]["mfu"] == pytest.approx(rows[0]["model_flops_per_s"] / (1e9 * 8), rel=1e-6)
+
+
+def test_retention_keeps_the_latest_and_every_kth(data_dir, tmp_path):
+  gin.bind_parameter("train.keep_checkpoints", 1)
+  gin.bind_parameter("train.keep_checkpoint_every", 4)
+  train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=10, checkpoint_every=2)
+  kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert kept == [4, 8, 10]
+
+
+def test_k_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(
+    data_dir, tmp_path, monkeypatch):
+  train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=2)
+
+  clean_loss = train_module.tasks.next_token_loss
+
+  def poisoned(model, batch):
+    loss, metrics = clean_loss(model, batch)
+    return loss * float("nan"), metrics
+
+  monkeypatch.setattr(train_module.tasks, "next_token_loss", poisoned)
+  gin.bind_parameter("train.max_bad_steps", 3)
+  with pytest.raises(UserError, match="3 steps in a row up to step 5 had a non-finite loss"):
+    train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=10)
+  kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert kept[-1] == 2
+  assert [r.get("skipped_steps") for r in _metrics(tmp_path)[2:]] == [1, 2, 3]  # steps 3-5
+
+
+def test_profile_steps_write_a_trace(data_dir, tmp_path):
+  gin.bind_parameter("train.profile_steps", (2, 3))
+  train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=4)
+  assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+
+
+def test_gin_typo_is_one_line_and_exit_code_2(data_dir, tmp_path):
+  process = _train_process(tmp_path, data_dir, "--gin_param=ModelConfig.num_layer=2")
+  output = process.communicate(timeout=120)[0]
+  assert process.returncode == 2, output
+  assert ("error: gin configuration error: Configurable 'ModelConfig' doesn't have a parameter "
+          "named 'num_layer'") in output
+  assert "Traceback" not in output
