@@ -157,6 +157,7 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
                                force=step == steps or preempted.is_set()):
             blocked_s = time.perf_counter() - save_started
             writer.write_scalars(step, {"checkpoint_blocked_s": blocked_s})
+            writer.flush()  # metrics.jsonl holds every step up to each checkpoint
       if preempted.is_set():
         break
     checkpointer.wait()

@@ -140,7 +140,8 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(data_dir, tmp_path):
 
 
 def test_sigkill_then_rerun_gives_the_uninterrupted_losses_bitwise(data_dir, tmp_path):
-  flags = ["--steps=9", "--gin_param=train.checkpoint_every=3", "--gin_param=train.eval_every=100"]
+  # A checkpoint every step: the kill lands right after a save, or in the middle of one.
+  flags = ["--steps=9", "--checkpoint_every=1", "--gin_param=train.eval_every=100"]
   uninterrupted = _train_process(tmp_path / "a", data_dir, *flags)
   assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stdout.read()
 
