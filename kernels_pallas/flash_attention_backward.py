@@ -12,7 +12,7 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas.flash_attention_kernels import (
     KernelConfig, mask_scores, matmul_f32, num_visible_k_blocks, query_head_spec, scaled_scores,
-    segment_specs, split_refs, tile_positions, visible_pairs)
+    segment_specs, split_refs, tile_positions, visible_pairs, whole_kv_spec)
 
 
 def first_visible_q_block(k_start, cfg: KernelConfig):
@@ -90,7 +90,7 @@ def _dq(q, k, v, do, lse, delta, q_seg, kv_seg, cfg: KernelConfig):
   batch, kv_heads, group, q_len_padded, head_dim = q.shape
   kv_len_padded = k.shape[2]
   has_segments = q_seg is not None
-  kv_spec = pl.BlockSpec((None, None, kv_len_padded, head_dim), lambda b, h, i: (b, h // group, 0, 0))
+  kv_spec = whole_kv_spec(kv_len_padded, head_dim, group)
   q_spec = query_head_spec(cfg.block_q, head_dim, group)
   stat_spec = query_head_spec(cfg.block_q, 1, group)
   in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec]

@@ -146,6 +146,11 @@ def query_head_spec(block_q, head_dim, group):
                       lambda b, h, i: (b, h // group, h % group, i, 0))
 
 
+def whole_kv_spec(kv_len_padded, head_dim, group):
+  """All of one KV head's keys (or values) [b, kv_heads, kv_len, d] on grid (b, query head, q block)."""
+  return pl.BlockSpec((None, None, kv_len_padded, head_dim), lambda b, h, i: (b, h // group, 0, 0))
+
+
 def segment_specs(block_q, kv_len_padded):
   """q segment ids [b, q_len, 1] by q block and kv segment ids [b, 1, kv_len] whole, grid (b, head, q block)."""
   return [pl.BlockSpec((None, block_q, 1), lambda b, h, i: (b, i, 0)),
@@ -157,7 +162,7 @@ def forward(q, k, v, q_seg, kv_seg, cfg: KernelConfig):
   batch, kv_heads, group, q_len_padded, head_dim = q.shape
   kv_len_padded = k.shape[2]
   has_segments = q_seg is not None
-  kv_spec = pl.BlockSpec((None, None, kv_len_padded, head_dim), lambda b, h, i: (b, h // group, 0, 0))
+  kv_spec = whole_kv_spec(kv_len_padded, head_dim, group)
   in_specs = [query_head_spec(cfg.block_q, head_dim, group), kv_spec, kv_spec]
   if has_segments:
     in_specs += segment_specs(cfg.block_q, kv_len_padded)
