@@ -93,7 +93,8 @@ def restore_params(checkpoint_dir: str | os.PathLike, abstract_params, step: int
   """Only the parameters of a training checkpoint, laid out as `abstract_params` says
   (ShapeDtypeStructs with shardings: any mesh, one device included)."""
   checkpoints, _ = run_paths(checkpoint_dir)
-  step, _ = read_meta(checkpoint_dir, step)
+  if step is None:
+    step, _ = read_meta(checkpoint_dir)
   handler = ocp.PyTreeCheckpointer()
   target = {"params": abstract_params}
   restore_args = jax.tree.map(

@@ -22,7 +22,6 @@ import gin
 import jax
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 
 from maxlm import checkpoint, data, metrics, optim, sampling, sharding, tasks
 from maxlm import steps as train_steps
