@@ -171,3 +171,29 @@ def test_pallas_attention_matches_xla_in_loss_and_gradients_sharded_too():
 def test_unknown_attention_is_refused():
   with pytest.raises(ValueError, match="ModelConfig.attention='flash'"):
     ModelConfig(attention="flash")
+
+
+def _loss_and_grads(config, batch):
+  from maxlm import tasks
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  loss, grads = nnx.value_and_grad(lambda m: tasks.next_token_loss(m, batch)[0])(model)
+  return loss, nnx.to_pure_dict(grads)
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_remat_gives_the_same_gradients_as_none(remat):
+  tokens, segment_ids, positions = _packed_example(np.random.default_rng(5), 2, 24)
+  batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+  base_loss, base_grads = jax.jit(lambda b: _loss_and_grads(CONFIG, b))(batch)
+  config = ModelConfig(**{**CONFIG.__dict__, "remat": remat})
+  loss, grads = jax.jit(lambda b: _loss_and_grads(config, b))(batch)
+  jaxpr = str(jax.make_jaxpr(lambda b: _loss_and_grads(config, b))(batch))
+  assert jaxpr.count(" remat2[") == CONFIG.num_layers  # jax.checkpoint, once per layer
+  np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_unknown_remat_is_refused():
+  with pytest.raises(ValueError, match="ModelConfig.remat='some'"):
+    ModelConfig(remat="some")

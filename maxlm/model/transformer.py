@@ -18,6 +18,13 @@ from maxlm.sharding import constrain
 
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
+# What a decoder layer keeps from its forward pass for the backward pass; the rest is recomputed.
+REMAT_POLICIES = {
+    "none": None,                                       # keep everything (no rematerialization)
+    "full": jax.checkpoint_policies.nothing_saveable,   # keep only the layer's input
+    # keep the weight matmuls' outputs; recompute attention scores (too big: [heads, seq, seq])
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @gin.configurable(module="maxlm")
@@ -37,11 +44,15 @@ class ModelConfig:
   tie_embeddings: bool = False
   dtype: str = "float32"  # activation/compute dtype; parameters stay float32
   attention: str = "xla"   # training attention: "xla", "pallas" (flash kernel) or "cudnn"
+  remat: str = "none"      # per-layer rematerialization: "none", "full" or "save_dots"
 
   def __post_init__(self):
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"ModelConfig.attention={self.attention!r}; choose one of "
                        f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat={self.remat!r}; choose one of "
+                       f"{', '.join(REMAT_POLICIES)}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
                        f"ModelConfig.num_kv_heads={self.num_kv_heads}")
@@ -167,10 +178,15 @@ class Transformer(nnx.Module):
     dtype = jnp.dtype(self.config.dtype)
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
     x = constrain(x, ("batch", "length", "act_embed"))
-    new_cache = [] if cache is not None else None
-    for i, block in enumerate(self.blocks):
-      x, layer_cache = block(x, positions, segment_ids, None if cache is None else cache[i])
-      if cache is not None:
+    if cache is None:
+      run_block = _rematerialized(self.config.remat)
+      for block in self.blocks:
+        x = run_block(block, x, positions, segment_ids)
+      new_cache = None
+    else:
+      new_cache = []
+      for block, layer_cache in zip(self.blocks, cache):
+        x, layer_cache = block(x, positions, segment_ids, layer_cache)
         new_cache.append(layer_cache)
     x = self.final_norm(x)
     if self.config.tie_embeddings:
@@ -178,6 +194,17 @@ class Transformer(nnx.Module):
     else:
       logits = x @ self.unembedding[...].astype(dtype)
     return logits.astype(jnp.float32), new_cache
+
+
+def _run_block(block: Block, x, positions, segment_ids):
+  return block(x, positions, segment_ids, None)[0]
+
+
+def _rematerialized(remat: str):
+  """`run_block(block, x, positions, segment_ids) -> x` under the named remat policy."""
+  if remat == "none":
+    return _run_block
+  return nnx.remat(_run_block, policy=REMAT_POLICIES[remat], prevent_cse=True)
 
 
 def count_params(config: ModelConfig) -> int:
