@@ -1,13 +1,18 @@
 """Next-token sampling and KV-cached generation, shared by the trainer's sample and serving.
 
-Generation never recomputes the prefix: one jitted prefill per prompt-length bucket writes the
-prompt into a fixed-length cache, then one jitted decode step feeds one token at a time.
-The prompt is padded up to a power-of-two bucket so a handful of compilations cover every
-length. The padding is harmless: pad tokens land in cache slots P..bucket-1, which no real
-token attends to (a query at position p sees slots <= p), and the decode step at position p
-overwrites slot p before any query can see it.
+Generation has JetStream's shape. A `DecodeState` holds a fixed number of decode slots over
+one preallocated KV cache [slots, cache_len, ...]. `prefill` runs one prompt, padded to a
+power-of-two bucket so a handful of compilations cover every length, and returns its cache
+rows and first token; `insert` copies them into a free slot; `generate_step` advances every slot
+by one token at once. Each slot has its own position, sampling settings and random key.
+
+The padding is harmless: pad tokens land in cache slots P..bucket-1, which no real token
+attends to (a query at position p sees slots <= p), and the decode step at position p
+overwrites slot p before any query can see it. The same holds for what a slot's previous
+occupant left behind.
 """
 
+import dataclasses
 import functools
 from collections.abc import Iterator
 
@@ -16,18 +21,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from maxlm.model import ModelConfig, init_kv_cache
+from maxlm import quantization
+from maxlm.model import KVCache, ModelConfig, init_kv_cache
 
 MIN_PREFILL_BUCKET = 16
 PAD_ID = 0
+TOP_LOGPROBS = 20  # alternatives reported per generated token (OpenAI's maximum for chat)
 
+
+# --- sampling ----------------------------------------------------------------------------------
 
 def nucleus_mask(logits: jax.Array, top_p: jax.Array | float) -> jax.Array:
   """The smallest set of most likely tokens whose probability reaches `top_p`.
 
-  logits: [batch, vocab]; returns bool [batch, vocab]. The most likely token is always kept,
-  and `top_p >= 1` keeps everything (rounding in the cumulative sum never drops a tail token).
+  logits: [batch, vocab]; top_p: scalar or [batch]. Returns bool [batch, vocab]. The most
+  likely token is always kept, and `top_p >= 1` keeps everything (rounding in the cumulative
+  sum never drops a tail token).
   """
+  top_p = jnp.asarray(top_p)[..., None] if jnp.ndim(top_p) else top_p
   order = jnp.argsort(-logits, axis=-1)
   sorted_probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
   probability_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
@@ -36,25 +47,63 @@ def nucleus_mask(logits: jax.Array, top_p: jax.Array | float) -> jax.Array:
   return jnp.take_along_axis(keep_sorted, rank, axis=-1) | (top_p >= 1.0)
 
 
+def top_k_mask(logits: jax.Array, top_k: jax.Array | int) -> jax.Array:
+  """The `top_k` most likely tokens (ties with the k-th all kept); `top_k <= 0` keeps all.
+
+  logits: [batch, vocab]; top_k: scalar or [batch]. Returns bool [batch, vocab].
+  """
+  top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), logits.shape[:1])
+  descending = -jnp.sort(-logits, axis=-1)
+  kth = jnp.take_along_axis(descending, jnp.clip(top_k - 1, 0, logits.shape[-1] - 1)[:, None],
+                            axis=-1)
+  return (logits >= kth) | (top_k <= 0)[:, None]
+
+
 def sample_next(logits: jax.Array, key: jax.Array, temperature: jax.Array | float,
-                top_p: jax.Array | float) -> jax.Array:
+                top_p: jax.Array | float, top_k: jax.Array | int = 0) -> jax.Array:
   """logits: [batch, vocab] -> token ids int32 [batch].
 
   temperature 0 is greedy (argmax); otherwise logits are divided by the temperature and
-  sampled from the `top_p` nucleus. Both may be traced scalars, so one compilation serves
-  every request's settings.
+  sampled from the tokens that survive both `top_k` and the `top_p` nucleus. The settings are
+  scalars or one per row, and may be traced, so one compilation serves every request. `key` is
+  one key for the whole batch or one per row.
   """
-  greedy = jnp.argmax(logits, axis=-1)
-  scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
-  nucleus_logits = jnp.where(nucleus_mask(scaled, top_p), scaled, -jnp.inf)
-  sampled = jax.random.categorical(key, nucleus_logits, axis=-1)
-  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+  temperature = jnp.asarray(temperature, jnp.float32)
+  row_temperature = temperature[:, None] if temperature.ndim else temperature
+  scaled = logits / jnp.where(row_temperature > 0, row_temperature, 1.0)
+  kept = nucleus_mask(scaled, top_p) & top_k_mask(scaled, top_k)
+  filtered = jnp.where(kept, scaled, -jnp.inf)
+  if key.ndim:
+    sampled = jax.vmap(jax.random.categorical)(key, filtered)
+  else:
+    sampled = jax.random.categorical(key, filtered, axis=-1)
+  return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
 def seed_key(seed: int) -> jax.Array:
   """A key from any int seed; `jax.random.key` alone keeps only 32 bits when x64 is off."""
   return jax.random.fold_in(jax.random.key(seed & 0xFFFFFFFF), (seed >> 32) & 0xFFFFFFFF)
 
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TokenChoice:
+  """What one step picked for each row, with the model's (untempered) log-probabilities."""
+  token: jax.Array           # int32 [rows]
+  logprob: jax.Array         # float32 [rows]: log p(token) under the model
+  top_tokens: jax.Array      # int32 [rows, TOP_LOGPROBS], most likely first
+  top_logprobs: jax.Array    # float32 [rows, TOP_LOGPROBS]
+
+
+def choose(logits, keys, temperature, top_p, top_k) -> TokenChoice:
+  token = sample_next(logits, keys, temperature, top_p, top_k)
+  logprobs = jax.nn.log_softmax(logits, axis=-1)
+  top_logprobs, top_tokens = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logits.shape[-1]))
+  return TokenChoice(token, jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0],
+                     top_tokens.astype(jnp.int32), top_logprobs)
+
+
+# --- shapes ------------------------------------------------------------------------------------
 
 def context_length(config: ModelConfig, max_len: int | None = None) -> int:
   """Cache length: the model's context, optionally capped to save memory."""
@@ -86,59 +135,124 @@ def check_prompt(prompt_ids: list[int], max_new_tokens: int, cache_len: int, voc
                      f"the {cache_len}-token context; shorten the prompt or lower max_new_tokens")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
-def _prefill(graphdef, params, padded_prompt, prompt_len, key, temperature, top_p, *,
-             cache_len):
-  """padded_prompt: [1, bucket] -> (first new token [1], cache holding the prompt)."""
-  model = nnx.merge(graphdef, params)
-  cache = init_kv_cache(model.config, padded_prompt.shape[0], cache_len)
-  positions = jnp.broadcast_to(jnp.arange(padded_prompt.shape[1]), padded_prompt.shape)
+def padded_prompt(prompt_ids: list[int], cache_len: int) -> np.ndarray:
+  """[1, bucket] int32: the prompt followed by PAD_ID."""
+  padded = np.full((1, prefill_bucket(len(prompt_ids), cache_len)), PAD_ID, np.int32)
+  padded[0, :len(prompt_ids)] = prompt_ids
+  return padded
+
+
+# --- prefill / insert / generate ---------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+  """Every decode slot: the cache and, per slot, the token to feed next and how to sample."""
+  cache: KVCache          # per layer {"k", "v"}: [slots, cache_len, kv_heads, head_dim]
+  tokens: jax.Array       # int32 [slots]: the last token chosen, fed by the next step
+  positions: jax.Array    # int32 [slots]: the position of `tokens`
+  keys: jax.Array         # [slots] random keys, one per request
+  temperature: jax.Array  # float32 [slots]
+  top_p: jax.Array        # float32 [slots]
+  top_k: jax.Array        # int32 [slots]
+
+
+def init_decode_state(config: ModelConfig, slots: int, cache_len: int) -> DecodeState:
+  return DecodeState(
+      cache=init_kv_cache(config, slots, cache_len), tokens=jnp.zeros((slots,), jnp.int32),
+      positions=jnp.zeros((slots,), jnp.int32),
+      keys=jax.random.split(jax.random.key(0), slots),
+      temperature=jnp.zeros((slots,), jnp.float32), top_p=jnp.ones((slots,), jnp.float32),
+      top_k=jnp.zeros((slots,), jnp.int32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Prefix:
+  """One prefilled prompt, ready to `insert`: its cache rows and its first new token."""
+  cache: KVCache          # per layer {"k", "v"}: [1, bucket, kv_heads, head_dim]
+  choice: TokenChoice     # rows = 1
+  position: jax.Array     # int32 scalar: the position of the first new token
+  key: jax.Array          # the request's key (a scalar key array)
+  temperature: jax.Array
+  top_p: jax.Array
+  top_k: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def prefill(graphdef, params, padded_prompt, prompt_len, key, temperature, top_p,
+            top_k) -> Prefix:
+  """padded_prompt: [1, bucket] -> its Prefix; one compilation per bucket."""
+  model = nnx.merge(graphdef, quantization.dequantize(params))
+  cache = init_kv_cache(model.config, 1, padded_prompt.shape[1])
+  positions = jnp.arange(padded_prompt.shape[1])[None]
   logits, cache = model(padded_prompt, positions, cache=cache)
   last_logits = jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False)
-  key = jax.random.fold_in(key, prompt_len - 1)
-  return sample_next(last_logits, key, temperature, top_p), cache
+  choice = choose(last_logits, jax.random.fold_in(key, prompt_len - 1), temperature, top_p,
+                  top_k)
+  return Prefix(cache, choice, jnp.asarray(prompt_len, jnp.int32), key,
+                *(jnp.asarray(x, dtype) for x, dtype in ((temperature, jnp.float32),
+                                                         (top_p, jnp.float32),
+                                                         (top_k, jnp.int32))))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _decode_step(graphdef, params, cache, token, position, key, temperature, top_p):
-  """token: [batch] at `position` -> (the token after it [batch], cache with it written)."""
-  model = nnx.merge(graphdef, params)
-  positions = jnp.full((token.shape[0], 1), position, jnp.int32)
-  logits, cache = model(token[:, None], positions, cache=cache)
-  key = jax.random.fold_in(key, position)
-  return sample_next(logits[:, 0], key, temperature, top_p), cache
+@functools.partial(jax.jit, donate_argnames=("state",))
+def insert(prefix: Prefix, state: DecodeState, slot) -> DecodeState:
+  """Puts a prefilled prompt into decode slot `slot` (one compilation per bucket)."""
+  def put(cache_array, rows):
+    return jax.lax.dynamic_update_slice(cache_array, rows.astype(cache_array.dtype),
+                                        (slot,) + (0,) * (cache_array.ndim - 1))
+  return DecodeState(
+      cache=jax.tree.map(put, state.cache, prefix.cache),
+      tokens=state.tokens.at[slot].set(prefix.choice.token[0]),
+      positions=state.positions.at[slot].set(prefix.position),
+      keys=state.keys.at[slot].set(prefix.key),
+      temperature=state.temperature.at[slot].set(prefix.temperature),
+      top_p=state.top_p.at[slot].set(prefix.top_p),
+      top_k=state.top_k.at[slot].set(prefix.top_k))
 
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+def generate_step(graphdef, params, state: DecodeState) -> tuple[DecodeState, TokenChoice]:
+  """Advances every slot by one token. A free slot computes garbage that nothing reads."""
+  model = nnx.merge(graphdef, quantization.dequantize(params))
+  cache_len = state.cache[0]["k"].shape[1]
+  positions = jnp.minimum(state.positions, cache_len - 1)
+  logits, cache = model(state.tokens[:, None], positions[:, None], cache=state.cache)
+  keys = jax.vmap(jax.random.fold_in)(state.keys, positions)
+  choice = choose(logits[:, 0], keys, state.temperature, state.top_p, state.top_k)
+  return dataclasses.replace(state, cache=cache, tokens=choice.token,
+                             positions=positions + 1), choice
+
+
+# --- one prompt at a time (the trainer's sample) -----------------------------------------------
 
 def stream_tokens(graphdef, params, prompt_ids: list[int], *, config: ModelConfig,
                   max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                  seed: int = 0, eos_id: int | None = None,
+                  top_k: int = 0, seed: int = 0, eos_id: int | None = None,
                   max_len: int | None = None) -> Iterator[int]:
   """Yields new token ids one at a time, ending after `eos_id` or `max_new_tokens`."""
   cache_len = context_length(config, max_len)
   check_prompt(prompt_ids, max_new_tokens, cache_len, config.vocab_size)
   if max_new_tokens <= 0:
     return
-  prompt_len = len(prompt_ids)
-  padded_prompt = np.full((1, prefill_bucket(prompt_len, cache_len)), PAD_ID, np.int32)
-  padded_prompt[0, :prompt_len] = prompt_ids
-  key = seed_key(seed)
-  temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
-  token, cache = _prefill(graphdef, params, padded_prompt, prompt_len, key, temperature, top_p,
-                          cache_len=cache_len)
+  prefix = prefill(graphdef, params, padded_prompt(prompt_ids, cache_len), len(prompt_ids),
+                   seed_key(seed), temperature, top_p, top_k)
+  state = insert(prefix, init_decode_state(config, 1, cache_len), 0)
+  token_id = int(prefix.choice.token[0])
   for step in range(max_new_tokens):
-    token_id = int(token[0])
     yield token_id
     if token_id == eos_id or step == max_new_tokens - 1:
       return
-    token, cache = _decode_step(graphdef, params, cache, token, prompt_len + step, key,
-                                temperature, top_p)
+    state, choice = generate_step(graphdef, params, state)
+    token_id = int(choice.token[0])
 
 
 def generate(graphdef, params, prompt_ids: list[int], *, max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             eos_id: int | None = None, config: ModelConfig,
-             max_len: int | None = None) -> list[int]:
+                    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                    seed: int = 0, eos_id: int | None = None, config: ModelConfig,
+                    max_len: int | None = None) -> list[int]:
   """The new tokens only (the eos that ended them included)."""
   return list(stream_tokens(graphdef, params, prompt_ids, config=config,
                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                            seed=seed, eos_id=eos_id, max_len=max_len))
+                            top_k=top_k, seed=seed, eos_id=eos_id, max_len=max_len))

@@ -1,5 +1,7 @@
-"""Serving: a checkpoint behind an engine (text in, text out) and an OpenAI-compatible server."""
+"""Serving: a JetStream-style engine, continuous batching, an OpenAI-compatible REST server."""
 
-from serving.engine import Completion, ContextLengthError, Delta, Engine
+from serving.engine import ContextLengthError, Engine, SamplingSettings
+from serving.orchestrator import Delta, Orchestrator, QueueFull, Request, Unavailable
 
-__all__ = ["Completion", "ContextLengthError", "Delta", "Engine"]
+__all__ = ["ContextLengthError", "Delta", "Engine", "Orchestrator", "QueueFull", "Request",
+           "SamplingSettings", "Unavailable"]

@@ -1,27 +1,28 @@
-"""The serving engine: a trained checkpoint on one device, text in, text out.
+"""The serving engine: a trained checkpoint on one device, in JetStream's shape.
 
-`stream` runs the KV-cached generation of `maxlm.sampling` token by token, with the text each
-token makes stable; `complete` collects it. `greedy_decode_without_cache` recomputes the whole
-sequence every step and exists as the independent reference for it.
+`prefill` runs one prompt (padded to a length bucket), `insert` puts it into one of `slots`
+decode slots, and `generate` advances every slot by one token over the preallocated KV
+cache; `maxlm.sampling` holds the jitted functions. `serving.orchestrator` drives these for
+many requests at once. `greedy_decode_without_cache` recomputes the whole sequence every step
+and exists as the independent reference for all of it.
 """
 
 import dataclasses
 import functools
 import hashlib
 import os
-import secrets
-from collections.abc import Iterator
+import re
 from pathlib import Path
-from typing import Literal
 
 import jax
 import numpy as np
 import sentencepiece as spm
 from flax import nnx
 
-from maxlm import checkpoint, sampling, sharding, steps
+from maxlm import checkpoint, quantization, sampling, sharding, steps
 from maxlm.model import ModelConfig
-from serving.detokenize import TextStream
+
+BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
 
 
 class ContextLengthError(ValueError):
@@ -29,19 +30,25 @@ class ContextLengthError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Completion:
-  text: str
-  token_ids: list[int]  # the generated tokens, the eos that ended them included
-  prompt_tokens: int
-  finish_reason: Literal["stop", "length"]
+class SamplingSettings:
+  temperature: float = 1.0  # 0 is greedy
+  top_p: float = 1.0
+  top_k: int = 0            # 0 keeps every token
+  seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
-class Delta:
-  """One generated token and the text it made stable (often "", e.g. mid-character)."""
-  text: str
-  token_id: int
-  finish_reason: Literal["stop", "length"] | None  # set on the last delta only
+class Step:
+  """What `generate` (or a prefill) chose for each slot, on the host."""
+  tokens: np.ndarray        # int32 [slots]
+  logprobs: np.ndarray      # float32 [slots]
+  top_tokens: np.ndarray    # int32 [slots, sampling.TOP_LOGPROBS]
+  top_logprobs: np.ndarray  # float32 [slots, sampling.TOP_LOGPROBS]
+
+  @classmethod
+  def from_choice(cls, choice: sampling.TokenChoice) -> "Step":
+    return cls(*(np.asarray(x) for x in (choice.token, choice.logprob, choice.top_tokens,
+                                         choice.top_logprobs)))
 
 
 def load_tokenizer(path: Path, expected_sha256: str | None) -> spm.SentencePieceProcessor:
@@ -58,7 +65,7 @@ def load_tokenizer(path: Path, expected_sha256: str | None) -> spm.SentencePiece
 
 
 def one_device_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, step: int):
-  """(graphdef, params) of a checkpoint, restored whole onto the first local device."""
+  """(graphdef, params) of a checkpoint written on any mesh, restored onto one device."""
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   graphdef, abstract_state = steps.abstract_model(config)
   abstract_params = jax.tree.map(
@@ -67,23 +74,43 @@ def one_device_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, st
   return graphdef, checkpoint.restore_params(checkpoint_dir, abstract_params, step)
 
 
+def piece_bytes(tokenizer: spm.SentencePieceProcessor, token_id: int) -> bytes:
+  """The bytes one piece stands for: a byte-fallback piece is its raw byte, a control none."""
+  piece = tokenizer.id_to_piece(token_id)
+  if byte := BYTE_PIECE.fullmatch(piece):
+    return bytes([int(byte.group(1), 16)])
+  if tokenizer.is_control(token_id):
+    return b""
+  return piece.replace("\u2581", " ").encode()
+
+
 class Engine:
-  """One model and its tokenizer; not thread-safe for concurrent calls (callers serialize)."""
+  """One model, its tokenizer and a fixed number of decode slots.
+
+  Not thread-safe: one thread (the orchestrator's) drives prefill/insert/generate.
+  """
 
   def __init__(self, graphdef, params, config: ModelConfig,
                tokenizer: spm.SentencePieceProcessor, *, model_name: str,
-               max_len: int | None = None):
+               max_len: int | None = None, slots: int = 8, quantize: str | None = None):
     if tokenizer.vocab_size() > config.vocab_size:
       raise ValueError(f"the tokenizer has {tokenizer.vocab_size()} pieces but the model only "
                        f"{config.vocab_size}; serve the checkpoint with its own tokenizer.model")
-    self.graphdef, self.params, self.config = graphdef, params, config
+    if slots < 1:
+      raise ValueError(f"slots={slots}; serve with at least one decode slot")
+    self.graphdef, self.config = graphdef, config
+    self.params = quantization.quantize_params(params, quantize)
+    self.quantize = quantize or "none"
     self.tokenizer = tokenizer
     self.model_name = model_name
+    self.slots = slots
     self.context_length = sampling.context_length(config, max_len)
+    self._token_bytes = [piece_bytes(tokenizer, i) for i in range(tokenizer.vocab_size())]
 
   @classmethod
   def from_checkpoint(cls, checkpoint_dir: str | os.PathLike, *, model_name: str | None = None,
-                      max_len: int | None = None) -> "Engine":
+                      max_len: int | None = None, slots: int = 8,
+                      quantize: str | None = None) -> "Engine":
     """The latest checkpoint of a run dir (or of its checkpoints/ dir)."""
     checkpoints, tokenizer_file = checkpoint.run_paths(checkpoint_dir)
     step, meta = checkpoint.read_meta(checkpoint_dir)
@@ -91,16 +118,41 @@ class Engine:
     tokenizer = load_tokenizer(tokenizer_file, meta.get("tokenizer_sha256"))
     graphdef, params = one_device_params(checkpoint_dir, config, step)
     return cls(graphdef, params, config, tokenizer,
-               model_name=model_name or checkpoints.parent.name, max_len=max_len)
+               model_name=model_name or checkpoints.parent.name, max_len=max_len, slots=slots,
+               quantize=quantize)
+
+  # --- JetStream's three calls -----------------------------------------------------------------
+
+  def init_decode_state(self) -> sampling.DecodeState:
+    return sampling.init_decode_state(self.config, self.slots, self.context_length)
+
+  def prefill(self, prompt_ids: list[int], settings: SamplingSettings
+              ) -> tuple[sampling.Prefix, Step]:
+    """The prompt's cache rows and its first new token (a one-row Step)."""
+    prefix = sampling.prefill(
+        self.graphdef, self.params, sampling.padded_prompt(prompt_ids, self.context_length),
+        len(prompt_ids), sampling.seed_key(settings.seed), settings.temperature,
+        settings.top_p, settings.top_k)
+    return prefix, Step.from_choice(prefix.choice)
+
+  def insert(self, prefix: sampling.Prefix, state: sampling.DecodeState,
+             slot: int) -> sampling.DecodeState:
+    return sampling.insert(prefix, state, slot)
+
+  def generate(self, state: sampling.DecodeState) -> tuple[sampling.DecodeState, Step]:
+    state, choice = sampling.generate_step(self.graphdef, self.params, state)
+    return state, Step.from_choice(choice)
 
   def warmup(self):
-    """Compiles every prefill bucket and the decode step, so no request waits on XLA."""
-    buckets = sampling.prefill_buckets(self.context_length)
-    for prompt_len in [1] + [smaller + 1 for smaller in buckets[:-1]]:
-      new_tokens = min(2, self.context_length - prompt_len)
-      sampling.generate(self.graphdef, self.params, [self.tokenizer.bos_id()] * prompt_len,
-                        max_new_tokens=new_tokens, config=self.config,
-                        max_len=self.context_length)
+    """Compiles every prefill bucket, insert and the decode step, so no request waits on XLA."""
+    state = self.init_decode_state()
+    for bucket in sampling.prefill_buckets(self.context_length):
+      prefix, _ = self.prefill([self.tokenizer.bos_id()] * bucket, SamplingSettings())
+      state = self.insert(prefix, state, 0)
+    state, _ = self.generate(state)
+    jax.block_until_ready(state)
+
+  # --- text ------------------------------------------------------------------------------------
 
   @property
   def eos_id(self) -> int:
@@ -111,6 +163,10 @@ class Engine:
 
   def decode(self, token_ids: list[int]) -> str:
     return self.tokenizer.decode([t for t in token_ids if t != self.eos_id])
+
+  def token_bytes(self, token_id: int) -> bytes:
+    """The bytes one token stands for (a byte-fallback piece is one raw byte)."""
+    return self._token_bytes[token_id] if token_id < len(self._token_bytes) else b""
 
   def check_fits(self, prompt_tokens: int, max_tokens: int):
     if prompt_tokens >= self.context_length:
@@ -131,41 +187,15 @@ class Engine:
     self.check_fits(len(prompt_ids), max_tokens)
     return prompt_ids, max_tokens
 
-  def stream(self, prompt_ids: list[int], *, max_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, seed: int | None = None,
-             stop: list[str] | None = None) -> Iterator[Delta]:
-    """One Delta per generated token, ending at eos, a stop string or `max_tokens`.
+  # --- the reference ---------------------------------------------------------------------------
 
-    Lazy: closing the iterator stops generation before the next decode step.
-    """
-    tokens = sampling.stream_tokens(
-        self.graphdef, self.params, prompt_ids, config=self.config, max_new_tokens=max_tokens,
-        temperature=temperature, top_p=top_p,
-        seed=secrets.randbits(31) if seed is None else seed, eos_id=self.eos_id,
-        max_len=self.context_length)
-    text = TextStream(self.decode, stop)
-    for count, token_id in enumerate(tokens, 1):
-      if token_id == self.eos_id:
-        yield Delta(text.flush(), token_id, "stop")
-        return
-      new_text, stopped = text.push(token_id)
-      if stopped:
-        yield Delta(new_text, token_id, "stop")
-        return
-      if count == max_tokens:
-        yield Delta(new_text + text.flush(), token_id, "length")
-        return
-      yield Delta(new_text, token_id, None)
-
-  def complete(self, prompt: str, *, max_tokens: int | None = 16, temperature: float = 1.0,
-               top_p: float = 1.0, seed: int | None = None,
-               stop: list[str] | None = None) -> Completion:
-    """Continues `prompt`; `max_tokens=None` means up to the end of the context."""
-    prompt_ids, max_tokens = self.prompt_ids(prompt, max_tokens)
-    deltas = list(self.stream(prompt_ids, max_tokens=max_tokens, temperature=temperature,
-                              top_p=top_p, seed=seed, stop=stop))
-    return Completion("".join(d.text for d in deltas), [d.token_id for d in deltas],
-                      len(prompt_ids), deltas[-1].finish_reason)
+  def logits_without_cache(self, token_ids: list[int]) -> np.ndarray:
+    """float32 [len, vocab]: the full causal forward pass over `token_ids`, no cache."""
+    width = max(self.context_length, len(token_ids))
+    padded = np.full((1, width), sampling.PAD_ID, np.int32)
+    padded[0, :len(token_ids)] = token_ids
+    logits = _full_forward_logits(self.graphdef, self.params, padded)
+    return np.asarray(logits)[0, :len(token_ids)]
 
   def greedy_decode_without_cache(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """Argmax decoding that reruns the full sequence every step, without a KV cache.
@@ -173,13 +203,9 @@ class Engine:
     Every step runs at one fixed width; causal attention keeps the tail padding invisible
     to the real tokens, so a single compilation serves every length.
     """
-    width = max(self.context_length, len(prompt_ids) + max_new_tokens)
     token_ids = list(prompt_ids)
     for _ in range(max_new_tokens):
-      padded = np.full((1, width), sampling.PAD_ID, np.int32)
-      padded[0, :len(token_ids)] = token_ids
-      logits = np.asarray(_full_forward_logits(self.graphdef, self.params, padded))
-      token_ids.append(int(np.argmax(logits[0, len(token_ids) - 1])))
+      token_ids.append(int(np.argmax(self.logits_without_cache(token_ids)[-1])))
       if token_ids[-1] == self.eos_id:
         break
     return token_ids[len(prompt_ids):]
@@ -188,5 +214,5 @@ class Engine:
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _full_forward_logits(graphdef, params, tokens):
   """tokens: [batch, seq] -> logits [batch, seq, vocab], causal attention, no cache."""
-  logits, _ = nnx.merge(graphdef, params)(tokens)
+  logits, _ = nnx.merge(graphdef, quantization.dequantize(params))(tokens)
   return logits

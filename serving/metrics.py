@@ -24,10 +24,10 @@ class ServerMetrics:
     self.time_per_output_token = Histogram(
         "maxlm_time_per_output_token_seconds", "Between consecutive tokens of one request",
         buckets=LATENCY_BUCKETS_S, registry=self.registry)
-    self.queue_depth = Gauge("maxlm_queue_depth", "Requests waiting for the engine",
+    self.queue_depth = Gauge("maxlm_queue_depth", "Requests waiting for a decode slot",
                              registry=self.registry)
-    self.running = Gauge("maxlm_running_requests", "Requests generating now",
-                         registry=self.registry)
+    self.active_slots = Gauge("maxlm_active_slots", "Decode slots holding a request now",
+                              registry=self.registry)
 
   def exposition(self) -> bytes:
     return generate_latest(self.registry)

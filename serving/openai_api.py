@@ -3,6 +3,7 @@
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Literal
 
 from fastapi.exceptions import RequestValidationError
@@ -12,10 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from serving.chat import ROLES
 
 # OpenAI parameters we accept only at their no-op value; anything else is refused, not ignored.
-UNSUPPORTED_UNLESS = {"logprobs": None, "echo": False, "best_of": 1, "suffix": None,
-                      "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None,
-                      "top_logprobs": None, "tools": None, "tool_choice": None,
-                      "response_format": None}
+UNSUPPORTED_UNLESS = {"echo": False, "best_of": 1, "suffix": None, "presence_penalty": 0,
+                      "frequency_penalty": 0, "logit_bias": None, "tools": None,
+                      "tool_choice": None, "response_format": None}
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits on alternatives per token
+MAX_CHAT_TOP_LOGPROBS = 20
 
 
 class StreamOptions(BaseModel):
@@ -35,13 +37,24 @@ class SamplingRequest(BaseModel):
   n: int = 1
   stream: bool = False
   stream_options: StreamOptions | None = None
+  # vLLM's extensions, which its users send through `extra_body`:
+  top_k: int = Field(0, ge=-1)  # 0 or -1: every token
+  ignore_eos: bool = False
 
   def stops(self) -> list[str]:
     return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+  def alternatives(self) -> int | None:
+    """How many top alternatives to report per token; None: no logprobs at all."""
+    raise NotImplementedError
+
 
 class CompletionRequest(SamplingRequest):
   prompt: str | list[str]
+  logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+
+  def alternatives(self) -> int | None:
+    return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -64,6 +77,13 @@ class ChatCompletionRequest(SamplingRequest):
   messages: list[ChatMessage] = Field(min_length=1)
   max_tokens: int | None = Field(None, ge=1)
   max_completion_tokens: int | None = Field(None, ge=1)
+  logprobs: bool = False
+  top_logprobs: int | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+
+  def alternatives(self) -> int | None:
+    if self.top_logprobs is not None and not self.logprobs:
+      raise OpenAIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class OpenAIError(Exception):
@@ -129,25 +149,26 @@ class ResponseShape:
             "choices": choices, **extra}
 
   def whole(self, text: str, finish_reason: str, prompt_tokens: int,
-            completion_tokens: int) -> dict:
+            completion_tokens: int, logprobs: dict | None = None) -> dict:
     if self.chat:
       choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                "logprobs": None, "finish_reason": finish_reason}
+                "logprobs": logprobs, "finish_reason": finish_reason}
     else:
-      choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+      choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return self._envelope("chat.completion" if self.chat else "text_completion", [choice],
                           usage=usage(prompt_tokens, completion_tokens))
 
   def chunk(self, text: str | None, finish_reason: str | None, *, first: bool = False,
-            with_usage_field: bool = False) -> dict:
+            with_usage_field: bool = False, logprobs: dict | None = None) -> dict:
     """text=None: the chat chunk carrying only the finish reason (an empty delta)."""
     if self.chat:
       delta = {} if text is None else {"content": text}
       if first:
         delta = {"role": "assistant", **delta}
-      choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+      choice = {"index": 0, "delta": delta, "logprobs": logprobs,
+                "finish_reason": finish_reason}
     else:
-      choice = {"index": 0, "text": text or "", "logprobs": None,
+      choice = {"index": 0, "text": text or "", "logprobs": logprobs,
                 "finish_reason": finish_reason}
     extra = {"usage": None} if with_usage_field else {}
     return self._envelope(self.object_chunk, [choice], **extra)
@@ -158,6 +179,41 @@ class ResponseShape:
   @property
   def object_chunk(self) -> str:
     return "chat.completion.chunk" if self.chat else "text_completion"
+
+
+class Logprobs:
+  """OpenAI's `logprobs` object of a choice, from (text, token id, logprob, alternatives).
+
+  Completions: {"tokens", "token_logprobs", "top_logprobs", "text_offset"}; chat:
+  {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}. Log-probabilities are
+  the model's own, before temperature, top-k and top-p.
+  """
+
+  def __init__(self, chat: bool, token_bytes: Callable[[int], bytes]):
+    self.chat, self.token_bytes = chat, token_bytes
+    self.text_offset = 0
+
+  def token(self, token_id: int) -> str:
+    return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+  def of(self, deltas: list) -> dict:
+    """The object for these deltas (a whole response, or one stream chunk's share)."""
+    if self.chat:
+      return {"content": [self._chat_entry(d.token_id, d.logprob, [
+          self._chat_entry(t, lp) for t, lp in d.top_logprobs]) for d in deltas]}
+    offsets = []
+    for delta in deltas:
+      offsets.append(self.text_offset)
+      self.text_offset += len(delta.text)
+    return {"tokens": [self.token(d.token_id) for d in deltas],
+            "token_logprobs": [d.logprob for d in deltas],
+            "top_logprobs": [{self.token(t): lp for t, lp in d.top_logprobs} for d in deltas],
+            "text_offset": offsets}
+
+  def _chat_entry(self, token_id: int, logprob: float, top: list | None = None) -> dict:
+    entry = {"token": self.token(token_id), "logprob": logprob,
+             "bytes": list(self.token_bytes(token_id))}
+    return entry if top is None else {**entry, "top_logprobs": top}
 
 
 def sse(body: dict | str) -> str:

@@ -1,20 +1,23 @@
 """An OpenAI-compatible REST server (the subset of /v1 that vLLM also speaks).
 
   python -m serving.server --checkpoint_dir=WORKDIR [--port=8000] [--host=127.0.0.1]
-      [--api_keys_file=KEYS]
+      [--slots=8] [--max_queue=64] [--quantize=int8] [--api_keys_file=KEYS]
 
 /v1/completions and /v1/chat/completions, whole or streamed as server-sent events; /v1/models;
-/health; /metrics (Prometheus). Generation runs in a worker thread, one request at a time, so
-the event loop stays free to answer /health, to stream, and to notice a client that left.
+/health; /metrics (Prometheus). Requests are batched continuously over the engine's decode
+slots by `serving.orchestrator`, in its own thread, so the event loop stays free to answer
+/health, to stream, and to notice a client that left (its slot is freed before the next step).
+A full waiting line answers 429, a dead engine loop 503. SIGTERM stops accepting, lets the
+requests in flight finish for --shutdown_grace_s, then ends what is left with an error event.
 """
 
 import argparse
 import asyncio
 import hmac
 import logging
-import threading
+import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import uvicorn
@@ -24,14 +27,15 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from serving.chat import CHAT_STOPS, chat_prompt
-from serving.engine import ContextLengthError, Delta, Engine
+from serving.engine import ContextLengthError, Engine, SamplingSettings
 from serving.metrics import CountResponses, ServerMetrics
-from serving.openai_api import (ChatCompletionRequest, CompletionRequest, OpenAIError,
+from serving.openai_api import (ChatCompletionRequest, CompletionRequest, Logprobs, OpenAIError,
                                 ResponseShape, SamplingRequest, check_supported, error_response,
                                 single_prompt, sse, validation_error)
+from serving.orchestrator import Delta, Orchestrator, QueueFull, Unavailable
+from serving.orchestrator import Request as Generation
 
 log = logging.getLogger("serving")
-_DONE = object()
 
 
 def read_api_keys(path: str | Path) -> list[str]:
@@ -41,74 +45,15 @@ def read_api_keys(path: str | Path) -> list[str]:
   return keys
 
 
-class SerialGenerator:
-  """Runs engine streams one at a time in a worker thread, handing deltas to the event loop.
-
-  A consumer that stops reading (a client that disconnected cancels it) stops its generation
-  before the next decode step.
-  """
-
-  def __init__(self, metrics: ServerMetrics):
-    self.lock = asyncio.Lock()
-    self.metrics = metrics
-
-  async def run(self, deltas: Iterator[Delta], prompt_tokens: int) -> AsyncIterator[Delta]:
-    accepted = time.perf_counter()
-    self.metrics.queue_depth.inc()
-    try:
-      await self.lock.acquire()
-    finally:
-      self.metrics.queue_depth.dec()
-    self.metrics.running.inc()
-    self.metrics.prompt_tokens.inc(prompt_tokens)
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
-
-    def work():
-      try:
-        for delta in deltas:
-          loop.call_soon_threadsafe(queue.put_nowait, delta)
-          if stop.is_set():
-            break
-      except Exception as e:  # handed to the consumer, which re-raises it
-        loop.call_soon_threadsafe(queue.put_nowait, e)
-      finally:
-        deltas.close()
-        loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-
-    worker = loop.run_in_executor(None, work)
-    last = None
-    try:
-      while (item := await queue.get()) is not _DONE:
-        if isinstance(item, Exception):
-          raise item
-        now = time.perf_counter()
-        if last is None:
-          self.metrics.time_to_first_token.observe(now - accepted)
-        else:
-          self.metrics.time_per_output_token.observe(now - last)
-        last = now
-        self.metrics.generated_tokens.inc()
-        yield item
-    finally:
-      stop.set()
-      # The engine is free only once its thread is done. No await here: a cancelled stream
-      # (anyio cancels every await in its scope) would skip the release.
-      worker.add_done_callback(self._release)
-
-  def _release(self, _):
-    self.metrics.running.dec()
-    self.lock.release()
-
-
 def create_app(engine: Engine, model_name: str | None = None,
-               api_keys: list[str] | None = None) -> FastAPI:
+               api_keys: list[str] | None = None, *, max_queue: int = 64) -> FastAPI:
+  """The app, with its orchestrator already running (`app.state.orchestrator`)."""
   model_name = model_name or engine.model_name
   started = int(time.time())
   metrics = ServerMetrics()
-  generator = SerialGenerator(metrics)
+  orchestrator = Orchestrator(engine, max_queue=max_queue, metrics=metrics).start()
   app = FastAPI(title="maxlm")
+  app.state.orchestrator = orchestrator
   app.add_middleware(CountResponses, metrics=metrics)
 
   @app.exception_handler(OpenAIError)
@@ -122,6 +67,10 @@ def create_app(engine: Engine, model_name: str | None = None,
   @app.exception_handler(HTTPException)
   async def _http_error(_: Request, exc: HTTPException):
     return error_response(OpenAIError(exc.status_code, str(exc.detail)))
+
+  @app.exception_handler(Unavailable)
+  async def _unavailable(_: Request, exc: Unavailable):
+    return error_response(unavailable(exc))
 
   @app.exception_handler(Exception)
   async def _server_error(_: Request, exc: Exception):  # uvicorn logs the traceback
@@ -138,6 +87,9 @@ def create_app(engine: Engine, model_name: str | None = None,
 
   @app.get("/health")
   async def health():
+    if not orchestrator.alive:
+      return error_response(unavailable(Unavailable(
+          f"the engine loop has stopped: {orchestrator.error!r}")))
     return {"status": "ok"}
 
   @app.get("/metrics")
@@ -152,8 +104,9 @@ def create_app(engine: Engine, model_name: str | None = None,
         "id": model_name, "object": "model", "created": started, "owned_by": "maxlm",
         "max_model_len": engine.context_length}]}
 
-  def start(request: SamplingRequest, prompt: str, max_tokens: int | None, stops: list[str]):
-    """(prompt token count, lazy deltas), refusing what does not fit before anything runs."""
+  def submit(request: SamplingRequest, prompt: str, max_tokens: int | None,
+             stops: list[str]) -> tuple[int, AsyncIterator[Delta]]:
+    """(prompt token count, its deltas), refusing what cannot run before anything is sent."""
     if request.model != model_name:
       raise OpenAIError(404, f"the model `{request.model}` does not exist; this server serves "
                         f"`{model_name}`", param="model", code="model_not_found")
@@ -163,64 +116,96 @@ def create_app(engine: Engine, model_name: str | None = None,
     except ContextLengthError as e:
       raise OpenAIError(400, str(e), param="messages" if isinstance(
           request, ChatCompletionRequest) else "prompt", code="context_length_exceeded") from e
-    deltas = engine.stream(prompt_ids, max_tokens=max_tokens, temperature=request.temperature,
-                           top_p=request.top_p, seed=request.seed, stop=stops)
-    return len(prompt_ids), deltas
+    loop = asyncio.get_running_loop()
+    deltas: asyncio.Queue = asyncio.Queue()
+    settings = SamplingSettings(
+        temperature=request.temperature, top_p=request.top_p, top_k=max(request.top_k, 0),
+        seed=secrets.randbits(63) if request.seed is None else request.seed)
+    generation = Generation(
+        prompt_ids, max_tokens=max_tokens, settings=settings, stops=stops,
+        ignore_eos=request.ignore_eos, top_logprobs=request.alternatives() or 0,
+        emit=lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item))
+    try:
+      orchestrator.submit(generation)
+    except QueueFull as e:
+      raise OpenAIError(429, str(e), type_="rate_limit_error", code="rate_limit_exceeded") from e
+    return len(prompt_ids), drain(deltas, generation)
 
   async def respond(request: SamplingRequest, shape: ResponseShape, prompt_tokens: int,
-                    deltas: Iterator[Delta]):
-    begun = time.perf_counter()
+                    deltas: AsyncIterator[Delta]):
+    logprobs = (Logprobs(shape.chat, engine.token_bytes)
+                if request.alternatives() is not None else None)
     if request.stream:
       return StreamingResponse(
-          stream_events(request, shape, prompt_tokens, deltas),
+          stream_events(request, shape, prompt_tokens, deltas, logprobs),
           media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    texts, finish_reason = [], None
-    async for delta in generator.run(deltas, prompt_tokens):
-      texts.append(delta.text)
-      finish_reason = delta.finish_reason
+    begun = time.perf_counter()
+    received = [delta async for delta in deltas]
     log.info("%s: %d prompt + %d generated tokens in %.2fs (%s)", shape.id, prompt_tokens,
-             len(texts), time.perf_counter() - begun, finish_reason)
-    return shape.whole("".join(texts), finish_reason, prompt_tokens, len(texts))
+             len(received), time.perf_counter() - begun, received[-1].finish_reason)
+    return shape.whole("".join(d.text for d in received), received[-1].finish_reason,
+                       prompt_tokens, len(received), logprobs and logprobs.of(received))
 
   async def stream_events(request: SamplingRequest, shape: ResponseShape, prompt_tokens: int,
-                          deltas: Iterator[Delta]) -> AsyncIterator[str]:
+                          deltas: AsyncIterator[Delta],
+                          logprobs: Logprobs | None) -> AsyncIterator[str]:
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    chunk = lambda text, finish_reason=None, first=False: sse(shape.chunk(
-        text, finish_reason, first=first, with_usage_field=include_usage))
+
+    def chunk(text, finish_reason=None, first=False, of=()):
+      return sse(shape.chunk(text, finish_reason, first=first, with_usage_field=include_usage,
+                             logprobs=logprobs.of(list(of)) if logprobs and of else None))
+
     generated = 0
     try:
       if shape.chat:
         yield chunk("", first=True)
-      async for delta in generator.run(deltas, prompt_tokens):
+      async for delta in deltas:
         generated += 1
         if shape.chat and delta.finish_reason:
-          if delta.text:
-            yield chunk(delta.text)
+          if delta.text or logprobs:
+            yield chunk(delta.text, of=[delta])
           yield chunk(None, delta.finish_reason)
-        elif delta.text or delta.finish_reason:
-          yield chunk(delta.text, delta.finish_reason)
+        elif delta.text or delta.finish_reason or logprobs:
+          yield chunk(delta.text, delta.finish_reason, of=[delta])
     except Exception as e:  # the status line is sent; report in the stream, as vLLM does
-      log.exception("%s failed mid-stream", shape.id)
-      yield sse(OpenAIError(500, f"internal error: {e}", type_="server_error").body())
+      error = (unavailable(e) if isinstance(e, Unavailable) else
+               OpenAIError(500, f"internal error: {e}", type_="server_error"))
+      log.warning("%s ended early: %s", shape.id, error.message)
+      yield sse(error.body())
     if include_usage:
       yield sse(shape.usage_chunk(prompt_tokens, generated))
     yield sse("[DONE]")
 
   @v1.post("/completions")
   async def completions(request: CompletionRequest):
-    prompt_tokens, deltas = start(request, single_prompt(request), request.max_tokens,
-                                  request.stops())
+    prompt_tokens, deltas = submit(request, single_prompt(request), request.max_tokens,
+                                   request.stops())
     return await respond(request, ResponseShape(model_name, chat=False), prompt_tokens, deltas)
 
   @v1.post("/chat/completions")
   async def chat_completions(request: ChatCompletionRequest):
     prompt = chat_prompt([(message.role, message.text()) for message in request.messages])
     max_tokens = request.max_completion_tokens or request.max_tokens
-    prompt_tokens, deltas = start(request, prompt, max_tokens, request.stops() + CHAT_STOPS)
+    prompt_tokens, deltas = submit(request, prompt, max_tokens, request.stops() + CHAT_STOPS)
     return await respond(request, ResponseShape(model_name, chat=True), prompt_tokens, deltas)
 
   app.include_router(v1)
   return app
+
+
+async def drain(deltas: asyncio.Queue, generation: Generation) -> AsyncIterator[Delta]:
+  """The deltas the orchestrator puts on `deltas`; leaving early cancels the generation."""
+  try:
+    while (item := await deltas.get()) is not None:
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    generation.cancel()
+
+
+def unavailable(error: Unavailable) -> OpenAIError:
+  return OpenAIError(503, str(error), type_="server_error", code="service_unavailable")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -232,10 +217,33 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--model_name", default=None, help="model id; default: the run dir's name")
   parser.add_argument("--max_len", type=int, default=None,
                       help="cap the context (and KV cache) below the model's max_seq_len")
+  parser.add_argument("--slots", type=int, default=8,
+                      help="decode slots: requests generating at once (continuous batching)")
+  parser.add_argument("--max_queue", type=int, default=64,
+                      help="requests that may wait for a slot; one more gets 429")
+  parser.add_argument("--quantize", choices=("none", "int8"), default="none",
+                      help="int8: weight-only int8 (4x smaller weights at rest)")
+  parser.add_argument("--shutdown_grace_s", type=float, default=30.0,
+                      help="on SIGTERM/SIGINT, how long requests in flight may still run")
   parser.add_argument("--api_keys_file", default=None,
                       help="one API key per line; when set, /v1 requires `Authorization: Bearer "
                       "KEY` (/health and /metrics stay open)")
   return parser.parse_args(argv)
+
+
+class DrainingServer(uvicorn.Server):
+  """uvicorn, plus: the first SIGTERM/SIGINT also tells the orchestrator to stop admitting and
+  to end what still runs after the grace period, so every open stream closes cleanly."""
+
+  def __init__(self, config: uvicorn.Config, orchestrator: Orchestrator, grace_s: float):
+    super().__init__(config)
+    self.orchestrator, self.grace_s = orchestrator, grace_s
+
+  def handle_exit(self, sig, frame):
+    if not self.should_exit:
+      log.info("shutting down: finishing requests in flight (at most %.0fs)", self.grace_s)
+      self.orchestrator.shutdown(self.grace_s, wait=False)
+    super().handle_exit(sig, frame)
 
 
 def log_to_stderr():
@@ -253,16 +261,19 @@ def main(argv=None):
   try:
     api_keys = read_api_keys(args.api_keys_file) if args.api_keys_file else None
     engine = Engine.from_checkpoint(args.checkpoint_dir, model_name=args.model_name,
-                                    max_len=args.max_len)
+                                    max_len=args.max_len, slots=args.slots,
+                                    quantize=args.quantize)
   except (OSError, ValueError) as e:
     raise SystemExit(f"serving.server: {e}") from None
   start = time.perf_counter()
   engine.warmup()
-  log.info("compiled in %.1fs; serving %s (context %d) on http://%s:%d",
-           time.perf_counter() - start, engine.model_name, engine.context_length, args.host,
-           args.port)
-  uvicorn.run(create_app(engine, api_keys=api_keys), host=args.host, port=args.port,
-              log_level="info")
+  log.info("compiled in %.1fs; serving %s (context %d, %d slots, weights %s) on http://%s:%d",
+           time.perf_counter() - start, engine.model_name, engine.context_length, engine.slots,
+           engine.quantize, args.host, args.port)
+  app = create_app(engine, api_keys=api_keys, max_queue=args.max_queue)
+  config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                          timeout_graceful_shutdown=args.shutdown_grace_s + 5)
+  DrainingServer(config, app.state.orchestrator, args.shutdown_grace_s).run()
 
 
 if __name__ == "__main__":

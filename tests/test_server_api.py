@@ -1,48 +1,73 @@
-"""serving.server's HTTP behaviour (API keys, disconnects, failures) over a scripted fake engine.
+"""serving.server's HTTP behaviour (API keys, disconnects, failures, a full queue, shutdown)
+over a scripted fake engine.
 
-The fake engine emits one character per token, slowly when asked, so these tests need no model
-and can watch exactly how many decode steps a request ran.
+The fake engine has the real one's slot interface and continues any prompt with "abcdef…", one
+character per token, slowly when asked, so these tests need no model and can watch exactly how
+many decode steps ran.
 """
 
+import asyncio
 import json
 import threading
 import time
 
 import httpx
+import numpy as np
 import openai
 import portpicker
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from serving.engine import Delta
-from serving.server import create_app, parse_args, read_api_keys
+from serving.engine import Step
+from serving.server import DrainingServer, create_app, parse_args, read_api_keys
 
 MODEL = "fake"
 
 
 class FakeEngine:
-  """Continues any prompt with "abcdef…", one character per token."""
-  model_name, context_length = MODEL, 1000
+  """Slot i holds the index of the next letter to emit; `generate` advances every slot."""
+  model_name, context_length, eos_id, quantize = MODEL, 1000, -1, "none"
 
-  def __init__(self, seconds_per_token: float = 0.0, fail_after: int | None = None):
-    self.seconds_per_token, self.fail_after = seconds_per_token, fail_after
+  def __init__(self, seconds_per_token: float = 0.0, fail_after: int | None = None,
+               slots: int = 2):
+    self.seconds_per_token, self.fail_after, self.slots = seconds_per_token, fail_after, slots
     self.decode_steps = 0
-    self.closed = threading.Event()
+    self.most_active = 0
 
   def prompt_ids(self, prompt: str, max_tokens: int | None):
     return [1] + [ord(c) for c in prompt], max_tokens or 16
 
-  def stream(self, prompt_ids, *, max_tokens, stop=None, **sampling):
-    try:
-      for step in range(max_tokens):
-        if step == self.fail_after:
-          raise RuntimeError("device lost")
-        time.sleep(self.seconds_per_token)
-        self.decode_steps += 1
-        yield Delta(chr(ord("a") + step % 26), step, "length" if step == max_tokens - 1 else None)
-    finally:
-      self.closed.set()
+  def init_decode_state(self):
+    return [None] * self.slots
+
+  def prefill(self, prompt_ids, settings):
+    return 1, step([0])
+
+  def insert(self, prefix, state, slot):
+    state[slot] = prefix
+    return state
+
+  def generate(self, state):
+    if self.decode_steps == self.fail_after:
+      raise RuntimeError("device lost")
+    time.sleep(self.seconds_per_token)
+    self.decode_steps += 1
+    self.most_active = max(self.most_active, sum(s is not None for s in state))
+    tokens = [0 if s is None else s for s in state]
+    return [None if s is None else s + 1 for s in state], step(tokens)
+
+  def decode(self, token_ids):
+    return "".join(chr(ord("a") + t % 26) for t in token_ids)
+
+  def token_bytes(self, token_id):
+    return self.decode([token_id]).encode()
+
+
+def step(tokens: list[int]) -> Step:
+  rows = len(tokens)
+  return Step(np.array(tokens, np.int32), np.zeros(rows, np.float32),
+              np.zeros((rows, 0), np.int32), np.zeros((rows, 0), np.float32))
 
 
 def completion(**change) -> dict:
@@ -99,53 +124,156 @@ def test_api_keys_file_is_one_key_per_line(tmp_path):
 
 # --- failures ----------------------------------------------------------------------------------
 
-def test_an_engine_failure_is_a_500_with_an_openai_error():
+def test_a_dead_engine_loop_is_a_503_and_health_says_so():
   client = TestClient(create_app(FakeEngine(fail_after=0)), raise_server_exceptions=False)
+  assert client.get("/health").status_code == 200
   response = client.post("/v1/completions", json=completion())
-  assert response.status_code == 500
-  assert response.json()["error"]["type"] == "server_error"
-  # the engine is free again for the next request
-  assert client.post("/v1/completions", json=completion()).status_code == 500
+  assert response.status_code == 503, response.text
+  assert response.json()["error"]["code"] == "service_unavailable"
+  assert "device lost" in response.json()["error"]["message"]
+  assert client.get("/health").status_code == 503
+  assert client.post("/v1/completions", json=completion()).status_code == 503
 
 
 def test_a_failure_mid_stream_ends_the_stream_with_an_error_event():
-  client = TestClient(create_app(FakeEngine(fail_after=2)))
+  client = TestClient(create_app(FakeEngine(fail_after=1)))
   body = client.post("/v1/completions", json=completion(max_tokens=5, stream=True)).text
   events = [event[len("data: "):] for event in body.split("\n\n") if event]
   assert [json.loads(e)["choices"][0]["text"] for e in events[:2]] == ["a", "b"]
-  assert json.loads(events[2])["error"]["type"] == "server_error"
+  assert json.loads(events[2])["error"]["code"] == "service_unavailable"
   assert events[3] == "[DONE]"
 
 
-# --- disconnects -------------------------------------------------------------------------------
+def test_a_full_queue_is_a_429_and_other_requests_go_on():
+  app = create_app(FakeEngine(seconds_per_token=0.02, slots=1), max_queue=1)
 
-@pytest.fixture
-def slow_server():
-  """A real uvicorn server (disconnects need a real socket) over a 20 ms/token engine."""
-  engine = FakeEngine(seconds_per_token=0.02)
+  async def scenario():
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+      running = asyncio.create_task(client.post("/v1/completions",
+                                                json=completion(max_tokens=30)))
+      await asyncio.sleep(0.2)  # it holds the only slot
+      waiting = asyncio.create_task(client.post("/v1/completions",
+                                                json=completion(max_tokens=2)))
+      await asyncio.sleep(0.1)  # it fills the one place in the queue
+      refused = await client.post("/v1/completions", json=completion())
+      return refused, await running, await waiting
+
+  refused, running, waiting = asyncio.run(scenario())
+  assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+  assert running.json()["choices"][0]["text"] == "abcdefghijklmnopqrstuvwxyzabcd"
+  assert waiting.json()["choices"][0]["text"] == "ab"
+
+
+def test_requests_share_the_decode_slots():
+  engine = FakeEngine(seconds_per_token=0.01, slots=4)
+  app = create_app(engine)
+
+  async def scenario():
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+      return await asyncio.gather(*(client.post("/v1/completions", json=completion(
+          max_tokens=10 + i)) for i in range(8)))
+
+  responses = asyncio.run(scenario())
+  assert [r.json()["choices"][0]["text"] for r in responses] == [
+      "abcdefghijklmnopqrstuvwxyz"[:10 + i] for i in range(8)]
+  assert engine.most_active == 4
+  assert engine.decode_steps < sum(10 + i for i in range(8)) / 2
+
+
+# --- disconnects and shutdown ------------------------------------------------------------------
+
+def start_server(engine: FakeEngine, grace_s: float = 30.0):
+  """A real uvicorn server in a thread (disconnects need a real socket)."""
   port = portpicker.pick_unused_port()
-  server = uvicorn.Server(uvicorn.Config(create_app(engine), port=port, log_level="warning"))
+  app = create_app(engine)
+  server = DrainingServer(uvicorn.Config(app, port=port, log_level="warning"),
+                          app.state.orchestrator, grace_s)
   thread = threading.Thread(target=server.run, daemon=True)
   thread.start()
   deadline = time.monotonic() + 10
   while not server.started:
     assert time.monotonic() < deadline, "uvicorn did not start"
     time.sleep(0.01)
-  yield engine, f"http://127.0.0.1:{port}"
+  return server, thread, app.state.orchestrator, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def slow_server():
+  """Over a 20 ms/token engine."""
+  engine = FakeEngine(seconds_per_token=0.02)
+  server, thread, orchestrator, url = start_server(engine)
+  yield engine, orchestrator, url
   server.should_exit = True
   thread.join(timeout=10)
 
 
-def test_a_client_that_leaves_mid_stream_stops_its_generation(slow_server):
-  engine, url = slow_server
+def wait_for(condition, timeout_s=5.0) -> bool:
+  deadline = time.monotonic() + timeout_s
+  while not condition():
+    if time.monotonic() > deadline:
+      return False
+    time.sleep(0.005)
+  return True
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(slow_server):
+  engine, orchestrator, url = slow_server
   with httpx.stream("POST", f"{url}/v1/completions", timeout=10,
                     json=completion(max_tokens=500, stream=True)) as response:
     for line in response.iter_lines():
       if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"] == "c":
         break
-  assert engine.closed.wait(timeout=5), "generation went on after the client left"
-  assert engine.decode_steps <= 6  # 3 read, plus what was in flight when the socket closed
-  # the engine was handed back: the next request runs at once
-  started = time.monotonic()
+  assert wait_for(lambda: orchestrator.active == 0), "the slot stayed taken after the client left"
+  steps_when_freed = engine.decode_steps
+  assert steps_when_freed <= 6  # 3 read, plus what was in flight when the socket closed
+  time.sleep(0.1)
+  assert engine.decode_steps == steps_when_freed  # nothing decodes for nobody
   response = httpx.post(f"{url}/v1/completions", json=completion(max_tokens=2), timeout=10)
-  assert response.json()["choices"][0]["text"] == "ab" and time.monotonic() - started < 2
+  assert response.json()["choices"][0]["text"] == "ab"
+
+
+def stream_in_thread(url: str, max_tokens: int):
+  """Streams one completion in a thread; returns (thread, its SSE data lines, "got 3 tokens")."""
+  lines, started = [], threading.Event()
+
+  def read():
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=30,
+                      json=completion(max_tokens=max_tokens, stream=True)) as response:
+      for line in response.iter_lines():
+        if line.startswith("data: "):
+          lines.append(line[6:])
+          if len(lines) == 3:
+            started.set()
+  thread = threading.Thread(target=read)
+  thread.start()
+  return thread, lines, started
+
+
+def test_shutdown_lets_streams_in_flight_finish():
+  server, thread, _, url = start_server(FakeEngine(seconds_per_token=0.02), grace_s=30)
+  reader, lines, started = stream_in_thread(url, max_tokens=40)
+  assert started.wait(10)
+  server.handle_exit(15, None)  # what uvicorn runs on SIGTERM
+  reader.join(timeout=20)
+  thread.join(timeout=20)
+  assert not thread.is_alive(), "the server did not stop"
+  assert lines[-1] == "[DONE]"
+  chunks = [json.loads(line) for line in lines[:-1]]
+  assert "".join(c["choices"][0]["text"] for c in chunks) == ("abcdefghijklmnopqrstuvwxyz" * 2)[:40]
+  assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_shutdown_past_its_grace_period_ends_streams_with_an_error_event():
+  server, thread, _, url = start_server(FakeEngine(seconds_per_token=0.02), grace_s=0.2)
+  reader, lines, started = stream_in_thread(url, max_tokens=1000)
+  assert started.wait(10)
+  server.handle_exit(15, None)
+  reader.join(timeout=20)
+  thread.join(timeout=20)
+  assert not thread.is_alive(), "the server did not stop"
+  assert lines[-1] == "[DONE]"
+  error = json.loads(lines[-2])["error"]
+  assert error["code"] == "service_unavailable" and "shut down" in error["message"]
+  assert 3 <= len(lines) - 2 < 100

@@ -29,7 +29,8 @@ from maxlm import checkpoint, optim, sampling, sharding, steps
 from maxlm.model import ModelConfig
 from serving.chat import chat_prompt
 from serving.detokenize import REPLACEMENT_CHAR, TextStream
-from serving.engine import ContextLengthError, Engine
+from serving.engine import ContextLengthError, Engine, SamplingSettings
+from serving.orchestrator import Orchestrator
 from serving.server import create_app
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,32 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(run_dir) -> Engine:
-  return Engine.from_checkpoint(run_dir)
+  return Engine.from_checkpoint(run_dir, slots=4)
+
+
+@pytest.fixture(scope="module")
+def orchestrator(engine) -> Orchestrator:
+  orchestrator = Orchestrator(engine).start()
+  yield orchestrator
+  orchestrator.shutdown(grace_s=10)
+
+
+@dataclasses.dataclass
+class Completion:
+  text: str
+  token_ids: list[int]
+  finish_reason: str
+  deltas: list
+
+
+def complete(orchestrator: Orchestrator, prompt: str, *, max_tokens: int, temperature=0.0,
+             top_p=1.0, top_k=0, seed=0, stop=None, top_logprobs=0) -> Completion:
+  prompt_ids, max_tokens = orchestrator.engine.prompt_ids(prompt, max_tokens)
+  deltas = orchestrator.generate(
+      prompt_ids, max_tokens=max_tokens, stops=stop, top_logprobs=top_logprobs,
+      settings=SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
+  return Completion("".join(d.text for d in deltas), [d.token_id for d in deltas],
+                    deltas[-1].finish_reason, deltas)
 
 
 def wait_until_healthy(process: subprocess.Popen, port: int, log_file: Path, timeout_s=120.0):
@@ -189,24 +215,26 @@ def test_engine_refuses_a_different_tokenizer(run_dir, tmp_path):
     Engine.from_checkpoint(copy)
 
 
-def test_complete_stops_before_a_stop_string(engine):
-  full = engine.complete(PROMPT, max_tokens=12, temperature=0.0)
+def test_complete_stops_before_a_stop_string(orchestrator):
+  full = complete(orchestrator, PROMPT, max_tokens=12)
   assert full.finish_reason == "length" and len(full.token_ids) == 12
   assert len(full.text) >= 6, full.text
   stop = full.text[3:6]
-  cut = engine.complete(PROMPT, max_tokens=12, temperature=0.0, stop=["\x00never", stop])
+  cut = complete(orchestrator, PROMPT, max_tokens=12, stop=["\x00never", stop])
   assert cut.text == full.text[:full.text.find(stop)]
   assert cut.finish_reason == "stop"
 
 
-def test_complete_with_a_seed_is_reproducible(engine):
-  sample = lambda: engine.complete(PROMPT, max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
-  assert sample() == sample()
+def test_complete_with_a_seed_is_reproducible(orchestrator):
+  sample = lambda seed: complete(orchestrator, PROMPT, max_tokens=8, temperature=1.0,
+                                 top_p=0.9, seed=seed).token_ids
+  assert sample(7) == sample(7)
+  assert len({tuple(sample(seed)) for seed in range(4)}) > 1
 
 
 def test_complete_refuses_a_prompt_longer_than_the_context(engine):
   with pytest.raises(ContextLengthError, match="shorten the prompt"):
-    engine.complete("word " * 200, max_tokens=1)
+    engine.prompt_ids("word " * 200, max_tokens=1)
 
 
 # --- incremental detokenization ----------------------------------------------------------------
@@ -240,13 +268,11 @@ def test_text_stream_holds_back_what_may_become_a_stop(engine):
   assert stopped and emitted == "return te"
 
 
-def test_stream_deltas_make_up_the_completion(engine):
-  prompt_ids, max_tokens = engine.prompt_ids(PROMPT, 12)
-  deltas = list(engine.stream(prompt_ids, max_tokens=max_tokens, temperature=0.0))
-  assert [d.finish_reason for d in deltas] == [None] * 11 + ["length"]
-  whole = engine.complete(PROMPT, max_tokens=12, temperature=0.0)
-  assert "".join(d.text for d in deltas) == whole.text
-  assert [d.token_id for d in deltas] == whole.token_ids
+def test_stream_deltas_make_up_the_completion(orchestrator, engine):
+  whole = complete(orchestrator, PROMPT, max_tokens=12)
+  assert [d.finish_reason for d in whole.deltas] == [None] * 11 + ["length"]
+  assert whole.text == engine.decode(whole.token_ids)
+  assert whole.token_ids == engine.greedy_decode_without_cache(engine.encode(PROMPT), 12)
 
 
 # --- server ------------------------------------------------------------------------------------
@@ -297,7 +323,8 @@ def app_client(engine):
     ({"prompt": ["one", "two"]}, 400, "prompt", None),
     ({"n": 2}, 400, "n", None),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options", None),
-    ({"logprobs": 2}, 400, "logprobs", None),
+    ({"logprobs": 6}, 400, "logprobs", None),
+    ({"top_k": -2}, 400, "top_k", None),
     ({"prompt": "word " * 200}, 400, "prompt", "context_length_exceeded"),
     ({"max_tokens": 60}, 400, "prompt", "context_length_exceeded"),
     ({"model": "gpt-nothing"}, 404, "model", "model_not_found"),
@@ -354,7 +381,7 @@ def test_stream_is_server_sent_events(server_port, engine):
   assert "usage" not in json.loads(events[0][len("data: "):])
 
 
-def test_chat_completion_whole_and_streamed(server_port, engine):
+def test_chat_completion_whole_and_streamed(server_port, engine, orchestrator):
   client = openai_client(server_port)
   messages = [{"role": "system", "content": "Wrap."}, {"role": "user", "content": "def f(x):"}]
   request = dict(model=engine.model_name, messages=messages, max_tokens=10, temperature=0)
@@ -364,8 +391,8 @@ def test_chat_completion_whole_and_streamed(server_port, engine):
   assert choice.message.role == "assistant"
   prompt = chat_prompt([("system", "Wrap."), ("user", "def f(x):")])
   assert prompt == "<|system|>\nWrap.\n<|user|>\ndef f(x):\n<|assistant|>\n"
-  reference = engine.complete(prompt, max_tokens=10, temperature=0.0,
-                              stop=["<|system|>", "<|user|>", "<|assistant|>"])
+  reference = complete(orchestrator, prompt, max_tokens=10,
+                       stop=["<|system|>", "<|user|>", "<|assistant|>"])
   assert choice.message.content == reference.text and reference.text
   assert choice.finish_reason == reference.finish_reason
   assert whole.usage.prompt_tokens == len(engine.encode(prompt))

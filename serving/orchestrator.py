@@ -1,0 +1,243 @@
+"""Continuous batching: many requests share the engine's decode slots.
+
+One thread owns the engine. Each turn of its loop admits waiting requests into free slots
+(prefill, then insert), runs one `generate` step for every occupied slot, and hands each
+request its token as a `Delta` holding the text that token made stable. A request that ends
+(eos, a stop string, max_tokens) or is cancelled (its client left) frees its slot before the
+next step, and a waiting request takes it while the others keep decoding.
+"""
+
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Literal
+
+from serving.detokenize import TextStream
+from serving.engine import Engine, SamplingSettings, Step
+from serving.metrics import ServerMetrics
+
+log = logging.getLogger("serving")
+FinishReason = Literal["stop", "length"]
+
+
+class QueueFull(Exception):
+  """Every slot is busy and the waiting line is at its limit (HTTP 429)."""
+
+
+class Unavailable(Exception):
+  """The engine loop has died or the server is shutting down (HTTP 503)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+  """One generated token and the text it made stable (often "", e.g. mid-character)."""
+  text: str
+  token_id: int
+  finish_reason: FinishReason | None  # set on the last delta only
+  logprob: float = 0.0                # log p(token) under the model (untempered)
+  top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+# What `Request.emit` receives after its last Delta: None when it finished, else the error.
+Emit = Callable[[Delta | BaseException | None], None]
+
+
+class Request:
+  """One generation request and its progress through the slots."""
+
+  def __init__(self, prompt_ids: list[int], *, max_tokens: int, emit: Emit,
+               settings: SamplingSettings = SamplingSettings(), stops: list[str] | None = None,
+               ignore_eos: bool = False, top_logprobs: int = 0):
+    self.prompt_ids, self.max_tokens, self.emit = prompt_ids, max_tokens, emit
+    self.settings, self.stops, self.ignore_eos = settings, stops or [], ignore_eos
+    self.top_logprobs = top_logprobs
+    self.generated = 0
+    self.cancelled = False
+    self.submitted = self.last_token_at = 0.0
+    self.text: TextStream | None = None
+
+  def cancel(self):
+    """Thread-safe: the loop frees the request's slot before its next decode step."""
+    self.cancelled = True
+
+  def next_delta(self, step: Step, row: int, eos_id: int) -> Delta:
+    token_id = int(step.tokens[row])
+    self.generated += 1
+    top = tuple(zip(step.top_tokens[row, :self.top_logprobs].tolist(),
+                    step.top_logprobs[row, :self.top_logprobs].tolist()))
+    finish_reason = None
+    if token_id == eos_id and not self.ignore_eos:
+      text, finish_reason = self.text.flush(), "stop"
+    else:
+      text, stopped = self.text.push(token_id)
+      if stopped:
+        finish_reason = "stop"
+      elif self.generated >= self.max_tokens:
+        text, finish_reason = text + self.text.flush(), "length"
+    return Delta(text, token_id, finish_reason, float(step.logprobs[row]), top)
+
+
+class Orchestrator:
+  """Admits, batches and finishes requests on `engine`; start() before submit()."""
+
+  def __init__(self, engine: Engine, *, max_queue: int = 64,
+               metrics: ServerMetrics | None = None):
+    self.engine, self.max_queue = engine, max_queue
+    self.metrics = metrics or ServerMetrics()
+    self.error: BaseException | None = None
+    self._slots: list[Request | None] = [None] * engine.slots
+    self._waiting: collections.deque[Request] = collections.deque()
+    self._wake = threading.Condition()
+    self._stopping = False
+    self._aborting = False
+    self._thread = threading.Thread(target=self._run, name="maxlm-orchestrator", daemon=True)
+
+  # --- the caller's side (any thread) ----------------------------------------------------------
+
+  def start(self) -> "Orchestrator":
+    self._thread.start()
+    return self
+
+  @property
+  def alive(self) -> bool:
+    return self._thread.is_alive() and self.error is None
+
+  @property
+  def active(self) -> int:
+    """Requests holding a decode slot now."""
+    return sum(request is not None for request in self._slots)
+
+  def submit(self, request: Request):
+    """Queues `request`; raises QueueFull or Unavailable instead of accepting what cannot run."""
+    with self._wake:
+      if self.error is not None or not self._thread.is_alive():
+        raise Unavailable(f"the engine loop has stopped: {self.error!r}")
+      if self._stopping:
+        raise Unavailable("the server is shutting down")
+      if len(self._waiting) >= self.max_queue:
+        raise QueueFull(f"{len(self._waiting)} requests are already waiting for a slot; "
+                        "retry later")
+      request.submitted = time.perf_counter()
+      request.text = TextStream(self.engine.decode, request.stops)
+      self._waiting.append(request)
+      self.metrics.queue_depth.set(len(self._waiting))
+      self._wake.notify()
+
+  def shutdown(self, grace_s: float = 30.0, wait: bool = True):
+    """Stops admitting new requests; those accepted run to the end, for at most `grace_s`
+    seconds, after which each gets Unavailable."""
+    with self._wake:
+      self._stopping = True
+      self._wake.notify()
+    timer = threading.Timer(grace_s, self._abort)
+    timer.daemon = True
+    timer.start()
+    if wait:
+      self._thread.join()
+      timer.cancel()
+
+  def generate(self, prompt_ids: list[int], **request_args) -> list[Delta]:
+    """Blocking convenience: every Delta of one request."""
+    deltas: queue.Queue = queue.Queue()
+    self.submit(Request(prompt_ids, emit=deltas.put, **request_args))
+    result = []
+    while (item := deltas.get()) is not None:
+      if isinstance(item, BaseException):
+        raise item
+      result.append(item)
+    return result
+
+  # --- the loop (its own thread) ---------------------------------------------------------------
+
+  def _abort(self):
+    with self._wake:
+      self._aborting = True
+      self._wake.notify()
+
+  def _run(self):
+    try:
+      state = self.engine.init_decode_state()
+      while (admitted := self._next_admissions()) is not None:
+        for slot, request in admitted:
+          state = self._admit(request, slot, state)
+        if any(self._slots):
+          state, step = self.engine.generate(state)
+          for slot, request in enumerate(self._slots):
+            if request is not None:
+              self._deliver(request, step, slot)
+        self.metrics.active_slots.set(sum(r is not None for r in self._slots))
+    except BaseException as e:  # noqa: BLE001 - every request must hear of it, then /health
+      log.exception("the engine loop died")
+      self.error = e
+      self._fail_all(Unavailable(f"the engine loop died: {e!r}"))
+
+  def _next_admissions(self) -> list[tuple[int, Request]] | None:
+    """Waits for work; (free slot, request) pairs to admit now, or None once shut down."""
+    with self._wake:
+      while not (self._waiting or any(self._slots) or self._stopping):
+        self._wake.wait()
+      if self._aborting or (self._stopping and not (self._waiting or any(self._slots))):
+        self._fail_all(Unavailable("the server shut down before the request finished"))
+        return None
+      free = [slot for slot, request in enumerate(self._slots) if request is None]
+      admitted = []
+      while free and self._waiting:
+        admitted.append((free.pop(0), self._waiting.popleft()))
+      self.metrics.queue_depth.set(len(self._waiting))
+      return admitted
+
+  def _admit(self, request: Request, slot: int, state):
+    if request.cancelled:
+      request.emit(None)
+      return state
+    prefix, step = self.engine.prefill(request.prompt_ids, request.settings)
+    self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+    if self._deliver(request, step, 0):
+      state = self.engine.insert(prefix, state, slot)
+      self._slots[slot] = request
+    return state
+
+  def _deliver(self, request: Request, step: Step, row: int) -> bool:
+    """Hands `request` its token; False (and its slot freed) once it has finished."""
+    done = request.cancelled
+    if not done:
+      delta = request.next_delta(step, row, self.engine.eos_id)
+      self._observe(request)
+      done = delta.finish_reason is not None
+      try:
+        request.emit(delta)
+      except RuntimeError:  # the consumer's event loop is gone: nobody is listening
+        done = True
+    if done:
+      self._release(request)
+    return not done
+
+  def _observe(self, request: Request):
+    now = time.perf_counter()
+    if request.generated == 1:
+      self.metrics.time_to_first_token.observe(now - request.submitted)
+    else:
+      self.metrics.time_per_output_token.observe(now - request.last_token_at)
+    request.last_token_at = now
+    self.metrics.generated_tokens.inc()
+
+  def _release(self, request: Request, outcome: BaseException | None = None):
+    for slot, occupant in enumerate(self._slots):
+      if occupant is request:
+        self._slots[slot] = None
+    try:
+      request.emit(outcome)
+    except RuntimeError:
+      pass
+
+  def _fail_all(self, error: BaseException):
+    with self._wake:
+      waiting, self._waiting = list(self._waiting), collections.deque()
+    for request in waiting + [r for r in self._slots if r is not None]:
+      self._release(request, error)
+    self.metrics.queue_depth.set(0)
+    self.metrics.active_slots.set(0)
