@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import pytest
 import sentencepiece as spm
 from fastapi.testclient import TestClient
 
-from maxlm import checkpoint, optim, sampling, sharding, steps
+from maxlm import checkpoint, optim, quantization, sampling, sharding, steps
 from maxlm.model import ModelConfig
 from serving.chat import chat_prompt
 from serving.detokenize import REPLACEMENT_CHAR, TextStream
@@ -199,6 +200,29 @@ def test_generate_refuses_what_does_not_fit(engine):
                       config=engine.config)
 
 
+def test_top_k_mask_keeps_the_k_most_likely():
+  logits = np.random.default_rng(3).normal(size=(4, 30)).astype(np.float32)
+  top_k = np.array([1, 5, 0, 30])
+  mask = np.asarray(sampling.top_k_mask(logits, top_k))
+  for row, row_logits, k in zip(mask, logits, top_k):
+    expected = set(range(30)) if k == 0 else set(np.argsort(-row_logits)[:k].tolist())
+    assert set(np.flatnonzero(row).tolist()) == expected
+
+
+def test_sample_next_takes_each_rows_own_settings():
+  draws = 3000
+  logits = np.tile(np.random.default_rng(4).normal(size=12).astype(np.float32), (draws, 1))
+  keys = jax.random.split(jax.random.key(0), draws)
+  greedy, top3 = draws // 2, np.argsort(-logits[0])[:3]
+  temperature = np.where(np.arange(draws) < greedy, 0.0, 1.0).astype(np.float32)
+  ids = np.asarray(sampling.sample_next(logits, keys, temperature, 1.0, top_k=3))
+  assert (ids[:greedy] == top3[0]).all()
+  assert set(ids[greedy:].tolist()) == set(top3.tolist())
+  weights = np.exp(logits[0, top3] - logits[0, top3].max())
+  frequencies = np.bincount(ids[greedy:], minlength=12)[top3] / (draws - greedy)
+  np.testing.assert_allclose(frequencies, weights / weights.sum(), atol=0.04)
+
+
 # --- engine ------------------------------------------------------------------------------------
 
 def test_engine_holds_params_on_one_device(engine, run_dir):
@@ -235,6 +259,116 @@ def test_complete_with_a_seed_is_reproducible(orchestrator):
 def test_complete_refuses_a_prompt_longer_than_the_context(engine):
   with pytest.raises(ContextLengthError, match="shorten the prompt"):
     engine.prompt_ids("word " * 200, max_tokens=1)
+
+
+class CountingEngine:
+  """The engine, counting its generate steps."""
+
+  def __init__(self, engine: Engine):
+    self.engine, self.generate_steps = engine, 0
+
+  def generate(self, state):
+    self.generate_steps += 1
+    return self.engine.generate(state)
+
+  def __getattr__(self, name):
+    return getattr(self.engine, name)
+
+
+def test_concurrent_requests_share_slots_and_match_decode_without_cache(engine):
+  counting = CountingEngine(engine)
+  orchestrator = Orchestrator(counting).start()
+  text_ids = engine.encode(Path(textwrap.__file__).read_text()[:3000])
+  requests = [(text_ids[:prompt_len], max_tokens) for prompt_len, max_tokens in
+              ((1, 9), (5, 14), (16, 6), (17, 11), (30, 20), (9, 3), (40, 12), (3, 16),
+               (22, 8), (12, 10))]
+  results = [None] * len(requests)
+
+  def run(i):
+    prompt_ids, max_tokens = requests[i]
+    results[i] = [d.token_id for d in orchestrator.generate(
+        prompt_ids, max_tokens=max_tokens, settings=SamplingSettings(temperature=0.0))]
+
+  threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(timeout=120)
+  orchestrator.shutdown(grace_s=10)
+  for (prompt_ids, max_tokens), tokens in zip(requests, results):
+    assert tokens == engine.greedy_decode_without_cache(prompt_ids, max_tokens), len(prompt_ids)
+  generated = sum(len(tokens) for tokens in results)
+  assert counting.generate_steps < generated / 2, (counting.generate_steps, generated)
+
+
+def test_logprobs_are_the_models_log_softmax(orchestrator, engine):
+  result = complete(orchestrator, PROMPT, max_tokens=6, top_logprobs=5)
+  token_ids = engine.encode(PROMPT) + result.token_ids
+  logits = engine.logits_without_cache(token_ids).astype(np.float64)
+  reference = logits - logits.max(-1, keepdims=True)
+  reference -= np.log(np.exp(reference).sum(-1, keepdims=True))
+  for delta, row in zip(result.deltas, reference[len(token_ids) - 7:-1]):
+    np.testing.assert_allclose(delta.logprob, row[delta.token_id], atol=2e-4)
+    top_tokens, top_logprobs = zip(*delta.top_logprobs)
+    assert list(top_tokens) == np.argsort(-row)[:5].tolist()
+    np.testing.assert_allclose(top_logprobs, np.sort(row)[::-1][:5], atol=2e-4)
+
+
+def test_a_seeded_sample_is_the_same_alone_and_among_others(engine):
+  orchestrator = Orchestrator(engine).start()
+  settings = SamplingSettings(temperature=1.0, top_p=0.95, top_k=40, seed=11)
+  prompt_ids = engine.encode(PROMPT)
+  alone = [d.token_id for d in orchestrator.generate(prompt_ids, max_tokens=12,
+                                                     settings=settings)]
+  others = [threading.Thread(target=orchestrator.generate, args=(engine.encode(text),),
+                             kwargs=dict(max_tokens=20, settings=SamplingSettings(seed=i)))
+            for i, text in enumerate(["import os", "class A:", "x = 1"])]
+  for thread in others:
+    thread.start()
+  among = [d.token_id for d in orchestrator.generate(prompt_ids, max_tokens=12,
+                                                     settings=settings)]
+  for thread in others:
+    thread.join()
+  orchestrator.shutdown(grace_s=10)
+  assert among == alone
+
+
+# --- int8 weights ------------------------------------------------------------------------------
+
+def test_int8_rounding_error_is_at_most_half_a_step():
+  weight = np.random.default_rng(5).normal(size=(48, 3, 8)).astype(np.float32)
+  weight[:, 0, 0] = 0.0  # an all-zero channel
+  quantized = quantization.quantize_int8(weight)
+  step = np.abs(weight).max(axis=0, keepdims=True) / 127
+  assert quantized.values.dtype == np.int8 and quantized.scale.shape == (1, 3, 8)
+  restored = np.asarray(quantization.dequantize(quantized))
+  assert (np.abs(restored - weight) <= step / 2 + 1e-7).all()
+  assert (restored[:, 0, 0] == 0).all()
+
+
+def numpy_int8_round_trip(weight: np.ndarray) -> np.ndarray:
+  step = np.abs(weight).max(axis=0, keepdims=True) / 127
+  step[step == 0] = 1
+  return np.clip(np.round(weight / step), -127, 127) * step
+
+
+def test_int8_engine_computes_with_the_rounded_weights(run_dir, engine):
+  int8 = Engine.from_checkpoint(run_dir, slots=2, quantize="int8")
+  assert quantization.nbytes(int8.params) < 0.3 * quantization.nbytes(engine.params)
+  rounded = jax.tree.map(lambda p: numpy_int8_round_trip(np.asarray(p, np.float64)).astype(
+      np.float32) if p.ndim >= 2 else p, engine.params)
+  reference = Engine(engine.graphdef, rounded, engine.config, engine.tokenizer, model_name="r")
+  token_ids = engine.encode(Path(textwrap.__file__).read_text()[:400])[:60]
+  approx = int8.logits_without_cache(token_ids)
+  np.testing.assert_allclose(approx, reference.logits_without_cache(token_ids),
+                             rtol=1e-4, atol=1e-4)
+  assert not np.allclose(approx, engine.logits_without_cache(token_ids), rtol=1e-4, atol=1e-4)
+  prompt_ids = engine.encode(PROMPT)
+  orchestrator = Orchestrator(int8).start()
+  greedy = [d.token_id for d in orchestrator.generate(
+      prompt_ids, max_tokens=8, settings=SamplingSettings(temperature=0.0))]
+  orchestrator.shutdown(grace_s=10)
+  assert greedy == reference.greedy_decode_without_cache(prompt_ids, 8)
 
 
 # --- incremental detokenization ----------------------------------------------------------------
