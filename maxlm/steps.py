@@ -65,16 +65,17 @@ def init_train_state(config: ModelConfig, optimizer, shardings: TrainState,
 
 
 def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    shardings: TrainState, batch_sharding: NamedSharding):
+                    shardings: TrainState, batch_sharding: NamedSharding, microbatches: int = 1):
   """Returns jitted `step(state, batch) -> (state, metrics)`; `state` is donated.
 
-  A step whose loss or gradient is not finite leaves parameters and optimizer state as they
-  were (the batch is still consumed) and reports `skipped=1`.
+  With `microbatches > 1` the batch is split into that many slices whose gradients are
+  accumulated before one optimizer update: the same update as the whole batch at a fraction
+  of the activation memory. A step whose loss or gradient is not finite leaves parameters
+  and optimizer state as they were (the batch is still consumed) and reports `skipped=1`.
   """
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    def loss_of(params):
-      return loss_fn(nnx.merge(graphdef, params), batch)
-    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    loss, metrics, grads = _accumulated_gradients(graphdef, loss_fn, state.params, batch,
+                                                  microbatches)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -89,6 +90,46 @@ def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransfor
   # One sharding for every batch field: a task may bring whatever [batch, ...] arrays it needs.
   return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, None), donate_argnums=0)
+
+
+def _accumulated_gradients(graphdef, loss_fn: LossFn, params: dict, batch: dict,
+                           microbatches: int) -> tuple[jax.Array, dict, dict]:
+  """(loss, metrics, gradient) of the whole batch, computed one microbatch at a time.
+
+  A task's loss is a mean over its microbatch's `metrics["target_tokens"]` (1 if it reports
+  none), so microbatches weigh by that count; the task's other metrics are sums and add up.
+  """
+  def loss_of(params, microbatch):
+    return loss_fn(nnx.merge(graphdef, params), microbatch)
+  loss_and_grad = jax.value_and_grad(loss_of, has_aux=True)
+  if microbatches == 1:
+    (loss, metrics), grads = loss_and_grad(params, batch)
+    return loss, metrics, grads
+
+  def add_microbatch(totals, microbatch):
+    (loss, metrics), grads = loss_and_grad(params, microbatch)
+    weight = jnp.asarray(metrics.get("target_tokens", 1.0), jnp.float32)
+    weighted = (weight * loss, weight, jax.tree.map(lambda g: weight * g, grads), metrics)
+    return jax.tree.map(jnp.add, totals, weighted), None
+
+  split = jax.tree.map(lambda x: _split_microbatches(x, microbatches), batch)
+  first = jax.tree.map(lambda x: x[0], split)
+  metric_shapes = jax.eval_shape(loss_of, params, first)[1]
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                       (jnp.float32(0), jnp.float32(0), params, metric_shapes))
+  (loss_sum, weight_sum, grad_sum, metrics), _ = jax.lax.scan(add_microbatch, zeros, split)
+  weight_sum = jnp.maximum(weight_sum, 1e-9)
+  return loss_sum / weight_sum, metrics, jax.tree.map(lambda g: g / weight_sum, grad_sum)
+
+
+def _split_microbatches(x: jax.Array, microbatches: int) -> jax.Array:
+  """[batch, ...] -> [microbatches, batch / microbatches, ...]; microbatch i holds rows
+  i, i + microbatches, ..., so every device keeps its own rows (no data moves)."""
+  if x.shape[0] % microbatches:
+    raise ValueError(f"batch of {x.shape[0]} rows does not split into {microbatches} "
+                     "microbatches")
+  rows = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:])
+  return sharding.constrain(jnp.swapaxes(rows, 0, 1), (None, "batch") + (None,) * (x.ndim - 1))
 
 
 def make_eval_step(graphdef, loss_fn: LossFn, param_shardings: dict,

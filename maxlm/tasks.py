@@ -8,16 +8,19 @@ import jax
 import jax.numpy as jnp
 
 
-def cross_entropy_with_mask(logits: jax.Array, targets: jax.Array,
-                            weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+def cross_entropy_with_mask(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                            z_loss: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
   """logits: [batch, seq, vocab] float; targets, weights: [batch, seq].
 
-  Returns (summed negative log-likelihood over weighted positions, sum of weights).
+  Returns (summed negative log-likelihood over weighted positions, sum of weights, summed
+  z-loss `z_loss * log(Z)**2`, where Z is the softmax normalizer; it keeps log Z near 0).
   """
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  target_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   weights = weights.astype(jnp.float32)
-  return -jnp.sum(target_log_probs * weights), jnp.sum(weights)
+  return (jnp.sum((log_z - target_logits) * weights), jnp.sum(weights),
+          z_loss * jnp.sum(jnp.square(log_z) * weights))
 
 
 def next_token_targets(tokens: jax.Array, segment_ids: jax.Array):
@@ -28,9 +31,12 @@ def next_token_targets(tokens: jax.Array, segment_ids: jax.Array):
   return targets, weights
 
 
-def next_token_loss(model, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
-  """Pretraining: mean next-token cross-entropy over packed documents."""
+def next_token_loss(model, batch: dict[str, jax.Array],
+                    z_loss: float = 0.0) -> tuple[jax.Array, dict]:
+  """Pretraining: mean next-token cross-entropy over packed documents, plus the mean z-loss
+  times `z_loss` (0 turns it off)."""
   logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
   targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
-  nll, count = cross_entropy_with_mask(logits[:, :-1], targets, weights)
-  return nll / jnp.maximum(count, 1.0), {"nll_sum": nll, "target_tokens": count}
+  nll, count, z_loss_sum = cross_entropy_with_mask(logits[:, :-1], targets, weights, z_loss)
+  loss = (nll + z_loss_sum) / jnp.maximum(count, 1.0)
+  return loss, {"nll_sum": nll, "z_loss_sum": z_loss_sum, "target_tokens": count}

@@ -9,6 +9,7 @@ latest checkpoint in WORKDIR.
 """
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -50,7 +51,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 
 @gin.configurable(module="maxlm")
 def train(workdir: str, data_dir: str | None = None, steps: int = 300,
-          global_batch_size: int = 16, seed: int = 0, checkpoint_every: int = 100,
+          global_batch_size: int = 16, microbatches: int = 1, z_loss: float = 0.0,
+          seed: int = 0, checkpoint_every: int = 100,
           eval_every: int = 100, eval_batches: int = 16, log_every: int = 10,
           sample_prompt: str = "def ", sample_tokens: int = 48,
           sample_temperature: float = 0.0, max_bad_steps: int = 10,
@@ -61,7 +63,9 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
 
   A step with a non-finite loss or gradient is skipped and counted; `max_bad_steps` in a row
   stop the run (the last good checkpoint stays). Checkpoints: the latest `keep_checkpoints`,
-  plus every step divisible by `keep_checkpoint_every` if set. `peak_flops_per_device` turns
+  plus every step divisible by `keep_checkpoint_every` if set. `microbatches` splits each
+  global batch into slices whose gradients accumulate into one update; `z_loss` weighs the
+  mean log(Z)**2 of the softmax normalizer, added to the loss (0 = off). `peak_flops_per_device` turns
   on the `mfu` scalar; `profile_steps=(first, last)` writes a profiler trace of those steps
   to WORKDIR/profile (open it with TensorBoard's profile plugin or Perfetto).
   """
@@ -74,9 +78,10 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
   seq_len = manifest["seq_len"]
   config = resolve_model_config(ModelConfig(), manifest)
   mesh = sharding.make_mesh()
-  if global_batch_size % sharding.batch_divisor(mesh):
-    raise UserError(f"train.global_batch_size={global_batch_size} must be a multiple of the "
-                    f"mesh's data*fsdp size {sharding.batch_divisor(mesh)}")
+  if global_batch_size % (microbatches * sharding.batch_divisor(mesh)):
+    raise UserError(f"train.global_batch_size={global_batch_size} must be a multiple of "
+                    f"train.microbatches={microbatches} times the mesh's data*fsdp size "
+                    f"{sharding.batch_divisor(mesh)}")
   schedule = optim.learning_rate_schedule(steps)
   optimizer = optim.make_optimizer(schedule)
   graphdef, abstract_state = train_steps.abstract_model(config, seed)
@@ -93,10 +98,10 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
   state = _restore_or_init(checkpointer, workdir, config, meta, abstract_state, optimizer,
                            shardings, train_iter, seed, data_dir)
   first_step = int(state.step)
-  train_step = train_steps.make_train_step(graphdef, tasks.next_token_loss, optimizer,
-                                           shardings, batch_sharding)
-  eval_step = train_steps.make_eval_step(graphdef, tasks.next_token_loss, shardings.params,
-                                         batch_sharding)
+  loss_fn = functools.partial(tasks.next_token_loss, z_loss=z_loss)
+  train_step = train_steps.make_train_step(graphdef, loss_fn, optimizer, shardings,
+                                           batch_sharding, microbatches)
+  eval_step = train_steps.make_eval_step(graphdef, loss_fn, shardings.params, batch_sharding)
   evaluate = lambda params: _evaluate(eval_step, params, data_dir, global_batch_size,  # noqa: E731
                                       eval_batches, batch_sharding)
   writer = metrics.create_writer(workdir, is_primary=jax.process_index() == 0)

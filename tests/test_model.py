@@ -121,13 +121,19 @@ def test_param_count_matches_closed_form():
 
 
 @pytest.mark.parametrize("name, expected_millions", [
-    ("125m.gin", 109.53), ("1b.gin", 1235.81), ("7b.gin", 6738.42)])
+    ("tiny.gin", 3.147456), ("125m.gin", 109.53), ("1b.gin", 1235.81), ("7b.gin", 6738.42)])
 def test_config_sizes(name, expected_millions):
-  """Counted by hand: layers*(attn + 3*embed*mlp + 2*embed) + embeddings + final norm."""
+  """Counted by hand: layers*(attn + 3*embed*mlp + 2*embed) + embeddings + final norm. tiny:
+  4*(192*64*(2*3+2*1) + 3*192*512 + 2*192) + 2*4096*192 + 192, with the default corpus's
+  4096-token vocabulary."""
+  from maxlm import default_corpus  # noqa: F401  (registers ensure_default_corpus with gin)
   gin.clear_config()
   gin.parse_config_file(str(Path(__file__).parent.parent / "configs" / name),
                         skip_unknown=True)
   config = ModelConfig()
+  if config.vocab_size is None:
+    config = ModelConfig(**{**config.__dict__,
+                            "vocab_size": gin.query_parameter("ensure_default_corpus.vocab_size")})
   gin.clear_config()
   params = nnx.state(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
   assert sum(x.size for x in jax.tree.leaves(params)) / 1e6 == pytest.approx(expected_millions,
@@ -197,3 +203,36 @@ def test_remat_gives_the_same_gradients_as_none(remat):
 def test_unknown_remat_is_refused():
   with pytest.raises(ValueError, match="ModelConfig.remat='some'"):
     ModelConfig(remat="some")
+
+
+def test_bfloat16_computes_in_bfloat16_and_keeps_float32_weights_and_gradients():
+  """1b.gin and 7b.gin train this way: float32 master weights, bfloat16 matmuls."""
+  tokens, segment_ids, positions = _packed_example(np.random.default_rng(6), 2, 24)
+  batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+  config = ModelConfig(**{**CONFIG.__dict__, "dtype": "bfloat16"})
+  loss, grads = jax.jit(lambda b: _loss_and_grads(config, b))(batch)
+  base_loss, base_grads = jax.jit(lambda b: _loss_and_grads(CONFIG, b))(batch)
+  params = nnx.state(Transformer(config, rngs=nnx.Rngs(0)))
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+  # bfloat16 keeps 8 bits of mantissa (relative error 2**-9 per rounding): a few 1e-3 on a
+  # loss of ~4.6 after a few dozen roundings.
+  np.testing.assert_allclose(loss, base_loss, rtol=1e-2)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads)):
+    assert np.linalg.norm(got - want) < 0.1 * np.linalg.norm(want)
+  jaxpr = jax.make_jaxpr(lambda b: _loss_and_grads(config, b))(batch)
+  forward_matmuls = [eqn for eqn in _equations(jaxpr.jaxpr) if eqn.primitive.name == "dot_general"]
+  assert forward_matmuls and all(
+      {v.aval.dtype for v in eqn.invars} == {jnp.dtype(jnp.bfloat16)} for eqn in forward_matmuls)
+  logits, _ = Transformer(config, rngs=nnx.Rngs(0))(jnp.asarray(tokens))
+  assert logits.dtype == jnp.float32  # the loss's softmax runs in float32
+
+
+def _equations(jaxpr):
+  """Every equation, descending into the sub-jaxprs of jit, remat and the like."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        yield from _equations(inner)

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from maxlm import optim, sharding, steps, tasks
@@ -69,10 +70,34 @@ def test_loss_matches_hand_computation():
   tokens = np.array([[0, 1, 2, 1]])
   segment_ids = np.array([[1, 1, 1, 2]])  # last token starts a new document: no target
   targets, weights = tasks.next_token_targets(tokens, segment_ids)
-  nll, count = tasks.cross_entropy_with_mask(logits[:, :-1], targets, weights)
+  nll, count, z_loss = tasks.cross_entropy_with_mask(logits[:, :-1], targets, weights)
   # position 0 predicts token 1 (p=0.25); position 1 predicts token 2 (p=0.1)
   assert float(count) == 2
   np.testing.assert_allclose(float(nll), -np.log(0.25) - np.log(0.1), rtol=1e-6)
+  assert float(z_loss) == 0.0
+
+
+def test_z_loss_matches_hand_computation():
+  logits = np.array([[[2.0, -1.0, 0.5], [0.0, 3.0, 1.0], [-2.0, 0.0, 4.0]]])
+  targets, weights = np.array([[1, 2, 0]]), np.array([[1, 1, 0]])
+  _, _, z_loss = tasks.cross_entropy_with_mask(logits, targets, weights, z_loss=1e-2)
+  log_z = np.log(np.exp(logits[0]).sum(-1))  # the third position carries no weight
+  np.testing.assert_allclose(float(z_loss), 1e-2 * (log_z[0] ** 2 + log_z[1] ** 2), rtol=1e-6)
+
+
+def test_z_loss_is_added_to_the_mean_loss():
+  from flax import nnx
+  from maxlm.model import Transformer
+  model = Transformer(CONFIG, rngs=nnx.Rngs(0))
+  batch = _batch()
+  plain, metrics = tasks.next_token_loss(model, batch)
+  with_z, _ = tasks.next_token_loss(model, batch, z_loss=1e-3)
+  logits = np.asarray(model(batch["tokens"], batch["positions"], batch["segment_ids"])[0],
+                      np.float64)[:, :-1]
+  log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  _, weights = tasks.next_token_targets(batch["tokens"], batch["segment_ids"])
+  expected = 1e-3 * np.sum(np.asarray(weights) * log_z ** 2) / float(metrics["target_tokens"])
+  np.testing.assert_allclose(float(with_z) - float(plain), expected, rtol=1e-4)
 
 
 def test_non_finite_step_is_skipped_and_counted():
@@ -101,3 +126,29 @@ def test_non_finite_step_is_skipped_and_counted():
       state, metrics = train_step(state, _batch(seed=seed))
       assert int(metrics["skipped"]) == 0
   assert not np.array_equal(np.asarray(state.params["embedding"]), before.params["embedding"])
+
+
+def _one_sgd_step(mesh_shape, microbatches, batch):
+  """SGD, so the update is the gradient itself: Adam's first step is about sign(gradient),
+  which would turn last-bit differences of near-zero gradients into whole steps."""
+  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  mesh = sharding.make_mesh(*mesh_shape, devices=devices)
+  optimizer = optax.sgd(0.5)
+  graphdef, abstract_state = steps.abstract_model(CONFIG)
+  shardings = steps.state_shardings(abstract_state, optimizer, mesh)
+  train_step = steps.make_train_step(graphdef, tasks.next_token_loss, optimizer, shardings,
+                                     sharding.batch_sharding(mesh), microbatches=microbatches)
+  with jax.set_mesh(mesh):
+    return train_step(steps.init_train_state(CONFIG, optimizer, shardings), batch)
+
+
+@pytest.mark.parametrize("mesh_shape, microbatches", [((1, 1, 1), 4), ((2, 2, 2), 2)])
+def test_accumulated_microbatches_give_the_whole_batch_update(mesh_shape, microbatches):
+  batch = _batch(seed=3, batch=16)
+  batch["segment_ids"][::3, 25:] = 0  # microbatches hold different numbers of target tokens
+  whole_state, whole = _one_sgd_step(mesh_shape, 1, batch)
+  state, metrics = _one_sgd_step(mesh_shape, microbatches, batch)
+  for key in ("loss", "grad_norm", "nll_sum", "target_tokens"):
+    np.testing.assert_allclose(float(metrics[key]), float(whole[key]), rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(whole_state)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

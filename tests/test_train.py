@@ -103,8 +103,17 @@ def test_missing_data_dir_is_a_one_line_error(tmp_path):
 
 def test_batch_that_does_not_divide_the_mesh_is_refused(data_dir, tmp_path):
   gin.bind_parameter("train.global_batch_size", 6)
-  with pytest.raises(UserError, match="multiple of the mesh's data\\*fsdp size 4"):
+  with pytest.raises(UserError, match="multiple of train.microbatches=1 times the mesh's "
+                     "data\\*fsdp size 4"):
     train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=1)
+
+
+def test_microbatches_and_z_loss_train(data_dir, tmp_path):
+  gin.bind_parameter("train.microbatches", 2)
+  gin.bind_parameter("train.z_loss", 1e-4)
+  summary = train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=4)
+  losses = [row["loss"] for row in _metrics(tmp_path) if "loss" in row]
+  assert summary["step"] == 4 and losses[-1] < losses[0]
 
 
 def _train_process(workdir, data_dir, *extra_flags, devices=8):
@@ -209,8 +218,8 @@ def test_k_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(
 
   clean_loss = train_module.tasks.next_token_loss
 
-  def poisoned(model, batch):
-    loss, metrics = clean_loss(model, batch)
+  def poisoned(model, batch, **options):
+    loss, metrics = clean_loss(model, batch, **options)
     return loss * float("nan"), metrics
 
   monkeypatch.setattr(train_module.tasks, "next_token_loss", poisoned)
