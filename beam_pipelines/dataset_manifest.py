@@ -11,7 +11,6 @@ import sentencepiece as spm
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines import records
-from beam_pipelines import tokenizer_training
 
 
 class TokenStats(NamedTuple):
@@ -63,32 +62,43 @@ def unigram_entropy(histogram: np.ndarray) -> float:
   return float(-(p * np.log(p)).sum())
 
 
-def tokenizer_entry(model_proto: bytes) -> dict:
+def tokenizer_entry(model_proto: bytes, model_type: str, special_tokens: list[str]) -> dict:
   sp = spm.SentencePieceProcessor(model_proto=model_proto)
   return {"file": records.TOKENIZER_NAME, "sha256": hashlib.sha256(model_proto).hexdigest(),
-          "vocab_size": sp.get_piece_size(), "model_type": tokenizer_training.MODEL_TYPE,
+          "vocab_size": sp.get_piece_size(), "model_type": model_type,
           "pad_id": sp.pad_id(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
-          "unk_id": sp.unk_id()}
+          "unk_id": sp.unk_id(),
+          "special_tokens": {token: sp.piece_to_id(token) for token in special_tokens}}
 
 
-def split_entry(stats: TokenStats, sequences: int, shard_paths: list[str]) -> dict:
+def part_entry(stats: TokenStats, sequences: int, shard_paths: list[str]) -> dict:
   shards = sorted(FileSystems.split(path)[1] for path in shard_paths)
   return {"documents": stats.documents, "tokens": stats.tokens, "sequences": sequences,
           "shards": shards}
 
 
-def build_manifest(*, seq_len: int, model_proto: bytes, splits: dict[str, dict],
-                   train_histogram: np.ndarray, inputs: list[str]) -> dict:
-  return {
-      "format": records.RECORD_FORMAT,
-      "seq_len": seq_len,
-      "fields": list(records.RECORD_FIELDS),
-      "tokenizer": tokenizer_entry(model_proto),
-      "splits": splits,
-      "unigram_entropy_nats": unigram_entropy(train_histogram),
-      "inputs": list(inputs),
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-  }
+def split_entries(summaries: list[tuple], weights: dict[str, float]) -> tuple[dict, TokenStats]:
+  """Summaries (part, TokenStats, sequences, shard paths) -> ({split: entry}, train stats).
+
+  A part named `train-SOURCE` is one source's train shards: the train entry sums them and
+  lists them under `sources` with their mixture weight.
+  """
+  splits, train_stats = {}, None
+  for part, stats, sequences, shard_paths in sorted(summaries, key=lambda s: s[0]):
+    split, _, source = part.partition("-")
+    entry = part_entry(stats, sequences, shard_paths)
+    if split == "train":
+      train_stats = stats if train_stats is None else add_token_stats(train_stats, stats)
+    if not source:
+      splits[split] = entry
+      continue
+    whole = splits.setdefault(split, {"documents": 0, "tokens": 0, "sequences": 0, "shards": [],
+                                      "sources": {}})
+    for field in ("documents", "tokens", "sequences", "shards"):
+      whole[field] += entry[field]
+    whole["sources"][source] = {"weight": weights[source], **entry}
+  ordered = {name: splits[name] for name in records.SPLITS if name in splits}
+  return ordered, train_stats
 
 
 def write_atomically(path: str, data: bytes) -> None:
@@ -100,17 +110,28 @@ def write_atomically(path: str, data: bytes) -> None:
 
 
 def write_tokenizer_and_manifest(unused_element, *, output_dir: str, seq_len: int,
-                                 inputs: list[str], model_proto: bytes,
-                                 train_stats: TokenStats, validation_stats: TokenStats,
-                                 train_sequences: int, validation_sequences: int,
-                                 train_shards: list[str], validation_shards: list[str]) -> None:
-  """The pipeline's last step; the manifest goes last so its presence means complete."""
+                                 settings: dict, model_proto: bytes, summaries: list[tuple],
+                                 weights: dict[str, float]) -> None:
+  """The pipeline's last step: the tokenizer, then manifest.json (without its report, which
+  the driver adds from the run's metrics)."""
   del unused_element
   write_atomically(FileSystems.join(output_dir, records.TOKENIZER_NAME), model_proto)
-  splits = {"train": split_entry(train_stats, train_sequences, train_shards),
-            "validation": split_entry(validation_stats, validation_sequences, validation_shards)}
-  manifest = build_manifest(seq_len=seq_len, model_proto=model_proto, splits=splits,
-                            train_histogram=train_stats.histogram, inputs=inputs)
+  splits, train_stats = split_entries(summaries, weights)
+  manifest = {
+      "format": records.RECORD_FORMAT,
+      "seq_len": seq_len,
+      "fields": list(records.RECORD_FIELDS),
+      "tokenizer": tokenizer_entry(model_proto, settings["tokenizer_type"],
+                                   settings["special_tokens"]),
+      "splits": splits,
+      "unigram_entropy_nats": unigram_entropy(train_stats.histogram),
+      "settings": settings,
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+  write_manifest(output_dir, manifest)
+
+
+def write_manifest(output_dir: str, manifest: dict) -> None:
   write_atomically(FileSystems.join(output_dir, records.MANIFEST_NAME),
                    json.dumps(manifest, indent=2).encode("utf-8"))
 
@@ -118,18 +139,3 @@ def write_tokenizer_and_manifest(unused_element, *, output_dir: str, seq_len: in
 def read_manifest(output_dir: str) -> dict:
   with FileSystems.open(FileSystems.join(output_dir, records.MANIFEST_NAME)) as f:
     return json.loads(f.read())
-
-
-def summary_table(manifest: dict, seconds: float, skipped: dict[str, int]) -> str:
-  rows = [f"{'split':<12}{'documents':>12}{'tokens':>14}{'sequences':>12}{'shards':>8}"]
-  for name, split in manifest["splits"].items():
-    rows.append(f"{name:<12}{split['documents']:>12,}{split['tokens']:>14,}"
-                f"{split['sequences']:>12,}{len(split['shards']):>8}")
-  rows.append(f"seq_len {manifest['seq_len']}, vocab {manifest['tokenizer']['vocab_size']}, "
-              f"train unigram entropy {manifest['unigram_entropy_nats']:.3f} nats, "
-              f"{seconds:.1f}s")
-  skipped_text = ", ".join(f"{count:,} {name.replace('_', ' ')}"
-                           for name, count in skipped.items() if count)
-  if skipped_text:
-    rows.append(f"skipped: {skipped_text}")
-  return "\n".join(rows)

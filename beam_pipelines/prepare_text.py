@@ -1,9 +1,14 @@
-"""Raw text -> SentencePiece tokenizer + packed ArrayRecord shards + manifest.json.
+"""Raw text -> clean, deduplicated, tokenized, packed ArrayRecord shards + manifest + report.
 
-  python -m beam_pipelines.prepare_text --input='data/**/*.py,more/*.jsonl.gz' \\
+  python -m beam_pipelines.prepare_text --input='data/**/*.txt,more/*.jsonl.gz' \\
       --output_dir=/tmp/dataset --vocab_size=4096 --seq_len=256
+  python -m beam_pipelines.prepare_text --source='web:3=crawl/*.parquet' \\
+      --source='code:1:code=src/**/*.py' --source='reviews=tfds:imdb_reviews:train' ...
 
-Plain files are one document each; JSONL(.gz) lines contribute their `text` field. Flags this
+Stages (each on by default, each with a --no_* flag): read (dead letters for bad input),
+normalize, quality heuristics, language ID, PII scrubbing, exact and near-duplicate removal,
+SentencePiece training, tokenize, pack, write per-source train shards. The run writes into a
+temporary directory beside --output_dir and renames it into place when complete. Flags this
 module does not know are Beam pipeline options (e.g. --runner=DataflowRunner --project=...).
 """
 
@@ -12,18 +17,22 @@ import dataclasses
 import logging
 import math
 import time
+import uuid
 
 import apache_beam as beam
-from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_pipelines import cleaning
 from beam_pipelines import dataset_manifest
+from beam_pipelines import dedup
 from beam_pipelines import documents
-from beam_pipelines import records
+from beam_pipelines import pii
+from beam_pipelines import sources as sources_lib
+from beam_pipelines import stage_report
 from beam_pipelines import tokenized_split
 from beam_pipelines import tokenizer_training
+from beam_pipelines.sources import Source
 
 logger = logging.getLogger(__name__)
 
@@ -32,59 +41,117 @@ MAX_AUTO_SHARDS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
+class StageFlags:
+  """Which optional stages run, and their settings."""
+  normalize: bool = True
+  quality: bool = True
+  langid: bool = True
+  pii: bool = True
+  exact_dedup: bool = True
+  near_dedup: bool = True
+  near_dup_threshold: float = 0.8
+  languages: tuple[str, ...] = ("en",)
+  min_language_score: float = 0.5
+  max_document_bytes: int = 16 << 20
+  tokenizer_type: str = "bpe"
+  special_tokens: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class PrepareConfig:
-  inputs: list[str]
-  patterns: list[str]
+  sources: list[Source]
   output_dir: str
   vocab_size: int
   seq_len: int
   validation_fraction: float
   seed: int
-  train_shards: int
+  train_shards: dict[str, int]  # per source
   validation_shards: int
   spm_sample_docs: int
   spm_sample_bytes: int
+  stages: StageFlags
+
+  def special_tokens(self) -> list[str]:
+    placeholders = list(pii.PLACEHOLDERS) if self.stages.pii else []
+    return placeholders + [t for t in self.stages.special_tokens if t not in placeholders]
+
+  def settings(self) -> dict:
+    """What the manifest records about how the data was made."""
+    return {"sources": [dataclasses.asdict(s) for s in self.sources],
+            "stages": dataclasses.asdict(self.stages), "vocab_size": self.vocab_size,
+            "validation_fraction": self.validation_fraction, "seed": self.seed,
+            "tokenizer_type": self.stages.tokenizer_type,
+            "special_tokens": self.special_tokens()}
 
 
-def file_path(metadata) -> str:
-  return metadata.path
+def cleaned_documents(pipeline: beam.Pipeline, config: PrepareConfig, units):
+  """(deduplicated Documents, [dead-letter lines, duplicate lines])."""
+  stages = config.stages
+  read = (pipeline
+          | "Units" >> beam.Create(units)
+          | "Read" >> beam.ParDo(cleaning.ReadDocuments(stages.max_document_bytes)).with_outputs(
+              cleaning.DEAD_LETTER, main="documents"))
+  cleaning_config = cleaning.CleaningConfig(
+      profiles={s.name: s.profile for s in config.sources},
+      max_document_bytes=stages.max_document_bytes, normalize=stages.normalize,
+      quality=stages.quality, langid=stages.langid, pii=stages.pii, languages=stages.languages,
+      min_language_score=stages.min_language_score, seed=config.seed)
+  docs = read.documents | "Clean" >> beam.ParDo(cleaning.CleanDocuments(cleaning_config))
+  duplicates = []
+  if stages.exact_dedup:
+    exact = docs | "ExactDedup" >> dedup.ExactDedup()
+    docs, duplicates = exact.documents, duplicates + [exact[dedup.DUPLICATES]]
+  if stages.near_dedup:
+    near = docs | "NearDedup" >> dedup.NearDedup(stages.near_dup_threshold, seed=config.seed)
+    docs, duplicates = near.documents, duplicates + [near[dedup.DUPLICATES]]
+  return docs, read[cleaning.DEAD_LETTER], duplicates
 
 
-def build_pipeline(pipeline: beam.Pipeline, config: PrepareConfig) -> None:
-  docs = (pipeline
-          | "Patterns" >> beam.Create(config.patterns)
-          | "Match" >> fileio.MatchAll()
-          | "Paths" >> beam.Map(file_path)
-          | "DistinctPaths" >> beam.Distinct()
-          | "Read" >> beam.ParDo(documents.ReadDocuments(config.seed)))
+def write_lines(lines, output_dir: str, name: str, label: str):
+  stem, suffix = name.rsplit(".", 1)
+  return lines | label >> beam.io.WriteToText(
+      FileSystems.join(output_dir, stem), file_name_suffix=f".{suffix}", num_shards=1,
+      shard_name_template="")
+
+
+def source_index(document: documents.Document, num_partitions: int, names: list[str]) -> int:
+  del num_partitions
+  return names.index(document.source)
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: PrepareConfig, units) -> None:
+  docs, dead_letters, duplicates = cleaned_documents(pipeline, config, units)
+  write_lines(dead_letters, config.output_dir, stage_report.DEAD_LETTER_NAME, "WriteDeadLetters")
+  write_lines(duplicates | "AllDuplicates" >> beam.Flatten(pipeline=pipeline), config.output_dir,
+              stage_report.DUPLICATES_NAME, "WriteDuplicates")
   bounds = docs | "KeyBounds" >> beam.CombineGlobally(documents.KeyBounds())
   train, validation = docs | "Split" >> beam.Partition(
       documents.partition_by_split, 2, config.validation_fraction,
       beam.pvalue.AsSingleton(bounds))
   model_proto = beam.pvalue.AsSingleton(
       train
+      | "Texts" >> beam.Map(lambda doc: doc.text)
       | "SampleForTokenizer" >> beam.CombineGlobally(tokenizer_training.HashSample(
           config.spm_sample_docs, config.spm_sample_bytes))
-      | "TrainTokenizer" >> beam.Map(tokenizer_training.train_tokenizer, config.vocab_size))
-  split_settings = dict(model_proto=model_proto, output_dir=config.output_dir,
+      | "TrainTokenizer" >> beam.Map(
+          tokenizer_training.train_tokenizer, config.vocab_size, config.stages.tokenizer_type,
+          tuple(config.special_tokens())))
+  write_settings = dict(model_proto=model_proto, output_dir=config.output_dir,
                         seq_len=config.seq_len, vocab_size=config.vocab_size)
-  train_out = train | "Train" >> tokenized_split.TokenizePackWrite(
-      "train", num_shards=config.train_shards, **split_settings)
-  validation_out = validation | "Validation" >> tokenized_split.TokenizePackWrite(
-      "validation", num_shards=config.validation_shards, **split_settings)
-  singleton, as_list = beam.pvalue.AsSingleton, beam.pvalue.AsList
+  names = [s.name for s in config.sources]
+  by_source = train | "BySource" >> beam.Partition(source_index, len(names), names)
+  summaries = [by_source[i] | f"Train_{name}" >> tokenized_split.TokenizePackWrite(
+      f"train-{name}", num_shards=config.train_shards[name], **write_settings)
+               for i, name in enumerate(names)]
+  summaries.append(validation | "Validation" >> tokenized_split.TokenizePackWrite(
+      "validation", num_shards=config.validation_shards, **write_settings))
   _ = (pipeline
        | "Once" >> beam.Create([None])
        | "WriteManifest" >> beam.Map(
            dataset_manifest.write_tokenizer_and_manifest,
-           output_dir=config.output_dir, seq_len=config.seq_len, inputs=config.inputs,
-           model_proto=model_proto,
-           train_stats=singleton(train_out["stats"]),
-           validation_stats=singleton(validation_out["stats"]),
-           train_sequences=singleton(train_out["sequences"]),
-           validation_sequences=singleton(validation_out["sequences"]),
-           train_shards=as_list(train_out["shards"]),
-           validation_shards=as_list(validation_out["shards"])))
+           output_dir=config.output_dir, seq_len=config.seq_len, settings=config.settings(),
+           model_proto=model_proto, weights={s.name: s.weight for s in config.sources},
+           summaries=beam.pvalue.AsList(summaries | "AllSummaries" >> beam.Flatten())))
 
 
 def pipeline_options(beam_args: list[str] | None) -> PipelineOptions:
@@ -95,27 +162,41 @@ def pipeline_options(beam_args: list[str] | None) -> PipelineOptions:
   return PipelineOptions(args)
 
 
-def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
-  manifest_path = FileSystems.join(output_dir, records.MANIFEST_NAME)
-  if FileSystems.exists(manifest_path):
-    if not overwrite:
-      raise FileExistsError(f"--output_dir {output_dir} already holds a prepared dataset; "
-                            "pass --overwrite or choose another directory")
-    FileSystems.delete([manifest_path])  # first, so a failed rerun never looks complete
-    stale = [m.path for split in records.SPLITS
-             for m in FileSystems.match([FileSystems.join(
-                 output_dir, f"{split}-*{tokenized_split.SHARD_SUFFIX}")])[0].metadata_list]
-    if stale:
-      FileSystems.delete(stale)
-  if not FileSystems.exists(output_dir):
-    FileSystems.mkdirs(output_dir)
+def is_nonempty_dir(path: str) -> bool:
+  return bool(FileSystems.match([FileSystems.join(path, "*")])[0].metadata_list)
 
 
-def default_train_shards(input_bytes: int) -> int:
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+  if FileSystems.exists(output_dir) and is_nonempty_dir(output_dir) and not overwrite:
+    raise FileExistsError(f"--output_dir {output_dir} already exists and is not empty; pass "
+                          "--overwrite to replace it or choose another directory")
+
+
+def staging_dir(output_dir: str) -> str:
+  """A fresh directory beside output_dir that the run fills before it is renamed into place."""
+  path = f"{output_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+  FileSystems.mkdirs(path)
+  return path
+
+
+def move_into_place(staged: str, output_dir: str) -> None:
+  """Replaces output_dir with the staged run whole; a reader sees the old run, no directory
+  for an instant, or the new run, never a mix."""
+  if FileSystems.exists(output_dir):
+    retired = f"{output_dir.rstrip('/')}.old-{uuid.uuid4().hex[:8]}"
+    FileSystems.rename([output_dir], [retired])
+    FileSystems.rename([staged], [output_dir])
+    FileSystems.delete([retired])
+  else:
+    FileSystems.rename([staged], [output_dir])
+
+
+def shards_for_bytes(input_bytes: int) -> int:
   return min(MAX_AUTO_SHARDS, max(1, math.ceil(input_bytes / BYTES_PER_TRAIN_SHARD)))
 
 
-def check_settings(vocab_size: int, seq_len: int, validation_fraction: float) -> None:
+def check_settings(vocab_size: int, seq_len: int, validation_fraction: float,
+                   stages: StageFlags) -> None:
   if seq_len < 1:
     raise ValueError(f"--seq_len must be at least 1, got {seq_len}")
   if vocab_size < 300:
@@ -123,64 +204,124 @@ def check_settings(vocab_size: int, seq_len: int, validation_fraction: float) ->
                      f"got {vocab_size}")
   if not 0 <= validation_fraction < 1:
     raise ValueError(f"--validation_fraction must be in [0, 1), got {validation_fraction}")
+  if not 0 < stages.near_dup_threshold <= 1:
+    raise ValueError(f"--near_dup_threshold must be in (0, 1], got {stages.near_dup_threshold}")
+  if stages.tokenizer_type not in tokenizer_training.MODEL_TYPES:
+    raise ValueError(f"--tokenizer_type must be one of {tokenizer_training.MODEL_TYPES}")
+  tokenizer_training.check_special_tokens(list(stages.special_tokens))
 
 
-def skipped_counts(result) -> dict[str, int]:
-  query = result.metrics().query(MetricsFilter().with_namespace(documents.METRICS_NAMESPACE))
-  totals = {}
-  for counter in query["counters"]:
-    value = counter.committed if counter.committed is not None else counter.attempted
-    totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + (value or 0)
-  return {name: totals.get(name, 0)
-          for name in ("empty_documents", "malformed_json_lines", "missing_text_lines")}
+def as_sources(inputs: list[str] | list[Source]) -> list[Source]:
+  """Plain globs form one source named `default`."""
+  if all(isinstance(i, Source) for i in inputs):
+    return list(inputs)
+  return [Source(sources_lib.DEFAULT_SOURCE, tuple(inputs))]
 
 
-def run(inputs: list[str], output_dir: str, *, vocab_size: int, seq_len: int,
+def run(inputs: list[str] | list[Source], output_dir: str, *, vocab_size: int, seq_len: int,
         validation_fraction: float = 0.01, seed: int = 0, num_shards: int = 0,
         spm_sample_docs: int = 100_000, spm_sample_bytes: int = 5_000_000,
-        overwrite: bool = False, beam_args: list[str] | None = None) -> dict:
+        overwrite: bool = False, stages: StageFlags = StageFlags(),
+        beam_args: list[str] | None = None) -> dict:
   """Runs the pipeline to completion and returns the manifest it wrote.
 
-  num_shards=0 picks one train shard per 256 MiB of input.
+  `inputs` are globs (one source) or Sources. num_shards=0 picks one train shard per 256 MiB of
+  each source's input.
   """
   start = time.perf_counter()
-  check_settings(vocab_size, seq_len, validation_fraction)
-  matched = documents.resolve_inputs(inputs)
-  prepare_output_dir(output_dir, overwrite)
-  train_shards = num_shards or default_train_shards(matched.total_bytes)
+  check_settings(vocab_size, seq_len, validation_fraction, stages)
+  source_list = as_sources(inputs)
+  resolved = sources_lib.resolve(source_list)
+  check_output_dir(output_dir, overwrite)
+  total_bytes = sum(resolved.bytes_by_source.values())
+  staged = staging_dir(output_dir)
   config = PrepareConfig(
-      inputs=list(inputs), patterns=matched.patterns, output_dir=output_dir,
-      vocab_size=vocab_size, seq_len=seq_len, validation_fraction=validation_fraction,
-      seed=seed, train_shards=train_shards,
-      validation_shards=max(1, math.ceil(train_shards * validation_fraction)),
-      spm_sample_docs=spm_sample_docs, spm_sample_bytes=spm_sample_bytes)
-  logger.info("matched %d files (%.1f MB); writing %d train + %d validation shards to %s",
-              matched.files, matched.total_bytes / 1e6, config.train_shards,
-              config.validation_shards, output_dir)
-  pipeline = beam.Pipeline(options=pipeline_options(beam_args))
-  build_pipeline(pipeline, config)
-  result = pipeline.run()
-  result.wait_until_finish()
-  manifest = dataset_manifest.read_manifest(output_dir)
-  logger.info("prepared %s\n%s", output_dir, dataset_manifest.summary_table(
-      manifest, time.perf_counter() - start, skipped_counts(result)))
+      sources=source_list, output_dir=staged, vocab_size=vocab_size, seq_len=seq_len,
+      validation_fraction=validation_fraction, seed=seed,
+      train_shards={name: num_shards or shards_for_bytes(size)
+                    for name, size in resolved.bytes_by_source.items()},
+      validation_shards=max(1, math.ceil(shards_for_bytes(total_bytes) * validation_fraction)),
+      spm_sample_docs=spm_sample_docs, spm_sample_bytes=spm_sample_bytes, stages=stages)
+  logger.info("%d sources, %d read units (%.1f MB of files); staging in %s",
+              len(source_list), len(resolved.units), total_bytes / 1e6, staged)
+  try:
+    pipeline = beam.Pipeline(options=pipeline_options(beam_args))
+    build_pipeline(pipeline, config, resolved.units)
+    result = pipeline.run()
+    result.wait_until_finish()
+    manifest = dataset_manifest.read_manifest(staged)
+    manifest["report"] = stage_report.build_report(
+        manifest, stage_report.counter_totals(result), total_bytes, time.perf_counter() - start)
+    dataset_manifest.write_manifest(staged, manifest)
+    table = stage_report.report_markdown(manifest)
+    dataset_manifest.write_atomically(FileSystems.join(staged, stage_report.REPORT_NAME),
+                                      table.encode("utf-8"))
+    check_output_dir(output_dir, overwrite)  # another run may have finished meanwhile
+    move_into_place(staged, output_dir)
+  except BaseException:
+    if FileSystems.exists(staged):
+      FileSystems.delete([staged])
+    raise
+  print(f"prepared {output_dir}\n{table}", flush=True)
   return manifest
 
 
 def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-  parser.add_argument("--input", required=True, help="comma-separated globs")
+  parser.add_argument("--input", help="comma-separated globs forming one source, `default`")
+  parser.add_argument("--source", action="append", default=[],
+                      help="NAME[:WEIGHT[:PROFILE]]=GLOB_OR_TFDS,... (repeatable); PROFILE is "
+                           "prose (default) or code (no language ID or prose heuristics); "
+                           "TFDS inputs look like tfds:NAME[/CONFIG][:SPLIT]")
   parser.add_argument("--output_dir", required=True)
   parser.add_argument("--vocab_size", type=int, default=4096)
   parser.add_argument("--seq_len", type=int, default=256)
   parser.add_argument("--validation_fraction", type=float, default=0.01)
   parser.add_argument("--num_shards", type=int, default=0,
-                      help="train shards; 0 = one per 256 MiB of input")
+                      help="train shards per source; 0 = one per 256 MiB of input")
   parser.add_argument("--spm_sample_docs", type=int, default=100_000)
   parser.add_argument("--spm_sample_bytes", type=int, default=5_000_000)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing --output_dir whole")
+  defaults = StageFlags()
+  for stage in ("normalize", "quality", "langid", "pii", "exact_dedup", "near_dedup"):
+    parser.add_argument(f"--{stage}", action=argparse.BooleanOptionalAction,
+                        default=getattr(defaults, stage))
+  parser.add_argument("--near_dup_threshold", type=float, default=defaults.near_dup_threshold,
+                      help="MinHash Jaccard similarity of word 5-grams above which documents "
+                           "are near duplicates")
+  parser.add_argument("--languages", default=",".join(defaults.languages),
+                      help="comma-separated ISO 639-1 codes that language ID keeps")
+  parser.add_argument("--min_language_score", type=float, default=defaults.min_language_score)
+  parser.add_argument("--max_document_bytes", type=int, default=defaults.max_document_bytes,
+                      help="longer documents or JSONL lines go to the dead letters as too_long")
+  parser.add_argument("--tokenizer_type", default=defaults.tokenizer_type,
+                      choices=tokenizer_training.MODEL_TYPES)
+  parser.add_argument("--special_tokens", default="",
+                      help="comma-separated pieces never split, e.g. '<|user|>,<|image|>'")
   return parser.parse_known_args(argv)
+
+
+def sources_from_flags(flags: argparse.Namespace) -> list[Source]:
+  sources = [sources_lib.parse_source(flag) for flag in flags.source]
+  if flags.input:
+    inputs = tuple(glob.strip() for glob in flags.input.split(",") if glob.strip())
+    sources.insert(0, Source(sources_lib.DEFAULT_SOURCE, inputs))
+  if not sources:
+    raise ValueError("pass --input=GLOB,... or at least one --source=NAME=GLOB,...")
+  return sources
+
+
+def stages_from_flags(flags: argparse.Namespace) -> StageFlags:
+  split = lambda value: tuple(v.strip() for v in value.split(",") if v.strip())
+  return StageFlags(
+      normalize=flags.normalize, quality=flags.quality, langid=flags.langid, pii=flags.pii,
+      exact_dedup=flags.exact_dedup, near_dedup=flags.near_dedup,
+      near_dup_threshold=flags.near_dup_threshold, languages=split(flags.languages),
+      min_language_score=flags.min_language_score,
+      max_document_bytes=flags.max_document_bytes, tokenizer_type=flags.tokenizer_type,
+      special_tokens=split(flags.special_tokens))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,13 +329,12 @@ def main(argv: list[str] | None = None) -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                       force=True)
   logging.getLogger("apache_beam").setLevel(logging.WARNING)
-  inputs = [glob.strip() for glob in flags.input.split(",") if glob.strip()]
   try:
-    run(inputs, flags.output_dir, vocab_size=flags.vocab_size, seq_len=flags.seq_len,
-        validation_fraction=flags.validation_fraction, seed=flags.seed,
+    run(sources_from_flags(flags), flags.output_dir, vocab_size=flags.vocab_size,
+        seq_len=flags.seq_len, validation_fraction=flags.validation_fraction, seed=flags.seed,
         num_shards=flags.num_shards, spm_sample_docs=flags.spm_sample_docs,
         spm_sample_bytes=flags.spm_sample_bytes, overwrite=flags.overwrite,
-        beam_args=beam_args)
+        stages=stages_from_flags(flags), beam_args=beam_args)
   except (ValueError, FileExistsError) as err:
     raise SystemExit(f"prepare_text: {err}") from None
 

@@ -15,6 +15,7 @@ from beam_pipelines import dataset_manifest
 from beam_pipelines import packing
 from beam_pipelines import records
 from beam_pipelines import tokenizer_training
+from beam_pipelines.documents import Document
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ STATS = "stats"
 
 
 class TokenizeDocuments(beam.DoFn):
-  """(key, text) -> (pack bucket, int32 bytes of [bos] + ids + [eos]).
+  """Document -> (pack bucket, int32 bytes of [bos] + ids + [eos]).
 
   Encodes in batches so SentencePiece can use every core; each batch also emits its
   `dataset_manifest.TokenStats` to the STATS output.
@@ -42,12 +43,12 @@ class TokenizeDocuments(beam.DoFn):
   def start_bundle(self):
     self._batch, self._pending_chars = [], 0
 
-  def process(self, document: tuple[int, str], model_proto: bytes):
+  def process(self, document: Document, model_proto: bytes):
     if model_proto is not self._model_proto and model_proto != self._model_proto:
       self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
       self._model_proto = model_proto
     self._batch.append(document)
-    self._pending_chars += len(document[1])
+    self._pending_chars += len(document.text)
     if self._pending_chars >= self._batch_chars:
       yield from self._flush()
 
@@ -61,8 +62,9 @@ class TokenizeDocuments(beam.DoFn):
   def _flush(self) -> Iterator:
     if not self._batch:
       return
-    keys, texts = zip(*self._batch)
-    ids = self._processor.encode(list(texts), num_threads=os.cpu_count() or 1)
+    keys = [doc.key for doc in self._batch]
+    texts = [doc.text for doc in self._batch]
+    ids = self._processor.encode(texts, num_threads=os.cpu_count() or 1)
     token_arrays = [with_bos_eos(doc_ids) for doc_ids in ids]
     for key, tokens in zip(keys, token_arrays):
       yield key % self._num_buckets, tokens.tobytes()
@@ -94,17 +96,23 @@ def pack_bucket(bucket: tuple[int, Iterable[bytes]], seq_len: int) -> Iterator[b
     yield records.encode_packed(*sequence)
 
 
-class TokenizePackWrite(beam.PTransform):
-  """One split's (key, text) documents -> `{split}-SSSSS-of-NNNNN.array_record` shards.
+def split_summary(unused_element, *, part: str, stats, sequences: int, shards: list[str]):
+  del unused_element
+  return part, stats, sequences, shards
 
-  Documents are packed within num_shards hash buckets. Returns PCollections
-  {stats: one TokenStats, sequences: one count, shards: written paths}.
+
+class TokenizePackWrite(beam.PTransform):
+  """Documents -> `{part}-SSSSS-of-NNNNN.array_record` shards; part is a split, or a split and
+  a source (`train-code`).
+
+  Documents are packed within num_shards hash buckets. Returns one element
+  (part, TokenStats, sequence count, shard paths).
   """
 
-  def __init__(self, split: str, *, model_proto, output_dir: str, seq_len: int,
+  def __init__(self, part: str, *, model_proto, output_dir: str, seq_len: int,
                vocab_size: int, num_shards: int):
     super().__init__()
-    self._split = split
+    self._part = part
     self._model_proto = model_proto
     self._output_dir = output_dir
     self._seq_len = seq_len
@@ -119,11 +127,15 @@ class TokenizePackWrite(beam.PTransform):
               | "GroupIntoBuckets" >> beam.GroupByKey()
               | "Pack" >> beam.FlatMap(pack_bucket, self._seq_len))
     write = WriteToArrayRecord(
-        FileSystems.join(self._output_dir, self._split), file_name_suffix=SHARD_SUFFIX,
+        FileSystems.join(self._output_dir, self._part), file_name_suffix=SHARD_SUFFIX,
         num_shards=self._num_shards, shard_name_template=SHARD_TEMPLATE)
-    return {
-        "stats": tokenized[STATS] | "SumStats" >> beam.CombineGlobally(
-            dataset_manifest.SumTokenStats(self._vocab_size)),
-        "sequences": packed | "CountSequences" >> beam.combiners.Count.Globally(),
-        "shards": packed | "Write" >> write,
-    }
+    stats = tokenized[STATS] | "SumStats" >> beam.CombineGlobally(
+        dataset_manifest.SumTokenStats(self._vocab_size))
+    sequences = packed | "CountSequences" >> beam.combiners.Count.Globally()
+    shards = packed | "Write" >> write
+    return (docs.pipeline
+            | "Once" >> beam.Create([None])
+            | "Summary" >> beam.Map(
+                split_summary, part=self._part, stats=beam.pvalue.AsSingleton(stats),
+                sequences=beam.pvalue.AsSingleton(sequences),
+                shards=beam.pvalue.AsList(shards)))

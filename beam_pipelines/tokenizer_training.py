@@ -14,15 +14,15 @@ import sentencepiece as spm
 logger = logging.getLogger(__name__)
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
-MODEL_TYPE = "bpe"
+MODEL_TYPES = ("bpe", "unigram")
 MAX_CHUNK_CHARS = 2048
 # Identity normalization and no dummy prefix keep whitespace, newlines and indentation, so
 # decode(encode(text)) == text for source code; byte fallback covers any character not learned.
 TRAINER_OPTIONS = dict(
-    model_type=MODEL_TYPE, byte_fallback=True,
+    byte_fallback=True,
     pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
     normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-    split_digits=True, allow_whitespace_only_pieces=True, user_defined_symbols=["\n"],
+    split_digits=True, allow_whitespace_only_pieces=True,
     character_coverage=0.9999, max_sentence_length=4 * MAX_CHUNK_CHARS, input_sentence_size=0,
     minloglevel=2)
 
@@ -34,7 +34,7 @@ def sample_priority(text: str) -> int:
 
 
 class HashSample(beam.CombineFn):
-  """The lowest-priority documents that fit a document and UTF-8 byte budget.
+  """The lowest-priority texts that fit a document and UTF-8 byte budget.
 
   The accumulator holds every document seen below `cutoff`, the lowest priority ever evicted;
   that invariant makes the result independent of input order and bundling. Each document
@@ -57,9 +57,9 @@ class HashSample(beam.CombineFn):
       cutoff = -negative_priority
     return heap, total, cutoff
 
-  def add_input(self, accumulator, document):
+  def add_input(self, accumulator, text: str):
     heap, total, cutoff = accumulator
-    text = document[1][:self._max_doc_chars]
+    text = text[:self._max_doc_chars]
     priority = sample_priority(text)
     if priority >= cutoff:
       return accumulator
@@ -94,20 +94,31 @@ def training_chunks(texts: Iterable[str], max_chars: int = MAX_CHUNK_CHARS) -> I
       yield chunk
 
 
-def train_tokenizer(sample: list[str], vocab_size: int) -> bytes:
-  """Trains the BPE model on the sample texts; returns the serialized model proto."""
+def check_special_tokens(special_tokens: list[str]) -> None:
+  for token in special_tokens:
+    if not token or token != token.strip() or "\n" in token:
+      raise ValueError(f"--special_tokens entry {token!r} must be non-empty with no surrounding "
+                       "whitespace or newline")
+
+
+def train_tokenizer(sample: list[str], vocab_size: int, model_type: str = "bpe",
+                    special_tokens: tuple[str, ...] = ()) -> bytes:
+  """Trains a SentencePiece model (bpe or unigram) with byte fallback on the sample texts;
+  each special token becomes one piece that is never split. Returns the serialized proto."""
   if not sample:
-    raise ValueError("no non-empty training documents were read; check --input")
+    raise ValueError("no documents survived cleaning to train the tokenizer on; check --input "
+                     "and the filter flags")
   start = time.perf_counter()
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=training_chunks(sample), model_writer=model, vocab_size=vocab_size,
+        model_type=model_type, user_defined_symbols=["\n", *special_tokens],
         num_threads=os.cpu_count() or 1, **TRAINER_OPTIONS)
   except RuntimeError as err:
     raise ValueError(f"SentencePiece could not train a {vocab_size}-piece tokenizer on "
                      f"the sample ({err}); lower --vocab_size or add input text") from None
   sample_mb = sum(len(text) for text in sample) / 1e6
-  logger.info("trained %d-piece tokenizer on %d sampled documents (%.1f MB) in %.1fs",
-              vocab_size, len(sample), sample_mb, time.perf_counter() - start)
+  logger.info("trained %d-piece %s tokenizer on %d sampled documents (%.1f MB) in %.1fs",
+              vocab_size, model_type, len(sample), sample_mb, time.perf_counter() - start)
   return model.getvalue()

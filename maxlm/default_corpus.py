@@ -16,6 +16,7 @@ from pathlib import Path
 import gin
 
 from beam_pipelines import prepare_text
+from beam_pipelines.sources import Source
 from beam_pipelines.records import MANIFEST_NAME
 
 _SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idlelib",
@@ -55,7 +56,7 @@ def ensure_default_corpus(vocab_size: int = 4096, seq_len: int = 256,
   """Returns the data dir of the stdlib corpus, building it first if it is not cached."""
   version = f"py{sys.version_info.major}.{sys.version_info.minor}"
   root = Path(cache_dir) if cache_dir else cache_root()
-  data_dir = root / f"stdlib-{version}-v{vocab_size}-s{seq_len}-h{validation_fraction:g}"
+  data_dir = root / f"stdlib-{version}-v{vocab_size}-s{seq_len}-h{validation_fraction:g}-clean"
   if (data_dir / MANIFEST_NAME).exists():
     return str(data_dir)
   print(f"no data configured: building the Python {version} standard library corpus into "
@@ -65,7 +66,9 @@ def ensure_default_corpus(vocab_size: int = 4096, seq_len: int = 256,
   partial.mkdir(parents=True)
   topics = write_pydoc_topics(root / f"pydoc-topics-{version}.jsonl")
   started = time.perf_counter()
-  manifest = prepare_text.run(stdlib_source_globs() + [str(topics)], str(partial),
+  # One source with the code profile: language ID and prose heuristics would drop source code.
+  stdlib = Source("stdlib", tuple(stdlib_source_globs() + [str(topics)]), profile="code")
+  manifest = prepare_text.run([stdlib], str(partial),
                               vocab_size=vocab_size, seq_len=seq_len,
                               validation_fraction=validation_fraction)
   splits = manifest["splits"]

@@ -125,7 +125,9 @@ def make_dataset(
   batch, so a run is the same on any number of processes. `drop_remainder=None` means
   `shuffle`: training batches span epoch boundaries, while eval (`shuffle=False, num_epochs=1`)
   pads its last global batch with empty sequences (segment_ids 0) so every sequence is seen
-  exactly once and every process runs the same number of steps. `read_threads > 0` decodes records in background threads.
+  exactly once and every process runs the same number of steps. A training split written per
+  source (its manifest entry has `sources` with weights) is a weighted mixture of the sources
+  instead of one shuffled sequence. `read_threads > 0` decodes records in background threads.
   `iter(ds)` gives a checkpointable `grain.DatasetIterator` (`get_state`/`set_state`).
   """
   manifest = load_manifest(data_dir)
@@ -135,15 +137,40 @@ def make_dataset(
   records = grain.MapDataset.source(
       grain.sources.ArrayRecordDataSource(split_shard_paths(data_dir, manifest, split)))
   _check_record_count(records, manifest, split, count)
-  if shuffle:
-    records = records.shuffle(seed=seed)
+  weights = source_weights(manifest, split)
+  if shuffle and len(weights) > 1:
+    records = mixture(data_dir, manifest, split, weights, seed, num_epochs, len(records))
+  else:
+    if shuffle:
+      records = records.shuffle(seed=seed)
+    records = records.repeat(num_epochs)
   drop_remainder = shuffle if drop_remainder is None else drop_remainder
-  rows = rows_of_process(records.repeat(num_epochs), global_batch_size, index, count,
+  rows = rows_of_process(records, global_batch_size, index, count,
                          pad_last_batch=not drop_remainder and num_epochs is not None)
   sequences = rows.map(functools.partial(_decode_or_pad, seq_len=manifest["seq_len"]))
   read_options = grain.ReadOptions(
       num_threads=read_threads, prefetch_buffer_size=2 * batch_size if read_threads else 0)
   return sequences.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True)
+
+
+def source_weights(manifest: dict, split: str) -> dict[str, float]:
+  """{source: mixture weight} of a split written per source; empty for a single-source split."""
+  sources = manifest["splits"][split].get("sources", {})
+  return {name: float(entry["weight"]) for name, entry in sources.items() if entry["sequences"]}
+
+
+def mixture(data_dir, manifest: dict, split: str, weights: dict[str, float], seed: int,
+            num_epochs: int | None, total: int) -> grain.MapDataset:
+  """Sequences drawn from each source in proportion to its weight, each source reshuffled
+  every time it runs out. `num_epochs` counts epochs of the whole split's size."""
+  parts = []
+  for i, name in enumerate(weights):
+    paths = [os.fspath(epath.Path(data_dir) / shard)
+             for shard in manifest["splits"][split]["sources"][name]["shards"]]
+    part = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+    parts.append(part.shuffle(seed=(seed + i) % _MAX_SEED).repeat(None))
+  mixed = grain.MapDataset.mix(parts, list(weights.values()))
+  return mixed if num_epochs is None else mixed[:num_epochs * total]
 
 
 def rows_of_process(records: grain.MapDataset, global_batch_size: int, index: int, count: int,
