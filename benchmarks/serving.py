@@ -1,0 +1,350 @@
+"""Continuous batching against one-at-a-time serving and against HF `generate`, in one run.
+
+  python benchmarks/serving.py [--json] [--checkpoint_dir=RUN] [--requests=64]
+      [--concurrency=16] [--slots=8] [--max_tokens=64] [--soak]
+
+Starts `python -m serving.server` on a checkpoint (default: a random-init model of
+configs/tiny.gin's shape with a tokenizer trained on the stdlib, so no training is needed;
+pass a trained run dir to use it), then times, over the same requests (greedy, `ignore_eos`,
+so every request makes exactly --max_tokens tokens):
+  1. `concurrency` streaming clients at once on loopback: output tokens/s, TTFT, TPOT;
+  2. the same requests one at a time (`sequential_output_tokens_per_s`);
+  3. Hugging Face `transformers` LlamaForCausalLM.generate with the same weights, converted in
+     this run (its logits checked against ours), in left-padded batches of 8.
+--soak then sends 300 requests from 32 clients, a tenth of them malformed, and checks every
+valid one succeeds, every malformed one gets a 4xx, and the server's RSS afterwards.
+"""
+
+import argparse
+import asyncio
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+TINY_SHAPE = dict(num_layers=4, embed_dim=192, num_heads=3, num_kv_heads=1, head_dim=64,
+                  mlp_dim=512, max_seq_len=256)
+
+
+# --- a run dir to serve ------------------------------------------------------------------------
+
+def stdlib_texts() -> list[str]:
+  """Real text on every machine: the installed Python's own modules."""
+  stdlib = Path(textwrap.__file__).parent
+  return [path.read_text(errors="replace") for path in sorted(stdlib.glob("*.py"))[:120]]
+
+
+def random_run_dir(directory: Path, vocab_size: int = 4096) -> Path:
+  """A tokenizer trained on stdlib text and a random-init checkpoint of the tiny shape."""
+  import grain
+  import jax
+  import sentencepiece as spm
+
+  from maxlm import checkpoint, optim, sharding, steps
+  from maxlm.model import ModelConfig
+
+  lines = [line for text in stdlib_texts() for line in text.splitlines() if line.strip()]
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines), model_prefix=str(directory / "spm"), model_type="bpe",
+      vocab_size=vocab_size, byte_fallback=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+      minloglevel=2, num_threads=2)
+  tokenizer_file = directory / "spm.model"
+  config = ModelConfig(vocab_size=vocab_size, **TINY_SHAPE)
+  optimizer = optim.make_optimizer(optim.learning_rate_schedule(10))
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  _, abstract_state = steps.abstract_model(config)
+  state = steps.init_train_state(config, optimizer,
+                                 steps.state_shardings(abstract_state, optimizer, mesh))
+  run_dir = directory / "random_tiny"
+  checkpointer = checkpoint.Checkpointer(run_dir, save_every=1)
+  meta = checkpoint.model_meta(config, seq_len=config.max_seq_len,
+                               tokenizer_sha256=hashlib.sha256(
+                                   tokenizer_file.read_bytes()).hexdigest())
+  checkpointer.save(1, state, grain.checkpoint.CheckpointSave(
+      iter(grain.MapDataset.range(1).to_iter_dataset())), meta, force=True)
+  checkpointer.wait()
+  checkpointer.close()
+  (run_dir / checkpoint.TOKENIZER).write_bytes(tokenizer_file.read_bytes())
+  return run_dir
+
+
+# --- the workload ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Outcome:
+  ttft_s: float
+  seconds: float
+  tokens: int
+  token_times: list[float]
+
+
+def prompts(count: int, seed: int = 0) -> list[str]:
+  """`count` prompts of 8..50 words cut from stdlib sources."""
+  rng = random.Random(seed)
+  words = " ".join(stdlib_texts()).split()
+  result = []
+  for _ in range(count):
+    start, length = rng.randrange(len(words) - 200), rng.randrange(8, 50)
+    result.append(" ".join(words[start:start + length]))
+  return result
+
+
+def completion_request(model: str, prompt: str, max_tokens: int, stream: bool) -> dict:
+  request = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+             "ignore_eos": True}
+  if stream:
+    request.update(stream=True, stream_options={"include_usage": True})
+  return request
+
+
+async def stream_one(client: httpx.AsyncClient, request: dict) -> Outcome:
+  started = time.perf_counter()
+  token_times, tokens = [], 0
+  async with client.stream("POST", "/v1/completions", json=request) as response:
+    if response.status_code != 200:
+      raise RuntimeError(f"{response.status_code}: {(await response.aread()).decode()[:300]}")
+    async for line in response.aiter_lines():
+      if not line.startswith("data: ") or line == "data: [DONE]":
+        continue
+      chunk = json.loads(line[len("data: "):])
+      if chunk.get("usage"):
+        tokens = chunk["usage"]["completion_tokens"]
+      elif chunk["choices"]:
+        token_times.append(time.perf_counter())
+  return Outcome(token_times[0] - started, time.perf_counter() - started, tokens, token_times)
+
+
+async def drive(url: str, requests: list[dict], concurrency: int) -> tuple[float, list[Outcome]]:
+  """(wall seconds, outcomes) of `requests` sent by `concurrency` clients."""
+  pending = list(requests)
+  outcomes = []
+
+  async def client_loop(client):
+    while pending:
+      outcomes.append(await stream_one(client, pending.pop()))
+
+  limits = httpx.Limits(max_connections=concurrency)
+  async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    started = time.perf_counter()
+    await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+  return time.perf_counter() - started, outcomes
+
+
+def percentile(values: list[float], q: float) -> float:
+  return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def tpot(outcome: Outcome) -> float | None:
+  times = outcome.token_times
+  return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+
+
+# --- the server --------------------------------------------------------------------------------
+
+class Server:
+  def __init__(self, run_dir: Path, slots: int, port: int, log_file: Path):
+    self.url = f"http://127.0.0.1:{port}"
+    self.log = open(log_file, "wb")
+    self.process = subprocess.Popen(
+        [sys.executable, "-m", "serving.server", f"--checkpoint_dir={run_dir}",
+         f"--port={port}", f"--slots={slots}", "--max_queue=256"],
+        cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+      if self.process.poll() is not None:
+        raise RuntimeError(f"the server exited: {log_file.read_text()[-3000:]}")
+      try:
+        if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+          return
+      except httpx.TransportError:
+        time.sleep(0.3)
+    raise RuntimeError("the server did not become healthy in 300 s")
+
+  def rss_mb(self) -> float:
+    for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) / 1024
+    return float("nan")
+
+  def model_name(self) -> str:
+    return httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+  def stop(self):
+    self.process.terminate()
+    self.process.wait(timeout=60)
+    self.log.close()
+
+
+# --- Hugging Face ------------------------------------------------------------------------------
+
+def hf_generate_tokens_per_s(run_dir: Path, prompt_texts: list[str], max_tokens: int,
+                             batch_size: int = 8) -> tuple[float | None, float | None, str]:
+  """(tokens/s, max |logit difference| of the conversion, note)."""
+  try:
+    import torch
+
+    from benchmarks.hf_llama import max_logit_difference, to_hf_llama
+  except ImportError as e:
+    return None, None, f"transformers/torch not installed ({e}); pip install -e '.[bench]'"
+  from serving.engine import Engine
+  engine = Engine.from_checkpoint(run_dir, slots=1)
+  model = to_hf_llama(engine.params, engine.config)
+  probe = engine.encode(prompt_texts[0])
+  difference = max_logit_difference(model, probe, engine.logits_without_cache(probe))
+  encoded = [engine.encode(text) for text in prompt_texts]
+  pad = engine.tokenizer.pad_id() if engine.tokenizer.pad_id() >= 0 else 0
+  generated, started = 0, time.perf_counter()
+  with torch.no_grad():
+    for begin in range(0, len(encoded), batch_size):
+      batch = encoded[begin:begin + batch_size]
+      width = max(len(ids) for ids in batch)
+      input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
+      attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+      output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                              max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                              do_sample=False, pad_token_id=pad, eos_token_id=None)
+      generated += (output.shape[1] - width) * len(batch)
+  return generated / (time.perf_counter() - started), difference, ""
+
+
+# --- soak --------------------------------------------------------------------------------------
+
+def malformed_requests(model: str, prompt: str) -> list[tuple[str, bytes]]:
+  """(why, body) of requests the server must refuse with a 4xx."""
+  return [
+      ("malformed JSON", b'{"model": "' + model.encode() + b'", "prompt": '),
+      ("max_tokens of the wrong type", json.dumps(
+          {"model": model, "prompt": prompt, "max_tokens": "many"}).encode()),
+      ("unknown model", json.dumps({"model": "nope", "prompt": prompt}).encode()),
+      ("prompt longer than the context", json.dumps(
+          {"model": model, "prompt": "word " * 5000, "max_tokens": 4}).encode()),
+      ("temperature out of range", json.dumps(
+          {"model": model, "prompt": prompt, "temperature": 9}).encode()),
+      ("not JSON at all", b"\x00\xff binary"),
+  ]
+
+
+async def soak(server: Server, model: str, prompt_texts: list[str], total: int = 300,
+               concurrency: int = 32, max_tokens: int = 16) -> dict:
+  rng = random.Random(1)
+  bad = malformed_requests(model, prompt_texts[0])
+  work = []
+  for i in range(total):
+    if i % 10 == 9:
+      why, body = bad[rng.randrange(len(bad))]
+      work.append((False, why, body))
+    else:
+      body = json.dumps(completion_request(model, prompt_texts[i % len(prompt_texts)],
+                                           max_tokens, stream=bool(i % 2))).encode()
+      work.append((True, "valid", body))
+  rng.shuffle(work)
+  failures, statuses = [], {"valid": 0, "refused": 0}
+
+  async def client_loop(client):
+    while work:
+      valid, why, body = work.pop()
+      response = await client.post("/v1/completions", content=body,
+                                   headers={"Content-Type": "application/json"})
+      if valid and (response.status_code != 200 or "[DONE]" not in response.text
+                    and "choices" not in response.text):
+        failures.append(f"valid request got {response.status_code}: {response.text[:200]}")
+      elif not valid and not 400 <= response.status_code < 500:
+        failures.append(f"{why} got {response.status_code}")
+      statuses["valid" if valid else "refused"] += 1
+
+  rss_before = server.rss_mb()
+  async with httpx.AsyncClient(base_url=server.url, timeout=600,
+                               limits=httpx.Limits(max_connections=concurrency)) as client:
+    started = time.perf_counter()
+    await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    seconds = time.perf_counter() - started
+  metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+  idle = all(f"{name} 0.0" in metrics.splitlines()
+             for name in ("maxlm_queue_depth", "maxlm_active_slots"))
+  return {"soak_requests": total, "soak_valid_ok": statuses["valid"] - sum(
+      f.startswith("valid") for f in failures), "soak_malformed_4xx": statuses["refused"] - sum(
+      not f.startswith("valid") for f in failures), "soak_failures": failures[:10],
+      "soak_seconds": round(seconds, 1), "soak_rss_before_mb": round(rss_before, 1),
+      "soak_rss_after_mb": round(server.rss_mb(), 1), "soak_idle_after": idle}
+
+
+# --- main --------------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+  parser.add_argument("--checkpoint_dir", default=None)
+  parser.add_argument("--requests", type=int, default=64)
+  parser.add_argument("--sequential_requests", type=int, default=16)
+  parser.add_argument("--concurrency", type=int, default=16)
+  parser.add_argument("--slots", type=int, default=8)
+  parser.add_argument("--max_tokens", type=int, default=64)
+  parser.add_argument("--port", type=int, default=8471)
+  parser.add_argument("--soak", action="store_true")
+  parser.add_argument("--skip_hf", action="store_true")
+  args = parser.parse_args(argv)
+
+  workdir = Path(tempfile.mkdtemp(prefix="maxlm_serving_bench_"))
+  run_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else random_run_dir(workdir)
+  texts = prompts(args.requests)
+  server = Server(run_dir, args.slots, args.port, workdir / "server.log")
+  try:
+    model = server.model_name()
+    requests = [completion_request(model, text, args.max_tokens, stream=True) for text in texts]
+    asyncio.run(drive(server.url, requests[:args.slots], args.slots))  # warm the connections
+    wall, outcomes = asyncio.run(drive(server.url, requests, args.concurrency))
+    sequential_wall, sequential = asyncio.run(
+        drive(server.url, requests[:args.sequential_requests], 1))
+    result = {
+        "requests": len(outcomes), "concurrency": args.concurrency, "slots": args.slots,
+        "max_tokens": args.max_tokens,
+        "output_tokens_per_s": sum(o.tokens for o in outcomes) / wall,
+        "ttft_p50_ms": 1e3 * percentile([o.ttft_s for o in outcomes], 50),
+        "ttft_p99_ms": 1e3 * percentile([o.ttft_s for o in outcomes], 99),
+        "tpot_p50_ms": 1e3 * percentile([t for o in outcomes if (t := tpot(o))], 50),
+        "sequential_output_tokens_per_s": sum(o.tokens for o in sequential) / sequential_wall,
+    }
+    result["batching_speedup"] = (result["output_tokens_per_s"]
+                                  / result["sequential_output_tokens_per_s"])
+    if args.soak:
+      result.update(asyncio.run(soak(server, model, texts)))
+    result["server_rss_mb"] = round(server.rss_mb(), 1)
+  finally:
+    server.stop()
+  if not args.skip_hf:
+    hf_rate, difference, note = hf_generate_tokens_per_s(run_dir, texts, args.max_tokens)
+    result.update(hf_generate_tokens_per_s=hf_rate, hf_max_logit_difference=difference,
+                  ratio_vs_hf=(result["output_tokens_per_s"] / hf_rate if hf_rate else None))
+    if note:
+      result["hf_note"] = note
+  result["machine"] = f"{os.cpu_count()} CPUs"
+  print_table(result)
+  if args.json:
+    print(json.dumps(result))
+  return result
+
+
+def print_table(result: dict):
+  width = max(len(key) for key in result)
+  print("\nserving benchmark")
+  for key, value in result.items():
+    shown = f"{value:,.2f}" if isinstance(value, float) else value
+    print(f"  {key:<{width}}  {shown}")
+
+
+if __name__ == "__main__":
+  main()
