@@ -54,12 +54,14 @@ class BandEntries(beam.DoFn):
     self._a, self._b = minhash.permutations(self._num_perm, self._seed)
 
   def process(self, doc: Document):
-    shingles = minhash.shingles(doc.text)
-    if not len(shingles):
-      return
-    sig = minhash.signature(shingles, self._a, self._b)
+    with stage_report.timed("near_dedup"):
+      shingles = minhash.shingles(doc.text)
+      if not len(shingles):
+        return
+      sig = minhash.signature(shingles, self._a, self._b)
+      buckets = minhash.band_keys(sig, self._bands, self._rows)
     entry = (doc.key, doc.origin, sig.tobytes())
-    for bucket in minhash.band_keys(sig, self._bands, self._rows):
+    for bucket in buckets:
       yield bucket, entry
 
 

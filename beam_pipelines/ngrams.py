@@ -12,12 +12,10 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 def word_hashes(words: list[str]) -> np.ndarray:
   """uint64 [len(words)]: one stable hash per word (each distinct word hashed once)."""
-  codes: dict[str, int] = {}
-  ids = np.fromiter((codes.setdefault(w, len(codes)) for w in words), np.int64, len(words))
-  table = np.fromiter(
-      (int.from_bytes(hashlib.blake2b(w.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                      "little") for w in codes), np.uint64, len(codes))
-  return table[ids]
+  table = {word: int.from_bytes(hashlib.blake2b(word.encode("utf-8", "surrogatepass"),
+                                                digest_size=8).digest(), "little")
+           for word in dict.fromkeys(words)}
+  return np.fromiter(map(table.__getitem__, words), np.uint64, len(words))
 
 
 def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:

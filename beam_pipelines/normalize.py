@@ -39,6 +39,9 @@ def is_boilerplate_line(line: str) -> bool:
 
 def drop_boilerplate_lines(text: str) -> tuple[str, int]:
   """(text without boilerplate lines, number of lines dropped)."""
+  lowered = text.lower()
+  if not any(phrase in lowered for phrase in BOILERPLATE_PHRASES):
+    return text, 0
   lines = text.split("\n")
   kept = [line for line in lines if not is_boilerplate_line(line)]
   return "\n".join(kept), len(lines) - len(kept)

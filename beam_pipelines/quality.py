@@ -60,16 +60,16 @@ def line_signals(text: str) -> dict[str, float]:
 
 def top_ngram_char_ratio(hashes: np.ndarray, lengths: np.ndarray, n: int) -> float:
   """Characters in all occurrences of the most frequent word n-gram / characters in all words;
-  0 when no n-gram repeats."""
+  0 when no n-gram repeats. hashes, lengths: [words]."""
   grams = ngrams.ngram_hashes(hashes, n)
   if not len(grams):
     return 0.0
   _, first, counts = np.unique(grams, return_index=True, return_counts=True)
-  best = counts.argmax()
-  if counts[best] < 2:
+  most = counts.max()
+  if most < 2:
     return 0.0
-  start = first[best]
-  return float(lengths[start:start + n].sum() * counts[best] / lengths.sum())
+  start = first[counts == most].min()  # ties: the n-gram that occurs first
+  return float(lengths[start:start + n].sum() * most / lengths.sum())
 
 
 def duplicate_ngram_char_ratio(hashes: np.ndarray, lengths: np.ndarray, n: int) -> float:

@@ -1,11 +1,15 @@
 """Per-stage Beam metrics (documents and bytes in/out, drops by reason) and the run report
 built from them: a table printed at the end and written as report.md and into manifest.json."""
 
+import contextlib
+import time
+
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 
 from beam_pipelines.documents import METRICS_NAMESPACE
 
-STAGES = ("read", "normalize", "quality", "langid", "pii", "exact_dedup", "near_dedup")
+STAGES = ("read", "normalize", "quality", "langid", "pii", "exact_dedup", "near_dedup",
+          "train_tokenizer", "tokenize", "pack")
 REPORT_NAME = "report.md"
 DEAD_LETTER_NAME = "dead_letter.jsonl"
 DUPLICATES_NAME = "duplicates.jsonl"
@@ -13,6 +17,16 @@ DUPLICATES_NAME = "duplicates.jsonl"
 
 def count(stage: str, name: str, value: int = 1) -> None:
   Metrics.counter(METRICS_NAMESPACE, f"{stage}:{name}").inc(value)
+
+
+@contextlib.contextmanager
+def timed(stage: str):
+  """Adds the block's wall time to the stage's `busy_ms`, summed over workers."""
+  start = time.perf_counter()
+  try:
+    yield
+  finally:
+    count(stage, "busy_ms", round(1000 * (time.perf_counter() - start)))
 
 
 def count_in(stage: str, size: int) -> None:
@@ -47,7 +61,7 @@ def stage_rows(totals: dict[str, int], read_bytes_in: int) -> list[dict]:
     prefix = f"{stage}:"
     counts = {name[len(prefix):]: value for name, value in totals.items()
               if name.startswith(prefix)}
-    if not counts:
+    if not counts.keys() - {"busy_ms"}:
       continue
     dropped = {name.split(":", 1)[1]: value for name, value in sorted(counts.items())
                if name.startswith("dropped:")}
@@ -77,20 +91,25 @@ def build_report(manifest: dict, totals: dict[str, int], read_bytes_in: int,
                             for name, entry in splits["train"].get("sources", {}).items()},
       "sequences": {name: s["sequences"] for name, s in splits.items()},
       "packing_efficiency": non_pad / slots if slots else 0.0,
+      "busy_seconds": {stage: totals.get(f"{stage}:busy_ms", 0) / 1000 for stage in STAGES},
       "seconds": round(seconds, 2),
   }
 
 
 def report_markdown(manifest: dict) -> str:
   report = manifest["report"]
-  lines = ["| stage | docs in | docs out | MB in | MB out | dropped |",
-           "|---|---:|---:|---:|---:|---|"]
+  lines = ["| stage | docs in | docs out | MB in | MB out | busy s | dropped |",
+           "|---|---:|---:|---:|---:|---:|---|"]
   for row in report["stages"]:
     dropped = ", ".join(f"{reason} {n:,}" for reason, n in row["dropped"].items()) or "-"
     lines.append(f"| {row['stage']} | {row['docs_in']:,} | {row['docs_out']:,} | "
-                 f"{row['bytes_in'] / 1e6:.2f} | {row['bytes_out'] / 1e6:.2f} | {dropped} |")
+                 f"{row['bytes_in'] / 1e6:.2f} | {row['bytes_out'] / 1e6:.2f} | "
+                 f"{row['other'].get('busy_ms', 0) / 1000:.1f} | {dropped} |")
   duplicates = report["duplicates_removed"]
-  lines += ["", f"duplicates removed: {duplicates['exact']:,} exact, {duplicates['near']:,} near; "
+  busy = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in report["busy_seconds"].items()
+                   if seconds)
+  lines += ["", f"busy time summed over workers: {busy}",
+            f"duplicates removed: {duplicates['exact']:,} exact, {duplicates['near']:,} near; "
             f"dead letters: {report['dead_letters']:,} ({DEAD_LETTER_NAME})", "",
             "| split / source | documents | tokens | sequences | shards |",
             "|---|---:|---:|---:|---:|"]

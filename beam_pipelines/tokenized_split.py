@@ -14,6 +14,7 @@ from array_record.beam.arrayrecordio import WriteToArrayRecord
 from beam_pipelines import dataset_manifest
 from beam_pipelines import packing
 from beam_pipelines import records
+from beam_pipelines import stage_report
 from beam_pipelines import tokenizer_training
 from beam_pipelines.documents import Document
 
@@ -64,8 +65,9 @@ class TokenizeDocuments(beam.DoFn):
       return
     keys = [doc.key for doc in self._batch]
     texts = [doc.text for doc in self._batch]
-    ids = self._processor.encode(texts, num_threads=os.cpu_count() or 1)
-    token_arrays = [with_bos_eos(doc_ids) for doc_ids in ids]
+    with stage_report.timed("tokenize"):
+      ids = self._processor.encode(texts, num_threads=os.cpu_count() or 1)
+      token_arrays = [with_bos_eos(doc_ids) for doc_ids in ids]
     for key, tokens in zip(keys, token_arrays):
       yield key % self._num_buckets, tokens.tobytes()
     all_tokens = np.concatenate(token_arrays)

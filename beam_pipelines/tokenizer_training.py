@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator
 import apache_beam as beam
 import sentencepiece as spm
 
+from beam_pipelines import stage_report
+
 logger = logging.getLogger(__name__)
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -111,10 +113,11 @@ def train_tokenizer(sample: list[str], vocab_size: int, model_type: str = "bpe",
   start = time.perf_counter()
   model = io.BytesIO()
   try:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=training_chunks(sample), model_writer=model, vocab_size=vocab_size,
-        model_type=model_type, user_defined_symbols=["\n", *special_tokens],
-        num_threads=os.cpu_count() or 1, **TRAINER_OPTIONS)
+    with stage_report.timed("train_tokenizer"):
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=training_chunks(sample), model_writer=model, vocab_size=vocab_size,
+          model_type=model_type, user_defined_symbols=["\n", *special_tokens],
+          num_threads=os.cpu_count() or 1, **TRAINER_OPTIONS)
   except RuntimeError as err:
     raise ValueError(f"SentencePiece could not train a {vocab_size}-piece tokenizer on "
                      f"the sample ({err}); lower --vocab_size or add input text") from None

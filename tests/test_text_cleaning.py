@@ -1,0 +1,193 @@
+"""The pipeline's per-document stages against hand-computed values and brute-force references:
+normalize, quality, language ID, PII, MinHash/LSH, and streaming reads of bad input."""
+
+import gzip
+import io
+import itertools
+import json
+import random
+
+import numpy as np
+import pytest
+
+from beam_pipelines import minhash
+from beam_pipelines import normalize
+from beam_pipelines import pii
+from beam_pipelines import quality
+from beam_pipelines import reading
+
+
+def test_normalize_nfc_controls_spaces_and_blank_runs():
+  raw = "Cafe\u0301\u00a0ok\u200b\r\nline\x07 two \t\r\n\n\n\n\nend\x0c\n"
+  assert normalize.normalize_whitespace(raw) == "Café ok\nline two\n\n\nend\n"
+  code = "def f():\n\treturn 1\n\n\n"
+  assert normalize.normalize_whitespace(code) == code
+
+
+def test_boilerplate_lines_are_dropped_but_long_lines_kept():
+  long_line = "We explain in detail why " + "many words " * 15 + "all rights reserved"
+  text = f"Title\nClick here to subscribe\n{long_line}\n(c) 2024 All Rights Reserved.\nBody"
+  assert normalize.drop_boilerplate_lines(text) == (f"Title\n{long_line}\nBody", 2)
+
+
+def test_quality_signals_match_hand_counts():
+  text = ("- the cat sat on the mat\n"
+          "- the cat sat on the mat\n"
+          "# notes ...\n"
+          "dogs bark 42\n")
+  signals = quality.quality_signals(text)
+  # words: 6 + 1 per bullet line twice, "#", "notes", "...", "dogs", "bark", "42" = 20
+  assert signals["words"] == 20
+  assert signals["mean_word_length"] == pytest.approx((2 * (1 + 3 + 3 + 3 + 2 + 3 + 3) + 1 + 5
+                                                       + 3 + 4 + 4 + 2) / 20)
+  assert signals["symbol_word_ratio"] == pytest.approx(2 / 20)  # one "#", one "..."
+  assert signals["alpha_word_ratio"] == pytest.approx(15 / 20)  # not "-", "-", "#", "...", "42"
+  assert signals["stop_words"] == 4  # "the" four times
+  assert signals["bullet_line_ratio"] == pytest.approx(2 / 4)
+  assert signals["ellipsis_line_ratio"] == pytest.approx(1 / 4)
+  assert signals["duplicate_line_ratio"] == pytest.approx(1 / 4)
+  assert signals["duplicate_line_char_ratio"] == pytest.approx(24 / (24 + 24 + 11 + 12))
+  # every 2-gram of the bullet line occurs twice; ties go to the first, "- the":
+  # 2 occurrences * 4 characters of 55 word characters
+  word_chars = 2 * 18 + 1 + 5 + 3 + 4 + 4 + 2
+  assert signals["top_2gram_char_ratio"] == pytest.approx(2 * 4 / word_chars)
+  # the 7 words of the bullet line repeat: every 5-gram inside them repeats
+  assert signals["duplicate_5gram_char_ratio"] == pytest.approx(2 * 18 / word_chars)
+  assert signals["duplicate_8gram_char_ratio"] == 0.0
+
+
+def test_failed_check_names_the_first_threshold_missed():
+  limits = quality.QualityThresholds()
+  good = ("The committee met on Tuesday to review the budget for the coming year. Members "
+          "discussed several proposals from the staff, including a plan to repair the old "
+          "library roof and another to extend the opening hours of the public pool during "
+          "the summer. After a long debate about costs, they approved the roof repair and "
+          "asked for a more detailed estimate of the pool project before their next meeting.")
+  assert quality.failed_check(quality.quality_signals(good), limits) is None
+  assert quality.failed_check(quality.quality_signals("too short to matter"), limits) == (
+      "too_few_words")
+  hashes = " ".join(["#tag"] * 60) + " the and of"
+  assert quality.failed_check(quality.quality_signals(hashes), limits) == "symbol_word_ratio"
+  repeated = "\n".join(["the same line again and again with words"] * 20)
+  assert quality.failed_check(quality.quality_signals(repeated), limits) == "duplicate_lines"
+
+
+def test_language_id_uses_the_packaged_model():
+  english = "The weather today is sunny with a light breeze coming from the west."
+  french = "Le temps aujourd'hui est ensoleillé avec une légère brise venant de l'ouest."
+  german = "Das Wetter heute ist sonnig mit einer leichten Brise aus dem Westen."
+  assert [quality.identify_language(t)[0] for t in (english, french, german)] == [
+      "en", "fr", "de"]
+  assert quality.identify_language(english)[1] > 0.9
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("mail bob.smith+tag@mail.example.co.uk today", "mail <|email|> today"),
+    ("from 192.168.0.1 and 10.0.0.255.", "from <|ip_address|> and <|ip_address|>."),
+    ("v6 2001:db8::8a2e:370:7334 here", "v6 <|ip_address|> here"),
+    ("call (555) 123-4567 or +44 20 7946 0958", "call <|phone|> or <|phone|>"),
+    ("version 3.12.1, 1.2.3.4.5, 999.1.1.1, x[::2], std::vector, 2024-01-15",
+     "version 3.12.1, 1.2.3.4.5, 999.1.1.1, x[::2], std::vector, 2024-01-15"),
+])
+def test_pii_placeholders(text, expected):
+  assert pii.scrub(text)[0] == expected
+
+
+def test_pii_counts_by_kind():
+  _, counts = pii.scrub("a@b.io c@d.org 8.8.8.8\n555-123-4567")
+  assert counts == {"email": 2, "ip_address": 1, "phone": 1}
+
+
+def brute_force_jaccard(a: str, b: str, n: int = minhash.SHINGLE_WORDS) -> float:
+  def grams(text):
+    words = text.split()
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+  x, y = grams(a), grams(b)
+  return len(x & y) / len(x | y)
+
+
+def test_minhash_estimates_brute_force_jaccard():
+  rng = random.Random(0)
+  vocabulary = [f"w{i}" for i in range(5000)]
+  a, b = minhash.permutations(256, seed=1)
+  for edits in (0, 5, 20, 60, 150, 400):
+    words = [rng.choice(vocabulary) for _ in range(600)]
+    edited = list(words)
+    for i in rng.sample(range(len(words)), edits):
+      edited[i] = "changed" + str(i)
+    x, y = " ".join(words), " ".join(edited)
+    estimate = minhash.estimated_jaccard(minhash.signature(minhash.shingles(x), a, b),
+                                         minhash.signature(minhash.shingles(y), a, b))
+    assert estimate == pytest.approx(brute_force_jaccard(x, y), abs=0.1)
+
+
+def test_lsh_bands_catch_pairs_at_the_threshold():
+  for threshold in (0.5, 0.7, 0.8, 0.9):
+    bands, rows = minhash.lsh_bands(threshold, 128)
+    assert bands * rows <= 128
+    assert minhash.candidate_probability(threshold, bands, rows) >= 0.95
+    assert minhash.candidate_probability(threshold - 0.4, bands, rows) < 0.1
+  sig = np.arange(128, dtype=np.uint32)
+  other = sig.copy()
+  other[0] = 999  # differs in band 0 only
+  keys, other_keys = minhash.band_keys(sig, 18, 7), minhash.band_keys(other, 18, 7)
+  assert [k == o for k, o in zip(keys, other_keys)] == [False] + [True] * 17
+
+
+class ReadLimitRecorder(io.BytesIO):
+  """Records the largest read or readline request, to prove reads are bounded."""
+
+  largest = 0
+
+  def readline(self, size=-1):
+    self.largest = max(self.largest, size if size >= 0 else 2**62)
+    return super().readline(size)
+
+  def read(self, size=-1):
+    self.largest = max(self.largest, size if size >= 0 else 2**62)
+    return super().read(size)
+
+
+def test_a_huge_jsonl_line_is_skipped_in_bounded_reads():
+  huge = json.dumps({"text": "x" * 3_000_000}).encode()
+  data = b"\n".join([json.dumps({"text": "first"}).encode(), huge,
+                     json.dumps({"text": "after"}).encode()]) + b"\n"
+  f = ReadLimitRecorder(data)
+  items = list(reading.read_jsonl(f, max_bytes=100_000))
+  assert items == [reading.Text(1, "first"), reading.Rejected(2, "too_long"),
+                   reading.Text(3, "after")]
+  assert f.largest <= max(100_001, reading.READ_CHUNK)
+
+
+def test_a_huge_file_is_rejected_after_reading_only_the_limit():
+  f = ReadLimitRecorder(b"y" * 3_000_000)
+  assert list(reading.read_whole_file(f, max_bytes=100_000)) == [reading.Rejected(0, "too_long")]
+  assert f.largest == 100_001
+
+
+def test_bad_jsonl_lines_are_rejected_by_reason(tmp_path):
+  lines = [b'{"text": "ok"}', b'{"text": "broken', b'{"body": 1}', b'["text"]',
+           b'{"text": ""}', b'{"text": "caf\xe9"}', b'{"text": "\\ud800"}', b"", b'{"text": 5}']
+  path = tmp_path / "mixed.jsonl.gz"
+  path.write_bytes(gzip.compress(b"\n".join(lines)))
+  assert list(reading.read_file(str(path), 1000)) == [
+      reading.Text(1, "ok"), reading.Rejected(2, "malformed_json"),
+      reading.Rejected(3, "missing_text"), reading.Rejected(4, "missing_text"),
+      reading.Rejected(5, "empty"), reading.Rejected(6, "invalid_utf8"),
+      reading.Rejected(7, "invalid_utf8"), reading.Rejected(9, "missing_text")]
+
+
+def test_whole_files_binary_invalid_empty_and_truncated_gzip(tmp_path):
+  cases = {"bin.dat": b"\x89PNG\r\n\x1a\n\x00\x00", "latin1.txt": b"caf\xe9",
+           "blank.txt": b"  \n\t", "ok.txt": "naïve text\n".encode()}
+  for name, data in cases.items():
+    (tmp_path / name).write_bytes(data)
+  letters = random.Random(0).choices("abcdefghij \n", k=20_000)
+  (tmp_path / "cut.txt.gz").write_bytes(gzip.compress("".join(letters).encode())[:200])
+  read = {name: list(reading.read_file(str(tmp_path / name), 1000))
+          for name in itertools.chain(cases, ["cut.txt.gz"])}
+  assert read == {"bin.dat": [reading.Rejected(0, "binary")],
+                  "latin1.txt": [reading.Rejected(0, "invalid_utf8")],
+                  "blank.txt": [reading.Rejected(0, "empty")],
+                  "ok.txt": [reading.Text(0, "naïve text\n")],
+                  "cut.txt.gz": [reading.Rejected(0, "unreadable")]}
