@@ -1,4 +1,5 @@
-"""Read units -> cleaned, keyed documents: read, normalize, quality, language ID, PII.
+"""Read units -> cleaned, keyed documents: read, normalize, language ID, quality (its word
+lists are English), PII.
 
 Each stage counts documents and UTF-8 bytes in and out, and drops by reason, as Beam metrics
 (see `stage_report`). Input that cannot be read goes to the DEAD_LETTER output instead.
@@ -85,8 +86,8 @@ class CleanDocuments(beam.DoFn):
     prose = self._config.profiles[source] == "prose"
     for stage, enabled, applies, step in (
         ("normalize", self._config.normalize, True, self._normalize),
-        ("quality", self._config.quality, prose, self._quality),
         ("langid", self._config.langid, prose, self._langid),
+        ("quality", self._config.quality, prose, self._quality),
         ("pii", self._config.pii, True, self._pii)):
       if not enabled:
         continue

@@ -8,7 +8,7 @@ from apache_beam.metrics.metric import Metrics, MetricsFilter
 
 from beam_pipelines.documents import METRICS_NAMESPACE
 
-STAGES = ("read", "normalize", "quality", "langid", "pii", "exact_dedup", "near_dedup",
+STAGES = ("read", "normalize", "langid", "quality", "pii", "exact_dedup", "near_dedup",
           "train_tokenizer", "tokenize", "pack")
 REPORT_NAME = "report.md"
 DEAD_LETTER_NAME = "dead_letter.jsonl"

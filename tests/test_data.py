@@ -257,3 +257,51 @@ def test_sequence_count_mismatch(data_dir, tmp_path):
   copy = copy_with_manifest(data_dir, tmp_path, splits=manifest["splits"])
   with pytest.raises(ValueError, match="truncated or replaced"):
     train_dataset(copy)
+
+
+def write_source_shard(data_dir, name: str, first_id: int, count: int) -> str:
+  shard = f"train-{name}-00000-of-00001.array_record"
+  writer = ArrayRecordWriter(str(data_dir / shard), "group_size:1")
+  for record_id in range(first_id, first_id + count):
+    writer.write(encode_packed(**known_record(record_id)))
+  writer.close()
+  return shard
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(tmp_path_factory):
+  """Two sources of the train split: ids 0..39 weighted 3, ids 1000..1009 weighted 1."""
+  root = tmp_path_factory.mktemp("mixed")
+  sources = {}
+  for name, first_id, count, weight in (("web", 0, 40, 3.0), ("code", 1000, 10, 1.0)):
+    sources[name] = {"weight": weight, "documents": count, "tokens": count * SEQ_LEN,
+                     "sequences": count, "shards": [write_source_shard(root, name, first_id, count)]}
+  train = {"documents": 50, "tokens": 50 * SEQ_LEN, "sequences": 50,
+           "shards": [s["shards"][0] for s in sources.values()], "sources": sources}
+  manifest = {"format": RECORD_FORMAT, "seq_len": SEQ_LEN,
+              "fields": ["tokens", "segment_ids", "positions"], "splits": {"train": train}}
+  (root / MANIFEST_NAME).write_text(json.dumps(manifest))
+  return root
+
+
+def test_training_mixes_sources_by_their_weights(mixed_dir):
+  ids = record_ids(take(iter(train_dataset(mixed_dir, global_batch_size=8)), 100))
+  from_code = sum(i >= 1000 for i in ids)
+  assert from_code / len(ids) == pytest.approx(0.25, abs=0.01)  # weight 1 of 4, not 10 of 50
+  assert set(ids) == set(range(40)) | set(range(1000, 1010))  # the small source repeats
+  first_code_epoch = [i for i in ids if i >= 1000][:10]
+  assert sorted(first_code_epoch) == list(range(1000, 1010))  # each source reshuffled per pass
+
+
+def test_mixture_is_the_same_on_any_process_count(mixed_dir):
+  one = take(iter(train_dataset(mixed_dir, global_batch_size=8)), 5)
+  halves = [take(iter(train_dataset(mixed_dir, global_batch_size=8, process_index=i,
+                                    process_count=2)), 5) for i in range(2)]
+  for step in range(5):
+    merged = np.concatenate([halves[0][step]["tokens"], halves[1][step]["tokens"]])
+    np.testing.assert_array_equal(merged, one[step]["tokens"])
+
+
+def test_finite_epochs_of_a_mixture_count_the_whole_split(mixed_dir):
+  batches = list(train_dataset(mixed_dir, global_batch_size=5, num_epochs=2))
+  assert len(batches) == 2 * 50 // 5
