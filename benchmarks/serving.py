@@ -92,14 +92,21 @@ class Outcome:
   token_times: list[float]
 
 
-def prompts(count: int, seed: int = 0) -> list[str]:
-  """`count` prompts of 8..50 words cut from stdlib sources."""
+def prompts(run_dir: Path, count: int, seed: int = 0) -> list[str]:
+  """`count` prompts of about 8..96 tokens cut from stdlib sources."""
+  import sentencepiece as spm
+
+  from maxlm import checkpoint
+  _, tokenizer_file = checkpoint.run_paths(run_dir)
+  tokenizer = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
   rng = random.Random(seed)
-  words = " ".join(stdlib_texts()).split()
+  texts = stdlib_texts()
   result = []
   for _ in range(count):
-    start, length = rng.randrange(len(words) - 200), rng.randrange(8, 50)
-    result.append(" ".join(words[start:start + length]))
+    text = texts[rng.randrange(len(texts))]
+    start = rng.randrange(max(1, len(text) - 2000))
+    token_ids = tokenizer.encode(text[start:start + 2000])
+    result.append(tokenizer.decode(token_ids[:rng.randrange(8, 97)]))
   return result
 
 
@@ -239,47 +246,47 @@ def malformed_requests(model: str, prompt: str) -> list[tuple[str, bytes]]:
 
 
 async def soak(server: Server, model: str, prompt_texts: list[str], total: int = 300,
-               concurrency: int = 32, max_tokens: int = 16) -> dict:
-  rng = random.Random(1)
+               concurrency: int = 32, max_tokens: int = 16, rounds: int = 2) -> dict:
+  """`rounds` rounds of `total` requests, a tenth malformed; RSS after each round."""
   bad = malformed_requests(model, prompt_texts[0])
-  work = []
-  for i in range(total):
-    if i % 10 == 9:
-      why, body = bad[rng.randrange(len(bad))]
-      work.append((False, why, body))
-    else:
-      body = json.dumps(completion_request(model, prompt_texts[i % len(prompt_texts)],
-                                           max_tokens, stream=bool(i % 2))).encode()
-      work.append((True, "valid", body))
-  rng.shuffle(work)
-  failures, statuses = [], {"valid": 0, "refused": 0}
+  failures, counts, rss = [], {"valid_ok": 0, "malformed_4xx": 0}, [server.rss_mb()]
 
-  async def client_loop(client):
+  async def client_loop(client, work):
     while work:
       valid, why, body = work.pop()
       response = await client.post("/v1/completions", content=body,
                                    headers={"Content-Type": "application/json"})
-      if valid and (response.status_code != 200 or "[DONE]" not in response.text
-                    and "choices" not in response.text):
-        failures.append(f"valid request got {response.status_code}: {response.text[:200]}")
-      elif not valid and not 400 <= response.status_code < 500:
-        failures.append(f"{why} got {response.status_code}")
-      statuses["valid" if valid else "refused"] += 1
+      if valid and response.status_code == 200 and "choices" in response.text:
+        counts["valid_ok"] += 1
+      elif not valid and 400 <= response.status_code < 500:
+        counts["malformed_4xx"] += 1
+      else:
+        failures.append(f"{why} got {response.status_code}: {response.text[:200]}")
 
-  rss_before = server.rss_mb()
-  async with httpx.AsyncClient(base_url=server.url, timeout=600,
-                               limits=httpx.Limits(max_connections=concurrency)) as client:
-    started = time.perf_counter()
-    await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-    seconds = time.perf_counter() - started
+  started = time.perf_counter()
+  for round_ in range(rounds):
+    rng = random.Random(round_)
+    work = []
+    for i in range(total):
+      if i % 10 == 9:
+        work.append((False, *bad[rng.randrange(len(bad))]))
+      else:
+        request = completion_request(model, prompt_texts[i % len(prompt_texts)], max_tokens,
+                                     stream=bool(i % 2))
+        work.append((True, "valid", json.dumps(request).encode()))
+    rng.shuffle(work)
+    async with httpx.AsyncClient(base_url=server.url, timeout=600,
+                                 limits=httpx.Limits(max_connections=concurrency)) as client:
+      await asyncio.gather(*(client_loop(client, work) for _ in range(concurrency)))
+    rss.append(server.rss_mb())
   metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
   idle = all(f"{name} 0.0" in metrics.splitlines()
              for name in ("maxlm_queue_depth", "maxlm_active_slots"))
-  return {"soak_requests": total, "soak_valid_ok": statuses["valid"] - sum(
-      f.startswith("valid") for f in failures), "soak_malformed_4xx": statuses["refused"] - sum(
-      not f.startswith("valid") for f in failures), "soak_failures": failures[:10],
-      "soak_seconds": round(seconds, 1), "soak_rss_before_mb": round(rss_before, 1),
-      "soak_rss_after_mb": round(server.rss_mb(), 1), "soak_idle_after": idle}
+  return {"soak_requests": total * rounds, "soak_valid_ok": counts["valid_ok"],
+          "soak_malformed_4xx": counts["malformed_4xx"], "soak_failures": failures[:10],
+          "soak_seconds": round(time.perf_counter() - started, 1),
+          "soak_rss_mb_before_and_after_each_round": [round(r, 1) for r in rss],
+          "soak_idle_after": idle}
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -295,12 +302,14 @@ def main(argv=None) -> dict:
   parser.add_argument("--max_tokens", type=int, default=64)
   parser.add_argument("--port", type=int, default=8471)
   parser.add_argument("--soak", action="store_true")
+  parser.add_argument("--soak_rounds", type=int, default=3,
+                      help="rounds of 300 requests; the server's RSS is read after each")
   parser.add_argument("--skip_hf", action="store_true")
   args = parser.parse_args(argv)
 
   workdir = Path(tempfile.mkdtemp(prefix="maxlm_serving_bench_"))
   run_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else random_run_dir(workdir)
-  texts = prompts(args.requests)
+  texts = prompts(run_dir, args.requests)
   server = Server(run_dir, args.slots, args.port, workdir / "server.log")
   try:
     model = server.model_name()
@@ -321,7 +330,7 @@ def main(argv=None) -> dict:
     result["batching_speedup"] = (result["output_tokens_per_s"]
                                   / result["sequential_output_tokens_per_s"])
     if args.soak:
-      result.update(asyncio.run(soak(server, model, texts)))
+      result.update(asyncio.run(soak(server, model, texts, rounds=args.soak_rounds)))
     result["server_rss_mb"] = round(server.rss_mb(), 1)
   finally:
     server.stop()

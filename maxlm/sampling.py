@@ -27,24 +27,65 @@ from maxlm.model import KVCache, ModelConfig, init_kv_cache
 MIN_PREFILL_BUCKET = 16
 PAD_ID = 0
 TOP_LOGPROBS = 20  # alternatives reported per generated token (OpenAI's maximum for chat)
+TOP_CANDIDATES = 256  # top-k/top-p look here first (see keep_threshold)
 
 
 # --- sampling ----------------------------------------------------------------------------------
+
+def _thresholds(descending: jax.Array, log_z: jax.Array, top_p: jax.Array,
+                top_k: jax.Array) -> jax.Array:
+  """The smallest logit each row keeps, from its largest logits in descending order.
+
+  descending: [rows, width], the `width` largest logits of each row; log_z: [rows], the
+  log-normalizer over the whole vocabulary. -inf where nothing is cut.
+  """
+  probs = jnp.exp(descending - log_z[:, None])
+  probability_before = jnp.cumsum(probs, axis=-1) - probs
+  nucleus_size = jnp.sum(probability_before < top_p[:, None], axis=-1)  # >= 1
+  width = descending.shape[-1]
+  at = lambda count: jnp.take_along_axis(descending, jnp.clip(count - 1, 0, width - 1)[:, None],
+                                         axis=-1)[:, 0]
+  by_p = jnp.where(top_p < 1.0, at(nucleus_size), -jnp.inf)
+  by_k = jnp.where(top_k > 0, at(top_k), -jnp.inf)
+  return jnp.maximum(by_p, by_k)
+
+
+def keep_threshold(logits: jax.Array, top_p: jax.Array | float,
+                   top_k: jax.Array | int = 0) -> jax.Array:
+  """Per row, the smallest logit that survives both `top_k` and the `top_p` nucleus.
+
+  logits: [rows, vocab]; settings scalar or [rows]. Returns float32 [rows], -inf where
+  nothing is cut. XLA's full sort is slow on CPU (~0.7 ms per 4k-token row), so the answer
+  comes from the TOP_CANDIDATES largest logits whenever they hold it (top_k within them and
+  their probability reaching top_p), and from a full sort only otherwise.
+  """
+  rows, vocab = logits.shape
+  top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (rows,))
+  top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (rows,))
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  candidates = min(TOP_CANDIDATES, vocab)
+
+  def from_sorted(descending):
+    return _thresholds(descending, log_z, top_p, top_k)
+
+  def cut():
+    largest, _ = jax.lax.top_k(logits, candidates)
+    mass = jnp.sum(jnp.exp(largest - log_z[:, None]), axis=-1)
+    fits = ((top_p >= 1.0) | (mass >= top_p)) & (top_k <= candidates)
+    return jax.lax.cond(jnp.all(fits), from_sorted, lambda _: from_sorted(
+        -jnp.sort(-logits, axis=-1)), largest)
+
+  anything_cut = jnp.any((top_p < 1.0) | (top_k > 0))
+  return jax.lax.cond(anything_cut, cut, lambda: jnp.full((rows,), -jnp.inf, logits.dtype))
+
 
 def nucleus_mask(logits: jax.Array, top_p: jax.Array | float) -> jax.Array:
   """The smallest set of most likely tokens whose probability reaches `top_p`.
 
   logits: [batch, vocab]; top_p: scalar or [batch]. Returns bool [batch, vocab]. The most
-  likely token is always kept, and `top_p >= 1` keeps everything (rounding in the cumulative
-  sum never drops a tail token).
+  likely token is always kept, and `top_p >= 1` keeps everything.
   """
-  top_p = jnp.asarray(top_p)[..., None] if jnp.ndim(top_p) else top_p
-  order = jnp.argsort(-logits, axis=-1)
-  sorted_probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
-  probability_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-  keep_sorted = probability_before < top_p
-  rank = jnp.argsort(order, axis=-1)
-  return jnp.take_along_axis(keep_sorted, rank, axis=-1) | (top_p >= 1.0)
+  return logits >= keep_threshold(logits, top_p)[:, None]
 
 
 def top_k_mask(logits: jax.Array, top_k: jax.Array | int) -> jax.Array:
@@ -52,11 +93,7 @@ def top_k_mask(logits: jax.Array, top_k: jax.Array | int) -> jax.Array:
 
   logits: [batch, vocab]; top_k: scalar or [batch]. Returns bool [batch, vocab].
   """
-  top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), logits.shape[:1])
-  descending = -jnp.sort(-logits, axis=-1)
-  kth = jnp.take_along_axis(descending, jnp.clip(top_k - 1, 0, logits.shape[-1] - 1)[:, None],
-                            axis=-1)
-  return (logits >= kth) | (top_k <= 0)[:, None]
+  return logits >= keep_threshold(logits, 1.0, top_k)[:, None]
 
 
 def sample_next(logits: jax.Array, key: jax.Array, temperature: jax.Array | float,
@@ -66,18 +103,25 @@ def sample_next(logits: jax.Array, key: jax.Array, temperature: jax.Array | floa
   temperature 0 is greedy (argmax); otherwise logits are divided by the temperature and
   sampled from the tokens that survive both `top_k` and the `top_p` nucleus. The settings are
   scalars or one per row, and may be traced, so one compilation serves every request. `key` is
-  one key for the whole batch or one per row.
+  one key for the whole batch or one per row. An all-greedy batch skips the sampling work.
   """
-  temperature = jnp.asarray(temperature, jnp.float32)
-  row_temperature = temperature[:, None] if temperature.ndim else temperature
-  scaled = logits / jnp.where(row_temperature > 0, row_temperature, 1.0)
-  kept = nucleus_mask(scaled, top_p) & top_k_mask(scaled, top_k)
-  filtered = jnp.where(kept, scaled, -jnp.inf)
-  if key.ndim:
-    sampled = jax.vmap(jax.random.categorical)(key, filtered)
-  else:
-    sampled = jax.random.categorical(key, filtered, axis=-1)
-  return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+  rows = logits.shape[0]
+  temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (rows,))
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def sample():
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    sampling_top_p = jnp.where(temperature > 0, top_p, 1.0)  # greedy rows cut nothing
+    sampling_top_k = jnp.where(temperature > 0, top_k, 0)
+    threshold = keep_threshold(scaled, sampling_top_p, sampling_top_k)
+    filtered = jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
+    if key.ndim:
+      sampled = jax.vmap(jax.random.categorical)(key, filtered)
+    else:
+      sampled = jax.random.categorical(key, filtered, axis=-1)
+    return jnp.where(temperature > 0, sampled.astype(jnp.int32), greedy)
+
+  return jax.lax.cond(jnp.any(temperature > 0), sample, lambda: greedy)
 
 
 def seed_key(seed: int) -> jax.Array:

@@ -131,8 +131,8 @@ class Engine:
     """The prompt's cache rows and its first new token (a one-row Step)."""
     prefix = sampling.prefill(
         self.graphdef, self.params, sampling.padded_prompt(prompt_ids, self.context_length),
-        len(prompt_ids), sampling.seed_key(settings.seed), settings.temperature,
-        settings.top_p, settings.top_k)
+        len(prompt_ids), sampling.seed_key(settings.seed), np.float32(settings.temperature),
+        np.float32(settings.top_p), np.int32(settings.top_k))
     return prefix, Step.from_choice(prefix.choice)
 
   def insert(self, prefix: sampling.Prefix, state: sampling.DecodeState,

@@ -209,6 +209,19 @@ def test_top_k_mask_keeps_the_k_most_likely():
     assert set(np.flatnonzero(row).tolist()) == expected
 
 
+@pytest.mark.parametrize("top_p, top_k", [(0.9, 0), (1.0, 300), (0.5, 100), (0.99, 0)])
+def test_cuts_past_the_top_candidates_fall_back_to_a_full_sort(top_p, top_k):
+  """Peaked rows are cut within the TOP_CANDIDATES largest logits, flat ones need them all."""
+  rng = np.random.default_rng(6)
+  logits = np.stack([rng.normal(scale=scale, size=1000) for scale in (8.0, 3.0, 0.1)])
+  logits = logits.astype(np.float32)
+  kept = np.asarray(sampling.keep_threshold(logits, top_p, top_k))[:, None] <= logits
+  for row, row_logits in zip(kept, logits.astype(np.float64)):
+    nucleus = numpy_nucleus(row_logits, top_p) if top_p < 1 else set(range(1000))
+    top = set(np.argsort(-row_logits)[:top_k].tolist()) if top_k else set(range(1000))
+    assert set(np.flatnonzero(row).tolist()) == nucleus & top
+
+
 def test_sample_next_takes_each_rows_own_settings():
   draws = 3000
   logits = np.tile(np.random.default_rng(4).normal(size=12).astype(np.float32), (draws, 1))
