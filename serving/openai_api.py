@@ -194,7 +194,13 @@ class Logprobs:
     self.text_offset = 0
 
   def token(self, token_id: int) -> str:
-    return self.token_bytes(token_id).decode("utf-8", errors="replace")
+    """The token's text; a piece that is not whole UTF-8 (one byte of a character) is written
+    `bytes:\\xNN`, as OpenAI does, so distinct bytes stay distinct keys."""
+    raw = self.token_bytes(token_id)
+    try:
+      return raw.decode("utf-8")
+    except UnicodeDecodeError:
+      return "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
 
   def of(self, deltas: list) -> dict:
     """The object for these deltas (a whole response, or one stream chunk's share)."""

@@ -571,3 +571,39 @@ def test_metrics_count_requests_and_tokens(server_port, engine):
     assert (metric_value(after, histogram + "_count")
             - metric_value(before, histogram + "_count")) == (1 if "first" in histogram else 4)
   assert "maxlm_queue_depth 0.0" in after.splitlines()
+
+
+def test_logprobs_over_http_completions_and_chat(server_port, engine):
+  client = openai_client(server_port)
+  whole = client.completions.create(model=engine.model_name, prompt=PROMPT, max_tokens=5,
+                                     temperature=0, logprobs=3)
+  logprobs = whole.choices[0].logprobs
+  assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 5
+  assert all(len(top) <= 3 for top in logprobs.top_logprobs)
+  # greedy: the chosen token is the most likely one
+  assert all(lp == pytest.approx(max(top.values()), abs=1e-6)
+             for lp, top in zip(logprobs.token_logprobs, logprobs.top_logprobs))
+  assert "".join(logprobs.tokens).strip() and logprobs.text_offset[0] == 0
+  streamed = list(client.completions.create(model=engine.model_name, prompt=PROMPT,
+                                            max_tokens=5, temperature=0, logprobs=3,
+                                            stream=True))
+  assert [lp for c in streamed for lp in c.choices[0].logprobs.token_logprobs] == pytest.approx(
+      logprobs.token_logprobs, abs=1e-6)
+
+  chat = client.chat.completions.create(
+      model=engine.model_name, messages=[{"role": "user", "content": "def f(x):"}],
+      max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,
+      extra_body={"ignore_eos": True})
+  content = chat.choices[0].logprobs.content
+  assert len(content) == chat.usage.completion_tokens == 4
+  assert all(len(entry.top_logprobs) == 2 and entry.bytes is not None for entry in content)
+
+
+def test_top_k_one_is_greedy_over_http(server_port, engine):
+  client = openai_client(server_port)
+  request = dict(model=engine.model_name, prompt=PROMPT, max_tokens=8)
+  greedy = client.completions.create(**request, temperature=0).choices[0].text
+  for seed in range(3):
+    sampled = client.completions.create(**request, temperature=1.5, seed=seed,
+                                        extra_body={"top_k": 1}).choices[0].text
+    assert sampled == greedy
