@@ -14,6 +14,7 @@ from beam_pipelines.documents import Document
 
 DUPLICATES = "duplicates"
 MAX_PAIRWISE_BUCKET = 64  # larger buckets compare each member with the first few only
+CANDIDATE_SLACK = 0.1
 
 
 def duplicate_line(kind: str, removed: Document, kept_origin: str) -> str:
@@ -65,8 +66,8 @@ class BandEntries(beam.DoFn):
       yield bucket, entry
 
 
-def verified_pairs(bucket: tuple[bytes, Iterable[tuple]], threshold: float):
-  """Pairs of a band bucket whose estimated Jaccard reaches `threshold`, as
+def candidate_pairs(bucket: tuple[bytes, Iterable[tuple]], min_estimate: float):
+  """Pairs of a band bucket whose estimated Jaccard reaches `min_estimate`, as
   (key, origin, key, origin) with the smaller key first."""
   members = sorted(set(bucket[1]))
   if len(members) < 2:
@@ -75,8 +76,21 @@ def verified_pairs(bucket: tuple[bytes, Iterable[tuple]], threshold: float):
   anchors = len(members) if len(members) <= MAX_PAIRWISE_BUCKET else 4
   for i in range(anchors):
     for j in range(i + 1, len(members)):
-      if minhash.estimated_jaccard(sigs[i], sigs[j]) >= threshold:
+      if minhash.estimated_jaccard(sigs[i], sigs[j]) >= min_estimate:
         yield members[i][:2] + members[j][:2]
+
+
+def candidate_shingles(doc: Document, candidate_keys: set[int]):
+  if doc.key in candidate_keys:
+    yield doc.key, minhash.shingles(doc.text)
+
+
+def exact_pairs(pair: tuple, shingles: dict[int, np.ndarray], threshold: float):
+  """The pair if the exact Jaccard of the two documents' shingle sets reaches `threshold`."""
+  a, b = shingles[pair[0]], shingles[pair[2]]
+  common = len(np.intersect1d(a, b, assume_unique=True))
+  if common >= threshold * (len(a) + len(b) - common):
+    yield pair
 
 
 class Clusters(beam.CombineFn):
@@ -123,7 +137,14 @@ def drop_near_duplicates(doc: Document, removed: dict[int, str]):
 
 
 class NearDedup(beam.PTransform):
-  """Documents -> {"documents": one per near-duplicate cluster, DUPLICATES: JSON lines}."""
+  """Documents -> {"documents": one per near-duplicate cluster, DUPLICATES: JSON lines}.
+
+  LSH band collisions whose MinHash estimate is within CANDIDATE_SLACK of the threshold are
+  candidates; a candidate pair is a duplicate when its exact shingle-set Jaccard reaches the
+  threshold (the estimate alone lets pairs just below it through). Only candidates' shingle sets
+  are built, and they travel as a side input: fine while candidates are a small share of the
+  corpus.
+  """
 
   def __init__(self, threshold: float, num_perm: int = 128, seed: int = 0):
     super().__init__()
@@ -131,11 +152,28 @@ class NearDedup(beam.PTransform):
 
   def expand(self, docs):
     bands, rows = minhash.lsh_bands(self._threshold, self._num_perm)
-    removed = (docs
-               | "Bands" >> beam.ParDo(BandEntries(self._num_perm, bands, rows, self._seed))
-               | "GroupBuckets" >> beam.GroupByKey()
-               | "VerifiedPairs" >> beam.FlatMap(verified_pairs, self._threshold)
+    candidates = (docs
+                  | "Bands" >> beam.ParDo(BandEntries(self._num_perm, bands, rows, self._seed))
+                  | "GroupBuckets" >> beam.GroupByKey()
+                  | "Candidates" >> beam.FlatMap(candidate_pairs,
+                                                 self._threshold - CANDIDATE_SLACK)
+                  | "DistinctCandidates" >> beam.Distinct())
+    candidate_keys = (candidates
+                      | "CandidateKeys" >> beam.FlatMap(lambda pair: (pair[0], pair[2]))
+                      | "KeySet" >> beam.CombineGlobally(set_of))
+    shingles = docs | "CandidateShingles" >> beam.FlatMap(
+        candidate_shingles, beam.pvalue.AsSingleton(candidate_keys))
+    removed = (candidates
+               | "ExactJaccard" >> beam.FlatMap(exact_pairs, beam.pvalue.AsDict(shingles),
+                                                self._threshold)
                | "Clusters" >> beam.CombineGlobally(Clusters()))
     return docs | "DropNear" >> beam.FlatMap(
         drop_near_duplicates, beam.pvalue.AsSingleton(removed)).with_outputs(
             DUPLICATES, main="documents")
+
+
+def set_of(keys: Iterable[int]) -> set[int]:
+  result = set()
+  for key in keys:
+    result |= key if isinstance(key, set) else {key}
+  return result

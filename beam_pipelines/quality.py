@@ -19,7 +19,7 @@ ELLIPSES = ("...", "…")
 STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 TOP_NGRAM_SIZES = (2, 3, 4)
 DUPLICATE_NGRAM_SIZES = (5, 6, 7, 8, 9, 10)
-LANGID_CHARS = 4000
+LANGID_CHARS = 2000
 _WORD_WITHOUT_LETTER = re.compile(r"(?<!\S)(?:[^\w\s]|[\d_])+(?!\S)")
 
 
