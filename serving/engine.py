@@ -197,7 +197,8 @@ class Engine:
     logits = _full_forward_logits(self.graphdef, self.params, padded)
     return np.asarray(logits)[0, :len(token_ids)]
 
-  def greedy_decode_without_cache(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+  def greedy_decode_without_cache(self, prompt_ids: list[int], max_new_tokens: int, *,
+                                  stop_at_eos: bool = True) -> list[int]:
     """Argmax decoding that reruns the full sequence every step, without a KV cache.
 
     Every step runs at one fixed width; causal attention keeps the tail padding invisible
@@ -206,7 +207,7 @@ class Engine:
     token_ids = list(prompt_ids)
     for _ in range(max_new_tokens):
       token_ids.append(int(np.argmax(self.logits_without_cache(token_ids)[-1])))
-      if token_ids[-1] == self.eos_id:
+      if stop_at_eos and token_ids[-1] == self.eos_id:
         break
     return token_ids[len(prompt_ids):]
 

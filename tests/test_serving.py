@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -607,3 +608,35 @@ def test_top_k_one_is_greedy_over_http(server_port, engine):
     sampled = client.completions.create(**request, temperature=1.5, seed=seed,
                                         extra_body={"top_k": 1}).choices[0].text
     assert sampled == greedy
+
+
+def test_sigterm_lets_a_stream_in_flight_finish_then_exits(run_dir, tmp_path, engine):
+  port = portpicker.pick_unused_port()
+  log_file = tmp_path / "server.log"
+  with open(log_file, "wb") as log:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.server", f"--checkpoint_dir={run_dir}", f"--port={port}",
+         "--slots=2"], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+  try:
+    wait_until_healthy(process, port, log_file)
+    request = {"model": engine.model_name, "prompt": PROMPT, "max_tokens": 40,
+               "temperature": 0, "ignore_eos": True, "stream": True}
+    texts = []
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=request,
+                      timeout=60) as response:
+      for line in response.iter_lines():
+        if line == "data: [DONE]":
+          texts.append(None)
+        elif line.startswith("data: "):
+          if not texts:
+            process.send_signal(signal.SIGTERM)
+          texts.append(json.loads(line[6:])["choices"][0])
+    # uvicorn re-raises the signal it caught once it has drained, so the exit is by SIGTERM
+    assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+  finally:
+    if process.poll() is None:
+      process.kill()
+  assert texts[-1] is None and texts[-2]["finish_reason"] == "length"
+  reference = engine.greedy_decode_without_cache(engine.encode(PROMPT), 40, stop_at_eos=False)
+  assert "".join(choice["text"] for choice in texts[:-1]) == engine.decode(reference)
+  assert "shutting down" in log_file.read_text()
