@@ -71,24 +71,25 @@ def tokenizer_entry(model_proto: bytes, model_type: str, special_tokens: list[st
           "special_tokens": {token: sp.piece_to_id(token) for token in special_tokens}}
 
 
-def part_entry(stats: TokenStats, sequences: int, shard_paths: list[str]) -> dict:
-  shards = sorted(FileSystems.split(path)[1] for path in shard_paths)
-  return {"documents": stats.documents, "tokens": stats.tokens, "sequences": sequences,
-          "shards": shards}
+def part_entry(stats: TokenStats | None, shards: list[tuple[str, int]]) -> dict:
+  """shards: (file name, sequences) of one part."""
+  stats = stats or TokenStats(0, 0, np.zeros(0, np.int64))
+  return {"documents": stats.documents, "tokens": stats.tokens,
+          "sequences": sum(count for _, count in shards),
+          "shards": sorted(name for name, _ in shards)}
 
 
-def split_entries(summaries: list[tuple], weights: dict[str, float]) -> tuple[dict, TokenStats]:
-  """Summaries (part, TokenStats, sequences, shard paths) -> ({split: entry}, train stats).
+def split_entries(parts: list[str], stats: dict[str, TokenStats], shards: list[tuple],
+                  weights: dict[str, float]) -> dict:
+  """{split: entry} from each part's stats and (part, shard name, sequences) shards.
 
   A part named `train-SOURCE` is one source's train shards: the train entry sums them and
   lists them under `sources` with their mixture weight.
   """
-  splits, train_stats = {}, None
-  for part, stats, sequences, shard_paths in sorted(summaries, key=lambda s: s[0]):
+  splits = {}
+  for part in parts:
+    entry = part_entry(stats.get(part), [(name, count) for p, name, count in shards if p == part])
     split, _, source = part.partition("-")
-    entry = part_entry(stats, sequences, shard_paths)
-    if split == "train":
-      train_stats = stats if train_stats is None else add_token_stats(train_stats, stats)
     if not source:
       splits[split] = entry
       continue
@@ -97,8 +98,15 @@ def split_entries(summaries: list[tuple], weights: dict[str, float]) -> tuple[di
     for field in ("documents", "tokens", "sequences", "shards"):
       whole[field] += entry[field]
     whole["sources"][source] = {"weight": weights[source], **entry}
-  ordered = {name: splits[name] for name in records.SPLITS if name in splits}
-  return ordered, train_stats
+  return {name: splits[name] for name in records.SPLITS if name in splits}
+
+
+def train_histogram(parts: list[str], stats: dict[str, TokenStats]) -> np.ndarray:
+  total = empty_token_stats(0)
+  for part in parts:
+    if part.startswith("train") and part in stats:
+      total = add_token_stats(total, stats[part])
+  return total.histogram
 
 
 def write_atomically(path: str, data: bytes) -> None:
@@ -110,21 +118,21 @@ def write_atomically(path: str, data: bytes) -> None:
 
 
 def write_tokenizer_and_manifest(unused_element, *, output_dir: str, seq_len: int,
-                                 settings: dict, model_proto: bytes, summaries: list[tuple],
+                                 settings: dict, model_proto: bytes, parts: list[str],
+                                 stats: dict[str, TokenStats], shards: list[tuple],
                                  weights: dict[str, float]) -> None:
   """The pipeline's last step: the tokenizer, then manifest.json (without its report, which
   the driver adds from the run's metrics)."""
   del unused_element
   write_atomically(FileSystems.join(output_dir, records.TOKENIZER_NAME), model_proto)
-  splits, train_stats = split_entries(summaries, weights)
   manifest = {
       "format": records.RECORD_FORMAT,
       "seq_len": seq_len,
       "fields": list(records.RECORD_FIELDS),
       "tokenizer": tokenizer_entry(model_proto, settings["tokenizer_type"],
                                    settings["special_tokens"]),
-      "splits": splits,
-      "unigram_entropy_nats": unigram_entropy(train_stats.histogram),
+      "splits": split_entries(parts, stats, shards, weights),
+      "unigram_entropy_nats": unigram_entropy(train_histogram(parts, stats)),
       "settings": settings,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }

@@ -76,8 +76,3 @@ def split_of(key: int, validation_fraction: float, bounds: tuple[int, int, int])
     if key == highest:
       return TRAIN
   return VALIDATION if key < math.floor(validation_fraction * 2**KEY_BITS) else TRAIN
-
-
-def partition_by_split(document, num_partitions, validation_fraction, bounds) -> int:
-  del num_partitions
-  return split_of(document[0], validation_fraction, bounds)

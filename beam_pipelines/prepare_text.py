@@ -18,6 +18,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Iterable
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -107,51 +108,59 @@ def cleaned_documents(pipeline: beam.Pipeline, config: PrepareConfig, units):
   return docs, read[cleaning.DEAD_LETTER], duplicates
 
 
-def write_lines(lines, output_dir: str, name: str, label: str):
-  stem, suffix = name.rsplit(".", 1)
-  return lines | label >> beam.io.WriteToText(
-      FileSystems.join(output_dir, stem), file_name_suffix=f".{suffix}", num_shards=1,
-      shard_name_template="")
+def write_line_files(lines_by_name, output_dir: str) -> None:
+  """(file name, JSON line) pairs -> one JSONL file per name, lines sorted."""
+  _ = (lines_by_name
+       | "GroupLines" >> beam.GroupByKey()
+       | "WriteLines" >> beam.Map(write_lines, output_dir))
 
 
-def source_index(document: documents.Document, num_partitions: int, names: list[str]) -> int:
-  del num_partitions
-  return names.index(document.source)
+def write_lines(name_and_lines: tuple[str, Iterable[str]], output_dir: str) -> None:
+  name, lines = name_and_lines
+  dataset_manifest.write_atomically(
+      FileSystems.join(output_dir, name), "".join(f"{line}\n" for line in sorted(lines)).encode())
+
+
+def part_of(document: documents.Document, validation_fraction: float, bounds) -> tuple:
+  """(output part, document): `validation`, or `train-SOURCE`."""
+  if documents.split_of(document.key, validation_fraction, bounds) == documents.VALIDATION:
+    return "validation", document
+  return f"train-{document.source}", document
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: PrepareConfig, units) -> None:
   docs, dead_letters, duplicates = cleaned_documents(pipeline, config, units)
-  write_lines(dead_letters, config.output_dir, stage_report.DEAD_LETTER_NAME, "WriteDeadLetters")
-  write_lines(duplicates | "AllDuplicates" >> beam.Flatten(pipeline=pipeline), config.output_dir,
-              stage_report.DUPLICATES_NAME, "WriteDuplicates")
+  named_lines = [dead_letters | "NameDeadLetters" >> beam.Map(
+      lambda line: (stage_report.DEAD_LETTER_NAME, line))]
+  named_lines += [lines | f"NameDuplicates{i}" >> beam.Map(
+      lambda line: (stage_report.DUPLICATES_NAME, line)) for i, lines in enumerate(duplicates)]
+  write_line_files(named_lines | "AllLines" >> beam.Flatten(), config.output_dir)
   bounds = docs | "KeyBounds" >> beam.CombineGlobally(documents.KeyBounds())
-  train, validation = docs | "Split" >> beam.Partition(
-      documents.partition_by_split, 2, config.validation_fraction,
-      beam.pvalue.AsSingleton(bounds))
+  parts = docs | "Parts" >> beam.Map(part_of, config.validation_fraction,
+                                     beam.pvalue.AsSingleton(bounds))
   model_proto = beam.pvalue.AsSingleton(
-      train
-      | "Texts" >> beam.Map(lambda doc: doc.text)
+      parts
+      | "TrainTexts" >> beam.FlatMap(lambda part: [part[1].text] if part[0] != "validation"
+                                     else [])
       | "SampleForTokenizer" >> beam.CombineGlobally(tokenizer_training.HashSample(
           config.spm_sample_docs, config.spm_sample_bytes))
       | "TrainTokenizer" >> beam.Map(
           tokenizer_training.train_tokenizer, config.vocab_size, config.stages.tokenizer_type,
           tuple(config.special_tokens())))
-  write_settings = dict(model_proto=model_proto, output_dir=config.output_dir,
-                        seq_len=config.seq_len, vocab_size=config.vocab_size)
-  names = [s.name for s in config.sources]
-  by_source = train | "BySource" >> beam.Partition(source_index, len(names), names)
-  summaries = [by_source[i] | f"Train_{name}" >> tokenized_split.TokenizePackWrite(
-      f"train-{name}", num_shards=config.train_shards[name], **write_settings)
-               for i, name in enumerate(names)]
-  summaries.append(validation | "Validation" >> tokenized_split.TokenizePackWrite(
-      "validation", num_shards=config.validation_shards, **write_settings))
+  num_shards = {f"train-{name}": n for name, n in config.train_shards.items()}
+  num_shards["validation"] = config.validation_shards
+  written = parts | "TokenizePackWrite" >> tokenized_split.TokenizePackWrite(
+      model_proto=model_proto, output_dir=config.output_dir, seq_len=config.seq_len,
+      vocab_size=config.vocab_size, num_shards=num_shards)
   _ = (pipeline
        | "Once" >> beam.Create([None])
        | "WriteManifest" >> beam.Map(
            dataset_manifest.write_tokenizer_and_manifest,
            output_dir=config.output_dir, seq_len=config.seq_len, settings=config.settings(),
-           model_proto=model_proto, weights={s.name: s.weight for s in config.sources},
-           summaries=beam.pvalue.AsList(summaries | "AllSummaries" >> beam.Flatten())))
+           model_proto=model_proto, parts=list(num_shards),
+           weights={s.name: s.weight for s in config.sources},
+           stats=beam.pvalue.AsDict(written["stats"]),
+           shards=beam.pvalue.AsList(written["shards"])))
 
 
 def pipeline_options(beam_args: list[str] | None) -> PipelineOptions:
@@ -249,6 +258,9 @@ def run(inputs: list[str] | list[Source], output_dir: str, *, vocab_size: int, s
     build_pipeline(pipeline, config, resolved.units)
     result = pipeline.run()
     result.wait_until_finish()
+    for name in (stage_report.DEAD_LETTER_NAME, stage_report.DUPLICATES_NAME):
+      if not FileSystems.exists(FileSystems.join(staged, name)):  # nothing went there
+        dataset_manifest.write_atomically(FileSystems.join(staged, name), b"")
     manifest = dataset_manifest.read_manifest(staged)
     manifest["report"] = stage_report.build_report(
         manifest, stage_report.counter_totals(result), total_bytes, time.perf_counter() - start)

@@ -1,4 +1,9 @@
-"""Tokenizing one split's documents, packing them, and writing ArrayRecord shards."""
+"""Tokenizing documents, packing them, and writing ArrayRecord shards, for every output part
+(`train-SOURCE` per source, and `validation`) in one set of transforms.
+
+Documents of a part are packed within hash buckets, one bucket per shard; each bucket is
+packed and written by one worker to `{part}-BBBBB-of-NNNNN.array_record`.
+"""
 
 import logging
 import os
@@ -9,31 +14,34 @@ import numpy as np
 import sentencepiece as spm
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
-from array_record.beam.arrayrecordio import WriteToArrayRecord
+from array_record.python.array_record_module import ArrayRecordWriter
 
 from beam_pipelines import dataset_manifest
 from beam_pipelines import packing
 from beam_pipelines import records
 from beam_pipelines import stage_report
 from beam_pipelines import tokenizer_training
-from beam_pipelines.documents import Document
 
 logger = logging.getLogger(__name__)
 
-SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
 SHARD_SUFFIX = ".array_record"
+WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random access for Grain
 STATS = "stats"
 
 
-class TokenizeDocuments(beam.DoFn):
-  """Document -> (pack bucket, int32 bytes of [bos] + ids + [eos]).
+def shard_name(part: str, bucket: int, num_shards: int) -> str:
+  return f"{part}-{bucket:05d}-of-{num_shards:05d}{SHARD_SUFFIX}"
 
-  Encodes in batches so SentencePiece can use every core; each batch also emits its
-  `dataset_manifest.TokenStats` to the STATS output.
+
+class TokenizeDocuments(beam.DoFn):
+  """(part, Document) -> ((part, bucket), int32 bytes of [bos] + ids + [eos]).
+
+  Encodes in batches so SentencePiece can use every core; each batch also emits
+  (part, `dataset_manifest.TokenStats`) per part to the STATS output.
   """
 
-  def __init__(self, num_buckets: int, vocab_size: int, batch_chars: int = 1 << 20):
-    self._num_buckets = num_buckets
+  def __init__(self, num_shards: dict[str, int], vocab_size: int, batch_chars: int = 1 << 20):
+    self._num_shards = num_shards
     self._vocab_size = vocab_size
     self._batch_chars = batch_chars
 
@@ -44,12 +52,12 @@ class TokenizeDocuments(beam.DoFn):
   def start_bundle(self):
     self._batch, self._pending_chars = [], 0
 
-  def process(self, document: Document, model_proto: bytes):
+  def process(self, part_and_document, model_proto: bytes):
     if model_proto is not self._model_proto and model_proto != self._model_proto:
       self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
       self._model_proto = model_proto
-    self._batch.append(document)
-    self._pending_chars += len(document.text)
+    self._batch.append(part_and_document)
+    self._pending_chars += len(part_and_document[1].text)
     if self._pending_chars >= self._batch_chars:
       yield from self._flush()
 
@@ -63,17 +71,19 @@ class TokenizeDocuments(beam.DoFn):
   def _flush(self) -> Iterator:
     if not self._batch:
       return
-    keys = [doc.key for doc in self._batch]
-    texts = [doc.text for doc in self._batch]
     with stage_report.timed("tokenize"):
-      ids = self._processor.encode(texts, num_threads=os.cpu_count() or 1)
+      ids = self._processor.encode([doc.text for _, doc in self._batch],
+                                   num_threads=os.cpu_count() or 1)
       token_arrays = [with_bos_eos(doc_ids) for doc_ids in ids]
-    for key, tokens in zip(keys, token_arrays):
-      yield key % self._num_buckets, tokens.tobytes()
-    all_tokens = np.concatenate(token_arrays)
-    histogram = np.bincount(all_tokens, minlength=self._vocab_size)
-    yield beam.pvalue.TaggedOutput(
-        STATS, dataset_manifest.TokenStats(len(token_arrays), len(all_tokens), histogram))
+    by_part = {}
+    for (part, doc), tokens in zip(self._batch, token_arrays):
+      by_part.setdefault(part, []).append(tokens)
+      yield (part, doc.key % self._num_shards[part]), tokens.tobytes()
+    for part, arrays in by_part.items():
+      all_tokens = np.concatenate(arrays)
+      histogram = np.bincount(all_tokens, minlength=self._vocab_size)
+      yield beam.pvalue.TaggedOutput(
+          STATS, (part, dataset_manifest.TokenStats(len(arrays), len(all_tokens), histogram)))
     self._log_progress(self._pending_chars)
     self._batch, self._pending_chars = [], 0
 
@@ -92,52 +102,43 @@ def with_bos_eos(ids: list[int]) -> np.ndarray:
   return tokens
 
 
-def pack_bucket(bucket: tuple[int, Iterable[bytes]], seq_len: int) -> Iterator[bytes]:
-  docs = (np.frombuffer(tokens, np.int32) for tokens in bucket[1])
-  for sequence in packing.pack_documents(docs, seq_len):
-    yield records.encode_packed(*sequence)
-
-
-def split_summary(unused_element, *, part: str, stats, sequences: int, shards: list[str]):
-  del unused_element
-  return part, stats, sequences, shards
+def pack_and_write(bucket: tuple[tuple[str, int], Iterable[bytes]], output_dir: str,
+                   seq_len: int, num_shards: dict[str, int]):
+  """Packs one bucket's documents and writes them as one shard; yields (part, shard, count).
+  A retried bundle rewrites the same shard whole."""
+  (part, index), docs = bucket
+  name = shard_name(part, index, num_shards[part])
+  writer = ArrayRecordWriter(FileSystems.join(output_dir, name), WRITER_OPTIONS)
+  count = 0
+  with stage_report.timed("pack"):
+    for sequence in packing.pack_documents((np.frombuffer(d, np.int32) for d in docs), seq_len):
+      writer.write(records.encode_packed(*sequence))
+      count += 1
+    writer.close()
+  yield part, name, count
 
 
 class TokenizePackWrite(beam.PTransform):
-  """Documents -> `{part}-SSSSS-of-NNNNN.array_record` shards; part is a split, or a split and
-  a source (`train-code`).
+  """(part, Document) pairs -> shards; returns {"stats": (part, TokenStats) per part,
+  "shards": (part, shard file name, sequences) per shard}."""
 
-  Documents are packed within num_shards hash buckets. Returns one element
-  (part, TokenStats, sequence count, shard paths).
-  """
-
-  def __init__(self, part: str, *, model_proto, output_dir: str, seq_len: int,
-               vocab_size: int, num_shards: int):
+  def __init__(self, *, model_proto, output_dir: str, seq_len: int, vocab_size: int,
+               num_shards: dict[str, int]):
     super().__init__()
-    self._part = part
     self._model_proto = model_proto
     self._output_dir = output_dir
     self._seq_len = seq_len
     self._vocab_size = vocab_size
     self._num_shards = num_shards
 
-  def expand(self, docs):
-    tokenized = docs | "Tokenize" >> beam.ParDo(
+  def expand(self, parts_and_docs):
+    tokenized = parts_and_docs | "Tokenize" >> beam.ParDo(
         TokenizeDocuments(self._num_shards, self._vocab_size),
         self._model_proto).with_outputs(STATS, main="documents")
-    packed = (tokenized.documents
+    shards = (tokenized.documents
               | "GroupIntoBuckets" >> beam.GroupByKey()
-              | "Pack" >> beam.FlatMap(pack_bucket, self._seq_len))
-    write = WriteToArrayRecord(
-        FileSystems.join(self._output_dir, self._part), file_name_suffix=SHARD_SUFFIX,
-        num_shards=self._num_shards, shard_name_template=SHARD_TEMPLATE)
-    stats = tokenized[STATS] | "SumStats" >> beam.CombineGlobally(
+              | "PackAndWrite" >> beam.FlatMap(pack_and_write, self._output_dir, self._seq_len,
+                                               self._num_shards))
+    stats = tokenized[STATS] | "SumStats" >> beam.CombinePerKey(
         dataset_manifest.SumTokenStats(self._vocab_size))
-    sequences = packed | "CountSequences" >> beam.combiners.Count.Globally()
-    shards = packed | "Write" >> write
-    return (docs.pipeline
-            | "Once" >> beam.Create([None])
-            | "Summary" >> beam.Map(
-                split_summary, part=self._part, stats=beam.pvalue.AsSingleton(stats),
-                sequences=beam.pvalue.AsSingleton(sequences),
-                shards=beam.pvalue.AsList(shards)))
+    return {"stats": stats, "shards": shards}
