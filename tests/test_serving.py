@@ -29,7 +29,7 @@ from fastapi.testclient import TestClient
 
 from maxlm import checkpoint, optim, quantization, sampling, sharding, steps
 from maxlm.model import ModelConfig
-from serving.chat import chat_prompt
+from serving.chat import CHAT_STOPS, chat_prompt
 from serving.detokenize import REPLACEMENT_CHAR, TextStream
 from serving.engine import ContextLengthError, Engine, SamplingSettings
 from serving.orchestrator import Orchestrator
@@ -46,7 +46,7 @@ def train_tokenizer(directory: Path) -> Path:
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(lines), model_prefix=str(directory / "spm"), model_type="bpe",
       vocab_size=384, byte_fallback=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-      minloglevel=2)
+      user_defined_symbols=CHAT_STOPS, minloglevel=2)
   return directory / "spm.model"
 
 
@@ -539,6 +539,10 @@ def test_chat_completion_whole_and_streamed(server_port, engine, orchestrator):
   assert choice.message.role == "assistant"
   prompt = chat_prompt([("system", "Wrap."), ("user", "def f(x):")])
   assert prompt == "<|system|>\nWrap.\n<|user|>\ndef f(x):\n<|assistant|>\n"
+  # the tokenizer reserves the turn headers: each is one piece, never split
+  headers = [engine.tokenizer.piece_to_id(header) for header in CHAT_STOPS]
+  assert not any(engine.tokenizer.is_unknown(h) for h in headers)
+  assert sum(token in headers for token in engine.encode(prompt)) == 3
   reference = complete(orchestrator, prompt, max_tokens=10,
                        stop=["<|system|>", "<|user|>", "<|assistant|>"])
   assert choice.message.content == reference.text and reference.text
