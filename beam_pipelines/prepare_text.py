@@ -297,9 +297,9 @@ def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing --output_dir whole")
   defaults = StageFlags()
-  for stage in ("normalize", "quality", "langid", "pii", "exact_dedup", "near_dedup"):
-    parser.add_argument(f"--{stage}", action=argparse.BooleanOptionalAction,
-                        default=getattr(defaults, stage))
+  for stage in ("normalize", "langid", "quality", "pii", "exact_dedup", "near_dedup"):
+    parser.add_argument(f"--no_{stage}", dest=stage, action="store_false",
+                        help=f"skip the {stage} stage")
   parser.add_argument("--near_dup_threshold", type=float, default=defaults.near_dup_threshold,
                       help="MinHash Jaccard similarity of word 5-grams above which documents "
                            "are near duplicates")

@@ -214,3 +214,27 @@ def test_rerun_refuses_then_overwrite_replaces_whole(prepared, tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging dirs left
   assert (output_dir / records.MANIFEST_NAME).exists()
   assert manifest["splits"]["train"]["documents"] == 2
+
+
+def test_command_line_sources_stage_flags_and_unigram(prepared, tmp_path):
+  root, _, _ = prepared
+  output_dir = tmp_path / "cli"
+  prepare_text.main([
+      f"--source=two:2:code={root}/web/good.txt,{root}/web/long.txt",
+      f"--source=snippets={root}/code/*.py", f"--output_dir={output_dir}", "--vocab_size=400",
+      f"--seq_len={SEQ_LEN}", "--validation_fraction=0", "--no_langid", "--no_quality",
+      "--no_near_dedup", "--tokenizer_type=unigram", "--special_tokens=<|user|>"])
+  manifest = json.loads((output_dir / records.MANIFEST_NAME).read_text())
+  assert manifest["tokenizer"]["model_type"] == "unigram"
+  assert "<|user|>" in manifest["tokenizer"]["special_tokens"]
+  stages = manifest["settings"]["stages"]
+  assert (stages["langid"], stages["quality"], stages["near_dedup"], stages["pii"]) == (
+      False, False, False, True)
+  assert [row["stage"] for row in manifest["report"]["stages"]] == [
+      "read", "normalize", "pii", "exact_dedup"]
+  sources = manifest["splits"]["train"]["sources"]
+  assert {name: (s["weight"], s["documents"]) for name, s in sources.items()} == {
+      "two": (2.0, 2), "snippets": (1.0, 2)}
+  assert manifest["settings"]["sources"][0]["profile"] == "code"
+  with pytest.raises(SystemExit, match="already exists"):
+    prepare_text.main([f"--input={root}/code/*.py", f"--output_dir={output_dir}"])
