@@ -50,9 +50,11 @@ def train_tokenizer(directory: Path) -> Path:
   return directory / "spm.model"
 
 
-def save_random_checkpoint(workdir: Path, config: ModelConfig, tokenizer_sha256: str):
+def save_random_checkpoint(workdir: Path, config: ModelConfig, tokenizer_sha256: str,
+                           mesh_shape=(1, 1, 1)):
   optimizer = optim.make_optimizer(optim.learning_rate_schedule(10))
-  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  mesh = sharding.make_mesh(*mesh_shape, devices=devices)
   _, abstract_state = steps.abstract_model(config)
   shardings = steps.state_shardings(abstract_state, optimizer, mesh)
   state = steps.init_train_state(config, optimizer, shardings, seed=0)
@@ -244,6 +246,20 @@ def test_engine_holds_params_on_one_device(engine, run_dir):
   assert devices == {jax.devices()[0]}
   assert engine.model_name == run_dir.name
   assert Engine.from_checkpoint(run_dir / "checkpoints").model_name == run_dir.name
+
+
+def test_a_checkpoint_written_on_a_mesh_serves_on_one_device(run_dir, engine, tmp_path):
+  sharded_run = tmp_path / "sharded_run"
+  _, meta = checkpoint.read_meta(run_dir)
+  save_random_checkpoint(sharded_run, engine.config, meta["tokenizer_sha256"],
+                         mesh_shape=(2, 2, 2))
+  shutil.copy(run_dir / checkpoint.TOKENIZER, sharded_run / checkpoint.TOKENIZER)
+  served = Engine.from_checkpoint(sharded_run, slots=1)
+  assert {d for leaf in jax.tree.leaves(served.params) for d in leaf.devices()} == {
+      jax.devices()[0]}
+  token_ids = engine.encode(PROMPT)
+  np.testing.assert_array_equal(served.logits_without_cache(token_ids),
+                                engine.logits_without_cache(token_ids))
 
 
 def test_engine_refuses_a_different_tokenizer(run_dir, tmp_path):
