@@ -16,6 +16,7 @@ from beam_pipelines import pii
 from beam_pipelines import quality
 from beam_pipelines import reading
 from beam_pipelines import stage_report
+from beam_pipelines import sources
 from beam_pipelines.quality import QualityThresholds
 from beam_pipelines.sources import ReadUnit
 
@@ -25,7 +26,6 @@ DEAD_LETTER = "dead_letter"
 @dataclasses.dataclass(frozen=True)
 class CleaningConfig:
   profiles: dict[str, str]  # source name -> sources.PROFILES entry
-  max_document_bytes: int = 16 << 20
   normalize: bool = True
   quality: bool = True
   langid: bool = True
@@ -83,7 +83,7 @@ class CleanDocuments(beam.DoFn):
 
   def process(self, document: tuple[str, str, str]):
     source, origin, text = document
-    prose = self._config.profiles[source] == "prose"
+    prose = sources.is_prose(self._config.profiles[source], origin)
     for stage, enabled, applies, step in (
         ("normalize", self._config.normalize, True, self._normalize),
         ("langid", self._config.langid, prose, self._langid),

@@ -93,8 +93,7 @@ def cleaned_documents(pipeline: beam.Pipeline, config: PrepareConfig, units):
           | "Read" >> beam.ParDo(cleaning.ReadDocuments(stages.max_document_bytes)).with_outputs(
               cleaning.DEAD_LETTER, main="documents"))
   cleaning_config = cleaning.CleaningConfig(
-      profiles={s.name: s.profile for s in config.sources},
-      max_document_bytes=stages.max_document_bytes, normalize=stages.normalize,
+      profiles={s.name: s.profile for s in config.sources}, normalize=stages.normalize,
       quality=stages.quality, langid=stages.langid, pii=stages.pii, languages=stages.languages,
       min_language_score=stages.min_language_score, seed=config.seed)
   docs = read.documents | "Clean" >> beam.ParDo(cleaning.CleanDocuments(cleaning_config))
@@ -283,7 +282,8 @@ def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument("--input", help="comma-separated globs forming one source, `default`")
   parser.add_argument("--source", action="append", default=[],
                       help="NAME[:WEIGHT[:PROFILE]]=GLOB_OR_TFDS,... (repeatable); PROFILE is "
-                           "prose (default) or code (no language ID or prose heuristics); "
+                           "auto (default: code for source files by suffix, else prose), prose, "
+                           "or code (no language ID or prose heuristics); "
                            "TFDS inputs look like tfds:NAME[/CONFIG][:SPLIT]")
   parser.add_argument("--output_dir", required=True)
   parser.add_argument("--vocab_size", type=int, default=4096)

@@ -8,7 +8,13 @@ from typing import NamedTuple
 from beam_pipelines import documents
 from beam_pipelines import reading
 
-PROFILES = ("prose", "code")  # code: no language ID, prose heuristics or boilerplate-line removal
+# code: no language ID, prose heuristics or boilerplate-line removal; auto: code for whole files
+# with a source-code suffix, prose for everything else.
+PROFILES = ("auto", "prose", "code")
+CODE_SUFFIXES = (".py", ".pyi", ".pyx", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu", ".java", ".kt",
+                 ".scala", ".js", ".jsx", ".ts", ".tsx", ".go", ".rs", ".rb", ".php", ".pl", ".sh",
+                 ".bash", ".lua", ".swift", ".cs", ".m", ".jl", ".hs", ".ml", ".sql", ".r", ".css",
+                 ".json", ".toml", ".yaml", ".yml", ".xml", ".ini", ".cfg", ".mk", ".cmake")
 DEFAULT_SOURCE = "default"
 TFDS_RANGE = 10_000
 _NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -19,7 +25,7 @@ class Source:
   name: str
   inputs: tuple[str, ...]  # file globs and/or `tfds:NAME[/CONFIG][:SPLIT]`
   weight: float = 1.0
-  profile: str = "prose"
+  profile: str = "auto"
 
   def __post_init__(self):
     if not _NAME.fullmatch(self.name):
@@ -44,7 +50,15 @@ def parse_source(flag: str) -> Source:
   except ValueError:
     raise ValueError(f"--source {flag!r} has weight {weight!r}; use a positive number") from None
   return Source(name, tuple(i.strip() for i in inputs.split(",") if i.strip()), weight_value,
-                profile or "prose")
+                profile or "auto")
+
+
+def is_prose(profile: str, origin: str) -> bool:
+  """Whether the prose-only stages apply to a document of this profile and origin (a path, or
+  path:line for a JSONL or Parquet row)."""
+  if profile == "auto":
+    return not origin.lower().endswith(CODE_SUFFIXES)
+  return profile == "prose"
 
 
 class ReadUnit(NamedTuple):

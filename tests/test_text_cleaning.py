@@ -15,6 +15,7 @@ from beam_pipelines import normalize
 from beam_pipelines import pii
 from beam_pipelines import quality
 from beam_pipelines import reading
+from beam_pipelines import sources
 
 
 def test_normalize_nfc_controls_spaces_and_blank_runs():
@@ -191,3 +192,30 @@ def test_whole_files_binary_invalid_empty_and_truncated_gzip(tmp_path):
                   "blank.txt": [reading.Rejected(0, "empty")],
                   "ok.txt": [reading.Text(0, "naïve text\n")],
                   "cut.txt.gz": [reading.Rejected(0, "unreadable")]}
+
+
+def test_auto_profile_treats_source_files_as_code():
+  assert not sources.is_prose("auto", "/src/lib/util.py")
+  assert not sources.is_prose("auto", "/src/main.RS")
+  assert sources.is_prose("auto", "/docs/readme.txt")
+  assert sources.is_prose("auto", "/data/lines.jsonl.gz:12")
+  assert sources.is_prose("prose", "/src/lib/util.py")
+  assert not sources.is_prose("code", "/docs/readme.txt")
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("web=a/*.txt", sources.Source("web", ("a/*.txt",))),
+    ("web:2.5=a/*.txt, tfds:mnist:test", sources.Source("web", ("a/*.txt", "tfds:mnist:test"), 2.5)),
+    ("src:1:code=x/**/*.py", sources.Source("src", ("x/**/*.py",), 1.0, "code")),
+])
+def test_source_flags(flag, expected):
+  assert sources.parse_source(flag) == expected
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("noequals", "must look like"), ("bad name=x", "letters, digits"),
+    ("w:-1=x", "positive"), ("w:1:poetry=x", "profile"), ("w:heavy=x", "weight"),
+])
+def test_bad_source_flags_name_the_fix(flag, message):
+  with pytest.raises(ValueError, match=message):
+    sources.parse_source(flag)
