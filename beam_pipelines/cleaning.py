@@ -15,8 +15,8 @@ from beam_pipelines import normalize
 from beam_pipelines import pii
 from beam_pipelines import quality
 from beam_pipelines import reading
-from beam_pipelines import stage_report
 from beam_pipelines import sources
+from beam_pipelines import stage_report
 from beam_pipelines.quality import QualityThresholds
 from beam_pipelines.sources import ReadUnit
 

@@ -29,10 +29,12 @@ from beam_pipelines import dataset_manifest
 from beam_pipelines import dedup
 from beam_pipelines import documents
 from beam_pipelines import pii
+from beam_pipelines import quality
 from beam_pipelines import sources as sources_lib
 from beam_pipelines import stage_report
 from beam_pipelines import tokenized_split
 from beam_pipelines import tokenizer_training
+from beam_pipelines.quality import QualityThresholds
 from beam_pipelines.sources import Source
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class StageFlags:
   languages: tuple[str, ...] = ("en",)
   min_language_score: float = 0.5
   max_document_bytes: int = 16 << 20
+  quality_thresholds: QualityThresholds = QualityThresholds()
   tokenizer_type: str = "bpe"
   special_tokens: tuple[str, ...] = ()
 
@@ -95,7 +98,8 @@ def cleaned_documents(pipeline: beam.Pipeline, config: PrepareConfig, units):
   cleaning_config = cleaning.CleaningConfig(
       profiles={s.name: s.profile for s in config.sources}, normalize=stages.normalize,
       quality=stages.quality, langid=stages.langid, pii=stages.pii, languages=stages.languages,
-      min_language_score=stages.min_language_score, seed=config.seed)
+      min_language_score=stages.min_language_score, thresholds=stages.quality_thresholds,
+      seed=config.seed)
   docs = read.documents | "Clean" >> beam.ParDo(cleaning.CleanDocuments(cleaning_config))
   duplicates = []
   if stages.exact_dedup:
@@ -306,6 +310,9 @@ def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument("--languages", default=",".join(defaults.languages),
                       help="comma-separated ISO 639-1 codes that language ID keeps")
   parser.add_argument("--min_language_score", type=float, default=defaults.min_language_score)
+  parser.add_argument("--quality_thresholds", default="",
+                      help="changes to the Gopher/C4 thresholds, e.g. 'min_words=20,"
+                           "max_symbol_word_ratio=0.2' (see quality.QualityThresholds)")
   parser.add_argument("--max_document_bytes", type=int, default=defaults.max_document_bytes,
                       help="longer documents or JSONL lines go to the dead letters as too_long")
   parser.add_argument("--tokenizer_type", default=defaults.tokenizer_type,
@@ -332,7 +339,9 @@ def stages_from_flags(flags: argparse.Namespace) -> StageFlags:
       exact_dedup=flags.exact_dedup, near_dedup=flags.near_dedup,
       near_dup_threshold=flags.near_dup_threshold, languages=split(flags.languages),
       min_language_score=flags.min_language_score,
-      max_document_bytes=flags.max_document_bytes, tokenizer_type=flags.tokenizer_type,
+      max_document_bytes=flags.max_document_bytes,
+      quality_thresholds=quality.thresholds_from_flag(flags.quality_thresholds),
+      tokenizer_type=flags.tokenizer_type,
       special_tokens=split(flags.special_tokens))
 
 

@@ -41,6 +41,22 @@ class QualityThresholds:
   max_duplicate_ngram_char_ratio: tuple[float, ...] = (0.15, 0.14, 0.13, 0.12, 0.11, 0.10)
 
 
+def thresholds_from_flag(flag: str) -> QualityThresholds:
+  """`min_words=20,max_duplicate_line_ratio=0.5` -> the defaults with those fields changed."""
+  scalars = {f.name: f.type for f in dataclasses.fields(QualityThresholds)
+             if f.type in (int, float, "int", "float")}
+  changes = {}
+  for item in filter(None, (part.strip() for part in flag.split(","))):
+    name, _, value = item.partition("=")
+    if name not in scalars:
+      raise ValueError(f"--quality_thresholds has no field {name!r}; pick from {sorted(scalars)}")
+    try:
+      changes[name] = int(value) if scalars[name] in (int, "int") else float(value)
+    except ValueError:
+      raise ValueError(f"--quality_thresholds {name}={value!r} is not a number") from None
+  return dataclasses.replace(QualityThresholds(), **changes)
+
+
 def line_signals(text: str) -> dict[str, float]:
   """Bullet, ellipsis and duplicated-line ratios over non-empty lines (stripped)."""
   lines = [line for line in map(str.strip, text.split("\n")) if line]

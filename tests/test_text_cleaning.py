@@ -219,3 +219,14 @@ def test_source_flags(flag, expected):
 def test_bad_source_flags_name_the_fix(flag, message):
   with pytest.raises(ValueError, match=message):
     sources.parse_source(flag)
+
+
+def test_quality_thresholds_flag():
+  limits = quality.thresholds_from_flag("min_words=20, max_symbol_word_ratio=0.25")
+  assert (limits.min_words, limits.max_symbol_word_ratio) == (20, 0.25)
+  assert limits.max_words == quality.QualityThresholds().max_words
+  with pytest.raises(ValueError, match="no field 'min_wrods'"):
+    quality.thresholds_from_flag("min_wrods=3")
+  signals = quality.quality_signals("A short but otherwise fine sentence with the words.")
+  assert quality.failed_check(signals, quality.QualityThresholds()) == "too_few_words"
+  assert quality.failed_check(signals, quality.thresholds_from_flag("min_words=5")) is None
