@@ -89,7 +89,7 @@ class PrepareConfig:
 
 
 def cleaned_documents(pipeline: beam.Pipeline, config: PrepareConfig, units):
-  """(deduplicated Documents, [dead-letter lines, duplicate lines])."""
+  """(cleaned, deduplicated Documents, dead-letter lines, [duplicate lines per dedup stage])."""
   stages = config.stages
   read = (pipeline
           | "Units" >> beam.Create(units)
