@@ -24,10 +24,12 @@ def cross_entropy_with_mask(logits: jax.Array, targets: jax.Array, weights: jax.
 
 
 def next_token_targets(tokens: jax.Array, segment_ids: jax.Array):
-  """Targets are the next token of the same document; the last token of a segment and
-  padding predict nothing. tokens, segment_ids: [batch, seq]; returns [batch, seq-1] each."""
-  targets = tokens[:, 1:]
-  weights = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+  """Targets are the next token of the same document; the last token of a row or segment
+  and padding predict nothing. tokens, segment_ids: [batch, seq]; returns [batch, seq] each,
+  aligned with the logits so that no [batch, seq, vocab] array is sliced."""
+  targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+  next_segment = jnp.pad(segment_ids[:, 1:], ((0, 0), (0, 1)))
+  weights = (next_segment == segment_ids) & (next_segment != 0)
   return targets, weights
 
 
@@ -37,6 +39,6 @@ def next_token_loss(model, batch: dict[str, jax.Array],
   times `z_loss` (0 turns it off)."""
   logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
   targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
-  nll, count, z_loss_sum = cross_entropy_with_mask(logits[:, :-1], targets, weights, z_loss)
+  nll, count, z_loss_sum = cross_entropy_with_mask(logits, targets, weights, z_loss)
   loss = (nll + z_loss_sum) / jnp.maximum(count, 1.0)
   return loss, {"nll_sum": nll, "z_loss_sum": z_loss_sum, "target_tokens": count}

@@ -200,6 +200,20 @@ def test_remat_gives_the_same_gradients_as_none(remat):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
+def test_causal_attention_in_query_blocks_matches_one_masked_product():
+  from maxlm.model import layers
+  rng = np.random.default_rng(7)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 24, heads, 8)), jnp.float32)
+             for heads in (6, 2, 2))
+  _, segment_ids, _ = _packed_example(rng, 2, 24)
+  index = jnp.broadcast_to(jnp.arange(24), (2, 24))
+  mask = layers.attention_mask(index, index[0], segment_ids, segment_ids)
+  expected = layers.dot_product_attention(q, k, v, mask)
+  for query_block in (5, 8, 24):
+    np.testing.assert_allclose(layers.causal_attention(q, k, v, segment_ids, query_block),
+                               expected, rtol=1e-6, atol=1e-6)
+
+
 def test_unknown_remat_is_refused():
   with pytest.raises(ValueError, match="ModelConfig.remat='some'"):
     ModelConfig(remat="some")

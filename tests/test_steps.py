@@ -70,7 +70,7 @@ def test_loss_matches_hand_computation():
   tokens = np.array([[0, 1, 2, 1]])
   segment_ids = np.array([[1, 1, 1, 2]])  # last token starts a new document: no target
   targets, weights = tasks.next_token_targets(tokens, segment_ids)
-  nll, count, z_loss = tasks.cross_entropy_with_mask(logits[:, :-1], targets, weights)
+  nll, count, z_loss = tasks.cross_entropy_with_mask(logits, targets, weights)
   # position 0 predicts token 1 (p=0.25); position 1 predicts token 2 (p=0.1)
   assert float(count) == 2
   np.testing.assert_allclose(float(nll), -np.log(0.25) - np.log(0.1), rtol=1e-6)
@@ -93,7 +93,7 @@ def test_z_loss_is_added_to_the_mean_loss():
   plain, metrics = tasks.next_token_loss(model, batch)
   with_z, _ = tasks.next_token_loss(model, batch, z_loss=1e-3)
   logits = np.asarray(model(batch["tokens"], batch["positions"], batch["segment_ids"])[0],
-                      np.float64)[:, :-1]
+                      np.float64)
   log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   _, weights = tasks.next_token_targets(batch["tokens"], batch["segment_ids"])
   expected = 1e-3 * np.sum(np.asarray(weights) * log_z ** 2) / float(metrics["target_tokens"])

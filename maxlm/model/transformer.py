@@ -101,17 +101,15 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, segment_ids, cache):
     """x: [batch, seq, embed]; positions: [batch, seq]. Returns (out, updated cache or None)."""
     dtype = x.dtype
-    q = jnp.einsum("bse,ehd->bshd", x, self.q[...].astype(dtype))
-    k = jnp.einsum("bse,ehd->bshd", x, self.k[...].astype(dtype))
-    v = jnp.einsum("bse,ehd->bshd", x, self.v[...].astype(dtype))
+    q = layers.dense(x, self.q[...].astype(dtype))
+    k = layers.dense(x, self.k[...].astype(dtype))
+    v = layers.dense(x, self.v[...].astype(dtype))
     q = layers.rope(q, positions, self.config.rope_theta)
     k = layers.rope(k, positions, self.config.rope_theta)
     if cache is None and self.config.attention != "xla":
       out = attention.fused_attention(q, k, v, segment_ids, self.config.attention)
-      return jnp.einsum("bshd,hde->bse", out, self.o[...].astype(dtype)), None
-    if cache is None:
-      index = jnp.broadcast_to(jnp.arange(x.shape[1]), positions.shape)
-      mask = layers.attention_mask(index, index[0], segment_ids, segment_ids)
+    elif cache is None:
+      out = layers.causal_attention(q, k, v, segment_ids)
     else:
       # One document per cache row: a token's cache slot is its position.
       rows = jnp.arange(x.shape[0])[:, None]
@@ -119,8 +117,8 @@ class Attention(nnx.Module):
       v = cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype))
       cache = {"k": k, "v": v}
       mask = layers.attention_mask(positions, jnp.arange(k.shape[1]))
-    out = layers.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask)
-    return jnp.einsum("bshd,hde->bse", out, self.o[...].astype(dtype)), cache
+      out = layers.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask)
+    return layers.dense(out, self.o[...].astype(dtype), contracting_dims=2), cache
 
 
 class MLP(nnx.Module):
@@ -190,9 +188,9 @@ class Transformer(nnx.Module):
         new_cache.append(layer_cache)
     x = self.final_norm(x)
     if self.config.tie_embeddings:
-      logits = jnp.einsum("bse,ve->bsv", x, self.embedding[...].astype(dtype))
+      logits = layers.dense(x, self.embedding[...].astype(dtype).T)
     else:
-      logits = x @ self.unembedding[...].astype(dtype)
+      logits = layers.dense(x, self.unembedding[...].astype(dtype))
     return logits.astype(jnp.float32), new_cache
 
 
