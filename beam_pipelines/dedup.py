@@ -94,8 +94,9 @@ def exact_pairs(pair: tuple, shingles: dict[int, np.ndarray], threshold: float):
 
 
 class Clusters(beam.CombineFn):
-  """Pairs -> {removed key: origin of the kept document}: in each connected component the
-  document with the smallest key is kept."""
+  """Pairs -> {(key, origin) removed: origin of the kept document}: in each connected component
+  the document with the smallest (key, origin) is kept. Documents are told apart by origin
+  too, so identical texts cluster even when exact dedup is off."""
 
   def create_accumulator(self):
     return set()
@@ -108,26 +109,25 @@ class Clusters(beam.CombineFn):
     return set().union(*accumulators)
 
   def extract_output(self, pairs):
-    parent, origin = {}, {}
+    parent = {}
 
-    def root(key):
-      while parent.get(key, key) != key:
-        parent[key] = parent.get(parent[key], parent[key])
-        key = parent[key]
-      return key
+    def root(node):
+      while parent.get(node, node) != node:
+        parent[node] = parent.get(parent[node], parent[node])
+        node = parent[node]
+      return node
 
     for key_a, origin_a, key_b, origin_b in pairs:
-      origin[key_a], origin[key_b] = origin_a, origin_b
-      low, high = sorted((root(key_a), root(key_b)))
+      low, high = sorted((root((key_a, origin_a)), root((key_b, origin_b))))
       if low != high:
         parent[high] = low
-    return {key: origin[root(key)] for key in origin if root(key) != key}
+    return {node: root(node)[1] for node in list(parent) if root(node) != node}
 
 
-def drop_near_duplicates(doc: Document, removed: dict[int, str]):
+def drop_near_duplicates(doc: Document, removed: dict[tuple[int, str], str]):
   size = utf8_size(doc.text)
   stage_report.count_in("near_dedup", size)
-  kept_origin = removed.get(doc.key)
+  kept_origin = removed.get((doc.key, doc.origin))
   if kept_origin is None:
     stage_report.count_out("near_dedup", size)
     yield doc

@@ -230,3 +230,13 @@ def test_quality_thresholds_flag():
   signals = quality.quality_signals("A short but otherwise fine sentence with the words.")
   assert quality.failed_check(signals, quality.QualityThresholds()) == "too_few_words"
   assert quality.failed_check(signals, quality.thresholds_from_flag("min_words=5")) is None
+
+
+def test_clusters_keep_one_document_per_connected_component():
+  from beam_pipelines import dedup  # pylint: disable=import-outside-toplevel
+  clusters = dedup.Clusters()
+  chain = [(5, "b", 9, "c"), (1, "a", 5, "b"), (20, "d", 30, "e"), (7, "x", 7, "y")]
+  accumulators = [clusters.add_input(clusters.create_accumulator(), pair) for pair in chain]
+  removed = clusters.extract_output(clusters.merge_accumulators(accumulators))
+  # a-b-c is one cluster though a and c were never compared; x and y are identical texts
+  assert removed == {(5, "b"): "a", (9, "c"): "a", (30, "e"): "d", (7, "y"): "x"}
