@@ -30,6 +30,7 @@ from beam_pipelines import dedup
 from beam_pipelines import documents
 from beam_pipelines import pii
 from beam_pipelines import quality
+from beam_pipelines import records
 from beam_pipelines import sources as sources_lib
 from beam_pipelines import stage_report
 from beam_pipelines import tokenized_split
@@ -76,8 +77,10 @@ class PrepareConfig:
   stages: StageFlags
 
   def special_tokens(self) -> list[str]:
+    """PII placeholders (when scrubbing), the reserved chat/image tokens, then the user's."""
     placeholders = list(pii.PLACEHOLDERS) if self.stages.pii else []
-    return placeholders + [t for t in self.stages.special_tokens if t not in placeholders]
+    reserved = placeholders + list(records.RESERVED_TOKENS)
+    return reserved + [t for t in self.stages.special_tokens if t not in reserved]
 
   def settings(self) -> dict:
     """What the manifest records about how the data was made."""

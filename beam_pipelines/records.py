@@ -13,6 +13,11 @@ RECORD_FIELDS = ("tokens", "segment_ids", "positions")
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.model"
 SPLITS = ("train", "validation")
+# Pieces every tokenizer reserves: the chat template's turn headers (serving.chat) and the
+# placeholder an image's embeddings will replace.
+CHAT_TURN_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+IMAGE_TOKEN = "<|image|>"
+RESERVED_TOKENS = (*CHAT_TURN_TOKENS.values(), IMAGE_TOKEN)
 
 
 def encode_packed(tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray) -> bytes:

@@ -49,6 +49,9 @@ def write_pydoc_topics(path: Path) -> Path:
   return path
 
 
+RECIPE = 3  # bumped whenever the pipeline's defaults change what the corpus holds
+
+
 @gin.configurable(module="maxlm")
 def ensure_default_corpus(vocab_size: int = 4096, seq_len: int = 256,
                           validation_fraction: float = 0.03,
@@ -56,7 +59,7 @@ def ensure_default_corpus(vocab_size: int = 4096, seq_len: int = 256,
   """Returns the data dir of the stdlib corpus, building it first if it is not cached."""
   version = f"py{sys.version_info.major}.{sys.version_info.minor}"
   root = Path(cache_dir) if cache_dir else cache_root()
-  data_dir = root / f"stdlib-{version}-v{vocab_size}-s{seq_len}-h{validation_fraction:g}-clean"
+  data_dir = root / f"stdlib-{version}-v{vocab_size}-s{seq_len}-h{validation_fraction:g}-r{RECIPE}"
   if (data_dir / MANIFEST_NAME).exists():
     return str(data_dir)
   print(f"no data configured: building the Python {version} standard library corpus into "

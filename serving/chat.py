@@ -8,19 +8,20 @@ Each turn is rendered as `<|role|>\\ncontent\\n`, then `<|assistant|>\\n` opens 
   Hi
   <|assistant|>
 
-The headers are plain text today, so the tokenizer splits them into ordinary pieces. If a
-tokenizer is trained with them as user-defined symbols (`user_defined_symbols=["<|user|>", ...]`
-in beam_pipelines.tokenizer_training), SentencePiece maps each header to its reserved piece
-with no change here. A reply ends where the model opens another turn: every header is a stop
-string.
+The headers are the tokens `beam_pipelines.prepare_text` reserves in every tokenizer it trains
+(`beam_pipelines.records.CHAT_TURN_TOKENS`), so each is one piece that ordinary text never
+produces; a tokenizer made without them still works, splitting each header into ordinary
+pieces. A reply ends where the model opens another turn: every header is a stop string.
 """
 
-ROLES = ("system", "user", "assistant")
-CHAT_STOPS = [f"<|{role}|>" for role in ROLES]
+from beam_pipelines.records import CHAT_TURN_TOKENS
+
+ROLES = tuple(CHAT_TURN_TOKENS)
+CHAT_STOPS = list(CHAT_TURN_TOKENS.values())
 
 
 def header(role: str) -> str:
-  return f"<|{role}|>\n"
+  return f"{CHAT_TURN_TOKENS[role]}\n"
 
 
 def chat_prompt(messages: list[tuple[str, str]]) -> str:

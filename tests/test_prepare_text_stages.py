@@ -176,8 +176,9 @@ def test_written_text_is_clean_and_scrubbed(prepared):
   assert PARQUET_TEXT in joined
   tokenizer = manifest["tokenizer"]
   sp = spm.SentencePieceProcessor(model_file=str(output_dir / records.TOKENIZER_NAME))
-  for token in ("<|email|>", "<|user|>", "<|image|>"):
+  for token in ("<|email|>", "<|user|>", "<|image|>", "<|system|>", "<|assistant|>"):
     assert sp.encode(f"a {token} b").count(tokenizer["special_tokens"][token]) == 1
+  assert set(records.RESERVED_TOKENS) <= set(tokenizer["special_tokens"])  # reserved by default
 
 
 def test_sources_get_their_own_shards_weights_and_token_counts(prepared):
@@ -202,7 +203,7 @@ def test_rerun_refuses_then_overwrite_replaces_whole(prepared, tmp_path):
   root, _, _ = prepared
   source = Source("two", (f"{root}/web/good.txt", f"{root}/web/long.txt"), profile="code")
   output_dir = tmp_path / "out"
-  quick = dict(vocab_size=300, seq_len=SEQ_LEN, validation_fraction=0.0,
+  quick = dict(vocab_size=320, seq_len=SEQ_LEN, validation_fraction=0.0,
                stages=prepare_text.StageFlags(near_dedup=False))
   prepare_text.run([source], str(output_dir), **quick)
   (output_dir / "left-behind.txt").write_text("from the first run")
