@@ -11,11 +11,12 @@ so that load from other processes hits all three alike; each figure is the media
 of the per-step time in that round. The `cpu_*` fields divide by this process's CPU seconds
 instead of wall seconds: when other processes share the cores, they still compare the work
 each side needs (threads that spin while waiting count as work). Without torch/transformers (`pip install -e .[bench]`)
-the torch fields are null.
+the torch fields are null. PyTorch trains in a child process (see `torch_trainer`).
 """
 
 import argparse
 import json
+import multiprocessing
 import resource
 import statistics
 import sys
@@ -67,7 +68,7 @@ def jax_trainer(batch: dict[str, np.ndarray]):
   return run
 
 
-def torch_trainer(batch: dict[str, np.ndarray]):
+def _torch_training(batch: dict[str, np.ndarray]):
   """`run(steps) -> seconds` for LlamaForCausalLM with the same shapes, or None without torch."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
@@ -98,6 +99,40 @@ def torch_trainer(batch: dict[str, np.ndarray]):
   return run
 
 
+def _torch_worker(connection):
+  """Serves `steps -> (wall seconds, CPU seconds)` until the parent closes the pipe; sends
+  False first if torch is missing."""
+  run = _torch_training(random_batch())
+  connection.send(run is not None)
+  while run is not None:
+    try:
+      num_steps = connection.recv()
+    except EOFError:
+      return
+    cpu_started = _cpu_seconds()
+    connection.send((run(num_steps), _cpu_seconds() - cpu_started))
+
+
+def torch_trainer():
+  """`run(steps) -> (wall s, CPU s)` of the PyTorch baseline, or None without torch.
+
+  It trains in a child process: run in this one, PyTorch's heap use leaves maxlm's next steps
+  ~25% slower (page faults), which would bias the comparison.
+  """
+  ours, theirs = multiprocessing.get_context("spawn").Pipe()
+  worker = multiprocessing.get_context("spawn").Process(target=_torch_worker, args=(theirs,),
+                                                        daemon=True)
+  worker.start()
+  if not ours.recv():
+    worker.join()
+    return None
+
+  def run(num_steps: int) -> tuple[float, float]:
+    ours.send(num_steps)
+    return ours.recv()
+  return run
+
+
 def matmul_timer(size: int = PEAK_MATMUL):
   """`run(repeats) -> seconds` for a jitted float32 [size, size] @ [size, size]."""
   a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
@@ -118,10 +153,18 @@ def _cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
+def _in_this_process(run):
+  """Wraps `run(steps) -> wall s` as `run(steps) -> (wall s, CPU s)`."""
+  def timed(num_steps: int) -> tuple[float, float]:
+    cpu_started = _cpu_seconds()
+    return run(num_steps), _cpu_seconds() - cpu_started
+  return timed
+
+
 def measure(steps_per_round: int, rounds: int, warmup: int) -> tuple[dict, dict, dict]:
   """Median (wall seconds, CPU seconds) per step or matmul, and the per-round wall seconds."""
-  batch = random_batch()
-  runners = {"jax": jax_trainer(batch), "torch": torch_trainer(batch), "matmul": matmul_timer()}
+  runners = {"jax": _in_this_process(jax_trainer(random_batch())), "torch": torch_trainer(),
+             "matmul": _in_this_process(matmul_timer())}
   runners = {name: run for name, run in runners.items() if run is not None}
   repeats = {"jax": steps_per_round, "torch": steps_per_round, "matmul": 4 * steps_per_round}
   for run in runners.values():
@@ -130,9 +173,9 @@ def measure(steps_per_round: int, rounds: int, warmup: int) -> tuple[dict, dict,
   cpu = {name: [] for name in runners}
   for _ in range(rounds):
     for name, run in runners.items():
-      cpu_started = _cpu_seconds()
-      wall[name].append(run(repeats[name]) / repeats[name])
-      cpu[name].append((_cpu_seconds() - cpu_started) / repeats[name])
+      wall_s, cpu_s = run(repeats[name])
+      wall[name].append(wall_s / repeats[name])
+      cpu[name].append(cpu_s / repeats[name])
   median = lambda times: {name: statistics.median(t) for name, t in times.items()}  # noqa: E731
   return median(wall), median(cpu), {name: [round(t, 3) for t in times]
                                      for name, times in wall.items()}
