@@ -8,10 +8,11 @@ SwiGLU 1376, vocabulary 8192, untied embeddings, float32) on the same random bat
 tokens with AdamW and global-norm clipping. The maxlm side is the real training path
 (`steps.make_train_step` with `tasks.next_token_loss`). Rounds alternate JAX, PyTorch, matmul
 so that load from other processes hits all three alike; each figure is the median over rounds
-of the per-step time in that round. The `cpu_*` fields divide by this process's CPU seconds
-instead of wall seconds: when other processes share the cores, they still compare the work
-each side needs (threads that spin while waiting count as work). Without torch/transformers (`pip install -e .[bench]`)
-the torch fields are null. PyTorch trains in a child process (see `torch_trainer`).
+of the per-step time in that round. The `cpu_*` fields divide by each side's process CPU
+seconds instead of wall seconds: when other processes share the cores, they still compare the
+work each side needs (threads that spin while waiting count as work). PyTorch trains in a
+child process (see `torch_trainer`). Without torch and transformers (`pip install -e
+.[bench]`) the torch fields are null.
 """
 
 import argparse
