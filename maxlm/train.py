@@ -66,8 +66,9 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
   plus every step divisible by `keep_checkpoint_every` if set. `microbatches` splits each
   global batch into slices whose gradients accumulate into one update; `z_loss` weighs the
   mean log(Z)**2 of the softmax normalizer, added to the loss (0 = off).
-  `peak_flops_per_device` turns on the `mfu` scalar; `profile_steps=(first, last)` writes a profiler trace of those steps
-  to WORKDIR/profile (open it with TensorBoard's profile plugin or Perfetto).
+  `peak_flops_per_device` turns on the `mfu` scalar; `profile_steps=(first, last)` writes a
+  profiler trace of those steps to WORKDIR/profile (open it with TensorBoard's profile plugin
+  or Perfetto).
   """
   workdir = Path(workdir)
   data_dir = data_dir or ensure_default_corpus()
