@@ -223,9 +223,8 @@ class Prefix:
   top_k: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def prefill(graphdef, params, padded_prompt, prompt_len, key, temperature, top_p,
-            top_k) -> Prefix:
+def prefill_fn(graphdef, params, padded_prompt, prompt_len, key, temperature, top_p,
+               top_k) -> Prefix:
   """padded_prompt: [1, bucket] -> its Prefix; one compilation per bucket."""
   model = nnx.merge(graphdef, quantization.dequantize(params))
   cache = init_kv_cache(model.config, 1, padded_prompt.shape[1])
@@ -256,8 +255,7 @@ def insert(prefix: Prefix, state: DecodeState, slot) -> DecodeState:
       top_k=state.top_k.at[slot].set(prefix.top_k))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
-def generate_step(graphdef, params, state: DecodeState) -> tuple[DecodeState, TokenChoice]:
+def generate_step_fn(graphdef, params, state: DecodeState) -> tuple[DecodeState, TokenChoice]:
   """Advances every slot by one token. A free slot computes garbage that nothing reads."""
   model = nnx.merge(graphdef, quantization.dequantize(params))
   cache_len = state.cache[0]["k"].shape[1]
@@ -267,6 +265,21 @@ def generate_step(graphdef, params, state: DecodeState) -> tuple[DecodeState, To
   choice = choose(logits[:, 0], keys, state.temperature, state.top_p, state.top_k)
   return dataclasses.replace(state, cache=cache, tokens=choice.token,
                              positions=positions + 1), choice
+
+
+prefill = jax.jit(prefill_fn, static_argnames=("graphdef",))
+generate_step = jax.jit(generate_step_fn, static_argnames=("graphdef",),
+                        donate_argnames=("state",))
+
+
+def bind(graphdef):
+  """(prefill, generate_step) jitted with `graphdef` closed over, taking the other arguments.
+
+  A server calls these every step; passing the graphdef as a static argument would hash the
+  whole graph on every call (about 0.2 ms for the tiny model).
+  """
+  return (jax.jit(functools.partial(prefill_fn, graphdef)),
+          jax.jit(functools.partial(generate_step_fn, graphdef), donate_argnums=(1,)))
 
 
 # --- one prompt at a time (the trainer's sample) -----------------------------------------------

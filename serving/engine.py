@@ -105,6 +105,8 @@ class Engine:
     self.model_name = model_name
     self.slots = slots
     self.context_length = sampling.context_length(config, max_len)
+    self.eos_id = tokenizer.eos_id()
+    self._prefill, self._generate_step = sampling.bind(graphdef)
     self._token_bytes = [piece_bytes(tokenizer, i) for i in range(tokenizer.vocab_size())]
 
   @classmethod
@@ -129,8 +131,8 @@ class Engine:
   def prefill(self, prompt_ids: list[int], settings: SamplingSettings
               ) -> tuple[sampling.Prefix, Step]:
     """The prompt's cache rows and its first new token (a one-row Step)."""
-    prefix = sampling.prefill(
-        self.graphdef, self.params, sampling.padded_prompt(prompt_ids, self.context_length),
+    prefix = self._prefill(
+        self.params, sampling.padded_prompt(prompt_ids, self.context_length),
         len(prompt_ids), sampling.seed_key(settings.seed), np.float32(settings.temperature),
         np.float32(settings.top_p), np.int32(settings.top_k))
     return prefix, Step.from_choice(prefix.choice)
@@ -140,7 +142,7 @@ class Engine:
     return sampling.insert(prefix, state, slot)
 
   def generate(self, state: sampling.DecodeState) -> tuple[sampling.DecodeState, Step]:
-    state, choice = sampling.generate_step(self.graphdef, self.params, state)
+    state, choice = self._generate_step(self.params, state)
     return state, Step.from_choice(choice)
 
   def warmup(self):
@@ -154,15 +156,12 @@ class Engine:
 
   # --- text ------------------------------------------------------------------------------------
 
-  @property
-  def eos_id(self) -> int:
-    return self.tokenizer.eos_id()
-
   def encode(self, prompt: str) -> list[int]:
     return [self.tokenizer.bos_id()] + self.tokenizer.encode(prompt)
 
   def decode(self, token_ids: list[int]) -> str:
-    return self.tokenizer.decode([t for t in token_ids if t != self.eos_id])
+    eos_id = self.eos_id
+    return self.tokenizer.decode([t for t in token_ids if t != eos_id])
 
   def token_bytes(self, token_id: int) -> bytes:
     """The bytes one token stands for (a byte-fallback piece is one raw byte)."""
