@@ -306,9 +306,9 @@ def stream_tokens(graphdef, params, prompt_ids: list[int], *, config: ModelConfi
 
 
 def generate(graphdef, params, prompt_ids: list[int], *, max_new_tokens: int,
-                    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                    seed: int = 0, eos_id: int | None = None, config: ModelConfig,
-                    max_len: int | None = None) -> list[int]:
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+             eos_id: int | None = None, config: ModelConfig,
+             max_len: int | None = None) -> list[int]:
   """The new tokens only (the eos that ended them included)."""
   return list(stream_tokens(graphdef, params, prompt_ids, config=config,
                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

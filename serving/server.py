@@ -68,13 +68,13 @@ def create_app(engine: Engine, model_name: str | None = None,
   async def _http_error(_: Request, exc: HTTPException):
     return error_response(OpenAIError(exc.status_code, str(exc.detail)))
 
-  @app.exception_handler(Unavailable)
+  @app.exception_handler(Unavailable)  # an expected 503: not left to the traceback-logging 500
   async def _unavailable(_: Request, exc: Unavailable):
-    return error_response(unavailable(exc))
+    return error_response(server_error(exc))
 
   @app.exception_handler(Exception)
   async def _server_error(_: Request, exc: Exception):  # uvicorn logs the traceback
-    return error_response(OpenAIError(500, f"internal error: {exc}", type_="server_error"))
+    return error_response(server_error(exc))
 
   async def check_api_key(request: Request):
     if not api_keys:
@@ -168,8 +168,7 @@ def create_app(engine: Engine, model_name: str | None = None,
         elif delta.text or delta.finish_reason or logprobs:
           yield chunk(delta.text, delta.finish_reason, of=[delta])
     except Exception as e:  # the status line is sent; report in the stream, as vLLM does
-      error = (unavailable(e) if isinstance(e, Unavailable) else
-               OpenAIError(500, f"internal error: {e}", type_="server_error"))
+      error = server_error(e)
       log.warning("%s ended early: %s", shape.id, error.message)
       yield sse(error.body())
     if include_usage:
@@ -206,6 +205,13 @@ async def drain(deltas: asyncio.Queue, generation: Generation) -> AsyncIterator[
 
 def unavailable(error: Unavailable) -> OpenAIError:
   return OpenAIError(503, str(error), type_="server_error", code="service_unavailable")
+
+
+def server_error(error: Exception) -> OpenAIError:
+  """What a failure while generating becomes: 503 if the engine is gone, else 500."""
+  if isinstance(error, Unavailable):
+    return unavailable(error)
+  return OpenAIError(500, f"internal error: {error}", type_="server_error")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
