@@ -34,3 +34,13 @@ def decode_packed(record: bytes, seq_len: int) -> dict[str, np.ndarray]:
         "was it written with a different --seq_len?")
   rows = rows.reshape(len(RECORD_FIELDS), seq_len)
   return {name: rows[i] for i, name in enumerate(RECORD_FIELDS)}
+
+
+def read_shard(path: str, seq_len: int) -> list[dict[str, np.ndarray]]:
+  """Every packed record of one ArrayRecord shard, decoded, in file order."""
+  from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=import-outside-toplevel
+  reader = ArrayRecordReader(path)
+  try:
+    return [decode_packed(record, seq_len) for record in reader.read_all()]
+  finally:
+    reader.close()

@@ -11,7 +11,6 @@ import textwrap
 import numpy as np
 import pytest
 import sentencepiece as spm
-from array_record.python.array_record_module import ArrayRecordReader
 
 from beam_pipelines import documents
 from beam_pipelines import normalize
@@ -162,12 +161,8 @@ def write_corpus(root: pathlib.Path) -> list[str]:
 
 
 def read_records(output_dir: pathlib.Path, split: dict, seq_len: int) -> list[dict]:
-  decoded = []
-  for shard in split["shards"]:
-    reader = ArrayRecordReader(str(output_dir / shard))
-    decoded += [records.decode_packed(r, seq_len) for r in reader.read_all()]
-    reader.close()
-  return decoded
+  return [record for shard in split["shards"]
+          for record in records.read_shard(str(output_dir / shard), seq_len)]
 
 
 @pytest.fixture(scope="module")

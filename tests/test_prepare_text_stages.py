@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 import tensorflow_datasets as tfds
-from array_record.python.array_record_module import ArrayRecordReader
 
 from beam_pipelines import prepare_text
 from beam_pipelines import records
@@ -95,9 +94,7 @@ def decoded_shards(output_dir: pathlib.Path, manifest: dict, shards: list[str]) 
   sp = spm.SentencePieceProcessor(model_file=str(output_dir / records.TOKENIZER_NAME))
   texts = []
   for shard in shards:
-    reader = ArrayRecordReader(str(output_dir / shard))
-    sequences = [records.decode_packed(r, manifest["seq_len"]) for r in reader.read_all()]
-    reader.close()
+    sequences = records.read_shard(str(output_dir / shard), manifest["seq_len"])
     tokens = [t for s in sequences for t in s["tokens"][s["segment_ids"] > 0].tolist()]
     texts.append(sp.decode(tokens))
   return texts
