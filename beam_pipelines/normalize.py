@@ -1,13 +1,13 @@
 """Text normalization: Unicode NFC, whitespace and control characters, boilerplate lines."""
 
+import itertools
 import re
 import unicodedata
 
 # Tab and newline stay: indentation and line structure carry meaning in code and prose alike.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")
 _UNICODE_SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
-_TRAILING_SPACE = re.compile("[ \t]+$", re.MULTILINE)
-_BLANK_RUN = re.compile("\n{4,}")
+_BLANK_RUN = re.compile("\n\n\n\n+")  # spelled out: a literal prefix lets `re` skip ahead fast
 BOILERPLATE_PHRASES = (
     "all rights reserved", "cookie policy", "uses cookies", "accept cookies", "privacy policy",
     "terms of use", "terms of service", "terms and conditions", "enable javascript",
@@ -25,8 +25,9 @@ def normalize_whitespace(text: str) -> str:
     text = unicodedata.normalize("NFC", text)
   text = text.replace("\r\n", "\n").replace("\r", "\n")
   text = _CONTROL.sub("", text)
-  text = _UNICODE_SPACES.sub(" ", text)
-  text = _TRAILING_SPACE.sub("", text)
+  if not text.isascii():
+    text = _UNICODE_SPACES.sub(" ", text)
+  text = "\n".join(map(str.rstrip, text.split("\n"), itertools.repeat(" \t")))
   return _BLANK_RUN.sub("\n\n\n", text)
 
 
