@@ -4,6 +4,7 @@ Python's `hash` is salted per process, so Beam workers would disagree; blake2b i
 """
 
 import hashlib
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,6 +19,35 @@ def word_hashes(words: list[str]) -> np.ndarray:
   return np.fromiter(map(table.__getitem__, words), np.uint64, len(words))
 
 
+class Vocabulary(NamedTuple):
+  """The distinct words of a word list, in order of first occurrence, and the list as ids."""
+  words: list[str]
+  index: dict[str, int]  # word -> id
+  ids: np.ndarray  # int64 [len(word list)]
+  lengths: np.ndarray  # int64 [len(words)]: characters per distinct word
+
+  @classmethod
+  def of(cls, words: list[str]) -> "Vocabulary":
+    index = {word: i for i, word in enumerate(dict.fromkeys(words))}
+    return cls(list(index), index, np.fromiter(map(index.__getitem__, words), np.int64,
+                                               len(words)),
+               np.fromiter(map(len, index), np.int64, len(index)))
+
+  def local_hashes(self) -> np.ndarray:
+    """uint64 [len(ids)]: distinct words get distinct, well-mixed hashes, meaningful only
+    within this word list (ids depend on the order words first occur)."""
+    return mix64(self.ids.astype(np.uint64))
+
+
+def mix64(values: np.ndarray) -> np.ndarray:
+  """SplitMix64's finalizer: a bijection on uint64 whose every output bit depends on every
+  input bit."""
+  with np.errstate(over="ignore"):
+    values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return values ^ (values >> np.uint64(31))
+
+
 def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
   """uint64 [len(hashes) - n + 1]: hash of each run of n consecutive word hashes."""
   count = len(hashes) - n + 1
@@ -27,4 +57,13 @@ def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
   with np.errstate(over="ignore"):
     for offset in range(1, n):
       combined = (combined * _MIX) ^ hashes[offset:offset + count]
+  return combined
+
+
+def ngram_hashes_at(hashes: np.ndarray, starts: np.ndarray, n: int) -> np.ndarray:
+  """uint64 [len(starts)]: ngram_hashes(hashes, n)[starts]; every start + n <= len(hashes)."""
+  combined = hashes[starts]
+  with np.errstate(over="ignore"):
+    for offset in range(1, n):
+      combined = (combined * _MIX) ^ hashes[starts + offset]
   return combined

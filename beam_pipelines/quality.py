@@ -8,7 +8,9 @@ characters of words (whitespace excluded).
 import collections
 import dataclasses
 import functools
+import itertools
 import re
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -18,7 +20,7 @@ BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "‣", "–", "-", "
 ELLIPSES = ("...", "…")
 STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 TOP_NGRAM_SIZES = (2, 3, 4)
-DUPLICATE_NGRAM_SIZES = (5, 6, 7, 8, 9, 10)
+DUPLICATE_NGRAM_SIZES = (5, 6, 7, 8, 9, 10)  # TOP + DUPLICATE sizes: consecutive
 LANGID_CHARS = 2000
 _WORD_WITHOUT_LETTER = re.compile(r"(?<!\S)(?:[^\w\s]|[\d_])+(?!\S)")
 
@@ -66,65 +68,96 @@ def line_signals(text: str) -> dict[str, float]:
   counts = collections.Counter(lines)
   repeats = [(line, n - 1) for line, n in counts.items() if n > 1]
   return {
-      "bullet_line_ratio": sum(1 for line in lines if line.startswith(BULLETS)) / len(lines),
-      "ellipsis_line_ratio": sum(1 for line in lines if line.endswith(ELLIPSES)) / len(lines),
+      "bullet_line_ratio": sum(map(str.startswith, lines, itertools.repeat(BULLETS)))
+                           / len(lines),
+      "ellipsis_line_ratio": sum(map(str.endswith, lines, itertools.repeat(ELLIPSES)))
+                             / len(lines),
       "duplicate_line_ratio": sum(n for _, n in repeats) / len(lines),
       "duplicate_line_char_ratio": sum(len(line) * n for line, n in repeats)
                                    / sum(map(len, lines)),
   }
 
 
-def top_ngram_char_ratio(hashes: np.ndarray, lengths: np.ndarray, n: int) -> float:
+def repeated_ngram_runs(hashes: np.ndarray, sizes: tuple[int, ...]) -> Iterator[tuple]:
+  """For each n of `sizes` (consecutive, ascending): (n, starts, run starts, run lengths), where
+  `starts` are word positions of n-grams grouped into runs of equal n-grams. Every n-gram that
+  occurs more than once is there with all its occurrences. hashes: [words].
+
+  An (n+1)-gram repeats only where the n-gram at its start repeats (its prefix repeats with
+  it), so each size looks only at the starts where the previous size found repeats.
+  """
+  starts = np.arange(max(0, len(hashes) - sizes[0] + 1))
+  for n in sizes:
+    starts = starts[starts + n <= len(hashes)]
+    grams = ngrams.ngram_hashes_at(hashes, starts, n)
+    order = np.argsort(grams)
+    ordered = grams[order]
+    run_starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    run_lengths = np.diff(np.append(run_starts, len(grams)))
+    starts = starts[order]
+    yield n, starts, run_starts, run_lengths
+    starts = starts[np.repeat(run_lengths > 1, run_lengths)]
+
+
+def top_ngram_char_ratio(lengths: np.ndarray, n: int, starts: np.ndarray,
+                         run_starts: np.ndarray, run_lengths: np.ndarray) -> float:
   """Characters in all occurrences of the most frequent word n-gram / characters in all words;
-  0 when no n-gram repeats. hashes, lengths: [words]."""
-  grams = ngrams.ngram_hashes(hashes, n)
-  if not len(grams):
+  0 when no n-gram repeats. The arguments are one size of `repeated_ngram_runs`."""
+  if not len(starts) or (most := run_lengths.max()) < 2:
     return 0.0
-  _, first, counts = np.unique(grams, return_index=True, return_counts=True)
-  most = counts.max()
-  if most < 2:
-    return 0.0
-  start = first[counts == most].min()  # ties: the n-gram that occurs first
-  return float(lengths[start:start + n].sum() * most / lengths.sum())
+  first = np.minimum.reduceat(starts, run_starts)[run_lengths == most].min()  # ties: earliest
+  return float(lengths[first:first + n].sum() * most / lengths.sum())
 
 
-def duplicate_ngram_char_ratio(hashes: np.ndarray, lengths: np.ndarray, n: int) -> float:
+def duplicate_ngram_char_ratio(lengths: np.ndarray, n: int, starts: np.ndarray,
+                               run_lengths: np.ndarray) -> float:
   """Characters of words inside any word n-gram that occurs more than once / all characters."""
-  grams = ngrams.ngram_hashes(hashes, n)
-  if not len(grams):
+  starts = starts[np.repeat(run_lengths > 1, run_lengths)]
+  if not len(starts):
     return 0.0
-  _, inverse, counts = np.unique(grams, return_inverse=True, return_counts=True)
-  repeated = counts[inverse] > 1
-  covered = np.zeros(len(hashes), bool)
+  covered = np.zeros(len(lengths), bool)
   for offset in range(n):
-    covered[offset:offset + len(grams)] |= repeated
+    covered[starts + offset] = True
   return float(lengths[covered].sum() / lengths.sum())
 
 
-def word_signals(text: str, words: list[str]) -> dict[str, float]:
+def word_signals(text: str, vocabulary: ngrams.Vocabulary) -> dict[str, float]:
+  """Word count, mean length, symbol, alphabetic-word and stop-word signals of the text's
+  words; each distinct word is examined once and weighted by its occurrences."""
+  words = len(vocabulary.ids)
   if not words:
     return {"words": 0, "mean_word_length": 0.0, "symbol_word_ratio": 0.0,
             "alpha_word_ratio": 0.0, "stop_words": 0}
+  occurrences = np.bincount(vocabulary.ids, minlength=len(vocabulary.words))
+  joined = "\n".join(vocabulary.words)  # words hold no whitespace: one per line
+  stop = np.fromiter(map(STOP_WORDS.__contains__, joined.lower().split("\n")), bool,
+                     len(vocabulary.words))
+  without_letter = sum(occurrences[vocabulary.index[word]]
+                       for word in _WORD_WITHOUT_LETTER.findall(joined))
   symbols = text.count("#") + text.count("...") + text.count("…")
   return {
-      "words": len(words),
-      "mean_word_length": sum(map(len, words)) / len(words),
-      "symbol_word_ratio": symbols / len(words),
-      "alpha_word_ratio": 1 - len(_WORD_WITHOUT_LETTER.findall(text)) / len(words),
-      "stop_words": sum(map(STOP_WORDS.__contains__, text.lower().split())),
+      "words": words,
+      "mean_word_length": float(occurrences @ vocabulary.lengths / words),
+      "symbol_word_ratio": symbols / words,
+      "alpha_word_ratio": float(1 - without_letter / words),
+      "stop_words": int(occurrences[stop].sum()),
   }
 
 
 def quality_signals(text: str) -> dict[str, float]:
-  words = text.split()
-  signals = word_signals(text, words) | line_signals(text)
-  if words:
-    hashes = ngrams.word_hashes(words)
-    lengths = np.fromiter(map(len, words), np.int64, len(words))
-    for n in TOP_NGRAM_SIZES:
-      signals[f"top_{n}gram_char_ratio"] = top_ngram_char_ratio(hashes, lengths, n)
-    for n in DUPLICATE_NGRAM_SIZES:
-      signals[f"duplicate_{n}gram_char_ratio"] = duplicate_ngram_char_ratio(hashes, lengths, n)
+  vocabulary = ngrams.Vocabulary.of(text.split())
+  signals = word_signals(text, vocabulary) | line_signals(text)
+  if not len(vocabulary.ids):
+    return signals
+  lengths = vocabulary.lengths[vocabulary.ids]
+  for n, starts, run_starts, run_lengths in repeated_ngram_runs(
+      vocabulary.local_hashes(), TOP_NGRAM_SIZES + DUPLICATE_NGRAM_SIZES):
+    if n in TOP_NGRAM_SIZES:
+      signals[f"top_{n}gram_char_ratio"] = top_ngram_char_ratio(lengths, n, starts, run_starts,
+                                                                run_lengths)
+    else:
+      signals[f"duplicate_{n}gram_char_ratio"] = duplicate_ngram_char_ratio(lengths, n, starts,
+                                                                            run_lengths)
   return signals
 
 

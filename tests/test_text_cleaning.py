@@ -1,11 +1,14 @@
 """The pipeline's per-document stages against hand-computed values and brute-force references:
 normalize, quality, language ID, PII, MinHash/LSH, and streaming reads of bad input."""
 
+import collections
 import gzip
 import io
 import itertools
 import json
 import random
+import re
+import unicodedata
 
 import numpy as np
 import pytest
@@ -23,6 +26,23 @@ def test_normalize_nfc_controls_spaces_and_blank_runs():
   assert normalize.normalize_whitespace(raw) == "Café ok\nline two\n\n\nend\n"
   code = "def f():\n\treturn 1\n\n\n"
   assert normalize.normalize_whitespace(code) == code
+
+
+def reference_normalize(text: str) -> str:
+  """normalize_whitespace's definition as one regular expression per rule."""
+  text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+  text = re.sub("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]", "", text)
+  text = re.sub("[\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]", " ", text)
+  text = re.sub("[ \t]+$", "", text, flags=re.MULTILINE)
+  return re.sub("\n{4,}", "\n\n\n", text)
+
+
+def test_normalize_matches_its_definition_on_random_text():
+  rng = random.Random(2)
+  alphabet = "ab \t\n\r\x00\x0b\x0c\x1f\x7f\x85\xa0\u2003\u200b\ufeffe\u0301\u3000"
+  for _ in range(3000):
+    text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+    assert normalize.normalize_whitespace(text) == reference_normalize(text), repr(text)
 
 
 def test_boilerplate_lines_are_dropped_but_long_lines_kept():
@@ -55,6 +75,47 @@ def test_quality_signals_match_hand_counts():
   # the 7 words of the bullet line repeat: every 5-gram inside them repeats
   assert signals["duplicate_5gram_char_ratio"] == pytest.approx(2 * 18 / word_chars)
   assert signals["duplicate_8gram_char_ratio"] == 0.0
+
+
+def brute_force_signals(text: str) -> dict[str, float]:
+  """The Gopher word and n-gram signals by their definitions, over tuples of words."""
+  words = text.split()
+  chars = sum(map(len, words))
+  signals = {
+      "words": len(words),
+      "mean_word_length": chars / len(words),
+      "alpha_word_ratio": sum(any(c.isalpha() for c in w) for w in words) / len(words),
+      "stop_words": sum(w.lower() in quality.STOP_WORDS for w in words)}
+  for n in quality.TOP_NGRAM_SIZES + quality.DUPLICATE_NGRAM_SIZES:
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    counts = collections.Counter(grams)
+    if n in quality.TOP_NGRAM_SIZES:
+      most = max(counts.values(), default=0)
+      top = next((g for g in grams if counts[g] == most), ())  # ties: the first to occur
+      signals[f"top_{n}gram_char_ratio"] = (
+          most * sum(map(len, top)) / chars if most >= 2 else 0.0)
+    else:
+      covered = {i + k for i, g in enumerate(grams) if counts[g] > 1 for k in range(n)}
+      signals[f"duplicate_{n}gram_char_ratio"] = sum(len(words[i]) for i in covered) / chars
+  return signals
+
+
+def test_quality_signals_match_brute_force_on_repetitive_text():
+  rng = random.Random(3)
+  vocabulary = ["the", "The", "of", "cat", "sat", "mat", "42", "--", "x_1", "İl", "naïve",
+                "...", "#", "and", "été"]
+  for trial in range(150):
+    size = rng.choice((1, 3, 12, 60, 300))
+    words = [rng.choice(vocabulary[:rng.randrange(2, len(vocabulary))]) for _ in range(size)]
+    if trial % 3 == 0:  # plant repeated spans, the n-gram signals' subject
+      span = words[:rng.randrange(1, 12)]
+      for _ in range(rng.randrange(1, 4)):
+        at = rng.randrange(len(words) + 1)
+        words[at:at] = span
+    text = "".join(w + rng.choice((" ", "  ", "\n", "\t")) for w in words)
+    signals = quality.quality_signals(text)
+    for name, value in brute_force_signals(text).items():
+      assert signals[name] == pytest.approx(value, abs=1e-12), (name, text)
 
 
 def test_failed_check_names_the_first_threshold_missed():
