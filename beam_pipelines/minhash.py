@@ -7,7 +7,7 @@ import numpy as np
 from beam_pipelines import ngrams
 
 SHINGLE_WORDS = 5
-_CHUNK = 4096
+_CHUNK = 1024  # shingles per block: [_CHUNK, num_perm] uint64 stays in cache
 
 
 def shingles(text: str, n: int = SHINGLE_WORDS) -> np.ndarray:
@@ -28,13 +28,16 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def signature(shingle_hashes: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """uint32 [num_perm]: the minimum of each hash function over the shingles."""
-  result = np.full(len(a), np.iinfo(np.uint32).max, np.uint32)
+  minima = np.full(len(a), np.iinfo(np.uint64).max, np.uint64)
+  hashed = np.empty((min(_CHUNK, len(shingle_hashes)), len(a)), np.uint64)
   with np.errstate(over="ignore"):
     for start in range(0, len(shingle_hashes), _CHUNK):
       chunk = shingle_hashes[start:start + _CHUNK, None]
-      hashed = ((chunk * a + b) >> np.uint64(32)).astype(np.uint32)
-      np.minimum(result, hashed.min(axis=0), out=result)
-  return result
+      block = hashed[:len(chunk)]
+      np.multiply(chunk, a, out=block)
+      block += b
+      np.minimum(minima, block.min(axis=0), out=minima)
+  return (minima >> np.uint64(32)).astype(np.uint32)  # the shift is monotone: min commutes
 
 
 def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float:
