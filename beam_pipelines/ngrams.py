@@ -1,22 +1,33 @@
 """Stable word and word n-gram hashes shared by the quality filters and MinHash.
 
-Python's `hash` is salted per process, so Beam workers would disagree; blake2b is not.
+Python's `hash` is salted per process, so Beam workers would disagree; these hashes are pure
+functions of the text.
 """
 
-import hashlib
 from typing import NamedTuple
 
 import numpy as np
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+_WORD_SEED = np.uint64(0x6A09E667F3BCC908)
 
 
 def word_hashes(words: list[str]) -> np.ndarray:
-  """uint64 [len(words)]: one stable hash per word (each distinct word hashed once)."""
-  table = {word: int.from_bytes(hashlib.blake2b(word.encode("utf-8", "surrogatepass"),
-                                                digest_size=8).digest(), "little")
-           for word in dict.fromkeys(words)}
-  return np.fromiter(map(table.__getitem__, words), np.uint64, len(words))
+  """uint64 [len(words)]: a hash of each word's UTF-8 bytes that every process agrees on,
+  computed for all words at once with no Python step per word. It is the sum over the word's
+  bytes of mix64(byte, position in word, word length), Zobrist-style, so distinct words collide
+  with chance ~2^-64, mixed again. Words hold no newline (str.split makes them) and are at
+  most 2^28 bytes."""
+  data = np.frombuffer("\n".join(words).encode("utf-8", "surrogatepass"), np.uint8)
+  separators = np.flatnonzero(data == ord("\n"))
+  starts = np.concatenate(([0], separators + 1))
+  spans = np.diff(np.append(starts, len(data) + 1))  # bytes per word, with its separator
+  position = (np.arange(len(data)) - np.repeat(starts, spans)[:len(data)]).astype(np.uint64)
+  length = np.repeat(spans - 1, spans)[:len(data)].astype(np.uint64)
+  keys = data.astype(np.uint64) | (position << np.uint64(8)) | (length << np.uint64(36))
+  values = mix64(keys ^ _WORD_SEED)
+  values[separators] = 0
+  return mix64(np.add.reduceat(values, starts)) if len(words) else np.zeros(0, np.uint64)
 
 
 class Vocabulary(NamedTuple):

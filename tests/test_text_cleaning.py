@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from beam_pipelines import minhash
+from beam_pipelines import ngrams
 from beam_pipelines import normalize
 from beam_pipelines import pii
 from beam_pipelines import quality
@@ -166,6 +167,17 @@ def brute_force_jaccard(a: str, b: str, n: int = minhash.SHINGLE_WORDS) -> float
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
   x, y = grams(a), grams(b)
   return len(x & y) / len(x | y)
+
+
+def test_word_hashes_depend_on_the_word_alone():
+  rng = random.Random(4)
+  words = list({"".join(rng.choice("ab\u00e9\U0001f600") for _ in range(rng.randrange(1, 9)))
+                for _ in range(3000)}) + ["x" * 5000, "\ud800"]
+  hashes = ngrams.word_hashes(words)
+  assert len(set(hashes.tolist())) == len(words)  # distinct words, distinct hashes
+  shuffled = rng.sample(range(len(words)), len(words))
+  again = ngrams.word_hashes([words[i] for i in shuffled] + words[:5])
+  assert again.tolist() == [hashes[i] for i in shuffled] + hashes[:5].tolist()
 
 
 def test_minhash_estimates_brute_force_jaccard():
