@@ -11,6 +11,7 @@ import json
 import apache_beam as beam
 
 from beam_pipelines import documents
+from beam_pipelines import langid
 from beam_pipelines import normalize
 from beam_pipelines import pii
 from beam_pipelines import quality
@@ -34,6 +35,7 @@ class CleaningConfig:
   min_language_score: float = 0.5
   thresholds: QualityThresholds = QualityThresholds()
   seed: int = 0
+  langid_model: str | None = None  # an unpacked model file (langid.unpacked_model), if any
 
 
 def utf8_size(text: str) -> int:
@@ -120,7 +122,7 @@ class CleanDocuments(beam.DoFn):
 
   def _langid(self, text: str, prose: bool) -> tuple[str, str | None]:
     del prose
-    language, score = quality.identify_language(text)
+    language, score = langid.identify_language(text, self._config.langid_model)
     if language not in self._config.languages:
       return text, f"language_{language}"
     return text, None if score >= self._config.min_language_score else "low_language_score"

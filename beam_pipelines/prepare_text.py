@@ -13,6 +13,7 @@ module does not know are Beam pipeline options (e.g. --runner=DataflowRunner --p
 """
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import math
@@ -28,6 +29,7 @@ from beam_pipelines import cleaning
 from beam_pipelines import dataset_manifest
 from beam_pipelines import dedup
 from beam_pipelines import documents
+from beam_pipelines import langid
 from beam_pipelines import pii
 from beam_pipelines import quality
 from beam_pipelines import records
@@ -75,6 +77,7 @@ class PrepareConfig:
   spm_sample_docs: int
   spm_sample_bytes: int
   stages: StageFlags
+  langid_model: str | None = None  # unpacked by the launcher for local workers
 
   def special_tokens(self) -> list[str]:
     """PII placeholders (when scrubbing), the reserved chat/image tokens, then the user's."""
@@ -102,7 +105,7 @@ def cleaned_documents(pipeline: beam.Pipeline, config: PrepareConfig, units):
       profiles={s.name: s.profile for s in config.sources}, normalize=stages.normalize,
       quality=stages.quality, langid=stages.langid, pii=stages.pii, languages=stages.languages,
       min_language_score=stages.min_language_score, thresholds=stages.quality_thresholds,
-      seed=config.seed)
+      seed=config.seed, langid_model=config.langid_model)
   docs = read.documents | "Clean" >> beam.ParDo(cleaning.CleanDocuments(cleaning_config))
   duplicates = []
   if stages.exact_dedup:
@@ -233,6 +236,18 @@ def as_sources(inputs: list[str] | list[Source]) -> list[Source]:
   return [Source(sources_lib.DEFAULT_SOURCE, tuple(inputs))]
 
 
+def run_pipeline(config: PrepareConfig, units, beam_args: list[str] | None):
+  """Builds and runs the pipeline to completion; the language model is unpacked for the
+  workers while the pipeline is being built and the workers start."""
+  unpacking = langid.unpacked_model() if config.stages.langid else contextlib.nullcontext()
+  with unpacking as langid_model:
+    pipeline = beam.Pipeline(options=pipeline_options(beam_args))
+    build_pipeline(pipeline, dataclasses.replace(config, langid_model=langid_model), units)
+    result = pipeline.run()
+    result.wait_until_finish()
+  return result
+
+
 def run(inputs: list[str] | list[Source], output_dir: str, *, vocab_size: int, seq_len: int,
         validation_fraction: float = 0.01, seed: int = 0, num_shards: int = 0,
         spm_sample_docs: int = 100_000, spm_sample_bytes: int = 5_000_000,
@@ -260,10 +275,7 @@ def run(inputs: list[str] | list[Source], output_dir: str, *, vocab_size: int, s
   logger.info("%d sources, %d read units (%.1f MB of files); staging in %s",
               len(source_list), len(resolved.units), total_bytes / 1e6, staged)
   try:
-    pipeline = beam.Pipeline(options=pipeline_options(beam_args))
-    build_pipeline(pipeline, config, resolved.units)
-    result = pipeline.run()
-    result.wait_until_finish()
+    result = run_pipeline(config, resolved.units, beam_args)
     for name in (stage_report.DEAD_LETTER_NAME, stage_report.DUPLICATES_NAME):
       if not FileSystems.exists(FileSystems.join(staged, name)):  # nothing went there
         dataset_manifest.write_atomically(FileSystems.join(staged, name), b"")

@@ -1,4 +1,4 @@
-"""Gopher/C4-style document quality heuristics and language identification.
+"""Gopher/C4-style document quality heuristics.
 
 Every signal is a pure function of the text; `failed_check` names the first threshold a
 document misses. Words are whitespace-separated tokens; ratios over characters count the
@@ -7,7 +7,6 @@ characters of words (whitespace excluded).
 
 import collections
 import dataclasses
-import functools
 import itertools
 import re
 from collections.abc import Iterator
@@ -21,7 +20,6 @@ ELLIPSES = ("...", "…")
 STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 TOP_NGRAM_SIZES = (2, 3, 4)
 DUPLICATE_NGRAM_SIZES = (5, 6, 7, 8, 9, 10)  # TOP + DUPLICATE sizes: consecutive
-LANGID_CHARS = 2000
 _WORD_WITHOUT_LETTER = re.compile(r"(?<!\S)(?:[^\w\s]|[\d_])+(?!\S)")
 
 
@@ -183,15 +181,3 @@ def failed_check(signals: dict[str, float], limits: QualityThresholds) -> str | 
              for n, limit in zip(DUPLICATE_NGRAM_SIZES, limits.max_duplicate_ngram_char_ratio)]
   return next((name for name, failed in checks if failed), None)
 
-
-@functools.cache
-def language_identifier():
-  """py3langid's model ships inside the package: nothing is downloaded."""
-  from py3langid.langid import MODEL_FILE, LanguageIdentifier  # pylint: disable=import-outside-toplevel
-  return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-
-
-def identify_language(text: str) -> tuple[str, float]:
-  """(ISO 639-1 code, probability) of the text's first LANGID_CHARS characters."""
-  language, probability = language_identifier().classify(text[:LANGID_CHARS])
-  return language, float(probability)

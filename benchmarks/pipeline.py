@@ -34,6 +34,7 @@ import sentencepiece as spm
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout
 
 from beam_pipelines import prepare_text
+from beam_pipelines import langid
 from beam_pipelines import quality
 from beam_pipelines import stage_report
 from beam_pipelines.normalize import normalize_whitespace
@@ -120,7 +121,7 @@ def passes_prose_filters(text: str) -> bool:
   text = normalize_whitespace(text)
   if quality.failed_check(quality.quality_signals(text), quality.QualityThresholds()):
     return False
-  language, score = quality.identify_language(text)
+  language, score = langid.identify_language(text)
   return language == "en" and score >= 0.5
 
 

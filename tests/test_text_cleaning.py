@@ -6,6 +6,7 @@ import gzip
 import io
 import itertools
 import json
+import os
 import random
 import re
 import unicodedata
@@ -13,6 +14,7 @@ import unicodedata
 import numpy as np
 import pytest
 
+from beam_pipelines import langid
 from beam_pipelines import minhash
 from beam_pipelines import ngrams
 from beam_pipelines import normalize
@@ -135,13 +137,28 @@ def test_failed_check_names_the_first_threshold_missed():
   assert quality.failed_check(quality.quality_signals(repeated), limits) == "duplicate_lines"
 
 
+LANGUAGE_SAMPLES = (
+    "The weather today is sunny with a light breeze coming from the west.",
+    "Le temps aujourd'hui est ensoleillé avec une légère brise venant de l'ouest.",
+    "Das Wetter heute ist sonnig mit einer leichten Brise aus dem Westen.")
+
+
 def test_language_id_uses_the_packaged_model():
-  english = "The weather today is sunny with a light breeze coming from the west."
-  french = "Le temps aujourd'hui est ensoleillé avec une légère brise venant de l'ouest."
-  german = "Das Wetter heute ist sonnig mit einer leichten Brise aus dem Westen."
-  assert [quality.identify_language(t)[0] for t in (english, french, german)] == [
-      "en", "fr", "de"]
-  assert quality.identify_language(english)[1] > 0.9
+  assert [langid.identify_language(t)[0] for t in LANGUAGE_SAMPLES] == ["en", "fr", "de"]
+  assert langid.identify_language(LANGUAGE_SAMPLES[0])[1] > 0.9
+
+
+def test_unpacked_language_model_answers_as_the_packaged_one():
+  texts = LANGUAGE_SAMPLES + ("", "12345 678", "def f(x):\n  return x", "Ciao a tutti, come va?")
+  with langid.unpacked_model() as path:  # the first use waits until it is written
+    assert langid.language_identifier(path) is not langid.language_identifier()
+    assert os.path.exists(path) and not os.path.exists(langid.partial_path(path))
+    assert [langid.identify_language(t, path) for t in texts] == [
+        langid.identify_language(t) for t in texts]
+  assert not os.path.exists(path)
+  missing = os.path.join(os.path.dirname(path), "elsewhere.npz")  # a remote worker's view
+  assert [langid.identify_language(t, missing) for t in texts] == [
+      langid.identify_language(t) for t in texts]
 
 
 @pytest.mark.parametrize("text, expected", [
