@@ -3,6 +3,7 @@ document per cluster. Removed documents are listed as DUPLICATES JSON lines."""
 
 import json
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -80,23 +81,13 @@ def candidate_pairs(bucket: tuple[bytes, Iterable[tuple]], min_estimate: float):
         yield members[i][:2] + members[j][:2]
 
 
-def candidate_shingles(doc: Document, candidate_keys: set[int]):
-  if doc.key in candidate_keys:
-    yield doc.key, minhash.shingles(doc.text)
+class Candidates(NamedTuple):
+  pairs: set[tuple]  # (key, origin, key, origin), smaller key first
+  keys: set[int]  # every key in a pair
 
 
-def exact_pairs(pair: tuple, shingles: dict[int, np.ndarray], threshold: float):
-  """The pair if the exact Jaccard of the two documents' shingle sets reaches `threshold`."""
-  a, b = shingles[pair[0]], shingles[pair[2]]
-  common = len(np.intersect1d(a, b, assume_unique=True))
-  if common >= threshold * (len(a) + len(b) - common):
-    yield pair
-
-
-class Clusters(beam.CombineFn):
-  """Pairs -> {(key, origin) removed: origin of the kept document}: in each connected component
-  the document with the smallest (key, origin) is kept. Documents are told apart by origin
-  too, so identical texts cluster even when exact dedup is off."""
+class CandidateSet(beam.CombineFn):
+  """Candidate pairs -> one Candidates: the distinct pairs and the keys they mention."""
 
   def create_accumulator(self):
     return set()
@@ -109,19 +100,44 @@ class Clusters(beam.CombineFn):
     return set().union(*accumulators)
 
   def extract_output(self, pairs):
-    parent = {}
+    return Candidates(pairs, {key for pair in pairs for key in (pair[0], pair[2])})
 
-    def root(node):
-      while parent.get(node, node) != node:
-        parent[node] = parent.get(parent[node], parent[node])
-        node = parent[node]
-      return node
 
-    for key_a, origin_a, key_b, origin_b in pairs:
-      low, high = sorted((root((key_a, origin_a)), root((key_b, origin_b))))
-      if low != high:
-        parent[high] = low
-    return {node: root(node)[1] for node in list(parent) if root(node) != node}
+def candidate_shingles(doc: Document, candidates: Candidates):
+  if doc.key in candidates.keys:
+    yield doc.key, minhash.shingles(doc.text)
+
+
+def reaches_threshold(a: np.ndarray, b: np.ndarray, threshold: float) -> bool:
+  """Whether the exact Jaccard of two shingle sets reaches `threshold`."""
+  common = len(np.intersect1d(a, b, assume_unique=True))
+  return common >= threshold * (len(a) + len(b) - common)
+
+
+def clusters(pairs: Iterable[tuple]) -> dict[tuple[int, str], str]:
+  """Pairs (key, origin, key, origin) -> {(key, origin) removed: origin of the kept document}:
+  in each connected component the document with the smallest (key, origin) is kept. Documents
+  are told apart by origin too, so identical texts cluster even when exact dedup is off."""
+  parent = {}
+
+  def root(node):
+    while parent.get(node, node) != node:
+      parent[node] = parent.get(parent[node], parent[node])
+      node = parent[node]
+    return node
+
+  for key_a, origin_a, key_b, origin_b in pairs:
+    low, high = sorted((root((key_a, origin_a)), root((key_b, origin_b))))
+    if low != high:
+      parent[high] = low
+  return {node: root(node)[1] for node in list(parent) if root(node) != node}
+
+
+def near_duplicates(candidates: Candidates, shingles: dict[int, np.ndarray],
+                    threshold: float) -> dict[tuple[int, str], str]:
+  """The clusters of the candidate pairs whose exact Jaccard reaches `threshold`."""
+  return clusters(pair for pair in candidates.pairs
+                  if reaches_threshold(shingles[pair[0]], shingles[pair[2]], threshold))
 
 
 def drop_near_duplicates(doc: Document, removed: dict[tuple[int, str], str]):
@@ -157,23 +173,12 @@ class NearDedup(beam.PTransform):
                   | "GroupBuckets" >> beam.GroupByKey()
                   | "Candidates" >> beam.FlatMap(candidate_pairs,
                                                  self._threshold - CANDIDATE_SLACK)
-                  | "DistinctCandidates" >> beam.Distinct())
-    candidate_keys = (candidates
-                      | "CandidateKeys" >> beam.FlatMap(lambda pair: (pair[0], pair[2]))
-                      | "KeySet" >> beam.CombineGlobally(set_of))
+                  | "CandidateSet" >> beam.CombineGlobally(CandidateSet()))
     shingles = docs | "CandidateShingles" >> beam.FlatMap(
-        candidate_shingles, beam.pvalue.AsSingleton(candidate_keys))
-    removed = (candidates
-               | "ExactJaccard" >> beam.FlatMap(exact_pairs, beam.pvalue.AsDict(shingles),
-                                                self._threshold)
-               | "Clusters" >> beam.CombineGlobally(Clusters()))
+        candidate_shingles, beam.pvalue.AsSingleton(candidates))
+    removed = candidates | "ExactJaccardClusters" >> beam.Map(
+        near_duplicates, beam.pvalue.AsDict(shingles), self._threshold)
     return docs | "DropNear" >> beam.FlatMap(
         drop_near_duplicates, beam.pvalue.AsSingleton(removed)).with_outputs(
             DUPLICATES, main="documents")
 
-
-def set_of(keys: Iterable[int]) -> set[int]:
-  result = set()
-  for key in keys:
-    result |= key if isinstance(key, set) else {key}
-  return result

@@ -324,9 +324,14 @@ def test_quality_thresholds_flag():
 
 def test_clusters_keep_one_document_per_connected_component():
   from beam_pipelines import dedup  # pylint: disable=import-outside-toplevel
-  clusters = dedup.Clusters()
   chain = [(5, "b", 9, "c"), (1, "a", 5, "b"), (20, "d", 30, "e"), (7, "x", 7, "y")]
-  accumulators = [clusters.add_input(clusters.create_accumulator(), pair) for pair in chain]
-  removed = clusters.extract_output(clusters.merge_accumulators(accumulators))
+  for pairs in (chain, chain[::-1]):
+    assert dedup.clusters(pairs) == {(5, "b"): "a", (9, "c"): "a", (30, "e"): "d", (7, "y"): "x"}
+  candidates = dedup.CandidateSet()
+  accumulators = [candidates.add_input(candidates.create_accumulator(), pair)
+                  for pair in chain + chain[:2]]
+  merged = candidates.extract_output(candidates.merge_accumulators(accumulators))
+  assert merged == dedup.Candidates(set(chain), {1, 5, 9, 20, 30, 7})
+  removed = dedup.clusters(chain)
   # a-b-c is one cluster though a and c were never compared; x and y are identical texts
   assert removed == {(5, "b"): "a", (9, "c"): "a", (30, "e"): "d", (7, "y"): "x"}
