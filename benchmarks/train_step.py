@@ -49,6 +49,7 @@ def random_batch(seed: int = 0) -> dict[str, np.ndarray]:
 
 def jax_trainer(batch: dict[str, np.ndarray]):
   """`run(steps) -> seconds` for maxlm's jitted train step on one device."""
+  steps.keep_freed_host_memory()  # before the CPU client starts; see its docstring
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   optimizer = optim.make_optimizer(optim.learning_rate_schedule(10**6, LEARNING_RATE, 0))
   graphdef, abstract_state = steps.abstract_model(CONFIG)
@@ -102,7 +103,9 @@ def _torch_training(batch: dict[str, np.ndarray]):
 
 def _torch_worker(connection):
   """Serves `steps -> (wall seconds, CPU seconds)` until the parent closes the pipe; sends
-  False first if torch is missing."""
+  False first if torch is missing. Both sides run under the same allocator policy: PyTorch's
+  large tensors are spared their page faults too."""
+  steps.keep_freed_host_memory()
   run = _torch_training(random_batch())
   connection.send(run is not None)
   while run is not None:

@@ -4,7 +4,9 @@ A task hands in `loss_fn(model, batch) -> (loss, metrics)`; this module owns the
 pytree, its shardings on the mesh, and the jitted steps with explicit in/out shardings.
 """
 
+import ctypes
 import dataclasses
+import platform
 from collections.abc import Callable
 
 import jax
@@ -17,6 +19,26 @@ from maxlm import sharding
 from maxlm.model import ModelConfig, Transformer
 
 LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict]]
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt options
+_NEVER = -1  # as glibc's size_t: the largest threshold
+
+
+def keep_freed_host_memory() -> bool:
+  """Makes glibc malloc keep freed memory for reuse; returns whether it could (glibc only).
+
+  XLA:CPU allocates a step's temporaries as one block per run (3.3 GB on the benchmark's
+  shapes). glibc maps blocks over 32 MB afresh and unmaps them when freed, so every step
+  page-faulted the whole block back in: ~800k faults, about 2 s of kernel time per step, and
+  5 to 10 s after an idle pause on a VM that hands free memory back to its host. Kept, the
+  block is reused from the second step on. Call it before JAX first touches a CPU device:
+  threads that have allocated already keep their own arena, which maps large blocks anyway.
+  """
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return False
+  libc = ctypes.CDLL(None)
+  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER))
+  return all(libc.mallopt(option, value) == 1 for option, value in settings)
 
 
 @jax.tree_util.register_dataclass
