@@ -39,6 +39,8 @@ class CleaningConfig:
 
 
 def utf8_size(text: str) -> int:
+  if text.isascii():  # O(1): str knows its widest character
+    return len(text)
   return len(text.encode("utf-8", "surrogatepass"))
 
 

@@ -25,15 +25,20 @@ _EMAIL_HINT = re.compile(r"@[A-Za-z0-9-]+\.")
 _IPV4_HINT = re.compile(r"\.\d{1,3}\.\d")
 _IPV6_HINT = re.compile(r":[0-9A-Fa-f]{0,4}:")
 _PHONE_HINT = re.compile(r"\d{3}[ .-]\d{4}|\+\d")
+# The phone hint starts with no literal that `re` can skip ahead to, so on ASCII text it runs on
+# bytes with every digit written as 0 (same positions), where it starts with literals.
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_PHONE_ASCII_HINT = re.compile(rb"000[ .-]0000|\+0")
 
 
-def substitute_in_hinted_lines(text: str, hint: re.Pattern, pattern: re.Pattern,
-                               token: str) -> tuple[str, int]:
-  """pattern.subn(token, text), applied only to the lines where `hint` matches."""
+def substitute_in_hinted_lines(text: str, hint: re.Pattern, pattern: re.Pattern, token: str,
+                               hint_text: str | bytes | None = None) -> tuple[str, int]:
+  """pattern.subn(token, text), applied only to the lines where `hint` matches `hint_text`
+  (text itself, or a view of it with the same positions). Hints never span lines, so each
+  search resumes at the end of the line just scrubbed."""
+  hint_text = text if hint_text is None else hint_text
   pieces, done, replaced = [], 0, 0
-  for match in hint.finditer(text):
-    if match.start() < done:
-      continue
+  while (match := hint.search(hint_text, done)) is not None:
     start = text.rfind("\n", 0, match.start()) + 1
     end = text.find("\n", match.end())
     end = len(text) if end < 0 else end
@@ -52,5 +57,10 @@ def scrub(text: str) -> tuple[str, dict[str, int]]:
   text, emails = substitute_in_hinted_lines(text, _EMAIL_HINT, _EMAIL, EMAIL_TOKEN)
   text, ipv4 = substitute_in_hinted_lines(text, _IPV4_HINT, _IPV4, IP_TOKEN)
   text, ipv6 = substitute_in_hinted_lines(text, _IPV6_HINT, _IPV6, IP_TOKEN)
-  text, phones = substitute_in_hinted_lines(text, _PHONE_HINT, _PHONE, PHONE_TOKEN)
+  if text.isascii():
+    digits_as_zero = text.encode("ascii").translate(_DIGITS_AS_ZERO)
+    text, phones = substitute_in_hinted_lines(text, _PHONE_ASCII_HINT, _PHONE, PHONE_TOKEN,
+                                              digits_as_zero)
+  else:
+    text, phones = substitute_in_hinted_lines(text, _PHONE_HINT, _PHONE, PHONE_TOKEN)
   return text, {"email": emails, "ip_address": ipv4 + ipv6, "phone": phones}

@@ -173,6 +173,24 @@ def test_pii_placeholders(text, expected):
   assert pii.scrub(text)[0] == expected
 
 
+def test_pii_scrub_equals_whole_text_substitution():
+  """Scrubbing only hinted lines (and hinting ASCII text through a digits-as-zero view) must
+  replace exactly what each strict pattern finds in the whole text."""
+  rng = random.Random(5)
+  pieces = ["555", "123", "4567", "-", ".", " ", "+", "44", "(20)", "\n", "a@b.io", "x",
+            "10.0.0.1", "2001:db8::1", ":", "٣٤٥", "é", "7", "+44 20 79 46", "+1.55.12"]
+  for _ in range(4000):
+    text = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 25)))
+    expected, counts = text, {}
+    for kind, patterns, token in (("email", [pii._EMAIL], pii.EMAIL_TOKEN),
+                                  ("ip_address", [pii._IPV4, pii._IPV6], pii.IP_TOKEN),
+                                  ("phone", [pii._PHONE], pii.PHONE_TOKEN)):
+      for pattern in patterns:
+        expected, count = pattern.subn(token, expected)
+        counts[kind] = counts.get(kind, 0) + count
+    assert pii.scrub(text) == (expected, counts), repr(text)
+
+
 def test_pii_counts_by_kind():
   _, counts = pii.scrub("a@b.io c@d.org 8.8.8.8\n555-123-4567")
   assert counts == {"email": 2, "ip_address": 1, "phone": 1}
