@@ -214,6 +214,25 @@ def test_causal_attention_in_query_blocks_matches_one_masked_product():
                                expected, rtol=1e-6, atol=1e-6)
 
 
+
+def test_causal_attention_gradients_match_autodiff_of_one_masked_product():
+  from maxlm.model import layers
+  rng = np.random.default_rng(8)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 24, heads, 8)), jnp.float32)
+             for heads in (6, 2, 2))
+  d_out = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  _, segment_ids, _ = _packed_example(rng, 2, 24)
+  index = jnp.broadcast_to(jnp.arange(24), (2, 24))
+  mask = layers.attention_mask(index, index[0], segment_ids, segment_ids)
+  objective = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v) * d_out)  # noqa: E731
+  expected = jax.grad(objective(lambda q, k, v: layers.dot_product_attention(q, k, v, mask)),
+                      argnums=(0, 1, 2))(q, k, v)
+  for query_block in (5, 8, 24):
+    blocked = lambda q, k, v: layers.causal_attention(q, k, v, segment_ids, query_block)  # noqa: E731,B023
+    got = jax.grad(objective(blocked), argnums=(0, 1, 2))(q, k, v)
+    for got_grad, want_grad in zip(got, expected):
+      np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-5)
+
 def test_unknown_remat_is_refused():
   with pytest.raises(ValueError, match="ModelConfig.remat='some'"):
     ModelConfig(remat="some")
