@@ -1,7 +1,7 @@
 """Next-token sampling and KV-cached generation, shared by the trainer's sample and serving.
 
 Generation has JetStream's shape. A `DecodeState` holds a fixed number of decode slots over
-one preallocated KV cache [slots, cache_len, ...]. `prefill` runs one prompt, padded to a
+one preallocated KV cache with a row per slot. `prefill` runs one prompt, padded to a
 power-of-two bucket so a handful of compilations cover every length, and returns its cache
 rows and first token; `insert` copies them into a free slot; `generate_step` advances every slot
 by one token at once. Each slot has its own position, sampling settings and random key.
@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from maxlm import quantization
-from maxlm.model import KVCache, ModelConfig, init_kv_cache
+from maxlm.model import KVCache, ModelConfig, init_kv_cache, kv_cache
 
 MIN_PREFILL_BUCKET = 16
 PAD_ID = 0
@@ -97,17 +97,20 @@ def top_k_mask(logits: jax.Array, top_k: jax.Array | int) -> jax.Array:
 
 
 def sample_next(logits: jax.Array, key: jax.Array, temperature: jax.Array | float,
-                top_p: jax.Array | float, top_k: jax.Array | int = 0) -> jax.Array:
+                top_p: jax.Array | float, top_k: jax.Array | int = 0,
+                greedy: jax.Array | None = None) -> jax.Array:
   """logits: [batch, vocab] -> token ids int32 [batch].
 
   temperature 0 is greedy (argmax); otherwise logits are divided by the temperature and
   sampled from the tokens that survive both `top_k` and the `top_p` nucleus. The settings are
   scalars or one per row, and may be traced, so one compilation serves every request. `key` is
   one key for the whole batch or one per row. An all-greedy batch skips the sampling work.
+  `greedy` is each row's argmax when the caller has it already.
   """
   rows = logits.shape[0]
   temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (rows,))
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if greedy is None:
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
   def sample():
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
@@ -140,11 +143,16 @@ class TokenChoice:
 
 
 def choose(logits, keys, temperature, top_p, top_k) -> TokenChoice:
-  token = sample_next(logits, keys, temperature, top_p, top_k)
-  logprobs = jax.nn.log_softmax(logits, axis=-1)
-  top_logprobs, top_tokens = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logits.shape[-1]))
-  return TokenChoice(token, jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0],
-                     top_tokens.astype(jnp.int32), top_logprobs)
+  """One top-k pass over the logits gives the alternatives and the greedy token alike; log
+  probabilities are logits minus the row's log-normalizer, never a full log-softmax array."""
+  log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+  top_logprobs, top_tokens = jax.lax.top_k(logits - log_z, min(TOP_LOGPROBS, logits.shape[-1]))
+  top_tokens = top_tokens.astype(jnp.int32)
+  # Not top_tokens[:, 0]: a second slice of the sort keeps XLA from turning it into a top-k.
+  greedy = jnp.take_along_axis(top_tokens, jnp.argmax(top_logprobs, -1)[:, None], axis=-1)[:, 0]
+  token = sample_next(logits, keys, temperature, top_p, top_k, greedy=greedy)
+  logprob = jnp.take_along_axis(logits, token[:, None], axis=-1) - log_z
+  return TokenChoice(token, logprob[:, 0], top_tokens, top_logprobs)
 
 
 # --- shapes ------------------------------------------------------------------------------------
@@ -192,7 +200,7 @@ def padded_prompt(prompt_ids: list[int], cache_len: int) -> np.ndarray:
 @dataclasses.dataclass
 class DecodeState:
   """Every decode slot: the cache and, per slot, the token to feed next and how to sample."""
-  cache: KVCache          # per layer {"k", "v"}: [slots, cache_len, kv_heads, head_dim]
+  cache: KVCache          # per layer, see maxlm.model.kv_cache; slots rows of cache_len
   tokens: jax.Array       # int32 [slots]: the last token chosen, fed by the next step
   positions: jax.Array    # int32 [slots]: the position of `tokens`
   keys: jax.Array         # [slots] random keys, one per request
@@ -214,7 +222,7 @@ def init_decode_state(config: ModelConfig, slots: int, cache_len: int) -> Decode
 @dataclasses.dataclass
 class Prefix:
   """One prefilled prompt, ready to `insert`: its cache rows and its first new token."""
-  cache: KVCache          # per layer {"k", "v"}: [1, bucket, kv_heads, head_dim]
+  cache: KVCache          # per layer, see maxlm.model.kv_cache; one row of bucket positions
   choice: TokenChoice     # rows = 1
   position: jax.Array     # int32 scalar: the position of the first new token
   key: jax.Array          # the request's key (a scalar key array)
@@ -258,7 +266,7 @@ def insert(prefix: Prefix, state: DecodeState, slot) -> DecodeState:
 def generate_step_fn(graphdef, params, state: DecodeState) -> tuple[DecodeState, TokenChoice]:
   """Advances every slot by one token. A free slot computes garbage that nothing reads."""
   model = nnx.merge(graphdef, quantization.dequantize(params))
-  cache_len = state.cache[0]["k"].shape[1]
+  cache_len = kv_cache.length(state.cache)
   positions = jnp.minimum(state.positions, cache_len - 1)
   logits, cache = model(state.tokens[:, None], positions[:, None], cache=state.cache)
   keys = jax.vmap(jax.random.fold_in)(state.keys, positions)

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maxlm.model import attention, layers
+from maxlm.model import attention, kv_cache, layers
+from maxlm.model.kv_cache import KVCache
 from maxlm.sharding import constrain
 
 
@@ -60,14 +61,9 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
 
 
-KVCache = list[dict[str, jax.Array]]  # per layer: {"k", "v"}: [batch, max_len, kv_heads, head_dim]
-
-
 def init_kv_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
-  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-  dtype = jnp.dtype(config.dtype)
-  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-          for _ in range(config.num_layers)]
+  return kv_cache.empty(config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim,
+                        jnp.dtype(config.dtype))
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
@@ -111,13 +107,8 @@ class Attention(nnx.Module):
     elif cache is None:
       out = layers.causal_attention(q, k, v, segment_ids)
     else:
-      # One document per cache row: a token's cache slot is its position.
-      rows = jnp.arange(x.shape[0])[:, None]
-      k = cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype))
-      v = cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype))
-      cache = {"k": k, "v": v}
-      mask = layers.attention_mask(positions, jnp.arange(k.shape[1]))
-      out = layers.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask)
+      cache = kv_cache.write(cache, k, v, positions)
+      out = kv_cache.attend(cache, q, positions)
     return layers.dense(out, self.o[...].astype(dtype), contracting_dims=2), cache
 
 

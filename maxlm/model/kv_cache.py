@@ -1,0 +1,55 @@
+"""The KV cache used for generation: its layout, writes at token positions, attention over it.
+
+Each layer keeps keys transposed, `k: [batch, kv_heads, head_dim, max_len]`, and values
+heads-major, `v: [batch, kv_heads, max_len, head_dim]`, so that both products of attention
+over the cache are plain batched matmuls: XLA copies no [max_len, head_dim] transpose of the
+whole cache on every decode step, as it does for a [batch, max_len, kv_heads, head_dim] cache.
+One document per cache row: a token's cache slot is its position.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from maxlm.model import layers
+
+LayerCache = dict[str, jax.Array]
+KVCache = list[LayerCache]
+
+
+def empty(num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
+          dtype) -> KVCache:
+  return [{"k": jnp.zeros((batch, kv_heads, head_dim, max_len), dtype),
+           "v": jnp.zeros((batch, kv_heads, max_len, head_dim), dtype)}
+          for _ in range(num_layers)]
+
+
+def length(cache: KVCache) -> int:
+  """How many positions each row of the cache holds."""
+  return cache[0]["v"].shape[2]
+
+
+def write(layer_cache: LayerCache, k: jax.Array, v: jax.Array,
+          positions: jax.Array) -> LayerCache:
+  """k, v: [batch, seq, kv_heads, head_dim] written at positions [batch, seq]."""
+  rows = jnp.arange(k.shape[0])[:, None]
+  # The two integer indices are apart, so the indexed shape is [batch, seq, kv_heads, head_dim].
+  return {"k": layer_cache["k"].at[rows, :, :, positions].set(k.astype(layer_cache["k"].dtype)),
+          "v": layer_cache["v"].at[rows, :, positions, :].set(v.astype(layer_cache["v"].dtype))}
+
+
+def attend(layer_cache: LayerCache, q: jax.Array, positions: jax.Array) -> jax.Array:
+  """Each query attends to every cache slot up to its own position.
+
+  q: [batch, q_len, heads, head_dim]; positions: [batch, q_len]. Returns q's shape.
+  """
+  batch, q_len, heads, head_dim = q.shape
+  keys, values = layer_cache["k"], layer_cache["v"]
+  kv_heads, dtype = keys.shape[1], q.dtype
+  grouped_q = (q * head_dim ** -0.5).reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+  grouped_q = grouped_q.transpose(0, 2, 3, 1, 4)                          # [b, kv, g, q, d]
+  scores = jnp.einsum("bkgqd,bkds->bkgqs", grouped_q, keys.astype(dtype)).astype(jnp.float32)
+  mask = layers.attention_mask(positions, jnp.arange(keys.shape[-1]))     # [b, 1, q, s]
+  scores = jnp.where(mask[:, :, None], scores, layers.NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  out = jnp.einsum("bkgqs,bksd->bkgqd", probs, values.astype(dtype))
+  return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
