@@ -1,7 +1,7 @@
 """An OpenAI-compatible REST server (the subset of /v1 that vLLM also speaks).
 
   python -m serving.server --checkpoint_dir=WORKDIR [--port=8000] [--host=127.0.0.1]
-      [--slots=8] [--max_queue=64] [--quantize=int8] [--api_keys_file=KEYS]
+      [--slots=8] [--max_queue=64] [--quantize=int8] [--cpus=auto] [--api_keys_file=KEYS]
 
 /v1/completions and /v1/chat/completions, whole or streamed as server-sent events; /v1/models;
 /health; /metrics (Prometheus). Requests are batched continuously over the engine's decode
@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import hmac
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -231,6 +232,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="int8: weight-only int8 (4x smaller weights at rest)")
   parser.add_argument("--shutdown_grace_s", type=float, default=30.0,
                       help="on SIGTERM/SIGINT, how long requests in flight may still run")
+  parser.add_argument("--cpus", default="auto",
+                      help="how many CPU cores the server process may use: a number, `all`, "
+                      "or `auto` (every core but one when there are two or more, so the "
+                      "engine's threads do not wait on a core shared with the clients)")
   parser.add_argument("--api_keys_file", default=None,
                       help="one API key per line; when set, /v1 requires `Authorization: Bearer "
                       "KEY` (/health and /metrics stay open)")
@@ -261,10 +266,29 @@ def log_to_stderr():
   log.propagate = False
 
 
+def cpus_to_use(cpus: str, available: list[int]) -> list[int]:
+  """The cores --cpus names, out of those this process may run on."""
+  if cpus == "all":
+    return available
+  if cpus == "auto":
+    return available[:max(1, len(available) - 1)]
+  try:
+    count = int(cpus)
+  except ValueError:
+    count = 0
+  if not 1 <= count <= len(available):
+    raise ValueError(f"--cpus={cpus!r}; give a number from 1 to {len(available)}, `all` or "
+                     "`auto`")
+  return available[:count]
+
+
 def main(argv=None):
   args = parse_args(argv)
   log_to_stderr()
   try:
+    # Before JAX starts: XLA sizes its CPU thread pool by the cores the process may use, and
+    # a parallel op whose threads share a core with the HTTP clients waits for the slowest.
+    os.sched_setaffinity(0, cpus_to_use(args.cpus, sorted(os.sched_getaffinity(0))))
     api_keys = read_api_keys(args.api_keys_file) if args.api_keys_file else None
     engine = Engine.from_checkpoint(args.checkpoint_dir, model_name=args.model_name,
                                     max_len=args.max_len, slots=args.slots,

@@ -419,6 +419,17 @@ def test_text_stream_never_emits_half_a_character(engine):
   assert sum(bool(piece) for piece in emitted) > 10  # incremental, not all at the end
 
 
+def test_text_stream_decodes_a_bounded_window_and_equals_the_whole_decode(engine):
+  text = textwrap.dedent(TextStream.__doc__) * 3 + " café 5€ 😀 naïve " * 20
+  token_ids = engine.tokenizer.encode(text)
+  token_ids[40:40] = [engine.eos_id]  # as with ignore_eos: decodes to nothing
+  lengths = []
+  stream = TextStream(lambda ids: lengths.append(len(ids)) or engine.decode(ids))
+  emitted = "".join(stream.push(token_id)[0] for token_id in token_ids) + stream.flush()
+  assert emitted == engine.decode(token_ids)
+  assert len(token_ids) > 200 and max(lengths) <= 20
+
+
 def test_text_stream_holds_back_what_may_become_a_stop(engine):
   token_ids = engine.tokenizer.encode("return text, width")
   stream = TextStream(engine.decode, ["xt, wid"])
