@@ -233,6 +233,18 @@ def test_causal_attention_gradients_match_autodiff_of_one_masked_product():
     for got_grad, want_grad in zip(got, expected):
       np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-5)
 
+
+def test_rope_gradient_is_the_opposite_rotation():
+  from maxlm.model import layers
+  rng = np.random.default_rng(9)
+  x, d_out = (rng.normal(size=(1, 12, 3, 8)) for _ in range(2))
+  positions = rng.integers(0, 1000, (1, 12))
+  grad = jax.grad(lambda x: jnp.sum(layers.rope(x, jnp.asarray(positions), 10000.0) * d_out))(
+      jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(grad[0], _np_rope(d_out[0], -positions[0], 10000.0),
+                             rtol=1e-4, atol=1e-4)
+
+
 def test_unknown_remat_is_refused():
   with pytest.raises(ValueError, match="ModelConfig.remat='some'"):
     ModelConfig(remat="some")

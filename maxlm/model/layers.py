@@ -24,10 +24,31 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   fraction = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
   inv_freq = 1.0 / (theta ** fraction)                                   # [head_dim/2]
   angles = positions.astype(jnp.float32)[..., None] * inv_freq            # [b, s, head_dim/2]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  return _rotate_halves(x, jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :])
+
+
+@jax.custom_vjp
+def _rotate_halves(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+  """x: [..., head_dim]; sin, cos: broadcast against [..., head_dim/2].
+
+  The gradient of a rotation is the rotation by the opposite angle: one fused pass, where
+  autodiff's split halves come back as zero-padded sums.
+  """
   first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
   return rotated.astype(x.dtype)
+
+
+def _rotate_halves_forward(x, sin, cos):
+  return _rotate_halves(x, sin, cos), (sin, cos)
+
+
+def _rotate_halves_backward(residuals, d_rotated):
+  sin, cos = residuals
+  return _rotate_halves(d_rotated, -sin, cos), None, None
+
+
+_rotate_halves.defvjp(_rotate_halves_forward, _rotate_halves_backward)
 
 
 def attention_mask(q_index: jax.Array, kv_index: jax.Array,
