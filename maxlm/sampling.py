@@ -237,9 +237,9 @@ def prefill_fn(graphdef, params, padded_prompt, prompt_len, key, temperature, to
   model = nnx.merge(graphdef, quantization.dequantize(params))
   cache = init_kv_cache(model.config, 1, padded_prompt.shape[1])
   positions = jnp.arange(padded_prompt.shape[1])[None]
-  logits, cache = model(padded_prompt, positions, cache=cache)
-  last_logits = jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False)
-  choice = choose(last_logits, jax.random.fold_in(key, prompt_len - 1), temperature, top_p,
+  last = jnp.reshape(prompt_len - 1, (1,))
+  logits, cache = model(padded_prompt, positions, cache=cache, logits_at=last)
+  choice = choose(logits[:, 0], jax.random.fold_in(key, prompt_len - 1), temperature, top_p,
                   top_k)
   return Prefix(cache, choice, jnp.asarray(prompt_len, jnp.int32), key,
                 *(jnp.asarray(x, dtype) for x, dtype in ((temperature, jnp.float32),

@@ -47,8 +47,8 @@ class Step:
 
   @classmethod
   def from_choice(cls, choice: sampling.TokenChoice) -> "Step":
-    return cls(*(np.asarray(x) for x in (choice.token, choice.logprob, choice.top_tokens,
-                                         choice.top_logprobs)))
+    return cls(*jax.device_get((choice.token, choice.logprob, choice.top_tokens,
+                                choice.top_logprobs)))
 
 
 def load_tokenizer(path: Path, expected_sha256: str | None) -> spm.SentencePieceProcessor:

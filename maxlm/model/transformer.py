@@ -153,14 +153,16 @@ class Transformer(nnx.Module):
       self.unembedding = _param(rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"), c.embed_dim)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, cache: KVCache | None = None
-               ) -> tuple[jax.Array, Any]:
+               segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+               logits_at: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """tokens, positions, segment_ids: [batch, seq] int.
 
     Without a cache: causal attention within each segment (packed documents never see
     each other). With a cache: the tokens are written at their positions and attend to
     every earlier slot (prefill and decode alike).
-    Returns (logits float32 [batch, seq, vocab], updated cache or None).
+    `logits_at` ([batch] int), when given, computes the logits of that one position of each
+    row only, as a prefill needs (the vocabulary projection is most of a short prompt's work).
+    Returns (logits float32 [batch, seq or 1, vocab], updated cache or None).
     """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -177,6 +179,8 @@ class Transformer(nnx.Module):
       for block, layer_cache in zip(self.blocks, cache):
         x, layer_cache = block(x, positions, segment_ids, layer_cache)
         new_cache.append(layer_cache)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
     x = self.final_norm(x)
     if self.config.tie_embeddings:
       logits = layers.dense(x, self.embedding[...].astype(dtype).T)
