@@ -1,5 +1,6 @@
 """The model against an independent float64 NumPy transformer, and the configs' sizes."""
 
+import functools
 import re
 from pathlib import Path
 
@@ -224,12 +225,14 @@ def test_causal_attention_gradients_match_autodiff_of_one_masked_product():
   _, segment_ids, _ = _packed_example(rng, 2, 24)
   index = jnp.broadcast_to(jnp.arange(24), (2, 24))
   mask = layers.attention_mask(index, index[0], segment_ids, segment_ids)
-  objective = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v) * d_out)  # noqa: E731
-  expected = jax.grad(objective(lambda q, k, v: layers.dot_product_attention(q, k, v, mask)),
-                      argnums=(0, 1, 2))(q, k, v)
+
+  def gradients(attend):
+    return jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) * d_out), argnums=(0, 1, 2))(q, k, v)
+
+  expected = gradients(lambda q, k, v: layers.dot_product_attention(q, k, v, mask))
   for query_block in (5, 8, 24):
-    blocked = lambda q, k, v: layers.causal_attention(q, k, v, segment_ids, query_block)  # noqa: E731,B023
-    got = jax.grad(objective(blocked), argnums=(0, 1, 2))(q, k, v)
+    got = gradients(functools.partial(layers.causal_attention, segment_ids=segment_ids,
+                                      query_block=query_block))
     for got_grad, want_grad in zip(got, expected):
       np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-5)
 
