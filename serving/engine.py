@@ -133,7 +133,7 @@ class Engine:
     """The prompt's cache rows and its first new token (a one-row Step)."""
     prefix = self._prefill(
         self.params, sampling.padded_prompt(prompt_ids, self.context_length),
-        len(prompt_ids), sampling.seed_key(settings.seed), np.float32(settings.temperature),
+        len(prompt_ids), sampling.seed_words(settings.seed), np.float32(settings.temperature),
         np.float32(settings.top_p), np.int32(settings.top_k))
     return prefix, Step.from_choice(prefix.choice)
 
