@@ -1,16 +1,17 @@
 """Continuous batching against one-at-a-time serving and against HF `generate`, in one run.
 
   python benchmarks/serving.py [--json] [--checkpoint_dir=RUN] [--requests=64]
-      [--concurrency=16] [--slots=8] [--max_tokens=64] [--soak]
+      [--concurrency=16] [--slots=8] [--max_tokens=64] [--rounds=3] [--soak]
 
 Starts `python -m serving.server` on a checkpoint (default: a random-init model of
 configs/tiny.gin's shape with a tokenizer trained on the stdlib, so no training is needed;
 pass a trained run dir to use it), then times, over the same requests (greedy, `ignore_eos`,
 so every request makes exactly --max_tokens tokens):
   1. `concurrency` streaming clients at once on loopback: output tokens/s, TTFT, TPOT;
-  2. the same requests one at a time (`sequential_output_tokens_per_s`);
-  3. Hugging Face `transformers` LlamaForCausalLM.generate with the same weights, converted in
-     this run (its logits checked against ours), in left-padded batches of 8.
+  2. Hugging Face `transformers` LlamaForCausalLM.generate with the same weights, converted in
+     this run (its logits checked against ours), in left-padded batches of 8;
+  3. the same requests one at a time (`sequential_output_tokens_per_s`).
+1 and 2 alternate for --rounds rounds; the JSON gives each side's median and every round.
 --soak then sends 300 requests from 32 clients, a tenth of them malformed, and checks every
 valid one succeeds, every malformed one gets a 4xx, and the server's RSS afterwards.
 """
@@ -197,34 +198,48 @@ class Server:
 
 # --- Hugging Face ------------------------------------------------------------------------------
 
-def hf_generate_tokens_per_s(run_dir: Path, prompt_texts: list[str], max_tokens: int,
-                             batch_size: int = 8) -> tuple[float | None, float | None, str]:
-  """(tokens/s, max |logit difference| of the conversion, note)."""
-  try:
+class HFBaseline:
+  """What a user would script instead: LlamaForCausalLM.generate on our weights, converted
+  here (its logits checked against ours), over the same prompts in left-padded batches."""
+
+  def __init__(self, run_dir: Path, prompt_texts: list[str], max_tokens: int,
+               batch_size: int = 8):
     import torch
 
     from benchmarks.hf_llama import max_logit_difference, to_hf_llama
+    from serving.engine import Engine
+    engine = Engine.from_checkpoint(run_dir, slots=1)
+    self.model = to_hf_llama(engine.params, engine.config)
+    probe = engine.encode(prompt_texts[0])
+    self.max_logit_difference = max_logit_difference(self.model, probe,
+                                                     engine.logits_without_cache(probe))
+    self.torch, self.max_tokens = torch, max_tokens
+    self.pad = engine.tokenizer.pad_id() if engine.tokenizer.pad_id() >= 0 else 0
+    encoded = [engine.encode(text) for text in prompt_texts]
+    self.batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
+
+  def tokens_per_s(self) -> float:
+    generated, started = 0, time.perf_counter()
+    with self.torch.no_grad():
+      for batch in self.batches:
+        width = max(len(ids) for ids in batch)
+        input_ids = self.torch.tensor([[self.pad] * (width - len(ids)) + ids for ids in batch])
+        attention_mask = self.torch.tensor([[0] * (width - len(ids)) + [1] * len(ids)
+                                            for ids in batch])
+        output = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=self.max_tokens,
+            min_new_tokens=self.max_tokens, do_sample=False, pad_token_id=self.pad,
+            eos_token_id=None)
+        generated += (output.shape[1] - width) * len(batch)
+    return generated / (time.perf_counter() - started)
+
+
+def hf_baseline(run_dir: Path, prompt_texts: list[str], max_tokens: int
+                ) -> tuple[HFBaseline | None, str]:
+  try:
+    return HFBaseline(run_dir, prompt_texts, max_tokens), ""
   except ImportError as e:
-    return None, None, f"transformers/torch not installed ({e}); pip install -e '.[bench]'"
-  from serving.engine import Engine
-  engine = Engine.from_checkpoint(run_dir, slots=1)
-  model = to_hf_llama(engine.params, engine.config)
-  probe = engine.encode(prompt_texts[0])
-  difference = max_logit_difference(model, probe, engine.logits_without_cache(probe))
-  encoded = [engine.encode(text) for text in prompt_texts]
-  pad = engine.tokenizer.pad_id() if engine.tokenizer.pad_id() >= 0 else 0
-  generated, started = 0, time.perf_counter()
-  with torch.no_grad():
-    for begin in range(0, len(encoded), batch_size):
-      batch = encoded[begin:begin + batch_size]
-      width = max(len(ids) for ids in batch)
-      input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
-      attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
-      output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                              max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                              do_sample=False, pad_token_id=pad, eos_token_id=None)
-      generated += (output.shape[1] - width) * len(batch)
-  return generated / (time.perf_counter() - started), difference, ""
+    return None, f"transformers/torch not installed ({e}); pip install -e '.[bench]'"
 
 
 # --- soak --------------------------------------------------------------------------------------
@@ -303,24 +318,37 @@ def main(argv=None) -> dict:
   parser.add_argument("--soak", action="store_true")
   parser.add_argument("--soak_rounds", type=int, default=3,
                       help="rounds of 300 requests; the server's RSS is read after each")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="alternating rounds of the concurrent run and HF generate")
   parser.add_argument("--skip_hf", action="store_true")
   args = parser.parse_args(argv)
 
   workdir = Path(tempfile.mkdtemp(prefix="maxlm_serving_bench_"))
   run_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else random_run_dir(workdir)
   texts = prompts(run_dir, args.requests)
+  hf, hf_note = (None, "--skip_hf") if args.skip_hf else hf_baseline(run_dir, texts,
+                                                                    args.max_tokens)
   server = Server(run_dir, args.slots, args.port, workdir / "server.log")
   try:
     model = server.model_name()
     requests = [completion_request(model, text, args.max_tokens, stream=True) for text in texts]
     asyncio.run(drive(server.url, requests[:args.slots], args.slots))  # warm the connections
-    wall, outcomes = asyncio.run(drive(server.url, requests, args.concurrency))
+    # Rounds alternate between the server and HF, so a burst of other load on this machine
+    # lands on one round of one side, and the medians shrug it off.
+    rates, hf_rates, outcomes = [], [], []
+    for _ in range(args.rounds):
+      wall, round_outcomes = asyncio.run(drive(server.url, requests, args.concurrency))
+      rates.append(sum(o.tokens for o in round_outcomes) / wall)
+      outcomes += round_outcomes
+      if hf:
+        hf_rates.append(hf.tokens_per_s())
     sequential_wall, sequential = asyncio.run(
         drive(server.url, requests[:args.sequential_requests], 1))
     result = {
-        "requests": len(outcomes), "concurrency": args.concurrency, "slots": args.slots,
-        "max_tokens": args.max_tokens,
-        "output_tokens_per_s": sum(o.tokens for o in outcomes) / wall,
+        "requests": len(requests), "rounds": args.rounds, "concurrency": args.concurrency,
+        "slots": args.slots, "max_tokens": args.max_tokens,
+        "output_tokens_per_s": float(np.median(rates)),
+        "output_tokens_per_s_by_round": [round(r, 1) for r in rates],
         "ttft_p50_ms": 1e3 * percentile([o.ttft_s for o in outcomes], 50),
         "ttft_p99_ms": 1e3 * percentile([o.ttft_s for o in outcomes], 99),
         "tpot_p50_ms": 1e3 * percentile([t for o in outcomes if (t := tpot(o))], 50),
@@ -328,17 +356,18 @@ def main(argv=None) -> dict:
     }
     result["batching_speedup"] = (result["output_tokens_per_s"]
                                   / result["sequential_output_tokens_per_s"])
+    if hf:
+      result.update(hf_generate_tokens_per_s=float(np.median(hf_rates)),
+                    hf_generate_tokens_per_s_by_round=[round(r, 1) for r in hf_rates],
+                    hf_max_logit_difference=hf.max_logit_difference)
+      result["ratio_vs_hf"] = result["output_tokens_per_s"] / result["hf_generate_tokens_per_s"]
+    elif hf_note:
+      result["hf_note"] = hf_note
     if args.soak:
       result.update(asyncio.run(soak(server, model, texts, rounds=args.soak_rounds)))
     result["server_rss_mb"] = round(server.rss_mb(), 1)
   finally:
     server.stop()
-  if not args.skip_hf:
-    hf_rate, difference, note = hf_generate_tokens_per_s(run_dir, texts, args.max_tokens)
-    result.update(hf_generate_tokens_per_s=hf_rate, hf_max_logit_difference=difference,
-                  ratio_vs_hf=(result["output_tokens_per_s"] / hf_rate if hf_rate else None))
-    if note:
-      result["hf_note"] = note
   result["machine"] = f"{os.cpu_count()} CPUs"
   print_table(result)
   if args.json:
