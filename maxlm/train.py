@@ -288,6 +288,7 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
 
 def main(argv):
   del argv
+  train_steps.keep_freed_host_memory()  # before JAX starts its CPU client
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every save at INFO
   initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
