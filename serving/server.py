@@ -1,7 +1,8 @@
 """An OpenAI-compatible REST server (the subset of /v1 that vLLM also speaks).
 
   python -m serving.server --checkpoint_dir=WORKDIR [--port=8000] [--host=127.0.0.1]
-      [--slots=8] [--max_queue=64] [--quantize=int8] [--cpus=auto] [--api_keys_file=KEYS]
+      [--slots=8] [--max_queue=64] [--quantize=int8] [--engine_cpus=auto]
+      [--api_keys_file=KEYS]
 
 /v1/completions and /v1/chat/completions, whole or streamed as server-sent events; /v1/models;
 /health; /metrics (Prometheus). Requests are batched continuously over the engine's decode
@@ -106,7 +107,7 @@ def create_app(engine: Engine, model_name: str | None = None,
         "max_model_len": engine.context_length}]}
 
   def submit(request: SamplingRequest, prompt: str, max_tokens: int | None,
-             stops: list[str]) -> tuple[int, AsyncIterator[Delta]]:
+             stops: list[str]) -> tuple[int, AsyncIterator[list[Delta]]]:
     """(prompt token count, its deltas), refusing what cannot run before anything is sent."""
     if request.model != model_name:
       raise OpenAIError(404, f"the model `{request.model}` does not exist; this server serves "
@@ -133,7 +134,7 @@ def create_app(engine: Engine, model_name: str | None = None,
     return len(prompt_ids), drain(deltas, generation)
 
   async def respond(request: SamplingRequest, shape: ResponseShape, prompt_tokens: int,
-                    deltas: AsyncIterator[Delta]):
+                    deltas: AsyncIterator[list[Delta]]):
     logprobs = (Logprobs(shape.chat, engine.token_bytes)
                 if request.alternatives() is not None else None)
     if request.stream:
@@ -141,14 +142,14 @@ def create_app(engine: Engine, model_name: str | None = None,
           stream_events(request, shape, prompt_tokens, deltas, logprobs),
           media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     begun = time.perf_counter()
-    received = [delta async for delta in deltas]
+    received = [delta async for batch in deltas for delta in batch]
     log.info("%s: %d prompt + %d generated tokens in %.2fs (%s)", shape.id, prompt_tokens,
              len(received), time.perf_counter() - begun, received[-1].finish_reason)
     return shape.whole("".join(d.text for d in received), received[-1].finish_reason,
                        prompt_tokens, len(received), logprobs and logprobs.of(received))
 
   async def stream_events(request: SamplingRequest, shape: ResponseShape, prompt_tokens: int,
-                          deltas: AsyncIterator[Delta],
+                          deltas: AsyncIterator[list[Delta]],
                           logprobs: Logprobs | None) -> AsyncIterator[str]:
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
 
@@ -160,14 +161,15 @@ def create_app(engine: Engine, model_name: str | None = None,
     try:
       if shape.chat:
         yield chunk("", first=True)
-      async for delta in deltas:
-        generated += 1
-        if shape.chat and delta.finish_reason:
-          if delta.text or logprobs:
-            yield chunk(delta.text, of=[delta])
-          yield chunk(None, delta.finish_reason)
-        elif delta.text or delta.finish_reason or logprobs:
-          yield chunk(delta.text, delta.finish_reason, of=[delta])
+      async for batch in deltas:
+        generated += len(batch)
+        text, finish_reason = "".join(d.text for d in batch), batch[-1].finish_reason
+        if shape.chat and finish_reason:
+          if text or logprobs:
+            yield chunk(text, of=batch)
+          yield chunk(None, finish_reason)
+        elif text or finish_reason or logprobs:
+          yield chunk(text, finish_reason, of=batch)
     except Exception as e:  # the status line is sent; report in the stream, as vLLM does
       error = server_error(e)
       log.warning("%s ended early: %s", shape.id, error.message)
@@ -193,13 +195,23 @@ def create_app(engine: Engine, model_name: str | None = None,
   return app
 
 
-async def drain(deltas: asyncio.Queue, generation: Generation) -> AsyncIterator[Delta]:
-  """The deltas the orchestrator puts on `deltas`; leaving early cancels the generation."""
+async def drain(deltas: asyncio.Queue, generation: Generation) -> AsyncIterator[list[Delta]]:
+  """The deltas the orchestrator puts on `deltas`, a chunk's worth at a time: one delta, or
+  all that arrived while the last chunk was being sent. A stream keeps up token by token until
+  the event loop falls behind the engine; then it sends fewer, longer chunks (as vLLM's stream
+  interval does) rather than falling further behind. Leaving early cancels the generation."""
   try:
-    while (item := await deltas.get()) is not None:
+    while True:
+      batch, item = [], await deltas.get()
+      while isinstance(item, Delta):
+        batch.append(item)
+        item = deltas.get_nowait() if not deltas.empty() else ...  # ...: nothing more yet
+      if batch:
+        yield batch
       if isinstance(item, BaseException):
         raise item
-      yield item
+      if item is None:
+        return
   finally:
     generation.cancel()
 
@@ -232,10 +244,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="int8: weight-only int8 (4x smaller weights at rest)")
   parser.add_argument("--shutdown_grace_s", type=float, default=30.0,
                       help="on SIGTERM/SIGINT, how long requests in flight may still run")
-  parser.add_argument("--cpus", default="auto",
-                      help="how many CPU cores the server process may use: a number, `all`, "
-                      "or `auto` (every core but one when there are two or more, so the "
-                      "engine's threads do not wait on a core shared with the clients)")
+  parser.add_argument("--engine_cpus", default="auto",
+                      help="how many CPU cores the engine (XLA's threads and the decode loop) "
+                      "may use: a number, `all`, or `auto` (every core but one when there are "
+                      "two or more); the HTTP event loop runs on the cores left over, or on all "
+                      "if none are")
   parser.add_argument("--api_keys_file", default=None,
                       help="one API key per line; when set, /v1 requires `Authorization: Bearer "
                       "KEY` (/health and /metrics stay open)")
@@ -266,8 +279,8 @@ def log_to_stderr():
   log.propagate = False
 
 
-def cpus_to_use(cpus: str, available: list[int]) -> list[int]:
-  """The cores --cpus names, out of those this process may run on."""
+def engine_cpus(cpus: str, available: list[int]) -> list[int]:
+  """The cores --engine_cpus names, out of those this process may run on."""
   if cpus == "all":
     return available
   if cpus == "auto":
@@ -277,8 +290,8 @@ def cpus_to_use(cpus: str, available: list[int]) -> list[int]:
   except ValueError:
     count = 0
   if not 1 <= count <= len(available):
-    raise ValueError(f"--cpus={cpus!r}; give a number from 1 to {len(available)}, `all` or "
-                     "`auto`")
+    raise ValueError(f"--engine_cpus={cpus!r}; give a number from 1 to {len(available)}, "
+                     "`all` or `auto`")
   return available[:count]
 
 
@@ -287,8 +300,11 @@ def main(argv=None):
   log_to_stderr()
   try:
     # Before JAX starts: XLA sizes its CPU thread pool by the cores the process may use, and
-    # a parallel op whose threads share a core with the HTTP clients waits for the slowest.
-    os.sched_setaffinity(0, cpus_to_use(args.cpus, sorted(os.sched_getaffinity(0))))
+    # a parallel op whose threads share a core with HTTP work waits for the slowest of them.
+    # Threads started from here on (XLA's, the orchestrator's) inherit these cores.
+    available = sorted(os.sched_getaffinity(0))
+    engine_cores = engine_cpus(args.engine_cpus, available)
+    os.sched_setaffinity(0, engine_cores)
     api_keys = read_api_keys(args.api_keys_file) if args.api_keys_file else None
     engine = Engine.from_checkpoint(args.checkpoint_dir, model_name=args.model_name,
                                     max_len=args.max_len, slots=args.slots,
@@ -301,6 +317,9 @@ def main(argv=None):
            time.perf_counter() - start, engine.model_name, engine.context_length, engine.slots,
            engine.quantize, args.host, args.port)
   app = create_app(engine, api_keys=api_keys, max_queue=args.max_queue)
+  http_cores = [cpu for cpu in available if cpu not in engine_cores] or available
+  os.sched_setaffinity(0, http_cores)  # this thread runs the event loop
+  log.info("engine on CPU cores %s, HTTP on %s", engine_cores, http_cores)
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                           timeout_graceful_shutdown=args.shutdown_grace_s + 5)
   DrainingServer(config, app.state.orchestrator, args.shutdown_grace_s).run()

@@ -20,7 +20,9 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from serving.engine import Step
-from serving.server import DrainingServer, create_app, parse_args, read_api_keys
+from serving.orchestrator import Delta
+from serving.server import (DrainingServer, create_app, drain, engine_cpus, parse_args,
+                            read_api_keys)
 
 MODEL = "fake"
 
@@ -123,6 +125,42 @@ def test_api_keys_file_is_one_key_per_line(tmp_path):
 
 
 # --- failures ----------------------------------------------------------------------------------
+
+class Cancellable:
+  cancelled = False
+
+  def cancel(self):
+    self.cancelled = True
+
+
+def test_a_stream_that_falls_behind_sends_what_has_arrived_as_one_chunk():
+  async def chunks(items):
+    queue = asyncio.Queue()
+    for item in items:
+      queue.put_nowait(item)
+    generation, got = Cancellable(), []
+    try:
+      async for batch in drain(queue, generation):
+        got.append("".join(delta.text for delta in batch))
+    except ValueError as error:
+      got.append(f"error: {error}")
+    return got, generation.cancelled
+
+  a, b, c = (Delta(letter, i, None) for i, letter in enumerate("abc"))
+  assert asyncio.run(chunks([a, b, c, None])) == (["abc"], True)
+  assert asyncio.run(chunks([a, b, ValueError("engine died")])) == (["ab", "error: engine died"],
+                                                                     True)
+
+
+def test_cpus_leaves_one_core_to_the_clients_unless_told():
+  assert engine_cpus("auto", [0, 1, 2, 3]) == [0, 1, 2]
+  assert engine_cpus("auto", [5]) == [5]
+  assert engine_cpus("all", [0, 1]) == [0, 1]
+  assert engine_cpus("1", [2, 3]) == [2]
+  for bad in ("0", "3", "many"):
+    with pytest.raises(ValueError, match="--engine_cpus"):
+      engine_cpus(bad, [0, 1])
+
 
 def test_a_dead_engine_loop_is_a_503_and_health_says_so():
   client = TestClient(create_app(FakeEngine(fail_after=0)), raise_server_exceptions=False)
