@@ -1,7 +1,7 @@
 """Fused training attention: our Pallas flash kernel or cuDNN, run per shard under a mesh.
 
 A Pallas kernel is a per-device program, so under a mesh it runs inside `shard_map` over the
-batch and head axes; XLA's own attention (`layers.dot_product_attention`) needs no wrapper.
+batch and head axes; the plain XLA attention (`layers.causal_attention`) needs no wrapper.
 """
 
 

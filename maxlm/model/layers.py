@@ -79,34 +79,6 @@ def dense(x: jax.Array, kernel: jax.Array, contracting_dims: int = 1) -> jax.Arr
   return product.reshape(*leading, *out_shape)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Grouped-query attention in plain XLA.
-
-  q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim] with
-  heads a multiple of kv_heads; mask: bool [batch, 1, q_len, kv_len].
-  Returns [batch, q_len, heads, head_dim].
-  """
-  batch, q_len, heads, head_dim = q.shape
-  kv_heads = k.shape[2]
-  # Heads-major layout: both products are plain batched matmuls over (batch, kv_head),
-  # contracting the last axis, so XLA inserts no transposes of the [q_len, kv_len] scores.
-  grouped_q = (q * head_dim ** -0.5).reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-  grouped_q = grouped_q.transpose(0, 2, 3, 1, 4)                         # [b, kv, group, q, d]
-  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                 # [b, kv, s, d]
-  scores = jnp.einsum("bkgqd,bksd->bkgqs", grouped_q, k).astype(jnp.float32)
-  scores = jnp.where(mask[:, :, None], scores, NEG_INF)
-  probs = _softmax(scores).astype(v.dtype)
-  out = jnp.einsum("bkgqs,bksd->bkgqd", probs, v)
-  return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
-
-
-def _softmax(scores: jax.Array) -> jax.Array:
-  """Softmax over the last axis; multiplying by one reciprocal per row saves a full pass of
-  divisions over [.., q_len, kv_len] forward and backward."""
-  exps = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-  return exps * (1.0 / jnp.sum(exps, axis=-1, keepdims=True))
-
-
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
                      query_block: int = 128) -> jax.Array:
   """Causal attention within segments, for a whole sequence (training, no cache).
