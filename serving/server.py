@@ -279,6 +279,15 @@ def log_to_stderr():
   log.propagate = False
 
 
+PINNING = hasattr(os, "sched_setaffinity")  # Linux; elsewhere every thread runs anywhere
+
+
+def pin_this_thread(cpus: list[int]):
+  """This thread, and the threads it starts from now on, run on `cpus` only."""
+  if PINNING:
+    os.sched_setaffinity(0, cpus)
+
+
 def engine_cpus(cpus: str, available: list[int]) -> list[int]:
   """The cores --engine_cpus names, out of those this process may run on."""
   if cpus == "all":
@@ -302,9 +311,9 @@ def main(argv=None):
     # Before JAX starts: XLA sizes its CPU thread pool by the cores the process may use, and
     # a parallel op whose threads share a core with HTTP work waits for the slowest of them.
     # Threads started from here on (XLA's, the orchestrator's) inherit these cores.
-    available = sorted(os.sched_getaffinity(0))
+    available = sorted(os.sched_getaffinity(0)) if PINNING else list(range(os.cpu_count() or 1))
     engine_cores = engine_cpus(args.engine_cpus, available)
-    os.sched_setaffinity(0, engine_cores)
+    pin_this_thread(engine_cores)
     api_keys = read_api_keys(args.api_keys_file) if args.api_keys_file else None
     engine = Engine.from_checkpoint(args.checkpoint_dir, model_name=args.model_name,
                                     max_len=args.max_len, slots=args.slots,
@@ -318,7 +327,7 @@ def main(argv=None):
            engine.quantize, args.host, args.port)
   app = create_app(engine, api_keys=api_keys, max_queue=args.max_queue)
   http_cores = [cpu for cpu in available if cpu not in engine_cores] or available
-  os.sched_setaffinity(0, http_cores)  # this thread runs the event loop
+  pin_this_thread(http_cores)  # it runs the event loop
   log.info("engine on CPU cores %s, HTTP on %s", engine_cores, http_cores)
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                           timeout_graceful_shutdown=args.shutdown_grace_s + 5)
