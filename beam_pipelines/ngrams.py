@@ -61,14 +61,7 @@ def mix64(values: np.ndarray) -> np.ndarray:
 
 def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
   """uint64 [len(hashes) - n + 1]: hash of each run of n consecutive word hashes."""
-  count = len(hashes) - n + 1
-  if count <= 0:
-    return np.zeros(0, np.uint64)
-  combined = hashes[:count].copy()
-  with np.errstate(over="ignore"):
-    for offset in range(1, n):
-      combined = (combined * _MIX) ^ hashes[offset:offset + count]
-  return combined
+  return ngram_hashes_at(hashes, np.arange(max(0, len(hashes) - n + 1)), n)
 
 
 def ngram_hashes_at(hashes: np.ndarray, starts: np.ndarray, n: int) -> np.ndarray:
