@@ -1,20 +1,35 @@
-"""Flash attention: Pallas forward and backward behind a `jax.custom_vjp`.
+"""Flash attention: Pallas forward and backward behind a `jax.custom_vjp`, one kernel family per backend.
 
 `flash_attention` takes the model's [batch, seq, heads, head_dim] layout, pads both sequences to whole
-blocks, moves heads in front of the sequence for the kernels, and undoes both on the way out. The
-kernels live in `flash_attention_kernels.py` (forward) and `flash_attention_backward.py` (dq, dk/dv);
-`reference.py` is the plain-XLA path with the same semantics. Backend caveats (VMEM bound on TPU,
-power-of-two blocks on Triton) are at the top of `flash_attention_kernels.py`.
+blocks, moves heads in front of the sequence for the kernels (`layout.py`), and undoes both on the way
+out. Which kernels run is decided when the computation is lowered (`jax.lax.platform_dependent`), so an
+export for "cuda" from a CPU host gets the GPU kernels:
+- CUDA: Mosaic GPU kernels for Hopper (sm_90a) in `flash_attention_mosaic_gpu.py` (forward) and
+  `flash_attention_mosaic_gpu_backward.py` (dq, dk/dv) wherever they take the call. They do not take
+  float32 (wgmma has no full-float32 mode; tf32 is not implemented here), head_dim not a multiple of 64 or
+  above 256, blocks not multiples of 64, tiles beyond the SMEM of one block, or a local GPU that is not
+  a Hopper (without a local GPU, as when exporting from a CPU host, Hopper is assumed); those calls, and
+  only those, use the Triton kernels below (Pallas-Triton, deprecated since JAX 0.11). `gpu_backend` names the path and the reason.
+- TPU (Mosaic), ROCm (Triton) and interpret mode: the generic `pl.pallas_call` kernels in
+  `flash_attention_kernels.py` (forward) and `flash_attention_backward.py` (dq, dk/dv); their backend
+  caveats (VMEM bound on TPU, power-of-two blocks on Triton) are at the top of `flash_attention_kernels.py`.
+`reference.py` is the plain-XLA path with the same semantics. A multi-platform export that includes
+"cuda" fails on the Mosaic GPU path: JAX 0.12 lowers Mosaic GPU kernels for one platform at a time.
 """
 
 import functools
 import math
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels_pallas import flash_attention_backward, flash_attention_kernels
+from kernels_pallas import (
+  flash_attention_backward,
+  flash_attention_kernels,
+  flash_attention_mosaic_gpu,
+  flash_attention_mosaic_gpu_backward,
+  layout,
+)
 from kernels_pallas.flash_attention_kernels import KernelConfig
 
 DEFAULT_BLOCK = 128
@@ -49,12 +64,6 @@ def _block_size(requested, length, name):
   return min(block, max(MIN_BLOCK, pl.next_power_of_2(length)))
 
 
-def _pad_axis(x, axis, size, value=0):
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad, constant_values=value)
-
-
 def _check_shapes(q, k, v, segment_ids):
   if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
     raise ValueError(f"flash_attention wants q [batch, q_len, heads, head_dim] and k, v alike "
@@ -67,29 +76,24 @@ def _check_shapes(q, k, v, segment_ids):
                      f"q_len == kv_len; pass segment_ids=None for cross-length attention.")
 
 
-def _to_kernel_layout(q, k, v, cfg: KernelConfig):
-  """[b, l, h, d] -> q: [b, kvh, g, lq_padded, d]; k, v: [b, kvh, lk_padded, d]."""
-  batch, q_len, num_heads, head_dim = q.shape
-  kv_heads = k.shape[2]
-  q_len_padded = pl.cdiv(q_len, cfg.block_q) * cfg.block_q
-  kv_len_padded = pl.cdiv(cfg.kv_len, cfg.block_k) * cfg.block_k
-  q = _pad_axis(q, 1, q_len_padded).reshape(batch, q_len_padded, kv_heads, num_heads // kv_heads, head_dim)
-  to_heads_first = lambda x: jnp.moveaxis(_pad_axis(x, 1, kv_len_padded), 1, 2)
-  return q.transpose(0, 2, 3, 1, 4), to_heads_first(k), to_heads_first(v)
+def _pallas_attention(q, k, v, segment_ids, cfg: KernelConfig):
+  """The generic pallas_call kernels (interpret, TPU Mosaic, Triton) in the model layout."""
+  q5, k4, v4 = layout.to_kernel_layout(q, k, v, cfg.block_q, cfg.block_k)
+  q_seg = kv_seg = None
+  if segment_ids is not None:
+    q_seg, kv_seg = layout.segments_to_kernel_layout(segment_ids, q5.shape[3], k4.shape[2])
+  return layout.from_kernel_layout(_flash(q5, k4, v4, q_seg, kv_seg, cfg), q.shape[1])
 
 
-def _segments_to_kernel_layout(segment_ids, q_len_padded, kv_len_padded):
-  """[b, l] -> q side [b, lq_padded, 1], kv side [b, 1, lk_padded]; padded queries match no key."""
-  segment_ids = segment_ids.astype(jnp.int32)
-  q_seg = _pad_axis(segment_ids, 1, q_len_padded, value=-1)
-  kv_seg = _pad_axis(segment_ids, 1, kv_len_padded, value=-2)
-  return q_seg[:, :, None], kv_seg[:, None, :]
+def gpu_backend(q, k, v, *, block_q=None, block_k=None):
+  """("mosaic_gpu", None) when the Mosaic GPU kernels take this call on CUDA, else ("triton", why not).
 
-
-def _from_kernel_layout(o, q_len):
-  """[b, kvh, g, lq_padded, d] -> [b, q_len, kvh * g, d]."""
-  batch, kv_heads, group, _, head_dim = o.shape
-  return o.transpose(0, 3, 1, 2, 4)[:, :q_len].reshape(batch, q_len, kv_heads * group, head_dim)
+  Arguments as for `flash_attention` (arrays or `jax.ShapeDtypeStruct`s).
+  """
+  blocks = flash_attention_mosaic_gpu.choose_blocks(q.shape[1], k.shape[1], q.shape[3], block_q, block_k)
+  reason = (flash_attention_mosaic_gpu.unsupported_reason(q, k, v, blocks)
+            or flash_attention_mosaic_gpu.device_reason())
+  return ("triton", reason) if reason else ("mosaic_gpu", None)
 
 
 def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
@@ -102,21 +106,26 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
   (needs q_len == kv_len); tokens attend only within their segment. sm_scale: default 1/sqrt(head_dim).
   block_q, block_k: multiples of 8, default 128, clipped to the sequence. interpret: default Pallas
   interpret mode on the CPU backend. A query that sees no key returns zeros.
+  Backend (chosen at lowering): on CUDA the Mosaic GPU kernels for bfloat16/float16, head_dim a multiple
+  of 64 up to 256 and blocks (if given) multiples of 64 (defaults there: 64 queries x 128 keys, 64 keys
+  for head_dim > 128); every other CUDA call falls back to Triton, see `gpu_backend`. TPU Mosaic on TPU.
   Returns [batch, q_len, num_heads, head_dim] in q's dtype.
   """
   _check_shapes(q, k, v, segment_ids)
   q_len, kv_len, head_dim = q.shape[1], k.shape[1], q.shape[3]
-  cfg = KernelConfig(
+  config = functools.partial(
+      KernelConfig,
       sm_scale=float(1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale),
       causal=bool(causal),
-      block_q=_block_size(block_q, q_len, "block_q"),
-      block_k=_block_size(block_k, kv_len, "block_k"),
       q_len=q_len,
       kv_len=kv_len,
       interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret),
   )
-  q5, k4, v4 = _to_kernel_layout(q, k, v, cfg)
-  q_seg = kv_seg = None
-  if segment_ids is not None:
-    q_seg, kv_seg = _segments_to_kernel_layout(segment_ids, q5.shape[3], k4.shape[2])
-  return _from_kernel_layout(_flash(q5, k4, v4, q_seg, kv_seg, cfg), q_len)
+  cfg = config(block_q=_block_size(block_q, q_len, "block_q"), block_k=_block_size(block_k, kv_len, "block_k"))
+  generic = functools.partial(_pallas_attention, cfg=cfg)
+  if cfg.interpret or gpu_backend(q, k, v, block_q=block_q, block_k=block_k)[0] != "mosaic_gpu":
+    return generic(q, k, v, segment_ids)
+  blocks = flash_attention_mosaic_gpu.choose_blocks(q_len, kv_len, head_dim, block_q, block_k)
+  mosaic_gpu = functools.partial(flash_attention_mosaic_gpu_backward.attention,
+                                 cfg=config(block_q=blocks.block_q, block_k=blocks.block_k))
+  return jax.lax.platform_dependent(q, k, v, segment_ids, cuda=mosaic_gpu, default=generic)

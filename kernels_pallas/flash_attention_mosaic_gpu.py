@@ -10,13 +10,17 @@ matmuls are wgmma with float32 accumulators, and the online softmax runs on the 
 Segment ids, lse and delta are read straight from GMEM into the row/column layout of the wgmma tile.
 
 What this path does not take (`unsupported_reason` says which; `flash_attention` then uses Triton):
-- dtypes other than bfloat16/float16: wgmma would multiply float32 as tf32;
+- dtypes other than bfloat16/float16: the kernels use 16-bit wgmma operands (Hopper's wgmma has no
+  full-float32 mode, only tf32, which these kernels do not implement);
 - head_dim not a multiple of 64 or above 256: tiles are 128-byte swizzled (64 two-byte elements) and
   the P @ V wgmma has N = head_dim <= 256;
 - block_q / block_k not multiples of 64 (wgmma M is 64 per warpgroup; K/V tiles are 64-row swizzled);
-- tiles that do not fit the 227 KiB of SMEM of one H100 block.
-Only lowering (offline, `jax.export` for "cuda") and the Mosaic GPU interpreter on CPU are tested here;
-the kernels have not been compiled by ptxas nor run on an H100.
+- tiles that do not fit the 227 KiB of SMEM of one H100 block;
+- a local GPU that is not a Hopper (`device_reason`; wgmma is sm_90a only, Blackwell has tcgen05).
+Tested here: lowering (offline `jax.export` for "cuda": one `mosaic_gpu_v2` custom call per kernel) and
+numerics under JAX's Mosaic GPU interpreter on CPU. Not tested: ptxas compilation, a run on an H100,
+speed, and the TMA -> wgmma barrier ordering (the interpreter's race detector does not track wgmma reads).
+The interpreter also differs from the compiled kernel in one place, see `matmul`.
 """
 
 import dataclasses
@@ -70,13 +74,26 @@ def unsupported_reason(q, k, v, blocks: Blocks):
   """None when the Mosaic GPU kernels take this call, else one sentence saying why they do not."""
   dtype, head_dim = jnp.dtype(q.dtype), q.shape[-1]
   if dtype not in map(jnp.dtype, SUPPORTED_DTYPES) or k.dtype != dtype or v.dtype != dtype:
-    return f"Mosaic GPU path takes bfloat16/float16 q, k, v (wgmma would run float32 as tf32); got {q.dtype}."
+    return f"Mosaic GPU path takes bfloat16/float16 q, k, v (16-bit wgmma operands); got {q.dtype}."
   if head_dim % TILE_ROWS or head_dim > MAX_HEAD_DIM:
     return f"Mosaic GPU path needs head_dim a multiple of 64 up to 256; got {head_dim}."
   if blocks.block_q % TILE_ROWS or blocks.block_k % TILE_ROWS:
     return f"Mosaic GPU path needs block_q and block_k multiples of 64; got {blocks.block_q}, {blocks.block_k}."
   if (need := smem_bytes(blocks, head_dim, dtype.itemsize)) > SMEM_BYTES:
     return f"Mosaic GPU tiles need {need} bytes of SMEM, over the {SMEM_BYTES} of an H100 block."
+  return None
+
+
+def device_reason():
+  """Why the local GPU cannot run these kernels (not a Hopper: wgmma is sm_90a only), else None.
+
+  Without a local GPU (e.g. exporting for "cuda" from a CPU host) the target is assumed to be Hopper.
+  """
+  if jax.default_backend() != "gpu":
+    return None
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  if capability is not None and not str(capability).startswith("9."):
+    return f"Mosaic GPU kernels use Hopper wgmma (sm_90a); this GPU has compute capability {capability}."
   return None
 
 
@@ -143,11 +160,13 @@ def zeros(shape, layout=TILE):
 
 
 def run_kernel(body, cfg: KernelConfig, grid, out_type, scratch_types):
-  """plgpu.kernel over GRID_NAMES, interpreted on CPU when cfg.interpret."""
+  """plgpu.kernel over GRID_NAMES; on CPU with cfg.interpret (True or `plgpu.InterpretGPUParams`)."""
+  interpret = cfg.interpret
+  if not isinstance(interpret, plgpu.InterpretGPUParams):
+    interpret = plgpu.InterpretGPUParams() if interpret else None
   return plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch_types, grid=grid, grid_names=GRID_NAMES,
-      compiler_params=plgpu.CompilerParams(),
-      interpret=plgpu.InterpretGPUParams() if cfg.interpret else None)
+      compiler_params=plgpu.CompilerParams(), interpret=interpret)
 
 
 def _forward_kernel(*refs, cfg: KernelConfig, group: int, has_segments: bool):
