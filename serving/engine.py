@@ -39,7 +39,7 @@ class SamplingSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-  """What `generate` (or a prefill) chose for each slot, on the host."""
+  """What `generate` (or a prefill) chose for each slot, fetched to the host."""
   tokens: np.ndarray        # int32 [slots]
   logprobs: np.ndarray      # float32 [slots]
   top_tokens: np.ndarray    # int32 [slots, sampling.TOP_LOGPROBS]
@@ -128,22 +128,25 @@ class Engine:
   def init_decode_state(self) -> sampling.DecodeState:
     return sampling.init_decode_state(self.config, self.slots, self.context_length)
 
+  # Each call returns as soon as its work is queued on the device; a TokenChoice stays there
+  # until `Step.from_choice` fetches it, so the caller can queue the next step first.
+
   def prefill(self, prompt_ids: list[int], settings: SamplingSettings
-              ) -> tuple[sampling.Prefix, Step]:
-    """The prompt's cache rows and its first new token (a one-row Step)."""
+              ) -> tuple[sampling.Prefix, sampling.TokenChoice]:
+    """The prompt's cache rows and its first new token (one row)."""
     prefix = self._prefill(
         self.params, sampling.padded_prompt(prompt_ids, self.context_length),
         len(prompt_ids), sampling.seed_words(settings.seed), np.float32(settings.temperature),
         np.float32(settings.top_p), np.int32(settings.top_k))
-    return prefix, Step.from_choice(prefix.choice)
+    return prefix, prefix.choice
 
   def insert(self, prefix: sampling.Prefix, state: sampling.DecodeState,
              slot: int) -> sampling.DecodeState:
     return sampling.insert(prefix, state, slot)
 
-  def generate(self, state: sampling.DecodeState) -> tuple[sampling.DecodeState, Step]:
-    state, choice = self._generate_step(self.params, state)
-    return state, Step.from_choice(choice)
+  def generate(self, state: sampling.DecodeState
+               ) -> tuple[sampling.DecodeState, sampling.TokenChoice]:
+    return self._generate_step(self.params, state)
 
   def warmup(self):
     """Compiles every prefill bucket, insert and the decode step, so no request waits on XLA."""

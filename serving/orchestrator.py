@@ -1,10 +1,13 @@
 """Continuous batching: many requests share the engine's decode slots.
 
 One thread owns the engine. Each turn of its loop admits waiting requests into free slots
-(prefill, then insert), runs one `generate` step for every occupied slot, and hands each
-request its token as a `Delta` holding the text that token made stable. A request that ends
-(eos, a stop string, max_tokens) or is cancelled (its client left) frees its slot before the
-next step, and a waiting request takes it while the others keep decoding.
+(prefill, then insert), queues one `generate` step for every occupied slot, and only then
+hands each request its token from the step before as a `Delta` holding the text that token
+made stable: the device computes step N+1 while this thread turns step N into text, so on two
+or more cores the Python work per token hides behind the model's. A request that ends (eos, a
+stop string, max_tokens) or is cancelled (its client left) frees its slot at once; the token
+the step already in flight made for it is dropped, and a waiting request takes the slot at the
+next turn while the others keep decoding.
 """
 
 import collections
@@ -17,6 +20,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from serving.detokenize import TextStream
+from maxlm.sampling import TokenChoice
 from serving.engine import Engine, SamplingSettings, Step
 from serving.metrics import ServerMetrics
 
@@ -57,6 +61,7 @@ class Request:
     self.top_logprobs = top_logprobs
     self.generated = 0
     self.cancelled = False
+    self.finished = False  # set once it has ended, left or failed: its slot is free
     self.submitted = self.last_token_at = 0.0
     self.text: TextStream | None = None
 
@@ -79,6 +84,13 @@ class Request:
       elif self.generated >= self.max_tokens:
         text, finish_reason = text + self.text.flush(), "length"
     return Delta(text, token_id, finish_reason, float(step.logprobs[row]), top)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pending:
+  """A queued step's choice, still on the device, and the request each of its rows is for."""
+  choice: TokenChoice
+  rows: list[Request | None]
 
 
 class Orchestrator:
@@ -161,14 +173,20 @@ class Orchestrator:
   def _run(self):
     try:
       state = self.engine.init_decode_state()
+      in_flight: Pending | None = None
       while (admitted := self._next_admissions()) is not None:
+        first_tokens = []
         for slot, request in admitted:
-          state = self._admit(request, slot, state)
-        if any(self._slots):
-          state, step = self.engine.generate(state)
-          for slot, request in enumerate(self._slots):
-            if request is not None:
-              self._deliver(request, step, slot)
+          state = self._admit(request, slot, state, first_tokens)
+        queued = None
+        try:
+          if any(self._slots):
+            state, choice = self.engine.generate(state)
+            queued = Pending(choice, list(self._slots))
+        finally:  # should that step fail, the tokens made before it still reach their requests
+          for pending in [in_flight, *first_tokens] if in_flight else first_tokens:
+            self._deliver_all(pending)
+        in_flight = queued
         self.metrics.active_slots.set(sum(r is not None for r in self._slots))
     except BaseException as e:  # noqa: BLE001 - every request must hear of it, then /health
       log.exception("the engine loop died")
@@ -190,19 +208,27 @@ class Orchestrator:
       self.metrics.queue_depth.set(len(self._waiting))
       return admitted
 
-  def _admit(self, request: Request, slot: int, state):
+  def _admit(self, request: Request, slot: int, state, first_tokens: list["Pending"]):
+    """Prefills `request` into `slot`; its first token joins `first_tokens`, to deliver."""
     if request.cancelled:
       request.emit(None)
       return state
-    prefix, step = self.engine.prefill(request.prompt_ids, request.settings)
+    prefix, choice = self.engine.prefill(request.prompt_ids, request.settings)
     self.metrics.prompt_tokens.inc(len(request.prompt_ids))
-    if self._deliver(request, step, 0):
-      state = self.engine.insert(prefix, state, slot)
-      self._slots[slot] = request
-    return state
+    self._slots[slot] = request
+    first_tokens.append(Pending(choice, [request]))
+    return self.engine.insert(prefix, state, slot)
 
-  def _deliver(self, request: Request, step: Step, row: int) -> bool:
-    """Hands `request` its token; False (and its slot freed) once it has finished."""
+  def _deliver_all(self, pending: "Pending"):
+    """Each row's token to the request that held the row when the step was queued, unless
+    that request has since finished or left (its slot may hold a newcomer by now)."""
+    step = Step.from_choice(pending.choice)
+    for row, request in enumerate(pending.rows):
+      if request is not None and not request.finished:
+        self._deliver(request, step, row)
+
+  def _deliver(self, request: Request, step: Step, row: int):
+    """Hands `request` its token, and frees its slot once it has finished."""
     done = request.cancelled
     if not done:
       delta = request.next_delta(step, row, self.engine.eos_id)
@@ -214,7 +240,6 @@ class Orchestrator:
         done = True
     if done:
       self._release(request)
-    return not done
 
   def _observe(self, request: Request):
     now = time.perf_counter()
@@ -226,6 +251,7 @@ class Orchestrator:
     self.metrics.generated_tokens.inc()
 
   def _release(self, request: Request, outcome: BaseException | None = None):
+    request.finished = True
     for slot, occupant in enumerate(self._slots):
       if occupant is request:
         self._slots[slot] = None

@@ -7,7 +7,7 @@
 /v1/completions and /v1/chat/completions, whole or streamed as server-sent events; /v1/models;
 /health; /metrics (Prometheus). Requests are batched continuously over the engine's decode
 slots by `serving.orchestrator`, in its own thread, so the event loop stays free to answer
-/health, to stream, and to notice a client that left (its slot is freed before the next step).
+/health, to stream, and to notice a client that left (its slot is freed within one step).
 A full waiting line answers 429, a dead engine loop 503. SIGTERM stops accepting, lets the
 requests in flight finish for --shutdown_grace_s, then ends what is left with an error event.
 """
@@ -245,10 +245,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--shutdown_grace_s", type=float, default=30.0,
                       help="on SIGTERM/SIGINT, how long requests in flight may still run")
   parser.add_argument("--engine_cpus", default="auto",
-                      help="how many CPU cores the engine (XLA's threads and the decode loop) "
-                      "may use: a number, `all`, or `auto` (every core but one when there are "
-                      "two or more); the HTTP event loop runs on the cores left over, or on all "
-                      "if none are")
+                      help="how many CPU cores the model (XLA's threads) may use: a number, "
+                      "`all`, or `auto` (every core but one when there are two or more); the "
+                      "HTTP event loop and the decode loop's Python run on the cores left over, "
+                      "or on all if none are")
   parser.add_argument("--api_keys_file", default=None,
                       help="one API key per line; when set, /v1 requires `Authorization: Bearer "
                       "KEY` (/health and /metrics stay open)")
@@ -325,10 +325,14 @@ def main(argv=None):
   log.info("compiled in %.1fs; serving %s (context %d, %d slots, weights %s) on http://%s:%d",
            time.perf_counter() - start, engine.model_name, engine.context_length, engine.slots,
            engine.quantize, args.host, args.port)
-  app = create_app(engine, api_keys=api_keys, max_queue=args.max_queue)
+  # XLA's threads exist now, pinned to the engine's cores. This thread, which runs the event
+  # loop, and the orchestrator's, which create_app starts, take the other cores: both are
+  # Python and take turns on the GIL, and while they turn one step's tokens into text, XLA
+  # computes the next step undisturbed (see serving.orchestrator).
   http_cores = [cpu for cpu in available if cpu not in engine_cores] or available
-  pin_this_thread(http_cores)  # it runs the event loop
-  log.info("engine on CPU cores %s, HTTP on %s", engine_cores, http_cores)
+  pin_this_thread(http_cores)
+  app = create_app(engine, api_keys=api_keys, max_queue=args.max_queue)
+  log.info("model on CPU cores %s; HTTP and the decode loop on %s", engine_cores, http_cores)
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                           timeout_graceful_shutdown=args.shutdown_grace_s + 5)
   DrainingServer(config, app.state.orchestrator, args.shutdown_grace_s).run()

@@ -19,8 +19,9 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from maxlm.sampling import TokenChoice
 from serving.engine import Step
-from serving.orchestrator import Delta
+from serving.orchestrator import Delta, Orchestrator
 from serving.server import (DrainingServer, create_app, drain, engine_cpus, parse_args,
                             read_api_keys)
 
@@ -66,10 +67,10 @@ class FakeEngine:
     return self.decode([token_id]).encode()
 
 
-def step(tokens: list[int]) -> Step:
+def step(tokens: list[int]) -> TokenChoice:
   rows = len(tokens)
-  return Step(np.array(tokens, np.int32), np.zeros(rows, np.float32),
-              np.zeros((rows, 0), np.int32), np.zeros((rows, 0), np.float32))
+  return TokenChoice(np.array(tokens, np.int32), np.zeros(rows, np.float32),
+                     np.zeros((rows, 0), np.int32), np.zeros((rows, 0), np.float32))
 
 
 def completion(**change) -> dict:
@@ -182,6 +183,27 @@ def test_a_failure_mid_stream_ends_the_stream_with_an_error_event():
   assert "".join(texts) == "ab"  # the tokens before the failure, in one chunk or two
   assert events[len(texts)]["error"]["code"] == "service_unavailable"
   assert events[len(texts) + 1:] == ["[DONE]"]
+
+
+def test_the_next_step_is_queued_before_the_last_steps_tokens_are_fetched(monkeypatch):
+  calls = []
+
+  class RecordingEngine(FakeEngine):
+    def generate(self, state):
+      calls.append("generate")
+      return super().generate(state)
+
+  fetch = Step.from_choice
+  monkeypatch.setattr(Step, "from_choice", lambda choice: calls.append("fetch") or fetch(choice))
+  orchestrator = Orchestrator(RecordingEngine()).start()
+  deltas = orchestrator.generate([1, 2], max_tokens=5)
+  orchestrator.shutdown(grace_s=5)
+  assert "".join(d.text for d in deltas) == "abcde"
+  assert [d.finish_reason for d in deltas] == [None] * 4 + ["length"]
+  # The prompt's first token, then each step's tokens, are fetched only after the next step
+  # is queued; the step queued while the last token was fetched is dropped, never delivered.
+  assert calls == ["generate", "fetch"] * 5 + ["fetch"] * (len(calls) - 10)
+  assert len(calls) <= 11
 
 
 def test_a_full_queue_is_a_429_and_other_requests_go_on():
@@ -303,6 +325,7 @@ def test_shutdown_lets_streams_in_flight_finish():
   chunks = [json.loads(line) for line in lines[:-1]]
   assert "".join(c["choices"][0]["text"] for c in chunks) == ("abcdefghijklmnopqrstuvwxyz" * 2)[:40]
   assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+  assert len(chunks) == 40  # a stream that keeps up with the engine gets a chunk per token
 
 
 def test_shutdown_past_its_grace_period_ends_streams_with_an_error_event():

@@ -540,7 +540,10 @@ def test_streamed_completion_equals_the_whole_one(server_port, engine, max_token
   assert all(c.id == chunks[0].id and c.object == "text_completion" for c in chunks)
   assert usage_chunk.choices == [] and usage_chunk.usage == whole.usage
   assert all(c.usage is None for c in text_chunks)
-  assert len(text_chunks) > max_tokens // 2  # streamed as it was generated, not at the end
+  # Streamed as it was generated, not at the end. Not one chunk per token: at ~1 ms a token a
+  # stream whose event loop falls behind sends what has arrived as one chunk (tested in
+  # test_server_api with a slow fake engine, where every token gets its own chunk).
+  assert len(text_chunks) >= min(2, max_tokens)
 
 
 def test_stream_is_server_sent_events(server_port, engine):
