@@ -15,7 +15,8 @@ Backend notes (only interpret mode is tested here; no accelerator was available)
   block_k multiples of 128: the kernels slice segment ids and the dk/dv kernel's lse/delta rows along the
   lane dimension at block offsets, which Mosaic handles best (or only) when 128-aligned.
 - On GPU, `pallas_call` without compiler params lowers through Pallas-Triton, which JAX 0.12 marks
-  deprecated in favour of Mosaic GPU; a Mosaic GPU port needs its own (warpgroup/wgmma) kernel.
+  deprecated in favour of Mosaic GPU. `flash_attention` runs these kernels on CUDA only for the calls the
+  Mosaic GPU (wgmma) kernels in `flash_attention_mosaic_gpu.py` decline; see `flash_attention.py`.
 - Lowering of forward, dq and dk/dv to TPU Mosaic and Triton is checked offline in the tests (via
   `jax.export` with an abstract device); the backend compilers themselves have not run.
 - Running max/sum are kept as [block_q, 1] float32 columns; TPU pads those to 128 lanes, which is a

@@ -20,7 +20,7 @@ What this path does not take (`unsupported_reason` says which; `flash_attention`
 Tested here: lowering (offline `jax.export` for "cuda": one `mosaic_gpu_v2` custom call per kernel) and
 numerics under JAX's Mosaic GPU interpreter on CPU. Not tested: ptxas compilation, a run on an H100,
 speed, and the TMA -> wgmma barrier ordering (the interpreter's race detector does not track wgmma reads).
-The interpreter also differs from the compiled kernel in one place, see `matmul`.
+The interpreter also differs from the compiled kernel in one place, see `accumulate`.
 """
 
 import dataclasses
@@ -130,28 +130,32 @@ def matmul_t(lhs_smem, rhs_smem, shape):
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
-def matmul(lhs, rhs_smem, staging_smem=None):
-  """lhs @ rhs by wgmma -> float32 [m, n]; lhs: [m, k] registers (cast to rhs's dtype), rhs: [k, n] SMEM.
+def accumulate(acc, lhs, rhs_smem, staging_smem=None):
+  """acc + lhs @ rhs by wgmma; acc: [m, n] float32, lhs: [m, k] registers (cast to rhs's dtype), rhs: [k, n] SMEM.
 
-  The compiled kernel feeds lhs to wgmma from registers. The Mosaic GPU interpreter (what the CPU tests
-  run) only takes SMEM operands, so there lhs goes through `staging_smem` ([m, k], allocated only when
-  interpreting). The product is accumulated by the caller, not by `run_state` in place: the interpreter
-  does not implement `run_state` either.
+  Compiled, lhs goes to wgmma from registers and wgmma accumulates into acc in place (`run_state`).
+  The Mosaic GPU interpreter (what the CPU tests run) implements neither register operands nor
+  `run_state`, so under it (`staging_smem` given, [m, k], allocated only when interpreting) lhs is
+  staged through SMEM and the product lands in a fresh accumulator that is then added: the same sum,
+  by a different route. That route difference is the one part of the compiled kernels the tests do not run.
   """
   lhs = lhs.astype(rhs_smem.dtype)
-  if staging_smem is not None:
-    staging_smem[...] = lhs
-    plgpu.commit_smem()
-    lhs = staging_smem
+  if staging_smem is None:
+    def accumulate_in_place(acc_ref):
+      plgpu.wgmma(acc_ref, lhs, rhs_smem)
+    return pl.run_state(accumulate_in_place)(plgpu.ACC.init(acc))
 
-  def body(acc_ref):
-    plgpu.wgmma(acc_ref, lhs, rhs_smem)
+  staging_smem[...] = lhs
+  plgpu.commit_smem()
+
+  def product(acc_ref):
+    plgpu.wgmma(acc_ref, staging_smem, rhs_smem)
     return acc_ref[...]
-  return pl.run_scoped(body, plgpu.ACC((lhs.shape[0], rhs_smem.shape[1]), jnp.float32))
+  return acc + pl.run_scoped(product, plgpu.ACC(acc.shape, jnp.float32))
 
 
 def staging(cfg: KernelConfig, shape, dtype):
-  """SMEM for register matmul operands, only under the interpreter (see `matmul`)."""
+  """SMEM for register matmul operands, only under the interpreter (see `accumulate`)."""
   return [plgpu.SMEM(shape, dtype, transforms=tile_transforms(dtype))] if cfg.interpret else []
 
 
@@ -209,7 +213,7 @@ def _forward_kernel(*refs, cfg: KernelConfig, group: int, has_segments: bool):
     row_sum = rescale * row_sum + probs.sum(axis=1)
     acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
     plgpu.barrier_wait(v_barriers.at[slot])
-    return new_max, row_sum, acc + matmul(probs, v_smem.at[slot], staging_smem)
+    return new_max, row_sum, accumulate(acc, probs, v_smem.at[slot], staging_smem)
 
   init = (plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), ROWS),
           zeros((block_q,), ROWS), zeros((block_q, q_ref.shape[-1])))

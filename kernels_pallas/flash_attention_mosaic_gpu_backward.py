@@ -25,9 +25,9 @@ from kernels_pallas.flash_attention_kernels import (
 from kernels_pallas.flash_attention_mosaic_gpu import (
   COLS,
   ROWS,
+  accumulate,
   forward,
   grid_position,
-  matmul,
   matmul_t,
   run_kernel,
   staging,
@@ -76,7 +76,7 @@ def _dq_kernel(*refs, cfg: KernelConfig, group: int, has_segments: bool):
     plgpu.barrier_wait(v_barriers.at[slot])
     dprobs = matmul_t(do_smem, v_smem.at[slot], (block_q, block_k))
     dscores = probs * (dprobs - lax.broadcast_in_dim(delta, scores.shape, [0]))
-    return dq + matmul(dscores, k_smem.at[slot], staging_smem)
+    return accumulate(dq, dscores, k_smem.at[slot], staging_smem)
 
   dq = lax.fori_loop(0, num_k_blocks, step, zeros(q_smem.shape))
   q_smem[...] = (dq * cfg.sm_scale).astype(q_smem.dtype)
@@ -130,10 +130,10 @@ def _dkdv_kernel(*refs, cfg: KernelConfig, group: int, has_segments: bool):
     scores_t = mask_scores(scores_t, tile_visibility(k_start, q_start, scores_t.shape, cfg, kv_seg, q_seg, False))
     probs_t = jnp.exp(scores_t - lax.broadcast_in_dim(lse, scores_t.shape, [1]))
     plgpu.barrier_wait(do_barriers.at[slot])
-    dv = dv + matmul(probs_t, do_smem.at[slot], staging_smem)
+    dv = accumulate(dv, probs_t, do_smem.at[slot], staging_smem)
     dprobs_t = matmul_t(v_smem, do_smem.at[slot], (block_k, block_q))
     dscores_t = probs_t * (dprobs_t - lax.broadcast_in_dim(delta, scores_t.shape, [1]))
-    return dk + matmul(dscores_t, q_smem.at[slot], staging_smem), dv
+    return accumulate(dk, dscores_t, q_smem.at[slot], staging_smem), dv
 
   dk, dv = lax.fori_loop(0, num_steps, step, (zeros(k_smem.shape), zeros(v_smem.shape)))
   k_smem[...] = (dk * cfg.sm_scale).astype(k_smem.dtype)
