@@ -25,22 +25,29 @@ shardings from `steps.state_shardings`, mesh from the gin-bound `sharding.make_m
 """
 
 import argparse
+import atexit
 import collections
 import contextlib
-import functools
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import gin
 import jax
 import jax.numpy as jnp
+from jax._src import xla_bridge
+from jax.experimental import topologies
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
 import kernels_pallas  # noqa: E402
+from maxlm import optim, sharding, steps, tasks  # noqa: E402
+from maxlm import train as maxlm_train  # noqa: E402
+from maxlm.model import ModelConfig, attention, count_params, training_flops_per_token  # noqa: E402
 
 # H100 SXM (80 GB HBM3) as XLA:GPU describes it (GpuTargetConfigProto text format); CUDA 12.9
 # and cuDNN 9.8 are what jax[cuda12] 0.12 installs.
@@ -71,14 +78,12 @@ _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 
 def cpu_host():
   """Keeps JAX's runtime on the CPU: the accelerator exists only as compile-only devices."""
-  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
   if not xla_bridge.backends_are_initialized():
     jax.config.update("jax_platforms", "cpu")
 
 
 def compile_only_devices(platform: str, topology: str, gpu_target: str = H100_TARGET) -> list:
   """Compile-only devices of `topology` ("v5e=2x2", "v5p=2x2x1"; CUDA "slices x hosts x gpus")."""
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   install = INSTALL[platform].format(version=jax.__version__)
   try:
     if platform == "tpu":
@@ -125,6 +130,7 @@ def enable_kernel_dumps():
   """Asks libtpu to dump Mosaic's compile stages (to a temporary folder); before libtpu starts."""
   if "xla_mosaic_dump_to" not in os.environ.get("LIBTPU_INIT_ARGS", ""):
     dump_dir = tempfile.mkdtemp(prefix="mosaic-dump-")
+    atexit.register(shutil.rmtree, dump_dir, ignore_errors=True)
     os.environ["LIBTPU_INIT_ARGS"] = (os.environ.get("LIBTPU_INIT_ARGS", "") +
                                       f" --xla_mosaic_dump_to={dump_dir}").strip()
 
@@ -142,7 +148,7 @@ def _ptxas_stats(dump_dir: Path) -> list[dict]:
   for path in sorted(dump_dir.glob("*.ptxas"), key=order):
     text = path.read_bytes().decode(errors="replace")
     resources = dump_dir / f"{path.stem}.resources.txt"
-    smem = re.search(r"smem_scratch_bytes=(\d+)", resources.read_text()) if resources.exists() else None
+    smem = resources.exists() and re.search(r"smem_scratch_bytes=(\d+)", resources.read_text())
     stats.append({"kernel": path.stem,
                   "registers": int(re.search(r"Used (\d+) registers", text).group(1)),
                   "spill_store_bytes": int(re.search(r"(\d+) bytes spill stores", text).group(1)),
@@ -155,6 +161,8 @@ def _compiled_summary(lowered, seconds_lower: float, platform: str) -> dict:
   compiled = lowered.compile()
   seconds_compile = time.perf_counter() - started
   memory = compiled.memory_analysis()
+  # XLA:GPU's compile-only executables report no cost analysis (and the lowered module's needs
+  # a runtime client): flops stay None there.
   cost = compiled.cost_analysis() or {}
   calls = collections.Counter(_CUSTOM_CALL.findall(compiled.as_text()))
   return {
@@ -199,14 +207,18 @@ def compiled_pallas_attention():
   `maxlm/model/attention.py:_pallas` leaves `interpret` to `flash_attention`, which chooses
   interpret mode when the process's default backend is CPU, as it is on a host without the
   accelerator: the AOT-compiled step would then hold the interpreter's plain HLO, no kernel."""
-  from maxlm.model import attention  # pylint: disable=import-outside-toplevel
-  saved = attention._KERNELS["pallas"]  # pylint: disable=protected-access
-  attention._KERNELS["pallas"] = lambda q, k, v, segment_ids: kernels_pallas.flash_attention(  # pylint: disable=protected-access
-      q, k, v, causal=True, segment_ids=segment_ids, interpret=False)
+  kernels = attention._KERNELS  # pylint: disable=protected-access
+  saved = kernels["pallas"]
+  kernels["pallas"] = _compiled_flash_attention
   try:
     yield
   finally:
-    attention._KERNELS["pallas"] = saved  # pylint: disable=protected-access
+    kernels["pallas"] = saved
+
+
+def _compiled_flash_attention(q, k, v, segment_ids):
+  return kernels_pallas.flash_attention(q, k, v, causal=True, segment_ids=segment_ids,
+                                        interpret=False)
 
 
 def compile_train_step(devices, platform: str, gin_files: list[str], gin_params: list[str] = (),
@@ -215,10 +227,6 @@ def compile_train_step(devices, platform: str, gin_files: list[str], gin_params:
   """AOT-compiles maxlm's train step for `gin_files` with pallas attention on `devices` (mesh
   from the gin-bound `make_mesh`), on abstract state and batch; reports per-device memory and
   how the argument bytes compare with 1/N of the whole train state."""
-  import gin  # pylint: disable=import-outside-toplevel
-  from maxlm import optim, sharding, steps, tasks  # pylint: disable=import-outside-toplevel
-  from maxlm import train as maxlm_train  # pylint: disable=import-outside-toplevel
-  from maxlm.model import ModelConfig, count_params, training_flops_per_token  # pylint: disable=import-outside-toplevel
 
   gin.clear_config()
   gin.parse_config_files_and_bindings([maxlm_train.resolve_gin_file(f) for f in gin_files],
@@ -256,7 +264,6 @@ def compile_train_step(devices, platform: str, gin_files: list[str], gin_params:
 
 
 def _gin_value(name: str, default):
-  import gin  # pylint: disable=import-outside-toplevel
   try:
     return gin.query_parameter(name)
   except ValueError:
@@ -319,7 +326,8 @@ def main():
   if not args.skip_kernels:
     cases = ([(jnp.bfloat16, 64), (jnp.bfloat16, 128)] if args.platform == "cuda" else
              [(jnp.bfloat16, 64), (jnp.bfloat16, 128), (jnp.float32, 128)])
-    rows += [compile_attention(devices, args.platform, dtype, head_dim) for dtype, head_dim in cases]
+    rows += [compile_attention(devices, args.platform, dtype, head_dim)
+             for dtype, head_dim in cases]
   if not args.skip_train_step:
     rows.append(compile_train_step(devices, args.platform, args.gin_file or ["1b.gin"],
                                    args.gin_param, args.seq_len, args.per_device_batch,

@@ -1,0 +1,70 @@
+"""Deviceless ahead-of-time compiles (benchmarks/aot_compile.py): the compiled flash-attention
+kernels and the FSDP train step go through the real TPU and CUDA compilers on this CPU host.
+
+Marked `aot`, outside the default run: `pytest -m aot tests/test_aot_compile.py`. The TPU tests
+need libtpu (`pip install -e '.[aot]'`), the CUDA tests the CUDA plugin (`pip install
+'jax[cuda12]==<this jax>'`); each skips without its compiler. Small shapes: the figures for the
+1b and 7b configs come from the script (benchmarks/RESULTS.md).
+"""
+
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import aot_compile
+
+pytestmark = pytest.mark.aot
+
+KERNELS = ["flash_attention_dkdv", "flash_attention_dq", "flash_attention_forward"]
+# tiny.gin widened so every per-device shard is whole (8, 128) TPU tiles: with tiny's d=192
+# (48 per device of 4) the TPU layout pads shards and arguments come to 1.13x state / N.
+SMALL = ["ModelConfig.vocab_size = 4096", "ModelConfig.embed_dim = 512", "ModelConfig.mlp_dim = 1024",
+         "ModelConfig.num_heads = 4", "ModelConfig.num_kv_heads = 2", "ModelConfig.head_dim = 128",
+         "ModelConfig.dtype = 'bfloat16'"]
+
+
+@pytest.fixture(scope="module")
+def tpu_devices():
+  pytest.importorskip("libtpu", reason="needs libtpu: pip install -e '.[aot]'")
+  aot_compile.cpu_host()
+  aot_compile.enable_kernel_dumps()  # before libtpu starts, so Mosaic reports what it compiled
+  return aot_compile.compile_only_devices("tpu", "v5e=2x2")
+
+
+@pytest.fixture(scope="module")
+def cuda_devices():
+  pytest.importorskip("jax_cuda12_plugin", reason="needs pip install 'jax[cuda12]'")
+  aot_compile.cpu_host()
+  return aot_compile.compile_only_devices("cuda", "1x1x4")
+
+
+@pytest.mark.parametrize("dtype, head_dim", [(jnp.bfloat16, 64), (jnp.bfloat16, 128),
+                                             (jnp.float32, 128)])
+def test_tpu_mosaic_compiles_forward_and_backward(tpu_devices, dtype, head_dim):
+  result = aot_compile.compile_attention(tpu_devices, "tpu", dtype, head_dim)
+  assert result["kernel_calls"] == 3   # forward, dq, dk/dv
+  if aot_compile._tpu_dump_dir():  # pylint: disable=protected-access
+    assert result["mosaic_llo"] == KERNELS   # libtpu's Mosaic compiled each one down to LLO
+
+
+def test_tpu_train_step_shards_state_over_fsdp(tpu_devices):
+  result = aot_compile.compile_train_step(tpu_devices, "tpu", ["tiny.gin"], SMALL, seq_len=256)
+  assert result["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert result["kernel_calls"] == 3 * 4   # three kernels in each of the 4 layers
+  # Each device holds a quarter of parameters and optimizer moments (the step counter and
+  # the batch's few KiB are the rest), and the donated state is aliased, not copied.
+  assert 1.0 <= result["argument_vs_state_over_n"] < 1.01
+  assert result["memory"]["alias"] >= 0.99 * result["memory"]["argument"] - 2**16
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_cuda_mosaic_gpu_compiles_forward_and_backward_through_ptxas(cuda_devices, head_dim):
+  result = aot_compile.compile_attention(cuda_devices, "cuda", jnp.bfloat16, head_dim)
+  assert result["kernel_calls"] == 3 and result["custom_calls"] == {"mosaic_gpu_v2": 3}
+  assert len(result["ptxas"]) == 3 and all(k["registers"] <= 255 for k in result["ptxas"])
+
+
+def test_cuda_train_step_shards_state_over_fsdp(cuda_devices):
+  result = aot_compile.compile_train_step(cuda_devices, "cuda", ["tiny.gin"], SMALL, seq_len=256)
+  assert result["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert result["kernel_calls"] == 3 * 4
+  assert 1.0 <= result["argument_vs_state_over_n"] < 1.01
