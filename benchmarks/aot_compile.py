@@ -14,10 +14,12 @@ for each `tpu_custom_call`, or XLA:GPU with the Mosaic GPU pipeline and ptxas (s
 
 What the table reports per compile: seconds to lower and to compile, the custom calls in the
 compiled HLO, the kernels the backend compiler itself reported (TPU: kernels whose Mosaic dump
-reached `finalize-llo`; CUDA: ptxas registers and spilled bytes per kernel, in lowering order:
-forward, dq, dk/dv), per-device memory from `compiled.memory_analysis()` and FLOPs from
-`compiled.cost_analysis()` (XLA does not count FLOPs inside custom calls; the train step also
-reports the model FLOPs of `training_flops_per_token` per device for comparison).
+reached `finalize-llo`; CUDA: ptxas registers, spilled bytes and TMA stores of each distinct
+kernel in the order the plugin compiled them: 2 TMA stores is dk/dv; of the two with 1, the
+forward is the one named `_lambda_*`, dq `anonymous_*`), per-device memory from
+`compiled.memory_analysis()` and FLOPs from `compiled.cost_analysis()` (XLA does not count
+FLOPs inside custom calls, and XLA:GPU reports none; the train step also reports the model
+FLOPs of `training_flops_per_token` per device for comparison).
 
 The train step is maxlm's own (`steps.make_train_step` with `tasks.next_token_loss`, state
 shardings from `steps.state_shardings`, mesh from the gin-bound `sharding.make_mesh`) with
@@ -141,18 +143,20 @@ def _tpu_dump_dir() -> str | None:
 
 
 def _ptxas_stats(dump_dir: Path) -> list[dict]:
-  """[{kernel, registers, spill_store_bytes, smem_bytes}] in lowering order (the dump names end
-  in a per-process counter)."""
+  """[{kernel, registers, spill_store_bytes, tma_stores}] per distinct Mosaic GPU kernel, in the
+  order the plugin compiled them (its dump names end in a per-process counter). `tma_stores`
+  counts the PTX's TMA copies to GMEM: 2 marks the dk/dv kernel, 1 the forward or dq."""
   order = lambda p: int(re.search(r"_(\d+)$", p.stem).group(1))  # noqa: E731
   stats = []
   for path in sorted(dump_dir.glob("*.ptxas"), key=order):
     text = path.read_bytes().decode(errors="replace")
-    resources = dump_dir / f"{path.stem}.resources.txt"
-    smem = resources.exists() and re.search(r"smem_scratch_bytes=(\d+)", resources.read_text())
+    ptx = path.with_suffix(".ptx")
+    stores = re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared",
+                        ptx.read_text(errors="replace")) if ptx.exists() else None
     stats.append({"kernel": path.stem,
                   "registers": int(re.search(r"Used (\d+) registers", text).group(1)),
                   "spill_store_bytes": int(re.search(r"(\d+) bytes spill stores", text).group(1)),
-                  "smem_bytes": int(smem.group(1)) if smem else None})
+                  "tma_stores": None if stores is None else len(stores)})
   return stats
 
 
@@ -244,19 +248,24 @@ def compile_train_step(devices, platform: str, gin_files: list[str], gin_params:
   train_step = steps.make_train_step(graphdef, tasks.next_token_loss, optimizer, shardings,
                                      batch_sharding, _gin_value("train.microbatches", 1))
   kernel_mode = compiled_pallas_attention() if kernels else contextlib.nullcontext()
+  what = (f"train step {'+'.join(Path(f).stem for f in gin_files)} "
+          f"({count_params(config) / 1e9:.2f}B, b{global_batch} l{seq_len}, remat {config.remat})")
   with jax.set_mesh(mesh), kernel_mode, kernel_compiler_report(platform) as report:
     started = time.perf_counter()
     lowered = train_step.lower(state, batch)
-    result = _compiled_summary(lowered, time.perf_counter() - started, platform)
+    try:
+      result = _compiled_summary(lowered, time.perf_counter() - started, platform)
+    except jax.errors.JaxRuntimeError as error:  # the compiler's out-of-memory verdict is a result
+      if "RESOURCE_EXHAUSTED" not in str(error):
+        raise
+      return {"what": what, "dtype": config.dtype, "mesh": dict(mesh.shape), "fits": False,
+              "error": str(error).splitlines()[0]}
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
   memory = result["memory"]
   hbm = _device_memory(devices[0], gpu_target)
   peak = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
   model_flops = training_flops_per_token(config, seq_len) * global_batch * seq_len / len(devices)
-  return {"what": f"train step {'+'.join(Path(f).stem for f in gin_files)} "
-                  f"({count_params(config) / 1e9:.2f}B, b{global_batch} l{seq_len}, "
-                  f"remat {config.remat})",
-          "dtype": config.dtype, "mesh": dict(mesh.shape), **result, **report,
+  return {"what": what, "dtype": config.dtype, "mesh": dict(mesh.shape), **result, **report,
           "state_bytes_total": state_bytes,
           "argument_vs_state_over_n": round(memory["argument"] / (state_bytes / len(devices)), 3),
           "peak_bytes_per_device": peak, "device_memory_bytes": hbm,
@@ -285,8 +294,13 @@ def print_table(platform: str, topology: str, rows: list[dict]):
   print(f"\n{'what':<58} {'platform':<8} {'topology':<9} {'dtype':<8} {'lower s':>7} "
         f"{'compile s':>9}  custom calls / kernel compiler")
   for row in rows:
+    if "error" in row:
+      print(f"{row['what']:<58} {platform:<8} {topology:<9} {row['dtype']:<8} does not compile: "
+            f"{row['error']}")
+      continue
     compiler = (f"Mosaic LLO: {', '.join(row['mosaic_llo'])}" if row.get("mosaic_llo") else
-                "; ".join(f"{p['registers']} regs, {p['spill_store_bytes']} B spilled"
+                "; ".join(f"{p['registers']} regs, {p['spill_store_bytes']} B spilled, "
+                          f"{p['tma_stores']} TMA stores"
                           for p in row.get("ptxas", [])))
     print(f"{row['what']:<58} {platform:<8} {topology:<9} {row['dtype']:<8} {row['lower_s']:>7} "
           f"{row['compile_s']:>9}  {row['custom_calls']} | {compiler}")
