@@ -259,7 +259,7 @@ def compile_train_step(devices, platform: str, gin_files: list[str], gin_params:
       if "RESOURCE_EXHAUSTED" not in str(error):
         raise
       return {"what": what, "dtype": config.dtype, "mesh": dict(mesh.shape), "fits": False,
-              "error": str(error).splitlines()[0]}
+              "error": _out_of_memory(str(error))}
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
   memory = result["memory"]
   hbm = _device_memory(devices[0], gpu_target)
@@ -270,6 +270,15 @@ def compile_train_step(devices, platform: str, gin_files: list[str], gin_params:
           "argument_vs_state_over_n": round(memory["argument"] / (state_bytes / len(devices)), 3),
           "peak_bytes_per_device": peak, "device_memory_bytes": hbm,
           "fits": None if hbm is None else peak <= hbm, "model_flops_per_device": model_flops}
+
+
+def _out_of_memory(message: str) -> str:
+  """The compiler's verdict in one line: its error code, what ran out and where."""
+  details = re.findall(r"(?:allocating on stack for %[\w.-]+|Scoped allocation with size \S+ and "
+                       r"limit \S+|HLO temporaries \([^)]*\) exceeds available HBM \([^)]*\)|"
+                       r"Used \S+ of \S+ vmem)", message)
+  first = message.splitlines()[0].strip()
+  return "; ".join([first, *(d for d in dict.fromkeys(details) if d not in first)])
 
 
 def _gin_value(name: str, default):
