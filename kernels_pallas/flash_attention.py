@@ -3,7 +3,8 @@
 `flash_attention` takes the model's [batch, seq, heads, head_dim] layout, pads both sequences to whole
 blocks, moves heads in front of the sequence for the kernels (`layout.py`), and undoes both on the way
 out. Which kernels run is decided when the computation is lowered (`jax.lax.platform_dependent`), so an
-export for "cuda" from a CPU host gets the GPU kernels:
+export or AOT compile for "cuda" or "tpu" from a CPU host gets that platform's kernels, and "cpu" the
+Pallas interpreter (unless `interpret` says otherwise):
 - CUDA: Mosaic GPU kernels for Hopper (sm_90a) in `flash_attention_mosaic_gpu.py` (forward) and
   `flash_attention_mosaic_gpu_backward.py` (dq, dk/dv) wherever they take the call. They do not take
   float32 (wgmma has no full-float32 mode; tf32 is not implemented here), head_dim not a multiple of 64 or
@@ -104,8 +105,9 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
   multiple of num_kv_heads (query head h uses kv head h // (num_heads // num_kv_heads)).
   causal: query i sees keys j <= i + kv_len - q_len. segment_ids: [batch, seq_len] int or None
   (needs q_len == kv_len); tokens attend only within their segment. sm_scale: default 1/sqrt(head_dim).
-  block_q, block_k: multiples of 8, default 128, clipped to the sequence. interpret: default Pallas
-  interpret mode on the CPU backend. A query that sees no key returns zeros.
+  block_q, block_k: multiples of 8, default 128, clipped to the sequence. interpret: True runs the
+  Pallas interpreter, False the compiled kernels; None (default) decides at lowering, per platform:
+  the interpreter for "cpu", compiled kernels elsewhere. A query that sees no key returns zeros.
   Backend (chosen at lowering): on CUDA the Mosaic GPU kernels for bfloat16/float16, head_dim a multiple
   of 64 up to 256 and blocks (if given) multiples of 64 (defaults there: 64 queries x 128 keys, 64 keys
   for head_dim > 128); every other CUDA call falls back to Triton, see `gpu_backend`. TPU Mosaic on TPU.
@@ -119,13 +121,22 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
       causal=bool(causal),
       q_len=q_len,
       kv_len=kv_len,
-      interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret),
   )
-  cfg = config(block_q=_block_size(block_q, q_len, "block_q"), block_k=_block_size(block_k, kv_len, "block_k"))
-  generic = functools.partial(_pallas_attention, cfg=cfg)
-  if cfg.interpret or gpu_backend(q, k, v, block_q=block_q, block_k=block_k)[0] != "mosaic_gpu":
-    return generic(q, k, v, segment_ids)
-  blocks = flash_attention_mosaic_gpu.choose_blocks(q_len, kv_len, head_dim, block_q, block_k)
-  mosaic_gpu = functools.partial(flash_attention_mosaic_gpu_backward.attention,
-                                 cfg=config(block_q=blocks.block_q, block_k=blocks.block_k))
-  return jax.lax.platform_dependent(q, k, v, segment_ids, cuda=mosaic_gpu, default=generic)
+  generic_blocks = dict(block_q=_block_size(block_q, q_len, "block_q"),
+                        block_k=_block_size(block_k, kv_len, "block_k"))
+
+  def generic(interpret):
+    return functools.partial(_pallas_attention, cfg=config(**generic_blocks, interpret=interpret))
+
+  if interpret:
+    return generic(True)(q, k, v, segment_ids)
+  # Decided per lowering platform, not by the host: an AOT compile for TPU from a CPU host gets Mosaic.
+  branches = {"default": generic(False)}
+  if interpret is None:
+    branches["cpu"] = generic(True)
+  if gpu_backend(q, k, v, block_q=block_q, block_k=block_k)[0] == "mosaic_gpu":
+    blocks = flash_attention_mosaic_gpu.choose_blocks(q_len, kv_len, head_dim, block_q, block_k)
+    branches["cuda"] = functools.partial(
+        flash_attention_mosaic_gpu_backward.attention,
+        cfg=config(block_q=blocks.block_q, block_k=blocks.block_k, interpret=False))
+  return jax.lax.platform_dependent(q, k, v, segment_ids, **branches)

@@ -181,23 +181,27 @@ def test_bad_arguments_raise_one_sentence():
     kernels_pallas.flash_attention(jnp.zeros((1, 16, 3, 16)), q, q)
 
 
-def export_gradient(platform, device_kind, dtype=jnp.bfloat16, head_dim=64, block_q=None):
-  """jax.export of the compiled (non-interpret) forward + backward for `platform` without the hardware."""
+def gradient_of_sum(block_q=None, interpret=False):
+  """jit of q, k, v, segment_ids -> gradients of sum(flash_attention(...)) w.r.t. q, k, v."""
+  def loss(q, k, v, segment_ids):
+    out = kernels_pallas.flash_attention(q, k, v, segment_ids=segment_ids, block_q=block_q, block_k=64,
+                                         interpret=interpret)
+    return out.astype(jnp.float32).sum()
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def export_gradient(platform, device_kind, dtype=jnp.bfloat16, head_dim=64, block_q=None, interpret=False):
+  """jax.export of forward + backward (compiled kernels by default) for `platform` without the hardware."""
   device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1,
                                        platform="tpu" if platform == "tpu" else "gpu")
   mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=device)
   q = jax.ShapeDtypeStruct((1, 128, 4, head_dim), dtype)
   kv = jax.ShapeDtypeStruct((1, 128, 2, head_dim), dtype)
   segment_ids = jax.ShapeDtypeStruct((1, 128), jnp.int32)
-
-  def loss(q, k, v, segment_ids):
-    out = kernels_pallas.flash_attention(q, k, v, segment_ids=segment_ids, block_q=block_q, block_k=64,
-                                         interpret=False)
-    return out.astype(jnp.float32).sum()
-
   unchecked = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
   with jax.sharding.use_abstract_mesh(mesh):
-    exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[platform],
+    exported = jax.export.export(gradient_of_sum(block_q, interpret), platforms=[platform],
                                  disabled_checks=unchecked)(q, kv, kv, segment_ids)
   return exported.mlir_module(), (q, kv)
 
@@ -218,6 +222,23 @@ def test_lowers_for_accelerators(platform, device_kind, kernel_call):
   module, _ = export_gradient(platform, device_kind)
   assert module.count(kernel_call) == 3   # forward, dq, dk/dv
   assert TRITON_CALL not in module
+
+
+@pytest.mark.parametrize("platform, device_kind, kernel_call", [
+    ("tpu", "TPU v5 lite", "tpu_custom_call"), ("cuda", H100, MOSAIC_GPU_CALL)])
+def test_interpret_left_unset_follows_the_lowering_platform_not_the_host(platform, device_kind, kernel_call):
+  """interpret=None on this CPU host: an export for an accelerator gets its kernels, a CPU run the
+  interpreter (the AOT-compile-from-a-CPU-host case)."""
+  module, _ = export_gradient(platform, device_kind, interpret=None)
+  assert module.count(kernel_call) == 3
+  rng = np.random.default_rng(5)
+  q, k, v, _ = random_inputs(rng, 1, 100, 100, 4, 2, 64)
+  segment_ids = documents(1, 100, 2, rng)
+  grads = gradient_of_sum(interpret=None)(q, k, v, jnp.asarray(segment_ids))
+  _, pullback = numpy_attention(*(x.astype(np.float64) for x in (q, k, v)),
+                                numpy_mask(1, 100, 100, True, segment_ids), 64 ** -0.5)
+  for name, got, want in zip("qkv", grads, pullback(np.ones(q.shape))):
+    np.testing.assert_allclose(np.asarray(got), want, atol=ATOL, rtol=RTOL, err_msg=f"d{name}")
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
