@@ -12,8 +12,9 @@ Pallas interpreter (unless `interpret` says otherwise):
   a Hopper (without a local GPU, as when exporting from a CPU host, Hopper is assumed); those calls, and
   only those, use the Triton kernels below (Pallas-Triton, deprecated since JAX 0.11). `gpu_backend` names the path and the reason.
 - TPU (Mosaic), ROCm (Triton) and interpret mode: the generic `pl.pallas_call` kernels in
-  `flash_attention_kernels.py` (forward) and `flash_attention_backward.py` (dq, dk/dv); their backend
-  caveats (VMEM bound on TPU, power-of-two blocks on Triton) are at the top of `flash_attention_kernels.py`.
+  `flash_attention_kernels.py` (forward) and `flash_attention_backward.py` (dq, dk/dv; dk/dv has a
+  query-block grid axis except on Triton); their backend caveats (VMEM bound of forward and dq on TPU,
+  power-of-two blocks on Triton) are at the top of `flash_attention_kernels.py`.
 `reference.py` is the plain-XLA path with the same semantics. A multi-platform export that includes
 "cuda" fails on the Mosaic GPU path: JAX 0.12 lowers Mosaic GPU kernels for one platform at a time.
 """
@@ -125,13 +126,14 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
   generic_blocks = dict(block_q=_block_size(block_q, q_len, "block_q"),
                         block_k=_block_size(block_k, kv_len, "block_k"))
 
-  def generic(interpret):
-    return functools.partial(_pallas_attention, cfg=config(**generic_blocks, interpret=interpret))
+  def generic(interpret, triton=False):
+    cfg = config(**generic_blocks, interpret=interpret, triton=triton)
+    return functools.partial(_pallas_attention, cfg=cfg)
 
   if interpret:
     return generic(True)(q, k, v, segment_ids)
   # Decided per lowering platform, not by the host: an AOT compile for TPU from a CPU host gets Mosaic.
-  branches = {"default": generic(False)}
+  branches = {"tpu": generic(False), "default": generic(False, triton=True)}
   if interpret is None:
     branches["cpu"] = generic(True)
   if gpu_backend(q, k, v, block_q=block_q, block_k=block_k)[0] == "mosaic_gpu":

@@ -7,10 +7,15 @@ Kernel layout (the wrapper in `flash_attention.py` transposes and pads into it):
   q segment ids:  [batch, q_len_padded, 1]; kv segment ids: [batch, 1, kv_len_padded]
 
 Backend notes (only interpret mode is tested here; no accelerator was available):
-- Each grid step keeps the whole K/V (forward, dq) or the whole Q/dO of one kv head's query group (dk/dv)
-  of one batch row resident in fast memory. That is the Triton-style kernel; on TPU Mosaic it bounds
-  the sequence length by VMEM (roughly kv_len * head_dim * 2 arrays * 2 buffers * itemsize). Long
-  contexts on TPU want a kv grid axis with scratch accumulators instead.
+- Forward and dq keep one kv head's whole K/V (and kv segment ids) of one batch row resident in fast
+  memory and loop over it. On TPU those blocks are single-buffered (`whole_sequence_mode`), so VMEM
+  bounds kv_len at roughly kv_len * head_dim * 2 arrays * itemsize: about 8.3M of v5e's default 16M
+  scoped VMEM at 32768 tokens, head_dim 64, bf16 (deviceless compile). Longer contexts want a kv grid
+  axis with scratch accumulators there too.
+- dk/dv on TPU and in interpret mode iterates (query head of the group, q block) as the innermost,
+  sequential grid axes, with float32 VMEM accumulators, so its VMEM does not grow with the length.
+  Triton runs grid programs in parallel, where outputs revisited across the grid would race: there
+  dk/dv keeps the kv head's whole Q/dO resident and loops over it (`KernelConfig.triton`).
 - Triton needs power-of-two block shapes (and head_dim) of at least 16 for `dot`. TPU wants block_q and
   block_k multiples of 128: the kernels slice segment ids and the dk/dv kernel's lse/delta rows along the
   lane dimension at block offsets, which Mosaic handles best (or only) when 128-aligned.
@@ -18,7 +23,8 @@ Backend notes (only interpret mode is tested here; no accelerator was available)
   deprecated in favour of Mosaic GPU. `flash_attention` runs these kernels on CUDA only for the calls the
   Mosaic GPU (wgmma) kernels in `flash_attention_mosaic_gpu.py` decline; see `flash_attention.py`.
 - Lowering of forward, dq and dk/dv to TPU Mosaic and Triton is checked offline in the tests (via
-  `jax.export` with an abstract device); the backend compilers themselves have not run.
+  `jax.export` with an abstract device); `benchmarks/aot_compile.py` runs libtpu's compiler on them
+  deviceless. No kernel here has run on an accelerator.
 - Running max/sum are kept as [block_q, 1] float32 columns; TPU pads those to 128 lanes, which is a
   layout cost, not a correctness one.
 """
@@ -40,6 +46,7 @@ class KernelConfig:
   q_len: int          # real (unpadded) lengths
   kv_len: int
   interpret: bool
+  triton: bool = False   # lowering through Triton: grid programs run in parallel (see backward's dk/dv)
 
   @property
   def causal_offset(self) -> int:
@@ -147,15 +154,23 @@ def query_head_spec(block_q, head_dim, group):
                       lambda b, h, i: (b, h // group, h % group, i, 0))
 
 
-def whole_kv_spec(kv_len_padded, head_dim, group):
+def whole_sequence_mode(cfg: KernelConfig):
+  """Pipeline mode of the blocks that hold a whole sequence. Their block changes only with the head, so
+  prefetching the next one buys little, and on TPU one VMEM buffer instead of Pallas's default two
+  halves what bounds the length (Mosaic). Triton takes no pipeline mode."""
+  return None if cfg.triton else pl.Buffered(1)
+
+
+def whole_kv_spec(kv_len_padded, head_dim, group, cfg: KernelConfig):
   """All of one KV head's keys (or values) [b, kv_heads, kv_len, d] on grid (b, query head, q block)."""
-  return pl.BlockSpec((None, None, kv_len_padded, head_dim), lambda b, h, i: (b, h // group, 0, 0))
+  return pl.BlockSpec((None, None, kv_len_padded, head_dim), lambda b, h, i: (b, h // group, 0, 0),
+                      pipeline_mode=whole_sequence_mode(cfg))
 
 
-def segment_specs(block_q, kv_len_padded):
+def segment_specs(block_q, kv_len_padded, cfg: KernelConfig):
   """q segment ids [b, q_len, 1] by q block and kv segment ids [b, 1, kv_len] whole, grid (b, head, q block)."""
   return [pl.BlockSpec((None, block_q, 1), lambda b, h, i: (b, i, 0)),
-          pl.BlockSpec((None, 1, kv_len_padded), lambda b, h, i: (b, 0, 0))]
+          pl.BlockSpec((None, 1, kv_len_padded), lambda b, h, i: (b, 0, 0), pipeline_mode=whole_sequence_mode(cfg))]
 
 
 def forward(q, k, v, q_seg, kv_seg, cfg: KernelConfig):
@@ -163,10 +178,10 @@ def forward(q, k, v, q_seg, kv_seg, cfg: KernelConfig):
   batch, kv_heads, group, q_len_padded, head_dim = q.shape
   kv_len_padded = k.shape[2]
   has_segments = q_seg is not None
-  kv_spec = whole_kv_spec(kv_len_padded, head_dim, group)
+  kv_spec = whole_kv_spec(kv_len_padded, head_dim, group, cfg)
   in_specs = [query_head_spec(cfg.block_q, head_dim, group), kv_spec, kv_spec]
   if has_segments:
-    in_specs += segment_specs(cfg.block_q, kv_len_padded)
+    in_specs += segment_specs(cfg.block_q, kv_len_padded, cfg)
   kernel = pl.pallas_call(
       lambda *refs: _forward_kernel(*refs, cfg=cfg, has_segments=has_segments),
       grid=(batch, kv_heads * group, q_len_padded // cfg.block_q),

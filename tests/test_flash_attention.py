@@ -5,6 +5,8 @@ The Mosaic GPU (Hopper) kernels run under JAX's Mosaic GPU interpreter with bflo
 for every accelerator the compiled kernels are only lowered (jax.export), never compiled or run here.
 """
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,6 +84,7 @@ CASES = [
     (1, 70, 70, 4, 4, 16, False, 3, 32, 40),
     (2, 33, 33, 4, 1, 16, False, 2, 8, 16),
     (1, 96, 96, 2, 1, 32, True, 3, 32, 32),
+    (1, 77, 77, 4, 1, 16, True, 3, 16, 32),   # 4 heads x 5 q blocks feed each k block; documents; padding
     (1, 29, 53, 4, 2, 16, True, 0, 16, 16),   # fewer queries than keys: causal aligned to the end
     (2, 41, 23, 2, 2, 16, True, 0, 16, 8),    # more queries than keys: leading queries see nothing
     (1, 20, 61, 2, 1, 16, False, 0, None, 24),
@@ -110,6 +113,24 @@ def test_matches_numpy_outputs_and_gradients(case):
   np.testing.assert_allclose(np.asarray(out), want_out, atol=ATOL, rtol=RTOL)
   for name, got, want in zip("qkv", grads, want_grads):
     np.testing.assert_allclose(np.asarray(got), want, atol=ATOL, rtol=RTOL, err_msg=f"d{name}")
+
+
+def test_triton_structure_matches_numpy_in_interpreter():
+  """Triton runs grid programs in parallel, so its dk/dv loops over the queries inside each program
+  instead of revisiting outputs across a query-block grid axis (TPU); run that structure interpreted."""
+  rng = np.random.default_rng(6)
+  q, k, v, d_out = random_inputs(rng, 1, 45, 45, 4, 2, 16)
+  segment_ids = documents(1, 45, 2, rng)
+  cfg = KernelConfig(sm_scale=0.25, causal=True, block_q=16, block_k=16, q_len=45, kv_len=45,
+                     interpret=True, triton=True)
+  module = importlib.import_module("kernels_pallas.flash_attention")   # the package exports the function
+  flash = lambda q, k, v: module._pallas_attention(q, k, v, jnp.asarray(segment_ids), cfg)
+  out, vjp = jax.vjp(flash, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+  want_out, pullback = numpy_attention(*(x.astype(np.float64) for x in (q, k, v)),
+                                       numpy_mask(1, 45, 45, True, segment_ids), 0.25)
+  for name, got, want in zip(["out", "dq", "dk", "dv"], (out, *vjp(jnp.asarray(d_out))),
+                             (want_out, *pullback(d_out.astype(np.float64)))):
+    np.testing.assert_allclose(np.asarray(got), want, atol=ATOL, rtol=RTOL, err_msg=name)
 
 
 def test_query_that_sees_no_key_gives_zeros_not_nan():
