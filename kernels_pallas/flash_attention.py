@@ -123,8 +123,8 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
       q_len=q_len,
       kv_len=kv_len,
   )
-  generic_blocks = dict(block_q=_block_size(block_q, q_len, "block_q"),
-                        block_k=_block_size(block_k, kv_len, "block_k"))
+  generic_blocks = {"block_q": _block_size(block_q, q_len, "block_q"),
+                    "block_k": _block_size(block_k, kv_len, "block_k")}
 
   def generic(interpret, triton=False):
     cfg = config(**generic_blocks, interpret=interpret, triton=triton)

@@ -163,7 +163,8 @@ def _dkdv_query_grid(q, k, v, do, lse, delta, q_seg, kv_seg, cfg: KernelConfig):
 
   q_spec = pl.BlockSpec((None, None, None, cfg.block_q, head_dim),
                         lambda b, h, j, g, i: (b, h, g, visible(j, i), 0))
-  stat_spec = pl.BlockSpec((None, None, None, 1, cfg.block_q), lambda b, h, j, g, i: (b, h, g, 0, visible(j, i)))
+  stat_spec = pl.BlockSpec((None, None, None, 1, cfg.block_q),
+                           lambda b, h, j, g, i: (b, h, g, 0, visible(j, i)))
   kv_spec = pl.BlockSpec((None, None, cfg.block_k, head_dim), lambda b, h, j, g, i: (b, h, j, 0))
   in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec]
   segments = ()

@@ -170,7 +170,8 @@ def whole_kv_spec(kv_len_padded, head_dim, group, cfg: KernelConfig):
 def segment_specs(block_q, kv_len_padded, cfg: KernelConfig):
   """q segment ids [b, q_len, 1] by q block and kv segment ids [b, 1, kv_len] whole, grid (b, head, q block)."""
   return [pl.BlockSpec((None, block_q, 1), lambda b, h, i: (b, i, 0)),
-          pl.BlockSpec((None, 1, kv_len_padded), lambda b, h, i: (b, 0, 0), pipeline_mode=whole_sequence_mode(cfg))]
+          pl.BlockSpec((None, 1, kv_len_padded), lambda b, h, i: (b, 0, 0),
+                       pipeline_mode=whole_sequence_mode(cfg))]
 
 
 def forward(q, k, v, q_seg, kv_seg, cfg: KernelConfig):
