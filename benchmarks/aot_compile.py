@@ -23,7 +23,8 @@ FLOPs of `training_flops_per_token` per device for comparison).
 
 The train step is maxlm's own (`steps.make_train_step` with `tasks.next_token_loss`, state
 shardings from `steps.state_shardings`, mesh from the gin-bound `sharding.make_mesh`) with
-`ModelConfig.attention = "pallas"`.
+`ModelConfig.attention = "pallas"`, as is: `flash_attention` picks its kernels per lowering
+platform (Mosaic for TPU, Mosaic GPU for CUDA), not from this CPU host.
 """
 
 import argparse
@@ -49,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import kernels_pallas  # noqa: E402
 from maxlm import optim, sharding, steps, tasks  # noqa: E402
 from maxlm import train as maxlm_train  # noqa: E402
-from maxlm.model import ModelConfig, attention, count_params, training_flops_per_token  # noqa: E402
+from maxlm.model import ModelConfig, count_params, training_flops_per_token  # noqa: E402
 
 # H100 SXM (80 GB HBM3) as XLA:GPU describes it (GpuTargetConfigProto text format); CUDA 12.9
 # and cuDNN 9.8 are what jax[cuda12] 0.12 installs.
@@ -204,29 +205,8 @@ def compile_attention(devices, platform: str, dtype=jnp.bfloat16, head_dim: int 
           **result, **report}
 
 
-@contextlib.contextmanager
-def compiled_pallas_attention():
-  """Makes the model's "pallas" attention use the compiled kernels on this CPU host.
-
-  `maxlm/model/attention.py:_pallas` leaves `interpret` to `flash_attention`, which chooses
-  interpret mode when the process's default backend is CPU, as it is on a host without the
-  accelerator: the AOT-compiled step would then hold the interpreter's plain HLO, no kernel."""
-  kernels = attention._KERNELS  # pylint: disable=protected-access
-  saved = kernels["pallas"]
-  kernels["pallas"] = _compiled_flash_attention
-  try:
-    yield
-  finally:
-    kernels["pallas"] = saved
-
-
-def _compiled_flash_attention(q, k, v, segment_ids):
-  return kernels_pallas.flash_attention(q, k, v, causal=True, segment_ids=segment_ids,
-                                        interpret=False)
-
-
 def compile_train_step(devices, platform: str, gin_files: list[str], gin_params: list[str] = (),
-                       seq_len: int = 2048, per_device_batch: int = 1, kernels: bool = True,
+                       seq_len: int = 2048, per_device_batch: int = 1,
                        gpu_target: str = H100_TARGET) -> dict:
   """AOT-compiles maxlm's train step for `gin_files` with pallas attention on `devices` (mesh
   from the gin-bound `make_mesh`), on abstract state and batch; reports per-device memory and
@@ -247,10 +227,9 @@ def compile_train_step(devices, platform: str, gin_files: list[str], gin_params:
            for name in ("tokens", "positions", "segment_ids")}
   train_step = steps.make_train_step(graphdef, tasks.next_token_loss, optimizer, shardings,
                                      batch_sharding, _gin_value("train.microbatches", 1))
-  kernel_mode = compiled_pallas_attention() if kernels else contextlib.nullcontext()
   what = (f"train step {'+'.join(Path(f).stem for f in gin_files)} "
           f"({count_params(config) / 1e9:.2f}B, b{global_batch} l{seq_len}, remat {config.remat})")
-  with jax.set_mesh(mesh), kernel_mode, kernel_compiler_report(platform) as report:
+  with jax.set_mesh(mesh), kernel_compiler_report(platform) as report:
     started = time.perf_counter()
     lowered = train_step.lower(state, batch)
     try:
