@@ -47,10 +47,10 @@ from jax._src import xla_bridge
 from jax.experimental import topologies
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
-import kernels_pallas  # noqa: E402
-from maxlm import optim, sharding, steps, tasks  # noqa: E402
-from maxlm import train as maxlm_train  # noqa: E402
-from maxlm.model import ModelConfig, count_params, training_flops_per_token  # noqa: E402
+import kernels_pallas
+from maxlm import optim, sharding, steps, tasks
+from maxlm import train as maxlm_train
+from maxlm.model import ModelConfig, count_params, training_flops_per_token
 
 # H100 SXM (80 GB HBM3) as XLA:GPU describes it (GpuTargetConfigProto text format); CUDA 12.9
 # and cuDNN 9.8 are what jax[cuda12] 0.12 installs.
@@ -147,7 +147,7 @@ def _ptxas_stats(dump_dir: Path) -> list[dict]:
   """[{kernel, registers, spill_store_bytes, tma_stores}] per distinct Mosaic GPU kernel, in the
   order the plugin compiled them (its dump names end in a per-process counter). `tma_stores`
   counts the PTX's TMA copies to GMEM: 2 marks the dk/dv kernel, 1 the forward or dq."""
-  order = lambda p: int(re.search(r"_(\d+)$", p.stem).group(1))  # noqa: E731
+  order = lambda p: int(re.search(r"_(\d+)$", p.stem).group(1))
   stats = []
   for path in sorted(dump_dir.glob("*.ptxas"), key=order):
     text = path.read_bytes().decode(errors="replace")
@@ -186,7 +186,7 @@ def compile_attention(devices, platform: str, dtype=jnp.bfloat16, head_dim: int 
   the first device: causal, GQA, segment ids, a length that is no multiple of the blocks."""
   mesh = jax.sharding.Mesh(devices[:1], ("x",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  spec = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=replicated)  # noqa: E731
+  spec = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=replicated)
   q = spec(batch, seq_len, num_heads, head_dim)
   kv = spec(batch, seq_len, num_kv_heads, head_dim)
   segment_ids = spec(batch, seq_len, dt=jnp.int32)

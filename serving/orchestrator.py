@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-from serving.detokenize import TextStream
 from maxlm.sampling import TokenChoice
+from serving.detokenize import TextStream
 from serving.engine import Engine, SamplingSettings, Step
 from serving.metrics import ServerMetrics
 
