@@ -14,8 +14,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas.flash_attention_kernels import (
-    KernelConfig, mask_scores, matmul_f32, num_visible_k_blocks, query_head_spec, scaled_scores,
-    segment_specs, split_refs, tile_positions, visible_pairs, whole_kv_spec)
+    KernelConfig, independent_programs, mask_scores, matmul_f32, num_visible_k_blocks,
+    query_head_spec, scaled_scores, segment_specs, split_refs, tile_positions, visible_pairs,
+    whole_kv_spec)
 
 
 def first_visible_q_block(k_start, cfg: KernelConfig):
@@ -142,6 +143,7 @@ def _dq(q, k, v, do, lse, delta, q_seg, kv_seg, cfg: KernelConfig):
       in_specs=in_specs,
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=independent_programs(cfg, 3),
       interpret=cfg.interpret,
       name="flash_attention_dq",
   )

@@ -25,6 +25,8 @@ Backend notes (only interpret mode is tested here; no accelerator was available)
 - Lowering of forward, dq and dk/dv to TPU Mosaic and Triton is checked offline in the tests (via
   `jax.export` with an abstract device); `benchmarks/aot_compile.py` runs libtpu's compiler on them
   deviceless. No kernel here has run on an accelerator.
+- Forward and dq mark their grid axes "parallel" on TPU (`independent_programs`), so megacore chips
+  split them over both TensorCores; dk/dv marks its batch, kv head and k block axes.
 - Running max/sum are kept as [block_q, 1] float32 columns; TPU pads those to 128 lanes, which is a
   layout cost, not a correctness one.
 """
@@ -34,6 +36,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +164,13 @@ def whole_sequence_mode(cfg: KernelConfig):
   return None if cfg.triton else pl.Buffered(1)
 
 
+def independent_programs(cfg: KernelConfig, grid_axes: int):
+  """Compiler params for a grid whose every program writes its own output block: Mosaic may then
+  split it across a chip's TensorCores (v4, v5p megacore), which it does not for its default,
+  sequential ("arbitrary") grid axes. Triton runs every grid program in parallel anyway."""
+  return None if cfg.triton else pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_axes)
+
+
 def whole_kv_spec(kv_len_padded, head_dim, group, cfg: KernelConfig):
   """All of one KV head's keys (or values) [b, kv_heads, kv_len, d] on grid (b, query head, q block)."""
   return pl.BlockSpec((None, None, kv_len_padded, head_dim), lambda b, h, i: (b, h // group, 0, 0),
@@ -190,6 +200,7 @@ def forward(q, k, v, q_seg, kv_seg, cfg: KernelConfig):
       out_specs=[query_head_spec(cfg.block_q, head_dim, group), query_head_spec(cfg.block_q, 1, group)],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(q.shape[:-1] + (1,), jnp.float32)],
+      compiler_params=independent_programs(cfg, 3),
       interpret=cfg.interpret,
       name="flash_attention_forward",
   )
