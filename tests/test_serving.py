@@ -540,10 +540,10 @@ def test_streamed_completion_equals_the_whole_one(server_port, engine, max_token
   assert all(c.id == chunks[0].id and c.object == "text_completion" for c in chunks)
   assert usage_chunk.choices == [] and usage_chunk.usage == whole.usage
   assert all(c.usage is None for c in text_chunks)
-  # Streamed as it was generated, not at the end. Not one chunk per token: at ~1 ms a token a
-  # stream whose event loop falls behind sends what has arrived as one chunk (tested in
-  # test_server_api with a slow fake engine, where every token gets its own chunk).
-  assert len(text_chunks) >= min(2, max_tokens)
+  # How many chunks is not asserted: at ~1 ms a token, a stream whose event loop falls behind
+  # (a GC pause, the decode loop holding the GIL) sends all that has arrived as one chunk, here
+  # sometimes all 20 tokens. That a stream which keeps up gets a chunk per token is tested in
+  # test_server_api over a 20 ms/token fake engine.
 
 
 def test_stream_is_server_sent_events(server_port, engine):
