@@ -310,7 +310,8 @@ def main(argv=None):
   try:
     # Before JAX starts: XLA sizes its CPU thread pool by the cores the process may use, and
     # a parallel op whose threads share a core with HTTP work waits for the slowest of them.
-    # Threads started from here on (XLA's, the orchestrator's) inherit these cores.
+    # XLA's threads, started from here on, inherit these cores; the orchestrator's thread is
+    # started after the repinning below.
     available = sorted(os.sched_getaffinity(0)) if PINNING else list(range(os.cpu_count() or 1))
     engine_cores = engine_cpus(args.engine_cpus, available)
     pin_this_thread(engine_cores)
