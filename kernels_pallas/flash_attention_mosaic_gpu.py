@@ -122,6 +122,16 @@ def tile_visibility(row_start, col_start, shape, cfg: KernelConfig, row_seg, col
   return visible_pairs(cols, rows, col_seg, row_seg, cfg)
 
 
+def visible_scores(row_smem, col_smem, row_start, col_start, cfg: KernelConfig, row_seg, col_seg,
+                   rows_are_queries):
+  """rows @ cols.T * sm_scale of one score tile (q k^T, or k q^T when the rows are keys) by wgmma,
+  -inf where the pair may not attend; the arguments after cfg as for `tile_visibility`."""
+  shape = (row_smem.shape[0], col_smem.shape[0])
+  scores = matmul_t(row_smem, col_smem, shape) * cfg.sm_scale
+  return mask_scores(scores, tile_visibility(row_start, col_start, shape, cfg, row_seg, col_seg,
+                                             rows_are_queries))
+
+
 def matmul_t(lhs_smem, rhs_smem, shape):
   """lhs @ rhs.T of two SMEM tiles by wgmma -> float32 [m, n] in registers."""
   def body(acc_ref):
@@ -204,8 +214,7 @@ def _forward_kernel(*refs, cfg: KernelConfig, group: int, has_segments: bool):
     k_start = j * block_k
     kv_seg = plgpu.load(seg_refs[1].at[batch, pl.ds(k_start, block_k)], layout=COLS) if has_segments else None
     plgpu.barrier_wait(k_barriers.at[slot])
-    scores = matmul_t(q_smem, k_smem.at[slot], (block_q, block_k)) * cfg.sm_scale
-    scores = mask_scores(scores, tile_visibility(q_start, k_start, scores.shape, cfg, q_seg, kv_seg, True))
+    scores = visible_scores(q_smem, k_smem.at[slot], q_start, k_start, cfg, q_seg, kv_seg, True)
     new_max = jnp.maximum(row_max, scores.max(axis=1))
     safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)   # all keys so far masked: keep exp() finite
     probs = jnp.exp(scores - lax.broadcast_in_dim(safe_max, scores.shape, [0]))

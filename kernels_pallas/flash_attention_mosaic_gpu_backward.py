@@ -19,7 +19,6 @@ from kernels_pallas import layout
 from kernels_pallas.flash_attention_backward import first_visible_q_block
 from kernels_pallas.flash_attention_kernels import (
   KernelConfig,
-  mask_scores,
   num_visible_k_blocks,
 )
 from kernels_pallas.flash_attention_mosaic_gpu import (
@@ -32,7 +31,7 @@ from kernels_pallas.flash_attention_mosaic_gpu import (
   run_kernel,
   staging,
   tile_transforms,
-  tile_visibility,
+  visible_scores,
   zeros,
 )
 
@@ -70,8 +69,7 @@ def _dq_kernel(*refs, cfg: KernelConfig, group: int, has_segments: bool):
     k_start = j * block_k
     kv_seg = plgpu.load(seg_refs[1].at[batch, pl.ds(k_start, block_k)], layout=COLS) if has_segments else None
     plgpu.barrier_wait(k_barriers.at[slot])
-    scores = matmul_t(q_smem, k_smem.at[slot], (block_q, block_k)) * cfg.sm_scale
-    scores = mask_scores(scores, tile_visibility(q_start, k_start, scores.shape, cfg, q_seg, kv_seg, True))
+    scores = visible_scores(q_smem, k_smem.at[slot], q_start, k_start, cfg, q_seg, kv_seg, True)
     probs = jnp.exp(scores - lax.broadcast_in_dim(lse, scores.shape, [0]))
     plgpu.barrier_wait(v_barriers.at[slot])
     dprobs = matmul_t(do_smem, v_smem.at[slot], (block_q, block_k))
@@ -126,8 +124,7 @@ def _dkdv_kernel(*refs, cfg: KernelConfig, group: int, has_segments: bool):
     lse = plgpu.load(lse_ref.at[rows], layout=COLS)
     delta = plgpu.load(delta_ref.at[rows], layout=COLS)
     plgpu.barrier_wait(q_barriers.at[slot])
-    scores_t = matmul_t(k_smem, q_smem.at[slot], (block_k, block_q)) * cfg.sm_scale
-    scores_t = mask_scores(scores_t, tile_visibility(k_start, q_start, scores_t.shape, cfg, kv_seg, q_seg, False))
+    scores_t = visible_scores(k_smem, q_smem.at[slot], k_start, q_start, cfg, kv_seg, q_seg, False)
     probs_t = jnp.exp(scores_t - lax.broadcast_in_dim(lse, scores_t.shape, [1]))
     plgpu.barrier_wait(do_barriers.at[slot])
     dv = accumulate(dv, probs_t, do_smem.at[slot], staging_smem)
