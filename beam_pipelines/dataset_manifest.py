@@ -128,7 +128,7 @@ def write_tokenizer_and_manifest(unused_element, *, output_dir: str, seq_len: in
   manifest = {
       "format": records.RECORD_FORMAT,
       "seq_len": seq_len,
-      "fields": list(records.RECORD_FIELDS),
+      "fields": records.manifest_fields(records.text_fields(seq_len)),
       "tokenizer": tokenizer_entry(model_proto, settings["tokenizer_type"],
                                    settings["special_tokens"]),
       "splits": split_entries(parts, stats, shards, weights),

@@ -7,7 +7,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from beam_pipelines.records import MANIFEST_NAME, RECORD_FORMAT, encode_packed
+from beam_pipelines.records import (MANIFEST_NAME, RECORD_FORMAT, encode_packed, encode_record,
+                                    field, manifest_fields, text_fields)
 from maxlm import data
 
 SEQ_LEN = 8
@@ -46,8 +47,7 @@ def data_dir(tmp_path_factory):
       "documents": 2 * NUM_RECORDS, "tokens": SEQ_LEN * NUM_RECORDS, "sequences": NUM_RECORDS,
       "shards": write_shards(root, split)}
   manifest = {
-      "format": RECORD_FORMAT, "seq_len": SEQ_LEN,
-      "fields": ["tokens", "segment_ids", "positions"],
+      "format": RECORD_FORMAT, "seq_len": SEQ_LEN, "fields": manifest_fields(text_fields(SEQ_LEN)),
       "tokenizer": {"file": "tokenizer.model", "vocab_size": 4096, "pad_id": 0},
       "splits": {"train": split_info("train"), "validation": split_info("validation")},
   }
@@ -279,7 +279,7 @@ def mixed_dir(tmp_path_factory):
   train = {"documents": 50, "tokens": 50 * SEQ_LEN, "sequences": 50,
            "shards": [s["shards"][0] for s in sources.values()], "sources": sources}
   manifest = {"format": RECORD_FORMAT, "seq_len": SEQ_LEN,
-              "fields": ["tokens", "segment_ids", "positions"], "splits": {"train": train}}
+              "fields": manifest_fields(text_fields(SEQ_LEN)), "splits": {"train": train}}
   (root / MANIFEST_NAME).write_text(json.dumps(manifest))
   return root
 
@@ -305,3 +305,82 @@ def test_mixture_is_the_same_on_any_process_count(mixed_dir):
 def test_finite_epochs_of_a_mixture_count_the_whole_split(mixed_dir):
   batches = list(train_dataset(mixed_dir, global_batch_size=5, num_epochs=2))
   assert len(batches) == 2 * 50 // 5
+
+
+def write_dir(root, manifest: dict, encoded_records: list[bytes]) -> None:
+  """One shard per split holding `encoded_records`, and `manifest` with the splits filled in."""
+  splits = {}
+  for split in ("train", "validation"):
+    name = f"{split}-00000-of-00001.array_record"
+    writer = ArrayRecordWriter(str(root / name), "group_size:1")
+    for record in encoded_records:
+      writer.write(record)
+    writer.close()
+    splits[split] = {"sequences": len(encoded_records), "shards": [name]}
+  (root / MANIFEST_NAME).write_text(json.dumps(manifest | {"splits": splits}))
+
+
+def test_a_v1_dir_and_the_v2_dir_of_the_same_records_give_identical_batches(tmp_path):
+  v1_bytes = [np.stack([known_record(r)[name] for name in ("tokens", "segment_ids", "positions")])
+              .astype(np.int32).tobytes() for r in range(NUM_RECORDS)]  # v1: one int32 [3, L]
+  (tmp_path / "v1").mkdir()
+  write_dir(tmp_path / "v1", {"format": "maxlm.packed_int32.v1", "seq_len": SEQ_LEN,
+                              "fields": ["tokens", "segment_ids", "positions"]}, v1_bytes)
+  fields = text_fields(SEQ_LEN)
+  (tmp_path / "v2").mkdir()
+  write_dir(tmp_path / "v2", {"format": RECORD_FORMAT, "seq_len": SEQ_LEN,
+                              "fields": manifest_fields(fields)},
+            [encode_record(known_record(r), fields) for r in range(NUM_RECORDS)])
+  versions = (tmp_path / "v1", tmp_path / "v2")
+  train = [take(iter(train_dataset(root)), 12) for root in versions]
+  assert_same_batches(*train)
+  assert sorted(record_ids(train[0])[:NUM_RECORDS]) == list(range(NUM_RECORDS))
+  evaluation = [list(data.make_dataset(root, "validation", global_batch_size=5, seed=0,
+                                       shuffle=False, num_epochs=1, process_index=0,
+                                       process_count=1)) for root in versions]
+  assert_same_batches(*evaluation)
+
+
+IMAGE_SHAPE = (4, 5, 3)
+
+
+def image_record(record_id: int) -> dict[str, np.ndarray]:
+  return known_record(record_id) | {
+      "loss_weight": np.linspace(0, 1, SEQ_LEN, dtype=np.float32) + record_id,
+      "pixels": np.full(IMAGE_SHAPE, record_id % 256, np.uint8)}
+
+
+def test_a_v2_dir_with_float_and_image_fields_batches_them_in_their_dtypes(tmp_path):
+  fields = text_fields(SEQ_LEN) + (field("loss_weight", np.float32, (SEQ_LEN,)),
+                                   field("pixels", np.uint8, IMAGE_SHAPE))
+  write_dir(tmp_path, {"format": RECORD_FORMAT, "seq_len": SEQ_LEN,
+                       "fields": manifest_fields(fields)},
+            [encode_record(image_record(r), fields) for r in range(NUM_RECORDS)])
+  batch = next(iter(train_dataset(tmp_path)))
+  assert {name: (rows.dtype, rows.shape) for name, rows in batch.items()} == {
+      "tokens": (np.int32, (4, SEQ_LEN)), "segment_ids": (np.int32, (4, SEQ_LEN)),
+      "positions": (np.int32, (4, SEQ_LEN)), "loss_weight": (np.float32, (4, SEQ_LEN)),
+      "pixels": (np.uint8, (4, *IMAGE_SHAPE))}
+  for i, record_id in enumerate(record_ids([batch])):
+    for name, array in image_record(record_id).items():
+      np.testing.assert_array_equal(batch[name][i], array)
+  eval_batches = list(data.make_dataset(tmp_path, "validation", global_batch_size=8, seed=0,
+                                        shuffle=False, num_epochs=1, process_index=0,
+                                        process_count=1))
+  assert not eval_batches[-1]["pixels"][5:].any()  # padding rows are zeros of every field
+
+
+def test_a_record_of_another_size_than_the_fields_is_an_error_naming_the_shard(tmp_path):
+  fields = text_fields(SEQ_LEN)
+  write_dir(tmp_path, {"format": RECORD_FORMAT, "seq_len": SEQ_LEN,
+                       "fields": manifest_fields(fields + (field("mask", np.int32, (2,)),))},
+            [encode_record(known_record(r), fields) for r in range(NUM_RECORDS)])
+  with pytest.raises(ValueError, match=r"shard .*train-00000-of-00001.array_record: record has "
+                                       r"96 bytes but .*mask int32\[2\]\) take 104"):
+    next(iter(train_dataset(tmp_path)))
+
+
+def test_a_manifest_field_without_a_dtype_is_refused_at_load(data_dir, tmp_path):
+  copy = copy_with_manifest(data_dir, tmp_path, fields=[{"name": "tokens", "shape": [SEQ_LEN]}])
+  with pytest.raises(ValueError, match=r"manifest.json: manifest field .*exactly the keys"):
+    data.load_manifest(copy)

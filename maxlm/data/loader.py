@@ -15,10 +15,9 @@ import os
 from etils import epath
 import grain
 import jax
-import numpy as np
 
-from beam_pipelines.records import (MANIFEST_NAME, RECORD_FIELDS, RECORD_FORMAT, TOKENIZER_NAME,
-                                    decode_packed)
+from beam_pipelines.records import (MANIFEST_NAME, RECORD_FORMAT, RECORD_FORMAT_V1, TOKENIZER_NAME,
+                                    Fields, decode_record, empty_record, fields_of_manifest)
 
 PREPARE_COMMAND = "`python -m beam_pipelines.prepare_text`"
 _MAX_SEED = 2**32
@@ -51,14 +50,18 @@ def _parse_manifest(manifest_path: epath.Path) -> dict:
 
 def _check_format(manifest: dict, manifest_path: epath.Path) -> None:
   found = manifest.get("format") if isinstance(manifest, dict) else None
-  if found != RECORD_FORMAT:
+  if found not in (RECORD_FORMAT, RECORD_FORMAT_V1):
     raise ValueError(
-        f"{manifest_path} has format {found!r} but maxlm reads {RECORD_FORMAT!r}; "
-        f"re-run {PREPARE_COMMAND} with this version of maxlm")
+        f"{manifest_path} has format {found!r} but maxlm reads {RECORD_FORMAT!r} (and "
+        f"{RECORD_FORMAT_V1!r}); re-run {PREPARE_COMMAND} with this version of maxlm")
   missing = {"seq_len", "splits"} - manifest.keys()
   if missing:
     raise ValueError(
         f"{manifest_path} lacks {sorted(missing)}; re-run {PREPARE_COMMAND} to rewrite it")
+  try:
+    fields_of_manifest(manifest)
+  except ValueError as e:
+    raise ValueError(f"{manifest_path}: {e}") from e
 
 
 def _check_shards_exist(root: epath.Path, manifest: dict, split: str) -> None:
@@ -118,7 +121,9 @@ def make_dataset(
     drop_remainder: bool | None = None,
     read_threads: int = 0,
 ) -> grain.IterDataset:
-  """Batches of `split` for this process: {field: int32 [global_batch_size // process_count, seq_len]}.
+  """Batches of `split` for this process: {field: [global_batch_size // process_count, *shape]}
+  of each field the manifest lists, in its dtype (packed text: int32 [.., seq_len] `tokens`,
+  `segment_ids` and `positions`).
 
   Every process sees the same global order (each epoch shuffled with its own permutation from
   `seed`; `num_epochs=None` repeats forever) and takes its own block of rows of each global
@@ -134,8 +139,8 @@ def make_dataset(
   index, count = resolve_process(process_index, process_count)
   batch_size = per_process_batch_size(global_batch_size, count)
   _check_epochs_and_seed(num_epochs, seed)
-  records = grain.MapDataset.source(
-      grain.sources.ArrayRecordDataSource(split_shard_paths(data_dir, manifest, split)))
+  shard_paths = split_shard_paths(data_dir, manifest, split)
+  records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(shard_paths))
   _check_record_count(records, manifest, split, count)
   weights = source_weights(manifest, split)
   if shuffle and len(weights) > 1:
@@ -147,7 +152,8 @@ def make_dataset(
   drop_remainder = shuffle if drop_remainder is None else drop_remainder
   rows = rows_of_process(records, global_batch_size, index, count,
                          pad_last_batch=not drop_remainder and num_epochs is not None)
-  sequences = rows.map(functools.partial(_decode_or_pad, seq_len=manifest["seq_len"]))
+  sequences = rows.map(functools.partial(_decode_or_pad, fields=fields_of_manifest(manifest),
+                                         shard_paths=shard_paths))
   read_options = grain.ReadOptions(
       num_threads=read_threads, prefetch_buffer_size=2 * batch_size if read_threads else 0)
   return sequences.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True)
@@ -192,11 +198,28 @@ def rows_of_process(records: grain.MapDataset, global_batch_size: int, index: in
   return grain.MapDataset.range(num_batches * local).map(fetch)
 
 
-def _decode_or_pad(record: bytes, seq_len: int) -> dict:
-  """A packed record, or for padding an all-zero sequence (segment 0: no loss, no attention)."""
+def _decode_or_pad(record: bytes, fields: Fields, shard_paths: list[str]) -> dict:
+  """A record, or for padding an all-zero one (packed text: segment 0, no loss, no attention)."""
   if not record:
-    return {name: np.zeros(seq_len, np.int32) for name in RECORD_FIELDS}
-  return decode_packed(record, seq_len)
+    return empty_record(fields)
+  try:
+    return decode_record(record, fields)
+  except ValueError as e:
+    raise ValueError(f"{_shard_of_size(len(record), shard_paths)}: {e}") from e
+
+
+def _shard_of_size(size: int, shard_paths: list[str]) -> str:
+  """Names the first shard whose first record has `size` bytes (a shard is written at one size);
+  Grain hands the decoder bytes without their shard, and this runs only on an error."""
+  from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=import-outside-toplevel
+  for path in shard_paths:
+    reader = ArrayRecordReader(path)
+    try:
+      if reader.num_records() and len(reader.read([0])[0]) == size:
+        return f"shard {path}"
+    finally:
+      reader.close()
+  return f"a shard of {len(shard_paths)}"
 
 
 def _check_epochs_and_seed(num_epochs: int | None, seed: int) -> None:
