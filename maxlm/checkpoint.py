@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from maxlm import config_checks
 from maxlm.model import ModelConfig
 
 CHECKPOINTS = "checkpoints"
@@ -72,7 +73,8 @@ def model_meta(config: ModelConfig, **extra) -> dict:
 
 
 def config_from_meta(meta: dict) -> ModelConfig:
-  return ModelConfig(**meta["model_config"])
+  """Fields added to ModelConfig since the run was written take their defaults."""
+  return config_checks.saved_model_config(meta["model_config"])
 
 
 def read_meta(checkpoint_dir: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:

@@ -1,6 +1,7 @@
 """Checks at the boundary of a training run, each failing with one sentence naming the fix."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 from maxlm.model import ModelConfig
@@ -25,14 +26,33 @@ def resolve_model_config(config: ModelConfig, manifest: dict) -> ModelConfig:
   return config
 
 
+def saved_model_config(saved: dict) -> ModelConfig:
+  """The ModelConfig of a checkpoint's meta: a field added to ModelConfig after the run was
+  written takes its default; a field this ModelConfig lacks is refused."""
+  known = {field.name for field in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(saved) - known)
+  if unknown:
+    raise UserError(f"the checkpoint's model_config has {', '.join(unknown)}, which this "
+                    "maxlm's ModelConfig lacks; load it with the maxlm version that wrote it")
+  return ModelConfig(**saved)
+
+
+def normalized_model_config(saved: dict) -> dict:
+  """`saved` with missing fields at their defaults, as JSON holds it (tuples as lists), so a
+  restored config compares equal to the one that was saved."""
+  return json.loads(json.dumps(dataclasses.asdict(saved_model_config(saved))))
+
+
 def check_compatible(saved_meta: dict, meta: dict, workdir: Path):
   """A checkpoint restores only into the same model shape, sequence length and tokenizer."""
   for key in ("model_config", "seq_len", "tokenizer_sha256"):
-    if saved_meta.get(key) != meta.get(key):
+    saved, current = saved_meta.get(key), meta.get(key)
+    if key == "model_config" and isinstance(saved, dict) and isinstance(current, dict):
+      saved, current = normalized_model_config(saved), normalized_model_config(current)
+    if saved != current:
       raise UserError(
           f"the checkpoint in {workdir} was written with a different {key} "
-          f"({_diff(saved_meta.get(key), meta.get(key))}); use a new --workdir or the "
-          "original configuration")
+          f"({_diff(saved, current)}); use a new --workdir or the original configuration")
 
 
 def _diff(saved, current) -> str:

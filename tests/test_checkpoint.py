@@ -1,10 +1,15 @@
 """Checkpoints restore bit-identical state, onto another mesh too."""
 
+import dataclasses
+import json
+
 import grain
 import jax
 import numpy as np
+import pytest
 
 from maxlm import checkpoint, optim, sharding, steps
+from maxlm.config_checks import UserError, check_compatible
 from maxlm.model import ModelConfig
 
 CONFIG = ModelConfig(vocab_size=64, num_layers=1, embed_dim=32, num_heads=4, num_kv_heads=2,
@@ -46,3 +51,48 @@ def test_round_trip_is_bit_identical_and_reshards(tmp_path):
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     for got, want in zip(jax.tree.leaves(restored.params), jax.tree.leaves(target.params)):
       assert got.sharding == want.sharding
+
+
+def saved_meta_without(tmp_path, key: str) -> dict:
+  """A real checkpoint's meta, read back after `key` was deleted from its model_config on disk
+  (as a run written before ModelConfig had that field would hold it)."""
+  optimizer, abstract_state, shardings = _setup((1, 1, 1))
+  state = steps.init_train_state(CONFIG, optimizer, shardings, seed=0)
+  saver = checkpoint.Checkpointer(tmp_path, save_every=1)
+  saver.save(1, state, grain.checkpoint.CheckpointSave(iter(grain.MapDataset.range(4)
+                                                            .to_iter_dataset())),
+             checkpoint.model_meta(CONFIG, seq_len=16), force=True)
+  saver.wait()
+  saver.close()
+  meta_file = tmp_path / "checkpoints" / "1" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  del meta["model_config"][key]
+  meta_file.write_text(json.dumps(meta))
+  return checkpoint.read_meta(tmp_path)[1]
+
+
+def test_a_run_saved_before_a_config_field_existed_resumes_with_its_default(tmp_path):
+  saved = saved_meta_without(tmp_path, "remat")
+  assert "remat" not in saved["model_config"]
+  assert checkpoint.config_from_meta(saved) == CONFIG
+  check_compatible(saved, checkpoint.model_meta(CONFIG, seq_len=16), tmp_path)
+
+
+def test_a_changed_field_is_still_refused_naming_it(tmp_path):
+  saved = saved_meta_without(tmp_path, "remat")
+  wider = dataclasses.replace(CONFIG, mlp_dim=128)
+  with pytest.raises(UserError, match=r"different model_config \(mlp_dim: 64 -> 128\)"):
+    check_compatible(saved, checkpoint.model_meta(wider, seq_len=16), tmp_path)
+  with pytest.raises(UserError, match=r"remat: none -> full"):
+    check_compatible(saved, checkpoint.model_meta(
+        dataclasses.replace(CONFIG, remat="full"), seq_len=16), tmp_path)
+
+
+def test_a_saved_field_this_model_config_lacks_is_refused_naming_it():
+  meta = checkpoint.model_meta(CONFIG, seq_len=16)
+  meta["model_config"]["lora_rank"] = 8
+  with pytest.raises(UserError, match="model_config has lora_rank, which this maxlm's "
+                                      "ModelConfig lacks"):
+    checkpoint.config_from_meta(meta)
+  with pytest.raises(UserError, match="lora_rank"):
+    check_compatible(meta, checkpoint.model_meta(CONFIG, seq_len=16), "runs/x")

@@ -18,6 +18,7 @@ from beam_pipelines import packing
 from beam_pipelines import prepare_text
 from beam_pipelines import records
 from beam_pipelines import tokenizer_training
+from maxlm import data
 
 SEQ_LEN = 64
 PYTHON_SNIPPET = (
@@ -208,6 +209,20 @@ def test_manifest_counts_match_an_independent_count(prepared):
       p = np.array(list(split_counts.values()), dtype=np.float64) / len(tokens)
       assert manifest["unigram_entropy_nats"] == pytest.approx(-(p * np.log(p)).sum())
   assert written_tokens == expected_tokens
+
+
+def test_manifest_lists_the_v2_fields_and_the_loader_batches_them(prepared):
+  _, output_dir, manifest = prepared
+  assert manifest["format"] == "maxlm.records.v2"
+  assert manifest["fields"] == [{"name": name, "dtype": "int32", "shape": [SEQ_LEN]}
+                                for name in ("tokens", "segment_ids", "positions")]
+  split = manifest["splits"]["validation"]
+  [batch] = data.make_dataset(output_dir, "validation", global_batch_size=split["sequences"],
+                              seed=0, shuffle=False, num_epochs=1, process_index=0,
+                              process_count=1)
+  for i, record in enumerate(read_records(output_dir, split, SEQ_LEN)):
+    for name, row in record.items():
+      np.testing.assert_array_equal(batch[name][i], row)
 
 
 def test_tokenizer_round_trips_python_source(prepared):

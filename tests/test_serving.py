@@ -568,13 +568,13 @@ def test_chat_completion_whole_and_streamed(server_port, engine, orchestrator):
   [choice] = whole.choices
   assert choice.message.role == "assistant"
   prompt = chat_prompt([("system", "Wrap."), ("user", "def f(x):")])
-  assert prompt == "<|system|>\nWrap.\n<|user|>\ndef f(x):\n<|assistant|>\n"
-  # the tokenizer reserves the turn headers: each is one piece, never split
+  assert prompt == "<|system|>Wrap.<|end|>\n<|user|>def f(x):<|end|>\n<|assistant|>"
+  # the tokenizer reserves the turn headers and <|end|>: each is one piece, never split
   headers = [engine.tokenizer.piece_to_id(header) for header in CHAT_STOPS]
   assert not any(engine.tokenizer.is_unknown(h) for h in headers)
-  assert sum(token in headers for token in engine.encode(prompt)) == 3
+  assert sum(token in headers for token in engine.encode(prompt)) == 5
   reference = complete(orchestrator, prompt, max_tokens=10,
-                       stop=["<|system|>", "<|user|>", "<|assistant|>"])
+                       stop=["<|end|>", "<|system|>", "<|user|>", "<|assistant|>"])
   assert choice.message.content == reference.text and reference.text
   assert choice.finish_reason == reference.finish_reason
   assert whole.usage.prompt_tokens == len(engine.encode(prompt))
