@@ -8,7 +8,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from beam_pipelines.records import (MANIFEST_NAME, RECORD_FORMAT, encode_packed, encode_record,
-                                    field, manifest_fields, text_fields)
+                                    manifest_fields, text_fields)
+from beam_pipelines.records import field as record_field
 from maxlm import data
 
 SEQ_LEN = 8
@@ -351,8 +352,8 @@ def image_record(record_id: int) -> dict[str, np.ndarray]:
 
 
 def test_a_v2_dir_with_float_and_image_fields_batches_them_in_their_dtypes(tmp_path):
-  fields = text_fields(SEQ_LEN) + (field("loss_weight", np.float32, (SEQ_LEN,)),
-                                   field("pixels", np.uint8, IMAGE_SHAPE))
+  fields = text_fields(SEQ_LEN) + (record_field("loss_weight", np.float32, (SEQ_LEN,)),
+                                   record_field("pixels", np.uint8, IMAGE_SHAPE))
   write_dir(tmp_path, {"format": RECORD_FORMAT, "seq_len": SEQ_LEN,
                        "fields": manifest_fields(fields)},
             [encode_record(image_record(r), fields) for r in range(NUM_RECORDS)])
@@ -373,7 +374,7 @@ def test_a_v2_dir_with_float_and_image_fields_batches_them_in_their_dtypes(tmp_p
 def test_a_record_of_another_size_than_the_fields_is_an_error_naming_the_shard(tmp_path):
   fields = text_fields(SEQ_LEN)
   write_dir(tmp_path, {"format": RECORD_FORMAT, "seq_len": SEQ_LEN,
-                       "fields": manifest_fields(fields + (field("mask", np.int32, (2,)),))},
+                       "fields": manifest_fields(fields + (record_field("mask", np.int32, (2,)),))},
             [encode_record(known_record(r), fields) for r in range(NUM_RECORDS)])
   with pytest.raises(ValueError, match=r"shard .*train-00000-of-00001.array_record: record has "
                                        r"96 bytes but .*mask int32\[2\]\) take 104"):
