@@ -9,7 +9,6 @@ latest checkpoint in WORKDIR.
 """
 
 import contextlib
-import functools
 import json
 import os
 import shutil
@@ -21,14 +20,14 @@ from pathlib import Path
 
 import gin
 import jax
-import numpy as np
 from absl import app, flags, logging
 
+from beam_pipelines.records import RECORD_FIELDS
 from maxlm import checkpoint, data, metrics, optim, sampling, sharding, tasks
 from maxlm import steps as train_steps
+from maxlm.config_checks import UserError, check_compatible, resolve_model_config
 from maxlm.default_corpus import ensure_default_corpus
 from maxlm.model import ModelConfig, training_flops_per_token
-from maxlm.config_checks import UserError, check_compatible, resolve_model_config
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -50,8 +49,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 
 
 @gin.configurable(module="maxlm")
-def train(workdir: str, data_dir: str | None = None, steps: int = 300,
-          global_batch_size: int = 16, microbatches: int = 1, z_loss: float = 0.0,
+def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = None,
+          steps: int = 300, global_batch_size: int = 16, microbatches: int = 1,
           seed: int = 0, checkpoint_every: int = 100,
           eval_every: int = 100, eval_batches: int = 16, log_every: int = 10,
           sample_prompt: str = "def ", sample_tokens: int = 48,
@@ -59,23 +58,25 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
           keep_checkpoints: int = 3, keep_checkpoint_every: int | None = None,
           peak_flops_per_device: float | None = None,
           profile_steps: tuple[int, int] | None = None) -> dict:
-  """Trains (or resumes) a model in `workdir`; returns the final summary numbers.
+  """Trains (or resumes) a model on `task` (default: pretraining) in `workdir`; returns the
+  final summary numbers.
 
   A step with a non-finite loss or gradient is skipped and counted; `max_bad_steps` in a row
   stop the run (the last good checkpoint stays). Checkpoints: the latest `keep_checkpoints`,
   plus every step divisible by `keep_checkpoint_every` if set. `microbatches` splits each
-  global batch into slices whose gradients accumulate into one update; `z_loss` weighs the
-  mean log(Z)**2 of the softmax normalizer, added to the loss (0 = off).
+  global batch into slices whose gradients accumulate into one update.
   `peak_flops_per_device` turns on the `mfu` scalar; `profile_steps=(first, last)` writes a
   profiler trace of those steps to WORKDIR/profile (open it with TensorBoard's profile plugin
   or Perfetto).
   """
   workdir = Path(workdir)
+  task = task or tasks.Pretrain()
   data_dir = data_dir or ensure_default_corpus()
   try:
     manifest = data.load_manifest(data_dir)
   except (FileNotFoundError, ValueError) as error:
     raise UserError(str(error)) from None
+  check_task_fields(task, manifest, data_dir)
   seq_len = manifest["seq_len"]
   config = resolve_model_config(ModelConfig(), manifest)
   mesh = sharding.make_mesh()
@@ -99,12 +100,11 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
   state = _restore_or_init(checkpointer, workdir, config, meta, abstract_state, optimizer,
                            shardings, train_iter, seed, data_dir)
   first_step = int(state.step)
-  loss_fn = functools.partial(tasks.next_token_loss, z_loss=z_loss)
-  train_step = train_steps.make_train_step(graphdef, loss_fn, optimizer, shardings,
+  train_step = train_steps.make_train_step(graphdef, task.loss, optimizer, shardings,
                                            batch_sharding, microbatches)
-  eval_step = train_steps.make_eval_step(graphdef, loss_fn, shardings.params, batch_sharding)
-  evaluate = lambda params: _evaluate(eval_step, params, data_dir, global_batch_size,  # noqa: E731
-                                      eval_batches, batch_sharding)
+  eval_step = train_steps.make_eval_step(graphdef, task.loss, shardings.params, batch_sharding)
+  evaluate = lambda params: _evaluate(task, eval_step, params, data_dir,  # noqa: E731
+                                      global_batch_size, eval_batches, batch_sharding)
   writer = metrics.create_writer(workdir, is_primary=jax.process_index() == 0)
   writer.write_hparams({"model": meta["model_config"], "global_batch_size": global_batch_size,
                         "steps": steps, "seq_len": seq_len, "mesh": dict(mesh.shape)})
@@ -123,7 +123,7 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
       if profile_steps and step == profile_steps[0]:
         jax.profiler.start_trace(str(workdir / "profile"))
       started = time.perf_counter()
-      batch = _to_global(next(train_iter), batch_sharding)
+      batch = task.prepare_batch(_to_global(next(train_iter), batch_sharding))
       state, step_metrics = train_step(state, batch)
       loss = float(step_metrics["loss"])
       tokens_per_s = tokens_per_step / (time.perf_counter() - started)
@@ -142,8 +142,7 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
       if step % eval_every == 0 or step == steps:
         with report.timed("eval"):
           last_eval = evaluate(state.params)
-        scalars["eval_loss"] = last_eval
-        scalars["eval_perplexity"] = float(np.exp(last_eval))
+        scalars.update(last_eval)
       writer.write_scalars(step, scalars)
       report(step)
       progress.update(step, {k: scalars[k] for k in ("loss", "learning_rate", "tokens_per_s",
@@ -175,7 +174,7 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
       return {"step": int(state.step), "preempted": True}
     if last_eval is None:
       last_eval = evaluate(state.params)
-    summary = _report(last_eval, manifest, int(state.step))
+    summary = task.summary(last_eval, manifest, int(state.step))
     tokenizer = _tokenizer(data_dir)
     prompt_ids = [manifest["tokenizer"]["bos_id"]] + tokenizer.encode(sample_prompt)
     sample_ids = sampling.generate(graphdef, state.params, prompt_ids,
@@ -225,28 +224,31 @@ def _to_global(local_batch: dict, batch_sharding) -> dict:
           for name, array in local_batch.items()}
 
 
-def _evaluate(eval_step, params, data_dir, global_batch_size, max_batches, batch_sharding):
-  """Mean next-token loss over (up to `max_batches` of) the validation split; the loader pads
-  its last batch with empty sequences, which carry no target."""
+def _evaluate(task: tasks.Task, eval_step, params, data_dir, global_batch_size, max_batches,
+              batch_sharding) -> dict[str, float]:
+  """The task's eval scalars over (up to `max_batches` of) the validation split; the loader
+  pads its last batch with empty sequences, which carry no target."""
   dataset = data.make_dataset(data_dir, "validation", global_batch_size=global_batch_size,
                               seed=0, shuffle=False, num_epochs=1)
-  nll, count = 0.0, 0.0
+  sums: dict[str, float] = {}
   for i, batch in enumerate(dataset):
     if i == max_batches:
       break
-    result = eval_step(params, _to_global(batch, batch_sharding))
-    nll += float(result["nll_sum"])
-    count += float(result["target_tokens"])
-  return nll / max(count, 1.0)
+    metrics = eval_step(params, task.prepare_batch(_to_global(batch, batch_sharding)))
+    for name, value in metrics.items():
+      sums[name] = sums.get(name, 0.0) + float(value)
+  return task.eval_scalars(sums)
 
 
-def _report(eval_loss: float, manifest: dict, step: int) -> dict:
-  entropy = manifest["unigram_entropy_nats"]
-  below = 1.0 - eval_loss / entropy
-  print(f"\nheld-out loss after {step} steps: {eval_loss:.3f} nats/token | unigram entropy of "
-        f"the training tokens: {entropy:.3f} nats/token | {100 * below:.1f}% below", flush=True)
-  return {"eval_loss": eval_loss, "unigram_entropy_nats": entropy, "fraction_below": below,
-          "step": step}
+def check_task_fields(task: tasks.Task, manifest: dict, data_dir) -> None:
+  """The data must hold every field the task's loss reads."""
+  available = [field if isinstance(field, str) else field["name"]
+               for field in manifest.get("fields", RECORD_FIELDS)]
+  missing = [name for name in task.batch_fields if name not in available]
+  if missing:
+    raise UserError(f"--data_dir {data_dir} has no {', '.join(missing)} field (it has "
+                    f"{', '.join(available)}), which the {type(task).__name__} task reads; "
+                    "prepare the data with the pipeline for that task")
 
 
 def _tokenizer(data_dir):

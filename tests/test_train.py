@@ -110,7 +110,7 @@ def test_batch_that_does_not_divide_the_mesh_is_refused(data_dir, tmp_path):
 
 def test_microbatches_and_z_loss_train(data_dir, tmp_path):
   gin.bind_parameter("train.microbatches", 2)
-  gin.bind_parameter("train.z_loss", 1e-4)
+  gin.bind_parameter("Pretrain.z_loss", 1e-4)
   summary = train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=4)
   losses = [row["loss"] for row in _metrics(tmp_path) if "loss" in row]
   assert summary["step"] == 4 and losses[-1] < losses[0]
