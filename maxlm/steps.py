@@ -86,6 +86,14 @@ def init_train_state(config: ModelConfig, optimizer, shardings: TrainState,
   return jax.jit(init, out_shardings=shardings)()
 
 
+def train_state_from_params(params: dict, optimizer, shardings: TrainState) -> TrainState:
+  """Step 0 and a fresh optimizer state around given (already sharded) parameters."""
+  def init(params):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params))
+  return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+
+
 def make_train_step(graphdef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     shardings: TrainState, batch_sharding: NamedSharding, microbatches: int = 1):
   """Returns jitted `step(state, batch) -> (state, metrics)`; `state` is donated.

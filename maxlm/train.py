@@ -21,11 +21,13 @@ from pathlib import Path
 import gin
 import jax
 from absl import app, flags, logging
+from flax import nnx
 
 from beam_pipelines.records import RECORD_FIELDS
 from maxlm import checkpoint, data, metrics, optim, sampling, sharding, tasks
 from maxlm import steps as train_steps
-from maxlm.config_checks import UserError, check_compatible, resolve_model_config
+from maxlm.config_checks import (UserError, check_compatible, check_same_model,
+                                 resolve_model_config)
 from maxlm.default_corpus import ensure_default_corpus
 from maxlm.model import ModelConfig, training_flops_per_token
 
@@ -41,6 +43,9 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Output of beam_pipelines.prep
 _STEPS = flags.DEFINE_integer("steps", None, "Total training steps (overrides train.steps).")
 _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints "
                                          "(overrides train.checkpoint_every).")
+_INIT_FROM = flags.DEFINE_string("init_from", None, "Run dir whose parameters (not its "
+                                 "optimizer state or step) start a new run (overrides "
+                                 "train.init_from).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a "
                                    "multi-process run without a cluster that JAX detects.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
@@ -51,7 +56,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 @gin.configurable(module="maxlm")
 def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = None,
           steps: int = 300, global_batch_size: int = 16, microbatches: int = 1,
-          seed: int = 0, checkpoint_every: int = 100,
+          seed: int = 0, init_from: str | None = None, checkpoint_every: int = 100,
           eval_every: int = 100, eval_batches: int = 16, log_every: int = 10,
           sample_prompt: str = "def ", sample_tokens: int = 48,
           sample_temperature: float = 0.0, max_bad_steps: int = 10,
@@ -64,7 +69,9 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
   A step with a non-finite loss or gradient is skipped and counted; `max_bad_steps` in a row
   stop the run (the last good checkpoint stays). Checkpoints: the latest `keep_checkpoints`,
   plus every step divisible by `keep_checkpoint_every` if set. `microbatches` splits each
-  global batch into slices whose gradients accumulate into one update.
+  global batch into slices whose gradients accumulate into one update. `init_from`, a run
+  dir of the same model shape and tokenizer, supplies the starting parameters of a new run
+  (its optimizer state and step are not taken); a workdir with checkpoints resumes instead.
   `peak_flops_per_device` turns on the `mfu` scalar; `profile_steps=(first, last)` writes a
   profiler trace of those steps to WORKDIR/profile (open it with TensorBoard's profile plugin
   or Perfetto).
@@ -98,7 +105,7 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
   meta = checkpoint.model_meta(config, seq_len=seq_len, data_dir=str(data_dir),
                                tokenizer_sha256=manifest["tokenizer"]["sha256"])
   state = _restore_or_init(checkpointer, workdir, config, meta, abstract_state, optimizer,
-                           shardings, train_iter, seed, data_dir)
+                           shardings, train_iter, seed, data_dir, init_from)
   first_step = int(state.step)
   train_step = train_steps.make_train_step(graphdef, task.loss, optimizer, shardings,
                                            batch_sharding, microbatches)
@@ -205,10 +212,14 @@ def _sigterm_requests_stop():
 
 
 def _restore_or_init(checkpointer, workdir, config, meta, abstract_state, optimizer, shardings,
-                     train_iter, seed, data_dir):
+                     train_iter, seed, data_dir, init_from=None):
   latest = checkpointer.latest_step()
   if latest is None:
     shutil.copy(data.tokenizer_path(data_dir), workdir / checkpoint.TOKENIZER)
+    if init_from:
+      params = _params_of_run(init_from, config, meta, abstract_state, shardings.params)
+      _log(f"parameters from {init_from}; optimizer state and step start afresh")
+      return train_steps.train_state_from_params(params, optimizer, shardings)
     return train_steps.init_train_state(config, optimizer, shardings, seed)
   _, saved_meta = checkpoint.read_meta(workdir, latest)
   check_compatible(saved_meta, meta, workdir)
@@ -217,6 +228,19 @@ def _restore_or_init(checkpointer, workdir, config, meta, abstract_state, optimi
   metrics.JsonlWriter.truncate_after(workdir / "metrics.jsonl", latest)
   _log(f"resumed from {workdir / checkpoint.CHECKPOINTS / str(latest)} (step {latest})")
   return state
+
+
+def _params_of_run(run_dir, config, meta, abstract_state, param_shardings):
+  """The parameters of `run_dir`'s latest checkpoint, laid out for this run's mesh."""
+  try:
+    step, source_meta = checkpoint.read_meta(run_dir)
+  except FileNotFoundError as error:
+    raise UserError(f"--init_from: {error}") from None
+  check_same_model(source_meta, meta, run_dir, config)
+  abstract_params = jax.tree.map(
+      lambda shape, where: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where),
+      nnx.to_pure_dict(abstract_state), param_shardings)
+  return checkpoint.restore_params(run_dir, abstract_params, step)
 
 
 def _to_global(local_batch: dict, batch_sharding) -> dict:
@@ -301,7 +325,7 @@ def main(argv):
   except (ValueError, KeyError, SyntaxError) as error:
     raise UserError(f"gin configuration error: {error}") from None
   overrides = {"workdir": _WORKDIR.value, "data_dir": _DATA_DIR.value, "steps": _STEPS.value,
-               "checkpoint_every": _CHECKPOINT_EVERY.value}
+               "checkpoint_every": _CHECKPOINT_EVERY.value, "init_from": _INIT_FROM.value}
   overrides = {k: v for k, v in overrides.items() if v is not None}
   if "workdir" not in overrides and not _has_binding("train.workdir"):
     overrides["workdir"] = os.path.join("runs", Path(gin_files[0]).stem)
