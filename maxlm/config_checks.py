@@ -27,7 +27,7 @@ def resolve_model_config(config: ModelConfig, manifest: dict) -> ModelConfig:
 
 def check_compatible(saved_meta: dict, meta: dict, workdir: Path):
   """A checkpoint restores only into the same model shape, sequence length and tokenizer."""
-  for key in ("model_config", "seq_len", "tokenizer_sha256"):
+  for key in ("model_config", "seq_len", "tokenizer_sha256", "trainable", "init_from"):
     if saved_meta.get(key) != meta.get(key):
       raise UserError(
           f"the checkpoint in {workdir} was written with a different {key} "

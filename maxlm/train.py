@@ -9,6 +9,8 @@ latest checkpoint in WORKDIR.
 """
 
 import contextlib
+import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -56,7 +58,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 @gin.configurable(module="maxlm")
 def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = None,
           steps: int = 300, global_batch_size: int = 16, microbatches: int = 1,
-          seed: int = 0, init_from: str | None = None, checkpoint_every: int = 100,
+          seed: int = 0, init_from: str | None = None, trainable: str | None = None,
+          checkpoint_every: int = 100,
           eval_every: int = 100, eval_batches: int = 16, log_every: int = 10,
           sample_prompt: str = "def ", sample_tokens: int = 48,
           sample_temperature: float = 0.0, max_bad_steps: int = 10,
@@ -72,6 +75,9 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
   global batch into slices whose gradients accumulate into one update. `init_from`, a run
   dir of the same model shape and tokenizer, supplies the starting parameters of a new run
   (its optimizer state and step are not taken); a workdir with checkpoints resumes instead.
+  `trainable`, a regex over parameter paths (`blocks/0/attention/q`, see
+  `steps.split_trainable`), trains only the parameters it matches; the others stay as
+  `init_from` (or the seed's initialization) made them, and checkpoints hold only the trained.
   `peak_flops_per_device` turns on the `mfu` scalar; `profile_steps=(first, last)` writes a
   profiler trace of those steps to WORKDIR/profile (open it with TensorBoard's profile plugin
   or Perfetto).
@@ -94,7 +100,9 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
   schedule = optim.learning_rate_schedule(steps)
   optimizer = optim.make_optimizer(schedule)
   graphdef, abstract_state = train_steps.abstract_model(config, seed)
-  shardings = train_steps.state_shardings(abstract_state, optimizer, mesh)
+  shardings = train_steps.state_shardings(abstract_state, optimizer, mesh, trainable)
+  frozen_shardings = (train_steps.frozen_shardings(abstract_state, mesh, trainable)
+                      if trainable else None)
   batch_sharding = sharding.batch_sharding(mesh)
   train_iter = iter(data.make_dataset(data_dir, "train", global_batch_size=global_batch_size,
                                       seed=seed))
@@ -103,15 +111,20 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
                                         max_to_keep=keep_checkpoints,
                                         keep_period=keep_checkpoint_every)
   meta = checkpoint.model_meta(config, seq_len=seq_len, data_dir=str(data_dir),
-                               tokenizer_sha256=manifest["tokenizer"]["sha256"])
-  state = _restore_or_init(checkpointer, workdir, config, meta, abstract_state, optimizer,
-                           shardings, train_iter, seed, data_dir, init_from)
+                               tokenizer_sha256=manifest["tokenizer"]["sha256"],
+                               **({"trainable": trainable, "init_from": init_from}
+                                  if trainable else {}))
+  start = Start(config, meta, abstract_state, optimizer, shardings, seed, init_from, trainable)
+  state, frozen = _restore_or_init(checkpointer, workdir, start, train_iter, data_dir)
+  frozen_args = (frozen,) if trainable else ()  # the steps' extra argument, when there is one
   first_step = int(state.step)
   train_step = train_steps.make_train_step(graphdef, task.loss, optimizer, shardings,
-                                           batch_sharding, microbatches)
-  eval_step = train_steps.make_eval_step(graphdef, task.loss, shardings.params, batch_sharding)
-  evaluate = lambda params: _evaluate(task, eval_step, params, data_dir,  # noqa: E731
-                                      global_batch_size, eval_batches, batch_sharding)
+                                           batch_sharding, microbatches, frozen_shardings)
+  eval_step = train_steps.make_eval_step(graphdef, task.loss, shardings.params, batch_sharding,
+                                         frozen_shardings)
+  evaluate = lambda params: _evaluate(  # noqa: E731
+      task, functools.partial(eval_step, params), frozen_args, data_dir, global_batch_size,
+      eval_batches, batch_sharding)
   writer = metrics.create_writer(workdir, is_primary=jax.process_index() == 0)
   writer.write_hparams({"model": meta["model_config"], "global_batch_size": global_batch_size,
                         "steps": steps, "seq_len": seq_len, "mesh": dict(mesh.shape)})
@@ -131,7 +144,7 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
         jax.profiler.start_trace(str(workdir / "profile"))
       started = time.perf_counter()
       batch = task.prepare_batch(_to_global(next(train_iter), batch_sharding))
-      state, step_metrics = train_step(state, batch)
+      state, step_metrics = train_step(state, batch, *frozen_args)
       loss = float(step_metrics["loss"])
       tokens_per_s = tokens_per_step / (time.perf_counter() - started)
       if profile_steps and step == profile_steps[1]:
@@ -184,7 +197,8 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
     summary = task.summary(last_eval, manifest, int(state.step))
     tokenizer = _tokenizer(data_dir)
     prompt_ids = [manifest["tokenizer"]["bos_id"]] + tokenizer.encode(sample_prompt)
-    sample_ids = sampling.generate(graphdef, state.params, prompt_ids,
+    sample_ids = sampling.generate(graphdef, train_steps.merge_params(state.params, frozen),
+                                   prompt_ids,
                                    max_new_tokens=sample_tokens, temperature=sample_temperature,
                                    top_p=0.95, seed=seed, eos_id=manifest["tokenizer"]["eos_id"],
                                    config=config)
@@ -211,23 +225,51 @@ def _sigterm_requests_stop():
     signal.signal(signal.SIGTERM, previous)
 
 
-def _restore_or_init(checkpointer, workdir, config, meta, abstract_state, optimizer, shardings,
-                     train_iter, seed, data_dir, init_from=None):
+@dataclasses.dataclass(frozen=True)
+class Start:
+  """What a run starts or resumes from."""
+  config: ModelConfig
+  meta: dict
+  abstract_state: object
+  optimizer: object
+  shardings: train_steps.TrainState
+  seed: int
+  init_from: str | None
+  trainable: str | None
+
+
+def _restore_or_init(checkpointer, workdir, start: Start, train_iter, data_dir):
+  """(train state, frozen parameters) to start from: the workdir's latest checkpoint, else
+  `init_from`'s parameters or fresh ones."""
   latest = checkpointer.latest_step()
   if latest is None:
     shutil.copy(data.tokenizer_path(data_dir), workdir / checkpoint.TOKENIZER)
-    if init_from:
-      params = _params_of_run(init_from, config, meta, abstract_state, shardings.params)
-      _log(f"parameters from {init_from}; optimizer state and step start afresh")
-      return train_steps.train_state_from_params(params, optimizer, shardings)
-    return train_steps.init_train_state(config, optimizer, shardings, seed)
+    if not (start.init_from or start.trainable):
+      return train_steps.init_train_state(start.config, start.optimizer, start.shardings,
+                                          start.seed), {}
+    trained, frozen = train_steps.split_trainable(_starting_params(start), start.trainable)
+    if start.init_from:
+      _log(f"parameters from {start.init_from}; optimizer state and step start afresh")
+    return train_steps.train_state_from_params(trained, start.optimizer, start.shardings), frozen
   _, saved_meta = checkpoint.read_meta(workdir, latest)
-  check_compatible(saved_meta, meta, workdir)
-  target = train_steps.abstract_train_state(abstract_state, optimizer, shardings)
+  check_compatible(saved_meta, start.meta, workdir)
+  target = train_steps.abstract_train_state(start.abstract_state, start.optimizer,
+                                            start.shardings, start.trainable)
   state, _ = checkpointer.restore(latest, target, data.iterator_restore_args(train_iter))
   metrics.JsonlWriter.truncate_after(workdir / "metrics.jsonl", latest)
   _log(f"resumed from {workdir / checkpoint.CHECKPOINTS / str(latest)} (step {latest})")
-  return state
+  if not start.trainable:
+    return state, {}
+  return state, train_steps.split_trainable(_starting_params(start), start.trainable)[1]
+
+
+def _starting_params(start: Start) -> dict:
+  """The whole parameter set a new run starts from (frozen ones are reloaded on resume)."""
+  param_shardings = sharding.param_shardings(start.abstract_state, start.shardings.step.mesh)
+  if start.init_from:
+    return _params_of_run(start.init_from, start.config, start.meta, start.abstract_state,
+                          param_shardings)
+  return train_steps.init_params(start.config, param_shardings, start.seed)
 
 
 def _params_of_run(run_dir, config, meta, abstract_state, param_shardings):
@@ -248,8 +290,8 @@ def _to_global(local_batch: dict, batch_sharding) -> dict:
           for name, array in local_batch.items()}
 
 
-def _evaluate(task: tasks.Task, eval_step, params, data_dir, global_batch_size, max_batches,
-              batch_sharding) -> dict[str, float]:
+def _evaluate(task: tasks.Task, eval_step, frozen_args: tuple, data_dir, global_batch_size,
+              max_batches, batch_sharding) -> dict[str, float]:
   """The task's eval scalars over (up to `max_batches` of) the validation split; the loader
   pads its last batch with empty sequences, which carry no target."""
   dataset = data.make_dataset(data_dir, "validation", global_batch_size=global_batch_size,
@@ -258,7 +300,7 @@ def _evaluate(task: tasks.Task, eval_step, params, data_dir, global_batch_size, 
   for i, batch in enumerate(dataset):
     if i == max_batches:
       break
-    metrics = eval_step(params, task.prepare_batch(_to_global(batch, batch_sharding)))
+    metrics = eval_step(task.prepare_batch(_to_global(batch, batch_sharding)), *frozen_args)
     for name, value in metrics.items():
       sums[name] = sums.get(name, 0.0) + float(value)
   return task.eval_scalars(sums)

@@ -330,3 +330,18 @@ def test_init_from_refuses_another_model_shape_or_tokenizer(data_dir, tmp_path):
   with pytest.raises(UserError, match="was trained with another tokenizer"):
     train_module.train(workdir=str(tmp_path / "b"), data_dir=data_dir, steps=1,
                        init_from=str(source))
+
+
+def test_a_run_training_only_some_parameters_resumes_exactly(data_dir, tmp_path):
+  source = tmp_path / "source"
+  train_module.train(workdir=str(source), data_dir=data_dir, steps=2)
+  gin.bind_parameter("train.trainable", r"blocks/\d+/attention/.*")
+  gin.bind_parameter("learning_rate_schedule.final_fraction", 1.0)  # same rates for 4 or 6 steps
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train_module.train(workdir=str(straight), data_dir=data_dir, steps=6, init_from=str(source))
+  train_module.train(workdir=str(resumed), data_dir=data_dir, steps=4, init_from=str(source))
+  train_module.train(workdir=str(resumed), data_dir=data_dir, steps=6, init_from=str(source))
+  losses = [[row["loss"] for row in _metrics(run)] for run in (straight, resumed)]
+  assert losses[0] == losses[1] and len(losses[0]) == 6
+  saved = checkpoint.read_meta(resumed)[1]
+  assert saved["trainable"] == r"blocks/\d+/attention/.*"
