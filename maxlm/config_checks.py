@@ -45,7 +45,7 @@ def normalized_model_config(saved: dict) -> dict:
 
 def check_compatible(saved_meta: dict, meta: dict, workdir: Path):
   """A checkpoint restores only into the same model shape, sequence length and tokenizer."""
-  for key in ("model_config", "seq_len", "tokenizer_sha256"):
+  for key in ("model_config", "seq_len", "tokenizer_sha256", "trainable", "init_from"):
     saved, current = saved_meta.get(key), meta.get(key)
     if key == "model_config" and isinstance(saved, dict) and isinstance(current, dict):
       saved, current = normalized_model_config(saved), normalized_model_config(current)
@@ -61,3 +61,23 @@ def _diff(saved, current) -> str:
                for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     return ", ".join(changed)
   return f"{saved} -> {current}"
+
+
+# ModelConfig fields that choose how the model computes, not what its parameters are.
+COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat", "max_seq_len", "norm_eps", "rope_theta")
+
+
+def check_same_model(source_meta: dict, meta: dict, run_dir, config: ModelConfig):
+  """--init_from takes parameters only from a run of the same shape and tokenizer."""
+  if source_meta.get("tokenizer_sha256") != meta.get("tokenizer_sha256"):
+    raise UserError(f"--init_from {run_dir} was trained with another tokenizer (sha256 "
+                    f"{str(source_meta.get('tokenizer_sha256'))[:12]}… vs the data's "
+                    f"{str(meta.get('tokenizer_sha256'))[:12]}…); prepare the data with "
+                    f"that run's tokenizer")
+  source = source_meta.get("model_config", {})
+  ours = dataclasses.asdict(config)
+  changed = [f"{name}: {source.get(name)} -> {ours[name]}" for name in ours
+             if name not in COMPUTE_ONLY_FIELDS and name in source and source[name] != ours[name]]
+  if changed:
+    raise UserError(f"--init_from {run_dir} has another model shape ({', '.join(changed)}); "
+                    "use the ModelConfig of that run")

@@ -1,11 +1,19 @@
-"""Losses that plug into `maxlm.steps`: each maps (model, batch) to (loss, metrics).
+"""Training tasks: what a stage brings to the loop that `maxlm.train` writes once.
 
-A task (pretraining now; SFT, DPO, vision later) supplies its own batch fields and loss;
-the sharded step machinery around it stays the same.
+A task names the batch fields it reads, maps (model, batch) to (loss, metrics) for the
+sharded steps of `maxlm.steps`, turns the metric sums of a held-out pass into scalars, may
+prepare each batch on the host side first (DPO's reference log-probabilities), and says what
+the run amounts to at its end. Pretraining is the first; SFT, DPO and vision plug in the same
+way, chosen by gin (`train.task = @Pretrain()`).
 """
 
+import dataclasses
+from typing import Protocol
+
+import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def cross_entropy_with_mask(logits: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -42,3 +50,47 @@ def next_token_loss(model, batch: dict[str, jax.Array],
   nll, count, z_loss_sum = cross_entropy_with_mask(logits, targets, weights, z_loss)
   loss = (nll + z_loss_sum) / jnp.maximum(count, 1.0)
   return loss, {"nll_sum": nll, "z_loss_sum": z_loss_sum, "target_tokens": count}
+
+
+class Task(Protocol):
+  """The loop's view of a training stage."""
+  batch_fields: tuple[str, ...]  # record fields its loss reads; checked against the data
+
+  def loss(self, model, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+    """(mean loss, metrics); metrics are sums over the batch, so batches add up."""
+
+  def prepare_batch(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Host-side work on each global batch before the step; most tasks return it as is."""
+
+  def eval_scalars(self, sums: dict[str, float]) -> dict[str, float]:
+    """Scalars (named `eval_*`) from the metric sums of a held-out pass."""
+
+  def summary(self, eval_scalars: dict[str, float], manifest: dict, step: int) -> dict:
+    """Prints what the finished run amounts to; returns it as numbers."""
+
+
+@gin.configurable(module="maxlm")
+@dataclasses.dataclass(frozen=True)
+class Pretrain:
+  """Next-token prediction over packed documents; `z_loss` weighs mean log(Z)**2 (0: off)."""
+  z_loss: float = 0.0
+  batch_fields: tuple[str, ...] = ("tokens", "segment_ids", "positions")
+
+  def loss(self, model, batch):
+    return next_token_loss(model, batch, self.z_loss)
+
+  def prepare_batch(self, batch):
+    return batch
+
+  def eval_scalars(self, sums):
+    loss = sums["nll_sum"] / max(sums["target_tokens"], 1.0)
+    return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
+
+  def summary(self, eval_scalars, manifest, step):
+    eval_loss, entropy = eval_scalars["eval_loss"], manifest["unigram_entropy_nats"]
+    below = 1.0 - eval_loss / entropy
+    print(f"\nheld-out loss after {step} steps: {eval_loss:.3f} nats/token | unigram entropy "
+          f"of the training tokens: {entropy:.3f} nats/token | {100 * below:.1f}% below",
+          flush=True)
+    return {"eval_loss": eval_loss, "unigram_entropy_nats": entropy, "fraction_below": below,
+            "step": step}

@@ -9,6 +9,7 @@ latest checkpoint in WORKDIR.
 """
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -21,14 +22,16 @@ from pathlib import Path
 
 import gin
 import jax
-import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 
+from beam_pipelines.records import fields_of_manifest
 from maxlm import checkpoint, data, metrics, optim, sampling, sharding, tasks
 from maxlm import steps as train_steps
+from maxlm.config_checks import (UserError, check_compatible, check_same_model,
+                                 resolve_model_config)
 from maxlm.default_corpus import ensure_default_corpus
 from maxlm.model import ModelConfig, training_flops_per_token
-from maxlm.config_checks import UserError, check_compatible, resolve_model_config
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -42,6 +45,9 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Output of beam_pipelines.prep
 _STEPS = flags.DEFINE_integer("steps", None, "Total training steps (overrides train.steps).")
 _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints "
                                          "(overrides train.checkpoint_every).")
+_INIT_FROM = flags.DEFINE_string("init_from", None, "Run dir whose parameters (not its "
+                                 "optimizer state or step) start a new run (overrides "
+                                 "train.init_from).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a "
                                    "multi-process run without a cluster that JAX detects.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
@@ -50,32 +56,40 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 
 
 @gin.configurable(module="maxlm")
-def train(workdir: str, data_dir: str | None = None, steps: int = 300,
-          global_batch_size: int = 16, microbatches: int = 1, z_loss: float = 0.0,
-          seed: int = 0, checkpoint_every: int = 100,
+def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = None,
+          steps: int = 300, global_batch_size: int = 16, microbatches: int = 1,
+          seed: int = 0, init_from: str | None = None, trainable: str | None = None,
+          checkpoint_every: int = 100,
           eval_every: int = 100, eval_batches: int = 16, log_every: int = 10,
           sample_prompt: str = "def ", sample_tokens: int = 48,
           sample_temperature: float = 0.0, max_bad_steps: int = 10,
           keep_checkpoints: int = 3, keep_checkpoint_every: int | None = None,
           peak_flops_per_device: float | None = None,
           profile_steps: tuple[int, int] | None = None) -> dict:
-  """Trains (or resumes) a model in `workdir`; returns the final summary numbers.
+  """Trains (or resumes) a model on `task` (default: pretraining) in `workdir`; returns the
+  final summary numbers.
 
   A step with a non-finite loss or gradient is skipped and counted; `max_bad_steps` in a row
   stop the run (the last good checkpoint stays). Checkpoints: the latest `keep_checkpoints`,
   plus every step divisible by `keep_checkpoint_every` if set. `microbatches` splits each
-  global batch into slices whose gradients accumulate into one update; `z_loss` weighs the
-  mean log(Z)**2 of the softmax normalizer, added to the loss (0 = off).
+  global batch into slices whose gradients accumulate into one update. `init_from`, a run
+  dir of the same model shape and tokenizer, supplies the starting parameters of a new run
+  (its optimizer state and step are not taken); a workdir with checkpoints resumes instead.
+  `trainable`, a regex over parameter paths (`blocks/0/attention/q`, see
+  `steps.split_trainable`), trains only the parameters it matches; the others stay as
+  `init_from` (or the seed's initialization) made them, and checkpoints hold only the trained.
   `peak_flops_per_device` turns on the `mfu` scalar; `profile_steps=(first, last)` writes a
   profiler trace of those steps to WORKDIR/profile (open it with TensorBoard's profile plugin
   or Perfetto).
   """
   workdir = Path(workdir)
+  task = task or tasks.Pretrain()
   data_dir = data_dir or ensure_default_corpus()
   try:
     manifest = data.load_manifest(data_dir)
   except (FileNotFoundError, ValueError) as error:
     raise UserError(str(error)) from None
+  check_task_fields(task, manifest, data_dir)
   seq_len = manifest["seq_len"]
   config = resolve_model_config(ModelConfig(), manifest)
   mesh = sharding.make_mesh()
@@ -86,7 +100,9 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
   schedule = optim.learning_rate_schedule(steps)
   optimizer = optim.make_optimizer(schedule)
   graphdef, abstract_state = train_steps.abstract_model(config, seed)
-  shardings = train_steps.state_shardings(abstract_state, optimizer, mesh)
+  shardings = train_steps.state_shardings(abstract_state, optimizer, mesh, trainable)
+  frozen_shardings = (train_steps.frozen_shardings(abstract_state, mesh, trainable)
+                      if trainable else None)
   batch_sharding = sharding.batch_sharding(mesh)
   train_iter = iter(data.make_dataset(data_dir, "train", global_batch_size=global_batch_size,
                                       seed=seed))
@@ -95,16 +111,20 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
                                         max_to_keep=keep_checkpoints,
                                         keep_period=keep_checkpoint_every)
   meta = checkpoint.model_meta(config, seq_len=seq_len, data_dir=str(data_dir),
-                               tokenizer_sha256=manifest["tokenizer"]["sha256"])
-  state = _restore_or_init(checkpointer, workdir, config, meta, abstract_state, optimizer,
-                           shardings, train_iter, seed, data_dir)
+                               tokenizer_sha256=manifest["tokenizer"]["sha256"],
+                               **({"trainable": trainable, "init_from": init_from}
+                                  if trainable else {}))
+  start = Start(config, meta, abstract_state, optimizer, shardings, seed, init_from, trainable)
+  state, frozen = _restore_or_init(checkpointer, workdir, start, train_iter, data_dir)
+  frozen_args = (frozen,) if trainable else ()  # the steps' extra argument, when there is one
   first_step = int(state.step)
-  loss_fn = functools.partial(tasks.next_token_loss, z_loss=z_loss)
-  train_step = train_steps.make_train_step(graphdef, loss_fn, optimizer, shardings,
-                                           batch_sharding, microbatches)
-  eval_step = train_steps.make_eval_step(graphdef, loss_fn, shardings.params, batch_sharding)
-  evaluate = lambda params: _evaluate(eval_step, params, data_dir, global_batch_size,  # noqa: E731
-                                      eval_batches, batch_sharding)
+  train_step = train_steps.make_train_step(graphdef, task.loss, optimizer, shardings,
+                                           batch_sharding, microbatches, frozen_shardings)
+  eval_step = train_steps.make_eval_step(graphdef, task.loss, shardings.params, batch_sharding,
+                                         frozen_shardings)
+  evaluate = lambda params: _evaluate(  # noqa: E731
+      task, functools.partial(eval_step, params), frozen_args, data_dir, global_batch_size,
+      eval_batches, batch_sharding)
   writer = metrics.create_writer(workdir, is_primary=jax.process_index() == 0)
   writer.write_hparams({"model": meta["model_config"], "global_batch_size": global_batch_size,
                         "steps": steps, "seq_len": seq_len, "mesh": dict(mesh.shape)})
@@ -123,8 +143,8 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
       if profile_steps and step == profile_steps[0]:
         jax.profiler.start_trace(str(workdir / "profile"))
       started = time.perf_counter()
-      batch = _to_global(next(train_iter), batch_sharding)
-      state, step_metrics = train_step(state, batch)
+      batch = task.prepare_batch(_to_global(next(train_iter), batch_sharding))
+      state, step_metrics = train_step(state, batch, *frozen_args)
       loss = float(step_metrics["loss"])
       tokens_per_s = tokens_per_step / (time.perf_counter() - started)
       if profile_steps and step == profile_steps[1]:
@@ -142,8 +162,7 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
       if step % eval_every == 0 or step == steps:
         with report.timed("eval"):
           last_eval = evaluate(state.params)
-        scalars["eval_loss"] = last_eval
-        scalars["eval_perplexity"] = float(np.exp(last_eval))
+        scalars.update(last_eval)
       writer.write_scalars(step, scalars)
       report(step)
       progress.update(step, {k: scalars[k] for k in ("loss", "learning_rate", "tokens_per_s",
@@ -175,10 +194,11 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
       return {"step": int(state.step), "preempted": True}
     if last_eval is None:
       last_eval = evaluate(state.params)
-    summary = _report(last_eval, manifest, int(state.step))
+    summary = task.summary(last_eval, manifest, int(state.step))
     tokenizer = _tokenizer(data_dir)
     prompt_ids = [manifest["tokenizer"]["bos_id"]] + tokenizer.encode(sample_prompt)
-    sample_ids = sampling.generate(graphdef, state.params, prompt_ids,
+    sample_ids = sampling.generate(graphdef, train_steps.merge_params(state.params, frozen),
+                                   prompt_ids,
                                    max_new_tokens=sample_tokens, temperature=sample_temperature,
                                    top_p=0.95, seed=seed, eos_id=manifest["tokenizer"]["eos_id"],
                                    config=config)
@@ -205,19 +225,64 @@ def _sigterm_requests_stop():
     signal.signal(signal.SIGTERM, previous)
 
 
-def _restore_or_init(checkpointer, workdir, config, meta, abstract_state, optimizer, shardings,
-                     train_iter, seed, data_dir):
+@dataclasses.dataclass(frozen=True)
+class Start:
+  """What a run starts or resumes from."""
+  config: ModelConfig
+  meta: dict
+  abstract_state: object
+  optimizer: object
+  shardings: train_steps.TrainState
+  seed: int
+  init_from: str | None
+  trainable: str | None
+
+
+def _restore_or_init(checkpointer, workdir, start: Start, train_iter, data_dir):
+  """(train state, frozen parameters) to start from: the workdir's latest checkpoint, else
+  `init_from`'s parameters or fresh ones."""
   latest = checkpointer.latest_step()
   if latest is None:
     shutil.copy(data.tokenizer_path(data_dir), workdir / checkpoint.TOKENIZER)
-    return train_steps.init_train_state(config, optimizer, shardings, seed)
+    if not (start.init_from or start.trainable):
+      return train_steps.init_train_state(start.config, start.optimizer, start.shardings,
+                                          start.seed), {}
+    trained, frozen = train_steps.split_trainable(_starting_params(start), start.trainable)
+    if start.init_from:
+      _log(f"parameters from {start.init_from}; optimizer state and step start afresh")
+    return train_steps.train_state_from_params(trained, start.optimizer, start.shardings), frozen
   _, saved_meta = checkpoint.read_meta(workdir, latest)
-  check_compatible(saved_meta, meta, workdir)
-  target = train_steps.abstract_train_state(abstract_state, optimizer, shardings)
+  check_compatible(saved_meta, start.meta, workdir)
+  target = train_steps.abstract_train_state(start.abstract_state, start.optimizer,
+                                            start.shardings, start.trainable)
   state, _ = checkpointer.restore(latest, target, data.iterator_restore_args(train_iter))
   metrics.JsonlWriter.truncate_after(workdir / "metrics.jsonl", latest)
   _log(f"resumed from {workdir / checkpoint.CHECKPOINTS / str(latest)} (step {latest})")
-  return state
+  if not start.trainable:
+    return state, {}
+  return state, train_steps.split_trainable(_starting_params(start), start.trainable)[1]
+
+
+def _starting_params(start: Start) -> dict:
+  """The whole parameter set a new run starts from (frozen ones are reloaded on resume)."""
+  param_shardings = sharding.param_shardings(start.abstract_state, start.shardings.step.mesh)
+  if start.init_from:
+    return _params_of_run(start.init_from, start.config, start.meta, start.abstract_state,
+                          param_shardings)
+  return train_steps.init_params(start.config, param_shardings, start.seed)
+
+
+def _params_of_run(run_dir, config, meta, abstract_state, param_shardings):
+  """The parameters of `run_dir`'s latest checkpoint, laid out for this run's mesh."""
+  try:
+    step, source_meta = checkpoint.read_meta(run_dir)
+  except FileNotFoundError as error:
+    raise UserError(f"--init_from: {error}") from None
+  check_same_model(source_meta, meta, run_dir, config)
+  abstract_params = jax.tree.map(
+      lambda shape, where: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where),
+      nnx.to_pure_dict(abstract_state), param_shardings)
+  return checkpoint.restore_params(run_dir, abstract_params, step)
 
 
 def _to_global(local_batch: dict, batch_sharding) -> dict:
@@ -225,28 +290,30 @@ def _to_global(local_batch: dict, batch_sharding) -> dict:
           for name, array in local_batch.items()}
 
 
-def _evaluate(eval_step, params, data_dir, global_batch_size, max_batches, batch_sharding):
-  """Mean next-token loss over (up to `max_batches` of) the validation split; the loader pads
-  its last batch with empty sequences, which carry no target."""
+def _evaluate(task: tasks.Task, eval_step, frozen_args: tuple, data_dir, global_batch_size,
+              max_batches, batch_sharding) -> dict[str, float]:
+  """The task's eval scalars over (up to `max_batches` of) the validation split; the loader
+  pads its last batch with empty sequences, which carry no target."""
   dataset = data.make_dataset(data_dir, "validation", global_batch_size=global_batch_size,
                               seed=0, shuffle=False, num_epochs=1)
-  nll, count = 0.0, 0.0
+  sums: dict[str, float] = {}
   for i, batch in enumerate(dataset):
     if i == max_batches:
       break
-    result = eval_step(params, _to_global(batch, batch_sharding))
-    nll += float(result["nll_sum"])
-    count += float(result["target_tokens"])
-  return nll / max(count, 1.0)
+    metrics = eval_step(task.prepare_batch(_to_global(batch, batch_sharding)), *frozen_args)
+    for name, value in metrics.items():
+      sums[name] = sums.get(name, 0.0) + float(value)
+  return task.eval_scalars(sums)
 
 
-def _report(eval_loss: float, manifest: dict, step: int) -> dict:
-  entropy = manifest["unigram_entropy_nats"]
-  below = 1.0 - eval_loss / entropy
-  print(f"\nheld-out loss after {step} steps: {eval_loss:.3f} nats/token | unigram entropy of "
-        f"the training tokens: {entropy:.3f} nats/token | {100 * below:.1f}% below", flush=True)
-  return {"eval_loss": eval_loss, "unigram_entropy_nats": entropy, "fraction_below": below,
-          "step": step}
+def check_task_fields(task: tasks.Task, manifest: dict, data_dir) -> None:
+  """The data must hold every field the task's loss reads."""
+  available = [field.name for field in fields_of_manifest(manifest)]
+  missing = [name for name in task.batch_fields if name not in available]
+  if missing:
+    raise UserError(f"--data_dir {data_dir} has no {', '.join(missing)} field (it has "
+                    f"{', '.join(available)}), which the {type(task).__name__} task reads; "
+                    "prepare the data with the pipeline for that task")
 
 
 def _tokenizer(data_dir):
@@ -299,7 +366,7 @@ def main(argv):
   except (ValueError, KeyError, SyntaxError) as error:
     raise UserError(f"gin configuration error: {error}") from None
   overrides = {"workdir": _WORKDIR.value, "data_dir": _DATA_DIR.value, "steps": _STEPS.value,
-               "checkpoint_every": _CHECKPOINT_EVERY.value}
+               "checkpoint_every": _CHECKPOINT_EVERY.value, "init_from": _INIT_FROM.value}
   overrides = {k: v for k, v in overrides.items() if v is not None}
   if "workdir" not in overrides and not _has_binding("train.workdir"):
     overrides["workdir"] = os.path.join("runs", Path(gin_files[0]).stem)

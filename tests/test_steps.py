@@ -1,9 +1,13 @@
 """One sharded train step equals the single-device step; the loss equals a hand computation."""
 
+import re
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from maxlm import optim, sharding, steps, tasks
 from maxlm.model import ModelConfig
@@ -152,3 +156,90 @@ def test_accumulated_microbatches_give_the_whole_batch_update(mesh_shape, microb
     np.testing.assert_allclose(float(metrics[key]), float(whole[key]), rtol=1e-5)
   for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(whole_state)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+# --- trainable and frozen parameters -----------------------------------------------------------
+
+ATTENTION_ONLY = r"blocks/\d+/attention/.*"
+
+
+def _split_setup(mesh_shape=(2, 2, 2)):
+  mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
+  optimizer = optim.make_optimizer(optim.learning_rate_schedule(10, 1e-2, 2))
+  graphdef, abstract_state = steps.abstract_model(CONFIG)
+  shardings = steps.state_shardings(abstract_state, optimizer, mesh, ATTENTION_ONLY)
+  frozen_shardings = steps.frozen_shardings(abstract_state, mesh, ATTENTION_ONLY)
+  params = steps.init_params(CONFIG, sharding.param_shardings(abstract_state, mesh))
+  trainable, frozen = steps.split_trainable(params, ATTENTION_ONLY)
+  state = steps.train_state_from_params(trainable, optimizer, shardings)
+  train_step = steps.make_train_step(graphdef, tasks.next_token_loss, optimizer, shardings,
+                                     sharding.batch_sharding(mesh),
+                                     frozen_shardings=frozen_shardings)
+  return mesh, graphdef, params, state, frozen, train_step
+
+
+def _leaf_paths(tree):
+  return {"/".join(str(k.key) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_split_trainable_parts_make_up_the_whole_and_merge_back():
+  _, abstract_state = steps.abstract_model(CONFIG)
+  params = nnx.to_pure_dict(abstract_state)
+  trainable, frozen = steps.split_trainable(params, ATTENTION_ONLY)
+  assert _leaf_paths(trainable) and all("/attention/" in p for p in _leaf_paths(trainable))
+  assert not any("/attention/" in p for p in _leaf_paths(frozen))
+  assert _leaf_paths(trainable) | _leaf_paths(frozen) == _leaf_paths(params)
+  assert steps.merge_params(trainable, frozen) == params
+
+
+def test_only_trainable_parameters_change_and_hold_optimizer_state():
+  mesh, graphdef, params, state, frozen, train_step = _split_setup()
+  before = jax.tree.map(np.asarray, params)
+  with jax.set_mesh(mesh):
+    state, metrics = train_step(state, _batch(), frozen)
+    state, _ = train_step(state, _batch(seed=1), frozen)  # the first step's rate is 0 (warmup)
+  # The reference gradient: the whole model differentiated in one piece, frozen part dropped.
+  def loss_of(all_params):
+    return tasks.next_token_loss(nnx.merge(graphdef, all_params), _batch())[0]
+  whole_grads = jax.grad(loss_of)(before)
+  trainable_grads, _ = steps.split_trainable(whole_grads, ATTENTION_ONLY)
+  np.testing.assert_allclose(float(metrics["grad_norm"]),
+                             float(optax.tree.norm(trainable_grads)), rtol=1e-5)
+  for path, value in jax.tree_util.tree_flatten_with_path(frozen)[0]:
+    np.testing.assert_array_equal(np.asarray(value), _at(before, path))
+  for path, value in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+    assert not np.array_equal(np.asarray(value), _at(before, path))
+  moments = [x.size for x in jax.tree.leaves(state.opt_state) if x.ndim]
+  trainable_size = sum(x.size for x in jax.tree.leaves(state.params))
+  assert sum(moments) == 2 * trainable_size  # Adam's mu and nu, for the trainable ones only
+  assert trainable_size < sum(x.size for x in jax.tree.leaves(before)) / 2
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree
+
+
+def _constant_sizes(program: str) -> list[int]:
+  """Element counts of the tensor constants in a StableHLO program."""
+  sizes = []
+  for shape in re.findall(r"stablehlo.constant dense<.*?> : tensor<([0-9x]*)[a-z]", program):
+    sizes.append(int(np.prod([int(d) for d in shape.split("x") if d])))
+  return sizes
+
+
+def test_frozen_parameters_are_arguments_of_the_compiled_step_not_constants():
+  mesh, _, _, state, frozen, train_step = _split_setup()
+  with jax.set_mesh(mesh):
+    program = train_step.lower(state, _batch(), frozen).as_text()
+  main = next(line for line in program.splitlines() if "func.func public @main" in line)
+  assert main.count("%arg") == len(jax.tree.leaves((state, _batch(), frozen)))
+  smallest_frozen = min(x.size for x in jax.tree.leaves(frozen))
+  assert max(_constant_sizes(program)) < smallest_frozen
+  with jax.set_mesh(mesh):
+    same_state = jax.tree.map(jnp.copy, state)
+    _, first = train_step(state, _batch(), frozen)
+    _, second = train_step(same_state, _batch(), jax.tree.map(lambda x: 2 * x, frozen))
+  assert float(first["loss"]) != float(second["loss"]), "a new frozen value reaches the step"

@@ -1,6 +1,7 @@
 """The training entry point end to end on a small prepared corpus: it learns, it checkpoints,
 and a restarted run continues from the checkpoint instead of starting over."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,10 +11,16 @@ import sysconfig
 from pathlib import Path
 
 import gin
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from beam_pipelines import prepare_text
+from beam_pipelines.records import read_shard
+from maxlm import checkpoint, data, tasks
+from maxlm.data.loader import split_shard_paths
+from maxlm import steps as train_steps
 from maxlm import train as train_module
 from maxlm.config_checks import UserError
 
@@ -110,7 +117,7 @@ def test_batch_that_does_not_divide_the_mesh_is_refused(data_dir, tmp_path):
 
 def test_microbatches_and_z_loss_train(data_dir, tmp_path):
   gin.bind_parameter("train.microbatches", 2)
-  gin.bind_parameter("train.z_loss", 1e-4)
+  gin.bind_parameter("Pretrain.z_loss", 1e-4)
   summary = train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=4)
   losses = [row["loss"] for row in _metrics(tmp_path) if "loss" in row]
   assert summary["step"] == 4 and losses[-1] < losses[0]
@@ -244,3 +251,97 @@ def test_gin_typo_is_one_line_and_exit_code_2(data_dir, tmp_path):
   assert ("error: gin configuration error: Configurable 'ModelConfig' doesn't have a parameter "
           "named 'num_layer'") in output
   assert "Traceback" not in output
+
+
+# --- tasks and --init_from ---------------------------------------------------------------------
+
+@gin.configurable
+class CountTargets(tasks.Pretrain):
+  """Pretraining that also reports how many targets its held-out pass saw."""
+
+  def eval_scalars(self, sums):
+    return {**super().eval_scalars(sums), "eval_targets": sums["target_tokens"]}
+
+
+def _numpy_target_count(data_dir: str, split: str) -> int:
+  """Positions whose next token belongs to the same document, counted in NumPy."""
+  manifest = data.load_manifest(data_dir)
+  count = 0
+  for path in split_shard_paths(data_dir, manifest, split):
+    for record in read_shard(path, manifest["seq_len"]):
+      segments = record["segment_ids"]
+      count += int(np.sum((segments[1:] == segments[:-1]) & (segments[1:] != 0)))
+  return count
+
+
+def test_the_loop_reports_what_its_task_makes_of_the_eval_sums(data_dir, tmp_path):
+  gin.parse_config("train.task = @CountTargets()")
+  gin.bind_parameter("train.eval_batches", 1000)  # the whole split, its last batch padded
+  train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=4)
+  row = _metrics(tmp_path)[3]
+  assert row["eval_targets"] == _numpy_target_count(data_dir, "validation")
+  assert row["eval_perplexity"] == pytest.approx(np.exp(row["eval_loss"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class NeedsLossMask(tasks.Pretrain):
+  batch_fields: tuple[str, ...] = ("tokens", "loss_mask")
+
+
+def test_a_task_whose_fields_the_data_lacks_is_refused_with_one_line(data_dir, tmp_path):
+  with pytest.raises(UserError, match="has no loss_mask field .*which the NeedsLossMask task"):
+    train_module.train(workdir=str(tmp_path), data_dir=data_dir, task=NeedsLossMask(), steps=1)
+
+
+def _latest_params(run_dir):
+  step, meta = checkpoint.read_meta(run_dir)
+  _, abstract_state = train_steps.abstract_model(checkpoint.config_from_meta(meta))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                          nnx.to_pure_dict(abstract_state))
+  return checkpoint.restore_params(run_dir, abstract, step), meta
+
+
+def test_init_from_starts_a_new_run_from_another_runs_parameters(data_dir, tmp_path):
+  source, run = tmp_path / "source", tmp_path / "run"
+  train_module.train(workdir=str(source), data_dir=data_dir, steps=4)
+  train_module.train(workdir=str(run), data_dir=data_dir, steps=2, init_from=str(source))
+  assert [row["step"] for row in _metrics(run)] == [1, 2], "the step starts afresh"
+  # Step 1's loss is that of the source's final parameters on the first batch, computed here
+  # on one device, outside the loop.
+  params, meta = _latest_params(source)
+  graphdef, _ = train_steps.abstract_model(checkpoint.config_from_meta(meta))
+  first_batch = next(iter(data.make_dataset(data_dir, "train", global_batch_size=8, seed=0)))
+  expected, _ = tasks.next_token_loss(nnx.merge(graphdef, params), first_batch)
+  assert _metrics(run)[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_init_from_refuses_another_model_shape_or_tokenizer(data_dir, tmp_path):
+  source = tmp_path / "source"
+  train_module.train(workdir=str(source), data_dir=data_dir, steps=1)
+  gin.bind_parameter("ModelConfig.mlp_dim", 96)
+  with pytest.raises(UserError, match=r"another model shape \(mlp_dim: 128 -> 96\)"):
+    train_module.train(workdir=str(tmp_path / "a"), data_dir=data_dir, steps=1,
+                       init_from=str(source))
+  gin.bind_parameter("ModelConfig.mlp_dim", 128)
+  meta_file = source / "checkpoints" / "1" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  meta_file.write_text(json.dumps({**meta, "tokenizer_sha256": "0" * 64}))
+  with pytest.raises(UserError, match="was trained with another tokenizer"):
+    train_module.train(workdir=str(tmp_path / "b"), data_dir=data_dir, steps=1,
+                       init_from=str(source))
+
+
+def test_a_run_training_only_some_parameters_resumes_exactly(data_dir, tmp_path):
+  source = tmp_path / "source"
+  train_module.train(workdir=str(source), data_dir=data_dir, steps=2)
+  gin.bind_parameter("train.trainable", r"blocks/\d+/attention/.*")
+  gin.bind_parameter("learning_rate_schedule.final_fraction", 1.0)  # same rates for 4 or 6 steps
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train_module.train(workdir=str(straight), data_dir=data_dir, steps=6, init_from=str(source))
+  train_module.train(workdir=str(resumed), data_dir=data_dir, steps=4, init_from=str(source))
+  train_module.train(workdir=str(resumed), data_dir=data_dir, steps=6, init_from=str(source))
+  losses = [[row["loss"] for row in _metrics(run)] for run in (straight, resumed)]
+  assert losses[0] == losses[1] and len(losses[0]) == 6
+  saved = checkpoint.read_meta(resumed)[1]
+  assert saved["trainable"] == r"blocks/\d+/attention/.*"
