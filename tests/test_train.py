@@ -220,19 +220,17 @@ def test_retention_keeps_the_latest_and_every_kth(data_dir, tmp_path):
 
 
 def test_k_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(
-    data_dir, tmp_path, monkeypatch):
+    data_dir, tmp_path):
   train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=2)
 
-  clean_loss = train_module.tasks.next_token_loss
+  class Poisoned(tasks.Pretrain):
+    def loss(self, model, batch):
+      loss, metrics = super().loss(model, batch)
+      return loss * float("nan"), metrics
 
-  def poisoned(model, batch, **options):
-    loss, metrics = clean_loss(model, batch, **options)
-    return loss * float("nan"), metrics
-
-  monkeypatch.setattr(train_module.tasks, "next_token_loss", poisoned)
   gin.bind_parameter("train.max_bad_steps", 3)
   with pytest.raises(UserError, match="3 steps in a row up to step 5 had a non-finite loss"):
-    train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=10)
+    train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=10, task=Poisoned())
   kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert kept[-1] == 2
   assert [r.get("skipped_steps") for r in _metrics(tmp_path)[2:]] == [1, 2, 3]  # steps 3-5
