@@ -430,6 +430,13 @@ def test_text_stream_decodes_a_bounded_window_and_equals_the_whole_decode(engine
   assert len(token_ids) > 200 and max(lengths) <= 20
 
 
+def test_ids_past_the_tokenizer_decode_to_nothing(engine):
+  """A model's vocabulary may be padded past its tokenizer's; such ids are no text, no error."""
+  token_ids = engine.tokenizer.encode("wrap the café")
+  past = [engine.tokenizer.vocab_size(), engine.tokenizer.vocab_size() + 7]
+  assert engine.decode(past[:1] + token_ids + past[1:]) == engine.decode(token_ids)
+
+
 def test_text_stream_holds_back_what_may_become_a_stop(engine):
   token_ids = engine.tokenizer.encode("return text, width")
   stream = TextStream(engine.decode, ["xt, wid"])
