@@ -22,7 +22,7 @@ MAX_CHAT_TOP_LOGPROBS = 20
 MAX_STOPS = 4            # OpenAI's limit
 MAX_STOP_CHARS = 256     # ours (OpenAI documents none): bounds the stop search per token
 INT32_MAX = 2**31 - 1    # top_k and token counts reach the device as int32
-SEED_RANGE = dict(ge=-2**63, le=2**63 - 1)  # a signed 64-bit seed, as vLLM and OpenAI take
+SEED_RANGE = {"ge": -2**63, "le": 2**63 - 1}  # a signed 64-bit seed, as vLLM and OpenAI take
 LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 

@@ -239,13 +239,14 @@ class Orchestrator:
   def _deliver_first(self, pending: "Pending"):
     """A prefill's token: fetching it can fail only that prefill's request."""
     [request] = pending.rows
+    if request.finished:
+      return
     try:
       step = Step.from_choice(pending.choice)
     except Exception as e:  # noqa: BLE001
       self._fail(request, "prefilling it", e)
       return
-    if not request.finished:
-      self._deliver(request, step, 0)
+    self._deliver(request, step, 0)
 
   def _deliver_all(self, pending: "Pending"):
     """Each row's token to the request that held the row when the step was queued, unless

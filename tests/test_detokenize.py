@@ -13,11 +13,11 @@ import sentencepiece as spm
 
 from serving import detokenize
 from serving.chat import CHAT_STOPS, chat_prompt
-from serving.detokenize import (REPLACEMENT_CHAR, SETTLE_EVERY, TextStream, first_stop,
-                                stop_tail)
+from serving.detokenize import REPLACEMENT_CHAR, SETTLE_EVERY, TextStream, first_stop, stop_tail
 
 EOS = 2
-WORDS = "The capital of France is Paris; café 5€ 😀 naïve text, width=70 wrap aaaa abab".split()
+WORDS = ["The", "capital", "of", "France", "is", "Paris;", "café", "5€", "😀", "naïve", "text,",
+         "width=70", "wrap", "aaaa", "abab"]
 
 
 def train_tokenizer(directory: Path) -> spm.SentencePieceProcessor:

@@ -9,10 +9,10 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
+from test_orchestrator import FakeEngine
 
 from serving.openai_api import MAX_STOP_CHARS, MAX_STOPS
 from serving.server import create_app
-from test_orchestrator import FakeEngine
 
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
 
@@ -122,10 +122,10 @@ def test_as_many_and_as_long_stop_strings_as_allowed_are_served(client):
     ("/v1/completions", '{"model": "fake", "prompt": "x", "stop": ["a", "\\ud800"]}', "stop"),
     ("/v1/chat/completions",
      '{"model": "fake", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
-    ("/v1/chat/completions", '{"model": "fake", "messages": [{"role": "user", "content": '
-     '[{"type": "text", "text": "a\\ud800b"}]}]}', "messages"),
-    ("/v1/chat/completions", '{"model": "\\udbff", "messages": [{"role": "user", "content": '
-     '"x"}]}', "model")])
+    ("/v1/chat/completions", ('{"model": "fake", "messages": [{"role": "user", "content": '
+                              '[{"type": "text", "text": "a\\ud800b"}]}]}'), "messages"),
+    ("/v1/chat/completions", ('{"model": "\\udbff", "messages": [{"role": "user", "content": '
+                              '"x"}]}'), "model")])
 def test_a_lone_surrogate_is_a_400_naming_the_field(client, path, body, param):
   response = client.post(path, content=body.encode(), headers={"Content-Type": "application/json"})
   assert_refused(response, param)

@@ -10,13 +10,13 @@ import time
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from test_detokenize import train_tokenizer
 
 from maxlm.sampling import TokenChoice
 from serving.chat import chat_prompt
 from serving.engine import SamplingSettings, device_settings
 from serving.orchestrator import Orchestrator, Request, RequestFailed, Unavailable
 from serving.server import create_app
-from test_detokenize import train_tokenizer
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 

@@ -110,6 +110,11 @@ def complete(orchestrator: Orchestrator, prompt: str, *, max_tokens: int, temper
                     deltas[-1].finish_reason, deltas)
 
 
+def completion_text(engine: Engine, prompt_ids: list[int], token_ids: list[int]) -> str:
+  """What follows the prompt's text in the text of all the ids (a first word keeps its space)."""
+  return engine.decode(prompt_ids + token_ids)[len(engine.decode(prompt_ids)):]
+
+
 def wait_until_healthy(process: subprocess.Popen, port: int, log_file: Path, timeout_s=120.0):
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
@@ -453,7 +458,7 @@ def test_text_stream_holds_back_what_may_become_a_stop(engine):
 def test_stream_deltas_make_up_the_completion(orchestrator, engine):
   whole = complete(orchestrator, PROMPT, max_tokens=12)
   assert [d.finish_reason for d in whole.deltas] == [None] * 11 + ["length"]
-  assert whole.text == engine.decode(whole.token_ids)
+  assert whole.text == completion_text(engine, engine.encode(PROMPT), whole.token_ids)
   assert whole.token_ids == engine.greedy_decode_without_cache(engine.encode(PROMPT), 12)
 
 
@@ -482,7 +487,7 @@ def test_openai_client_matches_decode_without_cache(server_port, engine):
   response = client.completions.create(model=engine.model_name, prompt=PROMPT, max_tokens=8,
                                        temperature=0, seed=0)
   reference = engine.greedy_decode_without_cache(engine.encode(PROMPT), 8)
-  assert response.choices[0].text == engine.decode(reference)
+  assert response.choices[0].text == completion_text(engine, engine.encode(PROMPT), reference)
   assert response.usage.completion_tokens == len(reference)
 
 
@@ -679,5 +684,6 @@ def test_sigterm_lets_a_stream_in_flight_finish_then_exits(run_dir, tmp_path, en
       process.kill()
   assert texts[-1] is None and texts[-2]["finish_reason"] == "length"
   reference = engine.greedy_decode_without_cache(engine.encode(PROMPT), 40, stop_at_eos=False)
-  assert "".join(choice["text"] for choice in texts[:-1]) == engine.decode(reference)
+  assert "".join(choice["text"] for choice in texts[:-1]) == completion_text(
+      engine, engine.encode(PROMPT), reference)
   assert "shutting down" in log_file.read_text()
