@@ -51,6 +51,13 @@ class Step:
                                 choice.top_logprobs)))
 
 
+def device_settings(settings: SamplingSettings) -> tuple:
+  """(seed words, temperature, top_p, top_k) as the jitted prefill takes them. A top_k past
+  int32 raises here; the server's request shapes refuse it (and every other range) first."""
+  return (sampling.seed_words(settings.seed), np.float32(settings.temperature),
+          np.float32(settings.top_p), np.int32(settings.top_k))
+
+
 def load_tokenizer(path: Path, expected_sha256: str | None) -> spm.SentencePieceProcessor:
   if not path.is_file():
     raise FileNotFoundError(f"{path} is missing; copy the training data dir's tokenizer.model "
@@ -136,8 +143,7 @@ class Engine:
     """The prompt's cache rows and its first new token (one row)."""
     prefix = self._prefill(
         self.params, sampling.padded_prompt(prompt_ids, self.context_length),
-        len(prompt_ids), sampling.seed_words(settings.seed), np.float32(settings.temperature),
-        np.float32(settings.top_p), np.int32(settings.top_k))
+        len(prompt_ids), *device_settings(settings))
     return prefix, prefix.choice
 
   def insert(self, prefix: sampling.Prefix, state: sampling.DecodeState,
@@ -163,8 +169,10 @@ class Engine:
     return [self.tokenizer.bos_id()] + self.tokenizer.encode(prompt)
 
   def decode(self, token_ids: list[int]) -> str:
-    eos_id = self.eos_id
-    return self.tokenizer.decode([t for t in token_ids if t != eos_id])
+    """Their text; eos and the ids past the tokenizer's (the model's padded vocabulary rows,
+    which an undertrained model may still pick) have none."""
+    eos_id, vocab = self.eos_id, len(self._token_bytes)
+    return self.tokenizer.decode([t for t in token_ids if t != eos_id and t < vocab])
 
   def token_bytes(self, token_id: int) -> bytes:
     """The bytes one token stands for (a byte-fallback piece is one raw byte)."""

@@ -1,6 +1,7 @@
 """OpenAI request shapes, error bodies and response/chunk bodies (as vLLM also speaks them)."""
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -8,16 +9,41 @@ from typing import Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serving.chat import ROLES
 
 # OpenAI parameters we accept only at their no-op value; anything else is refused, not ignored.
 UNSUPPORTED_UNLESS = {"echo": False, "best_of": 1, "suffix": None, "presence_penalty": 0,
-                      "frequency_penalty": 0, "logit_bias": None, "tools": None,
-                      "tool_choice": None, "response_format": None}
+                      "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": None,
+                      "tools": None, "tool_choice": None, "response_format": None}
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits on alternatives per token
 MAX_CHAT_TOP_LOGPROBS = 20
+MAX_STOPS = 4            # OpenAI's limit
+MAX_STOP_CHARS = 256     # ours (OpenAI documents none): bounds the stop search per token
+INT32_MAX = 2**31 - 1    # top_k and token counts reach the device as int32
+SEED_RANGE = {"ge": -2**63, "le": 2**63 - 1}  # a signed 64-bit seed, as vLLM and OpenAI take
+LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def whole_unicode(text: str) -> str:
+  """`text`, unless it holds a lone UTF-16 surrogate (valid JSON, but no UTF-8 text)."""
+  if found := LONE_SURROGATE.search(text):
+    raise ValueError(f"holds a lone UTF-16 surrogate ({found.group()!r} at character "
+                     f"{found.start()}); send valid Unicode text")
+  return text
+
+
+def checked_stops(stop: str | list[str] | None) -> str | list[str] | None:
+  stops = [stop] if isinstance(stop, str) else stop or []
+  if len(stops) > MAX_STOPS:
+    raise ValueError(f"{len(stops)} stop sequences; send at most {MAX_STOPS}")
+  for text in stops:
+    if len(text) > MAX_STOP_CHARS:
+      raise ValueError(f"a stop sequence of {len(text)} characters; each may have at most "
+                       f"{MAX_STOP_CHARS}")
+    whole_unicode(text)
+  return stop
 
 
 class StreamOptions(BaseModel):
@@ -26,20 +52,27 @@ class StreamOptions(BaseModel):
 
 
 class SamplingRequest(BaseModel):
-  model_config = ConfigDict(strict=True, extra="allow")
+  model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
   model: str
-  max_tokens: int | None = Field(16, ge=1)
+  max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)
   temperature: float = Field(1.0, ge=0.0, le=2.0)
   top_p: float = Field(1.0, gt=0.0, le=1.0)
-  seed: int | None = None
+  seed: int | None = Field(None, **SEED_RANGE)
   stop: str | list[str] | None = None
-  n: int = 1
+  n: int = Field(1, ge=1, le=128)
   stream: bool = False
   stream_options: StreamOptions | None = None
+  # Declared for their ranges; check_supported refuses any but their no-op value.
+  presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+  frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
   # vLLM's extensions, which its users send through `extra_body`:
-  top_k: int = Field(0, ge=-1)  # 0 or -1: every token
+  top_k: int = Field(0, ge=-1, le=INT32_MAX)  # 0 or -1: every token
+  repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
   ignore_eos: bool = False
+
+  _model_is_text = field_validator("model")(whole_unicode)
+  _stops_are_few_and_short = field_validator("stop")(checked_stops)
 
   def stops(self) -> list[str]:
     return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -52,6 +85,13 @@ class SamplingRequest(BaseModel):
 class CompletionRequest(SamplingRequest):
   prompt: str | list[str]
   logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+
+  @field_validator("prompt")
+  @classmethod
+  def _prompt_is_text(cls, prompt: str | list[str]) -> str | list[str]:
+    for text in [prompt] if isinstance(prompt, str) else prompt:
+      whole_unicode(text)
+    return prompt
 
   def alternatives(self) -> int | None:
     return self.logprobs
@@ -67,6 +107,13 @@ class ChatMessage(BaseModel):
   role: Literal[ROLES]
   content: str | list[TextPart]
 
+  @field_validator("content")
+  @classmethod
+  def _content_is_text(cls, content: str | list[TextPart]) -> str | list[TextPart]:
+    for text in [content] if isinstance(content, str) else [part.text for part in content]:
+      whole_unicode(text)
+    return content
+
   def text(self) -> str:
     if isinstance(self.content, str):
       return self.content
@@ -75,8 +122,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
   messages: list[ChatMessage] = Field(min_length=1)
-  max_tokens: int | None = Field(None, ge=1)
-  max_completion_tokens: int | None = Field(None, ge=1)
+  max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+  max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
   logprobs: bool = False
   top_logprobs: int | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
 
@@ -107,7 +154,8 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
   fields = [str(part) for part in first.get("loc", ()) if part != "body"]
   param = fields[0] if fields and first.get("type") != "json_invalid" else None
   where = f"{'.'.join(fields)}: " if param else ""
-  return OpenAIError(400, f"{where}{first.get('msg', 'invalid request')}", param=param)
+  message = first.get("msg", "invalid request").removeprefix("Value error, ")
+  return OpenAIError(400, f"{where}{message}", param=param)
 
 
 def check_supported(request: SamplingRequest):
@@ -116,8 +164,10 @@ def check_supported(request: SamplingRequest):
   if request.stream_options is not None and not request.stream:
     raise OpenAIError(400, "stream_options is only allowed with stream=true; set stream or "
                       "drop stream_options", param="stream_options")
-  for name, value in (request.model_extra or {}).items():
-    if name in UNSUPPORTED_UNLESS and value not in (UNSUPPORTED_UNLESS[name], None, {}, []):
+  extra = request.model_extra or {}
+  for name, no_op in UNSUPPORTED_UNLESS.items():
+    value = extra[name] if name in extra else getattr(request, name, None)
+    if value not in (no_op, None, {}, []):
       raise OpenAIError(400, f"{name}={value!r} is not supported yet; leave it unset",
                         param=name)
 

@@ -8,6 +8,10 @@ or more cores the Python work per token hides behind the model's. A request that
 stop string, max_tokens) or is cancelled (its client left) frees its slot at once; the token
 the step already in flight made for it is dropped, and a waiting request takes the slot at the
 next turn while the others keep decoding.
+
+What one request brings (its prompt and settings at admission, its tokens' text at delivery)
+can fail that request alone: it gets a `RequestFailed` and the loop goes on. Only a failure of
+the shared decode step ends the loop, and with it every request (`Unavailable`).
 """
 
 import collections
@@ -34,6 +38,10 @@ class QueueFull(Exception):
 
 class Unavailable(Exception):
   """The engine loop has died or the server is shutting down (HTTP 503)."""
+
+
+class RequestFailed(Exception):
+  """Admitting or delivering one request failed; the others go on (HTTP 500)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +142,7 @@ class Orchestrator:
         raise QueueFull(f"{len(self._waiting)} requests are already waiting for a slot; "
                         "retry later")
       request.submitted = time.perf_counter()
-      request.text = TextStream(self.engine.decode, request.stops)
+      request.text = TextStream(self.engine.decode, request.stops, request.prompt_ids)
       self._waiting.append(request)
       self.metrics.queue_depth.set(len(self._waiting))
       self._wake.notify()
@@ -184,8 +192,10 @@ class Orchestrator:
             state, choice = self.engine.generate(state)
             queued = Pending(choice, list(self._slots))
         finally:  # should that step fail, the tokens made before it still reach their requests
-          for pending in [in_flight, *first_tokens] if in_flight else first_tokens:
-            self._deliver_all(pending)
+          if in_flight:
+            self._deliver_all(in_flight)
+          for pending in first_tokens:
+            self._deliver_first(pending)
         in_flight = queued
         self.metrics.active_slots.set(sum(r is not None for r in self._slots))
     except BaseException as e:  # noqa: BLE001 - every request must hear of it, then /health
@@ -209,15 +219,34 @@ class Orchestrator:
       return admitted
 
   def _admit(self, request: Request, slot: int, state, first_tokens: list["Pending"]):
-    """Prefills `request` into `slot`; its first token joins `first_tokens`, to deliver."""
+    """Prefills `request` into `slot`; its first token joins `first_tokens`, to deliver.
+
+    A prefill or insert that fails leaves `state` as it was and fails this request alone."""
     if request.cancelled:
-      request.emit(None)
+      self._release(request)
       return state
-    prefix, choice = self.engine.prefill(request.prompt_ids, request.settings)
+    try:
+      prefix, choice = self.engine.prefill(request.prompt_ids, request.settings)
+      state = self.engine.insert(prefix, state, slot)
+    except Exception as e:  # noqa: BLE001 - the request's own doing (its prompt, its settings)
+      self._fail(request, "admitting it", e)
+      return state
     self.metrics.prompt_tokens.inc(len(request.prompt_ids))
     self._slots[slot] = request
     first_tokens.append(Pending(choice, [request]))
-    return self.engine.insert(prefix, state, slot)
+    return state
+
+  def _deliver_first(self, pending: "Pending"):
+    """A prefill's token: fetching it can fail only that prefill's request."""
+    [request] = pending.rows
+    if request.finished:
+      return
+    try:
+      step = Step.from_choice(pending.choice)
+    except Exception as e:  # noqa: BLE001
+      self._fail(request, "prefilling it", e)
+      return
+    self._deliver(request, step, 0)
 
   def _deliver_all(self, pending: "Pending"):
     """Each row's token to the request that held the row when the step was queued, unless
@@ -231,7 +260,11 @@ class Orchestrator:
     """Hands `request` its token, and frees its slot once it has finished."""
     done = request.cancelled
     if not done:
-      delta = request.next_delta(step, row, self.engine.eos_id)
+      try:
+        delta = request.next_delta(step, row, self.engine.eos_id)
+      except Exception as e:  # noqa: BLE001 - its text (detokenizing, stop strings)
+        self._fail(request, "turning its token into text", e)
+        return
       self._observe(request)
       done = delta.finish_reason is not None
       try:
@@ -240,6 +273,10 @@ class Orchestrator:
         done = True
     if done:
       self._release(request)
+
+  def _fail(self, request: Request, doing: str, error: Exception):
+    log.error("a request failed while %s; the others go on", doing, exc_info=error)
+    self._release(request, RequestFailed(f"the request failed while {doing}: {error!r}"))
 
   def _observe(self, request: Request):
     now = time.perf_counter()

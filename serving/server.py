@@ -34,7 +34,7 @@ from serving.metrics import CountResponses, ServerMetrics
 from serving.openai_api import (ChatCompletionRequest, CompletionRequest, Logprobs, OpenAIError,
                                 ResponseShape, SamplingRequest, check_supported, error_response,
                                 single_prompt, sse, validation_error)
-from serving.orchestrator import Delta, Orchestrator, QueueFull, Unavailable
+from serving.orchestrator import Delta, Orchestrator, QueueFull, RequestFailed, Unavailable
 from serving.orchestrator import Request as Generation
 
 log = logging.getLogger("serving")
@@ -71,7 +71,8 @@ def create_app(engine: Engine, model_name: str | None = None,
     return error_response(OpenAIError(exc.status_code, str(exc.detail)))
 
   @app.exception_handler(Unavailable)  # an expected 503: not left to the traceback-logging 500
-  async def _unavailable(_: Request, exc: Unavailable):
+  @app.exception_handler(RequestFailed)  # logged by the orchestrator: a plain 500
+  async def _unavailable(_: Request, exc: Unavailable | RequestFailed):
     return error_response(server_error(exc))
 
   @app.exception_handler(Exception)

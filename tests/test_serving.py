@@ -110,6 +110,11 @@ def complete(orchestrator: Orchestrator, prompt: str, *, max_tokens: int, temper
                     deltas[-1].finish_reason, deltas)
 
 
+def completion_text(engine: Engine, prompt_ids: list[int], token_ids: list[int]) -> str:
+  """What follows the prompt's text in the text of all the ids (a first word keeps its space)."""
+  return engine.decode(prompt_ids + token_ids)[len(engine.decode(prompt_ids)):]
+
+
 def wait_until_healthy(process: subprocess.Popen, port: int, log_file: Path, timeout_s=120.0):
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
@@ -430,6 +435,13 @@ def test_text_stream_decodes_a_bounded_window_and_equals_the_whole_decode(engine
   assert len(token_ids) > 200 and max(lengths) <= 20
 
 
+def test_ids_past_the_tokenizer_decode_to_nothing(engine):
+  """A model's vocabulary may be padded past its tokenizer's; such ids are no text, no error."""
+  token_ids = engine.tokenizer.encode("wrap the café")
+  past = [engine.tokenizer.vocab_size(), engine.tokenizer.vocab_size() + 7]
+  assert engine.decode(past[:1] + token_ids + past[1:]) == engine.decode(token_ids)
+
+
 def test_text_stream_holds_back_what_may_become_a_stop(engine):
   token_ids = engine.tokenizer.encode("return text, width")
   stream = TextStream(engine.decode, ["xt, wid"])
@@ -446,7 +458,7 @@ def test_text_stream_holds_back_what_may_become_a_stop(engine):
 def test_stream_deltas_make_up_the_completion(orchestrator, engine):
   whole = complete(orchestrator, PROMPT, max_tokens=12)
   assert [d.finish_reason for d in whole.deltas] == [None] * 11 + ["length"]
-  assert whole.text == engine.decode(whole.token_ids)
+  assert whole.text == completion_text(engine, engine.encode(PROMPT), whole.token_ids)
   assert whole.token_ids == engine.greedy_decode_without_cache(engine.encode(PROMPT), 12)
 
 
@@ -475,7 +487,7 @@ def test_openai_client_matches_decode_without_cache(server_port, engine):
   response = client.completions.create(model=engine.model_name, prompt=PROMPT, max_tokens=8,
                                        temperature=0, seed=0)
   reference = engine.greedy_decode_without_cache(engine.encode(PROMPT), 8)
-  assert response.choices[0].text == engine.decode(reference)
+  assert response.choices[0].text == completion_text(engine, engine.encode(PROMPT), reference)
   assert response.usage.completion_tokens == len(reference)
 
 
@@ -672,5 +684,6 @@ def test_sigterm_lets_a_stream_in_flight_finish_then_exits(run_dir, tmp_path, en
       process.kill()
   assert texts[-1] is None and texts[-2]["finish_reason"] == "length"
   reference = engine.greedy_decode_without_cache(engine.encode(PROMPT), 40, stop_at_eos=False)
-  assert "".join(choice["text"] for choice in texts[:-1]) == engine.decode(reference)
+  assert "".join(choice["text"] for choice in texts[:-1]) == completion_text(
+      engine, engine.encode(PROMPT), reference)
   assert "shutting down" in log_file.read_text()
