@@ -188,7 +188,10 @@ def test_a_50_mb_prompt_is_a_413_and_health_stays_up():
 
 class SlowTokenizer(FakeEngine):
   """Takes 1 s to tokenize, and remembers on which thread."""
-  threads: list[str] = []
+
+  def __init__(self):
+    super().__init__()
+    self.threads = []
 
   def prompt_ids(self, prompt, max_tokens):
     self.threads.append(threading.current_thread().name)
