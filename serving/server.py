@@ -2,7 +2,8 @@
 
   python -m serving.server --checkpoint_dir=WORKDIR [--port=8000] [--host=127.0.0.1]
       [--slots=8] [--max_queue=64] [--quantize=int8] [--engine_cpus=auto]
-      [--api_keys_file=KEYS]
+      [--api_keys_file=KEYS] [--max_request_bytes=8388608] [--max_connections=1024]
+      [--header_timeout_s=10] [--body_timeout_s=60]
 
 /v1/completions and /v1/chat/completions, whole or streamed as server-sent events; /v1/models;
 /health; /metrics (Prometheus). Requests are batched continuously over the engine's decode
@@ -10,30 +11,36 @@ slots by `serving.orchestrator`, in its own thread, so the event loop stays free
 /health, to stream, and to notice a client that left (its slot is freed within one step).
 A full waiting line answers 429, a dead engine loop 503. SIGTERM stops accepting, lets the
 requests in flight finish for --shutdown_grace_s, then ends what is left with an error event.
+A request is refused from its headers when it lacks an API key (401) or declares a body over
+--max_request_bytes (413); clients that send too slowly are disconnected (`serving.connections`).
 """
 
 import argparse
 import asyncio
-import hmac
 import logging
 import os
+import resource
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from serving.chat import CHAT_STOPS, chat_prompt
+from serving.connections import ConnectionLimits, guarded_protocol
 from serving.engine import ContextLengthError, Engine, SamplingSettings
+from serving.guards import DEFAULT_MAX_REQUEST_BYTES, LimitBody, RequireApiKey
 from serving.metrics import CountResponses, ServerMetrics
 from serving.openai_api import (ChatCompletionRequest, CompletionRequest, Logprobs, OpenAIError,
                                 ResponseShape, SamplingRequest, check_supported, error_response,
                                 single_prompt, sse, validation_error)
+from serving.openapi import errors, generation_responses, install_spec, text
 from serving.orchestrator import Delta, Orchestrator, QueueFull, RequestFailed, Unavailable
 from serving.orchestrator import Request as Generation
 
@@ -48,14 +55,23 @@ def read_api_keys(path: str | Path) -> list[str]:
 
 
 def create_app(engine: Engine, model_name: str | None = None,
-               api_keys: list[str] | None = None, *, max_queue: int = 64) -> FastAPI:
+               api_keys: list[str] | None = None, *, max_queue: int = 64,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
   """The app, with its orchestrator already running (`app.state.orchestrator`)."""
   model_name = model_name or engine.model_name
   started = int(time.time())
   metrics = ServerMetrics()
   orchestrator = Orchestrator(engine, max_queue=max_queue, metrics=metrics).start()
+  # Tokenizing a long prompt takes a while (SentencePiece releases the GIL meanwhile): off the
+  # event loop, on a few threads, since more than the HTTP cores would only queue there.
+  prompt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="maxlm-prompt")
   app = FastAPI(title="maxlm")
   app.state.orchestrator = orchestrator
+  install_spec(app, keyed=bool(api_keys))
+  # The last added runs first: count every answer, then the key, then the body's size.
+  app.add_middleware(LimitBody, max_bytes=max_request_bytes)
+  if api_keys:
+    app.add_middleware(RequireApiKey, api_keys=api_keys)
   app.add_middleware(CountResponses, metrics=metrics)
 
   @app.exception_handler(OpenAIError)
@@ -68,7 +84,9 @@ def create_app(engine: Engine, model_name: str | None = None,
 
   @app.exception_handler(HTTPException)
   async def _http_error(_: Request, exc: HTTPException):
-    return error_response(OpenAIError(exc.status_code, str(exc.detail)))
+    response = error_response(OpenAIError(exc.status_code, str(exc.detail)))
+    response.headers.update(exc.headers or {})  # e.g. a 405's Allow
+    return response
 
   @app.exception_handler(Unavailable)  # an expected 503: not left to the traceback-logging 500
   @app.exception_handler(RequestFailed)  # logged by the orchestrator: a plain 500
@@ -79,47 +97,41 @@ def create_app(engine: Engine, model_name: str | None = None,
   async def _server_error(_: Request, exc: Exception):  # uvicorn logs the traceback
     return error_response(server_error(exc))
 
-  async def check_api_key(request: Request):
-    if not api_keys:
-      return
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not any(
-        hmac.compare_digest(key.strip().encode(), known.encode()) for known in api_keys):
-      raise OpenAIError(401, "missing or wrong API key; send `Authorization: Bearer KEY` with "
-                        "a key from the server's --api_keys_file", code="invalid_api_key")
-
-  @app.get("/health")
+  @app.get("/health", responses=errors(503))
   async def health():
     if not orchestrator.alive:
       return error_response(unavailable(Unavailable(
           f"the engine loop has stopped: {orchestrator.error!r}")))
     return {"status": "ok"}
 
-  @app.get("/metrics")
+  @app.get("/metrics", response_class=Response,
+           responses=text(metrics.content_type, "Prometheus' text exposition format"))
   async def prometheus_metrics():
     return Response(metrics.exposition(), media_type=metrics.content_type)
 
-  v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+  v1 = APIRouter(prefix="/v1")  # RequireApiKey guards it
 
-  @v1.get("/models")
+  @v1.get("/models", responses=errors(*(401,) * bool(api_keys)))
   async def models():
     return {"object": "list", "data": [{
         "id": model_name, "object": "model", "created": started, "owned_by": "maxlm",
         "max_model_len": engine.context_length}]}
 
-  def submit(request: SamplingRequest, prompt: str, max_tokens: int | None,
-             stops: list[str]) -> tuple[int, AsyncIterator[list[Delta]]]:
-    """(prompt token count, its deltas), refusing what cannot run before anything is sent."""
+  async def submit(request: SamplingRequest, prompt: Callable[[], str], max_tokens: int | None,
+                   stops: list[str]) -> tuple[int, AsyncIterator[list[Delta]]]:
+    """(prompt token count, its deltas), refusing what cannot run before anything is sent.
+    `prompt` renders the prompt; it runs on `prompt_pool`, with the tokenizer."""
     if request.model != model_name:
       raise OpenAIError(404, f"the model `{request.model}` does not exist; this server serves "
                         f"`{model_name}`", param="model", code="model_not_found")
     check_supported(request)
+    loop = asyncio.get_running_loop()
     try:
-      prompt_ids, max_tokens = engine.prompt_ids(prompt, max_tokens)
+      prompt_ids, max_tokens = await loop.run_in_executor(
+          prompt_pool, lambda: engine.prompt_ids(prompt(), max_tokens))
     except ContextLengthError as e:
       raise OpenAIError(400, str(e), param="messages" if isinstance(
           request, ChatCompletionRequest) else "prompt", code="context_length_exceeded") from e
-    loop = asyncio.get_running_loop()
     deltas: asyncio.Queue = asyncio.Queue()
     settings = SamplingSettings(
         temperature=request.temperature, top_p=request.top_p, top_k=max(request.top_k, 0),
@@ -135,7 +147,7 @@ def create_app(engine: Engine, model_name: str | None = None,
     return len(prompt_ids), drain(deltas, generation)
 
   async def respond(request: SamplingRequest, shape: ResponseShape, prompt_tokens: int,
-                    deltas: AsyncIterator[list[Delta]]):
+                    deltas: AsyncIterator[list[Delta]], http_request: Request):
     logprobs = (Logprobs(shape.chat, engine.token_bytes)
                 if request.alternatives() is not None else None)
     if request.stream:
@@ -143,7 +155,10 @@ def create_app(engine: Engine, model_name: str | None = None,
           stream_events(request, shape, prompt_tokens, deltas, logprobs),
           media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     begun = time.perf_counter()
-    received = [delta async for batch in deltas for delta in batch]
+    received = await unless_disconnected(collect(deltas), http_request)
+    if received is None:
+      log.info("%s: the client left; its generation is cancelled", shape.id)
+      return Response(status_code=CLIENT_LEFT)
     log.info("%s: %d prompt + %d generated tokens in %.2fs (%s)", shape.id, prompt_tokens,
              len(received), time.perf_counter() - begun, received[-1].finish_reason)
     return shape.whole("".join(d.text for d in received), received[-1].finish_reason,
@@ -179,21 +194,50 @@ def create_app(engine: Engine, model_name: str | None = None,
       yield sse(shape.usage_chunk(prompt_tokens, generated))
     yield sse("[DONE]")
 
-  @v1.post("/completions")
-  async def completions(request: CompletionRequest):
-    prompt_tokens, deltas = submit(request, single_prompt(request), request.max_tokens,
-                                   request.stops())
-    return await respond(request, ResponseShape(model_name, chat=False), prompt_tokens, deltas)
+  @v1.post("/completions", responses=generation_responses(keyed=bool(api_keys)))
+  async def completions(request: CompletionRequest, http_request: Request):
+    prompt_tokens, deltas = await submit(request, lambda: single_prompt(request),
+                                         request.max_tokens, request.stops())
+    return await respond(request, ResponseShape(model_name, chat=False), prompt_tokens, deltas,
+                         http_request)
 
-  @v1.post("/chat/completions")
-  async def chat_completions(request: ChatCompletionRequest):
-    prompt = chat_prompt([(message.role, message.text()) for message in request.messages])
+  @v1.post("/chat/completions", responses=generation_responses(keyed=bool(api_keys)))
+  async def chat_completions(request: ChatCompletionRequest, http_request: Request):
+    prompt = lambda: chat_prompt([(message.role, message.text()) for message in request.messages])
     max_tokens = request.max_completion_tokens or request.max_tokens
-    prompt_tokens, deltas = submit(request, prompt, max_tokens, request.stops() + CHAT_STOPS)
-    return await respond(request, ResponseShape(model_name, chat=True), prompt_tokens, deltas)
+    prompt_tokens, deltas = await submit(request, prompt, max_tokens,
+                                         request.stops() + CHAT_STOPS)
+    return await respond(request, ResponseShape(model_name, chat=True), prompt_tokens, deltas,
+                         http_request)
 
   app.include_router(v1)
   return app
+
+
+CLIENT_LEFT = 499  # as nginx logs it; nobody reads this response
+
+
+async def collect(deltas: AsyncIterator[list[Delta]]) -> list[Delta]:
+  return [delta async for batch in deltas for delta in batch]
+
+
+async def unless_disconnected(work, http_request: Request):
+  """`work`'s result, or None as soon as the client disconnects (then `work` is cancelled).
+
+  A stream notices a client that left when a write fails; a whole response writes only at the
+  end, so it listens for the ASGI `http.disconnect` instead (the body is read by now, so the
+  next message is that one)."""
+  async def disconnected():
+    while (await http_request.receive())["type"] != "http.disconnect":
+      pass
+
+  working, leaving = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+  try:
+    await asyncio.wait((working, leaving), return_when=asyncio.FIRST_COMPLETED)
+  finally:
+    leaving.cancel()
+    working.cancel()  # a no-op once it is done
+  return working.result() if working.done() else None
 
 
 async def drain(deltas: asyncio.Queue, generation: Generation) -> AsyncIterator[list[Delta]]:
@@ -253,7 +297,35 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--api_keys_file", default=None,
                       help="one API key per line; when set, /v1 requires `Authorization: Bearer "
                       "KEY` (/health and /metrics stay open)")
-  return parser.parse_args(argv)
+  parser.add_argument("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                      help="a longer request body is refused (413) before it is read whole; "
+                      "the default holds a 32k-token prompt even with every character escaped")
+  limits = ConnectionLimits()
+  parser.add_argument("--max_connections", type=int, default=limits.max_connections,
+                      help="open connections at most; past it, the oldest connection still "
+                      "sending its headers is dropped, or the new one answered 503")
+  parser.add_argument("--header_timeout_s", type=float, default=limits.header_timeout_s,
+                      help="a client must send its request headers within this time")
+  parser.add_argument("--body_timeout_s", type=float, default=limits.body_timeout_s,
+                      help="a client must send its request body within this time after the "
+                      "headers")
+  args = parser.parse_args(argv)
+  for name in ("max_request_bytes", "max_connections", "header_timeout_s", "body_timeout_s"):
+    if getattr(args, name) <= 0:
+      parser.error(f"--{name}={getattr(args, name)}; give a positive number")
+  return args
+
+
+def allow_open_files(connections: int):
+  """Raises this process's open-file limit to hold `connections` sockets and the files and
+  threads the engine needs beside them (up to the hard limit; past it, one line to fix it)."""
+  needed = connections + 256
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+  if soft != resource.RLIM_INFINITY and soft < needed:
+    if hard != resource.RLIM_INFINITY and hard < needed:
+      raise ValueError(f"--max_connections={connections} needs {needed} open files but `ulimit "
+                       f"-Hn` is {hard}; lower --max_connections or raise the limit")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 class DrainingServer(uvicorn.Server):
@@ -317,6 +389,7 @@ def main(argv=None):
     engine_cores = engine_cpus(args.engine_cpus, available)
     pin_this_thread(engine_cores)
     api_keys = read_api_keys(args.api_keys_file) if args.api_keys_file else None
+    allow_open_files(args.max_connections)
     engine = Engine.from_checkpoint(args.checkpoint_dir, model_name=args.model_name,
                                     max_len=args.max_len, slots=args.slots,
                                     quantize=args.quantize)
@@ -333,9 +406,12 @@ def main(argv=None):
   # computes the next step undisturbed (see serving.orchestrator).
   http_cores = [cpu for cpu in available if cpu not in engine_cores] or available
   pin_this_thread(http_cores)
-  app = create_app(engine, api_keys=api_keys, max_queue=args.max_queue)
+  app = create_app(engine, api_keys=api_keys, max_queue=args.max_queue,
+                   max_request_bytes=args.max_request_bytes)
   log.info("model on CPU cores %s; HTTP and the decode loop on %s", engine_cores, http_cores)
+  limits = ConnectionLimits(args.max_connections, args.header_timeout_s, args.body_timeout_s)
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                          http=guarded_protocol(limits),
                           timeout_graceful_shutdown=args.shutdown_grace_s + 5)
   DrainingServer(config, app.state.orchestrator, args.shutdown_grace_s).run()
 

@@ -8,6 +8,7 @@ many decode steps ran.
 
 import asyncio
 import json
+import socket
 import threading
 import time
 
@@ -115,6 +116,27 @@ def test_the_openai_client_sends_its_key(keyed_client):
     client("nope").completions.create(model=MODEL, prompt="x", max_tokens=2)
 
 
+def test_an_unauthenticated_20_mb_body_is_refused_before_a_byte_of_it_is_read():
+  app = create_app(FakeEngine(), api_keys=["key-one"])
+  body = json.dumps(completion(prompt="x" * (20 << 20))).encode()
+  read, sent = 0, []
+
+  async def receive():  # the body in 64 KiB pieces, counting what the server takes
+    nonlocal read
+    piece = body[read:read + (64 << 10)]
+    read += len(piece)
+    return {"type": "http.request", "body": piece, "more_body": read < len(body)}
+
+  async def send(message):
+    sent.append(message)
+
+  scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
+           "headers": [(b"content-type", b"application/json")]}
+  asyncio.run(app(scope, receive, send))
+  assert sent[0]["status"] == 401 and read == 0
+  assert json.loads(sent[1]["body"])["error"]["code"] == "invalid_api_key"
+
+
 def test_api_keys_file_is_one_key_per_line(tmp_path):
   keys = tmp_path / "keys"
   keys.write_text("alpha\n\n  beta  \n")
@@ -151,6 +173,58 @@ def test_a_stream_that_falls_behind_sends_what_has_arrived_as_one_chunk():
   assert asyncio.run(chunks([a, b, c, None])) == (["abc"], True)
   assert asyncio.run(chunks([a, b, ValueError("engine died")])) == (["ab", "error: engine died"],
                                                                      True)
+
+
+def test_a_50_mb_prompt_is_a_413_and_health_stays_up():
+  client = TestClient(create_app(FakeEngine()))
+  response = client.post("/v1/completions", json=completion(prompt="x" * (50 << 20)))
+  assert response.status_code == 413, response.text[:200]
+  assert response.json()["error"]["code"] == "request_too_large"
+  assert client.get("/health").status_code == 200
+  small = create_app(FakeEngine(), max_request_bytes=1000)
+  assert TestClient(small).post("/v1/completions", json=completion(
+      prompt="x" * 1000)).status_code == 413
+
+
+class SlowTokenizer(FakeEngine):
+  """Takes 1 s to tokenize, and remembers on which thread."""
+
+  def __init__(self):
+    super().__init__()
+    self.threads = []
+
+  def prompt_ids(self, prompt, max_tokens):
+    self.threads.append(threading.current_thread().name)
+    time.sleep(1.0)
+    return super().prompt_ids(prompt, max_tokens)
+
+
+def test_tokenizing_a_prompt_leaves_the_event_loop_free():
+  engine = SlowTokenizer()
+  app = create_app(engine)
+
+  async def scenario():
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+      chat = asyncio.create_task(client.post("/v1/chat/completions", json={
+          "model": MODEL, "messages": [{"role": "user", "content": "x" * 100_000}],
+          "max_tokens": 2}))
+      await asyncio.sleep(0.2)  # the prompt is being tokenized now
+      begun = time.perf_counter()
+      health = await client.get("/health")
+      return health, time.perf_counter() - begun, await chat
+
+  health, health_s, chat = asyncio.run(scenario())
+  assert health.status_code == 200 and health_s < 0.3
+  assert chat.json()["choices"][0]["message"]["content"] == "ab"
+  assert engine.threads and threading.main_thread().name not in engine.threads
+
+
+def test_a_wrong_method_is_a_405_that_says_what_is_allowed():
+  client = TestClient(create_app(FakeEngine()))
+  response = client.get("/v1/completions")
+  assert response.status_code == 405 and response.headers["allow"] == "POST"
+  assert "error" in response.json()
 
 
 def test_cpus_leaves_one_core_to_the_clients_unless_told():
@@ -294,6 +368,22 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(slow_server):
   assert engine.decode_steps == steps_when_freed  # nothing decodes for nobody
   response = httpx.post(f"{url}/v1/completions", json=completion(max_tokens=2), timeout=10)
   assert response.json()["choices"][0]["text"] == "ab"
+
+
+def test_a_client_that_leaves_before_its_whole_response_frees_its_slot(slow_server):
+  engine, orchestrator, url = slow_server
+  host, port = url.removeprefix("http://").split(":")
+  body = json.dumps(completion(max_tokens=1000)).encode()
+  client = socket.create_connection((host, int(port)))
+  client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+  assert wait_for(lambda: engine.decode_steps >= 5)
+  client.close()
+  steps_when_left = engine.decode_steps
+  assert wait_for(lambda: orchestrator.active == 0), "the slot stayed taken after the client left"
+  assert engine.decode_steps - steps_when_left <= 2
+  time.sleep(0.1)
+  assert engine.decode_steps - steps_when_left <= 2  # nothing decodes for nobody
 
 
 def stream_in_thread(url: str, max_tokens: int):
