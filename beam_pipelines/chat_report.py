@@ -79,16 +79,17 @@ def report_markdown(manifest: dict) -> str:
                       report["dead_letters_by_reason"].items()) or "none"
   examples = "conversations" if report["kind"] == "sft" else "pairs"
   lines = [f"{report['kind']} data; rows in by kind: {rows_in}",
-           f"dead letters: {report['dead_letters']:,} ({stage_report.DEAD_LETTER_NAME}): "
-           f"{reasons}", f"turns cut by --truncate: {report['truncated_turns']:,}", "",
+           (f"dead letters: {report['dead_letters']:,} ({stage_report.DEAD_LETTER_NAME}): "
+            f"{reasons}"), f"turns cut by --truncate: {report['truncated_turns']:,}", "",
            f"| split | {examples} | tokens | supervised tokens | sequences | shards |",
            "|---|---:|---:|---:|---:|---:|"]
   for name, split in manifest["splits"].items():
     lines.append(f"| {name} | {split['documents']:,} | {split['tokens']:,} | "
                  f"{split['supervised_tokens']:,} | {split['sequences']:,} | "
                  f"{len(split['shards'])} |")
-  lines += ["", f"packing efficiency (non-pad / all tokens): {report['packing_efficiency']:.4f}; "
-            f"seq_len {manifest['seq_len']}, vocab {manifest['tokenizer']['vocab_size']}, "
-            f"train supervised unigram entropy {manifest['unigram_entropy_nats']:.3f} nats; "
-            f"{report['seconds']:.1f}s"]
+  lines += ["", (f"packing efficiency (non-pad / all tokens): "
+                 f"{report['packing_efficiency']:.4f}; seq_len {manifest['seq_len']}, "
+                 f"vocab {manifest['tokenizer']['vocab_size']}, train supervised unigram "
+                 f"entropy {manifest['unigram_entropy_nats']:.3f} nats; "
+                 f"{report['seconds']:.1f}s")]
   return "\n".join(lines) + "\n"

@@ -206,7 +206,7 @@ def write_manifest(unused_element, *, output_dir: str, kind: str, seq_len: int,
       "unigram_entropy_nats": dataset_manifest.unigram_entropy(
           train.histogram if train else np.zeros(0)),
       "settings": settings,
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+      "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
 
 
 class Tokenizer:
@@ -279,12 +279,13 @@ def check_settings(seq_len: int, validation_fraction: float, kind: str) -> None:
 
 
 def input_files(inputs: list[str], validation_inputs: list[str]) -> tuple[list, int]:
-  """([(path, "validation" or None)], input bytes)."""
+  """([(path, its part, or None for a hash split)], input bytes)."""
   train = documents.match_files(inputs)
   validation = documents.match_files(validation_inputs) if validation_inputs else {}
   if both := sorted(train.keys() & validation.keys()):
     raise ValueError(f"{both[0]} is both an --input and a --validation_input file; list it once")
-  files = [(path, None) for path in sorted(train)]
+  train_part = "train" if validation else None  # None: split by hash
+  files = [(path, train_part) for path in sorted(train)]
   files += [(path, "validation") for path in sorted(validation)]
   return files, sum(train.values()) + sum(validation.values())
 

@@ -75,9 +75,9 @@ def tokenizer_dir(tmp_path_factory) -> Path:
   """A data dir holding a tokenizer trained as prepare_text trains one, and its manifest."""
   directory = tmp_path_factory.mktemp("tokenizer")
   lines = [line for line in Path(textwrap.__file__).read_text().splitlines() if line.strip()]
-  options = TRAINER_OPTIONS | dict(
-      model_type="bpe", vocab_size=500,
-      user_defined_symbols=["\n", *chat_template.RESERVED_TOKENS])
+  options = TRAINER_OPTIONS | {
+      "model_type": "bpe", "vocab_size": 500,
+      "user_defined_symbols": ["\n", *chat_template.RESERVED_TOKENS]}
   spm.SentencePieceTrainer.train(sentence_iterator=iter(lines + ["Äpfel 🙂"] * 3),
                                  model_prefix=str(directory / "tokenizer"), **options)
   proto = (directory / records.TOKENIZER_NAME).read_bytes()
@@ -245,7 +245,7 @@ def test_the_report_counts_rows_dead_letters_and_tokens(sft_dir):
 
 
 def test_make_dataset_batches_the_sft_fields(sft_dir):
-  directory, manifest, _ = sft_dir
+  directory = sft_dir[0]
   batch = next(iter(data.make_dataset(directory, "train", global_batch_size=2, seed=0,
                                       process_index=0, process_count=1)))
   assert {name: (a.dtype.name, a.shape) for name, a in batch.items()} == {
