@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from maxlm.config_checks import build_model_config
 from maxlm.model import ModelConfig
 
 CHECKPOINTS = "checkpoints"
@@ -72,7 +73,7 @@ def model_meta(config: ModelConfig, **extra) -> dict:
 
 
 def config_from_meta(meta: dict) -> ModelConfig:
-  return ModelConfig(**meta["model_config"])
+  return build_model_config(**meta["model_config"])
 
 
 def read_meta(checkpoint_dir: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:

@@ -10,6 +10,7 @@ latest checkpoint in WORKDIR.
 
 import contextlib
 import functools
+import inspect
 import json
 import os
 import shutil
@@ -24,11 +25,12 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from maxlm import checkpoint, data, metrics, optim, sampling, sharding, tasks
+from maxlm import checkpoint, data, metrics, optim, sampling, sharding, tasks, workdir_lock
 from maxlm import steps as train_steps
+from maxlm.config_checks import (UserError, build_model_config, check_compatible,
+                                 check_run_configuration, resolve_model_config)
 from maxlm.default_corpus import ensure_default_corpus
-from maxlm.model import ModelConfig, training_flops_per_token
-from maxlm.config_checks import UserError, check_compatible, resolve_model_config
+from maxlm.model import training_flops_per_token
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -49,7 +51,26 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
                                    "num_processes).")
 
 
+def _checked_and_locked(train_fn):
+  """`train`'s boundary: its arguments and the gin bindings of what it builds are checked
+  before anything is built, then one trainer at a time holds the workdir (process 0 takes the
+  lock for the whole run; see maxlm.workdir_lock)."""
+  signature = inspect.signature(train_fn)
+
+  @functools.wraps(train_fn)
+  def checked_and_locked(*args, **kwargs):
+    arguments = signature.bind(*args, **kwargs)
+    arguments.apply_defaults()
+    check_run_configuration(arguments.arguments)
+    if jax.process_index() != 0:
+      return train_fn(*args, **kwargs)
+    with workdir_lock.hold(arguments.arguments["workdir"], log=_log):
+      return train_fn(*args, **kwargs)
+  return checked_and_locked
+
+
 @gin.configurable(module="maxlm")
+@_checked_and_locked
 def train(workdir: str, data_dir: str | None = None, steps: int = 300,
           global_batch_size: int = 16, microbatches: int = 1, z_loss: float = 0.0,
           seed: int = 0, checkpoint_every: int = 100,
@@ -77,8 +98,11 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
   except (FileNotFoundError, ValueError) as error:
     raise UserError(str(error)) from None
   seq_len = manifest["seq_len"]
-  config = resolve_model_config(ModelConfig(), manifest)
-  mesh = sharding.make_mesh()
+  config = resolve_model_config(build_model_config(), manifest)
+  try:
+    mesh = sharding.make_mesh()
+  except ValueError as error:  # the sizes do not fit the devices
+    raise UserError(str(error).splitlines()[0]) from None
   if global_batch_size % (microbatches * sharding.batch_divisor(mesh)):
     raise UserError(f"train.global_batch_size={global_batch_size} must be a multiple of "
                     f"train.microbatches={microbatches} times the mesh's data*fsdp size "
@@ -118,7 +142,8 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
        f" | {tokens_per_step:,} tokens/step | steps {first_step} -> {steps}")
   last_eval = None
   bad_in_a_row, skipped_total = 0, 0
-  with jax.set_mesh(mesh), _sigterm_requests_stop() as preempted:
+  with (jax.set_mesh(mesh), _sigterm_requests_stop() as preempted,
+        _pending_save_finishes_on_user_error(checkpointer)):
     for step in range(first_step + 1, steps + 1):
       if profile_steps and step == profile_steps[0]:
         jax.profiler.start_trace(str(workdir / "profile"))
@@ -203,6 +228,17 @@ def _sigterm_requests_stop():
     yield requested
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _pending_save_finishes_on_user_error(checkpointer):
+  """A user error mid-run (a corrupt shard) exits only after the in-flight async save is
+  written, so the checkpoint before the bad batch is complete."""
+  try:
+    yield
+  except UserError:
+    checkpointer.wait()
+    raise
 
 
 def _restore_or_init(checkpointer, workdir, config, meta, abstract_state, optimizer, shardings,
