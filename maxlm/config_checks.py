@@ -116,7 +116,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "sample_temperature": NON_NEGATIVE_NUMBER,
         "keep_checkpoint_every": _optional(POSITIVE_INT),
         "peak_flops_per_device": _optional(POSITIVE_NUMBER),
-        "profile_steps": _optional((_is_step_range, "a pair of steps (first, last), first <= last")),
+        "profile_steps": _optional((_is_step_range, "a pair of steps (first, last) in order")),
     },
     "learning_rate_schedule": {
         "total_steps": POSITIVE_INT,

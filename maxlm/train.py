@@ -5,7 +5,8 @@
                         [--checkpoint_every=N] [--gin_param='ModelConfig.num_layers=2' ...]
 
 Bare gin file names resolve under `configs/`. Rerunning the same command resumes from the
-latest checkpoint in WORKDIR.
+latest checkpoint in WORKDIR. One trainer at a time holds WORKDIR (WORKDIR/.lock); a second is
+refused while the first runs.
 """
 
 import contextlib

@@ -93,19 +93,19 @@ def _run_train(argv, monkeypatch, capsys) -> tuple[int, str]:
 @pytest.mark.parametrize("flag, message", [
     ('--gin_param=train.global_batch_size = "eight"',
      "train.global_batch_size='eight' must be a positive int"),
-    ("--gin_param=ModelConfig.embed_dim = 192.5", "ModelConfig.embed_dim=192.5 must be a positive "
-     "int"),
+    ("--gin_param=ModelConfig.embed_dim = 192.5",
+     "ModelConfig.embed_dim=192.5 must be a positive int"),
     ("--gin_param=ModelConfig.num_heads = 0", "ModelConfig.num_heads=0 must be a positive int"),
-    ("--gin_param=train.global_batch_size = -8", "train.global_batch_size=-8 must be a positive "
-     "int"),
-    ('--gin_param=ModelConfig.dtype = "float33"', "ModelConfig.dtype='float33' must be one of "
-     "'float32', 'bfloat16', 'float16'"),
+    ("--gin_param=train.global_batch_size = -8",
+     "train.global_batch_size=-8 must be a positive int"),
+    ('--gin_param=ModelConfig.dtype = "float33"',
+     "ModelConfig.dtype='float33' must be one of 'float32', 'bfloat16', 'float16'"),
     ("--checkpoint_every=0", "train.checkpoint_every=0 must be a positive int"),
     ("--steps=-5", "train.steps=-5 must be a positive int"),
     ("--gin_param=learning_rate_schedule.peak_learning_rate = -3e-4",
      "learning_rate_schedule.peak_learning_rate=-0.0003 must be a positive number"),
-    ("--gin_param=make_mesh.data = 0", "make_mesh.data=0 must be a positive int, or -1 for the "
-     "devices left over"),
+    ("--gin_param=make_mesh.data = 0",
+     "make_mesh.data=0 must be a positive int, or -1 for the devices left over"),
 ])
 def test_each_bad_value_from_the_issue_exits_2_with_one_line_before_anything_is_built(
     flag, message, tmp_path, monkeypatch, capsys):

@@ -30,9 +30,8 @@ def _holder_process(workdir, then: str) -> subprocess.Popen:
 def test_a_second_holder_is_refused_naming_the_first_and_the_lock_file(tmp_path):
   first = _holder_process(tmp_path, "time.sleep(60)")
   try:
-    with pytest.raises(UserError) as refused:
-      with workdir_lock.hold(tmp_path):
-        pass
+    with pytest.raises(UserError) as refused, workdir_lock.hold(tmp_path):
+      pass
   finally:
     first.kill()
     first.wait()
@@ -64,8 +63,8 @@ def test_a_lock_file_naming_a_dead_pid_is_taken_over(tmp_path):
   said = []
   with workdir_lock.hold(tmp_path, log=said.append):
     pass
-  assert said == [f"took over a stale lock from pid {dead_pid} on elsewhere, started yesterday, "
-                  f"which is gone ({tmp_path / '.lock'})"]
+  stale = f"pid {dead_pid} on elsewhere, started yesterday"
+  assert said == [f"took over a stale lock from {stale}, which is gone ({tmp_path / '.lock'})"]
 
 
 def test_a_clean_release_leaves_no_stale_holder(tmp_path):
