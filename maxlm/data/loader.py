@@ -137,7 +137,7 @@ def make_dataset(
   index, count = resolve_process(process_index, process_count)
   batch_size = per_process_batch_size(global_batch_size, count)
   _check_epochs_and_seed(num_epochs, seed)
-  records = grain.MapDataset.source(NamedShards(split_shard_paths(data_dir, manifest, split)))
+  records = grain.MapDataset.source(_NamedShards(split_shard_paths(data_dir, manifest, split)))
   _check_record_count(records, manifest, split, count)
   weights = source_weights(manifest, split)
   if shuffle and len(weights) > 1:
@@ -155,7 +155,7 @@ def make_dataset(
   return sequences.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True)
 
 
-class NamedShards:
+class _NamedShards:
   """ArrayRecord shards read as one random-access source. array_record reports a truncated or
   corrupt shard as a RuntimeError naming neither the file nor the record, at open (a cut-off
   file has lost its index, which is written last) or at read (a damaged chunk); both become a
@@ -206,7 +206,7 @@ def mixture(data_dir, manifest: dict, split: str, weights: dict[str, float], see
   for i, name in enumerate(weights):
     paths = [os.fspath(epath.Path(data_dir) / shard)
              for shard in manifest["splits"][split]["sources"][name]["shards"]]
-    part = grain.MapDataset.source(NamedShards(paths))
+    part = grain.MapDataset.source(_NamedShards(paths))
     parts.append(part.shuffle(seed=(seed + i) % _MAX_SEED).repeat(None))
   mixed = grain.MapDataset.mix(parts, list(weights.values()))
   return mixed if num_epochs is None else mixed[:num_epochs * total]
