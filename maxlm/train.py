@@ -25,6 +25,7 @@ import gin
 import jax
 import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 
 from maxlm import checkpoint, data, metrics, optim, sampling, sharding, tasks, workdir_lock
 from maxlm import steps as train_steps
@@ -54,8 +55,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 
 def _checked_and_locked(train_fn):
   """`train`'s boundary: its arguments and the gin bindings of what it builds are checked
-  before anything is built, then one trainer at a time holds the workdir (process 0 takes the
-  lock for the whole run; see maxlm.workdir_lock)."""
+  before anything is built, then one trainer at a time holds the workdir."""
   signature = inspect.signature(train_fn)
 
   @functools.wraps(train_fn)
@@ -63,11 +63,29 @@ def _checked_and_locked(train_fn):
     arguments = signature.bind(*args, **kwargs)
     arguments.apply_defaults()
     check_run_configuration(arguments.arguments)
-    if jax.process_index() != 0:
-      return train_fn(*args, **kwargs)
-    with workdir_lock.hold(arguments.arguments["workdir"], log=_log):
+    with _workdir_held_by_process_0(arguments.arguments["workdir"]):
       return train_fn(*args, **kwargs)
   return checked_and_locked
+
+
+@contextlib.contextmanager
+def _workdir_held_by_process_0(workdir):
+  """Process 0 holds WORKDIR/.lock for the run (see maxlm.workdir_lock). Every process learns
+  whether it got it before touching the workdir: a refused run's other processes would
+  otherwise go on to copy the tokenizer and truncate metrics in the running one's workdir."""
+  with contextlib.ExitStack() as lock:
+    refusal = None
+    if jax.process_index() == 0:
+      try:
+        lock.enter_context(workdir_lock.hold(workdir, log=_log))
+      except UserError as error:
+        refusal = error
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(
+        np.int32(refusal is not None)) and refusal is None:
+      raise UserError(f"process 0 was refused the lock of {workdir}; its error says by whom")
+    if refusal is not None:
+      raise refusal
+    yield
 
 
 @gin.configurable(module="maxlm")

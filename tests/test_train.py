@@ -268,6 +268,20 @@ def test_a_second_trainer_on_a_held_workdir_exits_2_naming_the_holder(data_dir, 
   assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"], "nothing written"
 
 
+def test_every_process_of_a_refused_multi_process_run_exits_2(data_dir, tmp_path):
+  import portpicker  # pylint: disable=import-outside-toplevel
+  coordinator = f"--coordinator_address=127.0.0.1:{portpicker.pick_unused_port()}"
+  with workdir_lock.hold(tmp_path):
+    pair = [_train_process(tmp_path, data_dir, coordinator, "--num_processes=2",
+                           f"--process_id={i}", devices=4) for i in range(2)]
+    outputs = [process.communicate(timeout=120)[0] for process in pair]
+  assert [process.returncode for process in pair] == [2, 2], outputs
+  assert _error_lines(outputs[0])[0].startswith(f"error: {tmp_path} is in use by another trainer")
+  assert _error_lines(outputs[1]) == [f"error: process 0 was refused the lock of {tmp_path}; "
+                                      "its error says by whom"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"], "nothing written"
+
+
 def test_a_bad_flag_value_exits_2_with_one_line(data_dir, tmp_path):
   process = _train_process(tmp_path / "run", data_dir, "--steps=-5")
   output = process.communicate(timeout=60)[0]
