@@ -2,13 +2,23 @@
 
 import dataclasses
 import json
+import math
+import numbers
+import os
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
+import gin
+
+from maxlm import optim, sharding, tasks
+from maxlm.errors import UserError
 from maxlm.model import ModelConfig
+from maxlm.model.transformer import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
-
-class UserError(Exception):
-  """A mistake in flags, gin or data that the user fixes; printed without a traceback."""
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+_MAX_SEED = 2**32
 
 
 def resolve_model_config(config: ModelConfig, manifest: dict) -> ModelConfig:
@@ -34,7 +44,12 @@ def saved_model_config(saved: dict) -> ModelConfig:
   if unknown:
     raise UserError(f"the checkpoint's model_config has {', '.join(unknown)}, which this "
                     "maxlm's ModelConfig lacks; load it with the maxlm version that wrote it")
-  return ModelConfig(**saved)
+  values = {field.name: field.default for field in dataclasses.fields(ModelConfig)} | saved
+  check_values("ModelConfig", values)
+  try:
+    return ModelConfig(**values)  # every field given: no gin binding fills in
+  except ValueError as error:
+    raise UserError(str(error).splitlines()[0]) from None
 
 
 def normalized_model_config(saved: dict) -> dict:
@@ -81,3 +96,139 @@ def check_same_model(source_meta: dict, meta: dict, run_dir, config: ModelConfig
   if changed:
     raise UserError(f"--init_from {run_dir} has another model shape ({', '.join(changed)}); "
                     "use the ModelConfig of that run")
+
+
+# A rule is (test, what a valid value is); a value failing it reads
+# "NAME.field=value must be <what>", which names the gin binding to fix.
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _optional(rule: Rule) -> Rule:
+  test, what = rule
+  return (lambda value: value is None or test(value)), f"{what} or None"
+
+
+def _one_of(choices) -> Rule:
+  return ((lambda value: isinstance(value, str) and value in choices),
+          "one of " + ", ".join(repr(choice) for choice in choices))
+
+
+def _is_regex(value) -> bool:
+  try:
+    re.compile(value)
+  except (TypeError, re.error):
+    return False
+  return isinstance(value, str)
+
+
+def _is_step_range(value) -> bool:
+  return (isinstance(value, (tuple, list)) and len(value) == 2
+          and all(_is_int(step) and step >= 1 for step in value) and value[0] <= value[1])
+
+
+POSITIVE_INT: Rule = (lambda value: _is_int(value) and value > 0), "a positive int"
+NON_NEGATIVE_INT: Rule = (lambda value: _is_int(value) and value >= 0), "an int >= 0"
+POSITIVE_NUMBER: Rule = (lambda value: _is_number(value) and value > 0), "a positive number"
+NON_NEGATIVE_NUMBER: Rule = (lambda value: _is_number(value) and value >= 0), "a number >= 0"
+BOOL: Rule = (lambda value: isinstance(value, bool)), "True or False"
+STRING: Rule = (lambda value: isinstance(value, str)), "a string"
+PATH: Rule = ((lambda value: isinstance(value, (str, os.PathLike)) and os.fspath(value) != ""),
+              "a directory path")
+ANY: Rule = (lambda value: True), "anything"
+
+RULES: dict[str, dict[str, Rule]] = {
+    "ModelConfig": {
+        "vocab_size": _optional(POSITIVE_INT),
+        **dict.fromkeys(("num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim",
+                         "mlp_dim", "max_seq_len"), POSITIVE_INT),
+        "rope_theta": POSITIVE_NUMBER,
+        "norm_eps": POSITIVE_NUMBER,
+        "tie_embeddings": BOOL,
+        "dtype": _one_of(COMPUTE_DTYPES),
+        "attention": _one_of(ATTENTION_IMPLEMENTATIONS),
+        "remat": _one_of(tuple(REMAT_POLICIES)),
+    },
+    "train": {
+        "workdir": PATH,
+        "data_dir": _optional(PATH),
+        **dict.fromkeys(("steps", "global_batch_size", "microbatches", "checkpoint_every",
+                         "eval_every", "eval_batches", "log_every", "max_bad_steps",
+                         "keep_checkpoints"), POSITIVE_INT),
+        "task": ANY,
+        "init_from": _optional(PATH),
+        "trainable": _optional((_is_regex, "a regular expression over parameter paths")),
+        "seed": ((lambda value: _is_int(value) and 0 <= value < _MAX_SEED),
+                 "an int in [0, 2**32)"),
+        "sample_prompt": STRING,
+        "sample_tokens": NON_NEGATIVE_INT,
+        "sample_temperature": NON_NEGATIVE_NUMBER,
+        "keep_checkpoint_every": _optional(POSITIVE_INT),
+        "peak_flops_per_device": _optional(POSITIVE_NUMBER),
+        "profile_steps": _optional((_is_step_range, "a pair of steps (first, last) in order")),
+    },
+    "Pretrain": {
+        "z_loss": NON_NEGATIVE_NUMBER,
+        "batch_fields": ANY,
+    },
+    "learning_rate_schedule": {
+        "total_steps": POSITIVE_INT,
+        "peak_learning_rate": POSITIVE_NUMBER,
+        "warmup_steps": NON_NEGATIVE_INT,
+        "final_fraction": ((lambda value: _is_number(value) and 0 <= value <= 1),
+                           "a number in [0, 1]"),
+    },
+    "make_optimizer": {
+        "schedule": ANY,
+        "weight_decay": NON_NEGATIVE_NUMBER,
+        **dict.fromkeys(("b1", "b2"), ((lambda value: _is_number(value) and 0 <= value < 1),
+                                       "a number in [0, 1)")),
+        "eps": POSITIVE_NUMBER,
+        "max_grad_norm": POSITIVE_NUMBER,
+    },
+    "make_mesh": {
+        **dict.fromkeys(("data", "fsdp", "tensor"), (
+            (lambda value: _is_int(value) and (value > 0 or value == -1)),
+            "a positive int, or -1 for the devices left over")),
+        "devices": ANY,
+    },
+}
+
+
+def check_values(configurable: str, values: Mapping[str, Any]) -> None:
+  """Each of `values` against its rule in RULES[configurable]."""
+  rules = RULES[configurable]
+  for name, value in values.items():
+    if name not in rules:
+      raise UserError(f"{configurable}.{name} is not a setting of {configurable}; it has "
+                      f"{', '.join(rules)}")
+    test, what = rules[name]
+    if not test(value):
+      shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+      raise UserError(f"{configurable}.{name}={shown} must be {what}")
+
+
+def check_run_configuration(train_arguments: Mapping[str, Any]) -> None:
+  """`train`'s arguments, then the gin bindings of what it builds, before it builds any."""
+  check_values("train", train_arguments)
+  for configurable in (ModelConfig, tasks.Pretrain, optim.learning_rate_schedule,
+                       optim.make_optimizer, sharding.make_mesh):
+    check_values(configurable.__name__, gin.get_bindings(configurable))
+
+
+def build_model_config(**values) -> ModelConfig:
+  """ModelConfig(**values), gin filling in the rest. Every field is checked first, since a
+  wrong type would fail inside ModelConfig's own cross-field checks with a traceback, and
+  those checks' errors become one-line errors too."""
+  check_values("ModelConfig", {**gin.get_bindings(ModelConfig), **values})
+  try:
+    return ModelConfig(**values)
+  except ValueError as error:  # gin appends "In call to configurable ..." lines
+    raise UserError(str(error).splitlines()[0]) from None

@@ -5,12 +5,14 @@
                         [--checkpoint_every=N] [--gin_param='ModelConfig.num_layers=2' ...]
 
 Bare gin file names resolve under `configs/`. Rerunning the same command resumes from the
-latest checkpoint in WORKDIR.
+latest checkpoint in WORKDIR. One trainer at a time holds WORKDIR (WORKDIR/.lock); a second is
+refused while the first runs.
 """
 
 import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import shutil
@@ -22,13 +24,16 @@ from pathlib import Path
 
 import gin
 import jax
+import numpy as np
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from beam_pipelines.records import fields_of_manifest
-from maxlm import checkpoint, data, metrics, optim, sampling, sharding, tasks
+from maxlm import checkpoint, data, metrics, optim, sampling, sharding, tasks, workdir_lock
 from maxlm import steps as train_steps
-from maxlm.config_checks import (UserError, check_compatible, check_same_model,
+from maxlm.config_checks import (UserError, build_model_config, check_compatible,
+                                 check_run_configuration, check_same_model,
                                  resolve_model_config)
 from maxlm.default_corpus import ensure_default_corpus
 from maxlm.model import ModelConfig, training_flops_per_token
@@ -55,7 +60,43 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
                                    "num_processes).")
 
 
+def _checked_and_locked(train_fn):
+  """`train`'s boundary: its arguments and the gin bindings of what it builds are checked
+  before anything is built, then one trainer at a time holds the workdir."""
+  signature = inspect.signature(train_fn)
+
+  @functools.wraps(train_fn)
+  def checked_and_locked(*args, **kwargs):
+    arguments = signature.bind(*args, **kwargs)
+    arguments.apply_defaults()
+    check_run_configuration(arguments.arguments)
+    with _workdir_held_by_process_0(arguments.arguments["workdir"]):
+      return train_fn(*args, **kwargs)
+  return checked_and_locked
+
+
+@contextlib.contextmanager
+def _workdir_held_by_process_0(workdir):
+  """Process 0 holds WORKDIR/.lock for the run (see maxlm.workdir_lock). Every process learns
+  whether it got it before touching the workdir: a refused run's other processes would
+  otherwise go on to copy the tokenizer and truncate metrics in the running one's workdir."""
+  with contextlib.ExitStack() as lock:
+    refusal = None
+    if jax.process_index() == 0:
+      try:
+        lock.enter_context(workdir_lock.hold(workdir, log=_log))
+      except UserError as error:
+        refusal = error
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(
+        np.int32(refusal is not None)) and refusal is None:
+      raise UserError(f"process 0 was refused the lock of {workdir}; its error says by whom")
+    if refusal is not None:
+      raise refusal
+    yield
+
+
 @gin.configurable(module="maxlm")
+@_checked_and_locked
 def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = None,
           steps: int = 300, global_batch_size: int = 16, microbatches: int = 1,
           seed: int = 0, init_from: str | None = None, trainable: str | None = None,
@@ -91,8 +132,11 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
     raise UserError(str(error)) from None
   check_task_fields(task, manifest, data_dir)
   seq_len = manifest["seq_len"]
-  config = resolve_model_config(ModelConfig(), manifest)
-  mesh = sharding.make_mesh()
+  config = resolve_model_config(build_model_config(), manifest)
+  try:
+    mesh = sharding.make_mesh()
+  except ValueError as error:  # the sizes do not fit the devices
+    raise UserError(str(error).splitlines()[0]) from None
   if global_batch_size % (microbatches * sharding.batch_divisor(mesh)):
     raise UserError(f"train.global_batch_size={global_batch_size} must be a multiple of "
                     f"train.microbatches={microbatches} times the mesh's data*fsdp size "
@@ -138,7 +182,8 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
        f" | {tokens_per_step:,} tokens/step | steps {first_step} -> {steps}")
   last_eval = None
   bad_in_a_row, skipped_total = 0, 0
-  with jax.set_mesh(mesh), _sigterm_requests_stop() as preempted:
+  with (jax.set_mesh(mesh), _sigterm_requests_stop() as preempted,
+        _pending_save_finishes_on_user_error(checkpointer)):
     for step in range(first_step + 1, steps + 1):
       if profile_steps and step == profile_steps[0]:
         jax.profiler.start_trace(str(workdir / "profile"))
@@ -223,6 +268,17 @@ def _sigterm_requests_stop():
     yield requested
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _pending_save_finishes_on_user_error(checkpointer):
+  """A user error mid-run (a corrupt shard) exits only after the in-flight async save is
+  written, so the checkpoint before the bad batch is complete."""
+  try:
+    yield
+  except UserError:
+    checkpointer.wait()
+    raise
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """maxlm.data against a tiny data dir whose every record is known: record r has tokens[0] == r."""
 
 import json
+import os
 
-from array_record.python.array_record_module import ArrayRecordWriter
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -11,6 +12,7 @@ from beam_pipelines.records import (MANIFEST_NAME, RECORD_FORMAT, encode_packed,
                                     manifest_fields, text_fields)
 from beam_pipelines.records import field as record_field
 from maxlm import data
+from maxlm.errors import UserError
 
 SEQ_LEN = 8
 SHARD_SIZES = (20, 17)
@@ -258,6 +260,44 @@ def test_sequence_count_mismatch(data_dir, tmp_path):
   copy = copy_with_manifest(data_dir, tmp_path, splits=manifest["splits"])
   with pytest.raises(ValueError, match="truncated or replaced"):
     train_dataset(copy)
+
+
+def test_a_truncated_shard_is_named_when_the_dataset_is_built(data_dir, tmp_path):
+  copy = copy_with_manifest(data_dir, tmp_path)
+  shard = copy / "train-00001-of-00002.array_record"
+  os.truncate(shard, shard.stat().st_size // 2)
+  with pytest.raises(UserError, match=f"^ArrayRecord shard {shard} is corrupt or truncated "
+                     r"\(.+\); rerun `python -m beam_pipelines.prepare_text`$"):
+    train_dataset(copy)
+
+
+def damage_record(shard, record_index: int) -> None:
+  """Rewrites `shard` uncompressed, so that a record's bytes can be found, and flips one of
+  the bytes of record `record_index`."""
+  reader = ArrayRecordReader(str(shard))
+  records = reader.read_all()
+  reader.close()
+  writer = ArrayRecordWriter(str(shard), "group_size:1,uncompressed")
+  for record in records:
+    writer.write(record)
+  writer.close()
+  content = bytearray(shard.read_bytes())
+  at = content.find(records[record_index])
+  assert at >= 0 and content.find(records[record_index], at + 1) < 0
+  content[at + 5] ^= 0xFF
+  shard.write_bytes(content)
+
+
+@pytest.mark.parametrize("read_threads", [0, 2])
+def test_a_corrupt_record_is_named_by_shard_and_record_when_read(data_dir, tmp_path,
+                                                                  read_threads):
+  copy = copy_with_manifest(data_dir, tmp_path)
+  shard = copy / "train-00001-of-00002.array_record"
+  damage_record(shard, 3)
+  dataset = train_dataset(copy, shuffle=False, num_epochs=1, read_threads=read_threads)
+  with pytest.raises(UserError, match=f"^ArrayRecord shard {shard} record 3 of 17 is corrupt "
+                     r"or truncated \(.*hash mismatch.*\); rerun `python -m beam_pipelines"):
+    record_ids(dataset)
 
 
 def write_source_shard(data_dir, name: str, first_id: int, count: int) -> str:

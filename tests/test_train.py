@@ -4,7 +4,9 @@ and a restarted run continues from the checkpoint instead of starting over."""
 import dataclasses
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -14,15 +16,17 @@ import gin
 import jax
 import numpy as np
 import pytest
+from array_record.python.array_record_module import ArrayRecordReader
 from flax import nnx
 
 from beam_pipelines import prepare_text
 from beam_pipelines.records import read_shard
-from maxlm import checkpoint, data, tasks
-from maxlm.data.loader import split_shard_paths
+from maxlm import checkpoint, data, tasks, workdir_lock
 from maxlm import steps as train_steps
+from maxlm.data.loader import split_shard_paths
 from maxlm import train as train_module
 from maxlm.config_checks import UserError
+from tests.test_data import damage_record
 
 TINY_BINDINGS = """
 ModelConfig.num_layers = 2
@@ -343,3 +347,81 @@ def test_a_run_training_only_some_parameters_resumes_exactly(data_dir, tmp_path)
   assert losses[0] == losses[1] and len(losses[0]) == 6
   saved = checkpoint.read_meta(resumed)[1]
   assert saved["trainable"] == r"blocks/\d+/attention/.*"
+def _error_lines(output: str) -> list[str]:
+  return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def test_a_second_trainer_on_a_held_workdir_exits_2_naming_the_holder(data_dir, tmp_path):
+  with workdir_lock.hold(tmp_path):  # this test process is the first trainer
+    second = _train_process(tmp_path, data_dir,
+                            "--gin_param=learning_rate_schedule.peak_learning_rate=1e-3")
+    output = second.communicate(timeout=60)[0]
+  assert second.returncode == 2 and "Traceback" not in output, output
+  [error] = _error_lines(output)
+  assert error.startswith(f"error: {tmp_path} is in use by another trainer (pid {os.getpid()} "
+                          f"on {socket.gethostname()}, started "), output
+  assert f"lock file {tmp_path / '.lock'})" in error
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"], "nothing written"
+
+
+def test_every_process_of_a_refused_multi_process_run_exits_2(data_dir, tmp_path):
+  import portpicker  # pylint: disable=import-outside-toplevel
+  coordinator = f"--coordinator_address=127.0.0.1:{portpicker.pick_unused_port()}"
+  with workdir_lock.hold(tmp_path):
+    pair = [_train_process(tmp_path, data_dir, coordinator, "--num_processes=2",
+                           f"--process_id={i}", devices=4) for i in range(2)]
+    outputs = [process.communicate(timeout=120)[0] for process in pair]
+  assert [process.returncode for process in pair] == [2, 2], outputs
+  assert _error_lines(outputs[0])[0].startswith(f"error: {tmp_path} is in use by another trainer")
+  assert _error_lines(outputs[1]) == [f"error: process 0 was refused the lock of {tmp_path}; "
+                                      "its error says by whom"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"], "nothing written"
+
+
+def test_a_bad_flag_value_exits_2_with_one_line(data_dir, tmp_path):
+  process = _train_process(tmp_path / "run", data_dir, "--steps=-5")
+  output = process.communicate(timeout=60)[0]
+  assert process.returncode == 2 and "Traceback" not in output, output
+  assert _error_lines(output) == ["error: train.steps=-5 must be a positive int"]
+  assert not (tmp_path / "run").exists()
+
+
+def _first_record_of_batch(data_dir, batch_number: int) -> tuple[Path, int, int]:
+  """(shard, record index in it, records in it) of the first sequence of the training run's
+  `batch_number`th batch, found by content among the split's sequences in file order."""
+  batches = iter(data.make_dataset(data_dir, "train", global_batch_size=8, seed=0))
+  wanted = [next(batches) for _ in range(batch_number)][-1]["tokens"][0]
+  in_order = data.make_dataset(data_dir, "train", global_batch_size=1, seed=0, shuffle=False,
+                               num_epochs=1)
+  matches = [i for i, batch in enumerate(in_order) if np.array_equal(batch["tokens"][0], wanted)]
+  assert len(matches) == 1
+  index = matches[0]
+  for shard in data.load_manifest(data_dir)["splits"]["train"]["shards"]:
+    reader = ArrayRecordReader(str(Path(data_dir) / shard))
+    size = reader.num_records()
+    reader.close()
+    if index < size:
+      return Path(data_dir) / shard, index, size
+    index -= size
+  raise AssertionError("index past the last shard")
+
+
+def test_a_corrupt_record_mid_run_exits_2_naming_it_and_the_save_before_it_restores(
+    data_dir, tmp_path):
+  corrupt = Path(shutil.copytree(data_dir, tmp_path / "corrupt"))
+  shard, record, size = _first_record_of_batch(corrupt, 3)
+  damage_record(shard, record)
+  run = tmp_path / "run"
+  process = _train_process(run, corrupt, "--steps=6", "--checkpoint_every=2")
+  output = process.communicate(timeout=300)[0]
+  assert process.returncode == 2, output
+  assert "Traceback" not in output
+  [error] = _error_lines(output)
+  assert error.startswith(f"error: ArrayRecord shard {shard} record {record} of {size} is "
+                          "corrupt or truncated ("), output
+  assert error.endswith("); rerun `python -m beam_pipelines.prepare_text`")
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "2"], output
+
+  summary = train_module.train(workdir=str(run), data_dir=data_dir, steps=3)
+  assert summary["step"] == 3
+  assert [r["step"] for r in _metrics(run)] == [1, 2, 3]

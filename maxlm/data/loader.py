@@ -8,7 +8,9 @@ Importing grain registers it with Orbax for `grain.checkpoint.CheckpointSave`/`C
 `process_{i}-of-{n}.json` per JAX process, so restore with the same process count.
 """
 
+import bisect
 import functools
+import itertools
 import json
 import os
 
@@ -18,6 +20,7 @@ import jax
 
 from beam_pipelines.records import (MANIFEST_NAME, RECORD_FORMAT, RECORD_FORMAT_V1, TOKENIZER_NAME,
                                     Fields, decode_record, empty_record, fields_of_manifest)
+from maxlm.errors import UserError
 
 PREPARE_COMMAND = "`python -m beam_pipelines.prepare_text`"
 _MAX_SEED = 2**32
@@ -140,7 +143,7 @@ def make_dataset(
   batch_size = per_process_batch_size(global_batch_size, count)
   _check_epochs_and_seed(num_epochs, seed)
   shard_paths = split_shard_paths(data_dir, manifest, split)
-  records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(shard_paths))
+  records = grain.MapDataset.source(_NamedShards(shard_paths))
   _check_record_count(records, manifest, split, count)
   weights = source_weights(manifest, split)
   if shuffle and len(weights) > 1:
@@ -159,6 +162,43 @@ def make_dataset(
   return sequences.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True)
 
 
+class _NamedShards:
+  """ArrayRecord shards read as one random-access source. array_record reports a truncated or
+  corrupt shard as a RuntimeError naming neither the file nor the record, at open (a cut-off
+  file has lost its index, which is written last) or at read (a damaged chunk); both become a
+  UserError naming the shard, and the record within it."""
+
+  def __init__(self, paths: list[str]):
+    self._paths = paths
+    self._shards = [_open_shard(path) for path in paths]
+    self._ends = list(itertools.accumulate(len(shard) for shard in self._shards))
+
+  def __len__(self) -> int:
+    return self._ends[-1] if self._ends else 0
+
+  def __getitem__(self, index: int) -> bytes:
+    shard = bisect.bisect_right(self._ends, index)
+    record = index - (self._ends[shard - 1] if shard else 0)
+    try:
+      return self._shards[shard][record]
+    except RuntimeError as error:
+      raise _corrupt_shard(self._paths[shard], error,
+                          f" record {record} of {len(self._shards[shard])}") from None
+
+
+def _open_shard(path: str) -> grain.sources.ArrayRecordDataSource:
+  try:
+    return grain.sources.ArrayRecordDataSource([path])
+  except RuntimeError as error:
+    raise _corrupt_shard(path, error) from None
+
+
+def _corrupt_shard(path: str, error: RuntimeError, where: str = "") -> UserError:
+  detail = str(error).strip().splitlines()[0] if str(error).strip() else "no detail given"
+  return UserError(f"ArrayRecord shard {path}{where} is corrupt or truncated ({detail}); "
+                   f"rerun {PREPARE_COMMAND}")
+
+
 def source_weights(manifest: dict, split: str) -> dict[str, float]:
   """{source: mixture weight} of a split written per source; empty for a single-source split."""
   sources = manifest["splits"][split].get("sources", {})
@@ -173,7 +213,7 @@ def mixture(data_dir, manifest: dict, split: str, weights: dict[str, float], see
   for i, name in enumerate(weights):
     paths = [os.fspath(epath.Path(data_dir) / shard)
              for shard in manifest["splits"][split]["sources"][name]["shards"]]
-    part = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+    part = grain.MapDataset.source(_NamedShards(paths))
     parts.append(part.shuffle(seed=(seed + i) % _MAX_SEED).repeat(None))
   mixed = grain.MapDataset.mix(parts, list(weights.values()))
   return mixed if num_epochs is None else mixed[:num_epochs * total]

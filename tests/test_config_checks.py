@@ -1,0 +1,116 @@
+"""Config values are checked before a run builds anything: a wrong type or range is one line
+naming the gin binding and exit code 2, and every shipped config passes."""
+
+import dataclasses
+import inspect
+import re
+import sys
+from pathlib import Path
+
+import gin
+import pytest
+
+from maxlm import optim, sharding
+from maxlm import train as train_module
+from maxlm.config_checks import (RULES, UserError, build_model_config, check_run_configuration,
+                                 check_values)
+from maxlm.model import ModelConfig
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.gin"))
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def test_every_setting_of_the_run_has_a_rule():
+  assert set(RULES["ModelConfig"]) == {field.name for field in dataclasses.fields(ModelConfig)}
+  for configurable in (train_module.train, optim.learning_rate_schedule, optim.make_optimizer,
+                       sharding.make_mesh):
+    assert set(RULES[configurable.__name__]) == set(inspect.signature(configurable).parameters)
+
+
+@pytest.mark.parametrize("config_file", CONFIGS, ids=lambda path: path.name)
+def test_every_shipped_config_passes(config_file):
+  gin.parse_config_file(str(config_file))
+  arguments = inspect.signature(train_module.train).bind("runs/x")
+  arguments.apply_defaults()
+  check_run_configuration(arguments.arguments | gin.get_bindings(train_module.train))
+  assert build_model_config().num_heads > 0
+
+
+@pytest.mark.parametrize("configurable, values, message", [
+    ("ModelConfig", {"num_layers": True}, "ModelConfig.num_layers=True must be a positive int"),
+    ("ModelConfig", {"vocab_size": 0}, "ModelConfig.vocab_size=0 must be a positive int or None"),
+    ("ModelConfig", {"norm_eps": float("nan")}, "ModelConfig.norm_eps=nan must be a positive "),
+    ("ModelConfig", {"attention": ["xla"]}, "ModelConfig.attention=['xla'] must be one of 'xla'"),
+    ("ModelConfig", {"heads": 4}, "ModelConfig.heads is not a setting of ModelConfig"),
+    ("train", {"profile_steps": (5, 2)}, "train.profile_steps=(5, 2) must be a pair of steps"),
+    ("train", {"seed": 2**32}, "train.seed=4294967296 must be an int in"),
+    ("train", {"z_loss": -1e-4}, "train.z_loss=-0.0001 must be a number >= 0"),
+    ("make_optimizer", {"b2": 1.0}, "make_optimizer.b2=1.0 must be a number in [0, 1)"),
+    ("make_mesh", {"tensor": -2}, "make_mesh.tensor=-2 must be a positive int, or -1"),
+])
+def test_a_value_of_the_wrong_type_or_range_names_its_binding(configurable, values, message):
+  with pytest.raises(UserError, match="^" + re.escape(message)):
+    check_values(configurable, values)
+
+
+def test_a_long_value_is_cut_short_in_the_message():
+  with pytest.raises(UserError) as raised:
+    check_values("train", {"sample_prompt": ["x" * 1000]})
+  assert len(str(raised.value)) < 120
+
+
+def test_a_checkpoint_config_with_a_bad_value_is_refused():
+  saved = dataclasses.asdict(ModelConfig(vocab_size=512)) | {"embed_dim": 192.5}
+  with pytest.raises(UserError, match="^ModelConfig.embed_dim=192.5 must be a positive int$"):
+    build_model_config(**saved)
+
+
+def test_cross_field_checks_of_model_config_are_one_line_errors():
+  gin.parse_config("ModelConfig.num_heads = 6\nModelConfig.num_kv_heads = 4")
+  with pytest.raises(UserError, match="^ModelConfig.num_heads=6 must be a multiple of "
+                     "ModelConfig.num_kv_heads=4$"):
+    build_model_config()
+
+
+def _run_train(argv, monkeypatch, capsys) -> tuple[int, str]:
+  """`python -m maxlm.train ARGV` in this process: (exit code, stderr)."""
+  # mallopt would change this test process's allocator for the rest of the session.
+  monkeypatch.setattr(train_module.train_steps, "keep_freed_host_memory", lambda: False)
+  monkeypatch.setattr(sys, "argv", ["maxlm.train", *argv])
+  train_module.flags.FLAGS.unparse_flags()  # else --gin_param values pile up across runs
+  with pytest.raises(SystemExit) as exited:
+    train_module.run()
+  train_module.flags.FLAGS.unparse_flags()
+  return exited.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, message", [
+    ('--gin_param=train.global_batch_size = "eight"',
+     "train.global_batch_size='eight' must be a positive int"),
+    ("--gin_param=ModelConfig.embed_dim = 192.5",
+     "ModelConfig.embed_dim=192.5 must be a positive int"),
+    ("--gin_param=ModelConfig.num_heads = 0", "ModelConfig.num_heads=0 must be a positive int"),
+    ("--gin_param=train.global_batch_size = -8",
+     "train.global_batch_size=-8 must be a positive int"),
+    ('--gin_param=ModelConfig.dtype = "float33"',
+     "ModelConfig.dtype='float33' must be one of 'float32', 'bfloat16', 'float16'"),
+    ("--checkpoint_every=0", "train.checkpoint_every=0 must be a positive int"),
+    ("--steps=-5", "train.steps=-5 must be a positive int"),
+    ("--gin_param=learning_rate_schedule.peak_learning_rate = -3e-4",
+     "learning_rate_schedule.peak_learning_rate=-0.0003 must be a positive number"),
+    ("--gin_param=make_mesh.data = 0",
+     "make_mesh.data=0 must be a positive int, or -1 for the devices left over"),
+])
+def test_each_bad_value_from_the_issue_exits_2_with_one_line_before_anything_is_built(
+    flag, message, tmp_path, monkeypatch, capsys):
+  workdir, data_dir = tmp_path / "run", tmp_path / "data"
+  code, stderr = _run_train([f"--workdir={workdir}", f"--data_dir={data_dir}", flag],
+                            monkeypatch, capsys)
+  assert (code, stderr) == (2, f"error: {message}\n")
+  assert not workdir.exists()
