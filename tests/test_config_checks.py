@@ -50,7 +50,7 @@ def test_every_shipped_config_passes(config_file):
     ("ModelConfig", {"heads": 4}, "ModelConfig.heads is not a setting of ModelConfig"),
     ("train", {"profile_steps": (5, 2)}, "train.profile_steps=(5, 2) must be a pair of steps"),
     ("train", {"seed": 2**32}, "train.seed=4294967296 must be an int in"),
-    ("train", {"z_loss": -1e-4}, "train.z_loss=-0.0001 must be a number >= 0"),
+    ("Pretrain", {"z_loss": -1e-4}, "Pretrain.z_loss=-0.0001 must be a number >= 0"),
     ("make_optimizer", {"b2": 1.0}, "make_optimizer.b2=1.0 must be a number in [0, 1)"),
     ("make_mesh", {"tensor": -2}, "make_mesh.tensor=-2 must be a positive int, or -1"),
 ])
