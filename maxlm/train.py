@@ -58,7 +58,7 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
           sample_temperature: float = 0.0, max_bad_steps: int = 10,
           keep_checkpoints: int = 3, keep_checkpoint_every: int | None = None,
           peak_flops_per_device: float | None = None,
-          profile_steps: tuple[int, int] | None = None) -> dict:
+          profile_steps: tuple[int, int] | None = None, verify_checkpoints: bool = True) -> dict:
   """Trains (or resumes) a model in `workdir`; returns the final summary numbers.
 
   A step with a non-finite loss or gradient is skipped and counted; `max_bad_steps` in a row
@@ -68,7 +68,9 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
   mean log(Z)**2 of the softmax normalizer, added to the loss (0 = off).
   `peak_flops_per_device` turns on the `mfu` scalar; `profile_steps=(first, last)` writes a
   profiler trace of those steps to WORKDIR/profile (open it with TensorBoard's profile plugin
-  or Perfetto).
+  or Perfetto). `verify_checkpoints` saves a checksum of every array with each checkpoint and,
+  on resume, falls back from a checkpoint that fails it (or does not restore, or holds
+  non-finite values) to the newest intact one.
   """
   workdir = Path(workdir)
   data_dir = data_dir or ensure_default_corpus()
@@ -93,7 +95,8 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
   workdir.mkdir(parents=True, exist_ok=True)
   checkpointer = checkpoint.Checkpointer(workdir, save_every=checkpoint_every,
                                         max_to_keep=keep_checkpoints,
-                                        keep_period=keep_checkpoint_every)
+                                        keep_period=keep_checkpoint_every,
+                                        verify=verify_checkpoints)
   meta = checkpoint.model_meta(config, seq_len=seq_len, data_dir=str(data_dir),
                                tokenizer_sha256=manifest["tokenizer"]["sha256"])
   state = _restore_or_init(checkpointer, workdir, config, meta, abstract_state, optimizer,
@@ -175,6 +178,12 @@ def train(workdir: str, data_dir: str | None = None, steps: int = 300,
       return {"step": int(state.step), "preempted": True}
     if last_eval is None:
       last_eval = evaluate(state.params)
+    if not np.isfinite(last_eval):
+      checkpointer.close()
+      writer.close()
+      raise UserError(f"the held-out loss after step {int(state.step)} is {last_eval}: the model "
+                      "diverged; lower learning_rate_schedule.peak_learning_rate or check the "
+                      f"data, and resume from an earlier checkpoint in {workdir}")
     summary = _report(last_eval, manifest, int(state.step))
     tokenizer = _tokenizer(data_dir)
     prompt_ids = [manifest["tokenizer"]["bos_id"]] + tokenizer.encode(sample_prompt)
@@ -207,16 +216,30 @@ def _sigterm_requests_stop():
 
 def _restore_or_init(checkpointer, workdir, config, meta, abstract_state, optimizer, shardings,
                      train_iter, seed, data_dir):
-  latest = checkpointer.latest_step()
-  if latest is None:
+  """The newest intact checkpoint's state; a newer corrupt one is moved aside with a warning
+  line, and none intact stops the run. No checkpoint at all starts a fresh state."""
+  steps = checkpointer.all_steps()
+  if not steps:
     shutil.copy(data.tokenizer_path(data_dir), workdir / checkpoint.TOKENIZER)
     return train_steps.init_train_state(config, optimizer, shardings, seed)
-  _, saved_meta = checkpoint.read_meta(workdir, latest)
-  check_compatible(saved_meta, meta, workdir)
   target = train_steps.abstract_train_state(abstract_state, optimizer, shardings)
-  state, _ = checkpointer.restore(latest, target, data.iterator_restore_args(train_iter))
-  metrics.JsonlWriter.truncate_after(workdir / "metrics.jsonl", latest)
-  _log(f"resumed from {workdir / checkpoint.CHECKPOINTS / str(latest)} (step {latest})")
+
+  def restore(step):
+    _, saved_meta = checkpoint.read_meta(workdir, step)
+    check_compatible(saved_meta, meta, workdir)
+    return checkpointer.restore(step, target, data.iterator_restore_args(train_iter))[0]
+
+  step, state, corrupt = checkpoint.newest_intact(steps, restore)
+  if step is None:
+    raise UserError(f"{corrupt[0]}; no checkpoint there is intact ({len(corrupt)} tried): start "
+                    "a new --workdir")
+  for error in corrupt:
+    moved = checkpointer.set_aside(error.step)
+    if jax.process_index() == 0:
+      print(f"warning: {error}; moved it to {moved} and resumed from step {step}",
+            file=sys.stderr, flush=True)
+  metrics.JsonlWriter.truncate_after(workdir / "metrics.jsonl", step)
+  _log(f"resumed from {workdir / checkpoint.CHECKPOINTS / str(step)} (step {step})")
   return state
 
 
