@@ -29,8 +29,10 @@ def digests(tree) -> dict[str, tuple[str, int]]:
   paths_and_leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
   if not paths_and_leaves:
     return {}
-  rows = _digest_rows([leaf for _, leaf in paths_and_leaves])
-  rows = np.asarray(rows.addressable_data(0))  # replicated: every device holds all of it
+  # One small program per distinct shape and sharding (a model repeats a few), dispatched
+  # for every array before any result is fetched.
+  rows = [_digest_row(leaf) for _, leaf in paths_and_leaves]
+  rows = [np.asarray(row.addressable_data(0)) for row in rows]  # replicated on every device
   return {leaf_name(path): (f"{int(a):08x}{int(b):08x}", int(nonfinite))
           for (path, _), (a, b, nonfinite) in zip(paths_and_leaves, rows)}
 
@@ -41,9 +43,9 @@ def leaf_name(path) -> str:
 
 
 @jax.jit
-def _digest_rows(arrays: list) -> jax.Array:
-  """uint32 [len(arrays), 3]: both checksum sums and the non-finite count of each array."""
-  return jnp.stack([jnp.stack([*array_checksum(x), nonfinite_count(x)]) for x in arrays])
+def _digest_row(x: jax.Array) -> jax.Array:
+  """uint32 [3]: both checksum sums and the non-finite count of `x`."""
+  return jnp.stack([*array_checksum(x), nonfinite_count(x)])
 
 
 def array_checksum(x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -33,6 +34,8 @@ TOKENIZER = "tokenizer.model"
 CHECKSUMS = "checksums"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes <step>.orbax-checkpoint-tmp, then renames it
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+STATE_METADATA = "state/_METADATA"
+REQUIRED_FILES = (STATE_METADATA, "meta/metadata")
 
 
 class CorruptCheckpointError(ValueError):
@@ -61,6 +64,8 @@ class Checkpointer:
     self._checkpoints, _ = run_paths(workdir)
     self._verify = verify
     logging.getLogger("absl").addFilter(_DROP_DISK_FULL_LOGS)
+    if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
+      sys.unraisablehook = _dropping_closed_loop_callbacks(sys.unraisablehook)
     self._manager = ocp.CheckpointManager(
         self._checkpoints,
         options=ocp.CheckpointManagerOptions(
@@ -87,6 +92,7 @@ class Checkpointer:
   def restore(self, step: int, abstract_state, data_iter_args) -> tuple[object, dict]:
     """Restores into `abstract_state`'s shardings and advances the data iterator in place;
     raises CorruptCheckpointError if the step does not restore or fails verification."""
+    _require_files(self._checkpoints, step, *REQUIRED_FILES)
     try:
       restored = self._manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
@@ -129,7 +135,7 @@ class Checkpointer:
         for partial in self._checkpoints.glob(f"*{TMP_SUFFIX}*"):
           shutil.rmtree(partial, ignore_errors=True)
       free_mib = shutil.disk_usage(self._checkpoints).free / 2**20
-      raise UserError(f"the disk of {self._checkpoints.parent} is full ({free_mib:.0f} MiB free) "
+      raise UserError(f"the disk of {self._checkpoints.parent} is full ({free_mib:.1f} MiB free) "
                       "so a checkpoint could not be written (its partial save is removed); free "
                       "space there or pass a --workdir on a larger disk") from None
 
@@ -163,6 +169,19 @@ class _DropDiskFullLogs(logging.Filter):
 
 
 _DROP_DISK_FULL_LOGS = _DropDiskFullLogs()
+
+
+def _dropping_closed_loop_callbacks(previous):
+  """After a failed save or restore, Orbax closes its event loop while tensorstore still
+  finishes the other reads or writes; their callbacks then fail on the closed loop. That
+  traceback says nothing the one-line error does not, so it is not printed."""
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      previous(unraisable)
+  hook.drops_closed_loop_callbacks = True
+  return hook
 
 
 def verify(checkpoints: Path, step: int, tree):
@@ -222,10 +241,18 @@ def read_meta(checkpoint_dir: str | os.PathLike, step: int | None = None) -> tup
 def _read_json(checkpoints: Path, step: int, path: Path) -> dict:
   if not (checkpoints / str(step)).is_dir():
     raise FileNotFoundError(f"{checkpoints} has no checkpoint of step {step}")
+  _require_files(checkpoints, step, path.relative_to(checkpoints / str(step)))
   try:
     return json.loads(path.read_text())
   except (OSError, ValueError) as error:
     raise CorruptCheckpointError(checkpoints, step, _first_line(error)) from error
+
+
+def _require_files(checkpoints: Path, step: int, *names: str | Path):
+  """Names the first missing file, which Orbax would report as some other error."""
+  for name in names:
+    if not (checkpoints / str(step) / name).is_file():
+      raise CorruptCheckpointError(checkpoints, step, f"{name} is missing")
 
 
 def restore_params(checkpoint_dir: str | os.PathLike, abstract_params, step: int | None = None,
@@ -236,6 +263,7 @@ def restore_params(checkpoint_dir: str | os.PathLike, abstract_params, step: int
   checkpoints, _ = run_paths(checkpoint_dir)
   if step is None:
     step, _ = read_meta(checkpoint_dir)
+  _require_files(checkpoints, step, STATE_METADATA)
   target = {"params": abstract_params}
   restore_args = jax.tree.map(
       lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype),

@@ -35,8 +35,11 @@ def _state(step: int, seed: int):
   optimizer, _, shardings = _setup((1, 8, 1))
   state = steps.init_train_state(CONFIG, optimizer, shardings, seed=seed)
   rng = np.random.default_rng(seed)
-  moment = lambda x: jax.device_put(  # noqa: E731
-      np.abs(rng.normal(size=x.shape)).astype(x.dtype) * 1e-3, x.sharding) if x.ndim else x
+
+  def moment(x):
+    if not x.ndim:
+      return x
+    return jax.device_put(np.abs(rng.normal(size=x.shape)).astype(x.dtype) * 1e-3, x.sharding)
   return steps.TrainState(step=state.step + step, params=state.params,
                           opt_state=jax.tree.map(moment, state.opt_state))
 
@@ -157,15 +160,17 @@ def test_64_flipped_parameter_bytes_load_silently_unverified_and_fall_back_verif
   step, restored, corrupt = checkpoint.newest_intact(loader.all_steps(), restore)
   assert step == 1
   _assert_identical(restored, states[1])
-  assert [str(e) for e in corrupt] == [f"checkpoint step 2 in {run / 'checkpoints'} is corrupt: "
-                                       "params.unembedding does not match its checksum"]
+  assert [str(e) for e in corrupt] == [(f"checkpoint step 2 in {run / 'checkpoints'} is corrupt: "
+                                        "params.unembedding does not match its checksum")]
 
 
 @pytest.mark.parametrize("damage, reason", [
     (lambda step_dir, state: flip_64_bytes_of(step_dir, state.opt_state[1][0].nu["unembedding"]),
      "opt_state.1.0.nu.unembedding does not match its checksum"),
-    (lambda step_dir, state: (step_dir / "meta" / "metadata").unlink(), "meta/metadata"),
-    (lambda step_dir, state: (step_dir / "state" / "_METADATA").unlink(), ""),
+    (lambda step_dir, state: (step_dir / "meta" / "metadata").unlink(),
+     "meta/metadata is missing"),
+    (lambda step_dir, state: (step_dir / "state" / "_METADATA").unlink(),
+     "state/_METADATA is missing"),
 ], ids=["flipped optimizer-state bytes", "deleted meta/metadata", "deleted state/_METADATA"])
 def test_a_damaged_latest_step_falls_back_to_the_previous_one(run, states, damage, reason):
   damage(run / "checkpoints" / "2", states[2])
