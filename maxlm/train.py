@@ -106,7 +106,7 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
           sample_temperature: float = 0.0, max_bad_steps: int = 10,
           keep_checkpoints: int = 3, keep_checkpoint_every: int | None = None,
           peak_flops_per_device: float | None = None,
-          profile_steps: tuple[int, int] | None = None) -> dict:
+          profile_steps: tuple[int, int] | None = None, verify_checkpoints: bool = True) -> dict:
   """Trains (or resumes) a model on `task` (default: pretraining) in `workdir`; returns the
   final summary numbers.
 
@@ -121,7 +121,9 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
   `init_from` (or the seed's initialization) made them, and checkpoints hold only the trained.
   `peak_flops_per_device` turns on the `mfu` scalar; `profile_steps=(first, last)` writes a
   profiler trace of those steps to WORKDIR/profile (open it with TensorBoard's profile plugin
-  or Perfetto).
+  or Perfetto). `verify_checkpoints` saves a checksum of every array with each checkpoint and,
+  on resume, falls back from a checkpoint that fails it (or does not restore, or holds
+  non-finite values) to the newest intact one.
   """
   workdir = Path(workdir)
   task = task or tasks.Pretrain()
@@ -153,7 +155,8 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
   workdir.mkdir(parents=True, exist_ok=True)
   checkpointer = checkpoint.Checkpointer(workdir, save_every=checkpoint_every,
                                         max_to_keep=keep_checkpoints,
-                                        keep_period=keep_checkpoint_every)
+                                        keep_period=keep_checkpoint_every,
+                                        verify=verify_checkpoints)
   meta = checkpoint.model_meta(config, seq_len=seq_len, data_dir=str(data_dir),
                                tokenizer_sha256=manifest["tokenizer"]["sha256"],
                                **({"trainable": trainable, "init_from": init_from}
@@ -239,6 +242,14 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
       return {"step": int(state.step), "preempted": True}
     if last_eval is None:
       last_eval = evaluate(state.params)
+    not_finite = {name: value for name, value in last_eval.items() if not np.isfinite(value)}
+    if not_finite:
+      checkpointer.close()
+      writer.close()
+      raise UserError(f"the held-out {', '.join(f'{k}={v}' for k, v in not_finite.items())} "
+                      f"after step {int(state.step)}: the model diverged; lower "
+                      "learning_rate_schedule.peak_learning_rate or check the data, and resume "
+                      f"from an earlier checkpoint in {workdir}")
     summary = task.summary(last_eval, manifest, int(state.step))
     tokenizer = _tokenizer(data_dir)
     prompt_ids = [manifest["tokenizer"]["bos_id"]] + tokenizer.encode(sample_prompt)
@@ -295,10 +306,11 @@ class Start:
 
 
 def _restore_or_init(checkpointer, workdir, start: Start, train_iter, data_dir):
-  """(train state, frozen parameters) to start from: the workdir's latest checkpoint, else
+  """(train state, frozen parameters) to start from: the newest intact checkpoint (a newer
+  corrupt one is moved aside with a warning line, and none intact stops the run), else
   `init_from`'s parameters or fresh ones."""
-  latest = checkpointer.latest_step()
-  if latest is None:
+  steps = checkpointer.all_steps()
+  if not steps:
     shutil.copy(data.tokenizer_path(data_dir), workdir / checkpoint.TOKENIZER)
     if not (start.init_from or start.trainable):
       return train_steps.init_train_state(start.config, start.optimizer, start.shardings,
@@ -307,13 +319,25 @@ def _restore_or_init(checkpointer, workdir, start: Start, train_iter, data_dir):
     if start.init_from:
       _log(f"parameters from {start.init_from}; optimizer state and step start afresh")
     return train_steps.train_state_from_params(trained, start.optimizer, start.shardings), frozen
-  _, saved_meta = checkpoint.read_meta(workdir, latest)
-  check_compatible(saved_meta, start.meta, workdir)
   target = train_steps.abstract_train_state(start.abstract_state, start.optimizer,
                                             start.shardings, start.trainable)
-  state, _ = checkpointer.restore(latest, target, data.iterator_restore_args(train_iter))
-  metrics.JsonlWriter.truncate_after(workdir / "metrics.jsonl", latest)
-  _log(f"resumed from {workdir / checkpoint.CHECKPOINTS / str(latest)} (step {latest})")
+
+  def restore(step):
+    _, saved_meta = checkpoint.read_meta(workdir, step)
+    check_compatible(saved_meta, start.meta, workdir)
+    return checkpointer.restore(step, target, data.iterator_restore_args(train_iter))[0]
+
+  step, state, corrupt = checkpoint.newest_intact(steps, restore)
+  if step is None:
+    raise UserError(f"{corrupt[0]}; no checkpoint there is intact ({len(corrupt)} tried): start "
+                    "a new --workdir")
+  for error in corrupt:
+    moved = checkpointer.set_aside(error.step)
+    if jax.process_index() == 0:
+      print(f"warning: {error}; moved it to {moved} and resumed from step {step}",
+            file=sys.stderr, flush=True)
+  metrics.JsonlWriter.truncate_after(workdir / "metrics.jsonl", step)
+  _log(f"resumed from {workdir / checkpoint.CHECKPOINTS / str(step)} (step {step})")
   if not start.trainable:
     return state, {}
   return state, train_steps.split_trainable(_starting_params(start), start.trainable)[1]
@@ -332,13 +356,13 @@ def _params_of_run(run_dir, config, meta, abstract_state, param_shardings):
   """The parameters of `run_dir`'s latest checkpoint, laid out for this run's mesh."""
   try:
     step, source_meta = checkpoint.read_meta(run_dir)
-  except FileNotFoundError as error:
+    check_same_model(source_meta, meta, run_dir, config)
+    abstract_params = jax.tree.map(
+        lambda shape, where: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where),
+        nnx.to_pure_dict(abstract_state), param_shardings)
+    return checkpoint.restore_params(run_dir, abstract_params, step)
+  except (FileNotFoundError, checkpoint.CorruptCheckpointError) as error:
     raise UserError(f"--init_from: {error}") from None
-  check_same_model(source_meta, meta, run_dir, config)
-  abstract_params = jax.tree.map(
-      lambda shape, where: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where),
-      nnx.to_pure_dict(abstract_state), param_shardings)
-  return checkpoint.restore_params(run_dir, abstract_params, step)
 
 
 def _to_global(local_batch: dict, batch_sharding) -> dict:

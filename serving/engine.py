@@ -81,6 +81,12 @@ def one_device_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, st
   return graphdef, checkpoint.restore_params(checkpoint_dir, abstract_params, step)
 
 
+def verified_params(checkpoint_dir: str | os.PathLike, step: int | None):
+  """(step, meta, graphdef, params) of a checkpoint whose parameters pass their checksums."""
+  step, meta = checkpoint.read_meta(checkpoint_dir, step)
+  return (step, meta, *one_device_params(checkpoint_dir, checkpoint.config_from_meta(meta), step))
+
+
 def piece_bytes(tokenizer: spm.SentencePieceProcessor, token_id: int) -> bytes:
   """The bytes one piece stands for: a byte-fallback piece is its raw byte, a control none."""
   piece = tokenizer.id_to_piece(token_id)
@@ -117,16 +123,25 @@ class Engine:
     self._token_bytes = [piece_bytes(tokenizer, i) for i in range(tokenizer.vocab_size())]
 
   @classmethod
-  def from_checkpoint(cls, checkpoint_dir: str | os.PathLike, *, model_name: str | None = None,
-                      max_len: int | None = None, slots: int = 8,
+  def from_checkpoint(cls, checkpoint_dir: str | os.PathLike, *, step: int | None = None,
+                      model_name: str | None = None, max_len: int | None = None, slots: int = 8,
                       quantize: str | None = None) -> "Engine":
-    """The latest checkpoint of a run dir (or of its checkpoints/ dir)."""
+    """The latest (or given) checkpoint of a run dir (or of its checkpoints/ dir). A corrupt
+    one is refused, naming the newest intact step to serve instead: serving an older model
+    than the one asked for is the user's decision."""
     checkpoints, tokenizer_file = checkpoint.run_paths(checkpoint_dir)
-    step, meta = checkpoint.read_meta(checkpoint_dir)
-    config = checkpoint.config_from_meta(meta)
+    try:
+      step, meta, graphdef, params = verified_params(checkpoint_dir, step)
+    except checkpoint.CorruptCheckpointError as error:
+      older = [s for s in checkpoint.all_steps(checkpoint_dir) if s < error.step]
+      intact, _, _ = checkpoint.newest_intact(
+          older, functools.partial(verified_params, checkpoint_dir))
+      advice = (f"the newest intact one is step {intact}: serve it with --step={intact}"
+                if intact is not None else "no older checkpoint is intact")
+      raise checkpoint.CorruptCheckpointError(checkpoints, error.step,
+                                              f"{error.reason}; {advice}") from None
     tokenizer = load_tokenizer(tokenizer_file, meta.get("tokenizer_sha256"))
-    graphdef, params = one_device_params(checkpoint_dir, config, step)
-    return cls(graphdef, params, config, tokenizer,
+    return cls(graphdef, params, checkpoint.config_from_meta(meta), tokenizer,
                model_name=model_name or checkpoints.parent.name, max_len=max_len, slots=slots,
                quantize=quantize)
 

@@ -1,6 +1,6 @@
 """An OpenAI-compatible REST server (the subset of /v1 that vLLM also speaks).
 
-  python -m serving.server --checkpoint_dir=WORKDIR [--port=8000] [--host=127.0.0.1]
+  python -m serving.server --checkpoint_dir=WORKDIR [--step=N] [--port=8000] [--host=127.0.0.1]
       [--slots=8] [--max_queue=64] [--quantize=int8] [--engine_cpus=auto]
       [--api_keys_file=KEYS] [--max_request_bytes=8388608] [--max_connections=1024]
       [--header_timeout_s=10] [--body_timeout_s=60]
@@ -32,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from maxlm.errors import UserError
 from serving.chat import CHAT_STOPS, chat_prompt
 from serving.connections import ConnectionLimits, guarded_protocol
 from serving.engine import ContextLengthError, Engine, SamplingSettings
@@ -276,6 +277,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--checkpoint_dir", required=True,
                       help="a `python -m maxlm.train` --workdir, or its checkpoints/ dir")
+  parser.add_argument("--step", type=int, default=None,
+                      help="the checkpoint step to serve; default: the latest (a corrupt one is "
+                      "refused, naming the newest intact step)")
   parser.add_argument("--host", default="127.0.0.1")
   parser.add_argument("--port", type=int, default=8000)
   parser.add_argument("--model_name", default=None, help="model id; default: the run dir's name")
@@ -390,10 +394,11 @@ def main(argv=None):
     pin_this_thread(engine_cores)
     api_keys = read_api_keys(args.api_keys_file) if args.api_keys_file else None
     allow_open_files(args.max_connections)
-    engine = Engine.from_checkpoint(args.checkpoint_dir, model_name=args.model_name,
+    engine = Engine.from_checkpoint(args.checkpoint_dir, step=args.step,
+                                    model_name=args.model_name,
                                     max_len=args.max_len, slots=args.slots,
                                     quantize=args.quantize)
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, UserError) as e:
     raise SystemExit(f"serving.server: {e}") from None
   start = time.perf_counter()
   engine.warmup()

@@ -425,3 +425,33 @@ def test_a_corrupt_record_mid_run_exits_2_naming_it_and_the_save_before_it_resto
   summary = train_module.train(workdir=str(run), data_dir=data_dir, steps=3)
   assert summary["step"] == 3
   assert [r["step"] for r in _metrics(run)] == [1, 2, 3]
+def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+    data_dir, tmp_path, capsys):
+  train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=4)
+  (tmp_path / "checkpoints" / "4" / "state" / "_METADATA").unlink()
+  capsys.readouterr()
+  summary = train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=4)
+  warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+  assert len(warnings) == 1 and warnings[0].startswith(
+      f"warning: checkpoint step 4 in {tmp_path / 'checkpoints'} is corrupt: state/_METADATA is "
+      "missing; "), warnings
+  assert warnings[0].endswith(f"moved it to {tmp_path / 'corrupt_checkpoints' / '4'} and "
+                              "resumed from step 1")
+  assert summary["step"] == 4 and (tmp_path / "checkpoints" / "4" / "state" / "_METADATA").exists()
+  assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3, 4]
+
+  for step_dir in (tmp_path / "checkpoints").iterdir():
+    (step_dir / "meta" / "metadata").unlink(missing_ok=True)
+  with pytest.raises(UserError, match="^checkpoint step 4 in .* is corrupt: meta/metadata is "
+                     "missing; no checkpoint there is intact \\(2 tried\\): start a new "
+                     "--workdir(\n|$)"):
+    train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=8)
+
+
+def test_a_run_whose_final_held_out_loss_is_not_finite_is_an_error(data_dir, tmp_path,
+                                                                   monkeypatch):
+  monkeypatch.setattr(train_module, "_evaluate",
+                      lambda *args: {"eval_loss": float("nan"), "eval_perplexity": 1.0})
+  with pytest.raises(UserError, match="^the held-out eval_loss=nan after step 1: the model "
+                     "diverged"):
+    train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=1)
