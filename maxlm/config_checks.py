@@ -173,6 +173,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "keep_checkpoint_every": _optional(POSITIVE_INT),
         "peak_flops_per_device": _optional(POSITIVE_NUMBER),
         "profile_steps": _optional((_is_step_range, "a pair of steps (first, last) in order")),
+        "verify_checkpoints": BOOL,
     },
     "Pretrain": {
         "z_loss": NON_NEGATIVE_NUMBER,
