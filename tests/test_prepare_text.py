@@ -17,6 +17,7 @@ from beam_pipelines import normalize
 from beam_pipelines import packing
 from beam_pipelines import prepare_text
 from beam_pipelines import records
+from beam_pipelines import sources
 from beam_pipelines import tokenizer_training
 
 SEQ_LEN = 64
@@ -103,8 +104,8 @@ def test_recursive_glob_also_matches_top_level_files(tmp_path):
   (tmp_path / "sub" / "deeper").mkdir(parents=True)
   for name in ("top.py", "sub/mid.py", "sub/deeper/low.py", "sub/skip.txt"):
     (tmp_path / name).write_text("x = 1\n")
-  assert len(documents.match_files([f"{tmp_path}/**/*.py"])) == 3
-  assert documents.recursive_variants("a/**/b/**/c") == [
+  assert len(sources.match_files([f"{tmp_path}/**/*.py"])) == 3
+  assert sources.recursive_variants("a/**/b/**/c") == [
       "a/**/b/**/c", "a/**/b/c", "a/b/**/c", "a/b/c"]
 
 
