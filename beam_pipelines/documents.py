@@ -5,7 +5,6 @@ import math
 from typing import NamedTuple
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 
 METRICS_NAMESPACE = "prepare_text"
 KEY_BITS = 63  # keys stay below 2**63 so Beam's varint int coder carries them
@@ -17,27 +16,6 @@ class Document(NamedTuple):
   source: str
   origin: str  # file, or file:line / tfds spec[index], for dead letters and duplicate lists
   text: str
-
-
-def recursive_variants(pattern: str) -> list[str]:
-  """Beam's `dir/**/x` needs at least one directory between; Python's also matches `dir/x`."""
-  head, separator, tail = pattern.partition("/**/")
-  if not separator:
-    return [pattern]
-  tails = recursive_variants(tail)
-  return [f"{head}/**/{t}" for t in tails] + [f"{head}/{t}" for t in tails]
-
-
-def match_files(globs: list[str]) -> dict[str, int]:
-  """{path: size} of every file the globs match; a glob matching nothing is a user error."""
-  files = {}
-  for glob in globs:
-    matched = {m.path: m.size_in_bytes for pattern in recursive_variants(glob)
-               for m in FileSystems.match([pattern])[0].metadata_list}
-    if not matched:
-      raise ValueError(f"--input glob {glob!r} matched no files; check the path and quoting")
-    files |= matched
-  return files
 
 
 def document_key(text_utf8: bytes, seed: int) -> int:

@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import math
+import signal
 import sys
 import time
 import zlib
@@ -43,6 +44,8 @@ from beam_pipelines import dataset_manifest
 from beam_pipelines import documents
 from beam_pipelines import prepare_text
 from beam_pipelines import reading
+from beam_pipelines import sources
+from beam_pipelines import staging
 from beam_pipelines import records
 from beam_pipelines import stage_report
 from beam_pipelines import tokenized_split
@@ -280,8 +283,8 @@ def check_settings(seq_len: int, validation_fraction: float, kind: str) -> None:
 
 def input_files(inputs: list[str], validation_inputs: list[str]) -> tuple[list, int]:
   """([(path, its part, or None for a hash split)], input bytes)."""
-  train = documents.match_files(inputs)
-  validation = documents.match_files(validation_inputs) if validation_inputs else {}
+  train = sources.match_files(inputs)
+  validation = sources.match_files(validation_inputs) if validation_inputs else {}
   if both := sorted(train.keys() & validation.keys()):
     raise ValueError(f"{both[0]} is both an --input and a --validation_input file; list it once")
   train_part = "train" if validation else None  # None: split by hash
@@ -307,7 +310,8 @@ def run(inputs: list[str], output_dir: str, *, tokenizer: str, seq_len: int,
   settings = {"inputs": list(inputs), "validation_inputs": list(validation_inputs),
               "validation_fraction": validation_fraction, "truncate": truncate, "seed": seed,
               "tokenizer_dir": str(tokenizer)}
-  staged = prepare_text.staging_dir(output_dir)
+  prepare_text.report_stale_staging(output_dir, remove=False)
+  staged = staging.create(output_dir)
   logger.info("%s rows from %d files (%.1f MB); staging in %s", kind, len(files),
               total_bytes / 1e6, staged)
   try:
@@ -331,7 +335,7 @@ def run(inputs: list[str], output_dir: str, *, tokenizer: str, seq_len: int,
     dataset_manifest.write_atomically(FileSystems.join(staged, stage_report.REPORT_NAME),
                                       table.encode("utf-8"))
     prepare_text.check_output_dir(output_dir, overwrite)
-    prepare_text.move_into_place(staged, output_dir)
+    staging.publish(staged, output_dir)
   except BaseException:
     if FileSystems.exists(staged):
       FileSystems.delete([staged])
@@ -372,15 +376,23 @@ def main(argv: list[str] | None = None) -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                       force=True)
   logging.getLogger("apache_beam").setLevel(logging.WARNING)
-  try:
-    run(globs(flags.input), flags.output_dir, tokenizer=flags.tokenizer, seq_len=flags.seq_len,
-        validation_inputs=globs(flags.validation_input),
-        validation_fraction=flags.validation_fraction, kind=flags.kind,
-        truncate=flags.truncate, seed=flags.seed, num_shards=flags.num_shards,
-        overwrite=flags.overwrite, beam_args=beam_args)
-  except (ValueError, FileExistsError) as err:
-    print(f"prepare_chat: {err}", file=sys.stderr)
-    sys.exit(2)
+  with prepare_text.stop_on_signals() as received:
+    try:
+      run(globs(flags.input), flags.output_dir, tokenizer=flags.tokenizer,
+          seq_len=flags.seq_len, validation_inputs=globs(flags.validation_input),
+          validation_fraction=flags.validation_fraction, kind=flags.kind,
+          truncate=flags.truncate, seed=flags.seed, num_shards=flags.num_shards,
+          overwrite=flags.overwrite, beam_args=beam_args)
+    except BaseException as err:
+      if received:
+        print(f"prepare_chat: stopped by {signal.Signals(received[0]).name} before finishing; "
+              f"--output_dir {flags.output_dir} is as it was and no staging dir is left",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + received[0]) from None
+      if isinstance(err, (ValueError, FileExistsError)):
+        print(f"prepare_chat: {err}", file=sys.stderr)
+        sys.exit(2)
+      raise
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@
 Stages (each on by default, each with a --no_* flag): read (dead letters for bad input),
 normalize, quality heuristics, language ID, PII scrubbing, exact and near-duplicate removal,
 SentencePiece training, tokenize, pack, write per-source train shards. The run writes into a
-temporary directory beside --output_dir and renames it into place when complete. Flags this
+temporary directory beside --output_dir and renames it into place when complete; SIGINT or
+SIGTERM stops it (exit 130 or 143) and removes that directory, and those of earlier runs that
+were killed outright are named at the start (--remove_stale_staging removes them). Flags this
 module does not know are Beam pipeline options (e.g. --runner=DataflowRunner --project=...).
 """
 
@@ -17,8 +19,10 @@ import contextlib
 import dataclasses
 import logging
 import math
+import signal
+import sys
+import threading
 import time
-import uuid
 from collections.abc import Iterable
 
 import apache_beam as beam
@@ -35,6 +39,7 @@ from beam_pipelines import quality
 from beam_pipelines import records
 from beam_pipelines import sources as sources_lib
 from beam_pipelines import stage_report
+from beam_pipelines import staging
 from beam_pipelines import tokenized_split
 from beam_pipelines import tokenizer_training
 from beam_pipelines.quality import QualityThresholds
@@ -44,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 BYTES_PER_TRAIN_SHARD = 256 << 20
 MAX_AUTO_SHARDS = 1024
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,23 +196,16 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
                           "--overwrite to replace it or choose another directory")
 
 
-def staging_dir(output_dir: str) -> str:
-  """A fresh directory beside output_dir that the run fills before it is renamed into place."""
-  path = f"{output_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-  FileSystems.mkdirs(path)
-  return path
-
-
-def move_into_place(staged: str, output_dir: str) -> None:
-  """Replaces output_dir with the staged run whole; a reader sees the old run, no directory
-  for an instant, or the new run, never a mix."""
-  if FileSystems.exists(output_dir):
-    retired = f"{output_dir.rstrip('/')}.old-{uuid.uuid4().hex[:8]}"
-    FileSystems.rename([output_dir], [retired])
-    FileSystems.rename([staged], [output_dir])
-    FileSystems.delete([retired])
-  else:
-    FileSystems.rename([staged], [output_dir])
+def report_stale_staging(output_dir: str, remove: bool) -> None:
+  """One line naming the staging dirs that killed runs left beside output_dir, or removing
+  them."""
+  stale = staging.stale_dirs(output_dir)
+  if stale and remove:
+    FileSystems.delete(stale)
+    logger.warning("removed %d stale staging dirs: %s", len(stale), " ".join(stale))
+  elif stale:
+    logger.warning("%d staging dirs of earlier runs that did not finish: %s; remove them with "
+                   "--remove_stale_staging", len(stale), " ".join(stale))
 
 
 def shards_for_bytes(input_bytes: int) -> int:
@@ -244,15 +243,28 @@ def run_pipeline(config: PrepareConfig, units, beam_args: list[str] | None):
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     build_pipeline(pipeline, dataclasses.replace(config, langid_model=langid_model), units)
     result = pipeline.run()
-    result.wait_until_finish()
+    try:
+      result.wait_until_finish()
+    except BaseException:
+      cancel(result)
+      raise
   return result
+
+
+def cancel(result) -> None:
+  """Stops a pipeline that runs on after the launcher gave up on it (a remote runner); the
+  DirectRunner has finished or failed by the time pipeline.run() returns."""
+  try:
+    result.cancel()
+  except Exception as err:  # pylint: disable=broad-except  # runners raise many kinds, or none
+    logger.warning("could not cancel the pipeline: %s", err)
 
 
 def run(inputs: list[str] | list[Source], output_dir: str, *, vocab_size: int, seq_len: int,
         validation_fraction: float = 0.01, seed: int = 0, num_shards: int = 0,
         spm_sample_docs: int = 100_000, spm_sample_bytes: int = 5_000_000,
         overwrite: bool = False, stages: StageFlags = StageFlags(),
-        beam_args: list[str] | None = None) -> dict:
+        beam_args: list[str] | None = None, remove_stale_staging: bool = False) -> dict:
   """Runs the pipeline to completion and returns the manifest it wrote.
 
   `inputs` are globs (one source) or Sources. num_shards=0 picks one train shard per 256 MiB of
@@ -260,11 +272,12 @@ def run(inputs: list[str] | list[Source], output_dir: str, *, vocab_size: int, s
   """
   start = time.perf_counter()
   check_settings(vocab_size, seq_len, validation_fraction, stages)
+  report_stale_staging(output_dir, remove_stale_staging)
   source_list = as_sources(inputs)
   resolved = sources_lib.resolve(source_list)
   check_output_dir(output_dir, overwrite)
   total_bytes = sum(resolved.bytes_by_source.values())
-  staged = staging_dir(output_dir)
+  staged = staging.create(output_dir)
   config = PrepareConfig(
       sources=source_list, output_dir=staged, vocab_size=vocab_size, seq_len=seq_len,
       validation_fraction=validation_fraction, seed=seed,
@@ -287,7 +300,7 @@ def run(inputs: list[str] | list[Source], output_dir: str, *, vocab_size: int, s
     dataset_manifest.write_atomically(FileSystems.join(staged, stage_report.REPORT_NAME),
                                       table.encode("utf-8"))
     check_output_dir(output_dir, overwrite)  # another run may have finished meanwhile
-    move_into_place(staged, output_dir)
+    staging.publish(staged, output_dir)
   except BaseException:
     if FileSystems.exists(staged):
       FileSystems.delete([staged])
@@ -315,6 +328,9 @@ def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing --output_dir whole")
+  parser.add_argument("--remove_stale_staging", action="store_true",
+                      help="remove the staging dirs (--output_dir.tmp-*) of earlier runs whose "
+                           "process is gone")
   defaults = StageFlags()
   for stage in ("normalize", "langid", "quality", "pii", "exact_dedup", "near_dedup"):
     parser.add_argument(f"--no_{stage}", dest=stage, action="store_false",
@@ -360,19 +376,58 @@ def stages_from_flags(flags: argparse.Namespace) -> StageFlags:
       special_tokens=split(flags.special_tokens))
 
 
+class Stopped(BaseException):
+  """A stop signal, raised in the main thread; not an Exception, so `except Exception` in the
+  code it interrupts lets it through (Beam re-raises it wrapped, which main also recognizes)."""
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+  """SIGINT and SIGTERM raise Stopped in the main thread, also where SIGINT came in ignored (a
+  shell's background job ignores it); yields the list of signals received. Only the first one
+  raises, so the cleanup it starts is not cut short by a second."""
+  received = []
+  if threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+
+  def stop(signum, frame):
+    del frame
+    received.append(signum)
+    if len(received) == 1:
+      logging.getLogger("apache_beam").setLevel(logging.CRITICAL)  # its traceback of this stop
+      raise Stopped(signal.Signals(signum).name)
+
+  previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+  try:
+    yield received
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+
+
 def main(argv: list[str] | None = None) -> None:
   flags, beam_args = parse_flags(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                       force=True)
   logging.getLogger("apache_beam").setLevel(logging.WARNING)
-  try:
-    run(sources_from_flags(flags), flags.output_dir, vocab_size=flags.vocab_size,
-        seq_len=flags.seq_len, validation_fraction=flags.validation_fraction, seed=flags.seed,
-        num_shards=flags.num_shards, spm_sample_docs=flags.spm_sample_docs,
-        spm_sample_bytes=flags.spm_sample_bytes, overwrite=flags.overwrite,
-        stages=stages_from_flags(flags), beam_args=beam_args)
-  except (ValueError, FileExistsError) as err:
-    raise SystemExit(f"prepare_text: {err}") from None
+  with stop_on_signals() as received:
+    try:
+      run(sources_from_flags(flags), flags.output_dir, vocab_size=flags.vocab_size,
+          seq_len=flags.seq_len, validation_fraction=flags.validation_fraction, seed=flags.seed,
+          num_shards=flags.num_shards, spm_sample_docs=flags.spm_sample_docs,
+          spm_sample_bytes=flags.spm_sample_bytes, overwrite=flags.overwrite,
+          stages=stages_from_flags(flags), beam_args=beam_args,
+          remove_stale_staging=flags.remove_stale_staging)
+    except BaseException as err:
+      if received:
+        print(f"prepare_text: stopped by {signal.Signals(received[0]).name} before finishing; "
+              f"--output_dir {flags.output_dir} is as it was and no staging dir is left",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + received[0]) from None
+      if isinstance(err, (ValueError, FileExistsError)):
+        raise SystemExit(f"prepare_text: {err}") from None
+      raise
 
 
 if __name__ == "__main__":

@@ -3,17 +3,23 @@ on bad input: each unreadable document becomes a `Rejected` with a reason instea
 
 Plain files are one document each; JSONL(.gz) lines and Parquet rows contribute their `text`
 field; TFDS examples their `text` feature. Nothing larger than `max_bytes` is ever held whole.
+A local path is opened only if it is a regular file (or a link to one): directories, broken or
+looping links, FIFOs and devices are rejected by kind, and never opened in a way that can block.
 """
 
 import contextlib
+import errno
 import gzip
 import json
+import os
+import stat
 import zlib
 from collections.abc import Iterator
 from typing import NamedTuple
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.localfilesystem import LocalFileSystem
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -22,8 +28,9 @@ TEXT_FIELD = "text"
 SNIFF_BYTES = 8192
 READ_CHUNK = 1 << 20
 PARQUET_BATCH_ROWS = 1024
+NOT_REGULAR = ("directory", "dangling_symlink", "symlink_loop", "fifo", "special_file")
 REASONS = ("invalid_utf8", "binary", "empty", "too_long", "malformed_json", "missing_text",
-           "unreadable")
+           "unreadable") + NOT_REGULAR
 
 
 class Text(NamedTuple):
@@ -120,11 +127,66 @@ def read_parquet(f, max_bytes: int) -> Iterator[Text | Rejected]:
     yield Rejected(0, "unreadable")
 
 
+class NotRegularFile(Exception):
+  """A local input that is not a regular file; `reason` is one of NOT_REGULAR."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f"{path} is not a regular file ({reason})")
+    self.reason = reason
+
+
+def is_local(path: str) -> bool:
+  return isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
+
+
+def kind_of_mode(mode: int) -> str | None:
+  """None for a regular file, else its NOT_REGULAR reason."""
+  if stat.S_ISREG(mode):
+    return None
+  if stat.S_ISDIR(mode):
+    return "directory"
+  return "fifo" if stat.S_ISFIFO(mode) else "special_file"
+
+
+def kind_of_path(path: str) -> str | None:
+  """None for a regular file or a link to one, else why not: a NOT_REGULAR reason, or
+  `unreadable` for a path that vanished or may not be looked at."""
+  try:
+    return kind_of_mode(os.stat(path).st_mode)
+  except FileNotFoundError:
+    return "dangling_symlink" if os.path.islink(path) else "unreadable"
+  except OSError as err:
+    return "symlink_loop" if err.errno == errno.ELOOP else "unreadable"
+
+
+def open_regular_file(path: str):
+  """Binary file object of a local regular file, else NotRegularFile. The stat comes first so a
+  device or FIFO is never opened; the open is non-blocking and checked again with fstat, so one
+  swapped in after the stat cannot hang the read either."""
+  reason = kind_of_path(path)
+  if reason in NOT_REGULAR:
+    raise NotRegularFile(path, reason)
+  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+  try:
+    reason = kind_of_mode(os.fstat(fd).st_mode)
+    if reason:
+      raise NotRegularFile(path, reason)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+  except BaseException:
+    os.close(fd)
+    raise
+
+
 @contextlib.contextmanager
 def open_binary(path: str):
   """A binary file object with readline(limit); .gz is decompressed as a stream (Beam's own
   decompressing reader has no readline limit, so one huge line would be read whole)."""
-  with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+  if is_local(path):
+    opened = open_regular_file(path)
+  else:
+    opened = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+  with opened as raw:
     if path.lower().endswith(".gz"):
       with gzip.GzipFile(fileobj=raw) as f:
         yield f
@@ -142,6 +204,8 @@ def read_file(path: str, max_bytes: int) -> Iterator[Text | Rejected]:
         yield from read_parquet(f, max_bytes)
       else:
         yield from read_whole_file(f, max_bytes)
+  except NotRegularFile as err:
+    yield Rejected(0, err.reason)
   except (OSError, EOFError, zlib.error):  # unreadable, not gzip, or a truncated .gz
     yield Rejected(0, "unreadable")
 

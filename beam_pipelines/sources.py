@@ -2,10 +2,14 @@
 profile, resolved up front into read units (one per file, one per TFDS index range)."""
 
 import dataclasses
+import os
 import re
+import stat
 from typing import NamedTuple
 
-from beam_pipelines import documents
+from apache_beam.io.filesystem import FileSystem
+from apache_beam.io.filesystems import FileSystems
+
 from beam_pipelines import reading
 
 # code: no language ID, prose heuristics or boilerplate-line removal; auto: code for whole files
@@ -61,6 +65,61 @@ def is_prose(profile: str, origin: str) -> bool:
   return profile == "prose"
 
 
+def recursive_variants(pattern: str) -> list[str]:
+  """Beam's `dir/**/x` needs at least one directory between; Python's also matches `dir/x`."""
+  head, separator, tail = pattern.partition("/**/")
+  if not separator:
+    return [pattern]
+  tails = recursive_variants(tail)
+  return [f"{head}/**/{t}" for t in tails] + [f"{head}/{t}" for t in tails]
+
+
+def local_entries(pattern: str) -> list[str]:
+  """Every directory entry a local pattern matches, in Beam's glob syntax (`*` stays within a
+  directory, `**` crosses them). Beam's own match lists only what it can size as a file, so
+  directories and broken links would vanish without a word; here they stay, for the reader to
+  dead-letter. Directories are left out under a trailing `**`, where they are the tree's
+  structure rather than inputs."""
+  prefix = re.match(r"[^[*?]*", pattern).group(0)
+  if prefix == pattern:
+    return [pattern] if os.path.lexists(pattern) else []
+  matches = re.compile(FileSystem.translate_pattern(pattern)).match
+  with_directories = os.path.basename(pattern) != "**"
+  entries = []
+  for directory, subdirectories, names in os.walk(os.path.dirname(prefix)):
+    names = names + subdirectories if with_directories else names
+    entries += [path for name in names if matches(path := os.path.join(directory, name))]
+  return entries
+
+
+def match_pattern(pattern: str) -> dict[str, int]:
+  """{path: size}: regular files with their size, other local entries with size 0."""
+  if not reading.is_local(pattern):
+    return {m.path: m.size_in_bytes for m in FileSystems.match([pattern])[0].metadata_list}
+  return {path: regular_file_size(path) for path in local_entries(pattern)}
+
+
+def regular_file_size(path: str) -> int:
+  try:
+    status = os.stat(path)
+  except OSError:
+    return 0
+  return status.st_size if stat.S_ISREG(status.st_mode) else 0
+
+
+def match_files(globs: list[str]) -> dict[str, int]:
+  """{path: size} of everything the globs match; a glob matching nothing is a user error."""
+  files = {}
+  for glob in globs:
+    matched = {}
+    for pattern in recursive_variants(glob):
+      matched |= match_pattern(pattern)
+    if not matched:
+      raise ValueError(f"--input glob {glob!r} matched no files; check the path and quoting")
+    files |= matched
+  return files
+
+
 class ReadUnit(NamedTuple):
   source: str
   path: str  # a file, or a TFDS spec
@@ -86,7 +145,7 @@ def resolve(sources: list[Source]) -> ResolvedSources:
     for spec in set(source.inputs) - set(file_globs):
       units += tfds_units(source.name, spec)
     if file_globs:
-      files = documents.match_files(file_globs)
+      files = match_files(file_globs)
       units += [ReadUnit(source.name, path) for path in sorted(files)]
       bytes_by_source[source.name] = sum(files.values())
   return ResolvedSources(units, bytes_by_source)

@@ -14,7 +14,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas.flash_attention_kernels import (
-    KernelConfig, independent_programs, mask_scores, matmul_f32, num_visible_k_blocks,
+    KernelConfig, index_div, independent_programs, mask_scores, matmul_f32, num_visible_k_blocks,
     query_head_spec, scaled_scores, segment_specs, split_refs, tile_positions, visible_pairs,
     whole_kv_spec)
 
@@ -23,7 +23,7 @@ def first_visible_q_block(k_start, cfg: KernelConfig):
   """Query blocks [n, end) hold every query that may see some key in [k_start, k_start + block_k)."""
   if not cfg.causal:
     return 0
-  return jax.lax.div(jnp.maximum(k_start - cfg.causal_offset, 0), cfg.block_q)
+  return index_div(jnp.maximum(k_start - cfg.causal_offset, 0), cfg.block_q)
 
 
 def _dq_kernel(*refs, cfg: KernelConfig, has_segments: bool):

@@ -98,12 +98,24 @@ def mask_scores(scores, visible):
   return scores if visible is None else jnp.where(visible, scores, -jnp.inf)
 
 
+def index_div(index, divisor):
+  """index // divisor for a non-negative int index (program id, loop counter). The divisor takes
+  the index's dtype: under jax_enable_x64 a Python int becomes int64, and lax.div wants the
+  dtypes equal."""
+  return jax.lax.div(index, jax.lax.convert_element_type(divisor, jnp.result_type(index)))
+
+
+def index_rem(index, divisor):
+  """index % divisor for a non-negative int index, dtype-consistent under x64 as in `index_div`."""
+  return jax.lax.rem(index, jax.lax.convert_element_type(divisor, jnp.result_type(index)))
+
+
 def num_visible_k_blocks(q_start, cfg: KernelConfig, num_k_blocks: int):
   """Key blocks [0, n) hold every key some query in [q_start, q_start + block_q) may see."""
   if not cfg.causal:
     return num_k_blocks
   last_key_end = q_start + cfg.block_q + cfg.causal_offset
-  n = jax.lax.div(jnp.maximum(last_key_end, 0) + cfg.block_k - 1, cfg.block_k)
+  n = index_div(jnp.maximum(last_key_end, 0) + cfg.block_k - 1, cfg.block_k)
   return jnp.minimum(n, num_k_blocks)
 
 

@@ -33,6 +33,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.flash_attention_kernels import (
   KernelConfig,
+  index_div,
+  index_rem,
   mask_scores,
   num_visible_k_blocks,
   visible_pairs,
@@ -192,7 +194,7 @@ def _forward_kernel(*refs, cfg: KernelConfig, group: int, has_segments: bool):
   staging_smem = staging_smem[0] if staging_smem else None
   block_q, block_k = cfg.block_q, cfg.block_k
   head, q_block, batch = grid_position()
-  kv_head, g = lax.div(head, group), lax.rem(head, group)
+  kv_head, g = index_div(head, group), index_rem(head, group)
   q_start = q_block * block_q
   queries = pl.ds(q_start, block_q)
   num_k_blocks = num_visible_k_blocks(q_start, cfg, k_ref.shape[2] // block_k)
@@ -209,7 +211,7 @@ def _forward_kernel(*refs, cfg: KernelConfig, group: int, has_segments: bool):
 
   def step(j, carry):
     row_max, row_sum, acc = carry
-    slot = lax.rem(j, 2)
+    slot = index_rem(j, 2)
     pl.when(j + 1 < num_k_blocks)(lambda: fetch(j + 1, 1 - slot))
     k_start = j * block_k
     kv_seg = plgpu.load(seg_refs[1].at[batch, pl.ds(k_start, block_k)], layout=COLS) if has_segments else None

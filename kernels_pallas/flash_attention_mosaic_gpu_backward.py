@@ -19,6 +19,8 @@ from kernels_pallas import layout
 from kernels_pallas.flash_attention_backward import first_visible_q_block
 from kernels_pallas.flash_attention_kernels import (
   KernelConfig,
+  index_div,
+  index_rem,
   num_visible_k_blocks,
 )
 from kernels_pallas.flash_attention_mosaic_gpu import (
@@ -44,7 +46,7 @@ def _dq_kernel(*refs, cfg: KernelConfig, group: int, has_segments: bool):
   staging_smem = staging_smem[0] if staging_smem else None
   block_q, block_k = cfg.block_q, cfg.block_k
   head, q_block, batch = grid_position()
-  kv_head, g = lax.div(head, group), lax.rem(head, group)
+  kv_head, g = index_div(head, group), index_rem(head, group)
   q_start = q_block * block_q
   rows = (batch, kv_head, g, pl.ds(q_start, block_q))
   num_k_blocks = num_visible_k_blocks(q_start, cfg, k_ref.shape[2] // block_k)
@@ -64,7 +66,7 @@ def _dq_kernel(*refs, cfg: KernelConfig, group: int, has_segments: bool):
   plgpu.barrier_wait(q_barriers.at[1])
 
   def step(j, dq):
-    slot = lax.rem(j, 2)
+    slot = index_rem(j, 2)
     pl.when(j + 1 < num_k_blocks)(lambda: fetch(j + 1, 1 - slot))
     k_start = j * block_k
     kv_seg = plgpu.load(seg_refs[1].at[batch, pl.ds(k_start, block_k)], layout=COLS) if has_segments else None
@@ -100,7 +102,7 @@ def _dkdv_kernel(*refs, cfg: KernelConfig, group: int, has_segments: bool):
 
   def query_rows(t):
     """(batch, kv head, group member, q block slice) of step t, which walks heads then q blocks."""
-    g, i = lax.div(t, q_blocks), first_q_block + lax.rem(t, q_blocks)
+    g, i = index_div(t, q_blocks), first_q_block + index_rem(t, q_blocks)
     return batch, kv_head, g, pl.ds(i * block_q, block_q)
 
   def fetch(t, slot):
@@ -116,7 +118,7 @@ def _dkdv_kernel(*refs, cfg: KernelConfig, group: int, has_segments: bool):
 
   def step(t, carry):
     dk, dv = carry
-    slot = lax.rem(t, 2)
+    slot = index_rem(t, 2)
     pl.when(t + 1 < num_steps)(lambda: fetch(t + 1, 1 - slot))
     rows = query_rows(t)
     q_start = rows[3].start

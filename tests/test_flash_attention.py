@@ -333,3 +333,20 @@ def test_mosaic_gpu_kernels_match_numpy_in_gpu_interpreter(case):
   for name, got, want in zip(["out", "dq", "dk", "dv"], (out, *grads), (want_out, *pullback(inputs[3]))):
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-2, rtol=2e-2, err_msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("check", [
+    lambda: test_matches_numpy_outputs_and_gradients(CASES[3]),   # causal, GQA, documents, padding
+    test_triton_structure_matches_numpy_in_interpreter,
+    lambda: test_mosaic_gpu_kernels_match_numpy_in_gpu_interpreter(MOSAIC_GPU_CASES[0]),
+    lambda: test_lowers_for_accelerators("tpu", "TPU v5 lite", "tpu_custom_call"),
+    lambda: test_lowers_for_accelerators("cuda", H100, MOSAIC_GPU_CALL),
+], ids=["interpret", "triton_structure", "mosaic_gpu_interpret", "lower_tpu", "lower_cuda"])
+def test_kernels_match_numpy_with_jax_enable_x64(check):
+  """With x64 on (as users of float64 references run it), Python ints in index arithmetic become
+  int64 while program ids and loop counters stay int32; every kernel still traces, lowers and
+  matches the float64 NumPy reference."""
+  with jax.enable_x64(True):
+    assert jnp.arange(1).dtype == jnp.int64
+    check()

@@ -1,12 +1,20 @@
-"""Tests for beam_pipelines.prepare_text: packing, splitting, and a small end-to-end run."""
+"""Tests for beam_pipelines.prepare_text: packing, splitting, a small end-to-end run, and runs
+stopped by signals or left behind by killed ones."""
 
 import collections
 import gzip
 import json
+import logging
 import math
+import os
 import pathlib
 import random
+import signal
+import socket
+import subprocess
+import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -17,9 +25,12 @@ from beam_pipelines import normalize
 from beam_pipelines import packing
 from beam_pipelines import prepare_text
 from beam_pipelines import records
+from beam_pipelines import sources
+from beam_pipelines import staging
 from beam_pipelines import tokenizer_training
 from maxlm import data
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SEQ_LEN = 64
 PYTHON_SNIPPET = (
     "class Greeter:\n"
@@ -104,8 +115,8 @@ def test_recursive_glob_also_matches_top_level_files(tmp_path):
   (tmp_path / "sub" / "deeper").mkdir(parents=True)
   for name in ("top.py", "sub/mid.py", "sub/deeper/low.py", "sub/skip.txt"):
     (tmp_path / name).write_text("x = 1\n")
-  assert len(documents.match_files([f"{tmp_path}/**/*.py"])) == 3
-  assert documents.recursive_variants("a/**/b/**/c") == [
+  assert len(sources.match_files([f"{tmp_path}/**/*.py"])) == 3
+  assert sources.recursive_variants("a/**/b/**/c") == [
       "a/**/b/**/c", "a/**/b/c", "a/b/**/c", "a/b/c"]
 
 
@@ -248,3 +259,97 @@ def test_refuses_to_overwrite_a_prepared_directory(prepared):
   with pytest.raises(FileExistsError, match="--overwrite"):
     prepare_text.run(manifest["settings"]["sources"][0]["inputs"], str(output_dir),
                      vocab_size=600, seq_len=SEQ_LEN)
+
+
+def test_published_output_holds_no_owner_file(prepared):
+  _, output_dir, _ = prepared
+  assert not (output_dir / staging.OWNER_NAME).exists()
+  assert not list(output_dir.parent.glob(f"out{staging.STAGING_MARK}*"))
+
+
+# The test's hook into the run: its first stage hangs (as on a stuck input) after saying so.
+HUNG_RUN = textwrap.dedent("""
+    import pathlib, sys, time
+    from beam_pipelines import prepare_text, reading
+
+    def hung_read(f, max_bytes):
+      pathlib.Path(sys.argv[1]).touch()
+      time.sleep(600)
+      yield from ()
+
+    reading.read_whole_file = hung_read
+    prepare_text.main(sys.argv[2:])
+""")
+
+
+def start_hung_run(tmp_path: pathlib.Path) -> tuple[subprocess.Popen, pathlib.Path]:
+  """A prepare_text run in a child that has reached its hung first stage; SIGINT starts out
+  ignored in it, as in a shell script's background job (the probe's case)."""
+  (tmp_path / "in").mkdir()
+  (tmp_path / "in" / "a.txt").write_text("a document that is never read to the end\n")
+  marker = tmp_path / "reading"
+  command = [sys.executable, "-c", HUNG_RUN, str(marker), f"--input={tmp_path}/in/*.txt",
+             f"--output_dir={tmp_path}/out", "--no_langid"]
+  child = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command], cwd=REPO_ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 120
+  while not marker.exists():
+    if child.poll() is not None or time.monotonic() > deadline:
+      child.kill()
+      pytest.fail(f"the run never reached its first stage: {child.communicate()[1][-2000:]}")
+    time.sleep(0.1)
+  return child, tmp_path / "out"
+
+
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_signal_ends_a_hung_run_without_publishing_or_staging(tmp_path, signum,
+                                                                      exit_code):
+  child, output_dir = start_hung_run(tmp_path)
+  child.send_signal(signum)
+  try:
+    _, stderr = child.communicate(timeout=60)
+  except subprocess.TimeoutExpired:
+    child.kill()
+    pytest.fail(f"{signal.Signals(signum).name} did not stop the run: {child.communicate()[1]}")
+  assert child.returncode == exit_code, stderr
+  name = signal.Signals(signum).name
+  assert stderr.splitlines()[-1] == (
+      f"prepare_text: stopped by {name} before finishing; --output_dir {output_dir} is as it "
+      "was and no staging dir is left")
+  assert "Traceback" not in stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "reading"]
+
+
+def exited_pid() -> int:
+  child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                         capture_output=True, text=True, check=True)
+  return int(child.stdout)
+
+
+def staging_dirs(tmp_path: pathlib.Path, owners: dict[str, str | None]) -> dict[str, str]:
+  """out.tmp-NAME dirs with the given owner file contents (None: no owner file)."""
+  paths = {}
+  for name, owner in owners.items():
+    path = tmp_path / f"out{staging.STAGING_MARK}{name}"
+    path.mkdir()
+    if owner is not None:
+      (path / staging.OWNER_NAME).write_text(owner)
+    paths[name] = str(path)
+  return paths
+
+
+def test_stale_staging_dirs_are_named_then_removed_on_request(tmp_path, caplog):
+  host = socket.gethostname()
+  paths = staging_dirs(tmp_path, {
+      "dead": f"{host} {exited_pid()}\n", "noowner": None, "live": f"{host} {os.getpid()}\n",
+      "remote": "another-host.example 1\n"})
+  missing = f"{tmp_path}/nowhere/*.txt"
+  with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="matched no files"):
+    prepare_text.run([missing], str(tmp_path / "out"), vocab_size=400, seq_len=SEQ_LEN)
+  report = (f"2 staging dirs of earlier runs that did not finish: {paths['dead']} "
+            f"{paths['noowner']}; remove them with --remove_stale_staging")
+  assert [r.getMessage() for r in caplog.records if "staging" in r.getMessage()] == [report]
+  with pytest.raises(SystemExit, match="matched no files"):
+    prepare_text.main([f"--input={missing}", f"--output_dir={tmp_path}/out",
+                       "--remove_stale_staging"])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out.tmp-live", "out.tmp-remote"]

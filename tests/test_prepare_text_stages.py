@@ -4,9 +4,12 @@ are removed, TFDS and Parquet read, sources get their own shards and weights; re
 replace the output whole."""
 
 import collections
+import contextlib
 import gzip
 import json
+import os
 import pathlib
+import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -52,7 +55,9 @@ TFDS_TEXTS = ["first mock review text", "second mock review text"]
 PARQUET_TEXT = PARAGRAPHS[2] + " Parquet rows arrive intact."
 
 DEAD_LETTERS = {"invalid_utf8": 1, "binary": 1, "empty": 2, "too_long": 2, "malformed_json": 1,
-                "missing_text": 3}
+                "missing_text": 3, "directory": 1, "dangling_symlink": 1, "symlink_loop": 2,
+                "fifo": 1}
+FIFO_RELEASE_SECONDS = 5
 
 
 def word_shingles(text: str, n: int = 5) -> set:
@@ -81,6 +86,11 @@ def write_corpus(root: pathlib.Path) -> list[Source]:
     f.write("\n".join(lines) + "\n")
   pq.write_table(pa.table({"text": [PARQUET_TEXT, None]}), web / "rows.parquet")
   pq.write_table(pa.table({"body": ["no text column"]}), web / "other.parquet")
+  (web / "x.txt").mkdir()  # a directory that the glob matches: never opened as a file
+  (web / "dangling.txt").symlink_to(web / "nowhere.txt")
+  (web / "loop_a.txt").symlink_to(web / "loop_b.txt")
+  (web / "loop_b.txt").symlink_to(web / "loop_a.txt")
+  os.mkfifo(web / "pipe.txt")  # no writer ever: opening it for reading would block
   (code / "util.py").write_text("def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))\n")
   (code / "shapes.py").write_text("class Square:\n    def __init__(self, side):\n"
                                   "        self.side = side\n")
@@ -100,13 +110,38 @@ def decoded_shards(output_dir: pathlib.Path, manifest: dict, shards: list[str]) 
   return texts
 
 
+@contextlib.contextmanager
+def released_after(fifo: pathlib.Path, seconds: float):
+  """Should a reader block on the FIFO, a writer opens and closes it after `seconds`: the reader
+  sees an empty file and the dead-letter counts fail the test, instead of the test hanging."""
+  done = threading.Event()
+
+  def release():
+    done.wait(seconds)
+    while not done.is_set():
+      try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+      except OSError:  # ENXIO: no reader has it open
+        pass
+      done.wait(0.1)
+
+  thread = threading.Thread(target=release, daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    done.set()
+    thread.join()
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
   root = tmp_path_factory.mktemp("stages")
   sources = write_corpus(root)
   output_dir = root / "out"
   examples = [{"text": text, "label": 1} for text in TFDS_TEXTS]
-  with tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: examples):
+  with (tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: examples),
+        released_after(root / "web" / "pipe.txt", FIFO_RELEASE_SECONDS)):
     manifest = prepare_text.run(
         sources, str(output_dir), vocab_size=400, seq_len=SEQ_LEN, validation_fraction=0.0,
         stages=prepare_text.StageFlags(max_document_bytes=MAX_DOCUMENT_BYTES,
@@ -124,7 +159,9 @@ def test_bad_input_is_counted_by_reason_and_dead_lettered(prepared):
       ("huge.txt", 0): "too_long", ("lines.jsonl.gz", 2): "malformed_json",
       ("lines.jsonl.gz", 3): "missing_text", ("lines.jsonl.gz", 4): "too_long",
       ("lines.jsonl.gz", 6): "empty", ("rows.parquet", 2): "missing_text",
-      ("other.parquet", 0): "missing_text"}
+      ("other.parquet", 0): "missing_text", ("x.txt", 0): "directory",
+      ("dangling.txt", 0): "dangling_symlink", ("loop_a.txt", 0): "symlink_loop",
+      ("loop_b.txt", 0): "symlink_loop", ("pipe.txt", 0): "fifo"}
   assert all(line["source"] == "web" for line in lines)
   read = manifest["report"]["stages"][0]
   assert read["stage"] == "read" and read["dropped"] == DEAD_LETTERS

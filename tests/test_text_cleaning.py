@@ -7,8 +7,10 @@ import io
 import itertools
 import json
 import os
+import pathlib
 import random
 import re
+import threading
 import unicodedata
 
 import numpy as np
@@ -300,6 +302,63 @@ def test_whole_files_binary_invalid_empty_and_truncated_gzip(tmp_path):
                   "blank.txt": [reading.Rejected(0, "empty")],
                   "ok.txt": [reading.Text(0, "naïve text\n")],
                   "cut.txt.gz": [reading.Rejected(0, "unreadable")]}
+
+
+def read_or_fail_after(path: str, seconds: float = 5.0) -> list:
+  """reading.read_file's items; a read still blocked after `seconds` is released by opening the
+  FIFO for writing, and the test fails instead of hanging."""
+  items = []
+  reader = threading.Thread(target=lambda: items.extend(reading.read_file(path, 1000)),
+                            daemon=True)
+  reader.start()
+  reader.join(seconds)
+  if reader.is_alive():
+    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    reader.join()
+    pytest.fail(f"reading {path} blocked for {seconds} s")
+  return items
+
+
+def non_regular_inputs(root) -> dict[str, list]:
+  """Writes a regular file, a link to it and each kind of entry that is no regular file; returns
+  what reading each should give."""
+  (root / "ok.txt").write_text("plain text\n")
+  (root / "link.txt").symlink_to(root / "ok.txt")
+  (root / "x.txt").mkdir()
+  (root / "x.txt" / "inside.txt").write_text("not matched by *.txt\n")
+  (root / "dangling.txt").symlink_to(root / "nowhere.txt")
+  (root / "loop_a.txt").symlink_to(root / "loop_b.txt")
+  (root / "loop_b.txt").symlink_to(root / "loop_a.txt")
+  os.mkfifo(root / "pipe.txt")
+  text = [reading.Text(0, "plain text\n")]
+  return {"ok.txt": text, "link.txt": text, "x.txt": [reading.Rejected(0, "directory")],
+          "dangling.txt": [reading.Rejected(0, "dangling_symlink")],
+          "loop_a.txt": [reading.Rejected(0, "symlink_loop")],
+          "loop_b.txt": [reading.Rejected(0, "symlink_loop")],
+          "pipe.txt": [reading.Rejected(0, "fifo")]}
+
+
+def test_a_glob_matches_non_regular_entries_and_reading_rejects_each_by_kind(tmp_path):
+  expected = non_regular_inputs(tmp_path)
+  matched = sources.match_files([f"{tmp_path}/*.txt"])
+  assert matched == {str(tmp_path / name): (11 if name in ("ok.txt", "link.txt") else 0)
+                     for name in expected}
+  assert {name: read_or_fail_after(str(tmp_path / name)) for name in expected} == expected
+  assert sources.match_files([f"{tmp_path}/x.txt"]) == {str(tmp_path / "x.txt"): 0}
+
+
+def test_a_trailing_double_star_lists_files_not_directories(tmp_path):
+  non_regular_inputs(tmp_path)
+  matched = sources.match_files([f"{tmp_path}/**"])
+  assert sorted(pathlib.Path(p).relative_to(tmp_path).as_posix() for p in matched) == [
+      "dangling.txt", "link.txt", "loop_a.txt", "loop_b.txt", "ok.txt", "pipe.txt",
+      "x.txt/inside.txt"]
+
+
+def test_a_fifo_swapped_in_after_the_stat_is_rejected_without_blocking(tmp_path, monkeypatch):
+  os.mkfifo(tmp_path / "pipe.txt")
+  monkeypatch.setattr(reading, "kind_of_path", lambda path: None)  # the stat saw a regular file
+  assert read_or_fail_after(str(tmp_path / "pipe.txt")) == [reading.Rejected(0, "fifo")]
 
 
 def test_auto_profile_treats_source_files_as_code():
