@@ -27,6 +27,7 @@ from flax import nnx
 
 from beam_pipelines.records import fields_of_manifest
 from maxlm import checkpoint, data, metrics, optim, sampling, sharding, tasks
+from maxlm import post_training  # noqa: F401  (registers SFT and DPO with gin)
 from maxlm import steps as train_steps
 from maxlm.config_checks import (UserError, check_compatible, check_same_model,
                                  resolve_model_config)
@@ -61,7 +62,7 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
           seed: int = 0, init_from: str | None = None, trainable: str | None = None,
           checkpoint_every: int = 100,
           eval_every: int = 100, eval_batches: int = 16, log_every: int = 10,
-          sample_prompt: str = "def ", sample_tokens: int = 48,
+          sample_prompt: str | None = "def ", sample_tokens: int = 48,
           sample_temperature: float = 0.0, max_bad_steps: int = 10,
           keep_checkpoints: int = 3, keep_checkpoint_every: int | None = None,
           peak_flops_per_device: float | None = None,
@@ -78,7 +79,8 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
   `trainable`, a regex over parameter paths (`blocks/0/attention/q`, see
   `steps.split_trainable`), trains only the parameters it matches; the others stay as
   `init_from` (or the seed's initialization) made them, and checkpoints hold only the trained.
-  `peak_flops_per_device` turns on the `mfu` scalar; `profile_steps=(first, last)` writes a
+  `sample_prompt=None` skips the sample at the end. `peak_flops_per_device` turns on the
+  `mfu` scalar; `profile_steps=(first, last)` writes a
   profiler trace of those steps to WORKDIR/profile (open it with TensorBoard's profile plugin
   or Perfetto).
   """
@@ -118,6 +120,9 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
   state, frozen = _restore_or_init(checkpointer, workdir, start, train_iter, data_dir)
   frozen_args = (frozen,) if trainable else ()  # the steps' extra argument, when there is one
   first_step = int(state.step)
+  task = task.bind(tasks.TaskContext(
+      graphdef, sharding.param_shardings(abstract_state, mesh), batch_sharding, mesh,
+      reference_params=lambda: _reference_params(start, frozen)))
   train_step = train_steps.make_train_step(graphdef, task.loss, optimizer, shardings,
                                            batch_sharding, microbatches, frozen_shardings)
   eval_step = train_steps.make_eval_step(graphdef, task.loss, shardings.params, batch_sharding,
@@ -154,6 +159,7 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
                  "model_flops_per_s": flops_per_token * tokens_per_s}
       if peak_flops:
         scalars["mfu"] = scalars["model_flops_per_s"] / peak_flops
+      scalars.update(task.train_scalars(step_metrics))
       if int(step_metrics["skipped"]):
         bad_in_a_row, skipped_total = bad_in_a_row + 1, skipped_total + 1
         scalars["skipped_steps"] = skipped_total
@@ -195,6 +201,10 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
     if last_eval is None:
       last_eval = evaluate(state.params)
     summary = task.summary(last_eval, manifest, int(state.step))
+    if sample_prompt is None:
+      checkpointer.close()
+      writer.close()
+      return summary
     tokenizer = _tokenizer(data_dir)
     prompt_ids = [manifest["tokenizer"]["bos_id"]] + tokenizer.encode(sample_prompt)
     sample_ids = sampling.generate(graphdef, train_steps.merge_params(state.params, frozen),
@@ -270,6 +280,14 @@ def _starting_params(start: Start) -> dict:
     return _params_of_run(start.init_from, start.config, start.meta, start.abstract_state,
                           param_shardings)
   return train_steps.init_params(start.config, param_shardings, start.seed)
+
+
+def _reference_params(start: Start, frozen: dict) -> dict:
+  """The whole parameter set the run started from, for a task's frozen reference model (DPO).
+  Frozen parameters are the arrays the run already holds (a LoRA base is held once); the
+  trainable ones are loaded afresh, as at the start, so a resumed run has the same reference."""
+  trainable, _ = train_steps.split_trainable(_starting_params(start), start.trainable)
+  return train_steps.merge_params(trainable, frozen)
 
 
 def _params_of_run(run_dir, config, meta, abstract_state, param_shardings):

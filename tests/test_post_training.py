@@ -1,0 +1,232 @@
+"""SFT and DPO against NumPy references: the masked loss, the DPO formulas, per-pair
+log-probabilities of packed rows, sharded steps, resume after SIGKILL, and tiny end-to-end runs
+(pretrain -> SFT -> DPO)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sentencepiece as spm
+from array_record.python.array_record_module import ArrayRecordWriter
+from flax import nnx
+
+from beam_pipelines import prepare_text
+from beam_pipelines.chat_template import render_ids
+from beam_pipelines.records import (MANIFEST_NAME, RECORD_FORMAT, encode_record, field,
+                                    manifest_fields)
+from maxlm import optim, post_training, sharding, steps, tasks
+from maxlm import train as train_module
+from maxlm.model import ModelConfig, Transformer
+from maxlm.post_training import DPO, SFT
+
+CONFIG = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=2, num_kv_heads=1,
+                     head_dim=16, mlp_dim=64, max_seq_len=64)
+BOS = 1
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+  logits = logits.astype(np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+# --- the losses against NumPy ------------------------------------------------------------------
+
+def test_sft_loss_is_the_mean_cross_entropy_over_hand_picked_supervised_targets():
+  logits = np.random.default_rng(0).normal(size=(1, 12, 7)).astype(np.float32)
+  # [bos user user reply reply end | bos user reply end | pad pad]; the second conversation's
+  # bos is (wrongly) marked supervised: a target across conversations must still not count.
+  tokens = np.array([[1, 2, 3, 4, 5, 6, 1, 3, 2, 6, 0, 0]], np.int32)
+  segment_ids = np.array([[1] * 6 + [2] * 4 + [0] * 2], np.int32)
+  loss_mask = np.array([[0, 0, 0, 1, 1, 1, 1, 0, 1, 1, 0, 0]], np.int32)
+  positions = np.array([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 0, 0]], np.int32)
+  predicting = [2, 3, 4, 7, 8]  # positions whose next token is a supervised reply token
+  expected = -np.mean([log_softmax(logits[0])[t, tokens[0, t + 1]] for t in predicting])
+
+  model = lambda tokens, positions, segment_ids: (jnp.asarray(logits), None)  # noqa: E731
+  batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
+           "loss_mask": loss_mask}
+  loss, metrics = SFT().loss(model, batch)
+  assert float(metrics["target_tokens"]) == len(predicting)
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+
+
+def numpy_dpo(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta,
+              loss_type, label_smoothing=0.0):
+  """The papers' per-pair losses and the implicit rewards, in float64."""
+  chosen_reward = beta * (policy_chosen - reference_chosen)
+  rejected_reward = beta * (policy_rejected - reference_rejected)
+  h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+  if loss_type == "sigmoid":
+    sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+    loss = (-(1 - label_smoothing) * np.log(sigmoid(beta * h))
+            - label_smoothing * np.log(sigmoid(-beta * h)))
+  else:
+    loss = (h - 1.0 / (2.0 * beta)) ** 2
+  return loss, chosen_reward, rejected_reward
+
+
+@pytest.mark.parametrize("loss_type,beta,label_smoothing",
+                         [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.2), ("ipo", 0.1, 0.0),
+                          ("ipo", 2.0, 0.0)])
+def test_dpo_losses_and_rewards_equal_the_papers_formulas(loss_type, beta, label_smoothing):
+  logps = np.random.default_rng(1).uniform(-40, -5, size=(4, 3, 5))
+  got = post_training.dpo_losses(*jnp.asarray(logps, jnp.float32), beta, loss_type,
+                                 label_smoothing)
+  want = numpy_dpo(*logps, beta, loss_type, label_smoothing)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-5)
+  same = post_training.dpo_losses(*jnp.asarray(logps[[0, 1, 0, 1]], jnp.float32), beta, loss_type,
+                                  label_smoothing)
+  want_at_equal = np.log(2) if loss_type == "sigmoid" else 1.0 / (2.0 * beta) ** 2
+  np.testing.assert_allclose(np.asarray(same[0]), want_at_equal, rtol=1e-6)
+
+
+def test_an_unknown_loss_type_or_a_nonpositive_beta_is_refused_naming_the_choices():
+  with pytest.raises(ValueError, match="choose one of sigmoid, ipo"):
+    DPO(loss_type="hinge")
+  with pytest.raises(ValueError, match="must be positive"):
+    DPO(beta=0.0)
+
+
+# --- packed pairs ------------------------------------------------------------------------------
+
+def pack(examples: list[dict], seq_len: int) -> list[dict[str, np.ndarray]]:
+  """Greedy packing: example k of a row is segment k of each of its halves. An example is
+  {half: (ids, mask)}; a half's fields are named `{half}tokens`, `{half}loss_mask`, ..."""
+  rows, lengths = [], None
+  for example in examples:
+    if lengths is None or any(lengths[h] + len(ids) > seq_len for h, (ids, _) in example.items()):
+      rows.append({f"{h}{name}": np.zeros(seq_len, np.int32) for h in example
+                   for name in post_training.SFT_FIELDS})
+      lengths, segment = {h: 0 for h in example}, 0
+    segment += 1
+    for half, (ids, mask) in example.items():
+      start, end = lengths[half], lengths[half] + len(ids)
+      rows[-1][f"{half}tokens"][start:end] = ids
+      rows[-1][f"{half}loss_mask"][start:end] = mask
+      rows[-1][f"{half}segment_ids"][start:end] = segment
+      rows[-1][f"{half}positions"][start:end] = np.arange(len(ids))
+      lengths[half] = end
+  return rows
+
+
+def random_pair(rng, vocab: int = 64) -> dict:
+  prompt = [BOS, *rng.integers(3, vocab, rng.integers(2, 6))]
+  def half():
+    reply = list(rng.integers(3, vocab, rng.integers(1, 5)))
+    return prompt + reply, [0] * len(prompt) + [1] * len(reply)
+  return {"chosen_": half(), "rejected_": half()}
+
+
+def stack(rows: list[dict]) -> dict[str, np.ndarray]:
+  return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
+
+
+def alone_logps(model, sequences: list[tuple[list[int], list[int]]], length: int) -> list[float]:
+  """Each (ids, mask) sequence in a row of its own from position 0 (causal attention: the
+  zeros after it change nothing before them): the NumPy sum of its reply tokens' log-probs."""
+  rows = np.zeros((len(sequences), length), np.int32)
+  for row, (ids, _) in zip(rows, sequences):
+    row[:len(ids)] = ids
+  logps = log_softmax(np.asarray(jax.jit(lambda tokens: model(tokens)[0])(rows)))
+  return [sum(logps[i, j - 1, ids[j]] for j in range(1, len(ids)) if mask[j])
+          for i, (ids, mask) in enumerate(sequences)]
+
+
+def test_packed_pairs_have_the_log_probs_of_each_pair_alone_and_dpo_loss_follows():
+  rng = np.random.default_rng(2)
+  pairs = [random_pair(rng) for _ in range(7)]
+  rows = pack(pairs, seq_len=24)
+  assert len(rows) < len(pairs) and max(row["chosen_segment_ids"].max() for row in rows) >= 3
+  batch = stack(rows)
+  model = Transformer(CONFIG, rngs=nnx.Rngs(0))
+  chosen, rejected, real = jax.jit(lambda b: post_training.pair_logps(model, b))(batch)
+
+  pairs_per_row = batch["chosen_segment_ids"].max(axis=1)
+  places = [(row, column) for row, count in enumerate(pairs_per_row) for column in range(count)]
+  alone = alone_logps(model, [pair[h] for pair in pairs for h in ("chosen_", "rejected_")], 24)
+  expected = {place: alone[2 * k:2 * k + 2] for k, place in enumerate(places)}
+  assert len(places) == len(pairs) == int(np.asarray(real).sum())
+  for (r, c), (want_chosen, want_rejected) in expected.items():
+    np.testing.assert_allclose(float(chosen[r, c]), want_chosen, rtol=2e-5)
+    np.testing.assert_allclose(float(rejected[r, c]), want_rejected, rtol=2e-5)
+
+  # The task's loss: the NumPy DPO loss averaged over the real pairs, nothing from padding.
+  reference = rng.uniform(-30, -10, size=(2, *chosen.shape)).astype(np.float32)
+  batch |= {"reference_chosen_logps": reference[0], "reference_rejected_logps": reference[1]}
+  loss, metrics = jax.jit(lambda b: DPO(beta=0.2).loss(model, b))(batch)
+  keys = list(expected)
+  policy = np.array([expected[k] for k in keys])
+  ref = np.array([[reference[0][k], reference[1][k]] for k in keys])
+  losses, chosen_rewards, rejected_rewards = numpy_dpo(policy[:, 0], policy[:, 1], ref[:, 0],
+                                                       ref[:, 1], 0.2, "sigmoid")
+  np.testing.assert_allclose(float(loss), losses.mean(), rtol=1e-4)
+  assert float(metrics["pairs"]) == len(pairs)
+  np.testing.assert_allclose(float(metrics["reward_margin_sum"]),
+                             (chosen_rewards - rejected_rewards).sum(), rtol=1e-4)
+  assert float(metrics["reward_accuracy_sum"]) == (chosen_rewards > rejected_rewards).sum()
+
+
+# --- sharded steps -----------------------------------------------------------------------------
+
+def sft_batch(seed: int, rows: int = 8, seq_len: int = 32) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  conversations = []
+  for _ in range(8 * rows):
+    prompt, reply = rng.integers(3, 64, rng.integers(2, 6)), rng.integers(3, 64, rng.integers(1, 6))
+    conversations.append({"": ([BOS, *prompt, *reply], [0] * (1 + len(prompt)) + [1] * len(reply))})
+  return stack(pack(conversations, seq_len)[:rows])
+
+
+def dpo_batch(seed: int, rows: int = 8, seq_len: int = 32) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return stack(pack([random_pair(rng) for _ in range(8 * rows)], seq_len)[:rows])
+
+
+def run_steps(task, make_batch, mesh_shape, microbatches=1, num_steps=2):
+  """Losses and step metrics of `num_steps` train steps of `task` on a mesh of that shape."""
+  mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
+  optimizer = optim.make_optimizer(optim.learning_rate_schedule(10, 1e-2, warmup_steps=0))
+  graphdef, abstract_state = steps.abstract_model(CONFIG)
+  shardings = steps.state_shardings(abstract_state, optimizer, mesh)
+  state = steps.init_train_state(CONFIG, optimizer, shardings)
+  batch_sharding = sharding.batch_sharding(mesh)
+  param_shardings = sharding.param_shardings(abstract_state, mesh)
+  task = task.bind(tasks.TaskContext(
+      graphdef, param_shardings, batch_sharding, mesh,
+      reference_params=lambda: steps.init_params(CONFIG, param_shardings)))
+  train_step = steps.make_train_step(graphdef, task.loss, optimizer, shardings, batch_sharding,
+                                     microbatches)
+  results = []
+  with jax.set_mesh(mesh):
+    for i in range(num_steps):
+      batch = {k: jax.device_put(v, batch_sharding) for k, v in make_batch(seed=i).items()}
+      state, metrics = train_step(state, task.prepare_batch(batch))
+      results.append({"loss": float(metrics["loss"]), **task.train_scalars(metrics)})
+  return results
+
+
+@pytest.mark.parametrize("task,make_batch", [(SFT(), sft_batch), (DPO(), dpo_batch)],
+                         ids=["sft", "dpo"])
+def test_task_steps_on_a_2x2x2_mesh_match_one_device(task, make_batch):
+  """Two microbatches on the mesh: the sharded step and the accumulation both match."""
+  one = run_steps(task, make_batch, (1, 1, 1))
+  sharded = run_steps(task, make_batch, (2, 2, 2), microbatches=2)
+  if isinstance(task, DPO):  # step 1: the policy is the reference, every reward is 0
+    assert one[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)
+    assert one[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
+    del one[0]["reward_accuracy"], sharded[0]["reward_accuracy"]  # rounding decides it at 0
+  for got_step, want_step in zip(sharded, one, strict=True):
+    assert got_step.keys() == want_step.keys()
+    for name, want in want_step.items():
+      np.testing.assert_allclose(got_step[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
