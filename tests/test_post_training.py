@@ -2,6 +2,8 @@
 log-probabilities of packed rows, sharded steps, resume after SIGKILL, and tiny end-to-end runs
 (pretrain -> SFT -> DPO)."""
 
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -193,18 +195,24 @@ def dpo_batch(seed: int, rows: int = 8, seq_len: int = 32) -> dict[str, np.ndarr
   return stack(pack([random_pair(rng) for _ in range(8 * rows)], seq_len)[:rows])
 
 
+@functools.cache
+def initial_params() -> dict:
+  return nnx.to_pure_dict(nnx.state(Transformer(CONFIG, rngs=nnx.Rngs(0))))
+
+
 def run_steps(task, make_batch, mesh_shape, microbatches=1, num_steps=2):
-  """Losses and step metrics of `num_steps` train steps of `task` on a mesh of that shape."""
+  """Losses and step metrics of `num_steps` train steps of `task` on a mesh of that shape;
+  the reference model (DPO's) is the starting parameters."""
   mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
   optimizer = optim.make_optimizer(optim.learning_rate_schedule(10, 1e-2, warmup_steps=0))
   graphdef, abstract_state = steps.abstract_model(CONFIG)
   shardings = steps.state_shardings(abstract_state, optimizer, mesh)
-  state = steps.init_train_state(CONFIG, optimizer, shardings)
+  state = steps.train_state_from_params(jax.device_put(initial_params(), shardings.params),
+                                        optimizer, shardings)
   batch_sharding = sharding.batch_sharding(mesh)
-  param_shardings = sharding.param_shardings(abstract_state, mesh)
   task = task.bind(tasks.TaskContext(
-      graphdef, param_shardings, batch_sharding, mesh,
-      reference_params=lambda: steps.init_params(CONFIG, param_shardings)))
+      graphdef, shardings.params, batch_sharding, mesh,
+      reference_params=lambda: jax.device_put(initial_params(), shardings.params)))
   train_step = steps.make_train_step(graphdef, task.loss, optimizer, shardings, batch_sharding,
                                      microbatches)
   results = []
@@ -230,3 +238,196 @@ def test_task_steps_on_a_2x2x2_mesh_match_one_device(task, make_batch):
     assert got_step.keys() == want_step.keys()
     for name, want in want_step.items():
       np.testing.assert_allclose(got_step[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# --- whole runs: pretrain -> SFT -> DPO, and resume after SIGKILL ------------------------------
+
+TINY_BINDINGS = """
+ModelConfig.num_layers = 2
+ModelConfig.embed_dim = 64
+ModelConfig.num_heads = 4
+ModelConfig.num_kv_heads = 2
+ModelConfig.head_dim = 16
+ModelConfig.mlp_dim = 128
+ModelConfig.max_seq_len = 256
+make_mesh.data = 2
+make_mesh.fsdp = 2
+make_mesh.tensor = 2
+train.global_batch_size = 8
+train.checkpoint_every = 4
+train.eval_every = 8
+train.eval_batches = 2
+train.log_every = 1
+train.sample_tokens = 8
+learning_rate_schedule.warmup_steps = 2
+"""
+RUN_STEPS = 12
+# The run bindings of each stage (gin lines, so a subprocess gets the very same run).
+STAGES = {
+    "sft": ["train.task = @SFT()", "train.sample_prompt = None",
+            "learning_rate_schedule.peak_learning_rate = 3e-3"],
+    "dpo": ["train.task = @DPO()", "DPO.beta = 0.5", "train.sample_prompt = None",
+            "learning_rate_schedule.peak_learning_rate = 3e-3"],
+}
+WORDS = ("def", "return", "import", "class", "self", "None", "True", "False", "while",
+         "lambda", "yield", "print", "list", "dict", "value", "index")
+
+
+@contextlib.contextmanager
+def gin_bindings(*lines: str):
+  gin.clear_config()
+  gin.parse_config(TINY_BINDINGS + "\n".join(lines))
+  try:
+    yield
+  finally:
+    gin.clear_config()
+
+
+def metric_rows(workdir) -> list[dict]:
+  return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """(pretraining data dir, run dir) of a few pretraining steps on some stdlib modules."""
+  stdlib = Path(sysconfig.get_paths()["stdlib"])
+  data_dir = tmp_path_factory.mktemp("text")
+  prepare_text.run([str(stdlib / name) for name in ("textwrap.py", "string.py", "heapq.py")],
+                   str(data_dir), vocab_size=400, seq_len=64, validation_fraction=0.2)
+  run = tmp_path_factory.mktemp("pretrain")
+  with gin_bindings("train.sample_prompt = None"):
+    train_module.train(workdir=str(run), data_dir=str(data_dir), steps=2)
+  return data_dir, run
+
+
+def chat_example(sp, messages: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+  """[bos] + the rendered conversation, and its loss mask."""
+  ids, assistant = render_ids(messages, sp)
+  return [sp.bos_id(), *ids], [0, *assistant]
+
+
+def write_chat_dir(root: Path, text_dir: Path, examples: dict[str, list[dict]], kind: str,
+                   seq_len: int = 64) -> str:
+  """A v2 data dir of packed `examples` per split, with the text dir's tokenizer."""
+  text_manifest = json.loads((text_dir / MANIFEST_NAME).read_text())
+  splits, fields = {}, None
+  for split, split_examples in examples.items():
+    rows = pack(split_examples, seq_len)
+    fields = tuple(field(name, np.int32, (seq_len,)) for name in rows[0])
+    shard = f"{split}-00000-of-00001.array_record"
+    writer = ArrayRecordWriter(str(root / shard), "group_size:1")
+    for row in rows:
+      writer.write(encode_record(row, fields))
+    writer.close()
+    splits[split] = {"sequences": len(rows), "shards": [shard]}
+  manifest = {"format": RECORD_FORMAT, "kind": kind, "seq_len": seq_len,
+              "fields": manifest_fields(fields), "tokenizer": text_manifest["tokenizer"],
+              "splits": splits}
+  (root / MANIFEST_NAME).write_text(json.dumps(manifest))
+  shutil.copy(text_dir / text_manifest["tokenizer"]["file"], root)
+  return str(root)
+
+
+@pytest.fixture(scope="module")
+def chat_dirs(pretrained, tmp_path_factory):
+  """(SFT dir, preference dir): reply with the word asked for; prefer it to another word."""
+  text_dir, _ = pretrained
+  sp = spm.SentencePieceProcessor(model_file=str(text_dir / "tokenizer.model"))
+  rng = np.random.default_rng(0)
+  def sft(count):
+    return [{"": chat_example(sp, [("user", f"say {word}"), ("assistant", f"{word} {word}")])}
+            for word in rng.choice(WORDS, count)]
+  def preferences(count):
+    examples = []
+    for word, other in rng.choice(WORDS, (count, 2)):
+      other = other if other != word else WORDS[(WORDS.index(word) + 1) % len(WORDS)]
+      prompt = [("user", f"say {word}")]
+      examples.append({"chosen_": chat_example(sp, prompt + [("assistant", word)]),
+                       "rejected_": chat_example(sp, prompt + [("assistant", other)])})
+    return examples
+  sft_dir = write_chat_dir(tmp_path_factory.mktemp("sft"), text_dir,
+                           {"train": sft(200), "validation": sft(40)}, "sft")
+  preference_dir = write_chat_dir(tmp_path_factory.mktemp("preference"), text_dir,
+                                  {"train": preferences(200), "validation": preferences(40)},
+                                  "preference")
+  return sft_dir, preference_dir
+
+
+def train_stage(stage: str, workdir, data_dir, init_from) -> dict:
+  with gin_bindings(*STAGES[stage]):
+    return train_module.train(workdir=str(workdir), data_dir=data_dir, steps=RUN_STEPS,
+                              init_from=str(init_from))
+
+
+@pytest.fixture(scope="module")
+def sft_run(pretrained, chat_dirs, tmp_path_factory):
+  run = tmp_path_factory.mktemp("sft_run")
+  return run, train_stage("sft", run, chat_dirs[0], pretrained[1])
+
+
+@pytest.fixture(scope="module")
+def dpo_run(sft_run, chat_dirs, tmp_path_factory):
+  run = tmp_path_factory.mktemp("dpo_run")
+  return run, train_stage("dpo", run, chat_dirs[1], sft_run[0])
+
+
+def test_sft_from_a_pretrain_run_lowers_the_loss_on_the_replies(sft_run):
+  run, summary = sft_run
+  rows = metric_rows(run)
+  losses = [row["loss"] for row in rows]
+  assert [row["step"] for row in rows] == list(range(1, RUN_STEPS + 1))
+  assert np.mean(losses[-3:]) < 0.7 * losses[0], losses
+  assert summary["eval_loss"] == rows[-1]["eval_loss"] < rows[7]["eval_loss"]
+
+
+def test_dpo_from_the_sft_run_learns_the_preferences(dpo_run):
+  run, summary = dpo_run
+  rows = metric_rows(run)
+  assert rows[0]["loss"] == pytest.approx(np.log(2), abs=1e-4)  # the policy is the reference
+  assert rows[0]["reward_margin"] == pytest.approx(0.0, abs=1e-4)
+  assert {"reward_chosen", "reward_rejected", "reward_accuracy"} <= set(rows[0])
+  assert summary["eval_reward_accuracy"] == rows[-1]["eval_reward_accuracy"] >= 0.9
+  assert rows[-1]["eval_reward_margin"] > 0 and rows[-1]["reward_margin"] > rows[0]["reward_margin"]
+
+
+def train_process(stage: str, workdir, data_dir, init_from) -> subprocess.Popen:
+  """`python -m maxlm.train` with the test's bindings and a checkpoint after every step."""
+  bindings = [*TINY_BINDINGS.strip().splitlines(), *STAGES[stage]]
+  command = [sys.executable, "-m", "maxlm.train", f"--workdir={workdir}",
+             f"--data_dir={data_dir}", f"--init_from={init_from}", f"--steps={RUN_STEPS}",
+             "--checkpoint_every=1", *[f"--gin_param={line}" for line in bindings]]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env, cwd=Path(__file__).parent.parent)
+
+
+# SFT resumes through the same loop as pretraining (tests/test_train.py kills one too); DPO
+# adds the reference model, reloaded from --init_from on resume.
+@pytest.mark.parametrize("stage", [pytest.param("sft", marks=pytest.mark.slow), "dpo"])
+def test_a_run_killed_midway_and_rerun_gives_the_uninterrupted_metrics_bitwise(
+    stage, request, chat_dirs, tmp_path):
+  """SIGKILL after step 5, then the same run again: every loss, reward and eval scalar equals
+  the uninterrupted run's; DPO's reference is reloaded from --init_from on resume."""
+  uninterrupted, _ = request.getfixturevalue(f"{stage}_run")
+  if stage == "sft":
+    init_from, data_dir = request.getfixturevalue("pretrained")[1], chat_dirs[0]
+  else:
+    init_from, data_dir = request.getfixturevalue("sft_run")[0], chat_dirs[1]
+  killed = train_process(stage, tmp_path, data_dir, init_from)
+  output = []
+  for line in killed.stdout:
+    output.append(line)
+    if line.startswith("step 5/"):
+      break
+  killed.kill()
+  killed.wait()
+  assert any(line.startswith("step 5/") for line in output), "".join(output)
+  train_stage(stage, tmp_path, data_dir, init_from)
+  assert learned(metric_rows(tmp_path)) == learned(metric_rows(uninterrupted))
+
+
+def learned(rows: list[dict]) -> list[dict]:
+  """What a run computed, per step, without its timings."""
+  computed = ("step", "loss", "grad_norm", "learning_rate")
+  return [{k: v for k, v in row.items() if k in computed or k.startswith(("eval_", "reward_"))}
+          for row in rows]
