@@ -107,7 +107,7 @@ class Pretrain:
     return self
 
   def loss(self, model, batch):
-    return next_token_loss(model, batch, self.z_loss)
+    return next_token_loss(model, batch, z_loss=self.z_loss)
 
   def prepare_batch(self, batch):
     return batch

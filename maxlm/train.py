@@ -80,9 +80,8 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
   `steps.split_trainable`), trains only the parameters it matches; the others stay as
   `init_from` (or the seed's initialization) made them, and checkpoints hold only the trained.
   `sample_prompt=None` skips the sample at the end. `peak_flops_per_device` turns on the
-  `mfu` scalar; `profile_steps=(first, last)` writes a
-  profiler trace of those steps to WORKDIR/profile (open it with TensorBoard's profile plugin
-  or Perfetto).
+  `mfu` scalar; `profile_steps=(first, last)` writes a profiler trace of those steps to
+  WORKDIR/profile (open it with TensorBoard's profile plugin or Perfetto).
   """
   workdir = Path(workdir)
   task = task or tasks.Pretrain()

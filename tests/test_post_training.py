@@ -431,3 +431,17 @@ def learned(rows: list[dict]) -> list[dict]:
   computed = ("step", "loss", "grad_norm", "learning_rate")
   return [{k: v for k, v in row.items() if k in computed or k.startswith(("eval_", "reward_"))}
           for row in rows]
+
+
+@pytest.mark.parametrize("gin_file,task", [("sft_tiny.gin", SFT), ("dpo_tiny.gin", DPO)])
+def test_the_stage_configs_pick_their_task_and_keep_the_tiny_models_shape(gin_file, task):
+  def model_of(name):
+    gin.clear_config()
+    gin.parse_config_file(train_module.resolve_gin_file(name))
+    return ModelConfig(), gin.query_parameter("make_mesh.fsdp")
+  try:
+    tiny = model_of("tiny.gin")
+    assert model_of(gin_file) == tiny
+    assert isinstance(gin.query_parameter("train.task").scoped_configurable_fn(), task)
+  finally:
+    gin.clear_config()
