@@ -167,7 +167,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "trainable": _optional((_is_regex, "a regular expression over parameter paths")),
         "seed": ((lambda value: _is_int(value) and 0 <= value < _MAX_SEED),
                  "an int in [0, 2**32)"),
-        "sample_prompt": STRING,
+        "sample_prompt": _optional(STRING),
         "sample_tokens": NON_NEGATIVE_INT,
         "sample_temperature": NON_NEGATIVE_NUMBER,
         "keep_checkpoint_every": _optional(POSITIVE_INT),

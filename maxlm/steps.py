@@ -23,6 +23,8 @@ from maxlm import sharding
 from maxlm.model import ModelConfig, Transformer
 
 LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict]]
+# The count a task's loss is a mean over: the first of these its metrics hold (else 1).
+LOSS_COUNT_METRICS = ("target_tokens", "pairs")
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt options
 _NEVER = -1  # as glibc's size_t: the largest threshold
@@ -183,8 +185,9 @@ def _accumulated_gradients(graphdef, loss_fn: LossFn, params: dict, frozen: dict
                            microbatches: int) -> tuple[jax.Array, dict, dict]:
   """(loss, metrics, gradient) of the whole batch, computed one microbatch at a time.
 
-  A task's loss is a mean over its microbatch's `metrics["target_tokens"]` (1 if it reports
-  none), so microbatches weigh by that count; the task's other metrics are sums and add up.
+  A task's loss is a mean over its microbatch's count (`LOSS_COUNT_METRICS`: target tokens,
+  DPO's pairs; 1 if it reports none), so microbatches weigh by that count; the task's other
+  metrics are sums and add up.
   """
   def loss_of(params, microbatch):
     return loss_fn(nnx.merge(graphdef, merge_params(params, frozen)), microbatch)
@@ -195,7 +198,8 @@ def _accumulated_gradients(graphdef, loss_fn: LossFn, params: dict, frozen: dict
 
   def add_microbatch(totals, microbatch):
     (loss, metrics), grads = loss_and_grad(params, microbatch)
-    weight = jnp.asarray(metrics.get("target_tokens", 1.0), jnp.float32)
+    counts = [metrics[name] for name in LOSS_COUNT_METRICS if name in metrics]
+    weight = jnp.asarray(counts[0] if counts else 1.0, jnp.float32)
     weighted = (weight * loss, weight, jax.tree.map(lambda g: weight * g, grads), metrics)
     return jax.tree.map(jnp.add, totals, weighted), None
 

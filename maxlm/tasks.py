@@ -5,9 +5,14 @@ sharded steps of `maxlm.steps`, turns the metric sums of a held-out pass into sc
 prepare each batch on the host side first (DPO's reference log-probabilities), and says what
 the run amounts to at its end. Pretraining is the first; SFT, DPO and vision plug in the same
 way, chosen by gin (`train.task = @Pretrain()`).
+
+Before the first step the loop binds the task to the run (`Task.bind(TaskContext)`): the
+graphdef, shardings and mesh, and the run's starting parameters on demand, for a task that
+needs a frozen reference model (DPO). A task without such needs returns itself.
 """
 
 import dataclasses
+from collections.abc import Callable
 from typing import Protocol
 
 import gin
@@ -52,15 +57,36 @@ def next_token_loss(model, batch: dict[str, jax.Array],
   return loss, {"nll_sum": nll, "z_loss_sum": z_loss_sum, "target_tokens": count}
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskContext:
+  """What the loop hands a task once, before the first step.
+
+  `reference_params()` loads the parameters the run started from (`init_from`'s, else the
+  seed's), laid out by `param_shardings`, on a resume too: a reference model stays the same
+  across restarts. With frozen parameters it reuses the arrays the run already holds for them.
+  """
+  graphdef: object
+  param_shardings: dict  # of the whole parameter dict
+  batch_sharding: object  # every [batch, ...] field's NamedSharding
+  mesh: object
+  reference_params: Callable[[], dict]
+
+
 class Task(Protocol):
   """The loop's view of a training stage."""
   batch_fields: tuple[str, ...]  # record fields its loss reads; checked against the data
+
+  def bind(self, context: TaskContext) -> "Task":
+    """The task ready for this run's loop; most tasks return themselves."""
 
   def loss(self, model, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
     """(mean loss, metrics); metrics are sums over the batch, so batches add up."""
 
   def prepare_batch(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Host-side work on each global batch before the step; most tasks return it as is."""
+
+  def train_scalars(self, metrics: dict[str, jax.Array]) -> dict[str, float]:
+    """Scalars beside the loop's own (loss, grad_norm, ...) from one train step's metrics."""
 
   def eval_scalars(self, sums: dict[str, float]) -> dict[str, float]:
     """Scalars (named `eval_*`) from the metric sums of a held-out pass."""
@@ -76,11 +102,19 @@ class Pretrain:
   z_loss: float = 0.0
   batch_fields: tuple[str, ...] = ("tokens", "segment_ids", "positions")
 
+  def bind(self, context):
+    del context
+    return self
+
   def loss(self, model, batch):
-    return next_token_loss(model, batch, self.z_loss)
+    return next_token_loss(model, batch, z_loss=self.z_loss)
 
   def prepare_batch(self, batch):
     return batch
+
+  def train_scalars(self, metrics):
+    del metrics
+    return {}
 
   def eval_scalars(self, sums):
     loss = sums["nll_sum"] / max(sums["target_tokens"], 1.0)

@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 
 from beam_pipelines.records import fields_of_manifest
 from maxlm import checkpoint, data, metrics, optim, sampling, sharding, tasks, workdir_lock
+from maxlm import post_training  # noqa: F401  (registers SFT and DPO with gin)
 from maxlm import steps as train_steps
 from maxlm.config_checks import (UserError, build_model_config, check_compatible,
                                  check_run_configuration, check_same_model,
@@ -102,7 +103,7 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
           seed: int = 0, init_from: str | None = None, trainable: str | None = None,
           checkpoint_every: int = 100,
           eval_every: int = 100, eval_batches: int = 16, log_every: int = 10,
-          sample_prompt: str = "def ", sample_tokens: int = 48,
+          sample_prompt: str | None = "def ", sample_tokens: int = 48,
           sample_temperature: float = 0.0, max_bad_steps: int = 10,
           keep_checkpoints: int = 3, keep_checkpoint_every: int | None = None,
           peak_flops_per_device: float | None = None,
@@ -119,11 +120,12 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
   `trainable`, a regex over parameter paths (`blocks/0/attention/q`, see
   `steps.split_trainable`), trains only the parameters it matches; the others stay as
   `init_from` (or the seed's initialization) made them, and checkpoints hold only the trained.
-  `peak_flops_per_device` turns on the `mfu` scalar; `profile_steps=(first, last)` writes a
-  profiler trace of those steps to WORKDIR/profile (open it with TensorBoard's profile plugin
-  or Perfetto). `verify_checkpoints` saves a checksum of every array with each checkpoint and,
-  on resume, falls back from a checkpoint that fails it (or does not restore, or holds
-  non-finite values) to the newest intact one.
+  `sample_prompt=None` skips the sample at the end. `peak_flops_per_device` turns on the
+  `mfu` scalar; `profile_steps=(first, last)` writes a profiler trace of those steps to
+  WORKDIR/profile (open it with TensorBoard's profile plugin or Perfetto).
+  `verify_checkpoints` saves a checksum of every array with each checkpoint and, on resume,
+  falls back from a checkpoint that fails it (or does not restore, or holds non-finite values)
+  to the newest intact one.
   """
   workdir = Path(workdir)
   task = task or tasks.Pretrain()
@@ -165,6 +167,9 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
   state, frozen = _restore_or_init(checkpointer, workdir, start, train_iter, data_dir)
   frozen_args = (frozen,) if trainable else ()  # the steps' extra argument, when there is one
   first_step = int(state.step)
+  task = task.bind(tasks.TaskContext(
+      graphdef, sharding.param_shardings(abstract_state, mesh), batch_sharding, mesh,
+      reference_params=lambda: _reference_params(start, frozen)))
   train_step = train_steps.make_train_step(graphdef, task.loss, optimizer, shardings,
                                            batch_sharding, microbatches, frozen_shardings)
   eval_step = train_steps.make_eval_step(graphdef, task.loss, shardings.params, batch_sharding,
@@ -202,6 +207,7 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
                  "model_flops_per_s": flops_per_token * tokens_per_s}
       if peak_flops:
         scalars["mfu"] = scalars["model_flops_per_s"] / peak_flops
+      scalars.update(task.train_scalars(step_metrics))
       if int(step_metrics["skipped"]):
         bad_in_a_row, skipped_total = bad_in_a_row + 1, skipped_total + 1
         scalars["skipped_steps"] = skipped_total
@@ -251,6 +257,10 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
                       "learning_rate_schedule.peak_learning_rate or check the data, and resume "
                       f"from an earlier checkpoint in {workdir}")
     summary = task.summary(last_eval, manifest, int(state.step))
+    if sample_prompt is None:
+      checkpointer.close()
+      writer.close()
+      return summary
     tokenizer = _tokenizer(data_dir)
     prompt_ids = [manifest["tokenizer"]["bos_id"]] + tokenizer.encode(sample_prompt)
     sample_ids = sampling.generate(graphdef, train_steps.merge_params(state.params, frozen),
@@ -350,6 +360,14 @@ def _starting_params(start: Start) -> dict:
     return _params_of_run(start.init_from, start.config, start.meta, start.abstract_state,
                           param_shardings)
   return train_steps.init_params(start.config, param_shardings, start.seed)
+
+
+def _reference_params(start: Start, frozen: dict) -> dict:
+  """The whole parameter set the run started from, for a task's frozen reference model (DPO).
+  Frozen parameters are the arrays the run already holds (a LoRA base is held once); the
+  trainable ones are loaded afresh, as at the start, so a resumed run has the same reference."""
+  trainable, _ = train_steps.split_trainable(_starting_params(start), start.trainable)
+  return train_steps.merge_params(trainable, frozen)
 
 
 def _params_of_run(run_dir, config, meta, abstract_state, param_shardings):
