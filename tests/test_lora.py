@@ -127,7 +127,8 @@ def _lora_steps(mesh_shape, num_steps=3):
   adapters, frozen = steps.split_trainable(params, LORA)
   state = steps.train_state_from_params(adapters, optimizer, shardings)
   train_step = steps.make_train_step(graphdef, tasks.next_token_loss, optimizer, shardings,
-                                     sharding.batch_sharding(mesh), frozen_shardings=frozen_shardings)
+                                     sharding.batch_sharding(mesh),
+                                     frozen_shardings=frozen_shardings)
   rng = np.random.default_rng(0)
   losses = []
   with jax.set_mesh(mesh):

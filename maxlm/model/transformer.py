@@ -1,8 +1,9 @@
 """A Llama-style decoder-only transformer in Flax NNX.
 
 Token embedding, RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, optional tied
-embeddings, optional LoRA adapters beside the attention and MLP projections. Every parameter carries `logical_axes` metadata that `maxlm.sharding` maps onto
-the mesh. The KV cache is a plain pytree passed in and returned, so serving can jit it.
+embeddings, optional LoRA adapters beside the attention and MLP projections. Every parameter
+carries `logical_axes` metadata that `maxlm.sharding` maps onto the mesh. The KV cache is a
+plain pytree passed in and returned, so serving can jit it.
 """
 
 import dataclasses
