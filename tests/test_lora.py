@@ -104,11 +104,13 @@ def test_optimizer_state_is_adams_two_moments_of_the_adapters_alone():
 
 def test_lora_rank_8_optimizer_bytes_on_the_125m_shape_are_at_most_2_percent_of_full():
   gin.clear_config()
-  gin.parse_config_file(str(train_module.CONFIGS_DIR / "125m.gin"))
+  gin.parse_config_files_and_bindings(
+      [str(train_module.CONFIGS_DIR / name) for name in ("125m.gin", "lora.gin")], [])
   try:
-    config = ModelConfig(lora_rank=8)
+    config = ModelConfig()
   finally:
     gin.clear_config()
+  assert config.lora_rank == 8 and config.embed_dim == 768
   fraction = _optimizer_bytes(config, LORA) / _optimizer_bytes(
       dataclasses.replace(config, lora_rank=0), None)
   full_size = count_params(dataclasses.replace(config, lora_rank=0))
