@@ -80,6 +80,8 @@ def _diff(saved, current) -> str:
 
 # ModelConfig fields that choose how the model computes, not what its parameters are.
 COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat", "max_seq_len", "norm_eps", "rope_theta")
+# Adapters a run adds to a base that has none (see `check_same_model`).
+ADAPTER_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 
 
 def check_same_model(source_meta: dict, meta: dict, run_dir, config: ModelConfig):
@@ -89,10 +91,12 @@ def check_same_model(source_meta: dict, meta: dict, run_dir, config: ModelConfig
                     f"{str(source_meta.get('tokenizer_sha256'))[:12]}… vs the data's "
                     f"{str(meta.get('tokenizer_sha256'))[:12]}…); prepare the data with "
                     f"that run's tokenizer")
-  source = source_meta.get("model_config", {})
-  ours = dataclasses.asdict(config)
-  changed = [f"{name}: {source.get(name)} -> {ours[name]}" for name in ours
-             if name not in COMPUTE_ONLY_FIELDS and name in source and source[name] != ours[name]]
+  source = normalized_model_config(source_meta.get("model_config", {}))
+  ours = normalized_model_config(dataclasses.asdict(config))
+  # New adapters may join a base without any; a base's own adapters must stay as they are.
+  ignored = COMPUTE_ONLY_FIELDS + (ADAPTER_FIELDS if not source["lora_rank"] else ())
+  changed = [f"{name}: {source[name]} -> {ours[name]}" for name in ours
+             if name not in ignored and source[name] != ours[name]]
   if changed:
     raise UserError(f"--init_from {run_dir} has another model shape ({', '.join(changed)}); "
                     "use the ModelConfig of that run")
@@ -155,6 +159,9 @@ RULES: dict[str, dict[str, Rule]] = {
         "dtype": _one_of(COMPUTE_DTYPES),
         "attention": _one_of(ATTENTION_IMPLEMENTATIONS),
         "remat": _one_of(tuple(REMAT_POLICIES)),
+        "lora_rank": NON_NEGATIVE_INT,
+        "lora_alpha": POSITIVE_NUMBER,
+        "lora_targets": ANY,  # ModelConfig names the projections it accepts
     },
     "train": {
         "workdir": PATH,

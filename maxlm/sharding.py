@@ -26,6 +26,7 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kv_heads", ("tensor",)),
     ("head_dim", ()),
     ("mlp", ("tensor",)),
+    ("lora_rank", ()),  # a few columns: replicated, while the adapter's other axis splits
 )
 _RULES = dict(LOGICAL_RULES)
 

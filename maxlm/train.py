@@ -30,7 +30,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from beam_pipelines.records import fields_of_manifest
-from maxlm import checkpoint, data, metrics, optim, sampling, sharding, tasks, workdir_lock
+from maxlm import checkpoint, data, metrics, optim, runs, sampling, sharding, tasks, workdir_lock
 from maxlm import post_training  # noqa: F401  (registers SFT and DPO with gin)
 from maxlm import steps as train_steps
 from maxlm.config_checks import (UserError, build_model_config, check_compatible,
@@ -40,6 +40,7 @@ from maxlm.default_corpus import ensure_default_corpus
 from maxlm.model import ModelConfig, training_flops_per_token
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+LORA_TRAINABLE = ".*lora.*"  # the adapters' parameter paths (`blocks/0/attention/q_lora_a`)
 
 _GIN_FILE = flags.DEFINE_multi_string("gin_file", ["tiny.gin"], "Gin files; bare names resolve "
                                       "under configs/.")
@@ -120,6 +121,8 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
   `trainable`, a regex over parameter paths (`blocks/0/attention/q`, see
   `steps.split_trainable`), trains only the parameters it matches; the others stay as
   `init_from` (or the seed's initialization) made them, and checkpoints hold only the trained.
+  With `ModelConfig.lora_rank` > 0 it defaults to the adapters alone; `init_from` supplies
+  the base and the adapters start afresh (unless that run has them too).
   `sample_prompt=None` skips the sample at the end. `peak_flops_per_device` turns on the
   `mfu` scalar; `profile_steps=(first, last)` writes a profiler trace of those steps to
   WORKDIR/profile (open it with TensorBoard's profile plugin or Perfetto).
@@ -137,6 +140,9 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
   check_task_fields(task, manifest, data_dir)
   seq_len = manifest["seq_len"]
   config = resolve_model_config(build_model_config(), manifest)
+  if config.lora_rank and trainable is None:
+    trainable = LORA_TRAINABLE
+  init_from = str(Path(init_from).resolve()) if init_from else None  # serving finds it anywhere
   try:
     mesh = sharding.make_mesh()
   except ValueError as error:  # the sizes do not fit the devices
@@ -161,7 +167,7 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
                                         verify=verify_checkpoints)
   meta = checkpoint.model_meta(config, seq_len=seq_len, data_dir=str(data_dir),
                                tokenizer_sha256=manifest["tokenizer"]["sha256"],
-                               **({"trainable": trainable, "init_from": init_from}
+                               **({"trainable": trainable, "init_from": init_from, "seed": seed}
                                   if trainable else {}))
   start = Start(config, meta, abstract_state, optimizer, shardings, seed, init_from, trainable)
   state, frozen = _restore_or_init(checkpointer, workdir, start, train_iter, data_dir)
@@ -354,12 +360,20 @@ def _restore_or_init(checkpointer, workdir, start: Start, train_iter, data_dir):
 
 
 def _starting_params(start: Start) -> dict:
-  """The whole parameter set a new run starts from (frozen ones are reloaded on resume)."""
+  """The whole parameter set a new run starts from (frozen ones are reloaded on resume):
+  `init_from`'s where its model has them (a partly trained run's merged over its own start),
+  the seed's initialization for the rest (new adapters), laid out for this run's mesh."""
   param_shardings = sharding.param_shardings(start.abstract_state, start.shardings.step.mesh)
-  if start.init_from:
-    return _params_of_run(start.init_from, start.config, start.meta, start.abstract_state,
-                          param_shardings)
-  return train_steps.init_params(start.config, param_shardings, start.seed)
+  abstract_params = jax.tree.map(
+      lambda shape, where: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where),
+      nnx.to_pure_dict(start.abstract_state), param_shardings)
+  try:
+    if start.init_from:
+      _, source_meta = checkpoint.read_meta(start.init_from)
+      check_same_model(source_meta, start.meta, start.init_from, start.config)
+    return runs.starting_params(start.init_from, start.config, start.seed, abstract_params)
+  except (FileNotFoundError, checkpoint.CorruptCheckpointError) as error:
+    raise UserError(f"--init_from: {error}") from None
 
 
 def _reference_params(start: Start, frozen: dict) -> dict:
@@ -368,19 +382,6 @@ def _reference_params(start: Start, frozen: dict) -> dict:
   trainable ones are loaded afresh, as at the start, so a resumed run has the same reference."""
   trainable, _ = train_steps.split_trainable(_starting_params(start), start.trainable)
   return train_steps.merge_params(trainable, frozen)
-
-
-def _params_of_run(run_dir, config, meta, abstract_state, param_shardings):
-  """The parameters of `run_dir`'s latest checkpoint, laid out for this run's mesh."""
-  try:
-    step, source_meta = checkpoint.read_meta(run_dir)
-    check_same_model(source_meta, meta, run_dir, config)
-    abstract_params = jax.tree.map(
-        lambda shape, where: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where),
-        nnx.to_pure_dict(abstract_state), param_shardings)
-    return checkpoint.restore_params(run_dir, abstract_params, step)
-  except (FileNotFoundError, checkpoint.CorruptCheckpointError) as error:
-    raise UserError(f"--init_from: {error}") from None
 
 
 def _to_global(local_batch: dict, batch_sharding) -> dict:

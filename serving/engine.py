@@ -19,8 +19,8 @@ import numpy as np
 import sentencepiece as spm
 from flax import nnx
 
-from maxlm import checkpoint, quantization, sampling, sharding, steps
-from maxlm.model import ModelConfig
+from maxlm import checkpoint, quantization, runs, sampling, sharding, steps
+from maxlm.model import ModelConfig, merge_adapters
 
 BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
 
@@ -72,13 +72,14 @@ def load_tokenizer(path: Path, expected_sha256: str | None) -> spm.SentencePiece
 
 
 def one_device_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, step: int):
-  """(graphdef, params) of a checkpoint written on any mesh, restored onto one device."""
+  """(graphdef, params) of a checkpoint written on any mesh, restored onto one device; a run
+  that trained only some parameters (LoRA's adapters) gets the others from its init_from."""
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   graphdef, abstract_state = steps.abstract_model(config)
   abstract_params = jax.tree.map(
       lambda shape, sharding_: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding_),
       nnx.to_pure_dict(abstract_state), sharding.param_shardings(abstract_state, mesh))
-  return graphdef, checkpoint.restore_params(checkpoint_dir, abstract_params, step)
+  return graphdef, runs.restore_params(checkpoint_dir, abstract_params, step)
 
 
 def verified_params(checkpoint_dir: str | os.PathLike, step: int | None):
@@ -141,7 +142,9 @@ class Engine:
       raise checkpoint.CorruptCheckpointError(checkpoints, error.step,
                                               f"{error.reason}; {advice}") from None
     tokenizer = load_tokenizer(tokenizer_file, meta.get("tokenizer_sha256"))
-    return cls(graphdef, params, checkpoint.config_from_meta(meta), tokenizer,
+    params, config = merge_adapters(params, checkpoint.config_from_meta(meta))
+    graphdef, _ = steps.abstract_model(config)  # LoRA merged: no adapter cost per token
+    return cls(graphdef, params, config, tokenizer,
                model_name=model_name or checkpoints.parent.name, max_len=max_len, slots=slots,
                quantize=quantize)
 

@@ -189,11 +189,11 @@ def test_a_changed_field_is_still_refused_naming_it(tmp_path):
 
 def test_a_saved_field_this_model_config_lacks_is_refused_naming_it():
   meta = checkpoint.model_meta(CONFIG, seq_len=16)
-  meta["model_config"]["lora_rank"] = 8
-  with pytest.raises(UserError, match="model_config has lora_rank, which this maxlm's "
-                                      "ModelConfig lacks"):
+  meta["model_config"]["field_from_the_future"] = 8
+  with pytest.raises(UserError, match="model_config has field_from_the_future, which this "
+                                      "maxlm's ModelConfig lacks"):
     checkpoint.config_from_meta(meta)
-  with pytest.raises(UserError, match="lora_rank"):
+  with pytest.raises(UserError, match="field_from_the_future"):
     check_compatible(meta, checkpoint.model_meta(CONFIG, seq_len=16), "runs/x")
 def test_64_flipped_parameter_bytes_load_silently_unverified_and_fall_back_verified(run, states):
   flip_64_bytes_of(run / "checkpoints" / "2", states[2].params["unembedding"])

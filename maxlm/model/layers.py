@@ -149,8 +149,23 @@ def _softmax_attention_backward(residuals, d_out):
 _softmax_attention.defvjp(_softmax_attention_forward, _softmax_attention_backward)
 
 
-def swiglu(x: jax.Array, gate_kernel: jax.Array, up_kernel: jax.Array,
-           down_kernel: jax.Array) -> jax.Array:
-  """x: [..., embed]; gate/up: [embed, mlp]; down: [mlp, embed]."""
-  hidden = jax.nn.silu(dense(x, gate_kernel)) * dense(x, up_kernel)
-  return dense(hidden, down_kernel)
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """The SwiGLU MLP's hidden activation. gate, up: [..., mlp] (x times each kernel)."""
+  return jax.nn.silu(gate) * up
+
+
+def low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scale: float,
+             contracting_dims: int = 1) -> jax.Array:
+  """A LoRA adapter's term (x A) B * scale, added to `dense(x, kernel)`.
+
+  x: [..., *in]; a: [*in, rank]; b: [rank, *out]; `contracting_dims` = len(in).
+  """
+  return dense(dense(x, a, contracting_dims), b) * scale
+
+
+def merged_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """The one kernel W + A B * scale that computes `dense(x, W) + low_rank(x, A, B, scale)`.
+
+  kernel: [*in, *out]; a: [*in, rank]; b: [rank, *out].
+  """
+  return kernel + jnp.tensordot(a, b, axes=1) * scale

@@ -1,11 +1,13 @@
 """A Llama-style decoder-only transformer in Flax NNX.
 
 Token embedding, RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, optional tied
-embeddings. Every parameter carries `logical_axes` metadata that `maxlm.sharding` maps onto
-the mesh. The KV cache is a plain pytree passed in and returned, so serving can jit it.
+embeddings, optional LoRA adapters beside the attention and MLP projections. Every parameter
+carries `logical_axes` metadata that `maxlm.sharding` maps onto the mesh. The KV cache is a
+plain pytree passed in and returned, so serving can jit it.
 """
 
 import dataclasses
+import math
 from typing import Any
 
 import gin
@@ -26,6 +28,7 @@ REMAT_POLICIES = {
     # keep the weight matmuls' outputs; recompute attention scores (too big: [heads, seq, seq])
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter can join
 
 
 @gin.configurable(module="maxlm")
@@ -46,8 +49,19 @@ class ModelConfig:
   dtype: str = "float32"  # activation/compute dtype; parameters stay float32
   attention: str = "xla"   # training attention: "xla", "pallas" (flash kernel) or "cudnn"
   remat: str = "none"      # per-layer rematerialization: "none", "full" or "save_dots"
+  lora_rank: int = 0       # rank of the LoRA adapters beside each target projection; 0: none
+  lora_alpha: float = 16.0  # an adapter's term scales by lora_alpha / lora_rank
+  lora_targets: tuple[str, ...] = LORA_TARGETS
 
   def __post_init__(self):
+    # gin may bind a list, a checkpoint's JSON holds one; a tuple keeps the config hashable.
+    targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else self.lora_targets
+    object.__setattr__(self, "lora_targets", tuple(targets))
+    if unknown := sorted(set(self.lora_targets) - set(LORA_TARGETS)):
+      raise ValueError(f"ModelConfig.lora_targets names {', '.join(unknown)}; choose from "
+                       f"{', '.join(LORA_TARGETS)}")
+    if self.lora_rank < 0:
+      raise ValueError(f"ModelConfig.lora_rank={self.lora_rank}; use 0 (no adapters) or more")
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"ModelConfig.attention={self.attention!r}; choose one of "
                        f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
@@ -59,6 +73,10 @@ class ModelConfig:
                        f"ModelConfig.num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
 
 def init_kv_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
@@ -72,6 +90,33 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
   return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes)
 
 
+def _add_adapters(module: nnx.Module, config: ModelConfig, rngs: nnx.Rngs | None,
+                  names: tuple[str, ...], in_dims: int = 1):
+  """Puts LoRA adapters `<name>_lora_a` [*in, rank] (random) and `<name>_lora_b` [rank, *out]
+  (zero, so a new adapter changes nothing) beside each projection in `names` that
+  `config.lora_targets` lists; `in_dims` of the kernel's axes are its input."""
+  for name in names:
+    if not config.lora_rank or name not in config.lora_targets:
+      continue
+    kernel = getattr(module, name)
+    shape, axes = kernel.get_value().shape, kernel.get_metadata()["logical_axes"]
+    in_shape, in_axes = shape[:in_dims], axes[:in_dims]
+    setattr(module, f"{name}_lora_a", _param(rngs, (*in_shape, config.lora_rank),
+                                              (*in_axes, "lora_rank"), math.prod(in_shape)))
+    setattr(module, f"{name}_lora_b", nnx.Param(
+        jnp.zeros((config.lora_rank, *shape[in_dims:]), jnp.float32),
+        logical_axes=("lora_rank", *axes[in_dims:])))
+
+
+def _project(module: nnx.Module, name: str, x: jax.Array, contracting_dims: int = 1):
+  """x through the module's projection `name`, plus its adapter's term when it has one."""
+  out = layers.dense(x, getattr(module, name)[...].astype(x.dtype), contracting_dims)
+  if hasattr(module, f"{name}_lora_a"):
+    a, b = (getattr(module, f"{name}_lora_{part}")[...].astype(x.dtype) for part in "ab")
+    out = out + layers.low_rank(x, a, b, module.config.lora_scale, contracting_dims)
+  return out
+
+
 class RMSNorm(nnx.Module):
   def __init__(self, dim: int, eps: float):
     self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("embed",))
@@ -82,7 +127,7 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs, adapter_rngs: nnx.Rngs | None = None):
     c = config
     self.config = c
     self.q = _param(rngs, (c.embed_dim, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"),
@@ -93,13 +138,12 @@ class Attention(nnx.Module):
                     ("embed", "kv_heads", "head_dim"), c.embed_dim)
     self.o = _param(rngs, (c.num_heads, c.head_dim, c.embed_dim), ("heads", "head_dim", "embed"),
                     c.num_heads * c.head_dim * c.num_layers * 2)
+    _add_adapters(self, c, adapter_rngs, ("q", "k", "v"))
+    _add_adapters(self, c, adapter_rngs, ("o",), in_dims=2)
 
   def __call__(self, x, positions, segment_ids, cache):
     """x: [batch, seq, embed]; positions: [batch, seq]. Returns (out, updated cache or None)."""
-    dtype = x.dtype
-    q = layers.dense(x, self.q[...].astype(dtype))
-    k = layers.dense(x, self.k[...].astype(dtype))
-    v = layers.dense(x, self.v[...].astype(dtype))
+    q, k, v = (_project(self, name, x) for name in ("q", "k", "v"))
     q = layers.rope(q, positions, self.config.rope_theta)
     k = layers.rope(k, positions, self.config.rope_theta)
     if cache is None and self.config.attention != "xla":
@@ -109,28 +153,29 @@ class Attention(nnx.Module):
     else:
       cache = kv_cache.write(cache, k, v, positions)
       out = kv_cache.attend(cache, q, positions)
-    return layers.dense(out, self.o[...].astype(dtype), contracting_dims=2), cache
+    return _project(self, "o", out, contracting_dims=2), cache
 
 
 class MLP(nnx.Module):
-  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs, adapter_rngs: nnx.Rngs | None = None):
     c = config
+    self.config = c
     self.gate = _param(rngs, (c.embed_dim, c.mlp_dim), ("embed", "mlp"), c.embed_dim)
     self.up = _param(rngs, (c.embed_dim, c.mlp_dim), ("embed", "mlp"), c.embed_dim)
     self.down = _param(rngs, (c.mlp_dim, c.embed_dim), ("mlp", "embed"), c.mlp_dim * c.num_layers * 2)
+    _add_adapters(self, c, adapter_rngs, ("gate", "up", "down"))
 
   def __call__(self, x):
-    dtype = x.dtype
-    return layers.swiglu(x, self.gate[...].astype(dtype), self.up[...].astype(dtype),
-                         self.down[...].astype(dtype))
+    hidden = layers.swiglu(_project(self, "gate", x), _project(self, "up", x))
+    return _project(self, "down", hidden)
 
 
 class Block(nnx.Module):
-  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs, adapter_rngs: nnx.Rngs | None = None):
     self.attention_norm = RMSNorm(config.embed_dim, config.norm_eps)
-    self.attention = Attention(config, rngs)
+    self.attention = Attention(config, rngs, adapter_rngs)
     self.mlp_norm = RMSNorm(config.embed_dim, config.norm_eps)
-    self.mlp = MLP(config, rngs)
+    self.mlp = MLP(config, rngs, adapter_rngs)
 
   def __call__(self, x, positions, segment_ids, cache):
     attended, cache = self.attention(self.attention_norm(x), positions, segment_ids, cache)
@@ -146,8 +191,11 @@ class Transformer(nnx.Module):
                        "tokenizer, other callers must set it")
     c = config
     self.config = c
+    # Adapters draw from a stream of their own: a seed gives the same base weights with or
+    # without them.
+    adapter_rngs = nnx.Rngs(jax.random.split(rngs.params.key[...])[1]) if c.lora_rank else None
     self.embedding = _param(rngs, (c.vocab_size, c.embed_dim), ("vocab", "embed"), 1)
-    self.blocks = nnx.List([Block(c, rngs) for _ in range(c.num_layers)])
+    self.blocks = nnx.List([Block(c, rngs, adapter_rngs) for _ in range(c.num_layers)])
     self.final_norm = RMSNorm(c.embed_dim, c.norm_eps)
     if not c.tie_embeddings:
       self.unembedding = _param(rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"), c.embed_dim)
@@ -189,6 +237,24 @@ class Transformer(nnx.Module):
     return logits.astype(jnp.float32), new_cache
 
 
+def merge_adapters(params: dict, config: ModelConfig) -> tuple[dict, ModelConfig]:
+  """(params, config) of the same function without adapters: each adapted kernel W becomes
+  W + A B * scale, so a merged model costs nothing extra per token. params: a pure dict as
+  `nnx.to_pure_dict` gives it."""
+  if not config.lora_rank:
+    return params, config
+  def merged(node):
+    if not isinstance(node, dict):
+      return node
+    node = {key: merged(value) for key, value in node.items()}
+    for name in LORA_TARGETS:
+      if f"{name}_lora_a" in node:
+        node[name] = layers.merged_kernel(node[name], node.pop(f"{name}_lora_a"),
+                                          node.pop(f"{name}_lora_b"), config.lora_scale)
+    return node
+  return merged(params), dataclasses.replace(config, lora_rank=0)
+
+
 def _run_block(block: Block, x, positions, segment_ids):
   return block(x, positions, segment_ids, None)[0]
 
@@ -201,7 +267,7 @@ def _rematerialized(remat: str):
 
 
 def count_params(config: ModelConfig) -> int:
-  """Closed-form parameter count, independent of the module code."""
+  """Closed-form parameter count (adapters aside), independent of the module code."""
   c = config
   attention = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
   mlp = 3 * c.embed_dim * c.mlp_dim
