@@ -373,8 +373,9 @@ def globs(flag: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
   flags, beam_args = parse_flags(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                      force=True)
+  # Not force=True: a handler already there (pytest's, an embedding program's) stays, and none
+  # is left bound to a stream that its owner closes later.
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   logging.getLogger("apache_beam").setLevel(logging.WARNING)
   with prepare_text.stop_on_signals() as received:
     try:

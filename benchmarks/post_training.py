@@ -1,0 +1,163 @@
+"""Post-training step costs against pretraining's, measured in one run.
+
+  python benchmarks/post_training.py [--json] [--steps 3] [--rounds 3] [--shape tiny|125m]
+
+Every step is maxlm's real one (`steps.make_train_step` with the task's loss, on one device):
+  sft_vs_pretrain_step  an SFT step over the same [batch, seq] tokens as a pretraining step;
+  dpo_vs_sft_step       a DPO step over B pair-rows (chosen + rejected: 2 B rows of tokens, plus
+                        the reference model's forward in `prepare_batch`) over an SFT step over
+                        the same 2 B rows;
+  lora_step_vs_full     a rank-8 LoRA step (adapters trained, the base a frozen argument) over
+                        a full fine-tuning step of the same model;
+  lora_optimizer_bytes_fraction  Adam's state for rank-8 adapters over full fine-tuning's, on
+                        configs/125m.gin's shape (counted from shapes, nothing allocated).
+Rounds alternate the steps so load from other processes hits all alike; each figure is the
+median over rounds of the per-step time. Targets (issue 12): sft_vs_pretrain_step <= 1.05,
+dpo_vs_sft_step <= 2.2, lora_step_vs_full <= 1.0, lora_optimizer_bytes_fraction <= 0.02.
+`ratio_vs_trl` (TRL's DPOTrainer on the same model in PyTorch) is not measured yet: null.
+"""
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from maxlm import optim, post_training, sharding, steps, tasks  # noqa: E402
+from maxlm.model import ModelConfig  # noqa: E402
+
+SHAPES = {
+    "tiny": ModelConfig(vocab_size=4096, num_layers=4, embed_dim=192, num_heads=3,
+                        num_kv_heads=1, head_dim=64, mlp_dim=512, max_seq_len=256),
+    "125m": ModelConfig(vocab_size=32000, num_layers=12, embed_dim=768, num_heads=12,
+                        num_kv_heads=4, head_dim=64, mlp_dim=2048, max_seq_len=1024),
+}
+LORA_RANK = 8
+
+
+def packed_rows(rng, rows: int, seq: int, vocab: int, documents: int = 4) -> dict:
+  """Rows of `documents` equal segments each, with a loss mask on each segment's second half."""
+  length = seq // documents
+  segment_ids = np.repeat(np.arange(1, documents + 1), length)[None].repeat(rows, 0)
+  positions = np.tile(np.arange(length), documents)[None].repeat(rows, 0)
+  loss_mask = (positions >= length // 2).astype(np.int32)
+  return {"tokens": rng.integers(4, vocab, (rows, seq)).astype(np.int32),
+          "segment_ids": segment_ids.astype(np.int32),
+          "positions": positions.astype(np.int32), "loss_mask": loss_mask}
+
+
+def preference_rows(rng, rows: int, seq: int, vocab: int) -> dict:
+  chosen, rejected = (packed_rows(rng, rows, seq, vocab) for _ in range(2))
+  rejected["segment_ids"], rejected["positions"] = chosen["segment_ids"], chosen["positions"]
+  return {f"{half}_{name}": value for half, fields in (("chosen", chosen),
+                                                        ("rejected", rejected))
+          for name, value in fields.items()}
+
+
+class Stepper:
+  """One task's compiled step on one device, and its state."""
+
+  def __init__(self, config: ModelConfig, task, trainable: str | None = None):
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    optimizer = optim.make_optimizer(optim.learning_rate_schedule(1000, 1e-4, 10))
+    graphdef, abstract_state = steps.abstract_model(config)
+    shardings = steps.state_shardings(abstract_state, optimizer, mesh, trainable)
+    param_shardings = sharding.param_shardings(abstract_state, mesh)
+    frozen_shardings = steps.frozen_shardings(abstract_state, mesh, trainable) if trainable else None
+    params = steps.init_params(config, param_shardings)
+    trained, self.frozen = steps.split_trainable(params, trainable)
+    self.state = steps.train_state_from_params(trained, optimizer, shardings)
+    batch_sharding = sharding.batch_sharding(mesh)
+    self.task = task.bind(tasks.TaskContext(graphdef, param_shardings, batch_sharding, mesh,
+                                            reference_params=lambda: params))
+    self.step = steps.make_train_step(graphdef, self.task.loss, optimizer, shardings,
+                                      batch_sharding, frozen_shardings=frozen_shardings)
+    self.frozen_args = (self.frozen,) if trainable else ()
+    self.mesh = mesh
+
+  def run(self, batch: dict, count: int) -> float:
+    """Seconds per step over `count` steps, each ended by fetching its loss."""
+    with jax.set_mesh(self.mesh):
+      started = time.perf_counter()
+      for _ in range(count):
+        prepared = self.task.prepare_batch(batch)
+        self.state, metrics = self.step(self.state, prepared, *self.frozen_args)
+        float(metrics["loss"])
+    return (time.perf_counter() - started) / count
+
+  def optimizer_bytes(self) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(self.state.opt_state))
+
+
+def optimizer_bytes_fraction(config: ModelConfig) -> float:
+  """Adam's state bytes for rank-8 adapters over full fine-tuning's, from shapes alone."""
+  def adam_bytes(model_config, trainable):
+    _, abstract_state = steps.abstract_model(model_config)
+    trained, _ = steps.split_trainable(nnx.to_pure_dict(abstract_state), trainable)
+    opt_state = jax.eval_shape(optax.adamw(1e-4).init, trained)
+    return sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(opt_state))
+  lora = dataclasses.replace(config, lora_rank=LORA_RANK)
+  return float(adam_bytes(lora, ".*lora.*") / adam_bytes(config, None))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--json", action="store_true")
+  parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+  parser.add_argument("--batch", type=int, default=8, help="rows of a pretraining/SFT step")
+  parser.add_argument("--seq_len", type=int, default=256)
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
+  parser.add_argument("--rounds", type=int, default=3)
+  args = parser.parse_args(argv)
+  config = dataclasses.replace(SHAPES[args.shape], max_seq_len=max(args.seq_len, 256))
+  rng = np.random.default_rng(0)
+  text = packed_rows(rng, args.batch, args.seq_len, config.vocab_size)
+  pairs = preference_rows(rng, args.batch // 2, args.seq_len, config.vocab_size)
+  lora_config = dataclasses.replace(config, lora_rank=LORA_RANK)
+  runs = {
+      "pretrain": (Stepper(config, tasks.Pretrain()), text),
+      "sft": (Stepper(config, post_training.SFT()), text),
+      "dpo": (Stepper(config, post_training.DPO()), pairs),
+      "full_finetune": (Stepper(lora_config, post_training.SFT()), text),
+      "lora": (Stepper(lora_config, post_training.SFT(), trainable=".*lora.*"), text),
+  }
+  for stepper, batch in runs.values():
+    stepper.run(batch, 1)  # compile
+  times = {name: [] for name in runs}
+  for _ in range(args.rounds):
+    for name, (stepper, batch) in runs.items():
+      times[name].append(stepper.run(batch, args.steps))
+  median = {name: statistics.median(values) for name, values in times.items()}
+  result = {
+      "shape": args.shape, "batch": args.batch, "seq_len": args.seq_len,
+      "seconds_per_step": median,
+      "sft_vs_pretrain_step": median["sft"] / median["pretrain"],
+      "dpo_vs_sft_step": median["dpo"] / median["sft"],
+      "lora_step_vs_full": median["lora"] / median["full_finetune"],
+      "lora_optimizer_bytes_fraction": optimizer_bytes_fraction(SHAPES["125m"]),
+      "lora_optimizer_bytes_fraction_this_shape": (runs["lora"][0].optimizer_bytes()
+                                                   / runs["full_finetune"][0].optimizer_bytes()),
+      "ratio_vs_trl": None,
+  }
+  print(f"{'step':<14} {'s/step (median)':>16}   rounds")
+  for name, values in times.items():
+    print(f"{name:<14} {median[name]:>16.4f}   " + " ".join(f"{v:.4f}" for v in values))
+  for key in ("sft_vs_pretrain_step", "dpo_vs_sft_step", "lora_step_vs_full",
+              "lora_optimizer_bytes_fraction"):
+    print(f"{key:<32} {result[key]:.3f}")
+  if args.json:
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
