@@ -150,6 +150,7 @@ def test_training_flops_per_token_by_hand():
   assert training_flops_per_token(CONFIG, seq_len=24) == 6 * matmul + attention
 
 
+@pytest.mark.slow  # in `pytest -m slow` (CI keeps under 15 minutes)
 def test_pallas_attention_matches_xla_in_loss_and_gradients_sharded_too():
   """The model with the flash kernel (interpret mode on CPU) against the XLA path, alone and
   in a train step on a (data=2, fsdp=2, tensor=2) mesh, where it runs under shard_map."""

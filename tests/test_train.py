@@ -159,6 +159,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(data_dir, tmp_path):
   assert "SIGTERM: checkpoint of step" in "".join(output)
 
 
+@pytest.mark.slow  # test_post_training's DPO run takes the same SIGKILL-and-rerun path
 def test_sigkill_then_rerun_gives_the_uninterrupted_losses_bitwise(data_dir, tmp_path):
   # A checkpoint every step: the kill lands right after a save, or in the middle of one.
   flags = ["--steps=9", "--checkpoint_every=1", "--gin_param=train.eval_every=100"]
@@ -176,6 +177,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_losses_bitwise(data_dir, tmp
   assert losses("b") == losses("a")
 
 
+@pytest.mark.slow  # in `pytest -m slow` (CI keeps under 15 minutes)
 def test_two_processes_train_in_lockstep_with_one_eight_device_process(data_dir, tmp_path):
   """2 processes x 4 CPU devices (gloo collectives) against 1 process x 8 devices, same mesh
   (data=2, fsdp=2, tensor=2) and the same global batches."""
@@ -334,6 +336,7 @@ def test_init_from_refuses_another_model_shape_or_tokenizer(data_dir, tmp_path):
                        init_from=str(source))
 
 
+@pytest.mark.slow  # in `pytest -m slow` (CI keeps under 15 minutes)
 def test_a_run_training_only_some_parameters_resumes_exactly(data_dir, tmp_path):
   source = tmp_path / "source"
   train_module.train(workdir=str(source), data_dir=data_dir, steps=2)
