@@ -39,8 +39,9 @@ from maxlm.model import ModelConfig  # noqa: E402
 SHAPES = {
     "tiny": ModelConfig(vocab_size=4096, num_layers=4, embed_dim=192, num_heads=3,
                         num_kv_heads=1, head_dim=64, mlp_dim=512, max_seq_len=256),
-    "125m": ModelConfig(vocab_size=32000, num_layers=12, embed_dim=768, num_heads=12,
-                        num_kv_heads=4, head_dim=64, mlp_dim=2048, max_seq_len=1024),
+    "125m": ModelConfig(vocab_size=32000, num_layers=12, embed_dim=768, num_heads=12,  # 125m.gin
+                        num_kv_heads=12, head_dim=64, mlp_dim=2048, max_seq_len=2048,
+                        tie_embeddings=True),
 }
 LORA_RANK = 8
 
