@@ -212,29 +212,44 @@ class Transformer(nnx.Module):
     row only, as a prefill needs (the vocabulary projection is most of a short prompt's work).
     Returns (logits float32 [batch, seq or 1, vocab], updated cache or None).
     """
+    x, new_cache = self.decode(self.embed(tokens), positions, segment_ids, cache)
+    return self.logits(x, logits_at), new_cache
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """tokens [batch, seq] int -> [batch, seq, embed] in the compute dtype. Other inputs
+    (image patches) enter `decode` beside these."""
+    x = jnp.take(self.embedding[...], tokens, axis=0).astype(jnp.dtype(self.config.dtype))
+    return constrain(x, ("batch", "length", "act_embed"))
+
+  def decode(self, x: jax.Array, positions: jax.Array | None = None,
+             segment_ids: jax.Array | None = None, cache: KVCache | None = None
+             ) -> tuple[jax.Array, Any]:
+    """x: [batch, seq, embed] through every block. Returns (hidden states before the final
+    norm, updated cache or None); see `__call__` for the attention each case gets."""
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    dtype = jnp.dtype(self.config.dtype)
-    x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
-    x = constrain(x, ("batch", "length", "act_embed"))
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     if cache is None:
       run_block = _rematerialized(self.config.remat)
       for block in self.blocks:
         x = run_block(block, x, positions, segment_ids)
-      new_cache = None
-    else:
-      new_cache = []
-      for block, layer_cache in zip(self.blocks, cache):
-        x, layer_cache = block(x, positions, segment_ids, layer_cache)
-        new_cache.append(layer_cache)
+      return x, None
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache):
+      x, layer_cache = block(x, positions, segment_ids, layer_cache)
+      new_cache.append(layer_cache)
+    return x, new_cache
+
+  def logits(self, x: jax.Array, logits_at: jax.Array | None = None) -> jax.Array:
+    """Hidden states [batch, seq, embed] -> float32 logits [batch, seq or 1, vocab]."""
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
     x = self.final_norm(x)
+    dtype = jnp.dtype(self.config.dtype)
     if self.config.tie_embeddings:
       logits = layers.dense(x, self.embedding[...].astype(dtype).T)
     else:
       logits = layers.dense(x, self.unembedding[...].astype(dtype))
-    return logits.astype(jnp.float32), new_cache
+    return logits.astype(jnp.float32)
 
 
 def merge_adapters(params: dict, config: ModelConfig) -> tuple[dict, ModelConfig]:
