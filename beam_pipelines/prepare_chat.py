@@ -25,8 +25,6 @@ import itertools
 import json
 import logging
 import math
-import signal
-import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -311,10 +309,9 @@ def run(inputs: list[str], output_dir: str, *, tokenizer: str, seq_len: int,
               "validation_fraction": validation_fraction, "truncate": truncate, "seed": seed,
               "tokenizer_dir": str(tokenizer)}
   prepare_text.report_stale_staging(output_dir, remove=False)
-  staged = staging.create(output_dir)
-  logger.info("%s rows from %d files (%.1f MB); staging in %s", kind, len(files),
-              total_bytes / 1e6, staged)
-  try:
+  with staging.staged(output_dir) as staged:
+    logger.info("%s rows from %d files (%.1f MB); staging in %s", kind, len(files),
+                total_bytes / 1e6, staged)
     dataset_manifest.write_atomically(FileSystems.join(staged, records.TOKENIZER_NAME),
                                       chat_tokenizer.model_proto)
     pipeline = beam.Pipeline(options=prepare_text.pipeline_options(beam_args))
@@ -335,11 +332,6 @@ def run(inputs: list[str], output_dir: str, *, tokenizer: str, seq_len: int,
     dataset_manifest.write_atomically(FileSystems.join(staged, stage_report.REPORT_NAME),
                                       table.encode("utf-8"))
     prepare_text.check_output_dir(output_dir, overwrite)
-    staging.publish(staged, output_dir)
-  except BaseException:
-    if FileSystems.exists(staged):
-      FileSystems.delete([staged])
-    raise
   print(f"prepared {output_dir}\n{table}", flush=True)
   return manifest
 
@@ -377,23 +369,12 @@ def main(argv: list[str] | None = None) -> None:
   # is left bound to a stream that its owner closes later.
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   logging.getLogger("apache_beam").setLevel(logging.WARNING)
-  with prepare_text.stop_on_signals() as received:
-    try:
-      run(globs(flags.input), flags.output_dir, tokenizer=flags.tokenizer,
-          seq_len=flags.seq_len, validation_inputs=globs(flags.validation_input),
-          validation_fraction=flags.validation_fraction, kind=flags.kind,
-          truncate=flags.truncate, seed=flags.seed, num_shards=flags.num_shards,
-          overwrite=flags.overwrite, beam_args=beam_args)
-    except BaseException as err:
-      if received:
-        print(f"prepare_chat: stopped by {signal.Signals(received[0]).name} before finishing; "
-              f"--output_dir {flags.output_dir} is as it was and no staging dir is left",
-              file=sys.stderr, flush=True)
-        raise SystemExit(128 + received[0]) from None
-      if isinstance(err, (ValueError, FileExistsError)):
-        print(f"prepare_chat: {err}", file=sys.stderr)
-        sys.exit(2)
-      raise
+  staging.run_until_stopped("prepare_chat", flags.output_dir, lambda: run(
+      globs(flags.input), flags.output_dir, tokenizer=flags.tokenizer, seq_len=flags.seq_len,
+      validation_inputs=globs(flags.validation_input),
+      validation_fraction=flags.validation_fraction, kind=flags.kind, truncate=flags.truncate,
+      seed=flags.seed, num_shards=flags.num_shards, overwrite=flags.overwrite,
+      beam_args=beam_args))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import signal
-import sys
-import threading
 import time
 from collections.abc import Iterable
 
@@ -49,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 BYTES_PER_TRAIN_SHARD = 256 << 20
 MAX_AUTO_SHARDS = 1024
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,17 +273,16 @@ def run(inputs: list[str] | list[Source], output_dir: str, *, vocab_size: int, s
   resolved = sources_lib.resolve(source_list)
   check_output_dir(output_dir, overwrite)
   total_bytes = sum(resolved.bytes_by_source.values())
-  staged = staging.create(output_dir)
-  config = PrepareConfig(
-      sources=source_list, output_dir=staged, vocab_size=vocab_size, seq_len=seq_len,
-      validation_fraction=validation_fraction, seed=seed,
-      train_shards={name: num_shards or shards_for_bytes(size)
-                    for name, size in resolved.bytes_by_source.items()},
-      validation_shards=max(1, math.ceil(shards_for_bytes(total_bytes) * validation_fraction)),
-      spm_sample_docs=spm_sample_docs, spm_sample_bytes=spm_sample_bytes, stages=stages)
-  logger.info("%d sources, %d read units (%.1f MB of files); staging in %s",
-              len(source_list), len(resolved.units), total_bytes / 1e6, staged)
-  try:
+  with staging.staged(output_dir) as staged:
+    config = PrepareConfig(
+        sources=source_list, output_dir=staged, vocab_size=vocab_size, seq_len=seq_len,
+        validation_fraction=validation_fraction, seed=seed,
+        train_shards={name: num_shards or shards_for_bytes(size)
+                      for name, size in resolved.bytes_by_source.items()},
+        validation_shards=max(1, math.ceil(shards_for_bytes(total_bytes) * validation_fraction)),
+        spm_sample_docs=spm_sample_docs, spm_sample_bytes=spm_sample_bytes, stages=stages)
+    logger.info("%d sources, %d read units (%.1f MB of files); staging in %s",
+                len(source_list), len(resolved.units), total_bytes / 1e6, staged)
     result = run_pipeline(config, resolved.units, beam_args)
     for name in (stage_report.DEAD_LETTER_NAME, stage_report.DUPLICATES_NAME):
       if not FileSystems.exists(FileSystems.join(staged, name)):  # nothing went there
@@ -300,11 +295,6 @@ def run(inputs: list[str] | list[Source], output_dir: str, *, vocab_size: int, s
     dataset_manifest.write_atomically(FileSystems.join(staged, stage_report.REPORT_NAME),
                                       table.encode("utf-8"))
     check_output_dir(output_dir, overwrite)  # another run may have finished meanwhile
-    staging.publish(staged, output_dir)
-  except BaseException:
-    if FileSystems.exists(staged):
-      FileSystems.delete([staged])
-    raise
   print(f"prepared {output_dir}\n{table}", flush=True)
   return manifest
 
@@ -376,59 +366,19 @@ def stages_from_flags(flags: argparse.Namespace) -> StageFlags:
       special_tokens=split(flags.special_tokens))
 
 
-class Stopped(BaseException):
-  """A stop signal, raised in the main thread; not an Exception, so `except Exception` in the
-  code it interrupts lets it through (Beam re-raises it wrapped, which main also recognizes)."""
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-  """SIGINT and SIGTERM raise Stopped in the main thread, also where SIGINT came in ignored (a
-  shell's background job ignores it); yields the list of signals received. Only the first one
-  raises, so the cleanup it starts is not cut short by a second."""
-  received = []
-  if threading.current_thread() is not threading.main_thread():
-    yield received
-    return
-
-  def stop(signum, frame):
-    del frame
-    received.append(signum)
-    if len(received) == 1:
-      logging.getLogger("apache_beam").setLevel(logging.CRITICAL)  # its traceback of this stop
-      raise Stopped(signal.Signals(signum).name)
-
-  previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
-  try:
-    yield received
-  finally:
-    for signum, handler in previous.items():
-      signal.signal(signum, handler)
-
-
 def main(argv: list[str] | None = None) -> None:
   flags, beam_args = parse_flags(argv)
   # Not force=True: a handler already there (pytest's, an embedding program's) stays, and none
   # is left bound to a stream that its owner closes later.
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   logging.getLogger("apache_beam").setLevel(logging.WARNING)
-  with stop_on_signals() as received:
-    try:
-      run(sources_from_flags(flags), flags.output_dir, vocab_size=flags.vocab_size,
-          seq_len=flags.seq_len, validation_fraction=flags.validation_fraction, seed=flags.seed,
-          num_shards=flags.num_shards, spm_sample_docs=flags.spm_sample_docs,
-          spm_sample_bytes=flags.spm_sample_bytes, overwrite=flags.overwrite,
-          stages=stages_from_flags(flags), beam_args=beam_args,
-          remove_stale_staging=flags.remove_stale_staging)
-    except BaseException as err:
-      if received:
-        print(f"prepare_text: stopped by {signal.Signals(received[0]).name} before finishing; "
-              f"--output_dir {flags.output_dir} is as it was and no staging dir is left",
-              file=sys.stderr, flush=True)
-        raise SystemExit(128 + received[0]) from None
-      if isinstance(err, (ValueError, FileExistsError)):
-        raise SystemExit(f"prepare_text: {err}") from None
-      raise
+  staging.run_until_stopped("prepare_text", flags.output_dir, lambda: run(
+      sources_from_flags(flags), flags.output_dir, vocab_size=flags.vocab_size,
+      seq_len=flags.seq_len, validation_fraction=flags.validation_fraction, seed=flags.seed,
+      num_shards=flags.num_shards, spm_sample_docs=flags.spm_sample_docs,
+      spm_sample_bytes=flags.spm_sample_bytes, overwrite=flags.overwrite,
+      stages=stages_from_flags(flags), beam_args=beam_args,
+      remove_stale_staging=flags.remove_stale_staging))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,18 @@
-"""The staging directory a prepare_text run fills beside --output_dir and renames into place when
-complete, the owner file that says which process it belongs to, and the stale ones left by runs
-killed before they could remove theirs."""
+"""The staging directory a prepare_text or prepare_chat run fills beside --output_dir and renames
+into place when complete, the owner file that says which process it belongs to, the stale ones
+left by runs killed before they could remove theirs, and the stop signals that remove a run's own
+before it exits."""
 
+import contextlib
 import glob
+import logging
 import os
+import signal
 import socket
+import sys
+import threading
 import uuid
+from collections.abc import Callable, Iterator
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -13,6 +20,8 @@ from beam_pipelines import reading
 
 STAGING_MARK = ".tmp-"
 OWNER_NAME = ".owner"  # "HOST PID"; removed before the rename, so never published
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+BAD_INPUT_EXIT_CODE = 2
 
 
 def create(output_dir: str) -> str:
@@ -35,6 +44,20 @@ def publish(staged: str, output_dir: str) -> None:
     FileSystems.delete([retired])
   else:
     FileSystems.rename([staged], [output_dir])
+
+
+@contextlib.contextmanager
+def staged(output_dir: str) -> Iterator[str]:
+  """Yields a fresh staging dir for output_dir, published as output_dir when the body returns
+  and deleted when it raises or is stopped."""
+  path = create(output_dir)
+  try:
+    yield path
+  except BaseException:
+    if FileSystems.exists(path):
+      FileSystems.delete([path])
+    raise
+  publish(path, output_dir)
 
 
 def owner_alive(path: str) -> bool:
@@ -66,3 +89,52 @@ def stale_dirs(output_dir: str) -> list[str]:
   pattern = glob.escape(output_dir.rstrip("/")) + STAGING_MARK + "*"
   return sorted(path for path in glob.glob(pattern)
                 if os.path.isdir(path) and not owner_alive(path))
+
+
+class Stopped(BaseException):
+  """A stop signal, raised in the main thread; not an Exception, so `except Exception` in the
+  code it interrupts lets it through (Beam re-raises it wrapped, which run_until_stopped also
+  recognizes)."""
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+  """SIGINT and SIGTERM raise Stopped in the main thread, also where SIGINT came in ignored (a
+  shell's background job ignores it); yields the list of signals received. Only the first one
+  raises, so the cleanup it starts is not cut short by a second."""
+  received = []
+  if threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+
+  def stop(signum, frame):
+    del frame
+    received.append(signum)
+    if len(received) == 1:
+      logging.getLogger("apache_beam").setLevel(logging.CRITICAL)  # its traceback of this stop
+      raise Stopped(signal.Signals(signum).name)
+
+  previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+  try:
+    yield received
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+
+
+def run_until_stopped(program: str, output_dir: str, run: Callable[[], object]) -> None:
+  """Runs a command line's `run()`: a stop signal exits 128 + its number, and bad input (a
+  ValueError or FileExistsError) exits 2; each with one line on stderr."""
+  with stop_on_signals() as received:
+    try:
+      run()
+    except BaseException as err:
+      if received:
+        print(f"{program}: stopped by {signal.Signals(received[0]).name} before finishing; "
+              f"--output_dir {output_dir} is as it was and no staging dir is left",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + received[0]) from None
+      if isinstance(err, (ValueError, FileExistsError)):
+        print(f"{program}: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(BAD_INPUT_EXIT_CODE) from None
+      raise

@@ -5,13 +5,13 @@ import asyncio
 import contextlib
 import json
 import socket
-import threading
 import time
 
 import httpx
 import portpicker
 import uvicorn
 
+from conftest import body_length_app, run_in_thread
 from serving.connections import ConnectionLimits, guarded_protocol
 
 PARTIAL_HEADERS = b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
@@ -21,16 +21,9 @@ async def app(scope, receive, send):
   """/sleep answers after 1 s; any other path answers with its body's length."""
   if scope["type"] != "http":
     return
-  length, more = 0, True
-  while more:
-    message = await receive()
-    if message["type"] == "http.disconnect":
-      return
-    length, more = length + len(message["body"]), message["more_body"]
   if scope["path"] == "/sleep":
     await asyncio.sleep(1)
-  await send({"type": "http.response.start", "status": 200, "headers": []})
-  await send({"type": "http.response.body", "body": str(length).encode()})
+  await body_length_app(scope, receive, send)
 
 
 @contextlib.contextmanager
@@ -38,12 +31,7 @@ def serving(limits: ConnectionLimits):
   port = portpicker.pick_unused_port()
   server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="error",
                                          http=guarded_protocol(limits)))
-  thread = threading.Thread(target=server.run, daemon=True)
-  thread.start()
-  deadline = time.monotonic() + 10
-  while not server.started:
-    assert time.monotonic() < deadline, "uvicorn did not start"
-    time.sleep(0.01)
+  thread = run_in_thread(server)
   try:
     yield port
   finally:

@@ -4,20 +4,10 @@ ASGI app that reads its whole body and answers with its length."""
 import asyncio
 import json
 
+from conftest import body_length_app
 from serving.guards import LimitBody, RequireApiKey
 
 CHUNK = 64 << 10
-
-
-async def body_length_app(scope, receive, send):
-  length, more = 0, True
-  while more:
-    message = await receive()
-    if message["type"] == "http.disconnect":
-      return
-    length, more = length + len(message["body"]), message["more_body"]
-  await send({"type": "http.response.start", "status": 200, "headers": []})
-  await send({"type": "http.response.body", "body": str(length).encode()})
 
 
 def call(app, body_bytes: int, headers: dict[str, str], path: str = "/v1/completions"):

@@ -5,7 +5,6 @@ merged."""
 import dataclasses
 import json
 import shutil
-import sysconfig
 from pathlib import Path
 
 import gin
@@ -15,12 +14,12 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from beam_pipelines import prepare_text
 from maxlm import checkpoint, optim, sampling, sharding, steps, tasks
 from maxlm import train as train_module
 from maxlm.config_checks import UserError, check_same_model
 from maxlm.model import ModelConfig, Transformer, count_params, merge_adapters
 from serving.engine import Engine, SamplingSettings, Step
+from conftest import TINY_RUN, gin_config
 
 CONFIG = ModelConfig(vocab_size=128, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2,
                      head_dim=16, mlp_dim=128, max_seq_len=64, lora_rank=4, lora_alpha=8.0)
@@ -159,45 +158,21 @@ def test_the_same_lora_steps_on_a_2x2x2_mesh_match_one_device():
 
 # --- a LoRA run end to end ----------------------------------------------------------------------
 
-RUN_BINDINGS = """
+RUN_BINDINGS = TINY_RUN + """
 ModelConfig.num_layers = 1
-ModelConfig.embed_dim = 64
-ModelConfig.num_heads = 4
-ModelConfig.num_kv_heads = 2
-ModelConfig.head_dim = 16
-ModelConfig.mlp_dim = 128
 ModelConfig.max_seq_len = 128
-make_mesh.data = 2
-make_mesh.fsdp = 2
-make_mesh.tensor = 2
-train.global_batch_size = 8
 train.checkpoint_every = 2
 train.eval_every = 100
-train.eval_batches = 2
-train.log_every = 2
 train.sample_tokens = 0  # the test samples the unmerged model itself
-learning_rate_schedule.peak_learning_rate = 3e-3
 learning_rate_schedule.warmup_steps = 1
 learning_rate_schedule.final_fraction = 1.0
 """
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  stdlib = Path(sysconfig.get_paths()["stdlib"])
-  files = [str(stdlib / name) for name in ("textwrap.py", "string.py", "bisect.py",
-                                           "heapq.py", "colorsys.py", "fnmatch.py")]
-  out = tmp_path_factory.mktemp("data")
-  prepare_text.run(files, str(out), vocab_size=400, seq_len=64, validation_fraction=0.2)
-  return str(out)
-
-
 @pytest.fixture()
 def run_gin():
-  gin.clear_config()
-  gin.parse_config(RUN_BINDINGS)
-  yield
-  gin.clear_config()
+  with gin_config(RUN_BINDINGS):
+    yield
 
 
 def _metrics(workdir):

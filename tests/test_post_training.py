@@ -2,7 +2,6 @@
 log-probabilities of packed rows, sharded steps, resume after SIGKILL, and tiny end-to-end runs
 (pretrain -> SFT -> DPO)."""
 
-import contextlib
 import functools
 import json
 import os
@@ -29,6 +28,7 @@ from maxlm import optim, post_training, sharding, steps, tasks
 from maxlm import train as train_module
 from maxlm.model import ModelConfig, Transformer
 from maxlm.post_training import DPO, SFT
+from conftest import TINY_RUN, gin_config
 
 CONFIG = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=2, num_kv_heads=1,
                      head_dim=16, mlp_dim=64, max_seq_len=64)
@@ -242,24 +242,9 @@ def test_task_steps_on_a_2x2x2_mesh_match_one_device(task, make_batch):
 
 # --- whole runs: pretrain -> SFT -> DPO, and resume after SIGKILL ------------------------------
 
-TINY_BINDINGS = """
-ModelConfig.num_layers = 2
-ModelConfig.embed_dim = 64
-ModelConfig.num_heads = 4
-ModelConfig.num_kv_heads = 2
-ModelConfig.head_dim = 16
-ModelConfig.mlp_dim = 128
-ModelConfig.max_seq_len = 256
-make_mesh.data = 2
-make_mesh.fsdp = 2
-make_mesh.tensor = 2
-train.global_batch_size = 8
-train.checkpoint_every = 4
+TINY_BINDINGS = TINY_RUN + """
 train.eval_every = 8
-train.eval_batches = 2
 train.log_every = 1
-train.sample_tokens = 8
-learning_rate_schedule.warmup_steps = 2
 """
 RUN_STEPS = 12
 # The run bindings of each stage (gin lines, so a subprocess gets the very same run).
@@ -273,14 +258,8 @@ WORDS = ("def", "return", "import", "class", "self", "None", "True", "False", "w
          "lambda", "yield", "print", "list", "dict", "value", "index")
 
 
-@contextlib.contextmanager
 def gin_bindings(*lines: str):
-  gin.clear_config()
-  gin.parse_config(TINY_BINDINGS + "\n".join(lines))
-  try:
-    yield
-  finally:
-    gin.clear_config()
+  return gin_config(TINY_BINDINGS + "\n".join(lines))
 
 
 def metric_rows(workdir) -> list[dict]:
@@ -289,13 +268,15 @@ def metric_rows(workdir) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-  """(pretraining data dir, run dir) of a few pretraining steps on some stdlib modules."""
+  """(pretraining data dir, run dir) of a few pretraining steps on some stdlib modules. Not
+  conftest's tiny_run: the SFT and DPO thresholds below were measured from this start."""
   stdlib = Path(sysconfig.get_paths()["stdlib"])
   data_dir = tmp_path_factory.mktemp("text")
   prepare_text.run([str(stdlib / name) for name in ("textwrap.py", "string.py", "heapq.py")],
                    str(data_dir), vocab_size=400, seq_len=64, validation_fraction=0.2)
   run = tmp_path_factory.mktemp("pretrain")
-  with gin_bindings("train.sample_prompt = None"):
+  with gin_bindings("train.sample_prompt = None",  # the schedule's default rate, not TINY_RUN's
+                    "learning_rate_schedule.peak_learning_rate = 3e-4"):
     train_module.train(workdir=str(run), data_dir=str(data_dir), steps=2)
   return data_dir, run
 

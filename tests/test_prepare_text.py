@@ -145,12 +145,15 @@ def _accumulate(sampler, docs):
   return accumulator
 
 
-def test_glob_matching_nothing_names_the_glob(tmp_path):
+def test_glob_matching_nothing_names_the_glob_and_the_command_line_exits_2(tmp_path, capsys):
   missing = f"{tmp_path}/nowhere/*.txt"
   with pytest.raises(ValueError, match="nowhere/\\*.txt' matched no files"):
     prepare_text.run([missing], str(tmp_path / "out"), vocab_size=400, seq_len=SEQ_LEN)
-  with pytest.raises(SystemExit, match="matched no files"):
+  with pytest.raises(SystemExit) as exit_info:
     prepare_text.main([f"--input={missing}", f"--output_dir={tmp_path}/out"])
+  assert exit_info.value.code == 2
+  [error] = capsys.readouterr().err.strip().splitlines()
+  assert error.startswith("prepare_text: ") and "nowhere/*.txt' matched no files" in error
 
 
 def write_corpus(root: pathlib.Path) -> list[str]:
@@ -349,7 +352,7 @@ def test_stale_staging_dirs_are_named_then_removed_on_request(tmp_path, caplog):
   report = (f"2 staging dirs of earlier runs that did not finish: {paths['dead']} "
             f"{paths['noowner']}; remove them with --remove_stale_staging")
   assert [r.getMessage() for r in caplog.records if "staging" in r.getMessage()] == [report]
-  with pytest.raises(SystemExit, match="matched no files"):
+  with pytest.raises(SystemExit, match="^2$"):
     prepare_text.main([f"--input={missing}", f"--output_dir={tmp_path}/out",
                        "--remove_stale_staging"])
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out.tmp-live", "out.tmp-remote"]

@@ -251,7 +251,7 @@ def test_rerun_refuses_then_overwrite_replaces_whole(prepared, tmp_path):
   assert manifest["splits"]["train"]["documents"] == 2
 
 
-def test_command_line_sources_stage_flags_and_unigram(prepared, tmp_path):
+def test_command_line_sources_stage_flags_and_unigram(prepared, tmp_path, capsys):
   root, _, _ = prepared
   output_dir = tmp_path / "cli"
   prepare_text.main([
@@ -271,5 +271,7 @@ def test_command_line_sources_stage_flags_and_unigram(prepared, tmp_path):
   assert {name: (s["weight"], s["documents"]) for name, s in sources.items()} == {
       "two": (2.0, 2), "snippets": (1.0, 2)}
   assert manifest["settings"]["sources"][0]["profile"] == "code"
-  with pytest.raises(SystemExit, match="already exists"):
+  with pytest.raises(SystemExit) as exit_info:
     prepare_text.main([f"--input={root}/code/*.py", f"--output_dir={output_dir}"])
+  assert exit_info.value.code == 2
+  assert "already exists and is not empty; pass --overwrite" in capsys.readouterr().err

@@ -20,6 +20,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from conftest import run_in_thread
 from maxlm.sampling import TokenChoice
 from serving.engine import Step
 from serving.orchestrator import Delta, Orchestrator
@@ -326,12 +327,7 @@ def start_server(engine: FakeEngine, grace_s: float = 30.0):
   app = create_app(engine)
   server = DrainingServer(uvicorn.Config(app, port=port, log_level="warning"),
                           app.state.orchestrator, grace_s)
-  thread = threading.Thread(target=server.run, daemon=True)
-  thread.start()
-  deadline = time.monotonic() + 10
-  while not server.started:
-    assert time.monotonic() < deadline, "uvicorn did not start"
-    time.sleep(0.01)
+  thread = run_in_thread(server)
   return server, thread, app.state.orchestrator, f"http://127.0.0.1:{port}"
 
 

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import gin
@@ -19,92 +18,63 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 from flax import nnx
 
-from beam_pipelines import prepare_text
 from beam_pipelines.records import read_shard
 from maxlm import checkpoint, data, tasks, workdir_lock
 from maxlm import steps as train_steps
 from maxlm.data.loader import split_shard_paths
 from maxlm import train as train_module
 from maxlm.config_checks import UserError
+from conftest import TINY_RUN, TINY_RUN_PEAK_FLOPS, TINY_RUN_STEPS, gin_config
 from tests.test_data import damage_record
-
-TINY_BINDINGS = """
-ModelConfig.num_layers = 2
-ModelConfig.embed_dim = 64
-ModelConfig.num_heads = 4
-ModelConfig.num_kv_heads = 2
-ModelConfig.head_dim = 16
-ModelConfig.mlp_dim = 128
-ModelConfig.max_seq_len = 256
-make_mesh.data = 2
-make_mesh.fsdp = 2
-make_mesh.tensor = 2
-train.global_batch_size = 8
-train.checkpoint_every = 4
-train.eval_every = 4
-train.eval_batches = 2
-train.log_every = 2
-train.sample_tokens = 8
-learning_rate_schedule.peak_learning_rate = 3e-3
-learning_rate_schedule.warmup_steps = 2
-"""
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  stdlib = Path(sysconfig.get_paths()["stdlib"])
-  files = [str(stdlib / name) for name in ("textwrap.py", "string.py", "bisect.py",
-                                           "heapq.py", "colorsys.py", "fnmatch.py")]
-  out = tmp_path_factory.mktemp("data")
-  prepare_text.run(files, str(out), vocab_size=400, seq_len=64, validation_fraction=0.2)
-  return str(out)
-
 
 @pytest.fixture(autouse=True)
 def tiny_gin():
-  gin.clear_config()
-  gin.parse_config(TINY_BINDINGS)
-  yield
-  gin.clear_config()
+  with gin_config(TINY_RUN):
+    yield
 
 
 def _metrics(workdir):
   return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_resumes_from_its_last_checkpoint(data_dir, tmp_path):
-  first = train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=8)
-  assert first["step"] == 8
-  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
-                if p.name.isdigit()) == ["1", "4", "8"]
-  rows = _metrics(tmp_path)
-  assert [r["step"] for r in rows] == list(range(1, 9))
+def _checkpoint_steps(workdir) -> list[int]:
+  return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_a_run_checkpoints_at_its_first_step_and_every_kth_and_logs_every_step(tiny_run):
+  assert _checkpoint_steps(tiny_run) == [1, TINY_RUN_STEPS]  # TINY_RUN: checkpoint_every 4
+  rows = _metrics(tiny_run)
+  assert [r["step"] for r in rows] == list(range(1, TINY_RUN_STEPS + 1))
   assert {"loss", "learning_rate", "tokens_per_s"} <= set(rows[0])
-  assert "eval_loss" in rows[3] and "eval_loss" not in rows[2]
+  assert "eval_loss" in rows[3] and "eval_loss" not in rows[2]  # eval_every 4
+  assert (tiny_run / "tensorboard").is_dir() and any((tiny_run / "tensorboard").iterdir())
+
+
+def test_train_resumes_from_its_last_checkpoint(data_dir, tiny_run_copy):
+  run = tiny_run_copy
+  summary = train_module.train(workdir=str(run), data_dir=data_dir, steps=8)
+  assert summary["step"] == 8
+  assert _checkpoint_steps(run) == [1, 4, 8]
+  rows = _metrics(run)
+  assert [r["step"] for r in rows] == list(range(1, 9)), "no step repeated or lost"
+  assert "eval_loss" in rows[7] and "eval_loss" not in rows[6]
   assert rows[-1]["loss"] < rows[0]["loss"]
 
-  second = train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=12)
-  rows = _metrics(tmp_path)
-  assert [r["step"] for r in rows] == list(range(1, 13)), "no step repeated or lost"
-  assert second["step"] == 12
-  assert (tmp_path / "tensorboard").is_dir() and any((tmp_path / "tensorboard").iterdir())
 
-
-def test_resume_after_a_crash_drops_the_lost_steps_from_metrics(data_dir, tmp_path):
-  train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=4)
-  with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:  # steps 5-6 never saved
+def test_resume_after_a_crash_drops_the_lost_steps_from_metrics(data_dir, tiny_run_copy):
+  run = tiny_run_copy
+  with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:  # steps 5-6 never saved
     f.write('{"step": 5, "loss": 1.0}\n{"step": 6, "loss": 1.0}\n')
-  train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=6)
-  rows = _metrics(tmp_path)
+  train_module.train(workdir=str(run), data_dir=data_dir, steps=6)
+  rows = _metrics(run)
   assert [r["step"] for r in rows] == list(range(1, 7))
   assert rows[4]["loss"] != 1.0
 
 
-def test_checkpoint_from_another_model_shape_is_refused(data_dir, tmp_path):
-  train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=1)
+def test_checkpoint_from_another_model_shape_is_refused(data_dir, tiny_run_copy):
   gin.bind_parameter("ModelConfig.num_layers", 3)
   with pytest.raises(UserError, match="num_layers: 2 -> 3"):
-    train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=2)
+    train_module.train(workdir=str(tiny_run_copy), data_dir=data_dir, steps=8)
 
 
 def test_missing_data_dir_is_a_one_line_error(tmp_path):
@@ -129,7 +99,7 @@ def test_microbatches_and_z_loss_train(data_dir, tmp_path):
 
 def _train_process(workdir, data_dir, *extra_flags, devices=8):
   """A real `python -m maxlm.train` with the tiny bindings, one progress line per step."""
-  bindings = [f"--gin_param={line}" for line in TINY_BINDINGS.strip().splitlines()]
+  bindings = [f"--gin_param={line}" for line in TINY_RUN.strip().splitlines()]
   command = [sys.executable, "-m", "maxlm.train", f"--workdir={workdir}",
              f"--data_dir={data_dir}", *bindings, "--gin_param=train.log_every=1", *extra_flags]
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
@@ -197,49 +167,46 @@ def test_two_processes_train_in_lockstep_with_one_eight_device_process(data_dir,
   np.testing.assert_allclose(two, one, rtol=1e-5)
 
 
-def test_a_save_cut_off_midway_is_never_restored(data_dir, tmp_path):
+def test_a_save_cut_off_midway_is_never_restored(data_dir, tiny_run_copy):
   """What a kill during an async save leaves behind: Orbax's temporary directory, never
   renamed to its step. The restart must resume from the last complete checkpoint."""
-  train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=4)
-  partial = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp"
+  run = tiny_run_copy
+  partial = run / "checkpoints" / "6.orbax-checkpoint-tmp"
   (partial / "state").mkdir(parents=True)
   (partial / "state" / "garbage").write_bytes(b"\0" * 100)
-  summary = train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=6)
+  summary = train_module.train(workdir=str(run), data_dir=data_dir, steps=6)
   assert summary["step"] == 6
-  assert [r["step"] for r in _metrics(tmp_path)] == list(range(1, 7))
+  assert [r["step"] for r in _metrics(run)] == list(range(1, 7))
 
 
-def test_metrics_carry_perplexity_and_model_flops(data_dir, tmp_path):
-  gin.bind_parameter("train.peak_flops_per_device", 1e9)
-  train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=4)
-  rows = _metrics(tmp_path)
+def test_metrics_carry_perplexity_and_model_flops(tiny_run):
+  rows = _metrics(tiny_run)
   assert rows[3]["eval_perplexity"] == pytest.approx(np.exp(rows[3]["eval_loss"]), rel=1e-6)
-  assert rows[0]["mfu"] == pytest.approx(rows[0]["model_flops_per_s"] / (1e9 * 8), rel=1e-6)
+  assert rows[0]["mfu"] == pytest.approx(
+      rows[0]["model_flops_per_s"] / (TINY_RUN_PEAK_FLOPS * jax.device_count()), rel=1e-6)
 
 
 def test_retention_keeps_the_latest_and_every_kth(data_dir, tmp_path):
   gin.bind_parameter("train.keep_checkpoints", 1)
   gin.bind_parameter("train.keep_checkpoint_every", 4)
   train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=10, checkpoint_every=2)
-  kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-  assert kept == [4, 8, 10]
+  assert _checkpoint_steps(tmp_path) == [4, 8, 10]
 
 
 def test_k_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(
-    data_dir, tmp_path):
-  train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=2)
+    data_dir, tiny_run_copy):
+  run = tiny_run_copy
 
   class Poisoned(tasks.Pretrain):
     def loss(self, model, batch):
       loss, metrics = super().loss(model, batch)
       return loss * float("nan"), metrics
 
-  gin.bind_parameter("train.max_bad_steps", 3)
-  with pytest.raises(UserError, match="3 steps in a row up to step 5 had a non-finite loss"):
-    train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=10, task=Poisoned())
-  kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-  assert kept[-1] == 2
-  assert [r.get("skipped_steps") for r in _metrics(tmp_path)[2:]] == [1, 2, 3]  # steps 3-5
+  gin.bind_parameter("train.max_bad_steps", 5)  # step 8, a checkpoint step, is among them
+  with pytest.raises(UserError, match="5 steps in a row up to step 9 had a non-finite loss"):
+    train_module.train(workdir=str(run), data_dir=data_dir, steps=12, task=Poisoned())
+  assert _checkpoint_steps(run)[-1] == 4
+  assert [r.get("skipped_steps") for r in _metrics(run)[4:]] == [1, 2, 3, 4, 5]  # steps 5-9
 
 
 def test_profile_steps_write_a_trace(data_dir, tmp_path):
@@ -306,9 +273,8 @@ def _latest_params(run_dir):
   return checkpoint.restore_params(run_dir, abstract, step), meta
 
 
-def test_init_from_starts_a_new_run_from_another_runs_parameters(data_dir, tmp_path):
-  source, run = tmp_path / "source", tmp_path / "run"
-  train_module.train(workdir=str(source), data_dir=data_dir, steps=4)
+def test_init_from_starts_a_new_run_from_another_runs_parameters(data_dir, tiny_run, tmp_path):
+  source, run = tiny_run, tmp_path / "run"
   train_module.train(workdir=str(run), data_dir=data_dir, steps=2, init_from=str(source))
   assert [row["step"] for row in _metrics(run)] == [1, 2], "the step starts afresh"
   # Step 1's loss is that of the source's final parameters on the first batch, computed here
@@ -320,15 +286,14 @@ def test_init_from_starts_a_new_run_from_another_runs_parameters(data_dir, tmp_p
   assert _metrics(run)[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_init_from_refuses_another_model_shape_or_tokenizer(data_dir, tmp_path):
-  source = tmp_path / "source"
-  train_module.train(workdir=str(source), data_dir=data_dir, steps=1)
+def test_init_from_refuses_another_model_shape_or_tokenizer(data_dir, tiny_run_copy, tmp_path):
+  source = tiny_run_copy
   gin.bind_parameter("ModelConfig.mlp_dim", 96)
   with pytest.raises(UserError, match=r"another model shape \(mlp_dim: 128 -> 96\)"):
     train_module.train(workdir=str(tmp_path / "a"), data_dir=data_dir, steps=1,
                        init_from=str(source))
   gin.bind_parameter("ModelConfig.mlp_dim", 128)
-  meta_file = source / "checkpoints" / "1" / "meta" / "metadata"
+  meta_file = source / "checkpoints" / str(TINY_RUN_STEPS) / "meta" / "metadata"
   meta = json.loads(meta_file.read_text())
   meta_file.write_text(json.dumps({**meta, "tokenizer_sha256": "0" * 64}))
   with pytest.raises(UserError, match="was trained with another tokenizer"):
@@ -429,26 +394,26 @@ def test_a_corrupt_record_mid_run_exits_2_naming_it_and_the_save_before_it_resto
   assert summary["step"] == 3
   assert [r["step"] for r in _metrics(run)] == [1, 2, 3]
 def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
-    data_dir, tmp_path, capsys):
-  train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=4)
-  (tmp_path / "checkpoints" / "4" / "state" / "_METADATA").unlink()
+    data_dir, tiny_run_copy, capsys):
+  run = tiny_run_copy
+  (run / "checkpoints" / "4" / "state" / "_METADATA").unlink()
   capsys.readouterr()
-  summary = train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=4)
+  summary = train_module.train(workdir=str(run), data_dir=data_dir, steps=4)
   warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
   assert len(warnings) == 1 and warnings[0].startswith(
-      f"warning: checkpoint step 4 in {tmp_path / 'checkpoints'} is corrupt: state/_METADATA is "
+      f"warning: checkpoint step 4 in {run / 'checkpoints'} is corrupt: state/_METADATA is "
       "missing; "), warnings
-  assert warnings[0].endswith(f"moved it to {tmp_path / 'corrupt_checkpoints' / '4'} and "
+  assert warnings[0].endswith(f"moved it to {run / 'corrupt_checkpoints' / '4'} and "
                               "resumed from step 1")
-  assert summary["step"] == 4 and (tmp_path / "checkpoints" / "4" / "state" / "_METADATA").exists()
-  assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3, 4]
+  assert summary["step"] == 4 and (run / "checkpoints" / "4" / "state" / "_METADATA").exists()
+  assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4]
 
-  for step_dir in (tmp_path / "checkpoints").iterdir():
+  for step_dir in (run / "checkpoints").iterdir():
     (step_dir / "meta" / "metadata").unlink(missing_ok=True)
   with pytest.raises(UserError, match="^checkpoint step 4 in .* is corrupt: meta/metadata is "
                      "missing; no checkpoint there is intact \\(2 tried\\): start a new "
                      "--workdir(\n|$)"):
-    train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=8)
+    train_module.train(workdir=str(run), data_dir=data_dir, steps=8)
 
 
 def test_a_run_whose_final_held_out_loss_is_not_finite_is_an_error(data_dir, tmp_path,

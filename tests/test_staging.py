@@ -1,0 +1,68 @@
+"""beam_pipelines.staging: a staged dir is published whole or not at all, and the command lines'
+stops and bad input end in one line and their exit codes (the runs: tests/test_prepare_*.py)."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from beam_pipelines import staging
+
+
+def test_a_staged_dir_replaces_the_output_whole_when_its_body_returns(tmp_path):
+  output_dir = tmp_path / "out"
+  output_dir.mkdir()
+  (output_dir / "old.txt").write_text("the run before")
+  with staging.staged(str(output_dir)) as staged:
+    assert os.path.dirname(staged) == str(tmp_path) and staged != str(output_dir)
+    (tmp_path / os.path.basename(staged) / "new.txt").write_text("this run")
+    assert (output_dir / "old.txt").exists(), "nothing is published before the body returns"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+  assert sorted(p.name for p in output_dir.iterdir()) == ["new.txt"]
+
+
+@pytest.mark.parametrize("error", [ValueError("bad input"), KeyboardInterrupt()])
+def test_a_staged_dir_whose_body_raises_is_deleted_and_the_output_left_as_it_was(tmp_path, error):
+  output_dir = tmp_path / "out"
+  output_dir.mkdir()
+  (output_dir / "old.txt").write_text("the run before")
+  with pytest.raises(type(error)), staging.staged(str(output_dir)) as staged:
+    (tmp_path / os.path.basename(staged) / "half.txt").write_text("half of a run")
+    raise error
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+  assert sorted(p.name for p in output_dir.iterdir()) == ["old.txt"]
+
+
+@pytest.mark.parametrize("error", [ValueError("--seq_len must be at least 2, got 1"),
+                                   FileExistsError("--output_dir x already exists")])
+def test_bad_input_exits_2_with_one_line_naming_the_program(capsys, error):
+  def run():
+    raise error
+  with pytest.raises(SystemExit) as exit_info:
+    staging.run_until_stopped("prepare_chat", "x", run)
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == f"prepare_chat: {error}\n"
+
+
+def test_other_errors_keep_their_traceback():
+  def run():
+    raise KeyError("a bug")
+  with pytest.raises(KeyError, match="a bug"):
+    staging.run_until_stopped("prepare_text", "x", run)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_exits_128_plus_its_number_saying_the_output_is_untouched(capsys, signum):
+  def run():
+    os.kill(os.getpid(), signum)
+    time.sleep(10)  # the handler's Stopped ends this sleep
+    raise AssertionError("the signal did not stop the run")
+  before = signal.getsignal(signum)
+  with pytest.raises(SystemExit) as exit_info:
+    staging.run_until_stopped("prepare_chat", "/data/chat", run)
+  assert exit_info.value.code == 128 + signum
+  assert capsys.readouterr().err == (
+      f"prepare_chat: stopped by {signal.Signals(signum).name} before finishing; --output_dir "
+      "/data/chat is as it was and no staging dir is left\n")
+  assert signal.getsignal(signum) == before
