@@ -165,7 +165,8 @@ RULES: dict[str, dict[str, Rule]] = {
     },
     "train": {
         "workdir": PATH,
-        "data_dir": _optional(PATH),
+        "data_dir": _optional(((lambda value: PATH[0](value) or callable(value)),
+                               "a directory path, or a function returning one")),
         **dict.fromkeys(("steps", "global_batch_size", "microbatches", "checkpoint_every",
                          "eval_every", "eval_batches", "log_every", "max_bad_steps",
                          "keep_checkpoints"), POSITIVE_INT),

@@ -52,7 +52,7 @@ class Item(NamedTuple):
 
 
 class Sizes(NamedTuple):
-  chat_train: int = 6000
+  chat_train: int = 24000
   chat_validation: int = 400
   preference_train: int = 4000
   preference_validation: int = 400

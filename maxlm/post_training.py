@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxlm import tasks
+from maxlm.model import training_flops_per_token
 
 SFT_FIELDS = ("tokens", "segment_ids", "positions", "loss_mask")
 HALVES = ("chosen", "rejected")
@@ -161,6 +162,13 @@ class DPO:
       raise ValueError("DPO.prepare_batch needs the reference model; call DPO.bind first")
     chosen, rejected = self.reference_logps(batch)
     return {**batch, "reference_chosen_logps": chosen, "reference_rejected_logps": rejected}
+
+  def step_cost(self, config, seq_len):
+    """The policy trains on both halves of a row; the reference runs forward over both, a
+    third of a training token's FLOPs (no backward)."""
+    tokens = len(HALVES) * seq_len
+    per_token = training_flops_per_token(config, seq_len)
+    return tokens, tokens * per_token + tokens * per_token / 3
 
   def loss(self, model, batch):
     chosen, rejected, real = pair_logps(model, batch)

@@ -25,20 +25,22 @@ def restore_params(run_dir: str | os.PathLike, abstract_params: dict,
   if not others:
     return params
   started = starting_params(meta.get("init_from"), checkpoint.config_from_meta(meta),
-                            meta.get("seed", 0), others)  # 0: train.seed's default
+                            meta.get("seed", 0), others,  # 0: train.seed's default
+                            meta.get("init_from_step"))  # None (older runs): the latest
   return steps.merge_params(params, started)
 
 
 def starting_params(init_from: str | None, config: ModelConfig, seed: int,
-                    abstract_params: dict) -> dict:
+                    abstract_params: dict, init_from_step: int | None = None) -> dict:
   """The parameters `abstract_params` names as a run of `config` and `seed` starts them:
-  `init_from`'s where its model has them, the seed's initialization for the rest."""
+  `init_from`'s (its latest checkpoint, or `init_from_step`'s) where its model has them, the
+  seed's initialization for the rest."""
   params, fresh = {}, abstract_params
   if init_from:
-    _, base_meta = checkpoint.read_meta(init_from)
+    init_from_step, base_meta = checkpoint.read_meta(init_from, init_from_step)
     base_config = checkpoint.config_from_meta(base_meta)
     from_base, fresh = _split_like(abstract_params, _param_shapes(base_config))
-    params = restore_params(init_from, from_base) if from_base else {}
+    params = restore_params(init_from, from_base, init_from_step) if from_base else {}
   if fresh:
     params = steps.merge_params(params, fresh_params(config, fresh, seed))
   return params

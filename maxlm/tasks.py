@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxlm.model import ModelConfig, training_flops_per_token
+
 
 def cross_entropy_with_mask(logits: jax.Array, targets: jax.Array, weights: jax.Array,
                             z_loss: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -85,6 +87,10 @@ class Task(Protocol):
   def prepare_batch(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Host-side work on each global batch before the step; most tasks return it as is."""
 
+  def step_cost(self, config: ModelConfig, seq_len: int) -> tuple[int, float]:
+    """(tokens a train step trains on per batch row, the model FLOPs that row costs the
+    step, `prepare_batch`'s included): what `tokens_per_s` and `mfu` count."""
+
   def train_scalars(self, metrics: dict[str, jax.Array]) -> dict[str, float]:
     """Scalars beside the loop's own (loss, grad_norm, ...) from one train step's metrics."""
 
@@ -111,6 +117,9 @@ class Pretrain:
 
   def prepare_batch(self, batch):
     return batch
+
+  def step_cost(self, config, seq_len):
+    return seq_len, seq_len * training_flops_per_token(config, seq_len)
 
   def train_scalars(self, metrics):
     del metrics

@@ -1,6 +1,8 @@
 """Entry point: gin -> mesh -> state -> loop.
 
   python -m maxlm.train                              # embedded default: stdlib corpus, tiny.gin
+  python -m maxlm.train --gin_file=sft_tiny.gin      # SFT of runs/tiny on the embedded chat set
+  python -m maxlm.train --gin_file=dpo_tiny.gin      # DPO of runs/sft_tiny on its preferences
   python -m maxlm.train --gin_file=1b.gin --data_dir=DIR --workdir=DIR [--steps=N]
                         [--checkpoint_every=N] [--gin_param='ModelConfig.num_layers=2' ...]
 
@@ -20,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gin
@@ -31,13 +34,14 @@ from jax.experimental import multihost_utils
 
 from beam_pipelines.records import fields_of_manifest
 from maxlm import checkpoint, data, metrics, optim, runs, sampling, sharding, tasks, workdir_lock
+from maxlm import default_chat  # noqa: F401  (registers ensure_default_chat with gin)
 from maxlm import post_training  # noqa: F401  (registers SFT and DPO with gin)
 from maxlm import steps as train_steps
 from maxlm.config_checks import (UserError, build_model_config, check_compatible,
                                  check_run_configuration, check_same_model,
                                  resolve_model_config)
 from maxlm.default_corpus import ensure_default_corpus
-from maxlm.model import ModelConfig, training_flops_per_token
+from maxlm.model import ModelConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 LORA_TRAINABLE = ".*lora.*"  # the adapters' parameter paths (`blocks/0/attention/q_lora_a`)
@@ -99,7 +103,8 @@ def _workdir_held_by_process_0(workdir):
 
 @gin.configurable(module="maxlm")
 @_checked_and_locked
-def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = None,
+def train(workdir: str, data_dir: str | Callable[[], str] | None = None,
+          task: tasks.Task | None = None,
           steps: int = 300, global_batch_size: int = 16, microbatches: int = 1,
           seed: int = 0, init_from: str | None = None, trainable: str | None = None,
           checkpoint_every: int = 100,
@@ -112,6 +117,10 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
   """Trains (or resumes) a model on `task` (default: pretraining) in `workdir`; returns the
   final summary numbers.
 
+  `data_dir` is a data dir, or a function that makes one (the stage configs' default chat
+  sets, `@ensure_default_chat`), called only once the run is known to be able to start;
+  None is the stdlib corpus.
+
   A step with a non-finite loss or gradient is skipped and counted; `max_bad_steps` in a row
   stop the run (the last good checkpoint stays). Checkpoints: the latest `keep_checkpoints`,
   plus every step divisible by `keep_checkpoint_every` if set. `microbatches` splits each
@@ -121,6 +130,8 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
   `trainable`, a regex over parameter paths (`blocks/0/attention/q`, see
   `steps.split_trainable`), trains only the parameters it matches; the others stay as
   `init_from` (or the seed's initialization) made them, and checkpoints hold only the trained.
+  A new run records which checkpoint of `init_from` it started from (its latest then); a
+  resume, and a task's reference model (DPO), read that one again, not a newer one.
   With `ModelConfig.lora_rank` > 0 it defaults to the adapters alone; `init_from` supplies
   the base and the adapters start afresh (unless that run has them too).
   `sample_prompt=None` skips the sample at the end. `peak_flops_per_device` turns on the
@@ -132,7 +143,9 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
   """
   workdir = Path(workdir)
   task = task or tasks.Pretrain()
-  data_dir = data_dir or ensure_default_corpus()
+  init_from_step = _init_from_step(workdir, init_from)
+  init_from = str(Path(init_from).resolve()) if init_from else None  # serving finds it anywhere
+  data_dir = _data_dir(data_dir)
   try:
     manifest = data.load_manifest(data_dir)
   except (FileNotFoundError, ValueError) as error:
@@ -142,7 +155,6 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
   config = resolve_model_config(build_model_config(), manifest)
   if config.lora_rank and trainable is None:
     trainable = LORA_TRAINABLE
-  init_from = str(Path(init_from).resolve()) if init_from else None  # serving finds it anywhere
   try:
     mesh = sharding.make_mesh()
   except ValueError as error:  # the sizes do not fit the devices
@@ -167,15 +179,20 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
                                         verify=verify_checkpoints)
   meta = checkpoint.model_meta(config, seq_len=seq_len, data_dir=str(data_dir),
                                tokenizer_sha256=manifest["tokenizer"]["sha256"],
+                               **({"init_from_step": init_from_step} if init_from else {}),
                                **({"trainable": trainable, "init_from": init_from, "seed": seed}
                                   if trainable else {}))
-  start = Start(config, meta, abstract_state, optimizer, shardings, seed, init_from, trainable)
-  state, frozen = _restore_or_init(checkpointer, workdir, start, train_iter, data_dir)
+  start = Start(config, meta, abstract_state, optimizer, shardings, seed, init_from,
+                init_from_step, trainable)
+  starting_params = StartingParams(start)
+  state, frozen = _restore_or_init(checkpointer, workdir, start, starting_params, train_iter,
+                                   data_dir)
   frozen_args = (frozen,) if trainable else ()  # the steps' extra argument, when there is one
   first_step = int(state.step)
   task = task.bind(tasks.TaskContext(
       graphdef, sharding.param_shardings(abstract_state, mesh), batch_sharding, mesh,
-      reference_params=lambda: _reference_params(start, frozen)))
+      reference_params=starting_params))
+  starting_params.release()  # a task that wants them (DPO's reference) holds them now
   train_step = train_steps.make_train_step(graphdef, task.loss, optimizer, shardings,
                                            batch_sharding, microbatches, frozen_shardings)
   eval_step = train_steps.make_eval_step(graphdef, task.loss, shardings.params, batch_sharding,
@@ -189,8 +206,8 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
   progress = metrics.ConsoleProgress(steps, first_step, log_every)
   report = metrics.periodic_actions.ReportProgress(num_train_steps=steps, writer=writer,
                                                    every_steps=log_every, every_secs=None)
-  tokens_per_step = global_batch_size * seq_len
-  flops_per_token = training_flops_per_token(config, seq_len)
+  row_tokens, row_flops = task.step_cost(config, seq_len)
+  tokens_per_step, flops_per_step = global_batch_size * row_tokens, global_batch_size * row_flops
   peak_flops = peak_flops_per_device * jax.device_count() if peak_flops_per_device else None
   _log(f"params {sum(x.size for x in jax.tree.leaves(state.params)):,} | mesh {dict(mesh.shape)}"
        f" | {tokens_per_step:,} tokens/step | steps {first_step} -> {steps}")
@@ -205,12 +222,13 @@ def train(workdir: str, data_dir: str | None = None, task: tasks.Task | None = N
       batch = task.prepare_batch(_to_global(next(train_iter), batch_sharding))
       state, step_metrics = train_step(state, batch, *frozen_args)
       loss = float(step_metrics["loss"])
-      tokens_per_s = tokens_per_step / (time.perf_counter() - started)
+      step_s = time.perf_counter() - started
       if profile_steps and step == profile_steps[1]:
         jax.profiler.stop_trace()
       scalars = {"loss": loss, "learning_rate": float(schedule(step - 1)),
-                 "grad_norm": float(step_metrics["grad_norm"]), "tokens_per_s": tokens_per_s,
-                 "model_flops_per_s": flops_per_token * tokens_per_s}
+                 "grad_norm": float(step_metrics["grad_norm"]),
+                 "tokens_per_s": tokens_per_step / step_s,
+                 "model_flops_per_s": flops_per_step / step_s}
       if peak_flops:
         scalars["mfu"] = scalars["model_flops_per_s"] / peak_flops
       scalars.update(task.train_scalars(step_metrics))
@@ -318,10 +336,80 @@ class Start:
   shardings: train_steps.TrainState
   seed: int
   init_from: str | None
+  init_from_step: int | None
   trainable: str | None
 
 
-def _restore_or_init(checkpointer, workdir, start: Start, train_iter, data_dir):
+class StartingParams:
+  """The whole parameter set the run starts from (see `_starting_params`), loaded at most
+  once: a new run's trained and frozen parameters and a task's reference model (DPO) share
+  one load. Call it for the parameters; `release` drops the loop's hold on them."""
+
+  def __init__(self, start: Start):
+    self._start, self._params = start, None
+
+  def __call__(self) -> dict:
+    if self._params is None:
+      self._params = _starting_params(self._start)
+    return self._params
+
+  def release(self):
+    self._params = None
+
+
+def _init_from_step(workdir: Path, init_from: str | None) -> int | None:
+  """The checkpoint of `init_from` the run starts from: the one its checkpoints' meta
+  recorded at the first start, else (a new run, or one written before the record) the
+  latest. A source run without a checkpoint names the command that trains it."""
+  if not init_from:
+    return None
+  recorded = _recorded_init_from_step(workdir)
+  if recorded is not None:
+    return recorded
+  try:
+    return checkpoint.read_meta(init_from)[0]
+  except FileNotFoundError:
+    raise UserError(f"--init_from {init_from} has no checkpoint; train it first: "
+                    f"{train_command(init_from)}") from None
+  except checkpoint.CorruptCheckpointError as error:
+    raise UserError(f"--init_from: {error}") from None
+
+
+def _recorded_init_from_step(workdir: Path) -> int | None:
+  try:
+    steps = checkpoint.all_steps(workdir)
+  except FileNotFoundError:
+    return None
+  for step in reversed(steps):
+    try:
+      return checkpoint.read_meta(workdir, step)[1].get("init_from_step")
+    except checkpoint.CorruptCheckpointError:
+      continue  # resume falls back past it too
+  return None
+
+
+def train_command(run_dir: str) -> str:
+  """The command that trains `run_dir`: configs/NAME.gin's for a run dir named NAME (with
+  --workdir unless it is that config's default, runs/NAME)."""
+  config = CONFIGS_DIR / f"{Path(run_dir).name}.gin"
+  command = "python -m maxlm.train" + (f" --gin_file={config.name}" if config.exists() else "")
+  if not config.exists() or Path(run_dir) != Path(default_workdir(config.name)):
+    command += f" --workdir={run_dir}"
+  return command
+
+
+def default_workdir(gin_file: str) -> str:
+  return os.path.join("runs", Path(gin_file).stem)
+
+
+def _data_dir(data_dir: str | Callable[[], str] | None) -> str:
+  if data_dir is None:
+    return ensure_default_corpus()
+  return data_dir() if callable(data_dir) else data_dir
+
+
+def _restore_or_init(checkpointer, workdir, start: Start, starting_params: StartingParams,
+                     train_iter, data_dir):
   """(train state, frozen parameters) to start from: the newest intact checkpoint (a newer
   corrupt one is moved aside with a warning line, and none intact stops the run), else
   `init_from`'s parameters or fresh ones."""
@@ -331,7 +419,7 @@ def _restore_or_init(checkpointer, workdir, start: Start, train_iter, data_dir):
     if not (start.init_from or start.trainable):
       return train_steps.init_train_state(start.config, start.optimizer, start.shardings,
                                           start.seed), {}
-    trained, frozen = train_steps.split_trainable(_starting_params(start), start.trainable)
+    trained, frozen = train_steps.split_trainable(starting_params(), start.trainable)
     if start.init_from:
       _log(f"parameters from {start.init_from}; optimizer state and step start afresh")
     return train_steps.train_state_from_params(trained, start.optimizer, start.shardings), frozen
@@ -356,32 +444,26 @@ def _restore_or_init(checkpointer, workdir, start: Start, train_iter, data_dir):
   _log(f"resumed from {workdir / checkpoint.CHECKPOINTS / str(step)} (step {step})")
   if not start.trainable:
     return state, {}
-  return state, train_steps.split_trainable(_starting_params(start), start.trainable)[1]
+  return state, train_steps.split_trainable(starting_params(), start.trainable)[1]
 
 
 def _starting_params(start: Start) -> dict:
   """The whole parameter set a new run starts from (frozen ones are reloaded on resume):
-  `init_from`'s where its model has them (a partly trained run's merged over its own start),
-  the seed's initialization for the rest (new adapters), laid out for this run's mesh."""
+  `init_from`'s (of `init_from_step`) where its model has them (a partly trained run's
+  merged over its own start), the seed's initialization for the rest (new adapters), laid
+  out for this run's mesh."""
   param_shardings = sharding.param_shardings(start.abstract_state, start.shardings.step.mesh)
   abstract_params = jax.tree.map(
       lambda shape, where: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where),
       nnx.to_pure_dict(start.abstract_state), param_shardings)
   try:
     if start.init_from:
-      _, source_meta = checkpoint.read_meta(start.init_from)
+      _, source_meta = checkpoint.read_meta(start.init_from, start.init_from_step)
       check_same_model(source_meta, start.meta, start.init_from, start.config)
-    return runs.starting_params(start.init_from, start.config, start.seed, abstract_params)
+    return runs.starting_params(start.init_from, start.config, start.seed, abstract_params,
+                                start.init_from_step)
   except (FileNotFoundError, checkpoint.CorruptCheckpointError) as error:
     raise UserError(f"--init_from: {error}") from None
-
-
-def _reference_params(start: Start, frozen: dict) -> dict:
-  """The whole parameter set the run started from, for a task's frozen reference model (DPO).
-  Frozen parameters are the arrays the run already holds (a LoRA base is held once); the
-  trainable ones are loaded afresh, as at the start, so a resumed run has the same reference."""
-  trainable, _ = train_steps.split_trainable(_starting_params(start), start.trainable)
-  return train_steps.merge_params(trainable, frozen)
 
 
 def _to_global(local_batch: dict, batch_sharding) -> dict:
@@ -468,7 +550,7 @@ def main(argv):
                "checkpoint_every": _CHECKPOINT_EVERY.value, "init_from": _INIT_FROM.value}
   overrides = {k: v for k, v in overrides.items() if v is not None}
   if "workdir" not in overrides and not _has_binding("train.workdir"):
-    overrides["workdir"] = os.path.join("runs", Path(gin_files[0]).stem)
+    overrides["workdir"] = default_workdir(gin_files[0])
   summary = train(**overrides)
   logging.info("summary: %s", json.dumps(summary))
 

@@ -24,9 +24,9 @@ from beam_pipelines import prepare_text
 from beam_pipelines.chat_template import render_ids
 from beam_pipelines.records import (MANIFEST_NAME, RECORD_FORMAT, encode_record, field,
                                     manifest_fields)
-from maxlm import optim, post_training, sharding, steps, tasks
+from maxlm import checkpoint, default_chat, optim, post_training, runs, sharding, steps, tasks
 from maxlm import train as train_module
-from maxlm.model import ModelConfig, Transformer
+from maxlm.model import ModelConfig, Transformer, training_flops_per_token
 from maxlm.post_training import DPO, SFT
 from conftest import TINY_RUN, gin_config
 
@@ -334,9 +334,9 @@ def chat_dirs(pretrained, tmp_path_factory):
   return sft_dir, preference_dir
 
 
-def train_stage(stage: str, workdir, data_dir, init_from) -> dict:
+def train_stage(stage: str, workdir, data_dir, init_from, steps: int = RUN_STEPS) -> dict:
   with gin_bindings(*STAGES[stage]):
-    return train_module.train(workdir=str(workdir), data_dir=data_dir, steps=RUN_STEPS,
+    return train_module.train(workdir=str(workdir), data_dir=data_dir, steps=steps,
                               init_from=str(init_from))
 
 
@@ -348,8 +348,17 @@ def sft_run(pretrained, chat_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dpo_run(sft_run, chat_dirs, tmp_path_factory):
+  """(run dir, summary, how many times the run read parameters of its --init_from run)."""
   run = tmp_path_factory.mktemp("dpo_run")
-  return run, train_stage("dpo", run, chat_dirs[1], sft_run[0])
+  reads = []
+  def counted(run_dir, *args, **kwargs):
+    reads.append(Path(run_dir).resolve())
+    return restore_params(run_dir, *args, **kwargs)
+  restore_params = runs.restore_params
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(runs, "restore_params", counted)
+    summary = train_stage("dpo", run, chat_dirs[1], sft_run[0])
+  return run, summary, reads.count(Path(sft_run[0]).resolve())
 
 
 def test_sft_from_a_pretrain_run_lowers_the_loss_on_the_replies(sft_run):
@@ -362,13 +371,35 @@ def test_sft_from_a_pretrain_run_lowers_the_loss_on_the_replies(sft_run):
 
 
 def test_dpo_from_the_sft_run_learns_the_preferences(dpo_run):
-  run, summary = dpo_run
+  run, summary, _ = dpo_run
   rows = metric_rows(run)
   assert rows[0]["loss"] == pytest.approx(np.log(2), abs=1e-4)  # the policy is the reference
   assert rows[0]["reward_margin"] == pytest.approx(0.0, abs=1e-4)
   assert {"reward_chosen", "reward_rejected", "reward_accuracy"} <= set(rows[0])
   assert summary["eval_reward_accuracy"] == rows[-1]["eval_reward_accuracy"] >= 0.9
   assert rows[-1]["eval_reward_margin"] > 0 and rows[-1]["reward_margin"] > rows[0]["reward_margin"]
+
+
+def test_a_dpo_run_reads_its_starting_parameters_once_for_the_policy_and_the_reference(
+    dpo_run):
+  assert dpo_run[2] == 1
+
+
+def test_dpo_throughput_counts_both_halves_of_a_row_and_the_reference_forward(dpo_run):
+  seq_len = 64  # write_chat_dir's
+  batch = dpo_batch(0, rows=8, seq_len=seq_len)
+  trained = batch["chosen_tokens"].size + batch["rejected_tokens"].size
+  tokens, flops = DPO().step_cost(CONFIG, seq_len)
+  per_token = training_flops_per_token(CONFIG, seq_len)  # forward + backward: 3 forwards' worth
+  assert 8 * tokens == trained
+  assert 8 * flops == pytest.approx(trained * per_token + trained * per_token / 3, rel=1e-12)
+  assert SFT().step_cost(CONFIG, seq_len) == (seq_len, seq_len * per_token)
+  # The loop's scalars: FLOPs per token counted = a training token's plus a reference forward's.
+  run, _, _ = dpo_run
+  _, meta = checkpoint.read_meta(run)
+  run_per_token = training_flops_per_token(checkpoint.config_from_meta(meta), seq_len)
+  for row in metric_rows(run):
+    assert row["model_flops_per_s"] / row["tokens_per_s"] == pytest.approx(4 / 3 * run_per_token)
 
 
 def train_process(stage: str, workdir, data_dir, init_from) -> subprocess.Popen:
@@ -388,13 +419,16 @@ def train_process(stage: str, workdir, data_dir, init_from) -> subprocess.Popen:
 def test_a_run_killed_midway_and_rerun_gives_the_uninterrupted_metrics_bitwise(
     stage, request, chat_dirs, tmp_path):
   """SIGKILL after step 5, then the same run again: every loss, reward and eval scalar equals
-  the uninterrupted run's; DPO's reference is reloaded from --init_from on resume."""
-  uninterrupted, _ = request.getfixturevalue(f"{stage}_run")
+  the uninterrupted run's. DPO's source run trains on in between: the resumed run's reference
+  is still the source checkpoint it started from, which its meta records."""
+  uninterrupted = request.getfixturevalue(f"{stage}_run")[0]
   if stage == "sft":
     init_from, data_dir = request.getfixturevalue("pretrained")[1], chat_dirs[0]
   else:
-    init_from, data_dir = request.getfixturevalue("sft_run")[0], chat_dirs[1]
-  killed = train_process(stage, tmp_path, data_dir, init_from)
+    init_from, data_dir = tmp_path / "source", chat_dirs[1]
+    shutil.copytree(request.getfixturevalue("sft_run")[0], init_from)
+  run = tmp_path / "run"
+  killed = train_process(stage, run, data_dir, init_from)
   output = []
   for line in killed.stdout:
     output.append(line)
@@ -403,8 +437,13 @@ def test_a_run_killed_midway_and_rerun_gives_the_uninterrupted_metrics_bitwise(
   killed.kill()
   killed.wait()
   assert any(line.startswith("step 5/") for line in output), "".join(output)
-  train_stage(stage, tmp_path, data_dir, init_from)
-  assert learned(metric_rows(tmp_path)) == learned(metric_rows(uninterrupted))
+  if stage == "dpo":
+    train_stage("sft", init_from, chat_dirs[0], request.getfixturevalue("pretrained")[1],
+                steps=RUN_STEPS + 2)
+    assert checkpoint.read_meta(init_from)[0] == RUN_STEPS + 2
+    assert checkpoint.read_meta(run)[1]["init_from_step"] == RUN_STEPS
+  train_stage(stage, run, data_dir, init_from)
+  assert learned(metric_rows(run)) == learned(metric_rows(uninterrupted))
 
 
 def learned(rows: list[dict]) -> list[dict]:
@@ -412,6 +451,36 @@ def learned(rows: list[dict]) -> list[dict]:
   computed = ("step", "loss", "grad_norm", "learning_rate")
   return [{k: v for k, v in row.items() if k in computed or k.startswith(("eval_", "reward_"))}
           for row in rows]
+
+
+@pytest.mark.parametrize("gin_file,kind,source", [("sft_tiny.gin", "sft", "tiny.gin"),
+                                                   ("dpo_tiny.gin", "preference", "sft_tiny.gin")])
+def test_a_stage_config_defaults_to_the_embedded_set_and_the_run_the_stage_before_writes(
+    gin_file, kind, source):
+  gin.clear_config()
+  try:
+    gin.parse_config_file(train_module.resolve_gin_file(gin_file))
+    assert gin.query_parameter("train.init_from") == train_module.default_workdir(source)
+    data_dir = gin.query_parameter("train.data_dir")
+    assert data_dir.configurable.wrapper is default_chat.ensure_default_chat
+    assert not data_dir.evaluate, "built only when train calls it, after checking init_from"
+    assert gin.query_parameter("ensure_default_chat.kind") == kind
+  finally:
+    gin.clear_config()
+
+
+def test_dpo_with_no_sft_run_yet_exits_2_with_one_line_naming_the_sft_command(tmp_path):
+  env = {**os.environ, "MAXLM_CACHE": str(tmp_path / "cache"),
+         "PYTHONPATH": str(Path(__file__).parent.parent)}
+  done = subprocess.run([sys.executable, "-m", "maxlm.train", "--gin_file=dpo_tiny.gin"],
+                        check=False,
+                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+  assert done.returncode == 2, done.stdout + done.stderr
+  errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+  assert errors == [("error: --init_from runs/sft_tiny has no checkpoint; train it first: "
+                     "python -m maxlm.train --gin_file=sft_tiny.gin")], done.stderr
+  assert "Traceback" not in done.stderr
+  assert not (tmp_path / "cache").exists(), "no data is built for a run that cannot start"
 
 
 @pytest.mark.parametrize("gin_file,task", [("sft_tiny.gin", SFT), ("dpo_tiny.gin", DPO)])

@@ -4,6 +4,7 @@ and a restarted run continues from the checkpoint instead of starting over."""
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -284,6 +285,26 @@ def test_init_from_starts_a_new_run_from_another_runs_parameters(data_dir, tiny_
   first_batch = next(iter(data.make_dataset(data_dir, "train", global_batch_size=8, seed=0)))
   expected, _ = tasks.next_token_loss(nnx.merge(graphdef, params), first_batch)
   assert _metrics(run)[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_init_from_a_run_without_checkpoints_is_one_line_naming_its_command_before_any_data(
+    tmp_path):
+  def data_dir():
+    raise AssertionError("the data was made before the source run was checked")
+  source = tmp_path / "elsewhere"
+  with pytest.raises(UserError, match=re.escape(
+      f"--init_from {source} has no checkpoint; train it first: python -m maxlm.train "
+      f"--workdir={source}")):
+    train_module.train(workdir=str(tmp_path / "run"), data_dir=data_dir, init_from=str(source))
+
+
+def test_the_command_named_for_a_missing_run_is_its_configs_when_it_has_one():
+  assert train_module.train_command("runs/tiny") == "python -m maxlm.train --gin_file=tiny.gin"
+  assert train_module.train_command("./runs/sft_tiny") == ("python -m maxlm.train "
+                                                           "--gin_file=sft_tiny.gin")
+  assert train_module.train_command("/data/runs/sft_tiny") == (
+      "python -m maxlm.train --gin_file=sft_tiny.gin --workdir=/data/runs/sft_tiny")
+  assert train_module.train_command("mine") == "python -m maxlm.train --workdir=mine"
 
 
 def test_init_from_refuses_another_model_shape_or_tokenizer(data_dir, tiny_run_copy, tmp_path):
