@@ -206,37 +206,30 @@ def test_no_loss_target_is_an_image_position_or_predicted_from_one():
   np.testing.assert_array_equal(weights, [[1, 0, 0, 0, 1, 1, 0, 0]])
 
 
-def run_steps(mesh_shape, microbatches=1, num_steps=2, config=CONFIG, trainable=None):
-  """Losses of `num_steps` VisionSFT train steps on a mesh of that shape, and the final
-  (trained, frozen) parameters."""
+def run_steps(mesh_shape, microbatches=1, num_steps=3):
+  """Losses of `num_steps` VisionSFT train steps on a mesh of that shape."""
   mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:math.prod(mesh_shape)])
   optimizer = optim.make_optimizer(optim.learning_rate_schedule(10, 1e-2, warmup_steps=0))
-  graphdef, abstract_state = steps.abstract_model(config)
-  shardings = steps.state_shardings(abstract_state, optimizer, mesh, trainable)
-  frozen_shardings = steps.frozen_shardings(abstract_state, mesh, trainable) if trainable else None
-  trained, frozen = steps.split_trainable(vision_params(config), trainable)
-  state = steps.train_state_from_params(jax.device_put(trained, shardings.params), optimizer,
-                                        shardings)
-  frozen_args = (jax.device_put(frozen, frozen_shardings),) if trainable else ()
+  graphdef, abstract_state = steps.abstract_model(CONFIG)
+  shardings = steps.state_shardings(abstract_state, optimizer, mesh)
+  state = steps.train_state_from_params(jax.device_put(vision_params(), shardings.params),
+                                        optimizer, shardings)
   batch_sharding = sharding.batch_sharding(mesh)
   train_step = steps.make_train_step(graphdef, VisionSFT().loss, optimizer, shardings,
-                                     batch_sharding, microbatches, frozen_shardings)
+                                     batch_sharding, microbatches)
   losses = []
   with jax.set_mesh(mesh):
     for i in range(num_steps):
       batch = {k: jax.device_put(v, batch_sharding) for k, v in image_batch(seed=i).items()}
-      state, metrics = train_step(state, batch, *frozen_args)
+      state, metrics = train_step(state, batch)
       losses.append(float(metrics["loss"]))
-  return losses, jax.device_get(state.params), jax.device_get(frozen_args[0] if frozen_args else {})
+  return losses
 
 
 def test_vision_steps_on_a_2x2x2_mesh_match_one_device():
-  one, one_params, _ = run_steps((1, 1, 1))
-  sharded, sharded_params, _ = run_steps((2, 2, 2), microbatches=2)
-  np.testing.assert_allclose(sharded, one, rtol=1e-5)
-  for path, got in jax.tree_util.tree_leaves_with_path(sharded_params):
-    want = functools.reduce(lambda tree, key: tree[key.key], path, one_params)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=str(path))
+  """Two microbatches on the mesh: the sharded step and the accumulation both match."""
+  np.testing.assert_allclose(run_steps((2, 2, 2), microbatches=2), run_steps((1, 1, 1)),
+                             rtol=1e-5)
 
 
 def test_the_pallas_kernel_gives_the_xla_logits_with_images():
@@ -338,8 +331,8 @@ def whole_params(run_dir, config) -> dict:
 def test_projector_stage_from_a_text_run_trains_the_projector_alone(tmp_path, capsys):
   stdlib = Path(sysconfig.get_paths()["stdlib"])
   text_dir, text_run = tmp_path / "text", tmp_path / "text_run"
-  prepare_text.run([str(stdlib / name) for name in ("textwrap.py", "heapq.py")],
-                   str(text_dir), vocab_size=300, seq_len=64, validation_fraction=0.2)
+  prepare_text.run([str(stdlib / name) for name in ("textwrap.py", "string.py", "heapq.py")],
+                   str(text_dir), vocab_size=400, seq_len=64, validation_fraction=0.2)
   with gin_bindings():
     train_module.train(workdir=str(text_run), data_dir=str(text_dir), steps=1)
   image_dir = write_image_dir(tmp_path / "images", text_dir, rows=32)
