@@ -294,6 +294,7 @@ def gin_bindings(*texts: str):
 def write_image_dir(root: Path, text_dir: Path, rows: int, seq_len: int = 64) -> str:
   """A v2 data dir of one-image rows (image field uint8 [16, 16, 3]) with the text dir's
   tokenizer, its `<|image|>` id in the placeholders."""
+  root.mkdir()
   text_manifest = json.loads((text_dir / MANIFEST_NAME).read_text())
   image_id = text_manifest["tokenizer"]["special_tokens"][IMAGE_TOKEN]
   rng = np.random.default_rng(0)
