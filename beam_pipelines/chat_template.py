@@ -103,3 +103,9 @@ def _check_content(index: int, content: str) -> None:
     if token in content:
       raise ValueError(f"message {index}'s content holds the reserved token {token}; "
                        "remove it from the text")
+
+
+def expand_image_placeholders(ids: Sequence[int], image_id: int, num_patches: int) -> list[int]:
+  """`ids` with each image placeholder repeated `num_patches` times, one position per patch
+  of the vision model (`VisionConfig.num_patches`), which is what the model reads."""
+  return [piece for token in ids for piece in [token] * (num_patches if token == image_id else 1)]

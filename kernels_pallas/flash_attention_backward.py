@@ -21,7 +21,7 @@ from kernels_pallas.flash_attention_kernels import (
 
 def first_visible_q_block(k_start, cfg: KernelConfig):
   """Query blocks [n, end) hold every query that may see some key in [k_start, k_start + block_k)."""
-  if not cfg.causal:
+  if not cfg.skips_blocks:
     return 0
   return index_div(jnp.maximum(k_start - cfg.causal_offset, 0), cfg.block_q)
 

@@ -39,6 +39,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 
+BLOCK_ID_BITS = 16   # packed ids (`layout.pack_ids`): segment id above, bidirectional block id below
+BLOCK_ID_MASK = (1 << BLOCK_ID_BITS) - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
   """Static facts of one call: hashable, so it can ride in `custom_vjp`'s nondiff args."""
@@ -50,6 +54,12 @@ class KernelConfig:
   kv_len: int
   interpret: bool
   triton: bool = False   # lowering through Triton: grid programs run in parallel (see backward's dk/dv)
+  bidirectional: bool = False  # segment ids carry bidirectional blocks (`layout.pack_ids`)
+
+  @property
+  def skips_blocks(self) -> bool:
+    """Whether loops stop at the causal diagonal; a bidirectional block may reach past it."""
+    return self.causal and not self.bidirectional
 
   @property
   def causal_offset(self) -> int:
@@ -71,6 +81,8 @@ def matmul_f32(a, b):
 def visible_pairs(q_pos, k_pos, q_seg, kv_seg, cfg: KernelConfig):
   """Which (query, key) pairs may attend; positions are int32 arrays of one shape, segments broadcast.
 
+  With `cfg.bidirectional` the segment ids are packed (`layout.pack_ids`): a query also sees the keys
+  of its own nonzero bidirectional block, past the causal diagonal.
   Returns a bool array of that shape, or None when nothing is masked.
   """
   visible = None
@@ -81,8 +93,14 @@ def visible_pairs(q_pos, k_pos, q_seg, kv_seg, cfg: KernelConfig):
   if cfg.kv_len % cfg.block_k:
     visible = both(visible, k_pos < cfg.kv_len)
   if cfg.causal:
-    visible = both(visible, k_pos <= q_pos + cfg.causal_offset)
-  if q_seg is not None:
+    seen = k_pos <= q_pos + cfg.causal_offset
+    if cfg.bidirectional:
+      q_block, kv_block = q_seg & BLOCK_ID_MASK, kv_seg & BLOCK_ID_MASK
+      seen = seen | ((q_block == kv_block) & (q_block != 0))
+    visible = both(visible, seen)
+  if q_seg is not None and cfg.bidirectional:
+    visible = both(visible, (q_seg >> BLOCK_ID_BITS) == (kv_seg >> BLOCK_ID_BITS))
+  elif q_seg is not None:
     visible = both(visible, q_seg == kv_seg)
   return visible
 
@@ -112,7 +130,7 @@ def index_rem(index, divisor):
 
 def num_visible_k_blocks(q_start, cfg: KernelConfig, num_k_blocks: int):
   """Key blocks [0, n) hold every key some query in [q_start, q_start + block_q) may see."""
-  if not cfg.causal:
+  if not cfg.skips_blocks:
     return num_k_blocks
   last_key_end = q_start + cfg.block_q + cfg.causal_offset
   n = index_div(jnp.maximum(last_key_end, 0) + cfg.block_k - 1, cfg.block_k)

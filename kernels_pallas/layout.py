@@ -8,6 +8,8 @@ with both lengths padded to whole blocks.
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels_pallas.flash_attention_kernels import BLOCK_ID_BITS
+
 
 def pad_axis(x, axis, size, value=0):
   pad = [(0, 0)] * x.ndim
@@ -26,11 +28,21 @@ def to_kernel_layout(q, k, v, block_q, block_k):
   return q.transpose(0, 2, 3, 1, 4), to_heads_first(k), to_heads_first(v)
 
 
-def segments_to_kernel_layout(segment_ids, q_len_padded, kv_len_padded):
-  """[b, l] -> q side [b, lq_padded, 1], kv side [b, 1, lk_padded]; padded queries match no key."""
+def pack_ids(segment_ids, bidirectional_ids):
+  """[b, l] segment ids (< 2**15, or None: one segment) and bidirectional block ids (< 2**16) -> one
+  int32 [b, l]: the kernels read both from the segment refs when `KernelConfig.bidirectional`."""
+  if segment_ids is None:
+    segment_ids = jnp.zeros_like(bidirectional_ids)
+  return (segment_ids.astype(jnp.int32) << BLOCK_ID_BITS) | bidirectional_ids.astype(jnp.int32)
+
+
+def segments_to_kernel_layout(segment_ids, q_len_padded, kv_len_padded, packed=False):
+  """[b, l] -> q side [b, lq_padded, 1], kv side [b, 1, lk_padded]; padded queries match no key.
+  `packed`: the ids come from `pack_ids`, so the padding's segment sits in the upper bits."""
   segment_ids = segment_ids.astype(jnp.int32)
-  q_seg = pad_axis(segment_ids, 1, q_len_padded, value=-1)
-  kv_seg = pad_axis(segment_ids, 1, kv_len_padded, value=-2)
+  shift = BLOCK_ID_BITS if packed else 0
+  q_seg = pad_axis(segment_ids, 1, q_len_padded, value=-1 << shift)
+  kv_seg = pad_axis(segment_ids, 1, kv_len_padded, value=-2 << shift)
   return q_seg[:, :, None], kv_seg[:, None, :]
 
 

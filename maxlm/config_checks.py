@@ -12,6 +12,7 @@ from typing import Any
 
 import gin
 
+from beam_pipelines.chat_template import IMAGE_TOKEN
 from maxlm import optim, sharding, tasks
 from maxlm.errors import UserError
 from maxlm.model import ModelConfig
@@ -33,7 +34,20 @@ def resolve_model_config(config: ModelConfig, manifest: dict) -> ModelConfig:
     raise UserError(f"ModelConfig.max_seq_len={config.max_seq_len} is shorter than the data's "
                     f"seq_len {manifest['seq_len']}; raise it or rerun prepare_text with a "
                     "smaller --seq_len")
+  if config.vision is not None and config.vision.image_token_id is None:
+    config = dataclasses.replace(config, vision=dataclasses.replace(
+        config.vision, image_token_id=image_token_id(manifest)))
   return config
+
+
+def image_token_id(manifest: dict) -> int:
+  """The id of the image placeholder in the data's tokenizer."""
+  token_id = manifest["tokenizer"].get("special_tokens", {}).get(IMAGE_TOKEN)
+  if token_id is None:
+    raise UserError(f"the data's tokenizer has no {IMAGE_TOKEN} piece, which a model with "
+                    "ModelConfig.vision needs; prepare the data with a tokenizer trained by "
+                    "beam_pipelines.prepare_text")
+  return token_id
 
 
 def saved_model_config(saved: dict) -> ModelConfig:
@@ -95,6 +109,7 @@ def check_same_model(source_meta: dict, meta: dict, run_dir, config: ModelConfig
   ours = normalized_model_config(dataclasses.asdict(config))
   # New adapters may join a base without any; a base's own adapters must stay as they are.
   ignored = COMPUTE_ONLY_FIELDS + (ADAPTER_FIELDS if not source["lora_rank"] else ())
+  ignored += ("vision",) if source["vision"] is None else ()  # a fresh tower joins a text LM
   changed = [f"{name}: {source[name]} -> {ours[name]}" for name in ours
              if name not in ignored and source[name] != ours[name]]
   if changed:
@@ -162,6 +177,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "lora_rank": NON_NEGATIVE_INT,
         "lora_alpha": POSITIVE_NUMBER,
         "lora_targets": ANY,  # ModelConfig names the projections it accepts
+        "vision": ANY,  # VisionConfig checks its own fields
     },
     "train": {
         "workdir": PATH,

@@ -27,6 +27,8 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("head_dim", ()),
     ("mlp", ("tensor",)),
     ("lora_rank", ()),  # a few columns: replicated, while the adapter's other axis splits
+    ("patch", ()),         # a patch's pixels (ViT input), a few hundred
+    ("image_length", ()),  # patches per image (ViT positions)
 )
 _RULES = dict(LOGICAL_RULES)
 

@@ -36,6 +36,7 @@ from beam_pipelines.records import fields_of_manifest
 from maxlm import checkpoint, data, metrics, optim, runs, sampling, sharding, tasks, workdir_lock
 from maxlm import default_chat  # noqa: F401  (registers ensure_default_chat with gin)
 from maxlm import post_training  # noqa: F401  (registers SFT and DPO with gin)
+from maxlm import vision_tasks  # noqa: F401  (registers VisionSFT with gin)
 from maxlm import steps as train_steps
 from maxlm.config_checks import (UserError, build_model_config, check_compatible,
                                  check_run_configuration, check_same_model,
@@ -422,6 +423,9 @@ def _restore_or_init(checkpointer, workdir, start: Start, starting_params: Start
     trained, frozen = train_steps.split_trainable(starting_params(), start.trainable)
     if start.init_from:
       _log(f"parameters from {start.init_from}; optimizer state and step start afresh")
+      if start.config.vision and not checkpoint.config_from_meta(
+          checkpoint.read_meta(start.init_from)[1]).vision:
+        _log(f"vision tower and projector initialized fresh: {start.init_from} is text-only")
     return train_steps.train_state_from_params(trained, start.optimizer, start.shardings), frozen
   target = train_steps.abstract_train_state(start.abstract_state, start.optimizer,
                                             start.shardings, start.trainable)

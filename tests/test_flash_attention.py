@@ -133,6 +133,59 @@ def test_triton_structure_matches_numpy_in_interpreter():
     np.testing.assert_allclose(np.asarray(got), want, atol=ATOL, rtol=RTOL, err_msg=name)
 
 
+def image_blocks(batch, seq_len, rng):
+  """bidirectional ids [batch, seq_len]: two runs of 1 and 2 (images) at random places, else 0."""
+  ids = np.zeros((batch, seq_len), np.int32)
+  for row in ids:
+    starts = np.sort(rng.choice(seq_len - 12, 2, replace=False))
+    row[starts[0]:starts[0] + 9] = 1
+    row[max(starts[1], starts[0] + 10):starts[1] + 12] = 2
+  return ids
+
+
+PREFIX_LM_CASES = [
+    # batch, seq, heads, kv_heads, head_dim, num_docs, block_q, block_k, triton
+    (2, 45, 4, 2, 16, 0, 16, 16, False),   # images across block boundaries, past the diagonal
+    (1, 61, 2, 1, 16, 2, 16, 24, False),   # with documents; padding block
+    (1, 40, 4, 2, 16, 2, 8, 16, True),     # Triton's dk/dv structure
+]
+
+
+@pytest.mark.parametrize("case", PREFIX_LM_CASES, ids=lambda c: "b{}_s{}_h{}_kv{}_d{}_docs{}_bq{}_bk{}_triton{}".format(*c))
+def test_prefix_lm_mask_matches_numpy_outputs_and_gradients(case):
+  """Causal text, images (bidirectional ids) that see themselves whole, within documents."""
+  batch, seq, num_heads, num_kv_heads, head_dim, num_docs, block_q, block_k, triton = case
+  rng = np.random.default_rng(abs(hash(case)) % 2**32)
+  q, k, v, d_out = random_inputs(rng, batch, seq, seq, num_heads, num_kv_heads, head_dim)
+  segment_ids = documents(batch, seq, num_docs, rng) if num_docs else None
+  block_ids = image_blocks(batch, seq, rng)
+  mask = numpy_mask(batch, seq, seq, True, None)
+  mask = mask | ((block_ids[:, :, None] == block_ids[:, None, :]) & (block_ids[:, :, None] != 0))
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  if triton:
+    module = importlib.import_module("kernels_pallas.flash_attention")
+    cfg = KernelConfig(sm_scale=head_dim ** -0.5, causal=True, block_q=block_q, block_k=block_k,
+                       q_len=seq, kv_len=seq, interpret=True, triton=True, bidirectional=True)
+    packed = module.layout.pack_ids(None if segment_ids is None else jnp.asarray(segment_ids),
+                                    jnp.asarray(block_ids))
+    flash = lambda q, k, v: module._pallas_attention(q, k, v, packed, cfg)
+  else:
+    flash = lambda q, k, v: kernels_pallas.flash_attention(
+        q, k, v, segment_ids=None if segment_ids is None else jnp.asarray(segment_ids),
+        bidirectional_ids=jnp.asarray(block_ids), block_q=block_q, block_k=block_k)
+  out, vjp = jax.vjp(flash, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+  want_out, pullback = numpy_attention(*(x.astype(np.float64) for x in (q, k, v)), mask,
+                                       head_dim ** -0.5)
+  for name, got, want in zip(["out", "dq", "dk", "dv"], (out, *vjp(jnp.asarray(d_out))),
+                             (want_out, *pullback(d_out.astype(np.float64)))):
+    np.testing.assert_allclose(np.asarray(got), want, atol=ATOL, rtol=RTOL, err_msg=name)
+  reference = kernels_pallas.reference_attention(
+      q, k, v, segment_ids=None if segment_ids is None else jnp.asarray(segment_ids),
+      bidirectional_ids=jnp.asarray(block_ids))
+  np.testing.assert_allclose(np.asarray(reference), want_out, atol=ATOL, rtol=RTOL)
+
+
 def test_query_that_sees_no_key_gives_zeros_not_nan():
   rng = np.random.default_rng(0)
   q, k, v, d_out = random_inputs(rng, 1, 24, 8, 2, 1, 16)   # causal with 24 queries over 8 keys

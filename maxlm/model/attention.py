@@ -14,16 +14,19 @@ from maxlm.model import layers
 from maxlm.sharding import logical_to_spec
 
 
-def _pallas(q, k, v, segment_ids):
-  return kernels_pallas.flash_attention(q, k, v, causal=True, segment_ids=segment_ids)
+def _pallas(q, k, v, segment_ids=None, bidirectional_ids=None):
+  return kernels_pallas.flash_attention(q, k, v, causal=True, segment_ids=segment_ids,
+                                        bidirectional_ids=bidirectional_ids)
 
 
-def _cudnn(q, k, v, segment_ids):
+def _cudnn(q, k, v, segment_ids=None, bidirectional_ids=None):
   mask = None
-  if segment_ids is not None:
-    mask = layers.attention_mask(jnp.broadcast_to(jnp.arange(q.shape[1]), segment_ids.shape),
-                                 jnp.arange(k.shape[1]), segment_ids, segment_ids)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=segment_ids is None,
+  if segment_ids is not None or bidirectional_ids is not None:
+    ids = segment_ids if segment_ids is not None else bidirectional_ids
+    mask = layers.attention_mask(jnp.broadcast_to(jnp.arange(q.shape[1]), ids.shape),
+                                 jnp.arange(k.shape[1]), segment_ids, segment_ids,
+                                 bidirectional_ids, bidirectional_ids)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
                                       implementation="cudnn")
 
 
@@ -31,13 +34,14 @@ _KERNELS = {"pallas": _pallas, "cudnn": _cudnn}
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
-                    implementation: str) -> jax.Array:
+                    implementation: str, bidirectional_ids: jax.Array | None = None) -> jax.Array:
   """Causal attention within segments. q: [batch, seq, heads, head_dim]; k, v: [batch, seq,
-  kv_heads, head_dim]; segment_ids: [batch, seq] or None. Returns q's shape."""
+  kv_heads, head_dim]; segment_ids, bidirectional_ids (see `layers.attention_mask`):
+  [batch, seq] or None. Returns q's shape."""
   kernel = _KERNELS[implementation]
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return kernel(q, k, v, segment_ids)
+    return kernel(q, k, v, segment_ids, bidirectional_ids)
   mesh_shape = dict(mesh.shape)
   batch_axes = logical_to_spec(("batch",), q.shape[:1], mesh_shape)[0]
   # Heads split only where query and KV heads split alike, so each shard keeps whole groups.
@@ -45,11 +49,12 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
   kv_heads = logical_to_spec(("kv_heads",), k.shape[2:3], mesh_shape)[0]
   head_axes = q_heads if q_heads == kv_heads else None
   qkv_spec = PartitionSpec(batch_axes, None, head_axes, None)
-  if segment_ids is None:
-    per_shard = lambda q_, k_, v_: kernel(q_, k_, v_, None)  # noqa: E731
-    specs, args = (qkv_spec,) * 3, (q, k, v)
-  else:
-    per_shard = kernel
-    specs, args = (qkv_spec,) * 3 + (PartitionSpec(batch_axes, None),), (q, k, v, segment_ids)
+  # The id arrays that are given go in by name; a None one is not a shard_map argument.
+  ids = {name: value for name, value in (("segment_ids", segment_ids),
+                                         ("bidirectional_ids", bidirectional_ids))
+         if value is not None}
+  per_shard = lambda q_, k_, v_, ids_: kernel(q_, k_, v_, **ids_)
+  ids_spec = {name: PartitionSpec(batch_axes, None) for name in ids}
+  specs, args = (qkv_spec,) * 3 + (ids_spec,), (q, k, v, ids)
   return jax.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=qkv_spec,
                        check_vma=False)(*args)

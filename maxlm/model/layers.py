@@ -53,14 +53,21 @@ _rotate_halves.defvjp(_rotate_halves_forward, _rotate_halves_backward)
 
 def attention_mask(q_index: jax.Array, kv_index: jax.Array,
                    q_segment_ids: jax.Array | None = None,
-                   kv_segment_ids: jax.Array | None = None) -> jax.Array:
-  """Causal (and same-document) mask.
+                   kv_segment_ids: jax.Array | None = None,
+                   q_bidirectional_ids: jax.Array | None = None,
+                   kv_bidirectional_ids: jax.Array | None = None) -> jax.Array:
+  """Causal (and same-document) mask, with bidirectional blocks (prefix-LM).
 
   q_index: [batch, q_len] index of each query in the key sequence; kv_index: [kv_len].
   segment ids: [batch, q_len] / [batch, kv_len], or None for one document per row.
+  bidirectional ids: alike, or None; a query also sees every key of its own nonzero id (an
+  image's patches see each other whole), 0 stays causal.
   Returns bool [batch, 1, q_len, kv_len] (broadcasts over heads).
   """
   mask = kv_index[None, None, :] <= q_index[:, :, None]
+  if q_bidirectional_ids is not None:
+    same_block = q_bidirectional_ids[:, :, None] == kv_bidirectional_ids[:, None, :]
+    mask |= same_block & (q_bidirectional_ids[:, :, None] != 0)
   if q_segment_ids is not None:
     mask &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
   return mask[:, None]
@@ -80,25 +87,30 @@ def dense(x: jax.Array, kernel: jax.Array, contracting_dims: int = 1) -> jax.Arr
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
-                     query_block: int = 128) -> jax.Array:
+                     query_block: int = 128,
+                     bidirectional_ids: jax.Array | None = None) -> jax.Array:
   """Causal attention within segments, for a whole sequence (training, no cache).
 
-  q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids:
-  [batch, seq] or None. Queries go in blocks of `query_block`, each against only the keys
-  up to its end: 4 blocks skip 3/8 of the score matrix that the mask would discard.
+  q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids,
+  bidirectional_ids: [batch, seq] or None (see `attention_mask`). Queries go in blocks of
+  `query_block`, each against only the keys up to its end: 4 blocks skip 3/8 of the score
+  matrix that the mask would discard. A bidirectional block may reach past that end, so with
+  `bidirectional_ids` every query block takes every key.
   """
   batch, seq, heads, head_dim = q.shape
   kv_heads = k.shape[2]
   index = jnp.broadcast_to(jnp.arange(seq), q.shape[:2])
-  mask = attention_mask(index, index[0], segment_ids, segment_ids)[:, :, None]
+  mask = attention_mask(index, index[0], segment_ids, segment_ids, bidirectional_ids,
+                        bidirectional_ids)[:, :, None]
   grouped_q = (q * head_dim ** -0.5).reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
   grouped_q = grouped_q.transpose(0, 2, 3, 1, 4)                         # [b, kv, group, q, d]
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                 # [b, kv, s, d]
   outputs = []
   for start in range(0, seq, query_block):
-    end = min(start + query_block, seq)
-    outputs.append(_softmax_attention(grouped_q[:, :, :, start:end], k[:, :, :end],
-                                      v[:, :, :end], mask[..., start:end, :end]))
+    query_end = min(start + query_block, seq)
+    key_end = seq if bidirectional_ids is not None else query_end
+    outputs.append(_softmax_attention(grouped_q[:, :, :, start:query_end], k[:, :, :key_end],
+                                      v[:, :, :key_end], mask[..., start:query_end, :key_end]))
   out = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=3)
   return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, head_dim)
 

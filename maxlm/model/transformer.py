@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maxlm.model import attention, kv_cache, layers
+from maxlm.model import attention, kv_cache, layers, vit
 from maxlm.model.kv_cache import KVCache
 from maxlm.sharding import constrain
 
@@ -52,8 +52,11 @@ class ModelConfig:
   lora_rank: int = 0       # rank of the LoRA adapters beside each target projection; 0: none
   lora_alpha: float = 16.0  # an adapter's term scales by lora_alpha / lora_rank
   lora_targets: tuple[str, ...] = LORA_TARGETS
+  vision: vit.VisionConfig | None = None  # a vision tower and projector; None: text only
 
   def __post_init__(self):
+    if isinstance(self.vision, dict):  # as a checkpoint's JSON holds it
+      object.__setattr__(self, "vision", vit.VisionConfig(**self.vision))
     # gin may bind a list, a checkpoint's JSON holds one; a tuple keeps the config hashable.
     targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else self.lora_targets
     object.__setattr__(self, "lora_targets", tuple(targets))
@@ -141,15 +144,20 @@ class Attention(nnx.Module):
     _add_adapters(self, c, adapter_rngs, ("q", "k", "v"))
     _add_adapters(self, c, adapter_rngs, ("o",), in_dims=2)
 
-  def __call__(self, x, positions, segment_ids, cache):
-    """x: [batch, seq, embed]; positions: [batch, seq]. Returns (out, updated cache or None)."""
+  def __call__(self, x, positions, segment_ids, cache, bidirectional_ids=None):
+    """x: [batch, seq, embed]; positions, bidirectional_ids: [batch, seq]. Returns (out,
+    updated cache or None)."""
     q, k, v = (_project(self, name, x) for name in ("q", "k", "v"))
     q = layers.rope(q, positions, self.config.rope_theta)
     k = layers.rope(k, positions, self.config.rope_theta)
     if cache is None and self.config.attention != "xla":
-      out = attention.fused_attention(q, k, v, segment_ids, self.config.attention)
+      out = attention.fused_attention(q, k, v, segment_ids, self.config.attention,
+                                      bidirectional_ids)
     elif cache is None:
-      out = layers.causal_attention(q, k, v, segment_ids)
+      out = layers.causal_attention(q, k, v, segment_ids, bidirectional_ids=bidirectional_ids)
+    elif bidirectional_ids is not None:
+      raise ValueError("bidirectional_ids (image patches) with a KV cache are not supported; "
+                       "run the prompt without a cache")
     else:
       cache = kv_cache.write(cache, k, v, positions)
       out = kv_cache.attend(cache, q, positions)
@@ -177,8 +185,9 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config.embed_dim, config.norm_eps)
     self.mlp = MLP(config, rngs, adapter_rngs)
 
-  def __call__(self, x, positions, segment_ids, cache):
-    attended, cache = self.attention(self.attention_norm(x), positions, segment_ids, cache)
+  def __call__(self, x, positions, segment_ids, cache, bidirectional_ids=None):
+    attended, cache = self.attention(self.attention_norm(x), positions, segment_ids, cache,
+                                     bidirectional_ids)
     x = constrain(x + attended, ("batch", "length", "act_embed"))
     x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "act_embed"))
     return x, cache
@@ -199,6 +208,9 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(c.embed_dim, c.norm_eps)
     if not c.tie_embeddings:
       self.unembedding = _param(rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"), c.embed_dim)
+    if c.vision is not None:  # drawn last: a seed gives the same LM with or without them
+      self.vision = vit.VisionEncoder(c.vision, rngs=rngs)
+      self.projector = vit.Projector(c.vision, c.embed_dim, rngs=rngs)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: KVCache | None = None,
@@ -222,20 +234,21 @@ class Transformer(nnx.Module):
     return constrain(x, ("batch", "length", "act_embed"))
 
   def decode(self, x: jax.Array, positions: jax.Array | None = None,
-             segment_ids: jax.Array | None = None, cache: KVCache | None = None
-             ) -> tuple[jax.Array, Any]:
+             segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+             bidirectional_ids: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """x: [batch, seq, embed] through every block. Returns (hidden states before the final
-    norm, updated cache or None); see `__call__` for the attention each case gets."""
+    norm, updated cache or None); see `__call__` for the attention each case gets, and
+    `layers.attention_mask` for `bidirectional_ids` ([batch, seq]: image patches)."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     if cache is None:
       run_block = _rematerialized(self.config.remat)
       for block in self.blocks:
-        x = run_block(block, x, positions, segment_ids)
+        x = run_block(block, x, positions, segment_ids, bidirectional_ids)
       return x, None
     new_cache = []
     for block, layer_cache in zip(self.blocks, cache):
-      x, layer_cache = block(x, positions, segment_ids, layer_cache)
+      x, layer_cache = block(x, positions, segment_ids, layer_cache, bidirectional_ids)
       new_cache.append(layer_cache)
     return x, new_cache
 
@@ -270,12 +283,13 @@ def merge_adapters(params: dict, config: ModelConfig) -> tuple[dict, ModelConfig
   return merged(params), dataclasses.replace(config, lora_rank=0)
 
 
-def _run_block(block: Block, x, positions, segment_ids):
-  return block(x, positions, segment_ids, None)[0]
+def _run_block(block: Block, x, positions, segment_ids, bidirectional_ids=None):
+  return block(x, positions, segment_ids, None, bidirectional_ids)[0]
 
 
 def _rematerialized(remat: str):
-  """`run_block(block, x, positions, segment_ids) -> x` under the named remat policy."""
+  """`run_block(block, x, positions, segment_ids, bidirectional_ids) -> x` under the named
+  remat policy."""
   if remat == "none":
     return _run_block
   return nnx.remat(_run_block, policy=REMAT_POLICIES[remat], prevent_cse=True)

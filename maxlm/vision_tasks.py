@@ -1,0 +1,65 @@
+"""The vision task: next-token loss on the text of image-text records, images as a prefix.
+
+Records hold packed chat (`tokens`, `segment_ids`, `positions`, `loss_mask`, as SFT's) whose
+`<|image|>` placeholders are already expanded to `VisionConfig.num_patches` positions each,
+and `image`: uint8 [height, width, 3] (one image a row) or [images, height, width, 3]. The
+model puts the images' patch embeddings at the placeholders (`maxlm.model.multimodal`); the
+loss falls on the supervised text only, never on or from an image position.
+
+Stages differ by gin only (`configs/vision_tiny_projector.gin`: LM and ViT frozen, the
+projector trains; `configs/vision_tiny_sft.gin`: LM and projector train).
+"""
+
+import dataclasses
+
+import gin
+import jax
+import jax.numpy as jnp
+
+from maxlm import post_training, tasks
+from maxlm.errors import UserError
+from maxlm.model import multimodal
+
+VISION_FIELDS = ("tokens", "segment_ids", "positions", "loss_mask", "image")
+
+
+def images_of(batch: dict[str, jax.Array]) -> jax.Array:
+  """The batch's images as [batch, images, height, width, 3]."""
+  images = batch["image"]
+  return images[:, None] if images.ndim == 4 else images
+
+
+def text_targets(tokens: jax.Array, segment_ids: jax.Array, loss_mask: jax.Array,
+                 image_token_id: int) -> tuple[jax.Array, jax.Array]:
+  """SFT's (targets, weights) [batch, seq], less every pair touching an image position: no
+  patch is a target and no patch's logits predict anything."""
+  targets, weights = post_training.supervised_targets(tokens, segment_ids, loss_mask)
+  is_image = tokens == image_token_id
+  next_is_image = jnp.pad(is_image[:, 1:], ((0, 0), (0, 1)))
+  return targets, weights & ~is_image & ~next_is_image
+
+
+def vision_loss(model, batch: dict[str, jax.Array],
+                z_loss: float = 0.0) -> tuple[jax.Array, dict]:
+  """Mean cross-entropy over the supervised text tokens of image-text rows."""
+  tokens = batch["tokens"]
+  logits = multimodal.image_and_text_logits(model, tokens, images_of(batch), batch["positions"],
+                                            batch["segment_ids"])
+  targets, weights = text_targets(tokens, batch["segment_ids"], batch["loss_mask"],
+                                  model.config.vision.image_token_id)
+  nll, count, z_loss_sum = tasks.cross_entropy_with_mask(logits, targets, weights, z_loss)
+  loss = (nll + z_loss_sum) / jnp.maximum(count, 1.0)
+  return loss, {"nll_sum": nll, "z_loss_sum": z_loss_sum, "target_tokens": count}
+
+
+@gin.configurable(module="maxlm")
+@dataclasses.dataclass(frozen=True)
+class VisionSFT(post_training.SFT):
+  """Image-text fine-tuning (captions, image chat): SFT's loss with images at placeholders."""
+  batch_fields: tuple[str, ...] = VISION_FIELDS
+
+  def loss(self, model, batch):
+    if getattr(model.config, "vision", None) is None:
+      raise UserError("the VisionSFT task needs a vision tower; bind ModelConfig.vision = "
+                      "@VisionConfig()")
+    return vision_loss(model, batch, self.z_loss)

@@ -1,0 +1,358 @@
+"""The vision model against float64 NumPy references: ViT and projector forward, placeholder
+expansion, the prefix-LM mask (XLA path; the kernel's is in test_flash_attention.py), the text-only
+loss, sharded steps, and a projector-only run that leaves the LM and the ViT as they were."""
+
+import contextlib
+import functools
+import json
+import math
+import shutil
+import sysconfig
+from pathlib import Path
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
+from flax import nnx
+
+from beam_pipelines import prepare_text
+from beam_pipelines.chat_template import IMAGE_TOKEN, expand_image_placeholders
+from beam_pipelines.records import (MANIFEST_NAME, RECORD_FORMAT, encode_record, field,
+                                    manifest_fields)
+from maxlm import optim, runs, sharding, steps
+from maxlm import train as train_module
+from maxlm.model import ModelConfig, Transformer, layers, multimodal
+from maxlm.model.vit import Projector, VisionConfig, VisionEncoder
+from maxlm.vision_tasks import VisionSFT, text_targets
+
+IMAGE_ID = 7
+VISION = VisionConfig(image_size=16, patch_size=4, num_layers=2, embed_dim=32, num_heads=4,
+                      num_kv_heads=2, head_dim=8, mlp_dim=48, image_token_id=IMAGE_ID)
+CONFIG = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
+                     head_dim=8, mlp_dim=64, max_seq_len=64, vision=VISION)
+N = VISION.num_patches  # 16
+
+
+def float64(tree):
+  return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def np_rms_norm(x, scale, eps):
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def np_masked_attention(q, k, v, mask):
+  """q: [seq, heads, d]; k, v: [seq, kv_heads, d]; mask: bool [seq, seq]; loop over pairs."""
+  group = q.shape[1] // k.shape[1]
+  out = np.zeros_like(q)
+  for head in range(q.shape[1]):
+    for i in range(q.shape[0]):
+      seen = np.flatnonzero(mask[i])
+      scores = np.array([q[i, head] @ k[j, head // group] for j in seen]) / np.sqrt(q.shape[2])
+      weights = np.exp(scores - scores.max())
+      out[i, head] = (weights / weights.sum()) @ v[seen, head // group]
+  return out
+
+
+def np_vit(p, image, c: VisionConfig):
+  """One uint8 image [h, w, 3] -> [num_patches, embed], written from the ViT recipe."""
+  pixels = image.astype(np.float64) / 127.5 - 1.0
+  side = c.image_size // c.patch_size
+  x = np.stack([pixels[r * c.patch_size:(r + 1) * c.patch_size,
+                       col * c.patch_size:(col + 1) * c.patch_size].reshape(-1)
+                for r in range(side) for col in range(side)])
+  x = x @ p["patch_embedding"] + p["position_embedding"]
+  everything = np.ones((len(x), len(x)), bool)
+  for block in p["blocks"].values():
+    h = np_rms_norm(x, block["attention_norm"], c.norm_eps)
+    q, k, v = (np.einsum("se,ehd->shd", h, block[name]) for name in "qkv")
+    x = x + np.einsum("shd,hde->se", np_masked_attention(q, k, v, everything), block["o"])
+    h = np_rms_norm(x, block["mlp_norm"], c.norm_eps)
+    gate = h @ block["gate"]
+    x = x + (gate / (1 + np.exp(-gate)) * (h @ block["up"])) @ block["down"]
+  return np_rms_norm(x, p["final_norm"], c.norm_eps)
+
+
+def np_projector(p, x, c: VisionConfig):
+  if c.projector == "mlp":
+    h = x @ p["hidden"]
+    x = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))  # tanh GELU
+  return x @ p["out"]
+
+
+def random_images(rng, *shape):
+  return rng.integers(0, 256, (*shape, VISION.image_size, VISION.image_size, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("projector", ["mlp", "linear"])
+def test_vit_and_projector_forward_equal_a_float64_numpy_reference(projector):
+  c = VisionConfig(**{**VISION.__dict__, "projector": projector})
+  encoder, project = VisionEncoder(c, rngs=nnx.Rngs(0)), Projector(c, 40, rngs=nnx.Rngs(1))
+  images = random_images(np.random.default_rng(0), 2, 3)
+  got = project(encoder(jnp.asarray(images)))
+  vit_params, projector_params = (float64(nnx.to_pure_dict(nnx.state(m)))
+                                  for m in (encoder, project))
+  assert got.shape == (2, 3, c.num_patches, 40)
+  for b in range(2):
+    for i in range(3):
+      want = np_projector(projector_params, np_vit(vit_params, images[b, i], c), c)
+      np.testing.assert_allclose(np.asarray(got[b, i]), want, atol=2e-5, rtol=2e-4)
+
+
+def test_placeholders_expand_to_one_position_per_patch_and_take_the_patches_in_order():
+  ids = expand_image_placeholders([1, 9, IMAGE_ID, 10, 11, IMAGE_ID, 12], IMAGE_ID, 3)
+  assert ids == [1, 9, *[IMAGE_ID] * 3, 10, 11, *[IMAGE_ID] * 3, 12]
+  rng = np.random.default_rng(0)
+  tokens = np.array([ids, [IMAGE_ID] * 3 + [4, 5, 6, 13] + [IMAGE_ID] * 3 + [8]])
+  text = rng.standard_normal((2, tokens.shape[1], 5)).astype(np.float32)
+  patches = rng.standard_normal((2, 2, 3, 5)).astype(np.float32)
+  got = np.asarray(multimodal.insert_image_embeddings(jnp.asarray(text), jnp.asarray(tokens),
+                                                      jnp.asarray(patches), IMAGE_ID))
+  for row in range(2):
+    placeholders = [t for t in range(tokens.shape[1]) if tokens[row, t] == IMAGE_ID]
+    for k, t in enumerate(placeholders):
+      np.testing.assert_array_equal(got[row, t], patches[row, k // 3, k % 3])
+    for t in sorted(set(range(tokens.shape[1])) - set(placeholders)):
+      np.testing.assert_array_equal(got[row, t], text[row, t])
+  block_ids = multimodal.image_block_ids(jnp.asarray(tokens), IMAGE_ID, 3)
+  np.testing.assert_array_equal(block_ids, [[0, 0, 1, 1, 1, 0, 0, 2, 2, 2, 0],
+                                            [1, 1, 1, 0, 0, 0, 0, 2, 2, 2, 0]])
+
+
+def np_prefix_lm_mask(segment_ids, block_ids):
+  """bool [seq, seq] by pairs: causal within a segment, or both in one nonzero block."""
+  seq = len(segment_ids)
+  mask = np.zeros((seq, seq), bool)
+  for i in range(seq):
+    for j in range(seq):
+      same_block = block_ids[i] != 0 and block_ids[i] == block_ids[j]
+      mask[i, j] = segment_ids[i] == segment_ids[j] and (j <= i or same_block)
+  return mask
+
+
+@pytest.mark.parametrize("query_block", [8, 128])
+def test_xla_attention_with_a_prefix_lm_mask_equals_numpy(query_block):
+  """Images straddle the query blocks of 8; a second document holds an image of its own."""
+  rng = np.random.default_rng(1)
+  seq = 24
+  segment_ids = np.array([[1] * 14 + [2] * 8 + [0] * 2, [1] * 24])
+  block_ids = np.zeros((2, seq), np.int32)
+  block_ids[0, 5:11], block_ids[0, 15:18] = 1, 2
+  block_ids[1, 0:4], block_ids[1, 6:13] = 1, 2
+  q = rng.standard_normal((2, seq, 4, 8)).astype(np.float32)
+  k, v = (rng.standard_normal((2, seq, 2, 8)).astype(np.float32) for _ in range(2))
+  got = layers.causal_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                jnp.asarray(segment_ids), query_block,
+                                bidirectional_ids=jnp.asarray(block_ids))
+  for row in range(2):
+    mask = np_prefix_lm_mask(segment_ids[row], block_ids[row])
+    want = np_masked_attention(*(x[row].astype(np.float64) for x in (q, k, v)), mask)
+    np.testing.assert_allclose(np.asarray(got[row]), want, atol=2e-5, rtol=2e-5)
+
+
+def vision_params(config=CONFIG, seed=0):
+  return nnx.to_pure_dict(nnx.state(Transformer(config, rngs=nnx.Rngs(seed))))
+
+
+def image_row(rng, seq_len=40):
+  """tokens, loss_mask: [bos] text, one image's placeholders, text, a supervised reply; padded."""
+  prompt = list(rng.integers(10, 64, 3))
+  reply = list(rng.integers(10, 64, 5))
+  tokens = [1, *prompt, *[IMAGE_ID] * N, 8, *reply]
+  loss_mask = [0] * (len(tokens) - len(reply)) + [1] * len(reply)
+  pad = seq_len - len(tokens)
+  return {"tokens": np.array(tokens + [0] * pad, np.int32),
+          "segment_ids": np.array([1] * len(tokens) + [0] * pad, np.int32),
+          "positions": np.array(list(range(len(tokens))) + [0] * pad, np.int32),
+          "loss_mask": np.array(loss_mask + [0] * pad, np.int32),
+          "image": random_images(rng)}
+
+
+def image_batch(seed, rows=8):
+  rng = np.random.default_rng(seed)
+  examples = [image_row(rng) for _ in range(rows)]
+  return {name: np.stack([e[name] for e in examples]) for name in examples[0]}
+
+
+def test_patches_see_their_whole_image_and_text_never_sees_later_text():
+  model = Transformer(CONFIG, rngs=nnx.Rngs(0))
+  batch = image_batch(0, rows=1)
+  def logits(tokens, image):
+    return np.asarray(multimodal.image_and_text_logits(
+        model, jnp.asarray(tokens), jnp.asarray(image)[:, None]))
+  base = logits(batch["tokens"], batch["image"])
+  first_patch, last_patch = 4, 4 + N - 1
+  later_text = batch["tokens"].copy()
+  later_text[0, last_patch + 3] = 11 if later_text[0, last_patch + 3] != 11 else 12
+  changed = logits(later_text, batch["image"])
+  np.testing.assert_array_equal(changed[0, :last_patch + 3], base[0, :last_patch + 3])
+  corner = batch["image"].copy()
+  corner[0, -4:, -4:] = 255 - corner[0, -4:, -4:]  # the last patch's pixels
+  seen = np.abs(logits(batch["tokens"], corner) - base).max(-1)[0]
+  assert seen[first_patch] > 1e-4            # the first patch sees the image's last one
+  np.testing.assert_array_equal(seen[:first_patch], 0.0)  # text before the image does not
+
+
+def test_no_loss_target_is_an_image_position_or_predicted_from_one():
+  tokens = np.array([[1, 9, IMAGE_ID, IMAGE_ID, 10, 11, 12, 0]])
+  segment_ids = np.array([[1, 1, 1, 1, 1, 1, 1, 0]])
+  loss_mask = np.ones_like(tokens)  # even a mask that asks for every position
+  _, weights = text_targets(jnp.asarray(tokens), jnp.asarray(segment_ids),
+                            jnp.asarray(loss_mask), IMAGE_ID)
+  # 1->9 yes, 9->image no, image->image no, image->10 no, 10->11, 11->12 yes, 12->pad no.
+  np.testing.assert_array_equal(weights, [[1, 0, 0, 0, 1, 1, 0, 0]])
+
+
+def run_steps(mesh_shape, microbatches=1, num_steps=3):
+  """Losses of `num_steps` VisionSFT train steps on a mesh of that shape."""
+  mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:math.prod(mesh_shape)])
+  optimizer = optim.make_optimizer(optim.learning_rate_schedule(10, 1e-2, warmup_steps=0))
+  graphdef, abstract_state = steps.abstract_model(CONFIG)
+  shardings = steps.state_shardings(abstract_state, optimizer, mesh)
+  state = steps.train_state_from_params(jax.device_put(vision_params(), shardings.params),
+                                        optimizer, shardings)
+  batch_sharding = sharding.batch_sharding(mesh)
+  train_step = steps.make_train_step(graphdef, VisionSFT().loss, optimizer, shardings,
+                                     batch_sharding, microbatches)
+  losses = []
+  with jax.set_mesh(mesh):
+    for i in range(num_steps):
+      batch = {k: jax.device_put(v, batch_sharding) for k, v in image_batch(seed=i).items()}
+      state, metrics = train_step(state, batch)
+      losses.append(float(metrics["loss"]))
+  return losses
+
+
+def test_vision_steps_on_a_2x2x2_mesh_match_one_device():
+  """Two microbatches on the mesh: the sharded step and the accumulation both match."""
+  np.testing.assert_allclose(run_steps((2, 2, 2), microbatches=2), run_steps((1, 1, 1)),
+                             rtol=1e-5)
+
+
+def test_the_pallas_kernel_gives_the_xla_logits_with_images():
+  batch = image_batch(0, rows=2)
+  def logits(attention):
+    config = ModelConfig(**{**CONFIG.__dict__, "attention": attention})
+    model = nnx.merge(steps.abstract_model(config)[0], vision_params(config))
+    return multimodal.image_and_text_logits(model, jnp.asarray(batch["tokens"]),
+                                            jnp.asarray(batch["image"])[:, None],
+                                            jnp.asarray(batch["positions"]),
+                                            jnp.asarray(batch["segment_ids"]))
+  np.testing.assert_allclose(logits("pallas"), logits("xla"), atol=2e-4, rtol=2e-4)
+
+
+# --- whole runs: a text run, then the projector-only stage from it -----------------------------
+
+TINY_BINDINGS = """
+ModelConfig.num_layers = 2
+ModelConfig.embed_dim = 64
+ModelConfig.num_heads = 4
+ModelConfig.num_kv_heads = 2
+ModelConfig.head_dim = 16
+ModelConfig.mlp_dim = 128
+ModelConfig.max_seq_len = 256
+make_mesh.data = 2
+make_mesh.fsdp = 2
+make_mesh.tensor = 2
+train.global_batch_size = 8
+train.checkpoint_every = 4
+train.eval_every = 4
+train.eval_batches = 1
+train.log_every = 1
+train.sample_prompt = None
+learning_rate_schedule.warmup_steps = 1
+"""
+PROJECTOR_STAGE = """
+ModelConfig.vision = @VisionConfig()
+VisionConfig.image_size = 16
+VisionConfig.patch_size = 4
+VisionConfig.num_layers = 1
+VisionConfig.embed_dim = 32
+VisionConfig.num_heads = 2
+VisionConfig.num_kv_heads = 2
+VisionConfig.head_dim = 16
+VisionConfig.mlp_dim = 64
+train.task = @VisionSFT()
+train.trainable = "projector/.*"
+learning_rate_schedule.peak_learning_rate = 1e-2
+"""
+
+
+@contextlib.contextmanager
+def gin_bindings(*texts: str):
+  gin.clear_config()
+  gin.parse_config("\n".join((TINY_BINDINGS, *texts)))
+  try:
+    yield
+  finally:
+    gin.clear_config()
+
+
+def write_image_dir(root: Path, text_dir: Path, rows: int, seq_len: int = 64) -> str:
+  """A v2 data dir of one-image rows (image field uint8 [16, 16, 3]) with the text dir's
+  tokenizer, its `<|image|>` id in the placeholders."""
+  root.mkdir()
+  text_manifest = json.loads((text_dir / MANIFEST_NAME).read_text())
+  image_id = text_manifest["tokenizer"]["special_tokens"][IMAGE_TOKEN]
+  rng = np.random.default_rng(0)
+  splits, fields = {}, None
+  for split, count in (("train", rows), ("validation", 8)):
+    examples = []
+    for _ in range(count):
+      row = image_row(rng, seq_len)
+      row["tokens"] = np.where(row["tokens"] == IMAGE_ID, image_id, row["tokens"])
+      examples.append(row)
+    fields = tuple(field(name, value.dtype, value.shape) for name, value in examples[0].items())
+    shard = f"{split}-00000-of-00001.array_record"
+    writer = ArrayRecordWriter(str(root / shard), "group_size:1")
+    for example in examples:
+      writer.write(encode_record(example, fields))
+    writer.close()
+    splits[split] = {"sequences": count, "shards": [shard]}
+  manifest = {"format": RECORD_FORMAT, "kind": "image_chat", "seq_len": seq_len,
+              "fields": manifest_fields(fields), "tokenizer": text_manifest["tokenizer"],
+              "splits": splits}
+  (root / MANIFEST_NAME).write_text(json.dumps(manifest))
+  shutil.copy(text_dir / text_manifest["tokenizer"]["file"], root)
+  return str(root)
+
+
+def whole_params(run_dir, config) -> dict:
+  """A run's whole parameter set (trained from its checkpoint, the rest as it started)."""
+  abstract = nnx.to_pure_dict(steps.abstract_model(config)[1])
+  return jax.device_get(runs.restore_params(run_dir, jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                     sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+      abstract)))
+
+
+def test_projector_stage_from_a_text_run_trains_the_projector_alone(tmp_path, capsys):
+  stdlib = Path(sysconfig.get_paths()["stdlib"])
+  text_dir, text_run = tmp_path / "text", tmp_path / "text_run"
+  prepare_text.run([str(stdlib / name) for name in ("textwrap.py", "string.py", "heapq.py")],
+                   str(text_dir), vocab_size=400, seq_len=64, validation_fraction=0.2)
+  with gin_bindings():
+    train_module.train(workdir=str(text_run), data_dir=str(text_dir), steps=1)
+  image_dir = write_image_dir(tmp_path / "images", text_dir, rows=32)
+  vision_run = tmp_path / "vision_run"
+  with gin_bindings(PROJECTOR_STAGE):
+    train_module.train(workdir=str(vision_run), data_dir=image_dir, steps=4,
+                       init_from=str(text_run))
+  assert f"vision tower and projector initialized fresh: {text_run} is text-only" in (
+      capsys.readouterr().out)
+  vision_config = train_module.checkpoint.config_from_meta(
+      train_module.checkpoint.read_meta(vision_run)[1])
+  text_config = ModelConfig(**{**vision_config.__dict__, "vision": None})
+  after, text = whole_params(vision_run, vision_config), whole_params(text_run, text_config)
+  start = vision_params(vision_config)
+  for path, value in jax.tree_util.tree_leaves_with_path(after):
+    keys = [key.key for key in path]
+    if keys[0] == "projector":
+      assert not np.array_equal(value, functools.reduce(dict.__getitem__, keys, start)), keys
+    elif keys[0] == "vision":  # the seed's fresh tower, untouched
+      np.testing.assert_array_equal(value, functools.reduce(dict.__getitem__, keys, start))
+    else:  # the text run's LM, untouched
+      np.testing.assert_array_equal(value, functools.reduce(dict.__getitem__, keys, text))
