@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -239,7 +240,7 @@ def test_lm_eval_local_completions_gives_maxlm_evaluates_loglikelihoods_and_accu
   command = [
       sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
       f"model=tiny,base_url={served}/v1/completions,tokenizer_backend=remote,"
-      f"max_length={CONTEXT},batch_size=3",
+      f"max_length={CONTEXT}", "--batch_size", "3",  # 3 token-id prompts per request
       "--tasks", "tiny_mc", "--include_path", str(tasks_dir), "--output_path",
       str(tmp_path / "out"), "--log_samples"]
   finished = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -307,3 +308,46 @@ def test_lm_eval_local_chat_completions_generates_what_the_engine_decodes(served
     for stop in CHAT_STOPS + ["\n"]:
       text = text.split(stop)[0]
     assert sample["resps"][0][0] == text
+
+
+# --- inside training ---------------------------------------------------------------------------
+
+def test_train_evals_report_what_maxlm_evaluate_gives_on_the_same_checkpoint(items_file,
+                                                                            tmp_path):
+  import gin  # noqa: PLC0415
+  from beam_pipelines import prepare_text  # noqa: PLC0415
+  from maxlm import train as train_module  # noqa: PLC0415
+  data_dir = tmp_path / "data"
+  stdlib = Path(textwrap.__file__).parent
+  prepare_text.run([str(stdlib / "textwrap.py"), str(stdlib / "string.py")], str(data_dir),
+                   vocab_size=400, seq_len=32, validation_fraction=0.2)
+  workdir = tmp_path / "run"
+  gin.clear_config()
+  try:
+    gin.parse_config(f"""
+        ModelConfig.num_layers = 1
+        ModelConfig.embed_dim = 32
+        ModelConfig.num_heads = 2
+        ModelConfig.num_kv_heads = 1
+        ModelConfig.head_dim = 16
+        ModelConfig.mlp_dim = 64
+        ModelConfig.max_seq_len = 64
+        train.global_batch_size = 8
+        train.sample_prompt = None
+        train.eval_batches = 1
+        train.evals = [@MultipleChoice(), @Perplexity()]
+        MultipleChoice.path = '{items_file}'
+        Perplexity.path = '{data_dir}'
+        Perplexity.name = 'held_out'
+        """)
+    train_module.train(workdir=str(workdir), data_dir=str(data_dir), steps=2)
+  finally:
+    gin.clear_config()
+  last = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()][-1]
+  assert evaluate.main([f"--checkpoint_dir={workdir}", f"--tasks=choice:{items_file}",
+                        f"--tasks=held_out=perplexity:{data_dir}",
+                        f"--output_dir={tmp_path / 'out'}"]) == 0
+  results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+  assert last["evals/tiny_mc/acc"] == results["tiny_mc"]["acc"]
+  np.testing.assert_allclose(last["evals/held_out/bits_per_byte"],
+                             results["held_out"]["bits_per_byte"], rtol=1e-4)

@@ -186,14 +186,14 @@ def test_echo_returns_each_prompt_tokens_logprob_from_a_forward_without_cache(mo
   expected = [reference[t - 1, prompt_ids[t]] for t in range(1, len(prompt_ids))]
   assert len(logprobs["token_logprobs"]) == len(prompt_ids) + 1  # the generated token last
   assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
-  # float32 rounding of two attention paths, on a random model whose logprobs reach -20
-  np.testing.assert_allclose(logprobs["token_logprobs"][1:len(prompt_ids)], expected, rtol=2e-5)
+  # float32 rounding of two attention paths, on a random model whose logits reach +-50
+  np.testing.assert_allclose(logprobs["token_logprobs"][1:len(prompt_ids)], expected, atol=3e-4)
   token_text = Logprobs(chat=False, token_bytes=engine.token_bytes).token
   for t in range(1, len(prompt_ids)):
     top = logprobs["top_logprobs"][t]
     argmax = token_text(int(np.argmax(reference[t - 1])))
     assert top[argmax] == max(top.values())
-    np.testing.assert_allclose(top[argmax], reference[t - 1].max(), rtol=2e-5)
+    np.testing.assert_allclose(top[argmax], reference[t - 1].max(), atol=3e-4)
 
 
 def test_a_greedy_prompt_tokens_logprob_equals_its_top_logprob_exactly(model_client):
