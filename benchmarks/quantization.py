@@ -20,7 +20,8 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maxlm import data, quantization, tasks  # noqa: E402
+from maxlm import quantization, tasks  # noqa: E402
+from maxlm.evals import heldout  # noqa: E402
 from serving.engine import Engine  # noqa: E402
 
 
@@ -31,16 +32,12 @@ def _nll(graphdef, params, batch):
 
 
 def held_out_loss(engine: Engine, data_dir: str, batch_size: int, max_batches: int) -> float:
-  dataset = data.make_dataset(data_dir, "validation", global_batch_size=batch_size, seed=0,
-                              shuffle=False, num_epochs=1)
-  total, count = 0.0, 0.0
-  for i, batch in enumerate(dataset):
-    if i == max_batches:
-      break
+  def step(batch):
     nll, tokens = _nll(engine.graphdef, engine.params,
                        {name: np.asarray(array) for name, array in batch.items()})
-    total, count = total + float(nll), count + float(tokens)
-  return total / max(count, 1.0)
+    return {"nll": nll, "tokens": tokens}
+  sums = heldout.split_sums(data_dir, step, batch_size, max_batches)
+  return sums.get("nll", 0.0) / max(sums.get("tokens", 0.0), 1.0)
 
 
 def main(argv=None) -> dict:

@@ -198,6 +198,9 @@ RULES: dict[str, dict[str, Rule]] = {
         "peak_flops_per_device": _optional(POSITIVE_NUMBER),
         "profile_steps": _optional((_is_step_range, "a pair of steps (first, last) in order")),
         "verify_checkpoints": BOOL,
+        "evals": ((lambda value: isinstance(value, (list, tuple)) and all(
+            hasattr(evaluator, "run") for evaluator in value)),
+                  "a list of evaluators, e.g. [@MultipleChoice(), @Perplexity()]"),
     },
     "Pretrain": {
         "z_loss": NON_NEGATIVE_NUMBER,

@@ -283,6 +283,50 @@ def generate_step_fn(graphdef, params, state: DecodeState) -> tuple[DecodeState,
                              positions=positions + 1), choice
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PromptScores:
+  """How likely the model found each prompt token given the ones before it (OpenAI's `echo`
+  with `logprobs`). Index t describes token t; t = 0, which nothing predicts, holds zeros."""
+  logprobs: jax.Array      # float32 [rows, seq]: log p(tokens[t] | tokens[:t])
+  top_tokens: jax.Array    # int32 [rows, seq, top]: the likeliest tokens at t, most likely first
+  top_logprobs: jax.Array  # float32 [rows, seq, top]
+
+
+def log_softmax_of_next(logits: jax.Array) -> jax.Array:
+  """logits [rows, seq, vocab] -> log-probabilities of the next token, as `choose` computes
+  them (logits minus the log-normalizer), so an argmax's logprob equals its top logprob."""
+  return logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def prompt_scores(logits: jax.Array, tokens: jax.Array, top: int = TOP_LOGPROBS) -> PromptScores:
+  """logits: [rows, seq, vocab] of `tokens` [rows, seq] (position t predicts token t + 1)."""
+  logprobs = log_softmax_of_next(logits[:, :-1])
+  target = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]
+  top_logprobs, top_tokens = jax.lax.top_k(logprobs, min(top, logits.shape[-1]))
+  shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x], axis=1)  # noqa: E731
+  return PromptScores(shift(target), shift(top_tokens.astype(jnp.int32)), shift(top_logprobs))
+
+
+def scored_prefill_fn(graphdef, params, padded_prompt, prompt_len, seed, temperature, top_p,
+                      top_k) -> tuple[Prefix, PromptScores]:
+  """`prefill_fn`, computing the logits of every prompt position in the same forward pass
+  (no second one) to score the prompt's own tokens."""
+  model = nnx.merge(graphdef, quantization.dequantize(params))
+  cache = init_kv_cache(model.config, 1, padded_prompt.shape[1])
+  positions = jnp.arange(padded_prompt.shape[1])[None]
+  logits, cache = model(padded_prompt, positions, cache=cache)
+  last = jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False)
+  choice = choose(last, jax.random.fold_in(seed_key(seed), prompt_len - 1), temperature, top_p,
+                  top_k)
+  prefix = Prefix(cache, choice, jnp.asarray(prompt_len, jnp.int32),
+                  jnp.asarray(seed, jnp.uint32),
+                  *(jnp.asarray(x, dtype) for x, dtype in ((temperature, jnp.float32),
+                                                           (top_p, jnp.float32),
+                                                           (top_k, jnp.int32))))
+  return prefix, prompt_scores(logits, padded_prompt)
+
+
 prefill = jax.jit(prefill_fn, static_argnames=("graphdef",))
 generate_step = jax.jit(generate_step_fn, static_argnames=("graphdef",),
                         donate_argnames=("state",))

@@ -37,6 +37,9 @@ from maxlm import checkpoint, data, metrics, optim, runs, sampling, sharding, ta
 from maxlm import default_chat  # noqa: F401  (registers ensure_default_chat with gin)
 from maxlm import post_training  # noqa: F401  (registers SFT and DPO with gin)
 from maxlm import vision_tasks  # noqa: F401  (registers VisionSFT with gin)
+from maxlm.evals import generation, heldout, multiple_choice, perplexity  # noqa: F401 (gin)
+from maxlm.evals import report as eval_report
+from maxlm.evals import scoring
 from maxlm import steps as train_steps
 from maxlm.config_checks import (UserError, build_model_config, check_compatible,
                                  check_run_configuration, check_same_model,
@@ -114,7 +117,8 @@ def train(workdir: str, data_dir: str | Callable[[], str] | None = None,
           sample_temperature: float = 0.0, max_bad_steps: int = 10,
           keep_checkpoints: int = 3, keep_checkpoint_every: int | None = None,
           peak_flops_per_device: float | None = None,
-          profile_steps: tuple[int, int] | None = None, verify_checkpoints: bool = True) -> dict:
+          profile_steps: tuple[int, int] | None = None, verify_checkpoints: bool = True,
+          evals: tuple = ()) -> dict:
   """Trains (or resumes) a model on `task` (default: pretraining) in `workdir`; returns the
   final summary numbers.
 
@@ -141,6 +145,8 @@ def train(workdir: str, data_dir: str | Callable[[], str] | None = None,
   `verify_checkpoints` saves a checksum of every array with each checkpoint and, on resume,
   falls back from a checkpoint that fails it (or does not restore, or holds non-finite values)
   to the newest intact one.
+  `evals` (gin: `train.evals = [@MultipleChoice(), @Perplexity(), @Generation()]`) run with
+  each held-out eval; their numbers are the `evals/TASK/METRIC` scalars.
   """
   workdir = Path(workdir)
   task = task or tasks.Pretrain()
@@ -241,6 +247,9 @@ def train(workdir: str, data_dir: str | Callable[[], str] | None = None,
       if step % eval_every == 0 or step == steps:
         with report.timed("eval"):
           last_eval = evaluate(state.params)
+          if evals:
+            scalars.update(_run_evals(evals, graphdef, train_steps.merge_params(
+                state.params, frozen), config, data_dir))
         scalars.update(last_eval)
       writer.write_scalars(step, scalars)
       report(step)
@@ -477,18 +486,18 @@ def _to_global(local_batch: dict, batch_sharding) -> dict:
 
 def _evaluate(task: tasks.Task, eval_step, frozen_args: tuple, data_dir, global_batch_size,
               max_batches, batch_sharding) -> dict[str, float]:
-  """The task's eval scalars over (up to `max_batches` of) the validation split; the loader
-  pads its last batch with empty sequences, which carry no target."""
-  dataset = data.make_dataset(data_dir, "validation", global_batch_size=global_batch_size,
-                              seed=0, shuffle=False, num_epochs=1)
-  sums: dict[str, float] = {}
-  for i, batch in enumerate(dataset):
-    if i == max_batches:
-      break
-    metrics = eval_step(task.prepare_batch(_to_global(batch, batch_sharding)), *frozen_args)
-    for name, value in metrics.items():
-      sums[name] = sums.get(name, 0.0) + float(value)
+  """The task's eval scalars over (up to `max_batches` of) the validation split."""
+  sums = heldout.split_sums(
+      data_dir, lambda batch: eval_step(task.prepare_batch(_to_global(batch, batch_sharding)),
+                                        *frozen_args), global_batch_size, max_batches)
   return task.eval_scalars(sums)
+
+
+def _run_evals(evals, graphdef, params, config: ModelConfig, data_dir) -> dict[str, float]:
+  """`train.evals`' numbers on the current parameters, as `evals/TASK/METRIC` scalars."""
+  model = scoring.EvalModel(graphdef, params, _tokenizer(data_dir), config.max_seq_len)
+  model = dataclasses.replace(model, generate=generation.sampling_generate(model, config))
+  return eval_report.writer_scalars(eval_report.run_all(evals, model)[0])
 
 
 def check_task_fields(task: tasks.Task, manifest: dict, data_dir) -> None:

@@ -20,6 +20,7 @@ import sentencepiece as spm
 from flax import nnx
 
 from maxlm import checkpoint, quantization, runs, sampling, sharding, steps
+from maxlm.evals import text_ids
 from maxlm.model import ModelConfig, merge_adapters
 
 BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
@@ -121,6 +122,7 @@ class Engine:
     self.context_length = sampling.context_length(config, max_len)
     self.eos_id = tokenizer.eos_id()
     self._prefill, self._generate_step = sampling.bind(graphdef)
+    self._scored_prefill = jax.jit(functools.partial(sampling.scored_prefill_fn, graphdef))
     self._token_bytes = [piece_bytes(tokenizer, i) for i in range(tokenizer.vocab_size())]
 
   @classmethod
@@ -163,6 +165,15 @@ class Engine:
         self.params, sampling.padded_prompt(prompt_ids, self.context_length),
         len(prompt_ids), *device_settings(settings))
     return prefix, prefix.choice
+
+  def prefill_scored(self, prompt_ids: list[int], settings: SamplingSettings
+                     ) -> tuple[sampling.Prefix, sampling.TokenChoice, sampling.PromptScores]:
+    """`prefill`, plus the log-probability of each prompt token (`echo` with `logprobs`),
+    from the same forward pass; rows past the prompt's length are padding."""
+    prefix, scores = self._scored_prefill(
+        self.params, sampling.padded_prompt(prompt_ids, self.context_length),
+        len(prompt_ids), *device_settings(settings))
+    return prefix, prefix.choice, scores
 
   def insert(self, prefix: sampling.Prefix, state: sampling.DecodeState,
              slot: int) -> sampling.DecodeState:
@@ -214,6 +225,35 @@ class Engine:
       max_tokens = max(1, self.context_length - len(prompt_ids))
     self.check_fits(len(prompt_ids), max_tokens)
     return prompt_ids, max_tokens
+
+  def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    """/tokenize: a special token's text (`</s>`) is its id; `add_special_tokens` puts bos
+    first."""
+    return text_ids.encode(self.tokenizer, text, add_special_tokens)
+
+  def token_prompt(self, prompt_ids: list[int], max_tokens: int | None
+                   ) -> tuple[list[int], int]:
+    """`prompt_ids` as a request gives them (token ids, no bos added), checked like a text
+    prompt's; ValueError for an id the model has no row for."""
+    if not prompt_ids:
+      raise ValueError("the prompt has no tokens; send at least one token id")
+    if (bad := next((t for t in prompt_ids if not 0 <= t < self.config.vocab_size), None)
+        ) is not None:
+      raise ValueError(f"token id {bad} is not in [0, {self.config.vocab_size}); tokenize the "
+                       "prompt with this model's tokenizer (POST /tokenize)")
+    if max_tokens is None:
+      max_tokens = max(1, self.context_length - len(prompt_ids))
+    self.check_fits(len(prompt_ids), max_tokens)
+    return list(prompt_ids), max_tokens
+
+  def tokenizer_info(self) -> dict:
+    """/tokenizer_info, as vLLM answers it: the special tokens' texts and the context."""
+    piece = lambda token_id: (self.tokenizer.id_to_piece(token_id)  # noqa: E731
+                              if token_id >= 0 else None)
+    return {"tokenizer_class": "SentencePiece", "bos_token": piece(self.tokenizer.bos_id()),
+            "eos_token": piece(self.eos_id), "pad_token": piece(self.tokenizer.pad_id()),
+            "unk_token": piece(self.tokenizer.unk_id()),
+            "model_max_length": self.context_length}
 
   # --- the reference ---------------------------------------------------------------------------
 

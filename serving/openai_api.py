@@ -5,7 +5,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -19,6 +19,7 @@ UNSUPPORTED_UNLESS = {"echo": False, "best_of": 1, "suffix": None, "presence_pen
                       "tools": None, "tool_choice": None, "response_format": None}
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits on alternatives per token
 MAX_CHAT_TOP_LOGPROBS = 20
+MAX_PROMPTS = 64         # prompts in one completions request (a batch, as lm-eval sends them)
 MAX_STOPS = 4            # OpenAI's limit
 MAX_STOP_CHARS = 256     # ours (OpenAI documents none): bounds the stop search per token
 INT32_MAX = 2**31 - 1    # top_k and token counts reach the device as int32
@@ -53,6 +54,7 @@ class StreamOptions(BaseModel):
 
 class SamplingRequest(BaseModel):
   model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+  supported: ClassVar[tuple[str, ...]] = ()  # of UNSUPPORTED_UNLESS, what this kind serves
 
   model: str
   max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)
@@ -82,19 +84,57 @@ class SamplingRequest(BaseModel):
     raise NotImplementedError
 
 
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
 class CompletionRequest(SamplingRequest):
-  prompt: str | list[str]
+  supported: ClassVar[tuple[str, ...]] = ("echo",)
+  # Text, token ids, or a batch of either (one choice each, `index` in the order given).
+  prompt: Prompt
+  max_tokens: int | None = Field(16, ge=0, le=INT32_MAX)  # 0: only with echo
   logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+  # The prompt comes back before the completion, with its tokens' logprobs when `logprobs` is
+  # set (the first token's is null: nothing predicts it), scored in the prefill pass.
+  echo: bool = False
 
   @field_validator("prompt")
   @classmethod
-  def _prompt_is_text(cls, prompt: str | list[str]) -> str | list[str]:
-    for text in [prompt] if isinstance(prompt, str) else prompt:
-      whole_unicode(text)
+  def _prompt_is_text_or_ids(cls, prompt: Prompt) -> Prompt:
+    if not isinstance(prompt, str) and not prompt:
+      raise ValueError("is an empty list; send a prompt")
+    batch = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+    if len(batch) > MAX_PROMPTS:
+      raise ValueError(f"holds {len(batch)} prompts; send at most {MAX_PROMPTS} per request")
+    for one in batch:
+      if isinstance(one, str):
+        whole_unicode(one)
+      elif not one:
+        raise ValueError("holds an empty list of token ids; send at least one token id")
     return prompt
+
+  def prompts(self) -> list[str | list[int]]:
+    """Each prompt of the request: text, or token ids."""
+    single = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
+    return [self.prompt] if single else list(self.prompt)
 
   def alternatives(self) -> int | None:
     return self.logprobs
+
+
+class TokenizeRequest(BaseModel):
+  """vLLM's /tokenize body (lm-eval's remote tokenizer sends add_special_tokens=false)."""
+  model_config = ConfigDict(strict=True, extra="allow")
+  prompt: str
+  add_special_tokens: bool = True
+  model: str | None = None
+
+  _prompt_is_text = field_validator("prompt")(whole_unicode)
+
+
+class DetokenizeRequest(BaseModel):
+  model_config = ConfigDict(strict=True, extra="allow")
+  tokens: list[Annotated[int, Field(ge=0, le=INT32_MAX)]]
+  model: str | None = None
 
 
 class TextPart(BaseModel):
@@ -166,19 +206,22 @@ def check_supported(request: SamplingRequest):
                       "drop stream_options", param="stream_options")
   extra = request.model_extra or {}
   for name, no_op in UNSUPPORTED_UNLESS.items():
+    if name in request.supported:
+      continue
     value = extra[name] if name in extra else getattr(request, name, None)
     if value not in (no_op, None, {}, []):
       raise OpenAIError(400, f"{name}={value!r} is not supported yet; leave it unset",
                         param=name)
 
 
-def single_prompt(request: CompletionRequest) -> str:
-  if isinstance(request.prompt, str):
-    return request.prompt
-  if len(request.prompt) != 1:
-    raise OpenAIError(400, f"prompt is a list of {len(request.prompt)} strings; send one prompt "
-                      "per request", param="prompt")
-  return request.prompt[0]
+def check_completion(request: CompletionRequest):
+  """What the completions route refuses beyond the request's shape."""
+  if request.max_tokens == 0 and not request.echo:
+    raise OpenAIError(400, "max_tokens=0 generates nothing; set echo=true to score the prompt, "
+                      "or ask for at least one token", param="max_tokens")
+  if request.stream and (request.echo or len(request.prompts()) > 1):
+    raise OpenAIError(400, "stream=true serves one prompt without echo; send stream=false",
+                      param="stream")
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -206,6 +249,15 @@ class ResponseShape:
     else:
       choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return self._envelope("chat.completion" if self.chat else "text_completion", [choice],
+                          usage=usage(prompt_tokens, completion_tokens))
+
+  @staticmethod
+  def choice(index: int, text: str, finish_reason: str, logprobs: dict | None) -> dict:
+    """One choice of a completion that answers several prompts."""
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+  def completion(self, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    return self._envelope("text_completion", choices,
                           usage=usage(prompt_tokens, completion_tokens))
 
   def chunk(self, text: str | None, finish_reason: str | None, *, first: bool = False,
@@ -251,6 +303,24 @@ class Logprobs:
       return raw.decode("utf-8")
     except UnicodeDecodeError:
       return "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
+
+  def of_prompt(self, tokens: list[int], logprobs, alternatives: int) -> dict:
+    """Completions' object for an echoed prompt (`logprobs`: its PromptLogprobs); the first
+    token's entries are null, as OpenAI's are."""
+    offsets = []
+    for token_id in tokens:
+      offsets.append(self.text_offset)
+      self.text_offset += len(self.token(token_id))
+    return {"tokens": [self.token(t) for t in tokens],
+            "token_logprobs": [None, *logprobs.logprobs],
+            "top_logprobs": [None, *({self.token(t): lp for t, lp in top[:alternatives]}
+                                     for top in logprobs.top_logprobs)],
+            "text_offset": offsets}
+
+  @staticmethod
+  def joined(first: dict, second: dict) -> dict:
+    """Two completions' logprobs objects, one after the other."""
+    return {key: first[key] + second[key] for key in first}
 
   def of(self, deltas: list) -> dict:
     """The object for these deltas (a whole response, or one stream chunk's share)."""

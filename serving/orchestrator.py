@@ -23,7 +23,9 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-from maxlm.sampling import TokenChoice
+import jax
+
+from maxlm.sampling import PromptScores, TokenChoice
 from serving.detokenize import TextStream
 from serving.engine import Engine, SamplingSettings, Step
 from serving.metrics import ServerMetrics
@@ -54,6 +56,21 @@ class Delta:
   top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptLogprobs:
+  """`echo`: how likely the model found each prompt token after the first, from the prefill."""
+  logprobs: list[float]                             # token t + 1's, for t in [0, len - 1)
+  top_logprobs: list[tuple[tuple[int, float], ...]]  # (token id, logprob), most likely first
+
+  @classmethod
+  def of(cls, scores: PromptScores, length: int, top: int) -> "PromptLogprobs":
+    logprobs, top_tokens, top_logprobs = jax.device_get(
+        (scores.logprobs[0, 1:length], scores.top_tokens[0, 1:length, :top],
+         scores.top_logprobs[0, 1:length, :top]))
+    return cls(logprobs.tolist(), [tuple(zip(tokens, values)) for tokens, values in
+                                   zip(top_tokens.tolist(), top_logprobs.tolist())])
+
+
 # What `Request.emit` receives after its last Delta: None when it finished, else the error.
 Emit = Callable[[Delta | BaseException | None], None]
 
@@ -63,10 +80,12 @@ class Request:
 
   def __init__(self, prompt_ids: list[int], *, max_tokens: int, emit: Emit,
                settings: SamplingSettings = SamplingSettings(), stops: list[str] | None = None,
-               ignore_eos: bool = False, top_logprobs: int = 0):
+               ignore_eos: bool = False, top_logprobs: int = 0, echo: bool = False):
     self.prompt_ids, self.max_tokens, self.emit = prompt_ids, max_tokens, emit
     self.settings, self.stops, self.ignore_eos = settings, stops or [], ignore_eos
     self.top_logprobs = top_logprobs
+    # echo: the prompt's own logprobs, set before the first Delta (max_tokens=0: before None)
+    self.echo, self.prompt_logprobs = echo, None
     self.generated = 0
     self.cancelled = False
     self.finished = False  # set once it has ended, left or failed: its slot is free
@@ -99,6 +118,7 @@ class Pending:
   """A queued step's choice, still on the device, and the request each of its rows is for."""
   choice: TokenChoice
   rows: list[Request | None]
+  prompt_scores: PromptScores | None = None  # a prefill's, for an `echo` request
 
 
 class Orchestrator:
@@ -225,15 +245,21 @@ class Orchestrator:
     if request.cancelled:
       self._release(request)
       return state
+    scores = None
     try:
-      prefix, choice = self.engine.prefill(request.prompt_ids, request.settings)
-      state = self.engine.insert(prefix, state, slot)
+      if request.echo:
+        prefix, choice, scores = self.engine.prefill_scored(request.prompt_ids, request.settings)
+      else:
+        prefix, choice = self.engine.prefill(request.prompt_ids, request.settings)
+      if request.max_tokens:  # max_tokens=0 (echo): the prefill's scores are all it wants
+        state = self.engine.insert(prefix, state, slot)
     except Exception as e:  # noqa: BLE001 - the request's own doing (its prompt, its settings)
       self._fail(request, "admitting it", e)
       return state
     self.metrics.prompt_tokens.inc(len(request.prompt_ids))
-    self._slots[slot] = request
-    first_tokens.append(Pending(choice, [request]))
+    if request.max_tokens:
+      self._slots[slot] = request
+    first_tokens.append(Pending(choice, [request], scores))
     return state
 
   def _deliver_first(self, pending: "Pending"):
@@ -243,8 +269,14 @@ class Orchestrator:
       return
     try:
       step = Step.from_choice(pending.choice)
+      if pending.prompt_scores is not None:
+        request.prompt_logprobs = PromptLogprobs.of(
+            pending.prompt_scores, len(request.prompt_ids), request.top_logprobs)
     except Exception as e:  # noqa: BLE001
       self._fail(request, "prefilling it", e)
+      return
+    if request.max_tokens == 0:
+      self._release(request)
       return
     self._deliver(request, step, 0)
 

@@ -38,9 +38,10 @@ from serving.connections import ConnectionLimits, guarded_protocol
 from serving.engine import ContextLengthError, Engine, SamplingSettings
 from serving.guards import DEFAULT_MAX_REQUEST_BYTES, LimitBody, RequireApiKey
 from serving.metrics import CountResponses, ServerMetrics
-from serving.openai_api import (ChatCompletionRequest, CompletionRequest, Logprobs, OpenAIError,
-                                ResponseShape, SamplingRequest, check_supported, error_response,
-                                single_prompt, sse, validation_error)
+from serving.openai_api import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                Logprobs, OpenAIError, ResponseShape, SamplingRequest,
+                                TokenizeRequest, check_completion, check_supported,
+                                error_response, sse, validation_error)
 from serving.openapi import errors, generation_responses, install_spec, text
 from serving.orchestrator import Delta, Orchestrator, QueueFull, RequestFailed, Unavailable
 from serving.orchestrator import Request as Generation
@@ -118,34 +119,38 @@ def create_app(engine: Engine, model_name: str | None = None,
         "id": model_name, "object": "model", "created": started, "owned_by": "maxlm",
         "max_model_len": engine.context_length}]}
 
-  async def submit(request: SamplingRequest, prompt: Callable[[], str], max_tokens: int | None,
-                   stops: list[str]) -> tuple[int, AsyncIterator[list[Delta]]]:
-    """(prompt token count, its deltas), refusing what cannot run before anything is sent.
-    `prompt` renders the prompt; it runs on `prompt_pool`, with the tokenizer."""
+  def check_request(request: SamplingRequest):
     if request.model != model_name:
       raise OpenAIError(404, f"the model `{request.model}` does not exist; this server serves "
                         f"`{model_name}`", param="model", code="model_not_found")
     check_supported(request)
+
+  async def submit(request: SamplingRequest, prompt_ids: Callable[[], tuple[list[int], int]],
+                   stops: list[str], echo: bool = False
+                   ) -> tuple[Generation, AsyncIterator[list[Delta]]]:
+    """(the generation, its deltas), refusing what cannot run before anything is sent.
+    `prompt_ids` gives (token ids, max_tokens); it runs on `prompt_pool`, with the tokenizer."""
     loop = asyncio.get_running_loop()
+    param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
     try:
-      prompt_ids, max_tokens = await loop.run_in_executor(
-          prompt_pool, lambda: engine.prompt_ids(prompt(), max_tokens))
+      prompt_ids, max_tokens = await loop.run_in_executor(prompt_pool, prompt_ids)
     except ContextLengthError as e:
-      raise OpenAIError(400, str(e), param="messages" if isinstance(
-          request, ChatCompletionRequest) else "prompt", code="context_length_exceeded") from e
+      raise OpenAIError(400, str(e), param=param, code="context_length_exceeded") from e
+    except ValueError as e:  # a token id the model has no row for
+      raise OpenAIError(400, f"{param}: {e}", param=param) from e
     deltas: asyncio.Queue = asyncio.Queue()
     settings = SamplingSettings(
         temperature=request.temperature, top_p=request.top_p, top_k=max(request.top_k, 0),
         seed=secrets.randbits(63) if request.seed is None else request.seed)
     generation = Generation(
         prompt_ids, max_tokens=max_tokens, settings=settings, stops=stops,
-        ignore_eos=request.ignore_eos, top_logprobs=request.alternatives() or 0,
+        ignore_eos=request.ignore_eos, top_logprobs=request.alternatives() or 0, echo=echo,
         emit=lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item))
     try:
       orchestrator.submit(generation)
     except QueueFull as e:
       raise OpenAIError(429, str(e), type_="rate_limit_error", code="rate_limit_exceeded") from e
-    return len(prompt_ids), drain(deltas, generation)
+    return generation, drain(deltas, generation)
 
   async def respond(request: SamplingRequest, shape: ResponseShape, prompt_tokens: int,
                     deltas: AsyncIterator[list[Delta]], http_request: Request):
@@ -195,21 +200,86 @@ def create_app(engine: Engine, model_name: str | None = None,
       yield sse(shape.usage_chunk(prompt_tokens, generated))
     yield sse("[DONE]")
 
+  def completion_ids(prompt: str | list[int], max_tokens: int | None):
+    if isinstance(prompt, str):
+      return lambda: engine.prompt_ids(prompt, max_tokens)
+    return lambda: engine.token_prompt(prompt, max_tokens)
+
   @v1.post("/completions", responses=generation_responses(keyed=bool(api_keys)))
   async def completions(request: CompletionRequest, http_request: Request):
-    prompt_tokens, deltas = await submit(request, lambda: single_prompt(request),
-                                         request.max_tokens, request.stops())
-    return await respond(request, ResponseShape(model_name, chat=False), prompt_tokens, deltas,
-                         http_request)
+    check_request(request)
+    check_completion(request)
+    prompts = request.prompts()
+    if len(prompts) > 1 or request.echo:
+      return await complete_each(request, prompts, http_request)
+    generation, deltas = await submit(request, completion_ids(prompts[0], request.max_tokens),
+                                      request.stops())
+    return await respond(request, ResponseShape(model_name, chat=False),
+                         len(generation.prompt_ids), deltas, http_request)
+
+  async def complete_each(request: CompletionRequest, prompts: list[str | list[int]],
+                          http_request: Request):
+    """One choice per prompt, the prompt echoed before its completion when asked."""
+    echo_scores = request.echo and request.logprobs is not None
+    submitted = []
+    try:
+      for prompt in prompts:
+        submitted.append(await submit(request, completion_ids(prompt, request.max_tokens),
+                                      request.stops(), echo=echo_scores))
+    except OpenAIError:
+      for generation, _ in submitted:
+        generation.cancel()
+      raise
+    received = await unless_disconnected(
+        asyncio.gather(*(collect(deltas) for _, deltas in submitted)), http_request)
+    if received is None:
+      return Response(status_code=CLIENT_LEFT)
+    shape, choices = ResponseShape(model_name, chat=False), []
+    for index, (prompt, (generation, _), deltas) in enumerate(zip(prompts, submitted, received)):
+      text = "".join(d.text for d in deltas)
+      logprobs = None
+      if request.logprobs is not None:
+        shaping = Logprobs(chat=False, token_bytes=engine.token_bytes)
+        echoed = request.echo and shaping.of_prompt(
+            generation.prompt_ids, generation.prompt_logprobs, request.logprobs)
+        logprobs = shaping.of(deltas)  # its text offsets follow the prompt's
+        if echoed:
+          logprobs = Logprobs.joined(echoed, logprobs)
+      if request.echo:
+        text = (prompt if isinstance(prompt, str) else engine.decode(prompt)) + text
+      choices.append(shape.choice(index, text, deltas[-1].finish_reason if deltas else "length",
+                                  logprobs))
+    return shape.completion(choices, sum(len(g.prompt_ids) for g, _ in submitted),
+                            sum(map(len, received)))
 
   @v1.post("/chat/completions", responses=generation_responses(keyed=bool(api_keys)))
   async def chat_completions(request: ChatCompletionRequest, http_request: Request):
+    check_request(request)
     prompt = lambda: chat_prompt([(message.role, message.text()) for message in request.messages])
     max_tokens = request.max_completion_tokens or request.max_tokens
-    prompt_tokens, deltas = await submit(request, prompt, max_tokens,
-                                         request.stops() + CHAT_STOPS)
-    return await respond(request, ResponseShape(model_name, chat=True), prompt_tokens, deltas,
-                         http_request)
+    generation, deltas = await submit(request, lambda: engine.prompt_ids(prompt(), max_tokens),
+                                      request.stops() + CHAT_STOPS)
+    return await respond(request, ResponseShape(model_name, chat=True),
+                         len(generation.prompt_ids), deltas, http_request)
+
+  @app.get("/tokenizer_info")
+  async def tokenizer_info():
+    """The special tokens' texts, as vLLM's /tokenizer_info gives them (lm-eval's remote
+    tokenizer reads eos_token and bos_token here)."""
+    return engine.tokenizer_info()
+
+  @app.post("/tokenize", responses=errors(400, 413))
+  async def tokenize(request: TokenizeRequest):
+    """vLLM's /tokenize: a special token's text (`</s>`) is its id; `add_special_tokens` puts
+    bos first."""
+    tokens = await asyncio.get_running_loop().run_in_executor(
+        prompt_pool, lambda: engine.tokenize(request.prompt, request.add_special_tokens))
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.context_length}
+
+  @app.post("/detokenize", responses=errors(400, 413))
+  async def detokenize(request: DetokenizeRequest):
+    """vLLM's /detokenize: the text of token ids (eos and ids past the tokenizer have none)."""
+    return {"prompt": engine.decode(request.tokens)}
 
   app.include_router(v1)
   return app

@@ -5,13 +5,20 @@ the engine sees them; the largest values in range reach the engine's own types i
 Over a fake engine whose prefill converts the settings as the real one does.
 """
 
+import hashlib
 import json
+import shutil
 
+import numpy as np
 import pytest
+import sentencepiece as spm
 from fastapi.testclient import TestClient
 from test_orchestrator import FakeEngine
 
-from serving.openai_api import MAX_STOP_CHARS, MAX_STOPS
+from maxlm import checkpoint
+from maxlm.model import ModelConfig
+from serving.engine import Engine
+from serving.openai_api import MAX_STOP_CHARS, MAX_STOPS, Logprobs
 from serving.server import create_app
 
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
@@ -138,3 +145,141 @@ def test_a_surrogate_pair_is_a_character_and_is_served(client):
   response = client.post("/v1/completions", content=body.encode(),
                          headers={"Content-Type": "application/json"})
   assert response.status_code == 200, response.text
+
+
+# --- lm-evaluation-harness's contract, over a tiny random model --------------------------------
+# echo + logprobs against a forward pass without a cache; token-id prompts; the tokenizer routes.
+
+@pytest.fixture(scope="module")
+def model_client(tmp_path_factory):
+  from test_serving import CONTEXT, save_random_checkpoint, train_tokenizer  # noqa: PLC0415
+  tokenizer_file = train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+  vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer_file)).vocab_size()
+  config = ModelConfig(vocab_size=vocab_size, num_layers=2, embed_dim=64, num_heads=4,
+                       num_kv_heads=2, head_dim=16, mlp_dim=128, max_seq_len=CONTEXT)
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  save_random_checkpoint(workdir, config, hashlib.sha256(tokenizer_file.read_bytes()).hexdigest())
+  shutil.copy(tokenizer_file, workdir / checkpoint.TOKENIZER)
+  engine = Engine.from_checkpoint(workdir, slots=2)
+  with TestClient(create_app(engine, model_name="tiny")) as client:
+    yield client, engine
+
+
+def numpy_log_softmax(logits: np.ndarray) -> np.ndarray:
+  shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def echo(client, prompt, **change) -> dict:
+  response = client.post("/v1/completions", json={
+      "model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": 1,
+      "echo": True, **change})
+  assert response.status_code == 200, response.text
+  return response.json()
+
+
+def test_echo_returns_each_prompt_tokens_logprob_from_a_forward_without_cache(model_client):
+  client, engine = model_client
+  prompt_ids = engine.encode("def wrap(text, width=70):")
+  logprobs = echo(client, prompt_ids, logprobs=3)["choices"][0]["logprobs"]
+  reference = numpy_log_softmax(engine.logits_without_cache(prompt_ids))
+  expected = [reference[t - 1, prompt_ids[t]] for t in range(1, len(prompt_ids))]
+  assert len(logprobs["token_logprobs"]) == len(prompt_ids) + 1  # the generated token last
+  assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+  # float32 rounding of two attention paths, on a random model whose logits reach +-50
+  np.testing.assert_allclose(logprobs["token_logprobs"][1:len(prompt_ids)], expected, atol=3e-4)
+  token_text = Logprobs(chat=False, token_bytes=engine.token_bytes).token
+  for t in range(1, len(prompt_ids)):
+    top = logprobs["top_logprobs"][t]
+    argmax = token_text(int(np.argmax(reference[t - 1])))
+    assert top[argmax] == max(top.values())
+    np.testing.assert_allclose(top[argmax], reference[t - 1].max(), atol=3e-4)
+
+
+def test_a_greedy_prompt_tokens_logprob_equals_its_top_logprob_exactly(model_client):
+  """lm-eval's is_greedy compares them with `!=`."""
+  client, engine = model_client
+  prompt_ids = engine.encode("def")
+  for _ in range(6):  # extend the prompt greedily: every later token is the argmax
+    prompt_ids.append(int(np.argmax(engine.logits_without_cache(prompt_ids)[-1])))
+  logprobs = echo(client, prompt_ids)["choices"][0]["logprobs"]
+  for t in range(len(prompt_ids) - 6, len(prompt_ids)):
+    assert logprobs["token_logprobs"][t] == max(logprobs["top_logprobs"][t].values())
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt_and_generates_nothing(model_client):
+  client, engine = model_client
+  prompt_ids = engine.encode("import textwrap")
+  choice = echo(client, prompt_ids, max_tokens=0)["choices"][0]
+  one = echo(client, prompt_ids)["choices"][0]
+  assert choice["logprobs"]["token_logprobs"] == one["logprobs"]["token_logprobs"][:-1]
+  assert choice["finish_reason"] == "length"
+  assert choice["text"] == engine.decode(prompt_ids)
+
+
+def test_a_batch_of_token_id_prompts_gets_one_choice_each_in_order(model_client):
+  client, engine = model_client
+  prompts = [engine.encode(text) for text in ("def wrap(", "width = 70", "x")]
+  choices = echo(client, prompts)["choices"]
+  assert [c["index"] for c in choices] == [0, 1, 2]
+  for prompt_ids, choice in zip(prompts, choices):
+    alone = echo(client, prompt_ids)["choices"][0]
+    assert choice["logprobs"]["token_logprobs"] == alone["logprobs"]["token_logprobs"]
+    assert len(choice["logprobs"]["tokens"]) == len(prompt_ids) + 1
+
+
+def test_a_text_prompt_and_its_token_ids_score_the_same(model_client):
+  client, engine = model_client
+  text = "return text"
+  by_text = echo(client, text)["choices"][0]
+  by_ids = echo(client, engine.encode(text))["choices"][0]
+  assert by_text["logprobs"]["token_logprobs"] == by_ids["logprobs"]["token_logprobs"]
+  assert by_text["text"].startswith(text)
+
+
+@pytest.mark.parametrize("prompt, fragment", [
+    ([], "empty"), ([[]], "empty"), ([5, 10**6], "not in [0"), ([-1], "not in [0"),
+    ([[1, 2], "x"], "prompt")])
+def test_a_token_id_prompt_the_model_cannot_take_is_a_400(model_client, prompt, fragment):
+  client, _ = model_client
+  response = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt,
+                                                  "max_tokens": 1})
+  assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+  assert fragment in response.json()["error"]["message"]
+
+
+def test_max_tokens_0_without_echo_and_echo_with_stream_are_400s(model_client):
+  client, _ = model_client
+  no_echo = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 0})
+  assert no_echo.status_code == 400 and "echo" in no_echo.json()["error"]["message"]
+  streamed = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "echo": True,
+                                                  "stream": True})
+  assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "stream"
+  chat_echo = client.post("/v1/chat/completions", json={
+      "model": "tiny", "messages": [{"role": "user", "content": "x"}], "echo": True})
+  assert chat_echo.status_code == 400 and chat_echo.json()["error"]["param"] == "echo"
+
+
+def test_the_eos_string_tokenizes_to_the_eos_id_and_tokens_round_trip(model_client):
+  client, engine = model_client
+  info = client.get("/tokenizer_info").json()
+  assert info["model_max_length"] == engine.context_length
+  tokenizer = engine.tokenizer
+  for name, token_id in (("eos_token", tokenizer.eos_id()), ("bos_token", tokenizer.bos_id())):
+    tokens = client.post("/tokenize", json={"prompt": info[name],
+                                            "add_special_tokens": False}).json()["tokens"]
+    assert tokens == [token_id], name
+  text = "def wrap(text):"
+  body = client.post("/tokenize", json={"prompt": text + info["eos_token"]}).json()
+  assert body["tokens"] == [tokenizer.bos_id()] + tokenizer.encode(text) + [tokenizer.eos_id()]
+  assert body["count"] == len(body["tokens"])
+  assert client.post("/detokenize", json={"tokens": body["tokens"]}).json()["prompt"] == text
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/tokenize", {"prompt": 5}, "prompt"), ("/tokenize", {}, "prompt"),
+    ("/detokenize", {"tokens": [-1]}, "tokens"), ("/detokenize", {"tokens": "ab"}, "tokens")])
+def test_a_malformed_tokenizer_request_is_a_400_naming_the_field(model_client, path, body, param):
+  client, _ = model_client
+  response = client.post(path, json=body)
+  assert response.status_code == 400 and response.json()["error"]["param"] == param

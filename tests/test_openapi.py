@@ -1,11 +1,13 @@
 """serving.openapi: the spec says what the server answers, checked by reading it and by
 schemathesis generating requests from it against the app over a fake engine (ASGI, in process)."""
 
+import numpy as np
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from test_server_api import FakeEngine
 
+from maxlm.sampling import PromptScores
 from serving import metrics
 from serving.engine import ContextLengthError
 from serving.server import create_app
@@ -14,14 +16,33 @@ KEY = "key-one"
 
 
 class FittingEngine(FakeEngine):
-  """The fake engine, refusing what does not fit its context as the real one does."""
+  """The fake engine, refusing what does not fit its context as the real one does, with the
+  real one's token-id prompts, prompt scores (echo) and tokenizer routes."""
+  vocab_size = 1000
 
   def prompt_ids(self, prompt, max_tokens):
-    prompt_ids, max_tokens = super().prompt_ids(prompt, max_tokens)
+    return self.token_prompt(super().prompt_ids(prompt, max_tokens)[0], max_tokens)
+
+  def token_prompt(self, prompt_ids, max_tokens):
+    if not all(0 <= token < self.vocab_size for token in prompt_ids):
+      raise ValueError(f"a token id is not in [0, {self.vocab_size})")
+    max_tokens = 16 if max_tokens is None else max_tokens
     if len(prompt_ids) + max_tokens > self.context_length:
       raise ContextLengthError(f"{len(prompt_ids)} + {max_tokens} tokens do not fit "
                                f"{self.context_length}")
     return prompt_ids, max_tokens
+
+  def prefill_scored(self, prompt_ids, settings):
+    rows = len(prompt_ids)
+    return (*self.prefill(prompt_ids, settings), PromptScores(
+        np.zeros((1, rows), np.float32), np.zeros((1, rows, 5), np.int32),
+        np.zeros((1, rows, 5), np.float32)))
+
+  def tokenize(self, text, add_special_tokens=True):
+    return [1] * add_special_tokens + [ord(c) for c in text]
+
+  def tokenizer_info(self):
+    return {"eos_token": "</s>", "bos_token": "<s>", "model_max_length": self.context_length}
 
 
 def operations(spec: dict) -> dict[str, dict]:

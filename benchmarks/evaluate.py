@@ -1,0 +1,180 @@
+"""Multiple-choice log-likelihood throughput: through serving.server (lm-eval's requests), in
+process (`maxlm.evals`), and Hugging Face transformers scoring the same items in process.
+
+  python benchmarks/evaluate.py --checkpoint_dir=runs/tiny [--items=64] [--batch=8] [--json]
+
+The items are contexts and four continuations cut from lines of the stdlib's `textwrap`
+source. Each side scores the same token ids (tokenizing is left out of every timing): the
+server gets lm-eval's `local-completions` request (echo, logprobs=1, max_tokens=1, `--batch`
+token-id prompts per request) from one client; in process, `maxlm.evals.scoring.score`
+batches `--batch` sequences per forward pass; transformers runs `LlamaForCausalLM` with the
+same weights (benchmarks/hf_llama.py) on right-padded batches of `--batch`. Each figure is the
+best of `--rounds` passes after a warm-up pass; the log-likelihoods are checked to agree.
+`ratio_vs_hf` is server items/s over transformers'; `http_overhead` is in-process items/s over
+the server's. Without torch and transformers (`pip install -e .[bench]`) the hf fields are null.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from maxlm.evals import multiple_choice, scoring  # noqa: E402
+from serving.engine import Engine  # noqa: E402
+
+CHOICES = 4
+
+
+def make_items(count: int) -> list[tuple[str, list[str]]]:
+  lines = [line.strip() for line in Path(textwrap.__file__).read_text().splitlines()
+           if len(line.strip()) > 30]
+  rng = np.random.default_rng(0)
+  items = []
+  for _ in range(count):
+    picked = [lines[i] for i in rng.choice(len(lines), CHOICES, replace=False)]
+    cut = int(rng.integers(10, 25))
+    items.append((picked[0][:cut], [line[cut:cut + 20] for line in picked]))
+  return items
+
+
+def encoded(engine: Engine, items) -> list[tuple[list[int], int]]:
+  """(context + continuation ids, context length) per choice, as lm-eval splits them."""
+  pairs = []
+  for context, choices in items:
+    for choice in choices:
+      context_ids, continuation_ids = multiple_choice.encode_pair(engine.tokenizer, context,
+                                                                  " " + choice)
+      pairs.append((context_ids + continuation_ids, len(context_ids)))
+  return pairs
+
+
+def best_seconds(run, rounds: int) -> tuple[float, list[float]]:
+  result = run()  # warm-up: compiles every bucket
+  times = []
+  for _ in range(rounds):
+    started = time.perf_counter()
+    result = run()
+    times.append(time.perf_counter() - started)
+  return min(times), result
+
+
+def in_process(engine: Engine, pairs, batch: int):
+  model = scoring.EvalModel(engine.graphdef, engine.params, engine.tokenizer,
+                            engine.context_length, batch_size=batch)
+  def run():
+    scored = scoring.score(model, [ids for ids, _ in pairs])
+    return [float(np.sum(logprobs[length - 1:])) for (_, length), (logprobs, _) in
+            zip(pairs, scored)]
+  return run
+
+
+def through_server(url: str, pairs, batch: int):
+  client = httpx.Client(timeout=300)
+  def run():
+    results = []
+    for start in range(0, len(pairs), batch):
+      chunk = pairs[start:start + batch]
+      body = client.post(f"{url}/v1/completions", json={
+          "model": "bench", "prompt": [ids for ids, _ in chunk], "max_tokens": 1, "logprobs": 1,
+          "echo": True, "temperature": 0}).json()
+      for (_, length), choice in zip(chunk, body["choices"]):
+        results.append(float(sum(choice["logprobs"]["token_logprobs"][length:-1])))
+    return results
+  return run
+
+
+def with_transformers(engine: Engine, pairs, batch: int):
+  try:
+    import torch  # noqa: PLC0415
+    from benchmarks.hf_llama import to_hf_llama  # noqa: PLC0415
+  except ImportError:
+    return None
+  model = to_hf_llama(engine.params, engine.config)
+  order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
+  def run():
+    results = [0.0] * len(pairs)
+    with torch.no_grad():
+      for start in range(0, len(order), batch):
+        rows = order[start:start + batch]
+        width = max(len(pairs[i][0]) for i in rows)
+        tokens = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, i in enumerate(rows):
+          tokens[row, :len(pairs[i][0])] = torch.tensor(pairs[i][0])
+          mask[row, :len(pairs[i][0])] = 1
+        logprobs = torch.log_softmax(model(tokens, attention_mask=mask).logits.float(), -1)
+        for row, i in enumerate(rows):
+          ids, length = pairs[i]
+          targets = torch.tensor(ids[length:])
+          results[i] = float(logprobs[row, length - 1:len(ids) - 1].gather(
+              -1, targets[:, None]).sum())
+    return results
+  return run
+
+
+def start_server(checkpoint_dir: str, port: int) -> subprocess.Popen:
+  process = subprocess.Popen([sys.executable, "-m", "serving.server",
+                              f"--checkpoint_dir={checkpoint_dir}", f"--port={port}",
+                              "--model_name=bench"], cwd=Path(__file__).resolve().parents[1],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 300
+  while time.monotonic() < deadline:
+    try:
+      if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+        return process
+    except httpx.TransportError:
+      time.sleep(0.5)
+  process.kill()
+  raise SystemExit("serving.server did not become healthy in 300 s")
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--checkpoint_dir", required=True)
+  parser.add_argument("--items", type=int, default=64)
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--port", type=int, default=8765)
+  parser.add_argument("--json", action="store_true")
+  args = parser.parse_args(argv)
+  engine = Engine.from_checkpoint(args.checkpoint_dir, slots=1)
+  pairs = encoded(engine, make_items(args.items))
+  local_s, local = best_seconds(in_process(engine, pairs, args.batch), args.rounds)
+  hf_run = with_transformers(engine, pairs, args.batch)
+  hf_s, hf = best_seconds(hf_run, args.rounds) if hf_run else (None, None)
+  server = start_server(args.checkpoint_dir, args.port)
+  try:
+    server_s, served = best_seconds(
+        through_server(f"http://127.0.0.1:{args.port}", pairs, args.batch), args.rounds)
+  finally:
+    server.terminate()
+    server.wait()
+  agree = float(np.max(np.abs(np.array(served) - np.array(local))))
+  per_s = lambda seconds: args.items / seconds if seconds else None  # noqa: E731
+  result = {"items": args.items, "choices_per_item": CHOICES, "batch": args.batch,
+            "server_items_per_s": per_s(server_s), "in_process_items_per_s": per_s(local_s),
+            "hf_items_per_s": per_s(hf_s),
+            "ratio_vs_hf": per_s(server_s) / per_s(hf_s) if hf_s else None,
+            "http_overhead": per_s(local_s) / per_s(server_s),
+            "max_loglikelihood_difference_server_vs_in_process": agree,
+            "max_loglikelihood_difference_hf_vs_in_process":
+                float(np.max(np.abs(np.array(hf) - np.array(local)))) if hf else None}
+  print(f"\n{'scorer':<14}{'items/s':>10}")
+  for name in ("server", "in_process", "hf"):
+    value = result[f"{name}_items_per_s"]
+    print(f"{name:<14}{value:>10.1f}" if value else f"{name:<14}{'n/a':>10}")
+  if args.json:
+    print(json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()

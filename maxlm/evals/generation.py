@@ -1,0 +1,101 @@
+"""Generation scored by exact match: greedy completions of JSONL prompts
+(`{"prompt": str, "target": str}`), each compared with its target after an optional regex
+extracts the answer (its first group, else its whole match; no match scores 0).
+
+The completions come from `EvalModel.generate`, which `maxlm.evaluate` backs with serving's
+engine (every prompt batched over its decode slots) and the trainer with `maxlm.sampling`.
+"""
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import gin
+
+from maxlm import sampling
+from maxlm.errors import UserError
+from maxlm.evals import scoring
+
+
+def extract(text: str, pattern: re.Pattern | None) -> str | None:
+  """The answer in a completion: the pattern's first group (or whole match), else the text."""
+  if pattern is None:
+    return text.strip()
+  found = pattern.search(text)
+  if found is None:
+    return None
+  return (found.group(1) if pattern.groups else found.group(0)).strip()
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+  ends = [text.index(stop) for stop in stops if stop in text]
+  return text[:min(ends)] if ends else text
+
+
+def sampling_generate(model: scoring.EvalModel, config):
+  """`EvalModel.generate` from `maxlm.sampling`, one prompt at a time (inside training)."""
+  def generate(prompts: list[list[int]], max_tokens: int, stops: list[str]) -> list[str]:
+    texts = []
+    for prompt_ids in prompts:
+      new = sampling.generate(model.graphdef, model.params, prompt_ids, max_new_tokens=min(
+          max_tokens, model.context_length - len(prompt_ids)), eos_id=model.tokenizer.eos_id(),
+          config=config, max_len=model.context_length)
+      texts.append(cut_at_stop(model.tokenizer.decode(new), stops))
+    return texts
+  return generate
+
+
+def read_items(path: str | Path, limit: int | None) -> list[dict]:
+  items = []
+  for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      items.append({"prompt": str(record["prompt"]), "target": str(record["target"])})
+    except (ValueError, KeyError, TypeError) as error:
+      raise UserError(f"{path}:{number} is not a generation item ({error!r}); write one JSON "
+                      'object per line: {"prompt": ..., "target": ...}') from None
+    if limit is not None and len(items) == limit:
+      break
+  return items
+
+
+@gin.configurable(module="maxlm")
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  """Exact match of greedy completions; `regex` extracts the answer from each completion."""
+  path: str
+  name: str | None = None
+  regex: str | None = None
+  max_tokens: int = 32
+  stop: tuple[str, ...] = ("\n",)
+  limit: int | None = None
+
+  @property
+  def task_name(self) -> str:
+    return self.name or Path(self.path).stem
+
+  def run(self, model: scoring.EvalModel) -> tuple[dict[str, float], list[dict]]:
+    if model.generate is None:
+      raise UserError(f"task {self.task_name} generates text, and this model has no "
+                      "generator; run it with maxlm.evaluate")
+    try:
+      pattern = re.compile(self.regex) if self.regex else None
+    except re.error as error:
+      raise UserError(f"task {self.task_name}: regex {self.regex!r} does not compile "
+                      f"({error}); fix the pattern") from None
+    items = read_items(self.path, self.limit)
+    if not items:
+      raise UserError(f"{self.path} holds no items")
+    prompts = [[model.tokenizer.bos_id()] + model.tokenizer.encode(item["prompt"])
+               for item in items]
+    completions = model.generate(prompts, self.max_tokens, list(self.stop))
+    per_item, matches = [], 0
+    for item, completion in zip(items, completions):
+      answer = extract(completion, pattern)
+      match = answer is not None and answer == item["target"].strip()
+      matches += match
+      per_item.append({"completion": completion, "answer": answer, "match": match})
+    return {"exact_match": matches / len(items), "items": len(items)}, per_item

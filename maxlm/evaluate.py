@@ -1,0 +1,155 @@
+"""Evaluates a checkpoint: perplexity and bits per byte, multiple-choice log-likelihood, and
+generation scored by exact match.
+
+  python -m maxlm.evaluate --checkpoint_dir=RUN --tasks=choice:arc.jsonl,perplexity:DATA_DIR
+      [--tasks=qa=generate:qa.jsonl] [--step=N] [--quantize=int8] [--output_dir=DIR]
+      [--fail_below=arc:acc=0.3 ...] [--regex=PATTERN] [--max_tokens=32] [--limit=N]
+
+A task is `[NAME=]KIND:PATH`; NAME defaults to PATH's stem. Kinds:
+  choice      JSONL of {"context", "choices", "gold"}: acc, acc_norm (lm-evaluation-harness's
+              scoring, so `lm_eval --model local-completions` against serving.server agrees)
+  perplexity  a data dir (its validation split) or a glob of text files: bits_per_byte,
+              perplexity
+  generate    JSONL of {"prompt", "target"}: exact_match of greedy completions, batched over
+              serving's engine; --regex extracts the answer (its first group)
+Prints a table, writes OUTPUT_DIR/results.json (per-item records too) and TensorBoard scalars
+`evals/TASK/METRIC` at the checkpoint's step (default OUTPUT_DIR: RUN/evals). Any
+--fail_below gate that is not met exits 1.
+"""
+
+import argparse
+import json
+import queue
+import sys
+from pathlib import Path
+
+from maxlm import checkpoint, metrics
+from maxlm.errors import UserError
+from maxlm.evals import report, scoring
+from maxlm.evals.generation import Generation
+from maxlm.evals.multiple_choice import MultipleChoice
+from maxlm.evals.perplexity import Perplexity
+
+KINDS = ("choice", "perplexity", "generate")
+
+
+def parse_task(spec: str, args: argparse.Namespace):
+  """An evaluator from `[NAME=]KIND:PATH`."""
+  head, _, path = spec.partition(":")
+  name, _, kind = head.rpartition("=")
+  if kind not in KINDS or not path:
+    raise UserError(f"--tasks entry {spec!r}; write [NAME=]KIND:PATH with KIND one of "
+                    f"{', '.join(KINDS)}")
+  name = name or None
+  if kind == "choice":
+    return MultipleChoice(path, name=name, limit=args.limit)
+  if kind == "perplexity":
+    return Perplexity(path, name=name, max_batches=args.limit)
+  return Generation(path, name=name, regex=args.regex, max_tokens=args.max_tokens,
+                    limit=args.limit)
+
+
+def engine_generate(engine):
+  """`EvalModel.generate` over serving's engine: every prompt goes to the orchestrator at
+  once, which batches them over the engine's decode slots; returns (generate, close)."""
+  from serving.engine import SamplingSettings  # noqa: PLC0415 - only the CLI loads serving
+  from serving.orchestrator import Orchestrator, Request  # noqa: PLC0415
+
+  orchestrator = Orchestrator(engine, max_queue=sys.maxsize).start()
+
+  def generate(prompts: list[list[int]], max_tokens: int, stops: list[str]) -> list[str]:
+    outputs = []
+    for prompt_ids in prompts:
+      try:
+        engine.check_fits(len(prompt_ids), 1)
+      except ValueError as error:
+        raise UserError(f"a generate task's prompt: {error}") from None
+      deltas: queue.Queue = queue.Queue()
+      orchestrator.submit(Request(
+          prompt_ids, max_tokens=min(max_tokens, engine.context_length - len(prompt_ids)),
+          emit=deltas.put, stops=stops, settings=SamplingSettings(temperature=0.0)))
+      outputs.append(deltas)
+    texts = []
+    for deltas in outputs:
+      text = []
+      while (item := deltas.get()) is not None:
+        if isinstance(item, BaseException):
+          raise item
+        text.append(item.text)
+      texts.append("".join(text))
+    return texts
+
+  return generate, lambda: orchestrator.shutdown(grace_s=0.0)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--checkpoint_dir", required=True,
+                      help="a `python -m maxlm.train` --workdir")
+  parser.add_argument("--tasks", action="append", required=True,
+                      help="comma-separated [NAME=]KIND:PATH entries (repeatable)")
+  parser.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+  parser.add_argument("--quantize", choices=("none", "int8"), default="none")
+  parser.add_argument("--output_dir", default=None, help="default: CHECKPOINT_DIR/evals")
+  parser.add_argument("--fail_below", action="append", default=[],
+                      help="task:metric=value; exit 1 if the result is below (repeatable)")
+  parser.add_argument("--batch_size", type=int, default=8,
+                      help="sequences per log-likelihood forward pass")
+  parser.add_argument("--slots", type=int, default=8, help="decode slots for generate tasks")
+  parser.add_argument("--regex", default=None, help="generate tasks: extracts the answer")
+  parser.add_argument("--max_tokens", type=int, default=32, help="generate tasks' length")
+  parser.add_argument("--limit", type=int, default=None,
+                      help="at most this many items (perplexity on a data dir: batches) per task")
+  return parser.parse_args(argv)
+
+
+def evaluate(args: argparse.Namespace) -> tuple[dict, list[str]]:
+  """(results.json's content, the gates that failed)."""
+  from serving.engine import Engine  # noqa: PLC0415
+  gates = [report.parse_gate(spec) for specs in args.fail_below for spec in specs.split(",")]
+  evaluators = [parse_task(spec, args) for specs in args.tasks for spec in specs.split(",")
+                if spec]
+  try:
+    step, _ = checkpoint.read_meta(args.checkpoint_dir, args.step)
+    engine = Engine.from_checkpoint(args.checkpoint_dir, step=step, slots=args.slots,
+                                    quantize=args.quantize)
+  except (OSError, ValueError) as error:
+    raise UserError(f"--checkpoint_dir {args.checkpoint_dir}: {error}") from None
+  generate, close = engine_generate(engine)
+  model = scoring.EvalModel(engine.graphdef, engine.params, engine.tokenizer,
+                            engine.context_length, args.batch_size, generate)
+  try:
+    results, items = report.run_all(evaluators, model)
+  finally:
+    close()
+  failed = report.failed_gates(results, gates)
+  return {"checkpoint_dir": str(args.checkpoint_dir), "step": step, "quantize": args.quantize,
+          "results": results, "items": items}, failed
+
+
+def write_outputs(output: dict, output_dir: Path):
+  output_dir.mkdir(parents=True, exist_ok=True)
+  (output_dir / "results.json").write_text(json.dumps(output, indent=1) + "\n")
+  writer = metrics.TensorBoardWriter(output_dir / "tensorboard")
+  writer.write_scalars(output["step"], report.writer_scalars(output["results"]))
+  writer.close()
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  try:
+    output, failed = evaluate(args)
+  except UserError as error:
+    print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+    return 2
+  output_dir = Path(args.output_dir or Path(args.checkpoint_dir) / "evals")
+  write_outputs(output, output_dir)
+  print(report.table(output["results"]))
+  print(f"results: {output_dir / 'results.json'}")
+  for line in failed:
+    print(f"fail_below: {line}", file=sys.stderr)
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

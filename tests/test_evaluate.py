@@ -1,0 +1,353 @@
+"""maxlm.evaluate and maxlm.evals over a tiny random-init run dir: bits per byte against a hand
+computation, multiple-choice accuracy against a NumPy log-likelihood reference, generation
+against the engine's decoder without a cache, the --fail_below exit codes, and
+lm-evaluation-harness's `local-completions` against serving.server agreeing with all of it."""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import portpicker
+import pytest
+import sentencepiece as spm
+import uvicorn
+from flax import nnx
+from test_serving import CONTEXT, completion_text, save_random_checkpoint, train_tokenizer
+
+from maxlm import checkpoint, evaluate
+from maxlm.evals import multiple_choice, perplexity, report, scoring
+from maxlm.evals.multiple_choice import MultipleChoice
+from maxlm.evals.perplexity import Perplexity
+from maxlm.model import ModelConfig
+from serving.chat import CHAT_STOPS, chat_prompt
+from serving.engine import Engine
+from serving.server import create_app
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ITEMS = [
+    {"context": "def wrap(text, width=70):", "choices": ["return", "import", "width"], "gold": 0},
+    {"context": "The text", "choices": ["wrapper", "is long", "x"], "gold": 1},
+    {"context": "", "choices": ["def", "class"], "gold": 1},
+    {"context": "indent =  ", "choices": ["4", "' '", "None"], "gold": 2},
+    {"context": "lines</s>", "choices": ["a", "b"], "gold": 0},
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+  tokenizer_file = train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+  vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer_file)).vocab_size()
+  config = ModelConfig(vocab_size=vocab_size, num_layers=2, embed_dim=64, num_heads=4,
+                       num_kv_heads=2, head_dim=16, mlp_dim=128, max_seq_len=CONTEXT)
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  save_random_checkpoint(workdir, config, hashlib.sha256(tokenizer_file.read_bytes()).hexdigest())
+  shutil.copy(tokenizer_file, workdir / checkpoint.TOKENIZER)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def engine(run_dir) -> Engine:
+  return Engine.from_checkpoint(run_dir, slots=2)
+
+
+@pytest.fixture(scope="module")
+def model(engine) -> scoring.EvalModel:
+  return scoring.EvalModel(engine.graphdef, engine.params, engine.tokenizer,
+                           engine.context_length, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def items_file(tmp_path_factory) -> Path:
+  path = tmp_path_factory.mktemp("mc") / "tiny_mc.jsonl"
+  path.write_text("".join(json.dumps(item) + "\n" for item in ITEMS))
+  return path
+
+
+def numpy_logprobs(engine: Engine, token_ids: list[int]) -> np.ndarray:
+  """float64 [len - 1]: log p(token t | tokens before), from one unpadded forward pass."""
+  logits, _ = nnx.merge(engine.graphdef, engine.params)(np.array([token_ids], np.int32))
+  logits = np.asarray(logits[0, :-1], np.float64)
+  log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  return logits[np.arange(len(token_ids) - 1), token_ids[1:]] - log_z
+
+
+# --- perplexity and bits per byte --------------------------------------------------------------
+
+def test_bits_per_byte_of_a_text_file_is_its_summed_nll_in_bits_over_its_bytes(engine, model,
+                                                                               tmp_path):
+  text = "def wrap(text, width=70):\n    return text  # é"
+  (tmp_path / "held_out.txt").write_text(text, encoding="utf-8")
+  scalars, _ = Perplexity(str(tmp_path / "*.txt")).run(model)
+  ids = [engine.tokenizer.bos_id()] + engine.tokenizer.encode(text)
+  assert len(ids) <= CONTEXT
+  nll = -numpy_logprobs(engine, ids).sum()
+  assert scalars["bytes"] == len(text.encode("utf-8")) == len(text) + 1
+  np.testing.assert_allclose(scalars["bits_per_byte"], nll / math.log(2) / scalars["bytes"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(scalars["perplexity"], math.exp(nll / (len(ids) - 1)), rtol=1e-5)
+
+
+def test_a_text_longer_than_the_context_is_scored_in_windows_that_predict_each_token_once():
+  ids = list(range(100))
+  windows = perplexity.windows(ids, 16)
+  assert all(len(w) <= 16 for w in windows)
+  predicted = [token for window in windows for token in window[1:]]
+  assert predicted == ids[1:]
+
+
+def test_a_data_dir_splits_bytes_are_the_predicted_tokens_pieces():
+  lengths = np.array([0, 0, 0, 3, 5, 1, 2])  # ids 0-2: pad, bos, eos (controls)
+  batch = {"tokens": np.array([[1, 3, 4, 2, 1, 5, 0], [1, 6, 6, 6, 2, 0, 0]]),
+           "segment_ids": np.array([[1, 1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 0, 0]])}
+  # row 0 predicts 3, 4, eos and (second document) 5; row 1 predicts 6, 6, 6, eos
+  assert perplexity.target_bytes(batch, lengths) == 3 + 5 + 1 + 2 * 3
+
+
+# --- multiple choice ---------------------------------------------------------------------------
+
+def test_multiple_choice_acc_and_acc_norm_match_a_numpy_loglikelihood_reference(engine, model,
+                                                                             items_file):
+  scalars, per_item = MultipleChoice(str(items_file)).run(model)
+  tokenizer, correct, correct_norm = engine.tokenizer, 0, 0
+  for item, result in zip(ITEMS, per_item):
+    expected = []
+    for choice in item["choices"]:
+      context, continuation = item["context"], " " + choice
+      if context.endswith(" "):  # lm-eval moves trailing spaces to the continuation
+        context, continuation = "indent =", "  " + continuation
+      if context == "lines</s>":
+        context_ids = tokenizer.encode("lines") + [tokenizer.eos_id()]
+        whole = context_ids + tokenizer.encode(continuation)
+      elif context:
+        context_ids = tokenizer.encode(context)
+        whole = tokenizer.encode(context + continuation)
+      else:
+        context_ids = [tokenizer.bos_id()]
+        whole = context_ids + tokenizer.encode(continuation)
+      expected.append(numpy_logprobs(engine, whole)[len(context_ids) - 1:].sum())
+    np.testing.assert_allclose(result["loglikelihoods"], expected, atol=1e-4)
+    lengths = np.array([len(choice) for choice in item["choices"]])
+    correct += int(np.argmax(expected)) == item["gold"]
+    correct_norm += int(np.argmax(np.array(expected) / lengths)) == item["gold"]
+  assert scalars == {"acc": correct / len(ITEMS), "acc_norm": correct_norm / len(ITEMS),
+                     "items": len(ITEMS)}
+
+
+def test_a_gold_index_past_the_choices_is_one_line_naming_the_line(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text(json.dumps({"context": "x", "choices": ["a"], "gold": 3}) + "\n")
+  with pytest.raises(evaluate.UserError, match="bad.jsonl:1: gold=3"):
+    multiple_choice.read_items(path)
+
+
+# --- the command line: outputs, generation and gates -------------------------------------------
+
+def test_fail_below_exits_1_below_the_gate_and_0_at_it(run_dir, items_file, tmp_path, engine):
+  common = [f"--checkpoint_dir={run_dir}", f"--tasks=mc=choice:{items_file}",
+            f"--output_dir={tmp_path}"]
+  assert evaluate.main(common + ["--fail_below=mc:acc=1.01"]) == 1
+  results = json.loads((tmp_path / "results.json").read_text())
+  acc = results["results"]["mc"]["acc"]
+  assert evaluate.main(common + [f"--fail_below=mc:acc={acc}"]) == 0
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert evaluate.main(common + ["--fail_below=mc:bleu=0.1"]) == 2  # names no result
+  assert evaluate.main(common + ["--fail_below=mc:acc"]) == 2
+  assert results["step"] == checkpoint.read_meta(run_dir)[0]
+
+
+def test_generation_exact_match_agrees_with_the_decoder_without_a_cache(run_dir, engine,
+                                                                         tmp_path):
+  prompts = ["def wrap(", "text = ", "width"]
+  references = []
+  for prompt in prompts:
+    prompt_ids = engine.encode(prompt)
+    new = engine.greedy_decode_without_cache(prompt_ids, 4)
+    references.append(completion_text(engine, prompt_ids, new))
+  targets = [references[0].strip(), "no such answer", references[2].strip()]
+  path = tmp_path / "gen.jsonl"
+  path.write_text("".join(json.dumps({"prompt": p, "target": t}) + "\n"
+                          for p, t in zip(prompts, targets)))
+  args = [f"--checkpoint_dir={run_dir}", f"--tasks=generate:{path}", "--max_tokens=4",
+          f"--output_dir={tmp_path / 'out'}"]
+  assert evaluate.main(args) == 0
+  output = json.loads((tmp_path / "out" / "results.json").read_text())
+  completions = [item["completion"] for item in output["items"]["gen"]]
+  expected = [r.split("\n")[0] for r in references]  # the default stop is a newline
+  assert completions == expected
+  matches = [c.strip() == t for c, t in zip(expected, targets)]
+  assert output["results"]["gen"]["exact_match"] == sum(matches) / 3
+
+
+def test_a_gate_is_parsed_and_a_nan_result_fails_it():
+  gate = report.parse_gate("arc:acc_norm=0.25")
+  assert (gate.task, gate.metric, gate.minimum) == ("arc", "acc_norm", 0.25)
+  assert report.failed_gates({"arc": {"acc_norm": float("nan")}}, [gate])
+  assert not report.failed_gates({"arc": {"acc_norm": 0.25}}, [gate])
+
+
+# --- lm-evaluation-harness against serving.server ----------------------------------------------
+
+LM_EVAL_TASK = """\
+task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {items}
+test_split: test
+output_type: multiple_choice
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: gold
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+@pytest.fixture
+def served(engine):
+  """serving.server's app for `engine` on a local port, in this process."""
+  port = portpicker.pick_unused_port()
+  server = uvicorn.Server(uvicorn.Config(create_app(engine, model_name="tiny"), host="127.0.0.1",
+                                         port=port, log_level="warning"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  deadline = time.monotonic() + 30
+  while not server.started and time.monotonic() < deadline:
+    time.sleep(0.05)
+  yield f"http://127.0.0.1:{port}"
+  server.should_exit = True
+  thread.join(timeout=10)
+
+
+def test_lm_eval_local_completions_gives_maxlm_evaluates_loglikelihoods_and_accuracy(
+    served, model, items_file, tmp_path):
+  pytest.importorskip("lm_eval")
+  tasks_dir = tmp_path / "tasks"
+  tasks_dir.mkdir()
+  (tasks_dir / "tiny_mc.yaml").write_text(LM_EVAL_TASK.format(items=items_file))
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+         "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "TOKENIZERS_PARALLELISM": "false"}
+  command = [
+      sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
+      f"model=tiny,base_url={served}/v1/completions,tokenizer_backend=remote,"
+      f"max_length={CONTEXT}", "--batch_size", "3",  # 3 token-id prompts per request
+      "--tasks", "tiny_mc", "--include_path", str(tasks_dir), "--output_path",
+      str(tmp_path / "out"), "--log_samples"]
+  finished = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=240, check=False)
+  assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+  [samples_file] = (tmp_path / "out").rglob("samples_tiny_mc_*.jsonl")
+  samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()),
+                   key=lambda sample: sample["doc_id"])
+  scalars, per_item = MultipleChoice(str(items_file)).run(model)
+  assert len(samples) == len(ITEMS)
+  for sample, ours in zip(samples, per_item):
+    theirs = [float(response[0][0]) for response in sample["resps"]]
+    np.testing.assert_allclose(theirs, ours["loglikelihoods"], atol=1e-5)
+    assert sample["acc"] == float(ours["pick"] == ours["gold"])
+    assert sample["acc_norm"] == float(ours["pick_norm"] == ours["gold"])
+  [results_file] = (tmp_path / "out").rglob("results_*.json")
+  lm_eval_results = json.loads(results_file.read_text())["results"]["tiny_mc"]
+  assert lm_eval_results["acc,none"] == scalars["acc"]
+  assert lm_eval_results["acc_norm,none"] == scalars["acc_norm"]
+
+
+LM_EVAL_CHAT_TASK = """\
+task: tiny_chat
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {items}
+test_split: test
+output_type: generate_until
+doc_to_text: prompt
+doc_to_target: target
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 4
+metric_list:
+  - metric: exact_match
+"""
+
+
+def test_lm_eval_local_chat_completions_generates_what_the_engine_decodes(served, engine,
+                                                                         tmp_path):
+  pytest.importorskip("lm_eval")
+  prompts = ["def wrap(", "width"]
+  items = tmp_path / "chat.jsonl"
+  items.write_text("".join(json.dumps({"prompt": p, "target": "x"}) + "\n" for p in prompts))
+  tasks_dir = tmp_path / "tasks"
+  tasks_dir.mkdir()
+  (tasks_dir / "tiny_chat.yaml").write_text(LM_EVAL_CHAT_TASK.format(items=items))
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+         "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+  command = [
+      sys.executable, "-m", "lm_eval", "--model", "local-chat-completions", "--model_args",
+      f"model=tiny,base_url={served}/v1/chat/completions", "--apply_chat_template",
+      "--tasks", "tiny_chat", "--include_path", str(tasks_dir), "--output_path",
+      str(tmp_path / "out"), "--log_samples"]
+  finished = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=240, check=False)
+  assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+  [samples_file] = (tmp_path / "out").rglob("samples_tiny_chat_*.jsonl")
+  samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()),
+                   key=lambda sample: sample["doc_id"])
+  for prompt, sample in zip(prompts, samples):
+    prompt_ids = engine.encode(chat_prompt([("user", prompt)]))
+    text = completion_text(engine, prompt_ids, engine.greedy_decode_without_cache(prompt_ids, 4))
+    for stop in CHAT_STOPS + ["\n"]:
+      text = text.split(stop)[0]
+    assert sample["resps"][0][0] == text
+
+
+# --- inside training ---------------------------------------------------------------------------
+
+def test_train_evals_report_what_maxlm_evaluate_gives_on_the_same_checkpoint(items_file,
+                                                                            tmp_path):
+  import gin  # noqa: PLC0415
+  from beam_pipelines import prepare_text  # noqa: PLC0415
+  from maxlm import train as train_module  # noqa: PLC0415
+  data_dir = tmp_path / "data"
+  stdlib = Path(textwrap.__file__).parent
+  prepare_text.run([str(stdlib / "textwrap.py"), str(stdlib / "string.py")], str(data_dir),
+                   vocab_size=400, seq_len=32, validation_fraction=0.2)
+  workdir = tmp_path / "run"
+  gin.clear_config()
+  try:
+    gin.parse_config(f"""
+        ModelConfig.num_layers = 1
+        ModelConfig.embed_dim = 32
+        ModelConfig.num_heads = 2
+        ModelConfig.num_kv_heads = 1
+        ModelConfig.head_dim = 16
+        ModelConfig.mlp_dim = 64
+        ModelConfig.max_seq_len = 64
+        train.global_batch_size = 8
+        train.sample_prompt = None
+        train.eval_batches = 1
+        train.evals = [@MultipleChoice(), @Perplexity()]
+        MultipleChoice.path = '{items_file}'
+        Perplexity.path = '{data_dir}'
+        Perplexity.name = 'held_out'
+        """)
+    train_module.train(workdir=str(workdir), data_dir=str(data_dir), steps=2)
+  finally:
+    gin.clear_config()
+  last = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()][-1]
+  assert evaluate.main([f"--checkpoint_dir={workdir}", f"--tasks=choice:{items_file}",
+                        f"--tasks=held_out=perplexity:{data_dir}",
+                        f"--output_dir={tmp_path / 'out'}"]) == 0
+  results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+  assert last["evals/tiny_mc/acc"] == results["tiny_mc"]["acc"]
+  np.testing.assert_allclose(last["evals/held_out/bits_per_byte"],
+                             results["held_out"]["bits_per_byte"], rtol=1e-4)
