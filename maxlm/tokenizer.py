@@ -198,9 +198,11 @@ def sha256(path: str | os.PathLike) -> str:
 
 
 def copy_into(path: str | os.PathLike, directory: str | os.PathLike) -> Path:
-  """Copies a tokenizer file (and a tokenizer.json's tokenizer_config.json) into `directory`
-  under its own name; returns the copy."""
+  """Copies a tokenizer file into `directory` as tokenizer.model or tokenizer.json (a .json's
+  tokenizer_config.json with it), where `find` looks; returns the copy."""
   path, directory = Path(path), Path(directory)
-  if path.suffix == ".json" and (config := path.with_name(HF_TOKENIZER_CONFIG)).is_file():
+  if path.suffix != ".json":
+    return Path(shutil.copy(path, directory / SENTENCEPIECE_FILE))
+  if (config := path.with_name(HF_TOKENIZER_CONFIG)).is_file():
     shutil.copy(config, directory / HF_TOKENIZER_CONFIG)
-  return Path(shutil.copy(path, directory / path.name))
+  return Path(shutil.copy(path, directory / HF_TOKENIZER_FILE))

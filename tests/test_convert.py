@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from maxlm import checkpoint, steps
+from maxlm import tokenizer as tokenizer_lib
 from maxlm.convert import from_hf, hf_llama, safetensors_file, to_hf
 from maxlm.errors import UserError
 
@@ -192,7 +193,9 @@ def test_a_lora_run_exports_merged_and_its_adapters_in_peft_layout(tmp_path):
       _at(params, path) if "_lora_" not in str(path[-1])
       else rng.normal(0, 0.3, _at(nnx.to_pure_dict(abstract_state), path).shape)
       .astype(np.float32)))
-  from_hf.write_run(tmp_path / "lora", with_adapters, lora, tmp_path / "base" / "tokenizer.json")
+  (tmp_path / "lora").mkdir()
+  tokenizer = tokenizer_lib.copy_into(tmp_path / "base" / "tokenizer.json", tmp_path / "lora")
+  from_hf.write_run(tmp_path / "lora", with_adapters, lora, tokenizer)
   to_hf.export(tmp_path / "lora", tmp_path / "exported")
   merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
   np.testing.assert_allclose(hf_logits(merged, TOKENS), maxlm_logits(with_adapters, lora, TOKENS),
