@@ -126,7 +126,7 @@ def test_a_bfloat16_checkpoint_imports_exactly_and_computes_in_bfloat16(tmp_path
   config = from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
   assert config.dtype == "bfloat16"
   params, _ = run_params(tmp_path / "run")
-  q = hf_model.model.layers[1].self_attn.q_proj.weight.float().numpy()
+  q = hf_model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()
   np.testing.assert_array_equal(params["blocks"][1]["attention"]["q"], q.T.reshape(32, 4, 8))
   # The same bf16 weights computed in float32 on both sides agree to fp32 precision.
   gap = max_logit_gap(hf_model, tmp_path / "run", TOKENS, config_override={"dtype": "float32"})

@@ -9,6 +9,7 @@ parameters are stored in float32, as training keeps them, and a bfloat16 checkpo
 in bfloat16 (ModelConfig.dtype).
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -19,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags
 from flax import nnx
 
 from maxlm import array_digest, checkpoint, steps
@@ -159,26 +159,21 @@ def import_checkpoint(hf_dir: str | os.PathLike, output_dir: str | os.PathLike) 
   return config
 
 
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (config.json, "
-                              "*.safetensors, tokenizer).", required=True)
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "The run dir to write.", required=True)
-
-
-def main(argv):
-  del argv
-  config = import_checkpoint(_HF_DIR.value, _OUTPUT_DIR.value)
-  print(f"wrote {_OUTPUT_DIR.value}: {config.num_layers} layers, {config.embed_dim} wide, "
-        f"vocab {config.vocab_size}")
-
-
-def run():
+def main(argv: list[str] | None = None):
   """Console entry: a user error prints one line and exits 2."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--hf_dir", required=True,
+                      help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+  parser.add_argument("--output_dir", required=True, help="the run dir to write")
+  args = parser.parse_args(argv)
   try:
-    app.run(main)
+    config = import_checkpoint(args.hf_dir, args.output_dir)
   except UserError as error:
     print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
     sys.exit(2)
+  print(f"wrote {args.output_dir}: {config.num_layers} layers, {config.embed_dim} wide, "
+        f"vocab {config.vocab_size}")
 
 
 if __name__ == "__main__":
-  run()
+  main()

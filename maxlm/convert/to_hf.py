@@ -10,6 +10,7 @@ DIR/adapter/. The parameters are restored one layer at a time and written tensor
 so no more than one layer is in host memory.
 """
 
+import argparse
 import dataclasses
 import json
 import os
@@ -21,7 +22,6 @@ from pathlib import Path
 import jax
 import ml_dtypes
 import numpy as np
-from absl import app, flags
 from flax import nnx
 
 from maxlm import checkpoint, runs, steps
@@ -204,32 +204,26 @@ def export(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
   return merged
 
 
-_CHECKPOINT_DIR = flags.DEFINE_string("checkpoint_dir", None, "The run dir to export.",
-                                      required=True)
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "The Hugging Face model dir to write.",
-                                  required=True)
-_STEP = flags.DEFINE_integer("step", None, "The checkpoint step; default the latest.")
-_DTYPE = flags.DEFINE_enum("dtype", None, list(DTYPES), "Stored dtype; default the run's "
-                           "compute dtype (float32 unless it is bfloat16).")
-_MAX_SHARD_BYTES = flags.DEFINE_integer("max_shard_bytes", MAX_SHARD_BYTES,
-                                        "Largest safetensors shard.")
-
-
-def main(argv):
-  del argv
-  config = export(_CHECKPOINT_DIR.value, _OUTPUT_DIR.value, step=_STEP.value,
-                  dtype=_DTYPE.value, max_shard_bytes=_MAX_SHARD_BYTES.value)
-  print(f"wrote {_OUTPUT_DIR.value}: {config.num_layers} layers, vocab {config.vocab_size}")
-
-
-def run():
+def main(argv: list[str] | None = None):
   """Console entry: a user error prints one line and exits 2."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--checkpoint_dir", required=True, help="the run dir to export")
+  parser.add_argument("--output_dir", required=True, help="the Hugging Face model dir to write")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step; default latest")
+  parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                      help="stored dtype; default the run's compute dtype (float32 unless it "
+                           "is bfloat16)")
+  parser.add_argument("--max_shard_bytes", type=int, default=MAX_SHARD_BYTES,
+                      help="largest safetensors shard")
+  args = parser.parse_args(argv)
   try:
-    app.run(main)
+    config = export(args.checkpoint_dir, args.output_dir, step=args.step, dtype=args.dtype,
+                    max_shard_bytes=args.max_shard_bytes)
   except (UserError, FileNotFoundError, checkpoint.CorruptCheckpointError) as error:
     print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
     sys.exit(2)
+  print(f"wrote {args.output_dir}: {config.num_layers} layers, vocab {config.vocab_size}")
 
 
 if __name__ == "__main__":
-  run()
+  main()
