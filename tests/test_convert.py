@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-VOCAB = 96
+VOCAB = 288  # the byte-level tokenizer's 256 bytes, 3 special tokens and some merges
 BASE = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "bos_token_id": 1,
@@ -122,8 +122,11 @@ def test_each_llama_variant_imports_with_logits_within_1e_4(tmp_path, variant):
 
 
 def test_a_bfloat16_checkpoint_imports_exactly_and_computes_in_bfloat16(tmp_path):
-  hf_model = make_hf_dir(tmp_path / "hf", "gqa_untied", dtype=torch.bfloat16)
+  make_hf_dir(tmp_path / "hf", "gqa_untied", dtype=torch.bfloat16)
   config = from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  # Loaded afresh in float32: a model cast to bf16 and back keeps RoPE's frequencies rounded.
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf",
+                                                              dtype=torch.float32).eval()
   assert config.dtype == "bfloat16"
   params, _ = run_params(tmp_path / "run")
   q = hf_model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()
