@@ -152,11 +152,11 @@ def test_swapping_the_rotation_halves_of_q_and_k_fails_the_parity_check(tmp_path
 def test_export_then_import_is_the_identity_across_several_shards(tmp_path):
   make_hf_dir(tmp_path / "hf", "rope_theta_llama3_scaling")
   config = from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
-  to_hf.export(tmp_path / "run", tmp_path / "exported", max_shard_bytes=20_000)
+  to_hf.export(tmp_path / "run", tmp_path / "exported", max_shard_bytes=40_000)
   index = json.loads((tmp_path / "exported" / "model.safetensors.index.json").read_text())
   shards = sorted(set(index["weight_map"].values()))
   assert len(shards) >= 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
-  assert all((tmp_path / "exported" / s).stat().st_size <= 20_000 + 4096 for s in shards)
+  assert all((tmp_path / "exported" / s).stat().st_size <= 40_000 + 4096 for s in shards)
   reimported = from_hf.import_checkpoint(tmp_path / "exported", tmp_path / "again")
   assert reimported == config
   before, _ = run_params(tmp_path / "run")
