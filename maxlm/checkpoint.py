@@ -1,7 +1,8 @@
 """Orbax checkpoints of a training run: save, restore, reshard on restore, and refuse corrupt ones.
 
 Layout of a run directory (what `--workdir` names and what serving loads):
-  WORKDIR/tokenizer.model             copied from the data dir
+  WORKDIR/tokenizer.model             copied from the data dir (an imported Hugging Face
+                                       model's may be tokenizer.json instead)
   WORKDIR/checkpoints/<step>/state     TrainState: step, params, opt_state (StandardSave)
   WORKDIR/checkpoints/<step>/data_iter Grain iterator position
   WORKDIR/checkpoints/<step>/meta      JSON: model_config, seq_len, tokenizer sha256, data_dir
@@ -25,6 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from maxlm import array_digest, config_checks
+from maxlm import tokenizer as tokenizer_lib
 from maxlm.errors import UserError
 from maxlm.model import ModelConfig
 
@@ -51,7 +53,7 @@ def run_paths(directory: str | os.PathLike) -> tuple[Path, Path]:
   directory = Path(directory).resolve()
   if directory.name == CHECKPOINTS:
     directory = directory.parent
-  return directory / CHECKPOINTS, directory / TOKENIZER
+  return directory / CHECKPOINTS, tokenizer_lib.find(directory)
 
 
 class Checkpointer:

@@ -93,7 +93,9 @@ def _diff(saved, current) -> str:
 
 
 # ModelConfig fields that choose how the model computes, not what its parameters are.
-COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat", "max_seq_len", "norm_eps", "rope_theta")
+COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat", "max_seq_len", "norm_eps", "rope_theta",
+                       "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                       "rope_original_max_len")
 # Adapters a run adds to a base that has none (see `check_same_model`).
 ADAPTER_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 
@@ -169,6 +171,9 @@ RULES: dict[str, dict[str, Rule]] = {
         **dict.fromkeys(("num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim",
                          "mlp_dim", "max_seq_len"), POSITIVE_INT),
         "rope_theta": POSITIVE_NUMBER,
+        "rope_scaling_factor": NON_NEGATIVE_NUMBER,
+        **dict.fromkeys(("rope_low_freq_factor", "rope_high_freq_factor"), POSITIVE_NUMBER),
+        "rope_original_max_len": POSITIVE_INT,
         "norm_eps": POSITIVE_NUMBER,
         "tie_embeddings": BOOL,
         "dtype": _one_of(COMPUTE_DTYPES),

@@ -17,7 +17,6 @@ import functools
 import inspect
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -41,6 +40,7 @@ from maxlm.evals import generation, heldout, multiple_choice, perplexity  # noqa
 from maxlm.evals import report as eval_report
 from maxlm.evals import scoring
 from maxlm import steps as train_steps
+from maxlm import tokenizer as tokenizer_lib
 from maxlm.config_checks import (UserError, build_model_config, check_compatible,
                                  check_run_configuration, check_same_model,
                                  resolve_model_config)
@@ -425,7 +425,7 @@ def _restore_or_init(checkpointer, workdir, start: Start, starting_params: Start
   `init_from`'s parameters or fresh ones."""
   steps = checkpointer.all_steps()
   if not steps:
-    shutil.copy(data.tokenizer_path(data_dir), workdir / checkpoint.TOKENIZER)
+    tokenizer_lib.copy_into(data.tokenizer_path(data_dir), workdir)
     if not (start.init_from or start.trainable):
       return train_steps.init_train_state(start.config, start.optimizer, start.shardings,
                                           start.seed), {}
@@ -510,9 +510,8 @@ def check_task_fields(task: tasks.Task, manifest: dict, data_dir) -> None:
                     "prepare the data with the pipeline for that task")
 
 
-def _tokenizer(data_dir):
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-  return spm.SentencePieceProcessor(model_file=str(data.tokenizer_path(data_dir)))
+def _tokenizer(data_dir) -> tokenizer_lib.Tokenizer:
+  return tokenizer_lib.load(data.tokenizer_path(data_dir))
 
 
 def _log(message: str):

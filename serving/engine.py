@@ -9,21 +9,17 @@ and exists as the independent reference for all of it.
 
 import dataclasses
 import functools
-import hashlib
 import os
-import re
 from pathlib import Path
 
 import jax
 import numpy as np
-import sentencepiece as spm
 from flax import nnx
 
 from maxlm import checkpoint, quantization, runs, sampling, sharding, steps
+from maxlm import tokenizer as tokenizer_lib
 from maxlm.evals import text_ids
 from maxlm.model import ModelConfig, merge_adapters
-
-BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
 
 
 class ContextLengthError(ValueError):
@@ -59,17 +55,16 @@ def device_settings(settings: SamplingSettings) -> tuple:
           np.float32(settings.top_p), np.int32(settings.top_k))
 
 
-def load_tokenizer(path: Path, expected_sha256: str | None) -> spm.SentencePieceProcessor:
+def load_tokenizer(path: Path, expected_sha256: str | None) -> tokenizer_lib.Tokenizer:
   if not path.is_file():
     raise FileNotFoundError(f"{path} is missing; copy the training data dir's tokenizer.model "
-                            "into the run dir")
-  model_bytes = path.read_bytes()
-  sha256 = hashlib.sha256(model_bytes).hexdigest()
+                            "(or an imported model's tokenizer.json) into the run dir")
+  sha256 = tokenizer_lib.sha256(path)
   if expected_sha256 is not None and sha256 != expected_sha256:
     raise ValueError(f"{path} has sha256 {sha256[:12]}… but the checkpoint was trained with "
-                     f"{expected_sha256[:12]}…; copy the training data dir's tokenizer.model "
+                     f"{expected_sha256[:12]}…; copy the training data dir's {path.name} "
                      "into the run dir")
-  return spm.SentencePieceProcessor(model_proto=model_bytes)
+  return tokenizer_lib.load(path)
 
 
 def one_device_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, step: int):
@@ -89,16 +84,6 @@ def verified_params(checkpoint_dir: str | os.PathLike, step: int | None):
   return (step, meta, *one_device_params(checkpoint_dir, checkpoint.config_from_meta(meta), step))
 
 
-def piece_bytes(tokenizer: spm.SentencePieceProcessor, token_id: int) -> bytes:
-  """The bytes one piece stands for: a byte-fallback piece is its raw byte, a control none."""
-  piece = tokenizer.id_to_piece(token_id)
-  if byte := BYTE_PIECE.fullmatch(piece):
-    return bytes([int(byte.group(1), 16)])
-  if tokenizer.is_control(token_id):
-    return b""
-  return piece.replace("\u2581", " ").encode()
-
-
 class Engine:
   """One model, its tokenizer and a fixed number of decode slots.
 
@@ -106,11 +91,12 @@ class Engine:
   """
 
   def __init__(self, graphdef, params, config: ModelConfig,
-               tokenizer: spm.SentencePieceProcessor, *, model_name: str,
+               tokenizer: tokenizer_lib.Tokenizer, *, model_name: str,
                max_len: int | None = None, slots: int = 8, quantize: str | None = None):
+    tokenizer = tokenizer_lib.as_tokenizer(tokenizer)
     if tokenizer.vocab_size() > config.vocab_size:
       raise ValueError(f"the tokenizer has {tokenizer.vocab_size()} pieces but the model only "
-                       f"{config.vocab_size}; serve the checkpoint with its own tokenizer.model")
+                       f"{config.vocab_size}; serve the checkpoint with its own tokenizer")
     if slots < 1:
       raise ValueError(f"slots={slots}; serve with at least one decode slot")
     self.graphdef, self.config = graphdef, config
@@ -123,7 +109,7 @@ class Engine:
     self.eos_id = tokenizer.eos_id()
     self._prefill, self._generate_step = sampling.bind(graphdef)
     self._scored_prefill = jax.jit(functools.partial(sampling.scored_prefill_fn, graphdef))
-    self._token_bytes = [piece_bytes(tokenizer, i) for i in range(tokenizer.vocab_size())]
+    self._token_bytes = [tokenizer.piece_bytes(i) for i in range(tokenizer.vocab_size())]
 
   @classmethod
   def from_checkpoint(cls, checkpoint_dir: str | os.PathLike, *, step: int | None = None,

@@ -15,16 +15,37 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   return (normed * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding, rotating the two halves of head_dim.
+def rope(x: jax.Array, positions: jax.Array, theta: float,
+         scaling: tuple[float, float, float, int] | None = None) -> jax.Array:
+  """Rotary position embedding, rotating the two halves of head_dim (Hugging Face Llama's
+  `rotate_half` convention).
 
-  x: [batch, seq, heads, head_dim]; positions: [batch, seq] integers.
+  x: [batch, seq, heads, head_dim]; positions: [batch, seq] integers; `scaling`: Llama 3's
+  (factor, low_freq_factor, high_freq_factor, original_max_len), or None.
   """
-  head_dim = x.shape[-1]
-  fraction = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-  inv_freq = 1.0 / (theta ** fraction)                                   # [head_dim/2]
+  inv_freq = rope_frequencies(x.shape[-1], theta, scaling)                # [head_dim/2]
   angles = positions.astype(jnp.float32)[..., None] * inv_freq            # [b, s, head_dim/2]
   return _rotate_halves(x, jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :])
+
+
+def rope_frequencies(head_dim: int, theta: float,
+                     scaling: tuple[float, float, float, int] | None = None) -> jax.Array:
+  """The rotation frequency of each pair of head_dim: [head_dim/2] float32."""
+  fraction = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+  inv_freq = 1.0 / (theta ** fraction)
+  return inv_freq if scaling is None else _llama3_scaled(inv_freq, *scaling)
+
+
+def _llama3_scaled(inv_freq: jax.Array, factor: float, low_freq_factor: float,
+                   high_freq_factor: float, original_max_len: int) -> jax.Array:
+  """Llama 3.1's long-context frequencies: wavelengths shorter than original_max_len /
+  high_freq_factor keep theirs, those longer than original_max_len / low_freq_factor slow by
+  `factor`, and the band between blends the two linearly in original_max_len / wavelength."""
+  wavelength = 2 * math.pi / inv_freq
+  blend = (original_max_len / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  blended = (1 - blend) * inv_freq / factor + blend * inv_freq
+  slowed = jnp.where(wavelength > original_max_len / low_freq_factor, inv_freq / factor, blended)
+  return jnp.where(wavelength < original_max_len / high_freq_factor, inv_freq, slowed)
 
 
 @jax.custom_vjp

@@ -44,6 +44,11 @@ class ModelConfig:
   mlp_dim: int = 768
   max_seq_len: int = 2048
   rope_theta: float = 10000.0
+  # Llama 3's RoPE frequency scaling (Hugging Face's rope_scaling of type "llama3"); 0: off
+  rope_scaling_factor: float = 0.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   dtype: str = "float32"  # activation/compute dtype; parameters stay float32
@@ -76,6 +81,14 @@ class ModelConfig:
                        f"ModelConfig.num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+
+  @property
+  def rope_scaling(self) -> tuple[float, float, float, int] | None:
+    """`layers.rope`'s scaling argument: None when off."""
+    if not self.rope_scaling_factor:
+      return None
+    return (self.rope_scaling_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+            self.rope_original_max_len)
 
   @property
   def lora_scale(self) -> float:
@@ -148,8 +161,8 @@ class Attention(nnx.Module):
     """x: [batch, seq, embed]; positions, bidirectional_ids: [batch, seq]. Returns (out,
     updated cache or None)."""
     q, k, v = (_project(self, name, x) for name in ("q", "k", "v"))
-    q = layers.rope(q, positions, self.config.rope_theta)
-    k = layers.rope(k, positions, self.config.rope_theta)
+    q = layers.rope(q, positions, self.config.rope_theta, self.config.rope_scaling)
+    k = layers.rope(k, positions, self.config.rope_theta, self.config.rope_scaling)
     if cache is None and self.config.attention != "xla":
       out = attention.fused_attention(q, k, v, segment_ids, self.config.attention,
                                       bidirectional_ids)

@@ -1,0 +1,1 @@
+"""Hugging Face Llama checkpoints in and out of maxlm run dirs."""

@@ -1,0 +1,208 @@
+"""The tokenizer protocol that training, serving and checkpoints go through, and its two kinds:
+SentencePiece (`tokenizer.model`, what `beam_pipelines.prepare_text` trains) and Hugging Face
+`tokenizers` (`tokenizer.json`, e.g. Llama 3's byte-level BPE).
+
+The protocol keeps SentencePiece's method names, so a `SentencePieceTokenizer` is still a
+`spm.SentencePieceProcessor` everywhere one was expected. `encode` adds no bos or eos: callers
+put the bos in front themselves, as they did before.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import sentencepiece as spm
+
+SENTENCEPIECE_FILE = "tokenizer.model"
+HF_TOKENIZER_FILE = "tokenizer.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE)  # a run dir holds one, looked up in order
+BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
+METASPACE = "\u2581"
+# Names Hugging Face tokenizers give their bos / eos when tokenizer_config.json does not say.
+KNOWN_BOS = ("<s>", "<|begin_of_text|>", "<bos>")
+KNOWN_EOS = ("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>")
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+  def encode(self, text: str) -> list[int]: ...
+
+  def decode(self, ids: list[int]) -> str: ...
+
+  def piece_to_id(self, piece: str) -> int: ...
+
+  def id_to_piece(self, token_id: int) -> str: ...
+
+  def piece_bytes(self, token_id: int) -> bytes: ...
+
+  def is_control(self, token_id: int) -> bool: ...
+
+  def vocab_size(self) -> int: ...
+
+  def bos_id(self) -> int: ...
+
+  def eos_id(self) -> int: ...
+
+  def pad_id(self) -> int: ...  # -1 when the tokenizer has none
+
+
+class SentencePieceTokenizer(spm.SentencePieceProcessor):
+  """A SentencePiece model; `piece_bytes` added to its own methods."""
+
+  def piece_bytes(self, token_id: int) -> bytes:
+    """The bytes one piece stands for: a byte-fallback piece is its raw byte, a control none."""
+    piece = self.id_to_piece(token_id)
+    if byte := BYTE_PIECE.fullmatch(piece):
+      return bytes([int(byte.group(1), 16)])
+    if self.is_control(token_id):
+      return b""
+    return piece.replace(METASPACE, " ").encode()
+
+
+class HuggingFaceTokenizer:
+  """A `tokenizers` tokenizer.json, with bos/eos/pad from its tokenizer_config.json."""
+
+  def __init__(self, tokenizer_json: str, config: dict | None = None):
+    import tokenizers  # pylint: disable=import-outside-toplevel
+    self._tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
+    spec = json.loads(tokenizer_json)
+    self._special = {token["id"] for token in spec.get("added_tokens", []) if token["special"]}
+    self._byte_level = _has_byte_level_decoder(spec.get("decoder"))
+    config = config or {}
+    self._bos = self._special_id(config.get("bos_token"), KNOWN_BOS)
+    self._eos = self._special_id(config.get("eos_token"), KNOWN_EOS)
+    self._pad = self._special_id(config.get("pad_token"), ())
+
+  def _special_id(self, named, known: tuple[str, ...]) -> int:
+    name = named.get("content") if isinstance(named, dict) else named
+    for candidate in ([name] if name else list(known)):
+      token_id = self._tokenizer.token_to_id(candidate)
+      if token_id is not None:
+        return token_id
+    return -1
+
+  def encode(self, text: str) -> list[int]:
+    return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: list[int]) -> str:
+    return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+  def piece_to_id(self, piece: str) -> int:
+    token_id = self._tokenizer.token_to_id(piece)
+    return self.unk_id() if token_id is None else token_id
+
+  def id_to_piece(self, token_id: int) -> str:
+    return self._tokenizer.id_to_token(token_id)
+
+  def piece_bytes(self, token_id: int) -> bytes:
+    piece = self.id_to_piece(token_id)
+    if piece is None or token_id in self._special:
+      return b""
+    if self._byte_level:
+      return bytes(_UNICODE_TO_BYTE.get(char, 0) for char in piece)
+    if byte := BYTE_PIECE.fullmatch(piece):
+      return bytes([int(byte.group(1), 16)])
+    return piece.replace(METASPACE, " ").encode()
+
+  def is_control(self, token_id: int) -> bool:
+    return token_id in self._special
+
+  def vocab_size(self) -> int:
+    return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+  def unk_id(self) -> int:
+    return self._special_id(None, ("<unk>",))
+
+  def bos_id(self) -> int:
+    return self._bos
+
+  def eos_id(self) -> int:
+    return self._eos
+
+  def pad_id(self) -> int:
+    return self._pad
+
+
+def _has_byte_level_decoder(decoder: dict | None) -> bool:
+  if not decoder:
+    return False
+  if decoder.get("type") == "ByteLevel":
+    return True
+  return any(_has_byte_level_decoder(step) for step in decoder.get("decoders") or [])
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+  """The byte -> character table of byte-level BPE: printable Latin-1 bytes stand for
+  themselves, every other byte for the next unused code point from 256 on, in byte order."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+               *range(ord("\xae"), ord("\xff") + 1)]
+  table, extra = {}, 0
+  for byte in range(256):
+    if byte in printable:
+      table[byte] = chr(byte)
+    else:
+      table[byte] = chr(256 + extra)
+      extra += 1
+  return table
+
+
+BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
+_UNICODE_TO_BYTE = {char: byte for byte, char in BYTE_LEVEL_ALPHABET.items()}
+
+
+def as_tokenizer(tokenizer) -> Tokenizer:
+  """A plain `spm.SentencePieceProcessor` becomes a SentencePieceTokenizer; others pass."""
+  if isinstance(tokenizer, spm.SentencePieceProcessor) and not isinstance(
+      tokenizer, SentencePieceTokenizer):
+    return SentencePieceTokenizer(model_proto=tokenizer.serialized_model_proto())
+  return tokenizer
+
+
+def from_bytes(name: str, content: bytes, config: dict | None = None) -> Tokenizer:
+  """The tokenizer a file called `name` (tokenizer.model or *.json) holding `content` is."""
+  if name.endswith(".json"):
+    return HuggingFaceTokenizer(content.decode(), config)
+  return SentencePieceTokenizer(model_proto=content)
+
+
+def load(path: str | os.PathLike) -> Tokenizer:
+  """A tokenizer file: SentencePiece's .model, or tokenizer.json with the
+  tokenizer_config.json beside it (if any) naming bos/eos/pad."""
+  path = Path(path)
+  return from_bytes(path.name, path.read_bytes(), _sibling_config(path))
+
+
+def _sibling_config(path: Path) -> dict | None:
+  config = path.with_name(HF_TOKENIZER_CONFIG)
+  return json.loads(config.read_text()) if path.suffix == ".json" and config.is_file() else None
+
+
+def find(directory: str | os.PathLike) -> Path:
+  """The tokenizer file of a run or data dir: tokenizer.model, else tokenizer.json (the
+  first name when neither exists, so an error names what to copy there)."""
+  directory = Path(directory)
+  for name in TOKENIZER_FILES:
+    if (directory / name).is_file():
+      return directory / name
+  return directory / SENTENCEPIECE_FILE
+
+
+def sha256(path: str | os.PathLike) -> str:
+  return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+
+def copy_into(path: str | os.PathLike, directory: str | os.PathLike) -> Path:
+  """Copies a tokenizer file into `directory` as tokenizer.model or tokenizer.json (a .json's
+  tokenizer_config.json with it), where `find` looks; returns the copy."""
+  path, directory = Path(path), Path(directory)
+  if path.suffix != ".json":
+    return Path(shutil.copy(path, directory / SENTENCEPIECE_FILE))
+  if (config := path.with_name(HF_TOKENIZER_CONFIG)).is_file():
+    shutil.copy(config, directory / HF_TOKENIZER_CONFIG)
+  return Path(shutil.copy(path, directory / HF_TOKENIZER_FILE))

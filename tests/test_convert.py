@@ -1,0 +1,262 @@
+"""maxlm.convert: tiny random transformers Llamas in, maxlm run dirs out, and back; logits
+compared against transformers' own forward pass."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from maxlm import checkpoint, steps
+from maxlm import tokenizer as tokenizer_lib
+from maxlm.convert import from_hf, hf_llama, safetensors_file, to_hf
+from maxlm.errors import UserError
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+VOCAB = 288  # the byte-level tokenizer's 256 bytes, 3 special tokens and some merges
+BASE = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "bos_token_id": 1,
+        "eos_token_id": 2}
+VARIANTS = {
+    "gqa_untied": {},
+    "mha_tied": {"num_key_value_heads": 4, "tie_word_embeddings": True},
+    "rope_theta_llama3_scaling": {
+        "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+    "head_dim_not_hidden_over_heads": {"head_dim": 24},
+}
+TOLERANCE = 1e-4
+GAPS = {}  # variant -> max |Δlogit|, printed for the report
+
+
+def byte_level_tokenizer_json() -> str:
+  """A small byte-level BPE (Llama 3's kind) trained here, nothing downloaded."""
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=VOCAB, special_tokens=["<|pad|>", "<|begin_of_text|>", "<|end_of_text|>"],
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+  return tokenizer.to_str()
+
+
+def make_hf_dir(directory, variant: str, dtype=torch.float32, seed: int = 0):
+  """A random LlamaForCausalLM saved as safetensors, with a tokenizer.json; weights drawn wide
+  enough that attention (and so RoPE) moves the logits."""
+  torch.manual_seed(seed)
+  config = transformers.LlamaConfig(**{**BASE, **VARIANTS[variant]})
+  model = transformers.LlamaForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, parameter in model.named_parameters():
+      if name.endswith("norm.weight"):
+        parameter.uniform_(0.5, 1.5)
+      else:
+        parameter.normal_(0.0, 0.3)
+  model = model.to(dtype)
+  model.save_pretrained(directory, safe_serialization=True)
+  (directory / "tokenizer.json").write_text(TOKENIZER_JSON)
+  return model
+
+
+TOKENIZER_JSON = byte_level_tokenizer_json()
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return model.float()(torch.tensor(tokens)).logits.numpy()
+
+
+def maxlm_logits(params: dict, config, tokens: np.ndarray) -> np.ndarray:
+  graphdef, _ = steps.abstract_model(config)
+  model = nnx.merge(graphdef, jax_tree(params))
+  return np.asarray(model(jnp.asarray(tokens))[0])
+
+
+def jax_tree(params: dict) -> dict:
+  return {k: jax_tree(v) if isinstance(v, dict) else jnp.asarray(v) for k, v in params.items()}
+
+
+def run_params(run_dir) -> tuple[dict, object]:
+  """(params as numpy, config) of a run dir's latest checkpoint, read as serving reads it."""
+  step, meta = checkpoint.read_meta(run_dir)
+  config = checkpoint.config_from_meta(meta)
+  reader = to_hf.LayerReader(run_dir, config, step, merge=False)
+  _, abstract_state = steps.abstract_model(config)
+  return to_hf_tree(nnx.to_pure_dict(abstract_state), reader), config
+
+
+def to_hf_tree(shapes: dict, reader, prefix=()) -> dict:
+  return {key: to_hf_tree(value, reader, (*prefix, key)) if isinstance(value, dict)
+          else reader((*prefix, key)) for key, value in shapes.items()}
+
+
+def max_logit_gap(hf_model, run_dir, tokens, *, config_override=None) -> float:
+  """The parity check: max |Δlogit| between transformers and the imported run."""
+  params, config = run_params(run_dir)
+  if config_override:
+    config = dataclasses.replace(config, **config_override)
+  return float(np.max(np.abs(hf_logits(hf_model, tokens) - maxlm_logits(params, config,
+                                                                          tokens))))
+
+
+TOKENS = np.random.default_rng(0).integers(0, VOCAB, size=(2, 12))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_each_llama_variant_imports_with_logits_within_1e_4(tmp_path, variant):
+  hf_model = make_hf_dir(tmp_path / "hf", variant)
+  from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  GAPS[variant] = max_logit_gap(hf_model, tmp_path / "run", TOKENS)
+  print(f"{variant}: max |Δlogit| {GAPS[variant]:.2e}")
+  assert GAPS[variant] < TOLERANCE
+
+
+def test_a_bfloat16_checkpoint_imports_exactly_and_computes_in_bfloat16(tmp_path):
+  make_hf_dir(tmp_path / "hf", "gqa_untied", dtype=torch.bfloat16)
+  config = from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  # Loaded afresh in float32: a model cast to bf16 and back keeps RoPE's frequencies rounded.
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf",
+                                                              dtype=torch.float32).eval()
+  assert config.dtype == "bfloat16"
+  params, _ = run_params(tmp_path / "run")
+  q = hf_model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()
+  np.testing.assert_array_equal(params["blocks"][1]["attention"]["q"], q.T.reshape(32, 4, 8))
+  # The same bf16 weights computed in float32 on both sides agree to fp32 precision.
+  gap = max_logit_gap(hf_model, tmp_path / "run", TOKENS, config_override={"dtype": "float32"})
+  GAPS["bfloat16 (fp32 compute)"] = gap
+  assert gap < TOLERANCE
+
+
+def test_swapping_the_rotation_halves_of_q_and_k_fails_the_parity_check(tmp_path):
+  hf_model = make_hf_dir(tmp_path / "hf", "gqa_untied")
+  from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  params, config = run_params(tmp_path / "run")
+  for block in params["blocks"].values():
+    for name in ("q", "k"):
+      first, second = np.split(block["attention"][name], 2, axis=-1)
+      block["attention"][name] = np.concatenate([second, first], axis=-1)
+  gap = float(np.max(np.abs(hf_logits(hf_model, TOKENS) - maxlm_logits(params, config, TOKENS))))
+  assert gap > 100 * TOLERANCE
+
+
+def test_export_then_import_is_the_identity_across_several_shards(tmp_path):
+  make_hf_dir(tmp_path / "hf", "rope_theta_llama3_scaling")
+  config = from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  to_hf.export(tmp_path / "run", tmp_path / "exported", max_shard_bytes=40_000)
+  index = json.loads((tmp_path / "exported" / "model.safetensors.index.json").read_text())
+  shards = sorted(set(index["weight_map"].values()))
+  assert len(shards) >= 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+  assert all((tmp_path / "exported" / s).stat().st_size <= 40_000 + 4096 for s in shards)
+  reimported = from_hf.import_checkpoint(tmp_path / "exported", tmp_path / "again")
+  assert reimported == config
+  before, _ = run_params(tmp_path / "run")
+  after, _ = run_params(tmp_path / "again")
+  for (path, a), (_, b) in zip(to_hf._leaves(before), to_hf._leaves(after)):
+    np.testing.assert_array_equal(a, b, err_msg=str(path))
+
+
+def test_transformers_loads_the_export_and_gives_the_same_logits(tmp_path):
+  hf_model = make_hf_dir(tmp_path / "hf", "head_dim_not_hidden_over_heads")
+  from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  to_hf.export(tmp_path / "run", tmp_path / "exported", max_shard_bytes=30_000)
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+  np.testing.assert_allclose(hf_logits(loaded, TOKENS), hf_logits(hf_model, TOKENS),
+                             atol=1e-6)
+
+
+def test_our_safetensors_writer_is_read_back_by_the_safetensors_package(tmp_path):
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(5, np.int64)}
+  safetensors_file.write(tmp_path / "x.safetensors",
+                         [(name, a.shape, a.dtype) for name, a in arrays.items()],
+                         arrays.__getitem__)
+  loaded = load_file(tmp_path / "x.safetensors")
+  for name, array in arrays.items():
+    np.testing.assert_array_equal(loaded[name], array)
+
+
+def test_a_lora_run_exports_merged_and_its_adapters_in_peft_layout(tmp_path):
+  make_hf_dir(tmp_path / "hf", "gqa_untied")
+  base = from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "base")
+  params, _ = run_params(tmp_path / "base")
+  lora = dataclasses.replace(base, lora_rank=2, lora_alpha=4.0, lora_targets=("q", "o", "down"))
+  rng = np.random.default_rng(1)
+  _, abstract_state = steps.abstract_model(lora)
+  with_adapters = to_hf_tree(nnx.to_pure_dict(abstract_state), lambda path: (
+      _at(params, path) if "_lora_" not in str(path[-1])
+      else rng.normal(0, 0.3, _at(nnx.to_pure_dict(abstract_state), path).shape)
+      .astype(np.float32)))
+  (tmp_path / "lora").mkdir()
+  tokenizer = tokenizer_lib.copy_into(tmp_path / "base" / "tokenizer.json", tmp_path / "lora")
+  from_hf.write_run(tmp_path / "lora", with_adapters, lora, tokenizer)
+  to_hf.export(tmp_path / "lora", tmp_path / "exported")
+  merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+  np.testing.assert_allclose(hf_logits(merged, TOKENS), maxlm_logits(with_adapters, lora, TOKENS),
+                             atol=TOLERANCE)
+  adapter_config = json.loads((tmp_path / "exported/adapter/adapter_config.json").read_text())
+  assert adapter_config["target_modules"] == ["q_proj", "o_proj", "down_proj"]
+  adapters = safetensors_file.SafetensorsFile(tmp_path / "exported/adapter/"
+                                              "adapter_model.safetensors")
+  # PEFT's rule: W + lora_B @ lora_A * alpha / r, on the base model's weight.
+  prefix = "base_model.model.model.layers.1.self_attn.o_proj"
+  delta = (adapters.tensor(f"{prefix}.lora_B.weight") @ adapters.tensor(f"{prefix}.lora_A.weight")
+           * adapter_config["lora_alpha"] / adapter_config["r"])
+  base_o = params["blocks"][1]["attention"]["o"].reshape(-1, 32).T
+  np.testing.assert_allclose(base_o + delta, merged.model.layers[1].self_attn.o_proj.weight
+                             .detach().numpy(), atol=1e-6)
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("attention_bias", True, "attention_bias"),
+    ("sliding_window", 4096, "sliding_window"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_scaling.rope_type"),
+    ("torch_dtype", "float16", "torch_dtype"),
+])
+def test_a_config_field_outside_the_llama_variants_is_refused_naming_it(field, value, named):
+  hf = {**BASE, "model_type": "llama", "hidden_act": "silu", field: value}
+  with pytest.raises(UserError, match=f"config.json field {named}="):
+    hf_llama.model_config(hf)
+
+
+def test_the_import_command_refuses_an_unknown_field_in_one_line_with_exit_2(tmp_path):
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "config.json").write_text(json.dumps({**BASE, "attention_bias": True}))
+  result = subprocess.run([sys.executable, "-m", "maxlm.convert.from_hf",
+                           f"--hf_dir={tmp_path / 'hf'}", f"--output_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 2
+  assert "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: config.json field attention_bias=True is not supported; maxlm imports "
+      "attention_bias=False only")
+
+
+def test_an_imported_model_with_its_own_tokenizer_json_serves(tmp_path):
+  from serving.engine import Engine  # pylint: disable=import-outside-toplevel
+  hf_model = make_hf_dir(tmp_path / "hf", "gqa_untied")
+  from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  engine = Engine.from_checkpoint(tmp_path / "run", max_len=32, slots=1)
+  hf_tokenizer = tokenizers.Tokenizer.from_str(TOKENIZER_JSON)
+  text = "the lazy fox"
+  assert engine.encode(text) == [1] + hf_tokenizer.encode(text).ids
+  assert engine.eos_id == 2
+  assert b"".join(engine.token_bytes(t) for t in engine.encode(text)) == text.encode()
+  ids = engine.encode(text)
+  np.testing.assert_allclose(engine.logits_without_cache(ids),
+                             hf_logits(hf_model, np.asarray([ids]))[0], atol=TOLERANCE)
