@@ -14,7 +14,7 @@ import gin
 
 from maxlm import optim, sharding, tasks
 from maxlm.errors import UserError
-from maxlm.model import ModelConfig
+from maxlm.model import ModelConfig, moe
 from maxlm.model.transformer import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -162,6 +162,12 @@ RULES: dict[str, dict[str, Rule]] = {
         "lora_rank": NON_NEGATIVE_INT,
         "lora_alpha": POSITIVE_NUMBER,
         "lora_targets": ANY,  # ModelConfig names the projections it accepts
+        **dict.fromkeys(("num_experts", "num_shared_experts", "first_dense_layers"),
+                        NON_NEGATIVE_INT),
+        **dict.fromkeys(("experts_per_token", "moe_every"), POSITIVE_INT),
+        "moe_mlp_dim": _optional(POSITIVE_INT),
+        "moe_dispatch": _one_of(moe.DISPATCHES),
+        "capacity_factor": POSITIVE_NUMBER,
     },
     "train": {
         "workdir": PATH,
@@ -183,7 +189,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "verify_checkpoints": BOOL,
     },
     "Pretrain": {
-        "z_loss": NON_NEGATIVE_NUMBER,
+        **dict.fromkeys(("z_loss", "load_balancing_loss", "router_z_loss"), NON_NEGATIVE_NUMBER),
         "batch_fields": ANY,
     },
     "learning_rate_schedule": {
@@ -202,7 +208,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "max_grad_norm": POSITIVE_NUMBER,
     },
     "make_mesh": {
-        **dict.fromkeys(("data", "fsdp", "tensor"), (
+        **dict.fromkeys(("data", "fsdp", "tensor", "expert"), (
             (lambda value: _is_int(value) and (value > 0 or value == -1)),
             "a positive int, or -1 for the devices left over")),
         "devices": ANY,
