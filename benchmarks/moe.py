@@ -26,8 +26,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-from maxlm import optim, sharding, steps, tasks  # noqa: E402
-from maxlm.model import ModelConfig, count_params  # noqa: E402
+from maxlm import optim, sharding, steps, tasks
+from maxlm.model import ModelConfig, count_params
 
 DENSE = ModelConfig(vocab_size=4096, num_layers=4, embed_dim=192, num_heads=3, num_kv_heads=1,
                     head_dim=64, mlp_dim=512, max_seq_len=256)  # configs/tiny.gin

@@ -79,7 +79,8 @@ def _diff(saved, current) -> str:
 
 
 # ModelConfig fields that choose how the model computes, not what its parameters are.
-COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat", "max_seq_len", "norm_eps", "rope_theta")
+COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat", "max_seq_len", "norm_eps", "rope_theta",
+                       "moe_dispatch", "capacity_factor")
 # Adapters a run adds to a base that has none (see `check_same_model`).
 ADAPTER_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 

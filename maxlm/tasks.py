@@ -69,7 +69,7 @@ def with_router_losses(model, loss: jax.Array, metrics: dict, load_balancing_los
   stats = moe.pop_router_stats(model)
   if not stats:
     return loss, metrics
-  mean = lambda name: sum(layer[name] for layer in stats.values()) / len(stats)  # noqa: E731
+  mean = lambda name: sum(layer[name] for layer in stats.values()) / len(stats)
   aux = load_balancing_loss * mean("load_balancing_loss") + router_z_loss * mean("router_z_loss")
   return loss + aux, {**metrics, **moe.router_metrics(stats)}
 

@@ -9,11 +9,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sentencepiece as spm
 from flax import nnx
 
 from maxlm import config_checks, optim, sampling, sharding, steps, tasks
 from maxlm.errors import UserError
-from maxlm.model import ModelConfig, Transformer, count_params, moe, training_flops_per_token
+from maxlm.model import (
+  ModelConfig,
+  Transformer,
+  count_params,
+  moe,
+  training_flops_per_token,
+)
+from serving.engine import Engine, SamplingSettings
+from serving.orchestrator import Orchestrator
+from tests.test_serving import CONTEXT, save_random_checkpoint, train_tokenizer
 
 CONFIG = ModelConfig(vocab_size=128, num_layers=3, embed_dim=32, num_heads=4, num_kv_heads=2,
                      head_dim=8, mlp_dim=64, max_seq_len=64, num_experts=8, experts_per_token=2,
@@ -239,8 +249,7 @@ def test_an_expert_mesh_trains_like_one_device(one_device, mesh_shape):
 def test_capacity_dispatch_on_an_expert_mesh_matches_one_device_when_nothing_drops():
   config = dataclasses.replace(CONFIG, moe_dispatch="capacity", capacity_factor=4.0)
   losses, metrics, _, hlo = _train(config, (1, 2, 1, 4), num_steps=1)
-  base_losses, base_metrics, _, _ = one_device_losses = _train(config, (1, 1, 1, 1), 1)
-  del one_device_losses
+  base_losses, _, _, _ = _train(config, (1, 1, 1, 1), num_steps=1)
   np.testing.assert_allclose(losses, base_losses, rtol=LOSS_TOLERANCE)
   assert float(metrics["moe/layer1/dropped_fraction"]) == 0.0
   assert "all-to-all" in hlo
@@ -266,7 +275,7 @@ def test_router_losses_join_the_loss_with_their_gin_weights():
   batch = _batch(1)
   plain, metrics = tasks.Pretrain(load_balancing_loss=0.0, router_z_loss=0.0).loss(model, batch)
   weighted, _ = tasks.Pretrain(load_balancing_loss=0.5, router_z_loss=0.25).loss(model, batch)
-  mean = lambda name: (metrics[f"moe/layer1/{name}"] + metrics[f"moe/layer2/{name}"]) / 2  # noqa
+  mean = lambda name: (metrics[f"moe/layer1/{name}"] + metrics[f"moe/layer2/{name}"]) / 2
   np.testing.assert_allclose(
       weighted, plain + 0.5 * mean("load_balancing_loss") + 0.25 * mean("router_z_loss"),
       rtol=1e-6)
@@ -298,11 +307,6 @@ def test_an_expert_axis_that_does_not_divide_the_experts_is_refused():
 
 
 def test_an_moe_checkpoint_serves_greedy_with_cache_as_without(tmp_path):
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-  from serving.engine import Engine, SamplingSettings  # pylint: disable=import-outside-toplevel
-  from serving.orchestrator import Orchestrator  # pylint: disable=import-outside-toplevel
-  from tests.test_serving import (  # pylint: disable=import-outside-toplevel
-      CONTEXT, save_random_checkpoint, train_tokenizer)
   tokenizer_file = train_tokenizer(tmp_path)
   vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer_file)).vocab_size()
   config = dataclasses.replace(CONFIG, vocab_size=vocab_size, max_seq_len=CONTEXT,
