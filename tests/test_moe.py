@@ -24,6 +24,7 @@ from maxlm.model import (
 from serving.engine import Engine, SamplingSettings
 from serving.orchestrator import Orchestrator
 from tests.test_serving import CONTEXT, save_random_checkpoint, train_tokenizer
+from tests.test_train import _metrics, _run_until_step, _train_process, data_dir  # noqa: F401
 
 CONFIG = ModelConfig(vocab_size=128, num_layers=3, embed_dim=32, num_heads=4, num_kv_heads=2,
                      head_dim=8, mlp_dim=64, max_seq_len=64, num_experts=8, experts_per_token=2,
@@ -329,3 +330,32 @@ def test_an_moe_checkpoint_serves_greedy_with_cache_as_without(tmp_path):
       assert cached == batched == engine.greedy_decode_without_cache(prompt_ids, 10)
   finally:
     orchestrator.shutdown(grace_s=10)
+
+
+MOE_RUN_FLAGS = [f"--gin_param={binding}" for binding in (
+    "ModelConfig.num_experts = 8", "ModelConfig.experts_per_token = 2",
+    "ModelConfig.moe_mlp_dim = 32", "ModelConfig.moe_dispatch = 'capacity'",
+    "make_mesh.data = 1", "make_mesh.fsdp = 2", "make_mesh.tensor = 1", "make_mesh.expert = 4",
+    "train.eval_every = 100")]
+
+
+@pytest.mark.slow  # two real training processes on 8 devices
+def test_a_killed_moe_run_reruns_to_the_same_losses(data_dir, tmp_path):  # noqa: F811
+  flags = ["--steps=7", "--checkpoint_every=1", *MOE_RUN_FLAGS]
+  uninterrupted = _train_process(tmp_path / "a", data_dir, *flags)
+  assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stdout.read()
+  killed = _train_process(tmp_path / "b", data_dir, *flags)
+  _run_until_step(killed, 4)
+  killed.kill()
+  killed.wait()
+  rerun = _train_process(tmp_path / "b", data_dir, *flags)
+  output = rerun.communicate(timeout=300)[0]
+  assert rerun.returncode == 0 and "resumed from" in output, output
+  rows = _metrics(tmp_path / "a")
+  assert [(r["step"], r["loss"]) for r in _metrics(tmp_path / "b")] == [
+      (r["step"], r["loss"]) for r in rows]
+  for row in rows:  # train.log_every = 1: every step logs the router metrics
+    assert 1.0 <= row["expert_load_max_over_mean"] <= 8.0
+    assert 0.0 <= row["dropped_token_fraction"] < 1.0
+    np.testing.assert_allclose(sum(row[f"moe/layer0/expert{e}_fraction"] for e in range(8)), 1.0,
+                               rtol=1e-5)
