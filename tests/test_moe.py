@@ -229,11 +229,34 @@ def _train(config, mesh_shape, num_steps=2, microbatches=1):
   return losses, metrics, state, hlo
 
 
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.parametrize("mesh_shape", [(1, 2, 1, 4), (2, 2, 1, 2)])
+def test_an_moe_layer_on_an_expert_mesh_matches_one_device(mesh_shape, dispatch):
+  config = dataclasses.replace(CONFIG, moe_dispatch=dispatch, capacity_factor=4.0)  # no drops
+  graphdef, params = nnx.split(moe.MoE(config, nnx.Rngs(0)))
+  x = jnp.asarray(np.random.default_rng(8).normal(size=(8, 16, config.embed_dim)), jnp.float32)
+
+  def loss(params, x):
+    return jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x)))
+  want_loss, want_grads = jax.jit(jax.value_and_grad(loss))(params, x)
+  data, fsdp, tensor, expert = mesh_shape
+  mesh = sharding.make_mesh(data, fsdp, tensor, expert, devices=jax.devices()[:8])
+  with jax.set_mesh(mesh):
+    step = jax.jit(jax.value_and_grad(loss))
+    sharded_x = jax.device_put(x, sharding.batch_sharding(mesh, ndim=3))
+    got_loss, got_grads = step(params, sharded_x)
+    assert "all-to-all" in step.lower(params, sharded_x).compile().as_text()
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def one_device():
   return _train(CONFIG, (1, 1, 1, 1))
 
 
+@pytest.mark.slow  # 40 s; test_an_moe_layer_on_an_expert_mesh_matches_one_device is the fast one
 @pytest.mark.parametrize("mesh_shape", [(1, 2, 1, 4), (2, 2, 1, 2)])
 def test_an_expert_mesh_trains_like_one_device(one_device, mesh_shape):
   losses, _, state, hlo = _train(CONFIG, mesh_shape)
@@ -247,6 +270,7 @@ def test_an_expert_mesh_trains_like_one_device(one_device, mesh_shape):
   assert {s.data.shape[0] for s in gate.addressable_shards} == {8 // expert_devices}
 
 
+@pytest.mark.slow  # 30 s
 def test_capacity_dispatch_on_an_expert_mesh_matches_one_device_when_nothing_drops():
   config = dataclasses.replace(CONFIG, moe_dispatch="capacity", capacity_factor=4.0)
   losses, metrics, _, hlo = _train(config, (1, 2, 1, 4), num_steps=1)
@@ -282,6 +306,7 @@ def test_router_losses_join_the_loss_with_their_gin_weights():
       rtol=1e-6)
 
 
+@pytest.mark.slow  # 16 s
 def test_microbatched_router_metrics_are_means_over_microbatches():
   _, metrics, _, _ = _train(CONFIG, (1, 1, 1, 1), num_steps=1, microbatches=2)
   assert float(metrics["moe/passes"]) == 2.0
