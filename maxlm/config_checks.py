@@ -15,7 +15,7 @@ import gin
 from beam_pipelines.chat_template import IMAGE_TOKEN
 from maxlm import optim, sharding, tasks
 from maxlm.errors import UserError
-from maxlm.model import ModelConfig
+from maxlm.model import ModelConfig, moe
 from maxlm.model.transformer import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -95,7 +95,7 @@ def _diff(saved, current) -> str:
 # ModelConfig fields that choose how the model computes, not what its parameters are.
 COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat", "max_seq_len", "norm_eps", "rope_theta",
                        "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                       "rope_original_max_len")
+                       "rope_original_max_len", "moe_dispatch", "capacity_factor")
 # Adapters a run adds to a base that has none (see `check_same_model`).
 ADAPTER_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 
@@ -183,6 +183,12 @@ RULES: dict[str, dict[str, Rule]] = {
         "lora_alpha": POSITIVE_NUMBER,
         "lora_targets": ANY,  # ModelConfig names the projections it accepts
         "vision": ANY,  # VisionConfig checks its own fields
+        **dict.fromkeys(("num_experts", "num_shared_experts", "first_dense_layers"),
+                        NON_NEGATIVE_INT),
+        **dict.fromkeys(("experts_per_token", "moe_every"), POSITIVE_INT),
+        "moe_mlp_dim": _optional(POSITIVE_INT),
+        "moe_dispatch": _one_of(moe.DISPATCHES),
+        "capacity_factor": POSITIVE_NUMBER,
     },
     "train": {
         "workdir": PATH,
@@ -208,7 +214,7 @@ RULES: dict[str, dict[str, Rule]] = {
                   "a list of evaluators, e.g. [@MultipleChoice(), @Perplexity()]"),
     },
     "Pretrain": {
-        "z_loss": NON_NEGATIVE_NUMBER,
+        **dict.fromkeys(("z_loss", "load_balancing_loss", "router_z_loss"), NON_NEGATIVE_NUMBER),
         "batch_fields": ANY,
     },
     "learning_rate_schedule": {
@@ -227,7 +233,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "max_grad_norm": POSITIVE_NUMBER,
     },
     "make_mesh": {
-        **dict.fromkeys(("data", "fsdp", "tensor"), (
+        **dict.fromkeys(("data", "fsdp", "tensor", "expert"), (
             (lambda value: _is_int(value) and (value > 0 or value == -1)),
             "a positive int, or -1 for the devices left over")),
         "devices": ANY,

@@ -14,10 +14,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")  # room for "sequence" and "expert" when they land
+# "expert" splits an MoE layer's experts, and the batch like "data" everywhere else.
+MESH_AXES = ("data", "expert", "fsdp", "tensor")  # room for "sequence" when it lands
 
 LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", ()),
     ("embed", ("fsdp",)),
     ("act_embed", ()),
@@ -29,16 +30,17 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("lora_rank", ()),  # a few columns: replicated, while the adapter's other axis splits
     ("patch", ()),         # a patch's pixels (ViT input), a few hundred
     ("image_length", ()),  # patches per image (ViT positions)
+    ("expert", ("expert",)),  # an MoE layer's experts; tokens reach them by all-to-all
 )
 _RULES = dict(LOGICAL_RULES)
 
 
 @gin.configurable(module="maxlm")
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
+  """A (data, expert, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
   devices = list(devices if devices is not None else jax.devices())
-  sizes = [data, fsdp, tensor]
+  sizes = [data, expert, fsdp, tensor]
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
   known = int(np.prod([s for s in sizes if s != -1]))
@@ -49,7 +51,8 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices "
-                     f"but {len(devices)} are available; set make_mesh.data/fsdp/tensor to match")
+                     f"but {len(devices)} are available; set make_mesh.data/fsdp/tensor/expert "
+                     "to match")
   device_grid = np.asarray(devices).reshape(sizes)
   return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
@@ -87,7 +90,8 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict:
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Sharding of a [batch, ...] input array: batch over (data, fsdp), the rest replicated."""
+  """Sharding of a [batch, ...] input array: batch over (data, fsdp, expert), the rest
+  replicated."""
   axes = ("batch",) + (None,) * (ndim - 1)
   return NamedSharding(mesh, logical_to_spec(axes, (batch_divisor(mesh),) + (1,) * (ndim - 1),
                                              dict(mesh.shape)))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxlm.model import ModelConfig, training_flops_per_token
+from maxlm.model import ModelConfig, moe, training_flops_per_token
 
 
 def cross_entropy_with_mask(logits: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -48,15 +48,44 @@ def next_token_targets(tokens: jax.Array, segment_ids: jax.Array):
   return targets, weights
 
 
-def next_token_loss(model, batch: dict[str, jax.Array],
-                    z_loss: float = 0.0) -> tuple[jax.Array, dict]:
+def next_token_loss(model, batch: dict[str, jax.Array], z_loss: float = 0.0,
+                    load_balancing_loss: float = 0.01,
+                    router_z_loss: float = 0.001) -> tuple[jax.Array, dict]:
   """Pretraining: mean next-token cross-entropy over packed documents, plus the mean z-loss
-  times `z_loss` (0 turns it off)."""
+  times `z_loss` (0 turns it off), plus an MoE model's router losses (`with_router_losses`)."""
   logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
   targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
   nll, count, z_loss_sum = cross_entropy_with_mask(logits, targets, weights, z_loss)
   loss = (nll + z_loss_sum) / jnp.maximum(count, 1.0)
-  return loss, {"nll_sum": nll, "z_loss_sum": z_loss_sum, "target_tokens": count}
+  metrics = {"nll_sum": nll, "z_loss_sum": z_loss_sum, "target_tokens": count}
+  return with_router_losses(model, loss, metrics, load_balancing_loss, router_z_loss)
+
+
+def with_router_losses(model, loss: jax.Array, metrics: dict, load_balancing_loss: float,
+                       router_z_loss: float) -> tuple[jax.Array, dict]:
+  """(loss, metrics) plus the router losses and metrics the MoE layers of `model` recorded
+  in its last forward pass: each loss's mean over layers times its weight. A dense model's
+  pair comes back as it was."""
+  stats = moe.pop_router_stats(model)
+  if not stats:
+    return loss, metrics
+  mean = lambda name: sum(layer[name] for layer in stats.values()) / len(stats)
+  aux = load_balancing_loss * mean("load_balancing_loss") + router_z_loss * mean("router_z_loss")
+  return loss + aux, {**metrics, **moe.router_metrics(stats)}
+
+
+def router_scalars(metrics: dict) -> dict[str, float]:
+  """The `moe/` metrics of one train step as means over its microbatches, plus the worst
+  layer's `expert_load_max_over_mean` and `dropped_token_fraction`; {} for a dense model."""
+  if "moe/passes" not in metrics:
+    return {}
+  passes = float(metrics["moe/passes"])
+  scalars = {name: float(value) / passes for name, value in metrics.items()
+             if name.startswith("moe/") and name != "moe/passes"}
+  def worst(suffix):
+    return max(value for name, value in scalars.items() if name.endswith(suffix))
+  return {**scalars, "expert_load_max_over_mean": worst("/load_max_over_mean"),
+          "dropped_token_fraction": worst("/dropped_fraction")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +133,12 @@ class Task(Protocol):
 @gin.configurable(module="maxlm")
 @dataclasses.dataclass(frozen=True)
 class Pretrain:
-  """Next-token prediction over packed documents; `z_loss` weighs mean log(Z)**2 (0: off)."""
+  """Next-token prediction over packed documents; `z_loss` weighs mean log(Z)**2 (0: off).
+  An MoE model adds its routers' losses, each a mean over MoE layers: Switch Transformer's
+  load-balancing loss times `load_balancing_loss` and the router z-loss times `router_z_loss`."""
   z_loss: float = 0.0
+  load_balancing_loss: float = 0.01
+  router_z_loss: float = 0.001
   batch_fields: tuple[str, ...] = ("tokens", "segment_ids", "positions")
 
   def bind(self, context):
@@ -113,7 +146,9 @@ class Pretrain:
     return self
 
   def loss(self, model, batch):
-    return next_token_loss(model, batch, z_loss=self.z_loss)
+    return next_token_loss(model, batch, z_loss=self.z_loss,
+                           load_balancing_loss=self.load_balancing_loss,
+                           router_z_loss=self.router_z_loss)
 
   def prepare_batch(self, batch):
     return batch
@@ -122,8 +157,7 @@ class Pretrain:
     return seq_len, seq_len * training_flops_per_token(config, seq_len)
 
   def train_scalars(self, metrics):
-    del metrics
-    return {}
+    return router_scalars(metrics)
 
   def eval_scalars(self, sums):
     loss = sums["nll_sum"] / max(sums["target_tokens"], 1.0)

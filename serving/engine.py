@@ -131,6 +131,8 @@ class Engine:
                                               f"{error.reason}; {advice}") from None
     tokenizer = load_tokenizer(tokenizer_file, meta.get("tokenizer_sha256"))
     params, config = merge_adapters(params, checkpoint.config_from_meta(meta))
+    # Capacity dispatch would let a request's tokens drop each other's: serve without drops.
+    config = dataclasses.replace(config, moe_dispatch="dropless")
     graphdef, _ = steps.abstract_model(config)  # LoRA merged: no adapter cost per token
     return cls(graphdef, params, config, tokenizer,
                model_name=model_name or checkpoints.parent.name, max_len=max_len, slots=slots,

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maxlm.model import attention, kv_cache, layers, vit
+from maxlm.model import attention, kv_cache, layers, moe, vit
 from maxlm.model.kv_cache import KVCache
 from maxlm.sharding import constrain
 
@@ -58,6 +58,14 @@ class ModelConfig:
   lora_alpha: float = 16.0  # an adapter's term scales by lora_alpha / lora_rank
   lora_targets: tuple[str, ...] = LORA_TARGETS
   vision: vit.VisionConfig | None = None  # a vision tower and projector; None: text only
+  num_experts: int = 0          # routed experts in each MoE layer; 0: a dense model
+  experts_per_token: int = 2    # top-k: the experts each token's router picks
+  moe_mlp_dim: int | None = None  # one expert's hidden width; None: mlp_dim
+  num_shared_experts: int = 0   # experts every token of an MoE layer goes through as well
+  moe_every: int = 1            # after the first dense layers, every moe_every-th layer is MoE
+  first_dense_layers: int = 0   # leading layers that keep a dense MLP
+  moe_dispatch: str = "dropless"  # "dropless" (grouped matmul) or "capacity" (drops overflow)
+  capacity_factor: float = 1.25   # "capacity": an expert takes this times an even share
 
   def __post_init__(self):
     if isinstance(self.vision, dict):  # as a checkpoint's JSON holds it
@@ -81,6 +89,12 @@ class ModelConfig:
                        f"ModelConfig.num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+    if self.moe_dispatch not in moe.DISPATCHES:
+      raise ValueError(f"ModelConfig.moe_dispatch={self.moe_dispatch!r}; choose one of "
+                       f"{', '.join(moe.DISPATCHES)}")
+    if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
+      raise ValueError(f"ModelConfig.experts_per_token={self.experts_per_token} must be "
+                       f"between 1 and ModelConfig.num_experts={self.num_experts}")
 
   @property
   def rope_scaling(self) -> tuple[float, float, float, int] | None:
@@ -93,6 +107,16 @@ class ModelConfig:
   @property
   def lora_scale(self) -> float:
     return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+  @property
+  def expert_mlp_dim(self) -> int:
+    return self.mlp_dim if self.moe_mlp_dim is None else self.moe_mlp_dim
+
+  def is_moe_layer(self, layer: int) -> bool:
+    """Layers 0..first_dense_layers-1 are dense; after them every moe_every-th layer, counted
+    from the first, is MoE (moe_every=2: dense, MoE, dense, MoE, ...)."""
+    after = layer - self.first_dense_layers
+    return bool(self.num_experts) and after >= 0 and (after + 1) % self.moe_every == 0
 
 
 def init_kv_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
@@ -192,17 +216,28 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  def __init__(self, config: ModelConfig, rngs: nnx.Rngs, adapter_rngs: nnx.Rngs | None = None):
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs, adapter_rngs: nnx.Rngs | None = None,
+               layer: int = 0):
     self.attention_norm = RMSNorm(config.embed_dim, config.norm_eps)
     self.attention = Attention(config, rngs, adapter_rngs)
     self.mlp_norm = RMSNorm(config.embed_dim, config.norm_eps)
-    self.mlp = MLP(config, rngs, adapter_rngs)
+    if not config.is_moe_layer(layer):
+      self.mlp = MLP(config, rngs, adapter_rngs)
+      return
+    self.mlp = moe.MoE(config, rngs)
+    if config.num_shared_experts:  # one MLP as wide as all shared experts together
+      self.shared_mlp = MLP(dataclasses.replace(
+          config, mlp_dim=config.expert_mlp_dim * config.num_shared_experts, lora_rank=0), rngs)
 
   def __call__(self, x, positions, segment_ids, cache, bidirectional_ids=None):
     attended, cache = self.attention(self.attention_norm(x), positions, segment_ids, cache,
                                      bidirectional_ids)
     x = constrain(x + attended, ("batch", "length", "act_embed"))
-    x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "act_embed"))
+    normed = self.mlp_norm(x)
+    out = self.mlp(normed)
+    if hasattr(self, "shared_mlp"):
+      out = out + self.shared_mlp(normed)
+    x = constrain(x + out, ("batch", "length", "act_embed"))
     return x, cache
 
 
@@ -217,7 +252,7 @@ class Transformer(nnx.Module):
     # without them.
     adapter_rngs = nnx.Rngs(jax.random.split(rngs.params.key[...])[1]) if c.lora_rank else None
     self.embedding = _param(rngs, (c.vocab_size, c.embed_dim), ("vocab", "embed"), 1)
-    self.blocks = nnx.List([Block(c, rngs, adapter_rngs) for _ in range(c.num_layers)])
+    self.blocks = nnx.List([Block(c, rngs, adapter_rngs, layer) for layer in range(c.num_layers)])
     self.final_norm = RMSNorm(c.embed_dim, c.norm_eps)
     if not c.tie_embeddings:
       self.unembedding = _param(rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"), c.embed_dim)
@@ -308,20 +343,26 @@ def _rematerialized(remat: str):
   return nnx.remat(_run_block, policy=REMAT_POLICIES[remat], prevent_cse=True)
 
 
-def count_params(config: ModelConfig) -> int:
-  """Closed-form parameter count (adapters aside), independent of the module code."""
+def count_params(config: ModelConfig, active: bool = False) -> int:
+  """Closed-form parameter count (adapters aside), independent of the module code. `active`:
+  only the weights one token multiplies (its experts_per_token routed experts, not all)."""
   c = config
   attention = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-  mlp = 3 * c.embed_dim * c.mlp_dim
-  per_layer = attention + mlp + 2 * c.embed_dim
+  moe_layers = sum(c.is_moe_layer(layer) for layer in range(c.num_layers))
+  experts = (c.experts_per_token if active else c.num_experts) + c.num_shared_experts
+  moe_mlp = c.embed_dim * c.num_experts + 3 * c.embed_dim * c.expert_mlp_dim * experts
+  mlps = (c.num_layers - moe_layers) * 3 * c.embed_dim * c.mlp_dim + moe_layers * moe_mlp
+  per_layer = attention + 2 * c.embed_dim
   embeddings = c.vocab_size * c.embed_dim * (1 if c.tie_embeddings else 2)
-  return c.num_layers * per_layer + embeddings + c.embed_dim
+  return c.num_layers * per_layer + mlps + embeddings + c.embed_dim
 
 
 def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
   """Model FLOPs of one training token (forward + backward): 6 per weight it multiplies
-  (the input embedding is a lookup), plus causal attention's scores and weighted sum."""
+  (the input embedding is a lookup; of an MoE layer, the router and the token's experts),
+  plus causal attention's scores and weighted sum."""
   c = config
-  matmul_params = count_params(c) - c.vocab_size * c.embed_dim * (0 if c.tie_embeddings else 1)
+  matmul_params = (count_params(c, active=True)
+                   - c.vocab_size * c.embed_dim * (0 if c.tie_embeddings else 1))
   attention = 6 * c.num_layers * c.num_heads * c.head_dim * seq_len  # 2 matmuls, half masked
   return 6.0 * matmul_params + attention

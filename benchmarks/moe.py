@@ -1,0 +1,113 @@
+"""Mixture-of-experts train step costs against a dense step, measured in one run.
+
+  python benchmarks/moe.py [--json] [--steps 3] [--rounds 3]
+
+Every step is maxlm's real one (`steps.make_train_step` with the pretraining loss, on one
+device) over configs/tiny.gin's batch (8 x 256 tokens):
+  moe_step_vs_dense_same_active  configs/moe_tiny.gin's shape and dispatch (16 experts of
+                        width 256, top-2, capacity factor 1.25) over tiny.gin's dense shape:
+                        the same active parameters per token (target <= 1.6);
+  dropless_step_vs_dense  the same with the dropless dispatch (jax.lax.ragged_dot);
+  dropless_vs_capacity  the dropless step over the capacity step;
+  active_params_ratio   MoE active parameters over the dense model's (~1);
+  total_params_ratio    MoE total parameters over the dense model's.
+Rounds alternate the steps so load from other processes hits all alike; each figure is the
+median over rounds of the per-step time. Grouped-matmul TFLOP/s on a GPU is not measured here.
+"""
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+from maxlm import optim, sharding, steps, tasks
+from maxlm.model import ModelConfig, count_params
+
+DENSE = ModelConfig(vocab_size=4096, num_layers=4, embed_dim=192, num_heads=3, num_kv_heads=1,
+                    head_dim=64, mlp_dim=512, max_seq_len=256)  # configs/tiny.gin
+MOE = dataclasses.replace(DENSE, num_experts=16, experts_per_token=2,
+                          moe_mlp_dim=256)  # configs/moe_tiny.gin
+SHAPES = {"dense": DENSE, "dropless": MOE,
+          "capacity": dataclasses.replace(MOE, moe_dispatch="capacity", capacity_factor=1.25)}
+BATCH, SEQ_LEN = 8, 256
+
+
+def random_batch(seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return {"tokens": rng.integers(0, DENSE.vocab_size, (BATCH, SEQ_LEN), dtype=np.int32),
+          "positions": np.broadcast_to(np.arange(SEQ_LEN, dtype=np.int32), (BATCH, SEQ_LEN)),
+          "segment_ids": np.ones((BATCH, SEQ_LEN), np.int32)}
+
+
+def trainer(config: ModelConfig, batch: dict):
+  """`run(steps) -> seconds` of the jitted train step of `config` on one device."""
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  optimizer = optim.make_optimizer(optim.learning_rate_schedule(10**6, 1e-4, 0))
+  graphdef, abstract_state = steps.abstract_model(config)
+  shardings = steps.state_shardings(abstract_state, optimizer, mesh)
+  train_step = steps.make_train_step(graphdef, tasks.Pretrain().loss, optimizer, shardings,
+                                     sharding.batch_sharding(mesh))
+  state = steps.init_train_state(config, optimizer, shardings)
+  device_batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+
+  def run(num_steps: int) -> float:
+    nonlocal state
+    started = time.perf_counter()
+    with jax.set_mesh(mesh):
+      for _ in range(num_steps):
+        state, metrics = train_step(state, device_batch)
+      jax.block_until_ready(metrics["loss"])
+    return time.perf_counter() - started
+  return run
+
+
+def measure(steps_per_round: int, rounds: int) -> dict[str, float]:
+  """Median seconds per step of each shape."""
+  steps.keep_freed_host_memory()
+  batch = random_batch()
+  runners = {name: trainer(config, batch) for name, config in SHAPES.items()}
+  for run in runners.values():
+    run(1)  # compile and warm up
+  seconds = {name: [] for name in runners}
+  for _ in range(rounds):
+    for name, run in runners.items():
+      seconds[name].append(run(steps_per_round) / steps_per_round)
+  return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--json", action="store_true", help="also print one JSON object")
+  parser.add_argument("--steps", type=int, default=3, help="steps per round")
+  parser.add_argument("--rounds", type=int, default=3)
+  args = parser.parse_args()
+  step_s = measure(args.steps, args.rounds)
+  params = {name: (count_params(config), count_params(config, active=True))
+            for name, config in SHAPES.items()}
+  print(f"{'':>9} {'step s':>8} {'params M':>9} {'active M':>9}")
+  for name, seconds in step_s.items():
+    print(f"{name:>9} {seconds:8.3f} {params[name][0] / 1e6:9.2f} {params[name][1] / 1e6:9.2f}")
+  result = {
+      "moe_step_vs_dense_same_active": step_s["capacity"] / step_s["dense"],
+      "dropless_step_vs_dense": step_s["dropless"] / step_s["dense"],
+      "dropless_vs_capacity": step_s["dropless"] / step_s["capacity"],
+      "active_params_ratio": params["dropless"][1] / params["dense"][1],
+      "total_params_ratio": params["dropless"][0] / params["dense"][0],
+      "step_s": step_s, "batch_tokens": BATCH * SEQ_LEN, "device": jax.devices()[0].device_kind,
+  }
+  print(f"MoE step / dense step (same active params): "
+        f"{result['moe_step_vs_dense_same_active']:.3f} (target <= 1.6); dropless / capacity: "
+        f"{result['dropless_vs_capacity']:.3f}")
+  if args.json:
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
