@@ -24,7 +24,7 @@ from maxlm.model import (
 from serving.engine import Engine, SamplingSettings
 from serving.orchestrator import Orchestrator
 from tests.test_serving import CONTEXT, save_random_checkpoint, train_tokenizer
-from tests.test_train import _metrics, _run_until_step, _train_process, data_dir  # noqa: F401
+from tests.test_train import _metrics, _run_until_step, _train_process
 
 CONFIG = ModelConfig(vocab_size=128, num_layers=3, embed_dim=32, num_heads=4, num_kv_heads=2,
                      head_dim=8, mlp_dim=64, max_seq_len=64, num_experts=8, experts_per_token=2,
@@ -185,6 +185,14 @@ def test_moe_layers_follow_first_dense_layers_and_moe_every():
   model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   assert [isinstance(block.mlp, moe.MoE) for block in model.blocks] == [
       config.is_moe_layer(layer) for layer in range(7)]
+
+
+def test_experts_are_mlp_dim_wide_when_moe_mlp_dim_is_unset():
+  config = dataclasses.replace(CONFIG, moe_mlp_dim=None)
+  model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+  moe_layer = next(block.mlp for block in model.blocks if isinstance(block.mlp, moe.MoE))
+  assert moe_layer.gate.get_value().shape == (config.num_experts, config.embed_dim,
+                                               config.mlp_dim)
 
 
 def test_total_and_active_parameter_counts_match_the_module():
@@ -365,7 +373,7 @@ MOE_RUN_FLAGS = [f"--gin_param={binding}" for binding in (
 
 
 @pytest.mark.slow  # two real training processes on 8 devices
-def test_a_killed_moe_run_reruns_to_the_same_losses(data_dir, tmp_path):  # noqa: F811
+def test_a_killed_moe_run_reruns_to_the_same_losses(data_dir, tmp_path):
   flags = ["--steps=7", "--checkpoint_every=1", *MOE_RUN_FLAGS]
   uninterrupted = _train_process(tmp_path / "a", data_dir, *flags)
   assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stdout.read()

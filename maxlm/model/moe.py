@@ -191,7 +191,7 @@ class MoE(nnx.Module):
   def __init__(self, config, rngs: nnx.Rngs):
     c = config
     self.config = c
-    experts, dim, hidden = c.num_experts, c.embed_dim, c.moe_mlp_dim
+    experts, dim, hidden = c.num_experts, c.embed_dim, c.expert_mlp_dim
     self.router = _expert_param(rngs, (dim, experts), ("embed", None), dim)
     self.gate = _expert_param(rngs, (experts, dim, hidden), ("expert", "embed", "mlp"), dim)
     self.up = _expert_param(rngs, (experts, dim, hidden), ("expert", "embed", "mlp"), dim)
