@@ -104,7 +104,7 @@ def _trl_worker(connection, params: dict, config: ModelConfig, examples: list, b
       max_steps=total_steps, learning_rate=learning_rate, lr_scheduler_type="constant",
       adam_beta2=0.95, weight_decay=0.1, max_grad_norm=1.0, bf16=False, fp16=False,
       gradient_checkpointing=False, logging_steps=10**9, save_strategy="no", report_to="none",
-      disable_tqdm=True, dataloader_num_workers=0, seed=0)
+      disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False, seed=0)
   trainer = trl.DPOTrainer(model=model.train(), ref_model=reference, args=args,
                            train_dataset=datasets.Dataset.from_list(_text_rows(examples)),
                            processing_class=_word_tokenizer(config.vocab_size),
