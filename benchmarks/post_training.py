@@ -12,13 +12,18 @@ Every step is maxlm's real one (`steps.make_train_step` with the task's loss, on
   lora_optimizer_bytes_fraction  Adam's state for rank-8 adapters over full fine-tuning's, on
                         configs/125m.gin's shape (counted from shapes, nothing allocated).
 Rounds alternate the steps so load from other processes hits all alike; each figure is the
-median over rounds of the per-step time. Targets (issue 12): sft_vs_pretrain_step <= 1.05,
-dpo_vs_sft_step <= 2.2, lora_step_vs_full <= 1.0, lora_optimizer_bytes_fraction <= 0.02.
-`ratio_vs_trl` (TRL's DPOTrainer on the same model in PyTorch) is not measured yet: null.
+median over rounds of the per-step time.
+  ratio_vs_trl          Hugging Face TRL's DPOTrainer (PyTorch, in a child process; see
+                        `trl_dpo.py`) on the same model, parameters, pairs and beta, its
+                        reference forward inside each step, over maxlm's DPO step: TRL s/step
+                        / maxlm s/step. Null without trl (`pip install -e .[bench]`).
+Targets (issue 12): sft_vs_pretrain_step <= 1.05, dpo_vs_sft_step <= 2.2, lora_step_vs_full
+<= 1.0, lora_optimizer_bytes_fraction <= 0.02, ratio_vs_trl >= 1.5.
 """
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -33,6 +38,7 @@ from flax import nnx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks import trl_dpo  # noqa: E402
 from maxlm import optim, post_training, sharding, steps, tasks  # noqa: E402
 from maxlm.model import ModelConfig  # noqa: E402
 
@@ -44,6 +50,7 @@ SHAPES = {
                         tie_embeddings=True),
 }
 LORA_RANK = 8
+LEARNING_RATE = 1e-4
 
 
 def packed_rows(rng, rows: int, seq: int, vocab: int, documents: int = 4) -> dict:
@@ -70,12 +77,13 @@ class Stepper:
 
   def __init__(self, config: ModelConfig, task, trainable: str | None = None):
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    optimizer = optim.make_optimizer(optim.learning_rate_schedule(1000, 1e-4, 10))
+    optimizer = optim.make_optimizer(optim.learning_rate_schedule(1000, LEARNING_RATE, 10))
     graphdef, abstract_state = steps.abstract_model(config)
     shardings = steps.state_shardings(abstract_state, optimizer, mesh, trainable)
     param_shardings = sharding.param_shardings(abstract_state, mesh)
     frozen_shardings = steps.frozen_shardings(abstract_state, mesh, trainable) if trainable else None
     params = steps.init_params(config, param_shardings)
+    self.initial_params = params
     trained, self.frozen = steps.split_trainable(params, trainable)
     self.state = steps.train_state_from_params(trained, optimizer, shardings)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -119,7 +127,9 @@ def main(argv=None):
   parser.add_argument("--seq_len", type=int, default=256)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
   parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compiles)")
   args = parser.parse_args(argv)
+  steps.keep_freed_host_memory()  # the allocator policy TRL's child runs under too
   config = dataclasses.replace(SHAPES[args.shape], max_seq_len=max(args.seq_len, 256))
   rng = np.random.default_rng(0)
   text = packed_rows(rng, args.batch, args.seq_len, config.vocab_size)
@@ -132,12 +142,18 @@ def main(argv=None):
       "full_finetune": (Stepper(lora_config, post_training.SFT()), text),
       "lora": (Stepper(lora_config, post_training.SFT(), trainable=".*lora.*"), text),
   }
-  for stepper, batch in runs.values():
-    stepper.run(batch, 1)  # compile
-  times = {name: [] for name in runs}
+  timers = {name: functools.partial(stepper.run, batch) for name, (stepper, batch) in runs.items()}
+  dpo, total_steps = runs["dpo"][0], args.warmup + args.rounds * args.steps
+  trl_run = trl_dpo.trl_dpo_timer(jax.tree.map(np.asarray, dpo.initial_params), config, pairs,
+                                  dpo.task.beta, LEARNING_RATE, total_steps)
+  if trl_run is not None:
+    timers["trl_dpo"] = lambda count: trl_run(count)[0] / count
+  for run in timers.values():
+    run(args.warmup)
+  times = {name: [] for name in timers}
   for _ in range(args.rounds):
-    for name, (stepper, batch) in runs.items():
-      times[name].append(stepper.run(batch, args.steps))
+    for name, run in timers.items():
+      times[name].append(run(args.steps))
   median = {name: statistics.median(values) for name, values in times.items()}
   result = {
       "shape": args.shape, "batch": args.batch, "seq_len": args.seq_len,
@@ -148,14 +164,15 @@ def main(argv=None):
       "lora_optimizer_bytes_fraction": optimizer_bytes_fraction(SHAPES["125m"]),
       "lora_optimizer_bytes_fraction_this_shape": (runs["lora"][0].optimizer_bytes()
                                                    / runs["full_finetune"][0].optimizer_bytes()),
-      "ratio_vs_trl": None,
+      "ratio_vs_trl": median["trl_dpo"] / median["dpo"] if trl_run else None,
   }
   print(f"{'step':<14} {'s/step (median)':>16}   rounds")
   for name, values in times.items():
     print(f"{name:<14} {median[name]:>16.4f}   " + " ".join(f"{v:.4f}" for v in values))
   for key in ("sft_vs_pretrain_step", "dpo_vs_sft_step", "lora_step_vs_full",
-              "lora_optimizer_bytes_fraction"):
-    print(f"{key:<32} {result[key]:.3f}")
+              "lora_optimizer_bytes_fraction", "ratio_vs_trl"):
+    print(f"{key:<32} " + (f"{result[key]:.3f}" if result[key] is not None else
+                           "null: trl is not installed (pip install -e .[bench])"))
   if args.json:
     print(json.dumps(result))
 

@@ -113,28 +113,35 @@ def _torch_worker(connection):
       num_steps = connection.recv()
     except EOFError:
       return
-    cpu_started = _cpu_seconds()
-    connection.send((run(num_steps), _cpu_seconds() - cpu_started))
+    cpu_started = process_cpu_seconds()
+    connection.send((run(num_steps), process_cpu_seconds() - cpu_started))
 
 
-def torch_trainer():
-  """`run(steps) -> (wall s, CPU s)` of the PyTorch baseline, or None without torch.
+def child_timer(worker, *args):
+  """`run(steps) -> (wall s, CPU s)` served by `worker(connection, *args)` in a spawned child.
+  The worker first sends whether it can run (False: its libraries are missing; then None).
 
-  It trains in a child process: run in this one, PyTorch's heap use leaves maxlm's next steps
+  Baselines train in a child: run in this process, PyTorch's heap use leaves maxlm's next steps
   ~25% slower (page faults), which would bias the comparison.
   """
-  ours, theirs = multiprocessing.get_context("spawn").Pipe()
-  worker = multiprocessing.get_context("spawn").Process(target=_torch_worker, args=(theirs,),
-                                                        daemon=True)
-  worker.start()
+  context = multiprocessing.get_context("spawn")
+  ours, theirs = context.Pipe()
+  process = context.Process(target=worker, args=(theirs, *args), daemon=True)
+  process.start()
+  theirs.close()  # so that a child's death ends our recv() with EOFError
   if not ours.recv():
-    worker.join()
+    process.join()
     return None
 
   def run(num_steps: int) -> tuple[float, float]:
     ours.send(num_steps)
     return ours.recv()
   return run
+
+
+def torch_trainer():
+  """`run(steps) -> (wall s, CPU s)` of the PyTorch baseline, or None without torch."""
+  return child_timer(_torch_worker)
 
 
 def matmul_timer(size: int = PEAK_MATMUL):
@@ -152,7 +159,7 @@ def matmul_timer(size: int = PEAK_MATMUL):
   return run
 
 
-def _cpu_seconds() -> float:
+def process_cpu_seconds() -> float:
   usage = resource.getrusage(resource.RUSAGE_SELF)
   return usage.ru_utime + usage.ru_stime
 
@@ -160,8 +167,8 @@ def _cpu_seconds() -> float:
 def _in_this_process(run):
   """Wraps `run(steps) -> wall s` as `run(steps) -> (wall s, CPU s)`."""
   def timed(num_steps: int) -> tuple[float, float]:
-    cpu_started = _cpu_seconds()
-    return run(num_steps), _cpu_seconds() - cpu_started
+    cpu_started = process_cpu_seconds()
+    return run(num_steps), process_cpu_seconds() - cpu_started
   return timed
 
 
