@@ -1,7 +1,7 @@
 """Continuous batching against one-at-a-time serving and against HF `generate`, in one run.
 
   python benchmarks/serving.py [--json] [--checkpoint_dir=RUN] [--requests=64]
-      [--concurrency=16] [--slots=8] [--max_tokens=64] [--rounds=3] [--soak]
+      [--concurrency=16] [--slots=8] [--kv_cache_memory=GiB] [--max_tokens=64] [--rounds=3] [--soak]
 
 Starts `python -m serving.server` on a checkpoint (default: a random-init model of
 configs/tiny.gin's shape with a tokenizer trained on the stdlib, so no training is needed;
@@ -163,12 +163,14 @@ def tpot(outcome: Outcome) -> float | None:
 # --- the server --------------------------------------------------------------------------------
 
 class Server:
-  def __init__(self, run_dir: Path, slots: int, port: int, log_file: Path):
+  def __init__(self, run_dir: Path, slots: int, port: int, log_file: Path,
+               kv_cache_memory: float | None = None):
     self.url = f"http://127.0.0.1:{port}"
     self.log = open(log_file, "wb")
+    memory = [] if kv_cache_memory is None else [f"--kv_cache_memory={kv_cache_memory}"]
     self.process = subprocess.Popen(
         [sys.executable, "-m", "serving.server", f"--checkpoint_dir={run_dir}",
-         f"--port={port}", f"--slots={slots}", "--max_queue=256"],
+         f"--port={port}", f"--slots={slots}", "--max_queue=256", *memory],
         cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -313,6 +315,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--sequential_requests", type=int, default=16)
   parser.add_argument("--concurrency", type=int, default=16)
   parser.add_argument("--slots", type=int, default=8)
+  parser.add_argument("--kv_cache_memory", type=float, default=None,
+                      help="GiB of paged KV cache for the server; default: --slots contexts")
   parser.add_argument("--max_tokens", type=int, default=64)
   parser.add_argument("--port", type=int, default=8471)
   parser.add_argument("--soak", action="store_true")
@@ -328,7 +332,7 @@ def main(argv=None) -> dict:
   texts = prompts(run_dir, args.requests)
   hf, hf_note = (None, "--skip_hf") if args.skip_hf else hf_baseline(run_dir, texts,
                                                                     args.max_tokens)
-  server = Server(run_dir, args.slots, args.port, workdir / "server.log")
+  server = Server(run_dir, args.slots, args.port, workdir / "server.log", args.kv_cache_memory)
   try:
     model = server.model_name()
     requests = [completion_request(model, text, args.max_tokens, stream=True) for text in texts]
@@ -346,7 +350,8 @@ def main(argv=None) -> dict:
         drive(server.url, requests[:args.sequential_requests], 1))
     result = {
         "requests": len(requests), "rounds": args.rounds, "concurrency": args.concurrency,
-        "slots": args.slots, "max_tokens": args.max_tokens,
+        "slots": args.slots, "kv_cache_memory": args.kv_cache_memory,
+        "max_tokens": args.max_tokens,
         "output_tokens_per_s": float(np.median(rates)),
         "output_tokens_per_s_by_round": [round(r, 1) for r in rates],
         "ttft_p50_ms": 1e3 * percentile([o.ttft_s for o in outcomes], 50),

@@ -1,8 +1,11 @@
 """The serving engine: a trained checkpoint on one device, in JetStream's shape.
 
-`prefill` runs one prompt (padded to a length bucket), `insert` puts it into one of `slots`
-decode slots, and `generate` advances every slot by one token over the preallocated KV
-cache; `maxlm.sampling` holds the jitted functions. `serving.orchestrator` drives these for
+`prefill` runs one prompt (padded to a length bucket), `insert` copies its cache into blocks
+of the paged KV cache for one of `slots` decode slots, and `generate` advances every occupied
+slot by one token, in a batch of the next compiled size; `release` hands a slot's blocks back.
+The pool is sized by `kv_cache_memory` (GiB) or else holds `slots` full contexts;
+`serving.kv_pages` keeps its books, `maxlm.sampling` and `maxlm.paged_sampling` hold the
+jitted functions. `serving.orchestrator` drives these for
 many requests at once. `greedy_decode_without_cache` recomputes the whole sequence every step
 and exists as the independent reference for all of it.
 """
@@ -16,10 +19,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from maxlm import checkpoint, quantization, runs, sampling, sharding, steps
+from maxlm import checkpoint, paged_sampling, quantization, runs, sampling, sharding, steps
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.evals import text_ids
-from maxlm.model import ModelConfig, merge_adapters
+from maxlm.model import ModelConfig, merge_adapters, paged_kv
+from serving import kv_pages
 
 
 class ContextLengthError(ValueError):
@@ -46,6 +50,14 @@ class Step:
   def from_choice(cls, choice: sampling.TokenChoice) -> "Step":
     return cls(*jax.device_get((choice.token, choice.logprob, choice.top_tokens,
                                 choice.top_logprobs)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefilled:
+  """A prefill's result on the device and its prompt's length, which the host needs to
+  allocate blocks without waiting for the device."""
+  prefix: sampling.Prefix
+  length: int
 
 
 def device_settings(settings: SamplingSettings) -> tuple:
@@ -85,36 +97,41 @@ def verified_params(checkpoint_dir: str | os.PathLike, step: int | None):
 
 
 class Engine:
-  """One model, its tokenizer and a fixed number of decode slots.
+  """One model, its tokenizer, a paged KV cache and up to `slots` sequences decoding at once.
 
   Not thread-safe: one thread (the orchestrator's) drives prefill/insert/generate.
   """
 
   def __init__(self, graphdef, params, config: ModelConfig,
                tokenizer: tokenizer_lib.Tokenizer, *, model_name: str,
-               max_len: int | None = None, slots: int = 8, quantize: str | None = None):
+               max_len: int | None = None, slots: int | None = None,
+               quantize: str | None = None, kv_cache_memory: float | None = None,
+               block_size: int = 16):
     tokenizer = tokenizer_lib.as_tokenizer(tokenizer)
     if tokenizer.vocab_size() > config.vocab_size:
       raise ValueError(f"the tokenizer has {tokenizer.vocab_size()} pieces but the model only "
                        f"{config.vocab_size}; serve the checkpoint with its own tokenizer")
-    if slots < 1:
+    if slots is not None and slots < 1:
       raise ValueError(f"slots={slots}; serve with at least one decode slot")
     self.graphdef, self.config = graphdef, config
     self.params = quantization.quantize_params(params, quantize)
     self.quantize = quantize or "none"
     self.tokenizer = tokenizer
     self.model_name = model_name
-    self.slots = slots
-    self.context_length = sampling.context_length(config, max_len)
+    self._size_cache(sampling.context_length(config, max_len), slots, kv_cache_memory,
+                     block_size)
     self.eos_id = tokenizer.eos_id()
-    self._prefill, self._generate_step = sampling.bind(graphdef)
+    self._prefill, _ = sampling.bind(graphdef)
     self._scored_prefill = jax.jit(functools.partial(sampling.scored_prefill_fn, graphdef))
+    self._insert, self._step = paged_sampling.bind(graphdef)
+    self.pages: kv_pages.PageTables | None = None
     self._token_bytes = [tokenizer.piece_bytes(i) for i in range(tokenizer.vocab_size())]
 
   @classmethod
   def from_checkpoint(cls, checkpoint_dir: str | os.PathLike, *, step: int | None = None,
-                      model_name: str | None = None, max_len: int | None = None, slots: int = 8,
-                      quantize: str | None = None) -> "Engine":
+                      model_name: str | None = None, max_len: int | None = None,
+                      slots: int | None = None, quantize: str | None = None,
+                      kv_cache_memory: float | None = None) -> "Engine":
     """The latest (or given) checkpoint of a run dir (or of its checkpoints/ dir). A corrupt
     one is refused, naming the newest intact step to serve instead: serving an older model
     than the one asked for is the user's decision."""
@@ -136,48 +153,101 @@ class Engine:
     graphdef, _ = steps.abstract_model(config)  # LoRA merged: no adapter cost per token
     return cls(graphdef, params, config, tokenizer,
                model_name=model_name or checkpoints.parent.name, max_len=max_len, slots=slots,
-               quantize=quantize)
+               quantize=quantize, kv_cache_memory=kv_cache_memory)
+
+  def _size_cache(self, context_length: int, slots: int | None, kv_cache_memory: float | None,
+                  block_size: int):
+    """The pool, the slots and the context: a memory budget decides the slots unless given,
+    and a sequence never outgrows the pool (so one alone always fits)."""
+    c = self.config
+    block_bytes = paged_kv.block_bytes(c.num_layers, block_size, c.num_kv_heads, c.head_dim,
+                                       c.dtype)
+    if slots is None:
+      slots = 8 if kv_cache_memory is None else kv_pages.MAX_SLOTS
+    self.capacity = kv_pages.capacity(block_bytes, block_size, kv_cache_memory, slots,
+                                      context_length)
+    self.slots = min(slots, self.capacity.blocks)
+    self.context_length = min(context_length, self.capacity.tokens)
+    self.block_size = block_size
+    self.max_blocks = -(-self.context_length // block_size)
+
+  def describe_cache(self) -> str:
+    return self.capacity.describe(self.context_length, self.slots)
 
   # --- JetStream's three calls -----------------------------------------------------------------
 
-  def init_decode_state(self) -> sampling.DecodeState:
-    return sampling.init_decode_state(self.config, self.slots, self.context_length)
+  def init_decode_state(self) -> paged_sampling.PagedState:
+    """An empty pool, every block free (the books start over with it)."""
+    self.pages = kv_pages.PageTables(kv_pages.BlockAllocator(self.capacity.blocks), self.slots,
+                                     self.block_size, self.max_blocks)
+    return paged_sampling.init_state(self.config, self.slots, self.capacity.blocks + 1,
+                                     self.block_size)
 
   # Each call returns as soon as its work is queued on the device; a TokenChoice stays there
   # until `Step.from_choice` fetches it, so the caller can queue the next step first.
 
   def prefill(self, prompt_ids: list[int], settings: SamplingSettings
-              ) -> tuple[sampling.Prefix, sampling.TokenChoice]:
+              ) -> tuple[Prefilled, sampling.TokenChoice]:
     """The prompt's cache rows and its first new token (one row)."""
     prefix = self._prefill(
         self.params, sampling.padded_prompt(prompt_ids, self.context_length),
         len(prompt_ids), *device_settings(settings))
-    return prefix, prefix.choice
+    return Prefilled(prefix, len(prompt_ids)), prefix.choice
 
   def prefill_scored(self, prompt_ids: list[int], settings: SamplingSettings
-                     ) -> tuple[sampling.Prefix, sampling.TokenChoice, sampling.PromptScores]:
+                     ) -> tuple["Prefilled", sampling.TokenChoice, sampling.PromptScores]:
     """`prefill`, plus the log-probability of each prompt token (`echo` with `logprobs`),
     from the same forward pass; rows past the prompt's length are padding."""
     prefix, scores = self._scored_prefill(
         self.params, sampling.padded_prompt(prompt_ids, self.context_length),
         len(prompt_ids), *device_settings(settings))
-    return prefix, prefix.choice, scores
+    return Prefilled(prefix, len(prompt_ids)), prefix.choice, scores
 
-  def insert(self, prefix: sampling.Prefix, state: sampling.DecodeState,
-             slot: int) -> sampling.DecodeState:
-    return sampling.insert(prefix, state, slot)
+  def fits(self, tokens: int) -> bool:
+    """Whether the free blocks hold a new sequence of `tokens` tokens now."""
+    return self.pages.fits(tokens)
 
-  def generate(self, state: sampling.DecodeState
-               ) -> tuple[sampling.DecodeState, sampling.TokenChoice]:
-    return self._generate_step(self.params, state)
+  def insert(self, prefilled: Prefilled, state: paged_sampling.PagedState,
+             slot: int) -> paged_sampling.PagedState:
+    """Gives `slot` the blocks of the prompt (raises PoolExhausted if they are not free)."""
+    blocks = self.pages.assign(slot, prefilled.length)
+    bucket = prefilled.prefix.cache[0]["v"].shape[2]
+    block_row = np.full(-(-bucket // self.block_size), paged_kv.TRASH_BLOCK, np.int32)
+    block_row[:len(blocks)] = blocks[:len(block_row)]
+    return self._insert(prefilled.prefix, state, np.int32(slot), block_row)
+
+  def release(self, slot: int):
+    """Hands the slot's blocks back; its sequence is over (or preempted)."""
+    self.pages.release(slot)
+
+  def generate(self, state: paged_sampling.PagedState
+               ) -> tuple[paged_sampling.PagedState, sampling.TokenChoice]:
+    """One token for every occupied slot; the choice's rows are slots. Raises PoolExhausted,
+    touching nothing on the device, when some slot's next token has no free block."""
+    slots = self.pages.active()
+    self.pages.grow(slots)
+    widest = max((len(self.pages.blocks[slot]) for slot in slots), default=1)
+    rows, width = (kv_pages.bucket(len(slots), self.slots),
+                   kv_pages.bucket(widest, self.max_blocks))
+    row_slots = np.full(rows, self.slots, np.int32)
+    row_slots[:len(slots)] = slots
+    state, choice = self._step(self.params, state, row_slots,
+                               self.pages.table(slots, rows, width))
+    self.pages.advance(slots)
+    return state, choice
 
   def warmup(self):
-    """Compiles every prefill bucket, insert and the decode step, so no request waits on XLA."""
+    """Compiles every prefill bucket and insert, and the decode step for every batch and
+    block table size, so no request waits on XLA."""
     state = self.init_decode_state()
     for bucket in sampling.prefill_buckets(self.context_length):
-      prefix, _ = self.prefill([self.tokenizer.bos_id()] * bucket, SamplingSettings())
-      state = self.insert(prefix, state, 0)
-    state, _ = self.generate(state)
+      prefilled, _ = self.prefill([self.tokenizer.bos_id()] * bucket, SamplingSettings())
+      state = self.insert(prefilled, state, 0)
+    self.release(0)
+    for rows in kv_pages.buckets(self.slots):
+      for width in kv_pages.buckets(self.max_blocks):
+        state, _ = self._step(self.params, state, np.full(rows, self.slots, np.int32),
+                              np.zeros((rows, width), np.int32))
     jax.block_until_ready(state)
 
   # --- text ------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ class ServerMetrics:
         buckets=LATENCY_BUCKETS_S, registry=self.registry)
     self.queue_depth = Gauge("maxlm_queue_depth", "Requests waiting for a decode slot",
                              registry=self.registry)
+    self.preemptions = Counter("maxlm_preemptions", "Requests preempted when the KV cache "
+                               "ran out of blocks (each resumes later)", registry=self.registry)
     self.active_slots = Gauge("maxlm_active_slots", "Decode slots holding a request now",
                               registry=self.registry)
 

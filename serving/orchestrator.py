@@ -9,6 +9,12 @@ stop string, max_tokens) or is cancelled (its client left) frees its slot at onc
 the step already in flight made for it is dropped, and a waiting request takes the slot at the
 next turn while the others keep decoding.
 
+A request is admitted only when the paged KV cache has free blocks for it. When a decode step
+finds no block for some request's next token, the tokens made so far are delivered (which may
+end requests and free blocks) and, if that is not enough, the youngest request is preempted:
+its blocks are freed and it waits at the head of the line, to be prefilled again over its
+prompt and the tokens it already has. It is never failed for lack of memory.
+
 What one request brings (its prompt and settings at admission, its tokens' text at delivery)
 can fail that request alone: it gets a `RequestFailed` and the loop goes on. Only a failure of
 the shared decode step ends the loop, and with it every request (`Unavailable`).
@@ -16,6 +22,7 @@ the shared decode step ends the loop, and with it every request (`Unavailable`).
 
 import collections
 import dataclasses
+import itertools
 import logging
 import queue
 import threading
@@ -28,6 +35,7 @@ import jax
 from maxlm.sampling import PromptScores, TokenChoice
 from serving.detokenize import TextStream
 from serving.engine import Engine, SamplingSettings, Step
+from serving.kv_pages import PoolExhausted
 from serving.metrics import ServerMetrics
 
 log = logging.getLogger("serving")
@@ -87,6 +95,8 @@ class Request:
     # echo: the prompt's own logprobs, set before the first Delta (max_tokens=0: before None)
     self.echo, self.prompt_logprobs = echo, None
     self.generated = 0
+    self.token_ids: list[int] = []  # generated so far: a preempted request resumes after them
+    self.admitted = -1  # admission order; the largest is the youngest
     self.cancelled = False
     self.finished = False  # set once it has ended, left or failed: its slot is free
     self.submitted = self.last_token_at = 0.0
@@ -99,6 +109,7 @@ class Request:
   def next_delta(self, step: Step, row: int, eos_id: int) -> Delta:
     token_id = int(step.tokens[row])
     self.generated += 1
+    self.token_ids.append(token_id)
     top = tuple(zip(step.top_tokens[row, :self.top_logprobs].tolist(),
                     step.top_logprobs[row, :self.top_logprobs].tolist()))
     finish_reason = None
@@ -119,6 +130,7 @@ class Pending:
   choice: TokenChoice
   rows: list[Request | None]
   prompt_scores: PromptScores | None = None  # a prefill's, for an `echo` request
+  first: bool = False  # a prefill's token (one row), not a decode step's
 
 
 class Orchestrator:
@@ -132,6 +144,7 @@ class Orchestrator:
     self._slots: list[Request | None] = [None] * engine.slots
     self._waiting: collections.deque[Request] = collections.deque()
     self._wake = threading.Condition()
+    self._admissions = itertools.count()
     self._stopping = False
     self._aborting = False
     self._thread = threading.Thread(target=self._run, name="maxlm-orchestrator", daemon=True)
@@ -203,19 +216,13 @@ class Orchestrator:
       state = self.engine.init_decode_state()
       in_flight: Pending | None = None
       while (admitted := self._next_admissions()) is not None:
-        first_tokens = []
-        for slot, request in admitted:
-          state = self._admit(request, slot, state, first_tokens)
+        undelivered = [in_flight] if in_flight else []
+        state = self._admit_all(admitted, state, undelivered)
         queued = None
         try:
-          if any(self._slots):
-            state, choice = self.engine.generate(state)
-            queued = Pending(choice, list(self._slots))
+          state, queued = self._step(state, undelivered)
         finally:  # should that step fail, the tokens made before it still reach their requests
-          if in_flight:
-            self._deliver_all(in_flight)
-          for pending in first_tokens:
-            self._deliver_first(pending)
+          self._deliver_pending(undelivered)
         in_flight = queued
         self.metrics.active_slots.set(sum(r is not None for r in self._slots))
     except BaseException as e:  # noqa: BLE001 - every request must hear of it, then /health
@@ -238,6 +245,50 @@ class Orchestrator:
       self.metrics.queue_depth.set(len(self._waiting))
       return admitted
 
+  def _admit_all(self, admitted: list[tuple[int, Request]], state, first_tokens: list["Pending"]):
+    """Admits in order while the pool has room; the rest go back to the head of the line."""
+    for index, (slot, request) in enumerate(admitted):
+      if not request.cancelled and not self.engine.fits(len(request.prompt_ids)
+                                                        + len(request.token_ids)):
+        self._requeue([waiting for _, waiting in admitted[index:]])
+        break
+      state = self._admit(request, slot, state, first_tokens)
+    return state
+
+  def _requeue(self, requests: list[Request]):
+    with self._wake:
+      self._waiting.extendleft(reversed(requests))
+      self.metrics.queue_depth.set(len(self._waiting))
+
+  def _step(self, state, undelivered: list["Pending"]):
+    """Queues one decode step for every occupied slot: (state, its Pending or None). Out of
+    blocks, it first delivers `undelivered` (emptying it), then preempts the youngest."""
+    while any(self._slots):
+      try:
+        state, choice = self.engine.generate(state)
+        return state, Pending(choice, list(self._slots))
+      except PoolExhausted:
+        if undelivered:
+          self._deliver_pending(undelivered)
+          undelivered.clear()
+        else:
+          self._preempt_youngest()
+    return state, None
+
+  def _preempt_youngest(self):
+    slot, request = max(((slot, request) for slot, request in enumerate(self._slots)
+                         if request is not None), key=lambda pair: pair[1].admitted)
+    self.engine.release(slot)
+    self._slots[slot] = None
+    self.metrics.preemptions.inc()
+    log.info("the KV cache is full: preempted the youngest request after %d tokens; it "
+             "resumes when blocks free up", request.generated)
+    self._requeue([request])
+
+  def _deliver_pending(self, pending: list["Pending"]):
+    for each in pending:
+      (self._deliver_first if each.first else self._deliver_all)(each)
+
   def _admit(self, request: Request, slot: int, state, first_tokens: list["Pending"]):
     """Prefills `request` into `slot`; its first token joins `first_tokens`, to deliver.
 
@@ -247,19 +298,23 @@ class Orchestrator:
       return state
     scores = None
     try:
-      if request.echo:
-        prefix, choice, scores = self.engine.prefill_scored(request.prompt_ids, request.settings)
+      ids = request.prompt_ids + request.token_ids  # a preempted request resumes after its own
+      if request.echo and not request.token_ids:
+        prefix, choice, scores = self.engine.prefill_scored(ids, request.settings)
       else:
-        prefix, choice = self.engine.prefill(request.prompt_ids, request.settings)
+        prefix, choice = self.engine.prefill(ids, request.settings)
       if request.max_tokens:  # max_tokens=0 (echo): the prefill's scores are all it wants
         state = self.engine.insert(prefix, state, slot)
     except Exception as e:  # noqa: BLE001 - the request's own doing (its prompt, its settings)
+      self.engine.release(slot)
       self._fail(request, "admitting it", e)
       return state
-    self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+    if request.admitted < 0:  # not a preempted request's return
+      self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+    request.admitted = next(self._admissions)
     if request.max_tokens:
       self._slots[slot] = request
-    first_tokens.append(Pending(choice, [request], scores))
+    first_tokens.append(Pending(choice, [request], scores, first=True))
     return state
 
   def _deliver_first(self, pending: "Pending"):
@@ -324,6 +379,7 @@ class Orchestrator:
     for slot, occupant in enumerate(self._slots):
       if occupant is request:
         self._slots[slot] = None
+        self.engine.release(slot)
     try:
       request.emit(outcome)
     except RuntimeError:

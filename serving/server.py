@@ -1,7 +1,7 @@
 """An OpenAI-compatible REST server (the subset of /v1 that vLLM also speaks).
 
   python -m serving.server --checkpoint_dir=WORKDIR [--step=N] [--port=8000] [--host=127.0.0.1]
-      [--slots=8] [--max_queue=64] [--quantize=int8] [--engine_cpus=auto]
+      [--slots=8] [--kv_cache_memory=GiB] [--max_queue=64] [--quantize=int8] [--engine_cpus=auto]
       [--api_keys_file=KEYS] [--max_request_bytes=8388608] [--max_connections=1024]
       [--header_timeout_s=10] [--body_timeout_s=60]
 
@@ -355,8 +355,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--model_name", default=None, help="model id; default: the run dir's name")
   parser.add_argument("--max_len", type=int, default=None,
                       help="cap the context (and KV cache) below the model's max_seq_len")
-  parser.add_argument("--slots", type=int, default=8,
-                      help="decode slots: requests generating at once (continuous batching)")
+  parser.add_argument("--slots", type=int, default=None,
+                      help="most requests generating at once (continuous batching); default 8, "
+                      "or 256 with --kv_cache_memory")
+  parser.add_argument("--kv_cache_memory", type=float, default=None,
+                      help="GiB for the paged KV cache, which decides how many tokens can be in "
+                      "flight; default: room for --slots full contexts")
   parser.add_argument("--max_queue", type=int, default=64,
                       help="requests that may wait for a slot; one more gets 429")
   parser.add_argument("--quantize", choices=("none", "int8"), default="none",
@@ -467,9 +471,11 @@ def main(argv=None):
     engine = Engine.from_checkpoint(args.checkpoint_dir, step=args.step,
                                     model_name=args.model_name,
                                     max_len=args.max_len, slots=args.slots,
-                                    quantize=args.quantize)
+                                    quantize=args.quantize,
+                                    kv_cache_memory=args.kv_cache_memory)
   except (OSError, ValueError, UserError) as e:
     raise SystemExit(f"serving.server: {e}") from None
+  log.info("%s", engine.describe_cache())
   start = time.perf_counter()
   engine.warmup()
   log.info("compiled in %.1fs; serving %s (context %d, %d slots, weights %s) on http://%s:%d",

@@ -52,6 +52,12 @@ class FakeEngine:
     state[slot] = prefix
     return state
 
+  def fits(self, tokens):  # a pool that never runs out
+    return True
+
+  def release(self, slot):
+    pass
+
   def generate(self, state):
     if self.fail_generate:
       raise RuntimeError("device lost")

@@ -53,6 +53,12 @@ class FakeEngine:
     state[slot] = prefix
     return state
 
+  def fits(self, tokens):  # a pool that never runs out
+    return True
+
+  def release(self, slot):
+    pass
+
   def generate(self, state):
     if self.decode_steps == self.fail_after:
       raise RuntimeError("device lost")

@@ -4,13 +4,14 @@ Each layer keeps keys transposed, `k: [batch, kv_heads, head_dim, max_len]`, and
 heads-major, `v: [batch, kv_heads, max_len, head_dim]`, so that both products of attention
 over the cache are plain batched matmuls: XLA copies no [max_len, head_dim] transpose of the
 whole cache on every decode step, as it does for a [batch, max_len, kv_heads, head_dim] cache.
-One document per cache row: a token's cache slot is its position.
+One document per cache row: a token's cache slot is its position. A layer cache with a
+"block_table" is paged instead (`maxlm.model.paged_kv`); `write` and `attend` take either.
 """
 
 import jax
 import jax.numpy as jnp
 
-from maxlm.model import layers
+from maxlm.model import layers, paged_kv
 
 LayerCache = dict[str, jax.Array]
 KVCache = list[LayerCache]
@@ -31,6 +32,8 @@ def length(cache: KVCache) -> int:
 def write(layer_cache: LayerCache, k: jax.Array, v: jax.Array,
           positions: jax.Array) -> LayerCache:
   """k, v: [batch, seq, kv_heads, head_dim] written at positions [batch, seq]."""
+  if "block_table" in layer_cache:
+    return paged_kv.write(layer_cache, k, v, positions)
   rows = jnp.arange(k.shape[0])[:, None]
   # The two integer indices are apart, so the indexed shape is [batch, seq, kv_heads, head_dim].
   return {"k": layer_cache["k"].at[rows, :, :, positions].set(k.astype(layer_cache["k"].dtype)),
@@ -42,6 +45,8 @@ def attend(layer_cache: LayerCache, q: jax.Array, positions: jax.Array) -> jax.A
 
   q: [batch, q_len, heads, head_dim]; positions: [batch, q_len]. Returns q's shape.
   """
+  if "block_table" in layer_cache:
+    return paged_kv.attend(layer_cache, q, positions)
   batch, q_len, heads, head_dim = q.shape
   keys, values = layer_cache["k"], layer_cache["v"]
   kv_heads, dtype = keys.shape[1], q.dtype

@@ -1,0 +1,102 @@
+"""The paged KV cache: one pool of fixed-size blocks per layer, read through block tables.
+
+A sequence's positions live in the blocks its row of the block table names, in order:
+position p is slot `p % block_size` of block `table[p // block_size]`. Block 0 is never handed
+to a sequence (see `serving.kv_pages`): table entries past a sequence's own blocks name it, so
+what lands there (a prefill's padding, an empty batch row) sits in a block that every query
+reads only under its causal mask.
+
+A layer's paged cache is `{"k", "v": [kv_heads, num_blocks, block_size, head_dim],
+"block_table": int32 [batch, width]}`; `kv_cache.write` and `kv_cache.attend` dispatch here
+when a layer cache has a block table, so the model runs unchanged over either layout. Heads
+lead so that one head's block is one contiguous [block_size, head_dim] tile, indexed by
+leading axes only: what a kernel loads per step (`kernels_pallas.paged_attention`).
+"""
+
+import jax
+import jax.numpy as jnp
+
+import kernels_pallas
+from maxlm.model import layers
+
+LayerPool = dict[str, jax.Array]
+TRASH_BLOCK = 0
+
+
+def empty(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+          dtype) -> list[LayerPool]:
+  shape = (kv_heads, num_blocks, block_size, head_dim)
+  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+          for _ in range(num_layers)]
+
+
+def with_tables(pools: list[LayerPool], block_table: jax.Array) -> list[LayerPool]:
+  """The model's cache argument: every layer reads through the same block table."""
+  return [{**pool, "block_table": block_table} for pool in pools]
+
+
+def without_tables(cache: list[LayerPool]) -> list[LayerPool]:
+  return [{"k": layer["k"], "v": layer["v"]} for layer in cache]
+
+
+def block_bytes(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype) -> int:
+  """Bytes one block takes over all layers, keys and values."""
+  return 2 * num_layers * block_size * kv_heads * head_dim * jnp.dtype(dtype).itemsize
+
+
+def _addresses(block_table: jax.Array, positions: jax.Array, block_size: int):
+  """(block, offset) of each position [batch, seq] through the table [batch, width]."""
+  index = jnp.minimum(positions // block_size, block_table.shape[1] - 1)
+  return jnp.take_along_axis(block_table, index, axis=1), positions % block_size
+
+
+def write(layer: LayerPool, k: jax.Array, v: jax.Array, positions: jax.Array) -> LayerPool:
+  """k, v: [batch, seq, kv_heads, head_dim] written at positions [batch, seq]."""
+  blocks, offsets = _addresses(layer["block_table"], positions, layer["k"].shape[2])
+  # The two index arrays are adjacent, so the indexed shape is [kv_heads, batch, seq, head_dim].
+  return {name: layer[name].at[:, blocks, offsets].set(
+              new.transpose(2, 0, 1, 3).astype(layer[name].dtype))
+          for name, new in (("k", k), ("v", v))} | {"block_table": layer["block_table"]}
+
+
+def gathered(pool: jax.Array, block_table: jax.Array) -> jax.Array:
+  """pool [kv_heads, blocks, block_size, head_dim] -> each row's positions in order,
+  [kv_heads, batch, width * block_size, head_dim]."""
+  rows = pool[:, block_table]
+  return rows.reshape(*rows.shape[:2], -1, rows.shape[-1])
+
+
+def attend(layer: LayerPool, q: jax.Array, positions: jax.Array) -> jax.Array:
+  """Each query attends to its row's positions up to its own, read through the table: a decode
+  step (one query per row) on GPU by the ragged Pallas kernel, all else by a gather.
+
+  q: [batch, q_len, heads, head_dim]; positions: [batch, q_len]. Returns q's shape.
+  """
+  if q.shape[1] == 1:
+    return jax.lax.platform_dependent(layer, q, positions, cuda=_kernel_attend,
+                                      default=gathered_attend)
+  return gathered_attend(layer, q, positions)
+
+
+def _kernel_attend(layer: LayerPool, q: jax.Array, positions: jax.Array) -> jax.Array:
+  out = kernels_pallas.paged_attention(q[:, 0], layer["k"], layer["v"], layer["block_table"],
+                                       positions[:, 0] + 1)
+  return out[:, None]
+
+
+def gathered_attend(layer: LayerPool, q: jax.Array, positions: jax.Array) -> jax.Array:
+  """`attend` by gathering each row's blocks into one padded sequence (what is fastest on CPU:
+  XLA's batched matmuls over the copy beat any per-block loop there)."""
+  batch, q_len, heads, head_dim = q.shape
+  dtype = q.dtype
+  keys = gathered(layer["k"], layer["block_table"]).astype(dtype)
+  values = gathered(layer["v"], layer["block_table"]).astype(dtype)
+  kv_heads = keys.shape[0]
+  grouped_q = (q * head_dim ** -0.5).reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+  scores = jnp.einsum("bqkgd,kbsd->bkgqs", grouped_q, keys)
+  scores = scores.astype(jnp.promote_types(dtype, jnp.float32))  # bf16 softmax in float32
+  mask = layers.attention_mask(positions, jnp.arange(keys.shape[2]))     # [b, 1, q, s]
+  scores = jnp.where(mask[:, :, None], scores, layers.NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  out = jnp.einsum("bkgqs,kbsd->bqkgd", probs, values)
+  return out.reshape(batch, q_len, heads, head_dim)
