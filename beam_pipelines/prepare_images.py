@@ -32,18 +32,20 @@ import sentencepiece as spm
 from apache_beam.io.filesystems import FileSystems
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from beam_pipelines import chat_examples
-from beam_pipelines import chat_template
-from beam_pipelines import dataset_manifest
-from beam_pipelines import documents
-from beam_pipelines import image_chat
-from beam_pipelines import images
-from beam_pipelines import prepare_chat
-from beam_pipelines import prepare_text
-from beam_pipelines import records
-from beam_pipelines import stage_report
-from beam_pipelines import staging
-from beam_pipelines import tokenized_split
+from beam_pipelines import (
+  chat_examples,
+  chat_template,
+  dataset_manifest,
+  documents,
+  image_chat,
+  images,
+  prepare_chat,
+  prepare_text,
+  records,
+  stage_report,
+  staging,
+  tokenized_split,
+)
 from beam_pipelines.chat_examples import BadRow
 
 logger = logging.getLogger(__name__)
@@ -205,18 +207,18 @@ def build_report(manifest: dict, totals: dict[str, int], seconds: float) -> dict
 def report_markdown(manifest: dict) -> str:
   report = manifest["report"]
   reasons = ", ".join(f"{r} {n:,}" for r, n in report["dead_letters_by_reason"].items())
-  lines = [f"image chat data; rows in {report['rows_in']:,}; images in {report['images_in']:,}, "
-           f"out {report['images_out']:,}",
-           f"dead letters: {report['dead_letters']:,} ({stage_report.DEAD_LETTER_NAME}): "
-           f"{reasons or 'none'}", "",
+  lines = [(f"image chat data; rows in {report['rows_in']:,}; images in "
+            f"{report['images_in']:,}, out {report['images_out']:,}"),
+           (f"dead letters: {report['dead_letters']:,} ({stage_report.DEAD_LETTER_NAME}): "
+            f"{reasons or 'none'}"), "",
            "| split | conversations | tokens | supervised tokens | shards |",
            "|---|---:|---:|---:|---:|"]
   for name, split in manifest["splits"].items():
     lines.append(f"| {name} | {split['documents']:,} | {split['tokens']:,} | "
                  f"{split['supervised_tokens']:,} | {len(split['shards'])} |")
   vision = manifest["vision"]
-  lines += ["", f"images {vision['image_size']}px, {vision['num_patches']} patches each; "
-            f"seq_len {manifest['seq_len']}; {report['seconds']:.1f}s"]
+  lines += ["", (f"images {vision['image_size']}px, {vision['num_patches']} patches each; "
+                 f"seq_len {manifest['seq_len']}; {report['seconds']:.1f}s")]
   return "\n".join(lines) + "\n"
 
 

@@ -4,9 +4,7 @@ color modes and orientation against NumPy computations, records against Sentence
 import base64
 import io
 import json
-import struct
 import textwrap
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +12,14 @@ import pytest
 import sentencepiece as spm
 from PIL import Image
 
-from beam_pipelines import chat_template
-from beam_pipelines import dataset_manifest
-from beam_pipelines import image_chat
-from beam_pipelines import images
-from beam_pipelines import prepare_images
-from beam_pipelines import records
+from beam_pipelines import (
+  chat_template,
+  dataset_manifest,
+  image_chat,
+  images,
+  prepare_images,
+  records,
+)
 from beam_pipelines.chat_examples import BadRow
 from beam_pipelines.tokenizer_training import TRAINER_OPTIONS
 
