@@ -39,10 +39,7 @@ def test_the_jsonl_holds_chat_rows_and_training_captions(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_default_set_prepares_every_row(tmp_path, request):
-  tokenizer = request.getfixturevalue("tokenizer_dir") if "tokenizer_dir" in (
-      request.fixturenames) else None
-  data = default_vision.ensure_default_vision(tokenizer, cache_dir=str(tmp_path),
-                                              sizes=Sizes(30, 12))
+def test_the_default_set_prepares_every_row_with_the_default_corpus_tokenizer(tmp_path):
+  data = default_vision.ensure_default_vision(cache_dir=str(tmp_path), sizes=Sizes(30, 12))
   manifest = json.loads((tmp_path / data / records.MANIFEST_NAME).read_text())
   assert manifest["report"]["dead_letters"] == 0
