@@ -26,9 +26,10 @@ from beam_pipelines.tokenizer_training import TRAINER_OPTIONS
 SIZE, PATCH = 8, 4  # 4 patches per image
 
 
-def encoded(array: np.ndarray, fmt="PNG", mode=None, **save) -> bytes:
+def encoded(array: np.ndarray | Image.Image, fmt="PNG", **save) -> bytes:
+  image = array if isinstance(array, Image.Image) else Image.fromarray(array)
   buffer = io.BytesIO()
-  Image.fromarray(array, mode).save(buffer, fmt, **save)
+  image.save(buffer, fmt, **save)
   return buffer.getvalue()
 
 
@@ -43,21 +44,21 @@ def gradient(height=SIZE, width=SIZE) -> np.ndarray:
 
 def test_cmyk_becomes_rgb_by_the_subtractive_formula():
   cmyk = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 4), dtype=np.uint8)
-  got = images.decode_image(encoded(cmyk, "TIFF", "CMYK"), SIZE)
+  got = images.decode_image(
+      encoded(Image.frombytes("CMYK", (SIZE, SIZE), cmyk.tobytes()), "TIFF"), SIZE)
   c, k = cmyk[..., :3].astype(np.float64), cmyk[..., 3:].astype(np.float64)
   np.testing.assert_allclose(got, (255 - c) * (255 - k) / 255, atol=1)
 
 
 def test_palette_with_transparency_is_laid_over_white():
-  rgb = np.zeros((SIZE, SIZE, 3), np.uint8)
-  rgb[:, SIZE // 2:] = (200, 10, 30)
-  palette = Image.fromarray(rgb).convert("P")
-  transparent = palette.getpixel((0, 0))
-  buffer = io.BytesIO()
-  palette.save(buffer, "PNG", transparency=transparent)
-  want = rgb.copy()
-  want[:, :SIZE // 2] = 255
-  np.testing.assert_array_equal(images.decode_image(buffer.getvalue(), SIZE), want)
+  indices = np.zeros((SIZE, SIZE), np.uint8)
+  indices[:, SIZE // 2:] = 1
+  palette = Image.frombytes("P", (SIZE, SIZE), indices.tobytes())
+  palette.putpalette([0, 0, 0, 200, 10, 30])
+  want = np.full((SIZE, SIZE, 3), 255, np.uint8)  # index 0 transparent: white
+  want[:, SIZE // 2:] = (200, 10, 30)
+  got = images.decode_image(encoded(palette, transparency=0), SIZE)
+  np.testing.assert_array_equal(got, want)
 
 
 def test_alpha_blends_over_white_and_grayscale_repeats_into_three_channels():
@@ -184,10 +185,19 @@ def test_pipeline_writes_good_rows_and_dead_letters_each_bad_image(tmp_path, tok
              for r in records.read_shard(str(out / name), fields)]
   assert len(written) == 2
   sp = spm.SentencePieceProcessor(model_file=str(out / records.TOKENIZER_NAME))
-  image_id = sp.piece_to_id(chat_template.IMAGE_TOKEN)
-  caption = [r for r in written if r["loss_mask"].sum() == len(sp.encode("a gradient")) + 1]
+  piece, newline = sp.piece_to_id, sp.encode("\n")
+  patches = [piece(chat_template.IMAGE_TOKEN)] * (SIZE // PATCH) ** 2
+  answer = sp.encode("a gradient")
+  reply = [piece("<|assistant|>"), *answer, piece("<|end|>"), *newline]
+  reply_mask = [0] + [1] * (len(answer) + 1) + [0] * len(newline)
+  prompts = {"caption": [sp.bos_id(), piece("<|user|>"), *patches],
+             "parts": [sp.bos_id(), piece("<|user|>"), *sp.encode("what is it?"), *patches]}
+  got = {}
   for record in written:
     np.testing.assert_array_equal(record["image"], good[2:10])
-    assert (record["tokens"] == image_id).sum() == (SIZE // PATCH) ** 2
-  assert caption and list(caption[0]["tokens"][:6]) == [sp.bos_id(), sp.piece_to_id("<|user|>"),
-                                                       *[image_id] * 4]
+    length = int(record["segment_ids"].sum())
+    got[tuple(int(t) for t in record["tokens"][:length])] = list(record["loss_mask"][:length])
+    np.testing.assert_array_equal(record["positions"][:length], np.arange(length))
+  for prompt in prompts.values():
+    ids = (*prompt, piece("<|end|>"), *newline, *reply)
+    assert got[ids] == [0] * (len(ids) - len(reply)) + reply_mask
