@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serving.chat import ROLES
+from serving.chat import IMAGE_TOKEN, ROLES
 
 # OpenAI parameters we accept only at their no-op value; anything else is refused, not ignored.
 UNSUPPORTED_UNLESS = {"echo": False, "best_of": 1, "suffix": None, "presence_penalty": 0,
@@ -142,22 +142,39 @@ class TextPart(BaseModel):
   text: str
 
 
+class ImageURL(BaseModel):
+  model_config = ConfigDict(extra="allow")  # `detail` and the like: accepted, not used
+  url: str
+
+
+class ImagePart(BaseModel):
+  type: Literal["image_url"]
+  image_url: ImageURL
+
+
 class ChatMessage(BaseModel):
   model_config = ConfigDict(extra="allow")
   role: Literal[ROLES]
-  content: str | list[TextPart]
+  content: str | list[TextPart | ImagePart]
 
   @field_validator("content")
   @classmethod
-  def _content_is_text(cls, content: str | list[TextPart]) -> str | list[TextPart]:
-    for text in [content] if isinstance(content, str) else [part.text for part in content]:
+  def _content_is_text(cls, content: str | list) -> str | list:
+    parts = [content] if isinstance(content, str) else [
+        part.text for part in content if isinstance(part, TextPart)]
+    for text in parts:
       whole_unicode(text)
+      if IMAGE_TOKEN in text:
+        raise ValueError(f"the text holds the literal {IMAGE_TOKEN}; send images as image_url "
+                         "parts and remove it from the text")
     return content
 
   def text(self) -> str:
+    """The text, with the image placeholder where each image part sits."""
     if isinstance(self.content, str):
       return self.content
-    return "".join(part.text for part in self.content)
+    return "".join(IMAGE_TOKEN if isinstance(part, ImagePart) else part.text
+                   for part in self.content)
 
 
 class ChatCompletionRequest(SamplingRequest):

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException
 
 from maxlm.errors import UserError
 from serving.chat import CHAT_STOPS, chat_prompt
+from serving.chat_images import DEFAULT_MEDIA, MediaPolicy, request_images
 from serving.connections import ConnectionLimits, guarded_protocol
 from serving.engine import ContextLengthError, Engine, SamplingSettings
 from serving.guards import DEFAULT_MAX_REQUEST_BYTES, LimitBody, RequireApiKey
@@ -43,7 +44,13 @@ from serving.openai_api import (ChatCompletionRequest, CompletionRequest, Detoke
                                 TokenizeRequest, check_completion, check_supported,
                                 error_response, sse, validation_error)
 from serving.openapi import errors, generation_responses, install_spec, text
-from serving.orchestrator import Delta, Orchestrator, QueueFull, RequestFailed, Unavailable
+from serving.orchestrator import (
+  Delta,
+  Orchestrator,
+  QueueFull,
+  RequestFailed,
+  Unavailable,
+)
 from serving.orchestrator import Request as Generation
 
 log = logging.getLogger("serving")
@@ -58,9 +65,12 @@ def read_api_keys(path: str | Path) -> list[str]:
 
 def create_app(engine: Engine, model_name: str | None = None,
                api_keys: list[str] | None = None, *, max_queue: int = 64,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               media: MediaPolicy = DEFAULT_MEDIA) -> FastAPI:
   """The app, with its orchestrator already running (`app.state.orchestrator`)."""
   model_name = model_name or engine.model_name
+  # The engine hook for images: an engine with a vision tower says its image side here.
+  image_size = getattr(engine, "image_size", None)
   started = int(time.time())
   metrics = ServerMetrics()
   orchestrator = Orchestrator(engine, max_queue=max_queue, metrics=metrics).start()
@@ -117,7 +127,8 @@ def create_app(engine: Engine, model_name: str | None = None,
   async def models():
     return {"object": "list", "data": [{
         "id": model_name, "object": "model", "created": started, "owned_by": "maxlm",
-        "max_model_len": engine.context_length}]}
+        "max_model_len": engine.context_length,
+        **({"input_modalities": ["text", "image"]} if image_size else {})}]}
 
   def check_request(request: SamplingRequest):
     if request.model != model_name:
@@ -255,6 +266,8 @@ def create_app(engine: Engine, model_name: str | None = None,
   @v1.post("/chat/completions", responses=generation_responses(keyed=bool(api_keys)))
   async def chat_completions(request: ChatCompletionRequest, http_request: Request):
     check_request(request)
+    await asyncio.get_running_loop().run_in_executor(
+        prompt_pool, request_images, request.messages, media, image_size)
     prompt = lambda: chat_prompt([(message.role, message.text()) for message in request.messages])
     max_tokens = request.max_completion_tokens or request.max_tokens
     generation, deltas = await submit(request, lambda: engine.prompt_ids(prompt(), max_tokens),
@@ -375,6 +388,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--api_keys_file", default=None,
                       help="one API key per line; when set, /v1 requires `Authorization: Bearer "
                       "KEY` (/health and /metrics stay open)")
+  parser.add_argument("--max_images_per_request", type=int, default=4,
+                      help="image_url parts a chat request may hold (400 above)")
+  parser.add_argument("--allowed_media_domains", default="",
+                      help="comma-separated hosts whose image URLs are fetched; none by default")
+  parser.add_argument("--max_image_pixels", type=int, default=None,
+                      help="width*height above which an image is refused (default Pillow's)")
   parser.add_argument("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                       help="a longer request body is refused (413) before it is read whole; "
                       "the default holds a 32k-token prompt even with every character escaped")
@@ -487,8 +506,11 @@ def main(argv=None):
   # computes the next step undisturbed (see serving.orchestrator).
   http_cores = [cpu for cpu in available if cpu not in engine_cores] or available
   pin_this_thread(http_cores)
+  media = MediaPolicy(args.max_images_per_request, tuple(
+      d.strip() for d in args.allowed_media_domains.split(",") if d.strip()),
+                      args.max_image_pixels)
   app = create_app(engine, api_keys=api_keys, max_queue=args.max_queue,
-                   max_request_bytes=args.max_request_bytes)
+                   max_request_bytes=args.max_request_bytes, media=media)
   log.info("model on CPU cores %s; HTTP and the decode loop on %s", engine_cores, http_cores)
   limits = ConnectionLimits(args.max_connections, args.header_timeout_s, args.body_timeout_s)
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",

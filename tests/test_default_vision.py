@@ -1,0 +1,45 @@
+"""maxlm.default_vision: digit rows name sklearn's labels, shapes are drawn in the color their
+answer names, validation images are ones no training row shows, and the set prepares."""
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from beam_pipelines import records
+from maxlm import default_vision
+from maxlm.default_vision import COLORS, Sizes
+
+
+def test_digit_answers_are_sklearns_labels_and_held_out_writers_stay_out_of_training():
+  targets = load_digits().target
+  train, held_out = default_vision.digit_samples(False), default_vision.digit_samples(True)
+  assert len(train) + len(held_out) == len(targets)
+  assert not {s.name for s in train} & {s.name for s in held_out}
+  for sample in train[:50] + held_out[:50]:
+    assert sample.answer == str(targets[int(sample.name[1:5])])
+
+
+def test_each_shape_is_drawn_in_the_color_its_answer_names():
+  for sample in default_vision.shape_samples(30, seed=3, prefix="t"):
+    _, color, shape = sample.answer.split()
+    pixels = np.asarray(sample.image).reshape(-1, 3)
+    painted = (pixels == COLORS[color]).all(axis=1).sum()
+    assert painted >= (40 if shape == "triangle" else 64), sample.answer
+
+
+def test_the_jsonl_holds_chat_rows_and_training_captions(tmp_path):
+  paths = default_vision.write_default_set(tmp_path, Sizes(6, 3))
+  train = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+  validation = [json.loads(line) for line in paths["validation"].read_text().splitlines()]
+  assert sum("caption" in row for row in train) == len(train) // 2
+  assert all("messages" in row for row in validation)
+  assert all((tmp_path / row["image"]).is_file() for row in train + validation)
+
+
+@pytest.mark.slow
+def test_the_default_set_prepares_every_row_with_the_default_corpus_tokenizer(tmp_path):
+  data = default_vision.ensure_default_vision(cache_dir=str(tmp_path), sizes=Sizes(30, 12))
+  manifest = json.loads((tmp_path / data / records.MANIFEST_NAME).read_text())
+  assert manifest["report"]["dead_letters"] == 0
