@@ -162,7 +162,8 @@ def test_a_renamed_line_is_valid_python_asking_for_the_spans_of_its_own_line(ite
     if new.kind in ("def", "class"):
       assert new.parts[0] == node.name
     else:
-      assert new.parts[0] == (node.names[0].name if new.kind == "import" else node.module)
+      assert new.parts[0] == (node.names[0].name if new.kind == "import"
+                              else "." * node.level + (node.module or ""))
 
 
 def test_training_rows_mostly_ask_about_renamed_lines_and_validation_rows_about_real_ones(sets,
