@@ -8,7 +8,8 @@ validation file (`maxlm.default_chat`: questions about stdlib lines no training 
 the official `openai` client through /v1/chat/completions, greedy, several at once so the
 server batches them, and counts a reply right when it equals the row's answer (surrounding
 whitespace aside). A row of two turns asks its last one, with the first answered as in the
-data. Prints a table and, with --json, one JSON line.
+data. Prints a table (overall and per question, the kinds of default_chat.QUESTIONS plus its
+two-turn follow-up) and, with --json, one JSON line.
 """
 
 import argparse
@@ -49,6 +50,22 @@ def exact_match(client: openai.OpenAI, pairs: list[tuple[list[dict], str]],
     replies = list(pool.map(lambda pair: ask(client, model, pair[0]), pairs))
   right = sum(is_exact_match(reply, answer) for reply, (_, answer) in zip(replies, pairs))
   return right / max(len(pairs), 1), replies
+
+
+def question_text(messages: list[dict]) -> str:
+  """The question a row asks last: its last user turn's first line (the line comes after)."""
+  return [m for m in messages if m["role"] == "user"][-1]["content"].split("\n")[0]
+
+
+def exact_match_by_question(pairs: list[tuple[list[dict], str]],
+                            replies: list[str | None]) -> dict[str, tuple[int, float]]:
+  """{question text: (how many rows ask it, fraction answered exactly)}, in first-asked order."""
+  right, asked = {}, {}
+  for (messages, answer), reply in zip(pairs, replies):
+    text = question_text(messages)
+    asked[text] = asked.get(text, 0) + 1
+    right[text] = right.get(text, 0) + is_exact_match(reply, answer)
+  return {text: (count, right[text] / count) for text, count in asked.items()}
 
 
 class Server:
@@ -101,10 +118,16 @@ def main(argv=None) -> dict:
     elapsed = time.perf_counter() - started
   for (messages, answer), reply in list(zip(pairs, replies))[:5]:
     print(f"  {messages[-1]['content']!r}\n    answer {answer!r} | reply {reply!r}")
+  by_question = exact_match_by_question(pairs, replies)
   result = {"run_dir": args.run_dir, "questions": len(pairs), "exact_match": score,
-            "seconds": round(elapsed, 1)}
+            "seconds": round(elapsed, 1),
+            "by_question": {text: {"questions": count, "exact_match": round(em, 3)}
+                            for text, (count, em) in by_question.items()}}
   print(f"| run | questions | exact match | seconds |\n|---|---|---|---|\n"
-        f"| {args.run_dir} | {len(pairs)} | {score:.3f} | {elapsed:.0f} |")
+        f"| {args.run_dir} | {len(pairs)} | {score:.3f} | {elapsed:.0f} |\n")
+  print("| question | questions | exact match |\n|---|---|---|")
+  for text, (count, em) in by_question.items():
+    print(f"| {text} | {count} | {em:.3f} |")
   if args.json:
     print(json.dumps(result))
   return result

@@ -6,15 +6,20 @@ Python's standard library, written as JSONL (so a user sees the formats) and pre
 
 Every answer is copied out of the line in the question by a rule (a name, a parameter list,
 a module), so a small model pretrained on the same code can learn the rule rather than
-memorize facts; the validation rows ask about lines no training row shows. Preference pairs
+memorize facts; the validation rows ask about lines no training row shows. Most training
+questions are about renamed lines (stdlib lines whose identifiers are replaced by fresh names
+recombined from stdlib identifier pieces), so answering cannot lean on recalled lines; the
+validation rows ask about real, untouched stdlib lines. Preference pairs
 pair the right answer with a plausible wrong one: another line's answer to the same question,
 the answer cut short, or a different part of the same line.
 """
 
 import argparse
 import glob
+import ast
 import hashlib
 import json
+import keyword
 import random
 import re
 import shutil
@@ -29,12 +34,16 @@ from beam_pipelines import prepare_chat
 from beam_pipelines.records import MANIFEST_NAME
 from maxlm import default_corpus
 
-RECIPE = 1  # bumped whenever the templates or sizes change what the sets hold
+RECIPE = 2  # bumped whenever the templates or sizes change what the sets hold
 SYSTEM_PROMPT = "Answer with the exact text from the code."
 HELD_OUT_PERCENT = 10
 KIND_WEIGHTS = {"def": 0.45, "class": 0.25, "import": 0.1, "from": 0.2}
 MAX_LINE_CHARS = 72
 MAX_ANSWER_CHARS = 32
+RENAMED_ROW_FRACTION = 0.9  # of the SFT training rows; the rest ask about real lines
+RENAMED_NAME_FRACTION = 0.9  # of a renamed line's distinct identifiers
+_IDENTIFIER = re.compile(r"(?<![\w'\"])[A-Za-z_]\w*(?!['\"])")  # not in numbers or prefixes
+_CHUNK = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+|_+")  # camelCase and snake_case pieces
 _NAME = r"[A-Za-z_]\w*"
 _PATTERNS = {
     "def": re.compile(rf"(?:async\s+)?def\s+({_NAME})\s*\((.+)\)\s*(?:->\s*[^:]+)?:"),
@@ -96,6 +105,45 @@ def stdlib_items() -> list[Item]:
       with open(path, encoding="utf-8", errors="replace") as f:
         lines.update(line.strip() for line in f)
   return sorted(item for line in lines if (item := item_of_line(line)))
+
+
+def identifier_pieces(items: list[Item]) -> list[str]:
+  """The distinct lowercased word pieces (two letters or more) of the items' identifiers."""
+  pieces = {chunk.lower() for item in items for name in _IDENTIFIER.findall(item.line)
+            for chunk in _CHUNK.findall(name) if chunk.isalpha() and len(chunk) > 1}
+  return sorted(pieces)
+
+
+def fresh_name(name: str, pieces: list[str], rng: random.Random) -> str:
+  """`name` with each word piece replaced by a random one of the same case; underscores,
+  digits and one-letter pieces keep their shape."""
+  def piece(chunk: str) -> str:
+    if not chunk.isalpha():
+      return chunk
+    if len(chunk) == 1:
+      letter = rng.choice("abcdefghijklmnopqrstuvwxyz")
+      return letter.upper() if chunk.isupper() else letter
+    new = rng.choice(pieces)
+    return new.upper() if chunk.isupper() else new.capitalize() if chunk[0].isupper() else new
+  return "".join(piece(chunk) for chunk in _CHUNK.findall(name))
+
+
+def renamed(item: Item, pieces: list[str], rng: random.Random) -> Item:
+  """The Item of `item`'s line with most identifiers replaced by fresh names, the same name
+  for each occurrence; `item` itself when the new line is not valid Python or asks nothing."""
+  names = {}
+  for name in dict.fromkeys(_IDENTIFIER.findall(item.line)):
+    if not keyword.iskeyword(name) and rng.random() < RENAMED_NAME_FRACTION:
+      names[name] = fresh_name(name, pieces, rng)
+  line = _IDENTIFIER.sub(lambda match: names.get(match.group(), match.group()), item.line)
+  new = item_of_line(line)
+  if new is None or new.kind != item.kind or any(map(keyword.iskeyword, names.values())):
+    return item
+  try:
+    ast.parse(line + ("\n  pass" if line.endswith(":") else ""))
+  except SyntaxError:
+    return item
+  return new
 
 
 def is_held_out(item: Item) -> bool:
@@ -166,18 +214,29 @@ def write_jsonl(path: Path, lines: list[dict]) -> Path:
   return path
 
 
+def renamed_chat_row(pieces: list[str]) -> Callable:
+  """chat_row, about a renamed line RENAMED_ROW_FRACTION of the time."""
+  def make_row(item: Item, rng: random.Random) -> dict:
+    if rng.random() < RENAMED_ROW_FRACTION:
+      item = renamed(item, pieces, rng)
+    return chat_row(item, rng)
+  return make_row
+
+
 def write_default_sets(directory: Path, items: list[Item], sizes: Sizes = DEFAULT_SIZES,
                        seed: int = 0) -> dict[str, Path]:
   """chat_{train,validation}.jsonl and preference_{train,validation}.jsonl; the validation
-  files ask about held-out lines only."""
+  files ask about held-out lines only, as they are; chat_train mostly about renamed lines."""
   splits = {"train": [i for i in items if not is_held_out(i)],
             "validation": [i for i in items if is_held_out(i)]}
+  chat_rows = {"train": renamed_chat_row(identifier_pieces(splits["train"])),
+               "validation": chat_row}
   directory.mkdir(parents=True, exist_ok=True)
   paths = {}
   for offset, (split, split_items) in enumerate(splits.items()):
     paths[f"chat_{split}"] = write_jsonl(
         directory / f"chat_{split}.jsonl",
-        rows(split_items, getattr(sizes, f"chat_{split}"), chat_row, seed + offset))
+        rows(split_items, getattr(sizes, f"chat_{split}"), chat_rows[split], seed + offset))
     paths[f"preference_{split}"] = write_jsonl(
         directory / f"preference_{split}.jsonl",
         rows(split_items, getattr(sizes, f"preference_{split}"),

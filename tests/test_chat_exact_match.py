@@ -53,3 +53,10 @@ def test_a_reply_matches_only_when_equal_but_for_surrounding_whitespace():
   assert not chat_exact_match.is_exact_match("f(x,y)", "f(x, y)")
   assert not chat_exact_match.is_exact_match("f", "f(x, y)")
   assert not chat_exact_match.is_exact_match(None, "f")
+
+
+def test_exact_match_is_reported_per_question_asked_last():
+  replies = [f"f{i}" if i < 3 else "no" for i in range(10)] + ["a, b"]
+  by_question = chat_exact_match.exact_match_by_question(PAIRS, replies)
+  assert by_question == {"What is the name of the function defined here?": (10, 0.3),
+                         "What are its parameters?": (1, 1.0)}

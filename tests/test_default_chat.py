@@ -2,6 +2,7 @@
 
 import ast
 import json
+import random
 from pathlib import Path
 import textwrap
 
@@ -149,3 +150,28 @@ def test_ensure_default_chat_prepares_both_sets_once(tmp_path, tokenizer_dir, it
   assert (Path(sft).parent / "chat_validation.jsonl").exists()
   monkeypatch.setattr(default_chat, "build", lambda *args: pytest.fail("rebuilt a cached set"))
   assert build("sft") == sft
+
+
+def test_a_renamed_line_is_valid_python_asking_for_the_spans_of_its_own_line(items):
+  rng, pieces = random.Random(0), default_chat.identifier_pieces(items)
+  renamed = [(item, default_chat.renamed(item, pieces, rng)) for item in items[::20]]
+  assert sum(new.line != item.line for item, new in renamed) > 0.8 * len(renamed)
+  for item, new in [(item, new) for item, new in renamed if new.line != item.line]:
+    node = ast.parse(new.line + ("\n  pass" if new.line.endswith(":") else "")).body[0]
+    assert new.kind == item.kind and new.parts[0] in new.line
+    if new.kind in ("def", "class"):
+      assert new.parts[0] == node.name
+    else:
+      assert new.parts[0] == (node.names[0].name if new.kind == "import"
+                              else "." * node.level + (node.module or ""))
+
+
+def test_training_rows_mostly_ask_about_renamed_lines_and_validation_rows_about_real_ones(sets,
+                                                                                         items):
+  def lines(name):
+    return [statement(next(m["content"] for m in messages if m["role"] == "user"))
+            for messages, _ in default_chat.questions_and_answers(sets[name])]
+  real = {item.line for item in items}
+  train = lines("chat_train")
+  assert 0.75 * len(train) < sum(line not in real for line in train) < len(train)
+  assert set(lines("chat_validation")) <= real
