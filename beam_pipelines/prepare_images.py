@@ -293,18 +293,8 @@ def run(inputs: list[str], output_dir: str, *, tokenizer: str, image_size: int,
          | "WriteManifest" >> beam.Map(
              write_manifest, output_dir=staged, fields=fields, tokenizer=chat_tokenizer.entry,
              vision=vision, settings=recorded, shards=beam.pvalue.AsList(written)))
-    result = pipeline.run()
-    result.wait_until_finish()
-    if not FileSystems.exists(FileSystems.join(staged, stage_report.DEAD_LETTER_NAME)):
-      dataset_manifest.write_atomically(
-          FileSystems.join(staged, stage_report.DEAD_LETTER_NAME), b"")
-    manifest = dataset_manifest.read_manifest(staged)
-    manifest["report"] = build_report(manifest, stage_report.counter_totals(result),
-                                      time.perf_counter() - start)
-    dataset_manifest.write_manifest(staged, manifest)
-    table = report_markdown(manifest)
-    dataset_manifest.write_atomically(FileSystems.join(staged, stage_report.REPORT_NAME),
-                                      table.encode("utf-8"))
+    manifest, table = stage_report.finish_staged(staged, pipeline.run(), start, build_report,
+                                                   report_markdown)
     prepare_text.check_output_dir(output_dir, overwrite)
   print(f"prepared {output_dir}\n{table}", flush=True)
   return manifest

@@ -4,8 +4,10 @@ built from them: a table printed at the end and written as report.md and into ma
 import contextlib
 import time
 
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 
+from beam_pipelines import dataset_manifest
 from beam_pipelines.documents import METRICS_NAMESPACE
 
 STAGES = ("read", "normalize", "langid", "quality", "pii", "exact_dedup", "near_dedup",
@@ -126,3 +128,21 @@ def report_markdown(manifest: dict) -> str:
             f"train unigram entropy {manifest['unigram_entropy_nats']:.3f} nats; "
             f"{report['seconds']:.1f}s"]
   return "\n".join(lines) + "\n"
+
+
+def finish_staged(staged: str, result, started: float, build_report, report_markdown
+                  ) -> tuple[dict, str]:
+  """After a chat or image pipeline has run into `staged`: an empty dead-letter file when no
+  row went there, the report (`build_report(manifest, totals, seconds)`) in the manifest and
+  `report.md` (`report_markdown(manifest)`). Returns (manifest, the report's table)."""
+  result.wait_until_finish()
+  dead_letter = FileSystems.join(staged, DEAD_LETTER_NAME)
+  if not FileSystems.exists(dead_letter):
+    dataset_manifest.write_atomically(dead_letter, b"")
+  manifest = dataset_manifest.read_manifest(staged)
+  manifest["report"] = build_report(manifest, counter_totals(result),
+                                    time.perf_counter() - started)
+  dataset_manifest.write_manifest(staged, manifest)
+  table = report_markdown(manifest)
+  dataset_manifest.write_atomically(FileSystems.join(staged, REPORT_NAME), table.encode("utf-8"))
+  return manifest, table
