@@ -23,8 +23,8 @@ from maxlm.model import (
 )
 from serving.engine import Engine, SamplingSettings
 from serving.orchestrator import Orchestrator
-from tests.test_serving import CONTEXT, save_random_checkpoint, train_tokenizer
-from tests.test_train import _metrics, _run_until_step, _train_process
+from test_serving import CONTEXT, save_random_checkpoint, train_tokenizer
+from test_train import _metrics, _run_until_step, _train_process
 
 CONFIG = ModelConfig(vocab_size=128, num_layers=3, embed_dim=32, num_heads=4, num_kv_heads=2,
                      head_dim=8, mlp_dim=64, max_seq_len=64, num_experts=8, experts_per_token=2,

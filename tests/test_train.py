@@ -26,7 +26,7 @@ from maxlm.data.loader import split_shard_paths
 from maxlm import train as train_module
 from maxlm.config_checks import UserError
 from conftest import TINY_RUN, TINY_RUN_PEAK_FLOPS, TINY_RUN_STEPS, gin_config
-from tests.test_data import damage_record
+from test_data import damage_record
 
 @pytest.fixture(autouse=True)
 def tiny_gin():
