@@ -280,6 +280,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow  # 23 s; the local-completions test stays in the default run
 def test_lm_eval_local_chat_completions_generates_what_the_engine_decodes(served, engine,
                                                                          tmp_path):
   pytest.importorskip("lm_eval")

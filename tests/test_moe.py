@@ -342,6 +342,7 @@ def test_an_expert_axis_that_does_not_divide_the_experts_is_refused():
     layer(jnp.zeros((8, 4, CONFIG.embed_dim)))
 
 
+@pytest.mark.slow  # 66 s: trains a checkpoint, then three decodes
 def test_an_moe_checkpoint_serves_greedy_with_cache_as_without(tmp_path):
   tokenizer_file = train_tokenizer(tmp_path)
   vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer_file)).vocab_size()
