@@ -313,6 +313,7 @@ def test_lm_eval_local_chat_completions_generates_what_the_engine_decodes(served
 
 # --- inside training ---------------------------------------------------------------------------
 
+@pytest.mark.slow  # 28 s: trains a run, then evaluates it twice
 def test_train_evals_report_what_maxlm_evaluate_gives_on_the_same_checkpoint(items_file,
                                                                             tmp_path):
   import gin  # noqa: PLC0415
