@@ -3,11 +3,9 @@ computation, multiple-choice accuracy against a NumPy log-likelihood reference, 
 against the engine's decoder without a cache, the --fail_below exit codes, and
 lm-evaluation-harness's `local-completions` against serving.server agreeing with all of it."""
 
-import hashlib
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,16 +16,14 @@ from pathlib import Path
 import numpy as np
 import portpicker
 import pytest
-import sentencepiece as spm
 import uvicorn
 from flax import nnx
-from test_serving import CONTEXT, completion_text, save_random_checkpoint, train_tokenizer
+from test_serving import CONTEXT, completion_text, random_run
 
 from maxlm import checkpoint, evaluate
 from maxlm.evals import multiple_choice, perplexity, report, scoring
 from maxlm.evals.multiple_choice import MultipleChoice
 from maxlm.evals.perplexity import Perplexity
-from maxlm.model import ModelConfig
 from serving.chat import CHAT_STOPS, chat_prompt
 from serving.engine import Engine
 from serving.server import create_app
@@ -44,14 +40,7 @@ ITEMS = [
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-  tokenizer_file = train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-  vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer_file)).vocab_size()
-  config = ModelConfig(vocab_size=vocab_size, num_layers=2, embed_dim=64, num_heads=4,
-                       num_kv_heads=2, head_dim=16, mlp_dim=128, max_seq_len=CONTEXT)
-  workdir = tmp_path_factory.mktemp("tiny_run")
-  save_random_checkpoint(workdir, config, hashlib.sha256(tokenizer_file.read_bytes()).hexdigest())
-  shutil.copy(tokenizer_file, workdir / checkpoint.TOKENIZER)
-  return workdir
+  return random_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -68,8 +68,8 @@ def save_random_checkpoint(workdir: Path, config: ModelConfig, tokenizer_sha256:
   checkpointer.close()
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def random_run(tmp_path_factory) -> Path:
+  """A run dir holding a random 2-layer model's checkpoint and a tokenizer trained here."""
   tokenizer_file = train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
   vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer_file)).vocab_size()
   config = ModelConfig(vocab_size=vocab_size, num_layers=2, embed_dim=64, num_heads=4,
@@ -78,6 +78,11 @@ def run_dir(tmp_path_factory) -> Path:
   save_random_checkpoint(workdir, config, hashlib.sha256(tokenizer_file.read_bytes()).hexdigest())
   shutil.copy(tokenizer_file, workdir / checkpoint.TOKENIZER)
   return workdir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+  return random_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,8 @@ from maxlm.model import ModelConfig, Transformer, layers, multimodal
 from maxlm.model.vit import Projector, VisionConfig, VisionEncoder
 from maxlm.vision_tasks import VisionSFT, text_targets
 
+from conftest import TINY_MODEL
+
 IMAGE_ID = 7
 VISION = VisionConfig(image_size=16, patch_size=4, num_layers=2, embed_dim=32, num_heads=4,
                       num_kv_heads=2, head_dim=8, mlp_dim=48, image_token_id=IMAGE_ID)
@@ -246,18 +248,7 @@ def test_the_pallas_kernel_gives_the_xla_logits_with_images():
 
 # --- whole runs: a text run, then the projector-only stage from it -----------------------------
 
-TINY_BINDINGS = """
-ModelConfig.num_layers = 2
-ModelConfig.embed_dim = 64
-ModelConfig.num_heads = 4
-ModelConfig.num_kv_heads = 2
-ModelConfig.head_dim = 16
-ModelConfig.mlp_dim = 128
-ModelConfig.max_seq_len = 256
-make_mesh.data = 2
-make_mesh.fsdp = 2
-make_mesh.tensor = 2
-train.global_batch_size = 8
+TINY_BINDINGS = TINY_MODEL + """
 train.checkpoint_every = 4
 train.eval_every = 4
 train.eval_batches = 1
