@@ -119,6 +119,26 @@ def resize_and_crop(image: Image.Image, image_size: int) -> Image.Image:
   return image.crop((left, top, left + image_size, top + image_size))
 
 
+def array_image(array, image_size: int, max_pixels: int | None = None) -> np.ndarray:
+  """An already decoded uint8 image (TFDS's image features: [H, W] or [H, W, 1|3|4]) ->
+  uint8 [image_size, image_size, 3], converted, resized and cropped as `decode_image` does."""
+  array = np.asarray(array)
+  if array.ndim == 3 and array.shape[-1] == 1:
+    array = array[..., 0]
+  if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3
+                                                         and array.shape[-1] in (3, 4))):
+    raise BadImage("unreadable_image", f"an image array must be uint8 [H, W] or [H, W, 1|3|4], "
+                   f"not {array.dtype} {list(array.shape)}; decode it to pixels first")
+  height, width = array.shape[:2]
+  if width == 0 or height == 0:
+    raise BadImage("zero_size", f"the image is {width}x{height} pixels; drop it")
+  limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+  if limit is not None and width * height > limit:
+    raise BadImage("decompression_bomb", f"the image is {width}x{height} pixels, over the "
+                   f"limit of {limit}; shrink it or raise --max_image_pixels")
+  return np.asarray(resize_and_crop(to_rgb(Image.fromarray(array)), image_size), np.uint8)
+
+
 def decode_image(data: bytes, image_size: int, max_pixels: int | None = None) -> np.ndarray:
   """Encoded image bytes -> uint8 [image_size, image_size, 3]. `max_pixels`: the largest
   width * height accepted (default Pillow's MAX_IMAGE_PIXELS)."""

@@ -6,7 +6,9 @@
 Rows (JSONL or .jsonl.gz; see beam_pipelines.image_chat): `{"image", "caption"}`,
 `{"image", "messages"}` with `<|image|>` placeholders, or `{"messages"}` with OpenAI
 `image_url` content parts. An image is a path (relative ones from the input file's folder) or
-a base64 `data:` URL; remote URLs are not fetched. Images are decoded by
+a base64 `data:` URL; remote URLs are not fetched. `tfds:NAME[/CONFIG][:SPLIT]` inputs read a
+TFDS image split through `tfds.data_source` (beam_pipelines.tfds_images: --tfds_image_key,
+--tfds_text_key, --tfds_question). Images are decoded by
 beam_pipelines.images (EXIF, RGB, resize + center crop to --image_size, uint8).
 
 A record is one conversation (not packed: its images travel with it): `tokens`,
@@ -44,6 +46,7 @@ from beam_pipelines import (
   records,
   stage_report,
   staging,
+  tfds_images,
   tokenized_split,
 )
 from beam_pipelines.chat_examples import BadRow
@@ -92,10 +95,27 @@ def example_of_row(row, base_dir: Path, tokenizer, bos_id: int, settings: Settin
   if len(tokenized.tokens) > settings["seq_len"]:
     raise BadRow("too_long", f"the row is {len(tokenized.tokens)} tokens with its image "
                  f"patches, longer than --seq_len {settings['seq_len']}; raise it")
-  pixels = [images.decode_image(images.source_bytes(source, base_dir), settings["image_size"],
-                                settings["max_image_pixels"]) for source in sources]
+  pixels = [pixels_of(source, base_dir, settings) for source in sources]
   return tokenized, np.stack(pixels) if pixels else np.zeros(
       (0, settings["image_size"], settings["image_size"], 3), np.uint8)
+
+
+def pixels_of(source, base_dir: Path, settings: Settings) -> np.ndarray:
+  """A path or data: URL (decoded), or a TFDS example's pixels -> uint8 [size, size, 3]."""
+  if isinstance(source, np.ndarray):
+    return images.array_image(source, settings["image_size"], settings["max_image_pixels"])
+  return images.decode_image(images.source_bytes(source, base_dir), settings["image_size"],
+                             settings["max_image_pixels"])
+
+
+def rows_of(unit, tfds_fields: tfds_images.Fields):
+  """(line or TFDS index, row or BadRow, the bytes its key hashes) of one work item."""
+  if isinstance(unit, tfds_images.Unit):
+    for index, row in tfds_images.rows(unit, tfds_fields):
+      yield index, row, f"{unit.spec}[{index}]".encode()
+    return
+  for line, row in prepare_chat.read_rows(unit):
+    yield line, row, None
 
 
 def record_of(example, fields: records.Fields, max_images: int) -> dict[str, np.ndarray]:
@@ -129,16 +149,19 @@ def image_count(row) -> int:
 class ExamplesOfFile(beam.DoFn):
   """(path, part or None) -> (key, part, example); bad rows -> DEAD_LETTER JSON lines."""
 
-  def __init__(self, model_proto: bytes, bos_id: int, settings: Settings, seed: int):
+  def __init__(self, model_proto: bytes, bos_id: int, settings: Settings, seed: int,
+               tfds_fields: tfds_images.Fields = tfds_images.CAPTIONS):
     self._model_proto, self._bos_id, self._settings, self._seed = (model_proto, bos_id,
                                                                     settings, seed)
+    self._tfds_fields = tfds_fields
 
   def setup(self):
     self._tokenizer = spm.SentencePieceProcessor(model_proto=self._model_proto)
 
-  def process(self, path_and_part):
-    path, part = path_and_part
-    for line, row in prepare_chat.read_rows(path):
+  def process(self, unit_and_part):
+    unit, part = unit_and_part
+    path = unit.spec if isinstance(unit, tfds_images.Unit) else unit
+    for line, row, key_bytes in rows_of(unit, self._tfds_fields):
       stage_report.count(STAGE, "rows_in")
       stage_report.count(STAGE, "images_in", image_count(row))
       try:
@@ -151,7 +174,7 @@ class ExamplesOfFile(beam.DoFn):
         yield beam.pvalue.TaggedOutput(DEAD_LETTER, prepare_chat.dead_letter_line(path, line, bad))
         continue
       stage_report.count(STAGE, "images_out", len(example[1]))
-      row_bytes = json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8")
+      row_bytes = key_bytes or json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8")
       yield documents.document_key(row_bytes, self._seed), part, example
 
 
@@ -243,17 +266,31 @@ def check_image_token(tokenizer: prepare_chat.Tokenizer, directory: str) -> int:
   return sp.piece_to_id(token)
 
 
+def work_items(inputs: list[str], validation_inputs: list[str]) -> tuple[list, int]:
+  """([(file path or tfds_images.Unit, its part or None for a hash split)], file bytes)."""
+  globs = [i for i in inputs if not tfds_images.is_spec(i)]
+  validation_globs = [i for i in validation_inputs if not tfds_images.is_spec(i)]
+  files, total_bytes = prepare_chat.input_files(globs, validation_globs)
+  train_part = "train" if validation_inputs else None  # None: split by hash
+  files = [(path, part if part == "validation" else train_part) for path, part in files]
+  for specs, part in ((inputs, train_part), (validation_inputs, "validation")):
+    files += [(unit, part) for spec in specs if tfds_images.is_spec(spec)
+              for unit in tfds_images.units(spec)]
+  return files, total_bytes
+
+
 def run(inputs: list[str], output_dir: str, *, tokenizer: str, image_size: int,
         patch_size: int = 8, seq_len: int = 128, max_images: int = 1,
         max_image_pixels: int | None = None, validation_inputs: list[str] = (),
         validation_fraction: float = 0.01, seed: int = 0, num_shards: int = 0,
-        overwrite: bool = False, beam_args: list[str] | None = None) -> dict:
+        overwrite: bool = False, beam_args: list[str] | None = None,
+        tfds_fields: tfds_images.Fields = tfds_images.CAPTIONS) -> dict:
   """Runs the pipeline to completion and returns the manifest it wrote."""
   start = time.perf_counter()
   settings = Settings(image_size=image_size, patch_size=patch_size, max_images=max_images,
                       max_image_pixels=max_image_pixels, seq_len=seq_len)
   check_settings(settings, validation_fraction)
-  files, total_bytes = prepare_chat.input_files(inputs, list(validation_inputs))
+  files, total_bytes = work_items(list(inputs), list(validation_inputs))
   chat_tokenizer = prepare_chat.Tokenizer(tokenizer)
   image_id = check_image_token(chat_tokenizer, tokenizer)
   prepare_text.check_output_dir(output_dir, overwrite)
@@ -278,7 +315,7 @@ def run(inputs: list[str], output_dir: str, *, tokenizer: str, image_size: int,
                 | "Files" >> beam.Create(files)
                 | "Examples" >> beam.ParDo(ExamplesOfFile(
                     chat_tokenizer.model_proto, chat_tokenizer.entry["bos_id"], settings,
-                    seed)).with_outputs(DEAD_LETTER, main="examples"))
+                    seed, tfds_fields)).with_outputs(DEAD_LETTER, main="examples"))
     prepare_text.write_line_files(examples[DEAD_LETTER] | "NameDeadLetters" >> beam.Map(
         lambda line: (stage_report.DEAD_LETTER_NAME, line)), staged)
     bounds = examples.examples | "KeyBounds" >> beam.CombineGlobally(documents.KeyBounds())
@@ -304,7 +341,8 @@ def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   parser = argparse.ArgumentParser(
       description=__doc__.split("\n\n", 1)[0], allow_abbrev=False,
       epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--input", required=True, help="comma-separated globs of image rows")
+  parser.add_argument("--input", required=True, help="comma-separated globs of image rows "
+                      "and tfds:NAME[/CONFIG][:SPLIT] splits")
   parser.add_argument("--tokenizer", required=True,
                       help="a data dir of prepare_text or a run dir of maxlm.train")
   parser.add_argument("--output_dir", required=True)
@@ -322,6 +360,13 @@ def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument("--num_shards", type=int, default=0,
                       help="train shards; 0 = one per 256 MiB of input")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--tfds_image_key", default="image", help="TFDS inputs: the image feature")
+  parser.add_argument("--tfds_text_key", default=None,
+                      help="TFDS inputs: the text feature (default caption, else label: a class "
+                      "label becomes its name)")
+  parser.add_argument("--tfds_question", default=None,
+                      help="TFDS inputs: a user question the text answers (default: the text "
+                      "is a caption)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing --output_dir whole")
   return parser.parse_known_args(argv)
@@ -337,7 +382,9 @@ def main(argv: list[str] | None = None) -> None:
       max_images=flags.max_images, max_image_pixels=flags.max_image_pixels,
       validation_inputs=prepare_chat.globs(flags.validation_input),
       validation_fraction=flags.validation_fraction, seed=flags.seed,
-      num_shards=flags.num_shards, overwrite=flags.overwrite, beam_args=beam_args))
+      num_shards=flags.num_shards, overwrite=flags.overwrite, beam_args=beam_args,
+      tfds_fields=tfds_images.Fields(flags.tfds_image_key, flags.tfds_text_key,
+                                     flags.tfds_question)))
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ import base64
 import io
 import json
 import textwrap
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import sentencepiece as spm
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from beam_pipelines import (
@@ -19,6 +21,7 @@ from beam_pipelines import (
   images,
   prepare_images,
   records,
+  tfds_images,
 )
 from beam_pipelines.chat_examples import BadRow
 from beam_pipelines.tokenizer_training import TRAINER_OPTIONS
@@ -201,3 +204,40 @@ def test_pipeline_writes_good_rows_and_dead_letters_each_bad_image(tmp_path, tok
   for prompt in prompts.values():
     ids = (*prompt, piece("<|end|>"), *newline, *reply)
     assert got[ids] == [0] * (len(ids) - len(reply)) + reply_mask
+
+
+class LabeledSource(list):
+  """A TFDS data source stand-in: examples by index, and class names in its dataset info."""
+  dataset_info = types.SimpleNamespace(
+      features={"label": types.SimpleNamespace(names=["cat", "dog"])})
+
+
+def test_a_tfds_split_becomes_question_rows_named_by_class_with_bad_examples_dead_lettered(
+    tmp_path, tokenizer_dir):
+  gray = gradient(12, 8)[..., :1]  # [12, 8, 1]: the shorter side is already SIZE
+  examples = LabeledSource([{"image": gray, "label": 1}, {"label": 0},
+                            {"image": gradient(), "label": 0},
+                            {"image": gradient().astype(np.float32), "label": 0}])
+  out = tmp_path / "out"
+  with tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: examples):
+    manifest = prepare_images.run(
+        ["tfds:mnist:train"], str(out), tokenizer=str(tokenizer_dir), image_size=SIZE,
+        patch_size=PATCH, seq_len=48, validation_fraction=0.0,
+        tfds_fields=tfds_images.Fields(question="What animal?"))
+  dead = [json.loads(line) for line in (out / "dead_letter.jsonl").read_text().splitlines()]
+  assert {(d["line"], d["reason"]) for d in dead} == {(1, "malformed_row"),
+                                                      (3, "unreadable_image")}
+  assert all(d["file"] == "tfds:mnist:train" for d in dead)
+  fields = records.fields_of_manifest(manifest)
+  written = [r for name in manifest["splits"]["train"]["shards"]
+             for r in records.read_shard(str(out / name), fields)]
+  sp = spm.SentencePieceProcessor(model_file=str(out / records.TOKENIZER_NAME))
+  replies = {}
+  for record in written:
+    supervised = record["tokens"][record["loss_mask"] == 1]
+    replies[sp.decode([int(t) for t in supervised[:-1]])] = record["image"]  # less <|end|>
+  assert sorted(replies) == ["cat", "dog"]
+  np.testing.assert_array_equal(replies["dog"], np.repeat(gray[2:10], 3, axis=-1))
+  np.testing.assert_array_equal(replies["cat"], gradient())
+  question = sp.encode("What animal?")
+  assert all(np.isin(question, record["tokens"]).all() for record in written)
