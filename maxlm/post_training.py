@@ -60,7 +60,8 @@ def predecessors(segment_ids: jax.Array, positions: jax.Array,
   one just before, except for a branch's first token after another branch: the last
   branch-0 token."""
   index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
-  shifted = lambda values: jnp.pad(values[:, :-1], ((0, 0), (1, 0)), constant_values=-1)  # noqa: E731
+  def shifted(values):  # values[:, i - 1] at i, -1 at 0
+    return jnp.pad(values[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
   previous_branch = shifted(branch_ids)
   last_shared = jax.lax.cummax(jnp.where(branch_ids == 0, index, -1), axis=1)
   predecessor = jnp.where((previous_branch == branch_ids) | (previous_branch == 0), index - 1,

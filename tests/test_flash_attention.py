@@ -197,7 +197,8 @@ def preference_branches(batch, seq_len, rng):
       if start + lengths.sum() > seq_len:
         break
       for branch, length in enumerate(lengths):
-        segment_ids[row, start:start + length], branch_ids[row, start:start + length] = segment, branch
+        segment_ids[row, start:start + length] = segment
+        branch_ids[row, start:start + length] = branch
         start += length
       segment += 1
   return segment_ids, branch_ids

@@ -26,6 +26,7 @@ from beam_pipelines.records import (MANIFEST_NAME, RECORD_FORMAT, encode_record,
                                     manifest_fields)
 from maxlm import checkpoint, default_chat, optim, post_training, runs, sharding, steps, tasks
 from maxlm import train as train_module
+from maxlm.errors import UserError
 from maxlm.model import ModelConfig, Transformer, training_flops_per_token
 from maxlm.post_training import DPO, SFT
 from conftest import TINY_RUN, gin_config
@@ -189,6 +190,18 @@ def test_packed_pairs_have_the_log_probs_of_each_pair_alone_and_dpo_loss_follows
   np.testing.assert_allclose(float(metrics["reward_margin_sum"]),
                              (chosen_rewards - rejected_rewards).sum(), rtol=1e-4)
   assert float(metrics["reward_accuracy_sum"]) == (chosen_rewards > rejected_rewards).sum()
+
+
+def test_dpo_on_a_data_dir_of_the_old_two_halves_layout_says_to_rerun_prepare_chat():
+  old_fields = [f"{half}_{name}" for half in ("chosen", "rejected")
+                for name in post_training.SFT_FIELDS]
+  manifest = {"format": RECORD_FORMAT, "seq_len": 8,
+              "fields": manifest_fields(tuple(field(name, np.int32, (8,)) for name in old_fields))}
+  with pytest.raises(UserError) as error:
+    train_module.check_task_fields(DPO(), manifest, "/data/pairs")
+  assert str(error.value) == ("--data_dir /data/pairs holds preference pairs in the old "
+                              "two-halves layout; re-run python -m beam_pipelines.prepare_chat "
+                              "on its inputs")
 
 
 # --- sharded steps -----------------------------------------------------------------------------

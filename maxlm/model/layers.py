@@ -121,8 +121,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   """Causal attention within segments, for a whole sequence (training, no cache).
 
   q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids,
-  bidirectional_ids, branch_ids: [batch, seq] or None (see `attention_mask`). Queries go in blocks of
-  `query_block`, each against only the keys up to its end: 4 blocks skip 3/8 of the score
+  bidirectional_ids, branch_ids: [batch, seq] or None (see `attention_mask`). Queries go in
+  blocks of `query_block`, each against only the keys up to its end: 4 blocks skip 3/8 of the score
   matrix that the mask would discard. A bidirectional block may reach past that end, so with
   `bidirectional_ids` every query block takes every key.
   """
