@@ -5,10 +5,14 @@ preference (`{"prompt", "chosen", "rejected"}`, each a string or a message list)
 cannot become a training example raises `BadRow` with one of REASONS and a sentence naming the
 fix; `beam_pipelines.prepare_chat` writes those to the dead letters. Pure Python and NumPy.
 
-Records (see FIELD_NAMES): an SFT row holds whole conversations, `[bos] + render_ids(...)`,
-numbered from 1 by `segment_ids`, with `loss_mask` 1 on assistant content and its `<|end|>`.
-A preference row holds pair k as segment k of both its `chosen_*` half ([bos] prompt chosen)
-and its `rejected_*` half ([bos] prompt rejected), the mask 1 on the reply only.
+Records (see `fields_of_kind`): an SFT row holds whole conversations, `[bos] +
+render_ids(...)`, numbered from 1 by `segment_ids`, with `loss_mask` 1 on assistant content and
+its `<|end|>`. A preference row holds pair k as segment k = the shared prefix (the longest
+common prefix of [bos] prompt chosen and [bos] prompt rejected), then the chosen continuation,
+then the rejected one; `branch_ids` says which (0 shared, 1 chosen, 2 rejected), and the
+rejected continuation's positions restart where the prefix ends, as the chosen one's do. The
+mask is each half's own (1 on the replies only); a supervised token inside the shared prefix
+counts for both replies. The model computes the prompt once (see `maxlm.post_training`).
 """
 
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,8 +25,9 @@ from beam_pipelines import records
 
 SFT, PREFERENCE = "sft", "preference"
 KINDS = (SFT, PREFERENCE)
-HALVES = {SFT: ("",), PREFERENCE: ("chosen_", "rejected_")}
 FIELD_NAMES = ("tokens", "segment_ids", "positions", "loss_mask")
+BRANCH_FIELD = "branch_ids"
+SHARED, CHOSEN, REJECTED = 0, 1, 2  # branch ids
 REASONS = ("malformed_json", "malformed_row", "invalid_utf8", "row_too_large", "unreadable",
            "unknown_role", "reserved_token", "no_supervised_tokens", "identical_replies",
            "too_long", "other_kind")
@@ -56,16 +61,50 @@ class Tokenized(NamedTuple):
 
 
 class Example(NamedTuple):
-  """What packing places: one Tokenized per half (SFT one, preference chosen and rejected);
+  """What packing places: one segment's int32 [n] tokens, loss_mask, positions and branch_ids;
   `truncated` counts the turns cut off to fit."""
-  halves: tuple[Tokenized, ...]
+  tokens: np.ndarray
+  loss_mask: np.ndarray
+  positions: np.ndarray
+  branch_ids: np.ndarray
   truncated: int = 0
+
+
+def names_of_kind(kind: str) -> tuple[str, ...]:
+  return FIELD_NAMES + ((BRANCH_FIELD,) if kind == PREFERENCE else ())
 
 
 def fields_of_kind(kind: str, seq_len: int) -> records.Fields:
   """The record fields of a data dir of `kind`, int32 [seq_len] each."""
-  return tuple(records.field(prefix + name, np.int32, (seq_len,))
-               for prefix in HALVES[kind] for name in FIELD_NAMES)
+  return tuple(records.field(name, np.int32, (seq_len,)) for name in names_of_kind(kind))
+
+
+def unshared_example(tokenized: Tokenized, truncated: int = 0) -> Example:
+  length = len(tokenized.tokens)
+  return Example(tokenized.tokens, tokenized.loss_mask, np.arange(length, dtype=np.int32),
+                 np.zeros(length, np.int32), truncated)
+
+
+def shared_prefix_length(chosen: Tokenized, rejected: Tokenized) -> int:
+  """How many leading (token, mask) pairs the two halves have in common."""
+  length = min(len(chosen.tokens), len(rejected.tokens))
+  differs = ((chosen.tokens[:length] != rejected.tokens[:length])
+             | (chosen.loss_mask[:length] != rejected.loss_mask[:length]))
+  return int(np.argmax(differs)) if differs.any() else length
+
+
+def shared_example(chosen: Tokenized, rejected: Tokenized) -> Example:
+  """One segment: the halves' shared prefix, then each half's continuation after it, both
+  continuations numbered from the prefix's end."""
+  prefix = shared_prefix_length(chosen, rejected)
+  parts = ((chosen, SHARED, 0, prefix), (chosen, CHOSEN, prefix, None),
+           (rejected, REJECTED, prefix, None))
+  join = lambda arrays: np.concatenate(arrays).astype(np.int32)  # noqa: E731
+  return Example(
+      join([half.tokens[start:end] for half, _, start, end in parts]),
+      join([half.loss_mask[start:end] for half, _, start, end in parts]),
+      join([np.arange(len(half.tokens))[start:end] for half, _, start, end in parts]),
+      join([np.full(len(half.tokens[start:end]), branch) for half, branch, start, end in parts]))
 
 
 def kind_of(row) -> str:
@@ -147,7 +186,7 @@ def sft_example(conversation: Conversation, tokenizer, bos_id: int, seq_len: int
     raise BadRow("no_supervised_tokens", "the conversation has no assistant turn, so nothing "
                  "would train; add the assistant's reply")
   if len(whole.tokens) <= seq_len:
-    return Example((whole,))
+    return unshared_example(whole)
   too_long = (f"the conversation is {len(whole.tokens)} tokens with bos, longer than "
               f"--seq_len {seq_len}")
   if not truncate:
@@ -157,27 +196,32 @@ def sft_example(conversation: Conversation, tokenizer, bos_id: int, seq_len: int
   for turns in range(len(messages) - 1, 0, -1):
     if messages[turns - 1][0] == "assistant" and ends[turns - 1] <= seq_len:
       kept = Tokenized(whole.tokens[:ends[turns - 1]], whole.loss_mask[:ends[turns - 1]])
-      return Example((kept,), truncated=len(messages) - turns)
+      return unshared_example(kept, truncated=len(messages) - turns)
   raise BadRow("too_long", f"{too_long}, and even its first reply does not fit; raise "
                "--seq_len")
 
 
 def preference_example(pair: Pair, tokenizer, bos_id: int, seq_len: int) -> Example:
-  """Both halves of a pair; never truncated (a cut reply may no longer be the one preferred)."""
+  """Both halves of a pair sharing their common prefix; never truncated (a cut reply may no
+  longer be the one preferred)."""
+  identical = BadRow("identical_replies", "`chosen` equals `rejected`, so there is no "
+                     "preference to learn; drop the row or fix one reply")
   if pair.chosen == pair.rejected:
-    raise BadRow("identical_replies", "`chosen` equals `rejected`, so there is no preference "
-                 "to learn; drop the row or fix one reply")
+    raise identical
   halves = tuple(tokenize(pair.prompt + reply, tokenizer, bos_id, len(pair.prompt))
                  for reply in (pair.chosen, pair.rejected))
   for name, half in zip(("chosen", "rejected"), halves):
     if not half.loss_mask.any():
       raise BadRow("no_supervised_tokens", f"`{name}` has no assistant turn, so nothing would "
                    "train; make it the assistant's reply")
-  longest = max(len(half.tokens) for half in halves)
-  if longest > seq_len:
-    raise BadRow("too_long", f"the prompt and a reply are {longest} tokens with bos, longer than "
-                 f"--seq_len {seq_len}; raise --seq_len or shorten the row")
-  return Example(halves)
+  example = shared_example(*halves)
+  if len(example.tokens) == len(halves[0].tokens) == len(halves[1].tokens):
+    raise identical  # different text, the same ids
+  if len(example.tokens) > seq_len:
+    raise BadRow("too_long", f"the shared prompt and both replies are {len(example.tokens)} "
+                 f"tokens with bos, longer than --seq_len {seq_len}; raise --seq_len or "
+                 "shorten the row")
+  return example
 
 
 def example_of_row(row, kind: str, tokenizer, bos_id: int, seq_len: int,
@@ -193,39 +237,37 @@ def example_of_row(row, kind: str, tokenizer, bos_id: int, seq_len: int,
 
 
 class _Row:
-  """A record being filled: every half's arrays and how far each is filled."""
+  """A record being filled: its [fields, seq_len] arrays and how far they are filled."""
 
-  def __init__(self, halves: int, seq_len: int):
-    self.arrays = np.zeros((halves, len(FIELD_NAMES), seq_len), np.int32)
-    self.filled = [0] * halves
+  def __init__(self, seq_len: int):
+    self.arrays = np.zeros((len(FIELD_NAMES) + 1, seq_len), np.int32)
+    self.filled = 0
     self.segments = 0
 
   def fits(self, example: Example) -> bool:
-    return all(filled + len(half.tokens) <= self.arrays.shape[-1]
-               for filled, half in zip(self.filled, example.halves))
+    return self.filled + len(example.tokens) <= self.arrays.shape[-1]
 
   def add(self, example: Example) -> None:
     self.segments += 1
-    for h, half in enumerate(example.halves):
-      start, length = self.filled[h], len(half.tokens)
-      tokens, segment_ids, positions, loss_mask = self.arrays[h, :, start:start + length]
-      tokens[:], segment_ids[:], positions[:] = half.tokens, self.segments, np.arange(length)
-      loss_mask[:] = half.loss_mask
-      self.filled[h] += length
+    start, end = self.filled, self.filled + len(example.tokens)
+    tokens, segment_ids, positions, loss_mask, branch_ids = self.arrays[:, start:end]
+    tokens[:], segment_ids[:], positions[:] = example.tokens, self.segments, example.positions
+    loss_mask[:], branch_ids[:] = example.loss_mask, example.branch_ids
+    self.filled = end
 
 
 def pack(examples: Iterable[Example], seq_len: int, open_rows: int = OPEN_ROWS,
          ) -> Iterator[np.ndarray]:
-  """Examples -> int32 [halves, len(FIELD_NAMES), seq_len] rows, each example whole in the
-  first open row where every half fits; when none has room, the oldest is emitted. Padding
-  is token 0 (pad), segment 0, position 0, mask 0."""
+  """Examples -> int32 [len(FIELD_NAMES) + 1, seq_len] rows (FIELD_NAMES, then branch_ids),
+  each example whole in the first open row where it fits; when none has room, the oldest is
+  emitted. Padding is token 0 (pad), segment 0, position 0, mask 0, branch 0."""
   rows: list[_Row] = []
   for example in examples:
     row = next((r for r in rows if r.fits(example)), None)
     if row is None:
       if len(rows) == open_rows:
         yield rows.pop(0).arrays
-      row = _Row(len(example.halves), seq_len)
+      row = _Row(seq_len)
       rows.append(row)
     row.add(example)
   for row in rows:
@@ -234,5 +276,4 @@ def pack(examples: Iterable[Example], seq_len: int, open_rows: int = OPEN_ROWS,
 
 def record_arrays(row: np.ndarray, kind: str) -> dict[str, np.ndarray]:
   """A packed row as {field name: [seq_len]}, the names of `fields_of_kind(kind, ...)`."""
-  return {prefix + name: row[h, f] for h, prefix in enumerate(HALVES[kind])
-          for f, name in enumerate(FIELD_NAMES)}
+  return dict(zip(names_of_kind(kind), row))

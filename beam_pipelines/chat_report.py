@@ -8,11 +8,11 @@ from typing import NamedTuple
 import numpy as np
 
 from beam_pipelines import stage_report
-from beam_pipelines.chat_examples import HALVES, Example
+from beam_pipelines.chat_examples import Example
 
 
 class ChatStats(NamedTuple):
-  """Of one split: examples (conversations or pairs), non-pad tokens over every half,
+  """Of one split: examples (conversations or pairs), non-pad tokens (a pair's shared prefix once),
   supervised tokens, and histogram[i] = supervised tokens with id i."""
   examples: int
   tokens: int
@@ -21,11 +21,10 @@ class ChatStats(NamedTuple):
 
 
 def stats_of(examples: list[Example]) -> ChatStats:
-  halves = [half for example in examples for half in example.halves]
-  supervised = [half.tokens[half.loss_mask == 1] for half in halves]
+  supervised = [example.tokens[example.loss_mask == 1] for example in examples]
   histogram = np.bincount(np.concatenate(supervised), minlength=1) if supervised else (
       np.zeros(1, np.int64))
-  return ChatStats(len(examples), sum(len(half.tokens) for half in halves),
+  return ChatStats(len(examples), sum(len(example.tokens) for example in examples),
                    sum(len(s) for s in supervised), histogram.astype(np.int64))
 
 
@@ -52,8 +51,7 @@ def split_entry(stats: ChatStats | None, shards: list[tuple[str, int]]) -> dict:
 def build_report(manifest: dict, totals: dict[str, int], seconds: float) -> dict:
   """totals: the run's `chat:` counters (stage_report.counter_totals)."""
   splits = manifest["splits"]
-  halves = len(HALVES[manifest["kind"]])
-  slots = sum(s["sequences"] for s in splits.values()) * manifest["seq_len"] * halves
+  slots = sum(s["sequences"] for s in splits.values()) * manifest["seq_len"]
   dropped = {name.split(":", 2)[2]: n for name, n in sorted(totals.items())
              if name.startswith("chat:dropped:")}
   return {

@@ -10,8 +10,11 @@ Rows (JSONL, .jsonl.gz or Parquet), detected one by one:
 One output dir holds one kind: --kind, or by default the kind of the first row that has one;
 rows of the other kind go to the dead letters as `other_kind`, like every row that cannot
 train (bad JSON or types, an unknown role, turn markers in content, no assistant turn, longer
-than --seq_len). --truncate keeps, of an SFT conversation too long, its longest run of whole
-turns from the start that ends with an assistant reply; preference pairs are never cut.
+than --seq_len; for a pair, its shared prompt plus both replies). --truncate keeps, of an SFT
+conversation too long, its longest run of whole turns from the start that ends with an
+assistant reply; preference pairs are never cut. A preference record holds each pair as one
+segment, prompt once: fields tokens, segment_ids, positions, loss_mask and branch_ids (0 the
+shared prefix, 1 the chosen reply, 2 the rejected one; see `chat_examples`).
 --tokenizer is a data dir (its manifest's tokenizer block is copied) or a run dir; records
 use that tokenizer unchanged. Held-out rows: --validation_input files, else a hash split of
 rows by --validation_fraction. As prepare_text: a staging dir renamed into place, --overwrite,

@@ -4,9 +4,11 @@
 
 Every step is maxlm's real one (`steps.make_train_step` with the task's loss, on one device):
   sft_vs_pretrain_step  an SFT step over the same [batch, seq] tokens as a pretraining step;
-  dpo_vs_sft_step       a DPO step over B pair-rows (chosen + rejected: 2 B rows of tokens, plus
-                        the reference model's forward in `prepare_batch`) over an SFT step over
-                        the same 2 B rows;
+  dpo_vs_sft_step       a DPO step over 2 B pairs of [prompt, reply] conversations (seq / 4
+                        tokens each, half prompt; packed by `chat_examples` with each prompt
+                        once, so B * seq * 3 / 4 tokens, plus the reference model's forward in
+                        `prepare_batch`) over an SFT step over the 2 B rows those conversations
+                        fill unshared;
   lora_step_vs_full     a rank-8 LoRA step (adapters trained, the base a frozen argument) over
                         a full fine-tuning step of the same model;
   lora_optimizer_bytes_fraction  Adam's state for rank-8 adapters over full fine-tuning's, on
@@ -38,6 +40,7 @@ from flax import nnx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from beam_pipelines import chat_examples  # noqa: E402
 from benchmarks import trl_dpo  # noqa: E402
 from maxlm import optim, post_training, sharding, steps, tasks  # noqa: E402
 from maxlm.model import ModelConfig  # noqa: E402
@@ -64,12 +67,29 @@ def packed_rows(rng, rows: int, seq: int, vocab: int, documents: int = 4) -> dic
           "positions": positions.astype(np.int32), "loss_mask": loss_mask}
 
 
-def preference_rows(rng, rows: int, seq: int, vocab: int) -> dict:
-  chosen, rejected = (packed_rows(rng, rows, seq, vocab) for _ in range(2))
-  rejected["segment_ids"], rejected["positions"] = chosen["segment_ids"], chosen["positions"]
-  return {f"{half}_{name}": value for half, fields in (("chosen", chosen),
-                                                        ("rejected", rejected))
-          for name, value in fields.items()}
+def preference_pairs(rng, count: int, length: int, vocab: int) -> list[dict[str, list[int]]]:
+  """`count` {prompt, chosen, rejected} id lists, `length` // 2 ids each; the replies differ
+  from their first id, so each pair shares exactly its prompt."""
+  ids = lambda: rng.integers(4, vocab, length // 2).tolist()  # noqa: E731
+  pairs = [{"prompt": ids(), "chosen": ids(), "rejected": ids()} for _ in range(count)]
+  for pair in pairs:
+    if pair["rejected"][0] == pair["chosen"][0]:
+      pair["rejected"][0] = 4 + (pair["chosen"][0] - 3) % (vocab - 4)
+  return pairs
+
+
+def preference_rows(pairs: list[dict[str, list[int]]], pairs_per_row: int) -> dict:
+  """The pairs packed as `prepare_chat` packs them (each prompt once, then both replies;
+  loss_mask 1 on the replies), `pairs_per_row` to a row that they fill exactly."""
+  def half(pair, reply):
+    return chat_examples.Tokenized(np.array(pair["prompt"] + pair[reply], np.int32),
+                                   np.array([0] * len(pair["prompt"]) + [1] * len(pair[reply]),
+                                            np.int32))
+  examples = [chat_examples.shared_example(half(p, "chosen"), half(p, "rejected")) for p in pairs]
+  seq_len = len(examples[0].tokens) * pairs_per_row
+  rows = [chat_examples.record_arrays(row, chat_examples.PREFERENCE)
+          for row in chat_examples.pack(examples, seq_len, open_rows=1)]
+  return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
 
 
 class Stepper:
@@ -128,12 +148,17 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compiles)")
+  parser.add_argument("--pairs_per_row", type=int, default=2,
+                      help="preference pairs packed to a DPO row")
   args = parser.parse_args(argv)
   steps.keep_freed_host_memory()  # the allocator policy TRL's child runs under too
   config = dataclasses.replace(SHAPES[args.shape], max_seq_len=max(args.seq_len, 256))
   rng = np.random.default_rng(0)
   text = packed_rows(rng, args.batch, args.seq_len, config.vocab_size)
-  pairs = preference_rows(rng, args.batch // 2, args.seq_len, config.vocab_size)
+  documents = 4  # packed_rows'
+  examples = preference_pairs(rng, args.batch // 2 * documents, args.seq_len // documents,
+                              config.vocab_size)
+  pairs = preference_rows(examples, args.pairs_per_row)
   lora_config = dataclasses.replace(config, lora_rank=LORA_RANK)
   runs = {
       "pretrain": (Stepper(config, tasks.Pretrain()), text),
@@ -144,8 +169,8 @@ def main(argv=None):
   }
   timers = {name: functools.partial(stepper.run, batch) for name, (stepper, batch) in runs.items()}
   dpo, total_steps = runs["dpo"][0], args.warmup + args.rounds * args.steps
-  trl_run = trl_dpo.trl_dpo_timer(jax.tree.map(np.asarray, dpo.initial_params), config, pairs,
-                                  dpo.task.beta, LEARNING_RATE, total_steps)
+  trl_run = trl_dpo.trl_dpo_timer(jax.tree.map(np.asarray, dpo.initial_params), config,
+                                  examples, dpo.task.beta, LEARNING_RATE, total_steps)
   if trl_run is not None:
     timers["trl_dpo"] = lambda count: trl_run(count)[0] / count
   for run in timers.values():
@@ -157,6 +182,7 @@ def main(argv=None):
   median = {name: statistics.median(values) for name, values in times.items()}
   result = {
       "shape": args.shape, "batch": args.batch, "seq_len": args.seq_len,
+      "dpo_rows": list(pairs["tokens"].shape),
       "seconds_per_step": median,
       "sft_vs_pretrain_step": median["sft"] / median["pretrain"],
       "dpo_vs_sft_step": median["dpo"] / median["sft"],

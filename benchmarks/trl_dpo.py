@@ -5,34 +5,17 @@ The child process trains a `transformers` LlamaForCausalLM holding maxlm's start
 (`hf_llama.to_hf_llama`), float32, with TRL's reference model (a frozen copy it makes itself)
 running its forward inside every step: no precomputed reference log-probabilities. Each pair
 is [prompt, reply] with maxlm's tokens, one padded row per reply as TRL batches them (maxlm
-packs several pairs to a row; the token count is the same). A word-level tokenizer with one
+packs several pairs to a row, each prompt once). A word-level tokenizer with one
 word per id makes TRL's text preprocessing give those ids back. torch, transformers and trl
 come from the `bench` extra.
 """
 
 import time
 
-import numpy as np
-
 from benchmarks import train_step
 from maxlm.model import ModelConfig
 
 EOS_ID, PAD_ID = 2, 0
-
-
-def preference_examples(pairs: dict[str, np.ndarray]) -> list[dict[str, list[int]]]:
-  """Pairs of `post_training.preference_rows` (packed, loss_mask 1 on each reply) as one
-  {prompt, chosen, rejected} id-list dict per pair; the prompt is the chosen half's."""
-  examples = []
-  for row in range(pairs["chosen_tokens"].shape[0]):
-    segment_ids = pairs["chosen_segment_ids"][row]
-    for segment in np.unique(segment_ids[segment_ids > 0]):
-      def part(half, supervised, columns=segment_ids == segment):
-        mask = columns & ((pairs[f"{half}_loss_mask"][row] != 0) == supervised)
-        return pairs[f"{half}_tokens"][row][mask].tolist()
-      examples.append({"prompt": part("chosen", False), "chosen": part("chosen", True),
-                       "rejected": part("rejected", True)})
-  return examples
 
 
 def _word(token_id: int) -> str:
@@ -114,9 +97,10 @@ def _trl_worker(connection, params: dict, config: ModelConfig, examples: list, b
   trainer.train()
 
 
-def trl_dpo_timer(params: dict, config: ModelConfig, pairs: dict[str, np.ndarray], beta: float,
-                  learning_rate: float, total_steps: int):
-  """`run(steps) -> (wall s, CPU s)` of TRL DPO steps in a child, or None without trl; the
-  steps asked for must add up to `total_steps`."""
-  return train_step.child_timer(_trl_worker, params, config, preference_examples(pairs), beta,
-                                learning_rate, total_steps)
+def trl_dpo_timer(params: dict, config: ModelConfig, examples: list[dict[str, list[int]]],
+                  beta: float, learning_rate: float, total_steps: int):
+  """`run(steps) -> (wall s, CPU s)` of TRL DPO steps on `examples` ({prompt, chosen,
+  rejected} id lists) in a child, or None without trl; the steps asked for must add up to
+  `total_steps`."""
+  return train_step.child_timer(_trl_worker, params, config, examples, beta, learning_rate,
+                                total_steps)

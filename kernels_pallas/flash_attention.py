@@ -66,7 +66,7 @@ def _block_size(requested, length, name):
   return min(block, max(MIN_BLOCK, pl.next_power_of_2(length)))
 
 
-def _check_shapes(q, k, v, segment_ids, bidirectional_ids=None):
+def _check_shapes(q, k, v, segment_ids, bidirectional_ids=None, branch_ids=None):
   if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
     raise ValueError(f"flash_attention wants q [batch, q_len, heads, head_dim] and k, v alike "
                      f"[batch, kv_len, kv_heads, head_dim]; got {q.shape}, {k.shape}, {v.shape}.")
@@ -76,10 +76,12 @@ def _check_shapes(q, k, v, segment_ids, bidirectional_ids=None):
   if segment_ids is not None and (q.shape[1] != k.shape[1] or segment_ids.shape != q.shape[:2]):
     raise ValueError(f"segment_ids {segment_ids.shape} must be [batch, seq_len] = {q.shape[:2]} with "
                      f"q_len == kv_len; pass segment_ids=None for cross-length attention.")
-  if bidirectional_ids is not None and (q.shape[1] != k.shape[1]
-                                        or bidirectional_ids.shape != q.shape[:2]):
-    raise ValueError(f"bidirectional_ids {bidirectional_ids.shape} must be [batch, seq_len] = "
-                     f"{q.shape[:2]} with q_len == kv_len.")
+  for name, ids in (("bidirectional_ids", bidirectional_ids), ("branch_ids", branch_ids)):
+    if ids is not None and (q.shape[1] != k.shape[1] or ids.shape != q.shape[:2]):
+      raise ValueError(f"{name} {ids.shape} must be [batch, seq_len] = {q.shape[:2]} with "
+                       f"q_len == kv_len.")
+  if bidirectional_ids is not None and branch_ids is not None:
+    raise ValueError("flash_attention takes bidirectional_ids or branch_ids, not both; pass one.")
 
 
 def _pallas_attention(q, k, v, segment_ids, cfg: KernelConfig):
@@ -88,7 +90,7 @@ def _pallas_attention(q, k, v, segment_ids, cfg: KernelConfig):
   q_seg = kv_seg = None
   if segment_ids is not None:
     q_seg, kv_seg = layout.segments_to_kernel_layout(segment_ids, q5.shape[3], k4.shape[2],
-                                                     packed=cfg.bidirectional)
+                                                     packed=cfg.packed)
   return layout.from_kernel_layout(_flash(q5, k4, v4, q_seg, kv_seg, cfg), q.shape[1])
 
 
@@ -104,7 +106,8 @@ def gpu_backend(q, k, v, *, block_q=None, block_k=None):
 
 
 def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
-                    block_q=None, block_k=None, interpret=None, bidirectional_ids=None):
+                    block_q=None, block_k=None, interpret=None, bidirectional_ids=None,
+                    branch_ids=None):
   """Softmax attention computed block by block in Pallas, differentiable.
 
   q: [batch, q_len, num_heads, head_dim]; k, v: [batch, kv_len, num_kv_heads, head_dim] with num_heads a
@@ -113,7 +116,9 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
   (needs q_len == kv_len); tokens attend only within their segment. bidirectional_ids: [batch, seq_len]
   int (< 2**16) or None: with causal, a query also sees every key of its own nonzero id (prefix-LM:
   an image's patches see each other whole); the loops then visit every key block, not only those up to
-  the diagonal, and CUDA takes the Triton kernels. sm_scale: default 1/sqrt(head_dim).
+  the diagonal, and CUDA takes the Triton kernels. branch_ids: [batch, seq_len] int (< 2**16) or None:
+  a query sees only keys of branch 0 or of its own branch (a preference pair's two replies after their
+  shared prompt); CUDA takes the Triton kernels. Not both. sm_scale: default 1/sqrt(head_dim).
   block_q, block_k: multiples of 8, default 128, clipped to the sequence. interpret: True runs the
   Pallas interpreter, False the compiled kernels; None (default) decides at lowering, per platform:
   the interpreter for "cpu", compiled kernels elsewhere. A query that sees no key returns zeros.
@@ -122,11 +127,14 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
   for head_dim > 128); every other CUDA call falls back to Triton, see `gpu_backend`. TPU Mosaic on TPU.
   Returns [batch, q_len, num_heads, head_dim] in q's dtype.
   """
-  _check_shapes(q, k, v, segment_ids, bidirectional_ids)
+  _check_shapes(q, k, v, segment_ids, bidirectional_ids, branch_ids)
   q_len, kv_len, head_dim = q.shape[1], k.shape[1], q.shape[3]
   bidirectional = bool(causal) and bidirectional_ids is not None  # without causal all keys are seen
+  branches = branch_ids is not None
   if bidirectional:
     segment_ids = layout.pack_ids(segment_ids, bidirectional_ids)
+  if branches:
+    segment_ids = layout.pack_ids(segment_ids, branch_ids)
   config = functools.partial(
       KernelConfig,
       sm_scale=float(1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale),
@@ -134,6 +142,7 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
       q_len=q_len,
       kv_len=kv_len,
       bidirectional=bidirectional,
+      branches=branches,
   )
   generic_blocks = {"block_q": _block_size(block_q, q_len, "block_q"),
                     "block_k": _block_size(block_k, kv_len, "block_k")}
@@ -148,7 +157,8 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
   branches = {"tpu": generic(False), "default": generic(False, triton=True)}
   if interpret is None:
     branches["cpu"] = generic(True)
-  if not bidirectional and gpu_backend(q, k, v, block_q=block_q, block_k=block_k)[0] == "mosaic_gpu":
+  if not (bidirectional or branches) and gpu_backend(q, k, v, block_q=block_q,
+                                                     block_k=block_k)[0] == "mosaic_gpu":
     blocks = flash_attention_mosaic_gpu.choose_blocks(q_len, kv_len, head_dim, block_q, block_k)
     branches["cuda"] = functools.partial(
         flash_attention_mosaic_gpu_backward.attention,

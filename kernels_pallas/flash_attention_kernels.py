@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 
-BLOCK_ID_BITS = 16   # packed ids (`layout.pack_ids`): segment id above, bidirectional block id below
+BLOCK_ID_BITS = 16   # packed ids (`layout.pack_ids`): segment id above, block or branch id below
 BLOCK_ID_MASK = (1 << BLOCK_ID_BITS) - 1
 
 
@@ -55,6 +55,12 @@ class KernelConfig:
   interpret: bool
   triton: bool = False   # lowering through Triton: grid programs run in parallel (see backward's dk/dv)
   bidirectional: bool = False  # segment ids carry bidirectional blocks (`layout.pack_ids`)
+  branches: bool = False  # segment ids carry branch ids (`layout.pack_ids`)
+
+  @property
+  def packed(self) -> bool:
+    """Whether the segment ids hold a second id in their low bits (`layout.pack_ids`)."""
+    return self.bidirectional or self.branches
 
   @property
   def skips_blocks(self) -> bool:
@@ -82,7 +88,8 @@ def visible_pairs(q_pos, k_pos, q_seg, kv_seg, cfg: KernelConfig):
   """Which (query, key) pairs may attend; positions are int32 arrays of one shape, segments broadcast.
 
   With `cfg.bidirectional` the segment ids are packed (`layout.pack_ids`): a query also sees the keys
-  of its own nonzero bidirectional block, past the causal diagonal.
+  of its own nonzero bidirectional block, past the causal diagonal. With `cfg.branches` they carry
+  branch ids instead: a query sees only keys of branch 0 or of its own branch.
   Returns a bool array of that shape, or None when nothing is masked.
   """
   visible = None
@@ -98,10 +105,13 @@ def visible_pairs(q_pos, k_pos, q_seg, kv_seg, cfg: KernelConfig):
       q_block, kv_block = q_seg & BLOCK_ID_MASK, kv_seg & BLOCK_ID_MASK
       seen = seen | ((q_block == kv_block) & (q_block != 0))
     visible = both(visible, seen)
-  if q_seg is not None and cfg.bidirectional:
+  if q_seg is not None and cfg.packed:
     visible = both(visible, (q_seg >> BLOCK_ID_BITS) == (kv_seg >> BLOCK_ID_BITS))
   elif q_seg is not None:
     visible = both(visible, q_seg == kv_seg)
+  if q_seg is not None and cfg.branches:
+    kv_branch = kv_seg & BLOCK_ID_MASK
+    visible = both(visible, (kv_branch == 0) | (kv_branch == (q_seg & BLOCK_ID_MASK)))
   return visible
 
 

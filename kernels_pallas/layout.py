@@ -28,12 +28,13 @@ def to_kernel_layout(q, k, v, block_q, block_k):
   return q.transpose(0, 2, 3, 1, 4), to_heads_first(k), to_heads_first(v)
 
 
-def pack_ids(segment_ids, bidirectional_ids):
-  """[b, l] segment ids (< 2**15, or None: one segment) and bidirectional block ids (< 2**16) -> one
-  int32 [b, l]: the kernels read both from the segment refs when `KernelConfig.bidirectional`."""
+def pack_ids(segment_ids, low_ids):
+  """[b, l] segment ids (< 2**15, or None: one segment) and bidirectional block ids or branch ids
+  (< 2**16) -> one int32 [b, l]: the kernels read both from the segment refs when
+  `KernelConfig.packed`."""
   if segment_ids is None:
-    segment_ids = jnp.zeros_like(bidirectional_ids)
-  return (segment_ids.astype(jnp.int32) << BLOCK_ID_BITS) | bidirectional_ids.astype(jnp.int32)
+    segment_ids = jnp.zeros_like(low_ids)
+  return (segment_ids.astype(jnp.int32) << BLOCK_ID_BITS) | low_ids.astype(jnp.int32)
 
 
 def segments_to_kernel_layout(segment_ids, q_len_padded, kv_len_padded, packed=False):

@@ -5,9 +5,13 @@ of conversations whose `loss_mask` is 1 on exactly the tokens to predict (an ass
 content and its `<|end|>`). The loss at position t predicts tokens[t+1] and counts iff
 loss_mask[t+1] == 1 within one conversation.
 
-DPO's rows hold pairs: pair k of a row is segment k of its chosen half and of its rejected
-half ([bos] prompt reply each). A reply's log-probability is the sum of its masked next-token
-log-probabilities. The reference model is the run's starting parameters (`init_from`'s),
+DPO's rows hold pairs: pair k of a row is segment k, its shared prefix ([bos] prompt, the
+halves' longest common prefix) computed once, then the chosen continuation, then the rejected
+one (`branch_ids` 0, 1, 2; see `beam_pipelines.chat_examples`). Attention keeps the two
+continuations apart (`layers.attention_mask`), and a token's log-probability is read where its
+predecessor is (`predecessors`): the rejected reply's first token follows the prefix, not the
+chosen reply. A reply's log-probability is the sum over the supervised tokens of the prefix and
+its own continuation. The reference model is the run's starting parameters (`init_from`'s),
 frozen; `DPO.prepare_batch` adds its per-pair log-probabilities to each batch.
 """
 
@@ -24,8 +28,8 @@ from maxlm import tasks
 from maxlm.model import training_flops_per_token
 
 SFT_FIELDS = ("tokens", "segment_ids", "positions", "loss_mask")
-HALVES = ("chosen", "rejected")
-PREFERENCE_FIELDS = tuple(f"{half}_{name}" for half in HALVES for name in SFT_FIELDS)
+PREFERENCE_FIELDS = (*SFT_FIELDS, "branch_ids")
+CHOSEN, REJECTED = 1, 2  # branch ids; 0 is the shared prefix
 LOSS_TYPES = ("sigmoid", "ipo")
 REWARDS = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
 
@@ -48,34 +52,64 @@ def sft_loss(model, batch: dict[str, jax.Array], z_loss: float = 0.0) -> tuple[j
   return loss, {"nll_sum": nll, "z_loss_sum": z_loss_sum, "target_tokens": count}
 
 
-def segment_logps(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Array,
-                  loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per segment of each row: the summed log-probabilities of its supervised next tokens, and
-  how many there are. logits: [batch, seq, vocab]; the rest [batch, seq]. Returns
-  ([batch, seq // 2], [batch, seq // 2]), column k - 1 for segment k: a segment with a target
-  has two tokens at least, so seq // 2 columns hold every one."""
-  targets, weights = supervised_targets(tokens, segment_ids, loss_mask)
+def predecessors(segment_ids: jax.Array, positions: jax.Array,
+                 branch_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per token, the index of the token before it in its own sequence (same segment, branch 0
+  or its own, position - 1), and whether it has one. All [batch, seq] int; returns (int32
+  index, bool). Within a segment the branches come in order 0, 1, 2, so that token is the
+  one just before, except for a branch's first token after another branch: the last
+  branch-0 token."""
+  index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
+  def shifted(values):  # values[:, i - 1] at i, -1 at 0
+    return jnp.pad(values[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  previous_branch = shifted(branch_ids)
+  last_shared = jax.lax.cummax(jnp.where(branch_ids == 0, index, -1), axis=1)
+  predecessor = jnp.where((previous_branch == branch_ids) | (previous_branch == 0), index - 1,
+                          shifted(last_shared))
+  safe = jnp.maximum(predecessor, 0)
+  at = lambda values: jnp.take_along_axis(values, safe, axis=1)  # noqa: E731
+  has_one = ((predecessor >= 0) & (segment_ids != 0) & (at(segment_ids) == segment_ids)
+             & (at(positions) == positions - 1))
+  return safe, has_one
+
+
+def token_logps(logits: jax.Array, tokens: jax.Array, predecessor: jax.Array) -> jax.Array:
+  """log p(tokens[b, i]) from the logits at predecessor[b, i]: one scalar gather per token.
+  logits: [batch, seq, vocab]; tokens, predecessor: [batch, seq]. Returns float32 [batch, seq]."""
   logits = logits.astype(jnp.float32)
-  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  token_logps = jnp.where(weights, target_logits - jax.nn.logsumexp(logits, axis=-1), 0.0)
-  num_columns = tokens.shape[1] // 2
+  rows = jnp.arange(tokens.shape[0])[:, None]
+  log_z = jnp.take_along_axis(jax.nn.logsumexp(logits, axis=-1), predecessor, axis=1)
+  return logits[rows, predecessor, tokens] - log_z
+
+
+def segment_logps(logits: jax.Array, batch: dict[str, jax.Array]):
+  """Per segment of each row: the summed log-probabilities of its chosen and of its rejected
+  reply's supervised tokens, and how many each has. logits: [batch, seq, vocab]; `batch`
+  holds PREFERENCE_FIELDS, [batch, seq] each. Returns four [batch, seq // 2] arrays (chosen,
+  rejected, chosen count, rejected count), column k - 1 for segment k: a segment with a
+  target has two tokens at least, so seq // 2 columns hold every one."""
+  segment_ids, branch_ids = batch["segment_ids"], batch["branch_ids"]
+  predecessor, has_one = predecessors(segment_ids, batch["positions"], branch_ids)
+  supervised = has_one & (batch["loss_mask"] != 0)
+  logps = token_logps(logits, batch["tokens"], predecessor)
+  num_columns = segment_ids.shape[1] // 2
   per_row = jax.vmap(lambda values, ids: jax.ops.segment_sum(values, ids, num_columns + 1))
-  return (per_row(token_logps, segment_ids)[:, 1:],
-          per_row(weights.astype(jnp.float32), segment_ids)[:, 1:])
+  sums = []
+  for other_reply in (REJECTED, CHOSEN):
+    weights = supervised & (branch_ids != other_reply)
+    sums.append((per_row(jnp.where(weights, logps, 0.0), segment_ids)[:, 1:],
+                 per_row(weights.astype(jnp.float32), segment_ids)[:, 1:]))
+  (chosen, chosen_count), (rejected, rejected_count) = sums
+  return chosen, rejected, chosen_count, rejected_count
 
 
 def pair_logps(model, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(chosen, rejected) reply log-probabilities [batch, seq // 2] under `model`, and which
-  columns are real pairs (bool, same shape). One forward over both halves: their rows are
-  interleaved (chosen 0, rejected 0, chosen 1, ...), so each device keeps its own rows."""
-  rows, seq = batch["chosen_tokens"].shape
-  def both(name):
-    return jnp.stack([batch[f"{half}_{name}"] for half in HALVES], axis=1).reshape(2 * rows, seq)
-  tokens, segment_ids = both("tokens"), both("segment_ids")
-  logits, _ = model(tokens, both("positions"), segment_ids)
-  sums, counts = segment_logps(logits, tokens, segment_ids, both("loss_mask"))
-  sums, counts = sums.reshape(rows, 2, -1), counts.reshape(rows, 2, -1)
-  return sums[:, 0], sums[:, 1], (counts[:, 0] > 0) & (counts[:, 1] > 0)
+  columns are real pairs (bool, same shape): one forward over the shared-prefix rows."""
+  x, _ = model.decode(model.embed(batch["tokens"]), batch["positions"], batch["segment_ids"],
+                      branch_ids=batch["branch_ids"])
+  chosen, rejected, chosen_count, rejected_count = segment_logps(model.logits(x), batch)
+  return chosen, rejected, (chosen_count > 0) & (rejected_count > 0)
 
 
 def dpo_losses(policy_chosen: jax.Array, policy_rejected: jax.Array,
@@ -164,11 +198,10 @@ class DPO:
     return {**batch, "reference_chosen_logps": chosen, "reference_rejected_logps": rejected}
 
   def step_cost(self, config, seq_len):
-    """The policy trains on both halves of a row; the reference runs forward over both, a
-    third of a training token's FLOPs (no backward)."""
-    tokens = len(HALVES) * seq_len
+    """The policy trains on a row's tokens (each pair's prompt once); the reference runs
+    forward over them, a third of a training token's FLOPs (no backward)."""
     per_token = training_flops_per_token(config, seq_len)
-    return tokens, tokens * per_token + tokens * per_token / 3
+    return seq_len, seq_len * per_token + seq_len * per_token / 3
 
   def loss(self, model, batch):
     chosen, rejected, real = pair_logps(model, batch)

@@ -504,6 +504,9 @@ def check_task_fields(task: tasks.Task, manifest: dict, data_dir) -> None:
   """The data must hold every field the task's loss reads."""
   available = [field.name for field in fields_of_manifest(manifest)]
   missing = [name for name in task.batch_fields if name not in available]
+  if missing and "chosen_tokens" in available:  # written before pairs shared their prompt
+    raise UserError(f"--data_dir {data_dir} holds preference pairs in the old two-halves "
+                    "layout; re-run python -m beam_pipelines.prepare_chat on its inputs")
   if missing:
     raise UserError(f"--data_dir {data_dir} has no {', '.join(missing)} field (it has "
                     f"{', '.join(available)}), which the {type(task).__name__} task reads; "

@@ -186,6 +186,63 @@ def test_prefix_lm_mask_matches_numpy_outputs_and_gradients(case):
   np.testing.assert_allclose(np.asarray(reference), want_out, atol=ATOL, rtol=RTOL)
 
 
+def preference_branches(batch, seq_len, rng):
+  """(segment ids, branch ids) [batch, seq_len]: segments of a shared prefix (0), a chosen (1)
+  and a rejected (2) continuation, random lengths (a continuation may be empty), then padding."""
+  segment_ids, branch_ids = np.zeros((2, batch, seq_len), np.int32)
+  for row in range(batch):
+    start, segment = 0, 1
+    while True:
+      lengths = rng.integers([1, 0, 1], [12, 10, 10])
+      if start + lengths.sum() > seq_len:
+        break
+      for branch, length in enumerate(lengths):
+        segment_ids[row, start:start + length] = segment
+        branch_ids[row, start:start + length] = branch
+        start += length
+      segment += 1
+  return segment_ids, branch_ids
+
+
+BRANCH_CASES = [
+    # batch, seq, heads, kv_heads, head_dim, block_q, block_k, triton
+    (2, 45, 4, 2, 16, 16, 16, False),   # continuations across block boundaries
+    (1, 61, 2, 1, 16, 16, 24, False),   # padding block
+    (1, 40, 4, 2, 16, 8, 16, True),     # Triton's dk/dv structure
+]
+
+
+@pytest.mark.parametrize("case", BRANCH_CASES, ids=lambda c: "b{}_s{}_h{}_kv{}_d{}_bq{}_bk{}_triton{}".format(*c))
+def test_branch_mask_matches_numpy_outputs_and_gradients(case):
+  """Shared-prompt preference rows: a reply sees its prefix and itself, never the other reply."""
+  batch, seq, num_heads, num_kv_heads, head_dim, block_q, block_k, triton = case
+  rng = np.random.default_rng(abs(hash(case)) % 2**32)
+  q, k, v, d_out = random_inputs(rng, batch, seq, seq, num_heads, num_kv_heads, head_dim)
+  segment_ids, branch_ids = preference_branches(batch, seq, rng)
+  mask = numpy_mask(batch, seq, seq, True, segment_ids)
+  mask = mask & ((branch_ids[:, None, :] == 0) | (branch_ids[:, None, :] == branch_ids[:, :, None]))
+  assert (mask != numpy_mask(batch, seq, seq, True, segment_ids)).any()
+  if triton:
+    module = importlib.import_module("kernels_pallas.flash_attention")
+    cfg = KernelConfig(sm_scale=head_dim ** -0.5, causal=True, block_q=block_q, block_k=block_k,
+                       q_len=seq, kv_len=seq, interpret=True, triton=True, branches=True)
+    packed = module.layout.pack_ids(jnp.asarray(segment_ids), jnp.asarray(branch_ids))
+    flash = lambda q, k, v: module._pallas_attention(q, k, v, packed, cfg)
+  else:
+    flash = lambda q, k, v: kernels_pallas.flash_attention(
+        q, k, v, segment_ids=jnp.asarray(segment_ids), branch_ids=jnp.asarray(branch_ids),
+        block_q=block_q, block_k=block_k)
+  out, vjp = jax.vjp(flash, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+  want_out, pullback = numpy_attention(*(x.astype(np.float64) for x in (q, k, v)), mask,
+                                       head_dim ** -0.5)
+  for name, got, want in zip(["out", "dq", "dk", "dv"], (out, *vjp(jnp.asarray(d_out))),
+                             (want_out, *pullback(d_out.astype(np.float64)))):
+    np.testing.assert_allclose(np.asarray(got), want, atol=ATOL, rtol=RTOL, err_msg=name)
+  reference = kernels_pallas.reference_attention(
+      q, k, v, segment_ids=jnp.asarray(segment_ids), branch_ids=jnp.asarray(branch_ids))
+  np.testing.assert_allclose(np.asarray(reference), want_out, atol=ATOL, rtol=RTOL)
+
+
 def test_query_that_sees_no_key_gives_zeros_not_nan():
   rng = np.random.default_rng(0)
   q, k, v, d_out = random_inputs(rng, 1, 24, 8, 2, 1, 16)   # causal with 24 queries over 8 keys
@@ -253,6 +310,9 @@ def test_bad_arguments_raise_one_sentence():
     kernels_pallas.flash_attention(q, q[:, :8], q[:, :8], segment_ids=jnp.zeros((1, 16), jnp.int32))
   with pytest.raises(ValueError, match="multiple of num_kv_heads"):
     kernels_pallas.flash_attention(jnp.zeros((1, 16, 3, 16)), q, q)
+  ids = jnp.ones((1, 16), jnp.int32)
+  with pytest.raises(ValueError, match="bidirectional_ids or branch_ids, not both"):
+    kernels_pallas.flash_attention(q, q, q, bidirectional_ids=ids, branch_ids=ids)
 
 
 def gradient_of_sum(block_q=None, interpret=False):

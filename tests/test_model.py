@@ -295,3 +295,41 @@ def _equations(jaxpr):
       inner = getattr(param, "jaxpr", param)
       if hasattr(inner, "eqns"):
         yield from _equations(inner)
+
+
+def _np_branch_mask(segment_ids, branch_ids):
+  """bool [seq, seq] pair by pair: causal within a segment, and a key of branch 0 or of the
+  query's own branch."""
+  seq = len(segment_ids)
+  return np.array([[segment_ids[i] == segment_ids[j] and j <= i
+                    and branch_ids[j] in (0, branch_ids[i]) for j in range(seq)]
+                   for i in range(seq)])
+
+
+def _np_attention(q, k, v, mask):
+  """float64. q: [seq, heads, d]; k, v: [seq, kv_heads, d]; mask: bool [seq, seq]."""
+  group = q.shape[1] // k.shape[1]
+  k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+  scores = np.einsum("qhd,shd->hqs", q, k) / np.sqrt(q.shape[-1])
+  scores = np.where(mask, scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  return np.einsum("hqs,shd->qhd", probs / probs.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("query_block", [8, 128])
+def test_xla_attention_with_branch_ids_keeps_a_pairs_replies_apart_as_numpy_does(query_block):
+  """Shared-prompt preference rows: [prefix, chosen, rejected] segments, one with an empty
+  chosen continuation; the rejected replies straddle the query blocks of 8."""
+  from maxlm.model import layers
+  rng = np.random.default_rng(9)
+  segment_ids = np.array([[1] * 11 + [2] * 9 + [3] * 3 + [0], [1] * 24])
+  branch_ids = np.array([[0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 0, 0, 1, 1, 1, 1, 2, 2, 2, 0, 0, 2, 0],
+                         [0] * 6 + [1] * 9 + [2] * 9])
+  q = rng.standard_normal((2, 24, 6, 8)).astype(np.float32)
+  k, v = (rng.standard_normal((2, 24, 2, 8)).astype(np.float32) for _ in range(2))
+  got = layers.causal_attention(*map(jnp.asarray, (q, k, v, segment_ids)), query_block,
+                                branch_ids=jnp.asarray(branch_ids))
+  for row in range(2):
+    mask = _np_branch_mask(segment_ids[row], branch_ids[row])
+    want = _np_attention(*(x[row].astype(np.float64) for x in (q, k, v)), mask)
+    np.testing.assert_allclose(np.asarray(got[row]), want, atol=2e-5, rtol=2e-5)

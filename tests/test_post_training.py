@@ -20,12 +20,13 @@ import sentencepiece as spm
 from array_record.python.array_record_module import ArrayRecordWriter
 from flax import nnx
 
-from beam_pipelines import prepare_text
+from beam_pipelines import chat_examples, prepare_text
 from beam_pipelines.chat_template import render_ids
 from beam_pipelines.records import (MANIFEST_NAME, RECORD_FORMAT, encode_record, field,
                                     manifest_fields)
 from maxlm import checkpoint, default_chat, optim, post_training, runs, sharding, steps, tasks
 from maxlm import train as train_module
+from maxlm.errors import UserError
 from maxlm.model import ModelConfig, Transformer, training_flops_per_token
 from maxlm.post_training import DPO, SFT
 from conftest import TINY_RUN, gin_config
@@ -102,32 +103,30 @@ def test_an_unknown_loss_type_or_a_nonpositive_beta_is_refused_naming_the_choice
 
 # --- packed pairs ------------------------------------------------------------------------------
 
-def pack(examples: list[dict], seq_len: int) -> list[dict[str, np.ndarray]]:
-  """Greedy packing: example k of a row is segment k of each of its halves. An example is
-  {half: (ids, mask)}; a half's fields are named `{half}tokens`, `{half}loss_mask`, ..."""
-  rows, lengths = [], None
-  for example in examples:
-    if lengths is None or any(lengths[h] + len(ids) > seq_len for h, (ids, _) in example.items()):
-      rows.append({f"{h}{name}": np.zeros(seq_len, np.int32) for h in example
-                   for name in post_training.SFT_FIELDS})
-      lengths, segment = {h: 0 for h in example}, 0
-    segment += 1
-    for half, (ids, mask) in example.items():
-      start, end = lengths[half], lengths[half] + len(ids)
-      rows[-1][f"{half}tokens"][start:end] = ids
-      rows[-1][f"{half}loss_mask"][start:end] = mask
-      rows[-1][f"{half}segment_ids"][start:end] = segment
-      rows[-1][f"{half}positions"][start:end] = np.arange(len(ids))
-      lengths[half] = end
-  return rows
+def pack(examples: list, seq_len: int) -> list[dict[str, np.ndarray]]:
+  """Rows packed by `chat_examples.pack`: an example is an (ids, mask) conversation, or a pair
+  {"chosen": (ids, mask), "rejected": (ids, mask)} that becomes one shared-prefix segment."""
+  def example(e):
+    if isinstance(e, dict):
+      return chat_examples.shared_example(*(tokenized(*e[h]) for h in ("chosen", "rejected")))
+    return chat_examples.unshared_example(tokenized(*e))
+  kind = chat_examples.PREFERENCE if isinstance(examples[0], dict) else chat_examples.SFT
+  return [chat_examples.record_arrays(row, kind)
+          for row in chat_examples.pack(map(example, examples), seq_len, open_rows=1)]
+
+
+def tokenized(ids, mask) -> chat_examples.Tokenized:
+  return chat_examples.Tokenized(np.asarray(ids, np.int32), np.asarray(mask, np.int32))
 
 
 def random_pair(rng, vocab: int = 64) -> dict:
+  """A prompt and two replies; a third of the pairs' replies start with the same tokens."""
   prompt = [BOS, *rng.integers(3, vocab, rng.integers(2, 6))]
+  common = list(rng.integers(3, vocab, rng.integers(1, 3))) if rng.random() < 0.34 else []
   def half():
-    reply = list(rng.integers(3, vocab, rng.integers(1, 5)))
+    reply = common + list(rng.integers(3, vocab, rng.integers(1, 5)))
     return prompt + reply, [0] * len(prompt) + [1] * len(reply)
-  return {"chosen_": half(), "rejected_": half()}
+  return {"chosen": half(), "rejected": half()}
 
 
 def stack(rows: list[dict]) -> dict[str, np.ndarray]:
@@ -145,23 +144,37 @@ def alone_logps(model, sequences: list[tuple[list[int], list[int]]], length: int
           for i, (ids, mask) in enumerate(sequences)]
 
 
+def test_each_token_is_predicted_where_its_own_sequence_has_the_token_before():
+  # [bos p p | c c | r r r] [bos p | r] pad: pair 2's chosen reply is all shared (empty
+  # continuation), so its rejected reply follows the prefix directly.
+  segment_ids = np.array([[1] * 8 + [2] * 3 + [0]])
+  positions = np.array([[0, 1, 2, 3, 4, 3, 4, 5, 0, 1, 2, 0]])
+  branch_ids = np.array([[0, 0, 0, 1, 1, 2, 2, 2, 0, 0, 2, 0]])
+  predecessor, has_one = post_training.predecessors(*map(jnp.asarray, (segment_ids, positions,
+                                                                       branch_ids)))
+  has_one = np.asarray(has_one)[0]
+  assert list(np.flatnonzero(~has_one)) == [0, 8, 11]
+  assert list(np.asarray(predecessor)[0][has_one]) == [0, 1, 2, 3, 2, 5, 6, 8, 9]
+
+
 def test_packed_pairs_have_the_log_probs_of_each_pair_alone_and_dpo_loss_follows():
   rng = np.random.default_rng(2)
   pairs = [random_pair(rng) for _ in range(7)]
-  rows = pack(pairs, seq_len=24)
-  assert len(rows) < len(pairs) and max(row["chosen_segment_ids"].max() for row in rows) >= 3
+  rows = pack(pairs, seq_len=40)
+  assert len(rows) < len(pairs) and max(row["segment_ids"].max() for row in rows) >= 3
   batch = stack(rows)
+  assert ((batch["branch_ids"] == 0) & (batch["loss_mask"] == 1)).any(), "replies start alike"
   model = Transformer(CONFIG, rngs=nnx.Rngs(0))
   chosen, rejected, real = jax.jit(lambda b: post_training.pair_logps(model, b))(batch)
 
-  pairs_per_row = batch["chosen_segment_ids"].max(axis=1)
+  pairs_per_row = batch["segment_ids"].max(axis=1)
   places = [(row, column) for row, count in enumerate(pairs_per_row) for column in range(count)]
-  alone = alone_logps(model, [pair[h] for pair in pairs for h in ("chosen_", "rejected_")], 24)
+  alone = alone_logps(model, [pair[h] for pair in pairs for h in ("chosen", "rejected")], 24)
   expected = {place: alone[2 * k:2 * k + 2] for k, place in enumerate(places)}
   assert len(places) == len(pairs) == int(np.asarray(real).sum())
   for (r, c), (want_chosen, want_rejected) in expected.items():
-    np.testing.assert_allclose(float(chosen[r, c]), want_chosen, rtol=2e-5)
-    np.testing.assert_allclose(float(rejected[r, c]), want_rejected, rtol=2e-5)
+    np.testing.assert_allclose(float(chosen[r, c]), want_chosen, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(float(rejected[r, c]), want_rejected, rtol=0, atol=1e-5)
 
   # The task's loss: the NumPy DPO loss averaged over the real pairs, nothing from padding.
   reference = rng.uniform(-30, -10, size=(2, *chosen.shape)).astype(np.float32)
@@ -179,6 +192,18 @@ def test_packed_pairs_have_the_log_probs_of_each_pair_alone_and_dpo_loss_follows
   assert float(metrics["reward_accuracy_sum"]) == (chosen_rewards > rejected_rewards).sum()
 
 
+def test_dpo_on_a_data_dir_of_the_old_two_halves_layout_says_to_rerun_prepare_chat():
+  old_fields = [f"{half}_{name}" for half in ("chosen", "rejected")
+                for name in post_training.SFT_FIELDS]
+  manifest = {"format": RECORD_FORMAT, "seq_len": 8,
+              "fields": manifest_fields(tuple(field(name, np.int32, (8,)) for name in old_fields))}
+  with pytest.raises(UserError) as error:
+    train_module.check_task_fields(DPO(), manifest, "/data/pairs")
+  assert str(error.value) == ("--data_dir /data/pairs holds preference pairs in the old "
+                              "two-halves layout; re-run python -m beam_pipelines.prepare_chat "
+                              "on its inputs")
+
+
 # --- sharded steps -----------------------------------------------------------------------------
 
 def sft_batch(seed: int, rows: int = 8, seq_len: int = 32) -> dict[str, np.ndarray]:
@@ -186,7 +211,7 @@ def sft_batch(seed: int, rows: int = 8, seq_len: int = 32) -> dict[str, np.ndarr
   conversations = []
   for _ in range(8 * rows):
     prompt, reply = rng.integers(3, 64, rng.integers(2, 6)), rng.integers(3, 64, rng.integers(1, 6))
-    conversations.append({"": ([BOS, *prompt, *reply], [0] * (1 + len(prompt)) + [1] * len(reply))})
+    conversations.append(([BOS, *prompt, *reply], [0] * (1 + len(prompt)) + [1] * len(reply)))
   return stack(pack(conversations, seq_len)[:rows])
 
 
@@ -316,15 +341,15 @@ def chat_dirs(pretrained, tmp_path_factory):
   sp = spm.SentencePieceProcessor(model_file=str(text_dir / "tokenizer.model"))
   rng = np.random.default_rng(0)
   def sft(count):
-    return [{"": chat_example(sp, [("user", f"say {word}"), ("assistant", f"{word} {word}")])}
+    return [chat_example(sp, [("user", f"say {word}"), ("assistant", f"{word} {word}")])
             for word in rng.choice(WORDS, count)]
   def preferences(count):
     examples = []
     for word, other in rng.choice(WORDS, (count, 2)):
       other = other if other != word else WORDS[(WORDS.index(word) + 1) % len(WORDS)]
       prompt = [("user", f"say {word}")]
-      examples.append({"chosen_": chat_example(sp, prompt + [("assistant", word)]),
-                       "rejected_": chat_example(sp, prompt + [("assistant", other)])})
+      examples.append({"chosen": chat_example(sp, prompt + [("assistant", word)]),
+                       "rejected": chat_example(sp, prompt + [("assistant", other)])})
     return examples
   sft_dir = write_chat_dir(tmp_path_factory.mktemp("sft"), text_dir,
                            {"train": sft(200), "validation": sft(40)}, "sft")
@@ -385,10 +410,10 @@ def test_a_dpo_run_reads_its_starting_parameters_once_for_the_policy_and_the_ref
   assert dpo_run[2] == 1
 
 
-def test_dpo_throughput_counts_both_halves_of_a_row_and_the_reference_forward(dpo_run):
+def test_dpo_throughput_counts_a_rows_tokens_once_and_the_reference_forward(dpo_run):
   seq_len = 64  # write_chat_dir's
   batch = dpo_batch(0, rows=8, seq_len=seq_len)
-  trained = batch["chosen_tokens"].size + batch["rejected_tokens"].size
+  trained = batch["tokens"].size
   tokens, flops = DPO().step_cost(CONFIG, seq_len)
   per_token = training_flops_per_token(CONFIG, seq_len)  # forward + backward: 3 forwards' worth
   assert 8 * tokens == trained

@@ -65,6 +65,8 @@ BAD_PAIRS = {
     json.dumps({"prompt": "q", "chosen": [turn("user", "x")], "rejected": "y"}):
         "no_supervised_tokens",
     json.dumps({"prompt": "q", "chosen": "a " * 70, "rejected": "b"}): "too_long",
+    # each half fits --seq_len alone; the prompt and both replies together do not
+    json.dumps({"prompt": "q", "chosen": "a " * 36, "rejected": "b " * 36}): "too_long",
     json.dumps({"prompt": "q", "chosen": "a"}): "malformed_row",
     json.dumps({"messages": [turn("user", "u"), turn("assistant", "a")]}): "other_kind",
 }
@@ -252,27 +254,71 @@ def test_make_dataset_batches_the_sft_fields(sft_dir):
       name: ("int32", (2, SEQ_LEN)) for name in chat_examples.FIELD_NAMES}
 
 
-def test_pair_k_is_segment_k_of_both_halves(preference_dir, sp):
+def pair_halves(record: dict) -> list[tuple[tuple, tuple]]:
+  """Per segment of a preference record, ((chosen ids, mask), (rejected ids, mask)): the
+  shared prefix followed by each continuation, whose positions restart where it ends."""
+  halves = []
+  for k in range(1, int(record["segment_ids"].max(initial=0)) + 1):
+    where = np.flatnonzero(record["segment_ids"] == k)
+    branch, positions = record["branch_ids"][where], record["positions"][where]
+    assert list(branch) == sorted(branch) and branch[0] == 0, "prefix, chosen, rejected"
+    def half(reply, where=where, branch=branch, positions=positions):
+      own = where[(branch == 0) | (branch == reply)]
+      assert list(record["positions"][own]) == list(range(len(own)))
+      return tuple(record["tokens"][own].tolist()), tuple(record["loss_mask"][own].tolist())
+    assert positions.max() < len(where)
+    halves.append((half(1), half(2)))
+  used = int(np.count_nonzero(record["segment_ids"]))
+  assert not any(record[name][used:].any() for name in chat_examples.names_of_kind("preference"))
+  return halves
+
+
+def test_pair_k_is_segment_k_holding_the_shared_prefix_once_then_both_replies(
+    preference_dir, sp):
   directory, manifest, _ = preference_dir
-  expected = {}
+  expected, shared = {}, {}
   for row in GOOD_PAIRS:
     prompt = as_messages(row["prompt"], "user")
     chosen, rejected = (expected_ids(sp, prompt + as_messages(row[key], "assistant"),
                                      len(prompt)) for key in ("chosen", "rejected"))
     expected[chosen] = rejected
+    shared[chosen] = next(i for i, (c, r) in enumerate(zip(chosen[0], rejected[0])) if c != r)
   found = []
   for record in all_records(directory, manifest):
-    chosen, rejected = segments(record, "chosen_"), segments(record, "rejected_")
-    assert len(chosen) == len(rejected)
-    found += list(zip(chosen, rejected))
+    found += pair_halves(record)
+    for k in range(1, int(record["segment_ids"].max()) + 1):
+      where = record["segment_ids"] == k
+      chosen = pair_halves({name: a[where] for name, a in record.items()})[0][0]
+      assert int((record["branch_ids"][where] == 0).sum()) == shared[chosen]
   assert sorted(found) == sorted(expected.items())
+
+
+def test_a_hand_made_pair_shares_its_prefix_and_replies_starting_alike_share_those_tokens():
+  tokenized = lambda ids, mask: chat_examples.Tokenized(np.array(ids), np.array(mask))  # noqa: E731
+  # bos, prompt 7 8, then replies "5 6 9" and "5 6 4 4" (both supervised from 5 on)
+  chosen = tokenized([1, 7, 8, 5, 6, 9], [0, 0, 0, 1, 1, 1])
+  rejected = tokenized([1, 7, 8, 5, 6, 4, 4], [0, 0, 0, 1, 1, 1, 1])
+  example = chat_examples.shared_example(chosen, rejected)
+  assert example.tokens.tolist() == [1, 7, 8, 5, 6, 9, 4, 4]
+  assert example.loss_mask.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+  assert example.positions.tolist() == [0, 1, 2, 3, 4, 5, 5, 6]
+  assert example.branch_ids.tolist() == [0, 0, 0, 0, 0, 1, 2, 2]
+  # a chosen reply that the rejected one extends: its continuation is empty
+  example = chat_examples.shared_example(tokenized([1, 7, 5], [0, 0, 1]),
+                                         tokenized([1, 7, 5, 3], [0, 0, 1, 1]))
+  assert (example.tokens.tolist(), example.positions.tolist(), example.branch_ids.tolist()) == (
+      [1, 7, 5, 3], [0, 1, 2, 3], [0, 0, 0, 2])
+  (row,) = chat_examples.pack([example, example], seq_len=9)
+  record = chat_examples.record_arrays(row, chat_examples.PREFERENCE)
+  assert record["segment_ids"].tolist() == [1, 1, 1, 1, 2, 2, 2, 2, 0]
+  assert record["positions"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0]
 
 
 def test_preference_data_has_its_fields_split_and_dead_letters(preference_dir):
   directory, manifest, bad = preference_dir
   assert manifest["kind"] == "preference"
   assert [f["name"] for f in manifest["fields"]] == [
-      f"{half}_{name}" for half in ("chosen", "rejected") for name in chat_examples.FIELD_NAMES]
+      "tokens", "segment_ids", "positions", "loss_mask", "branch_ids"]
   assert manifest["splits"]["validation"]["documents"] == len(GOOD_PAIRS) - 12
   assert manifest["splits"]["train"]["documents"] == 12
   assert read_dead_letters(directory) == {("a.jsonl", line): r for line, r in bad.items()}
@@ -307,24 +353,25 @@ def test_truncate_drops_a_conversation_whose_first_reply_does_not_fit(sp):
   assert error.value.reason == "too_long"
 
 
-def test_packing_places_every_pair_whole_in_both_halves():
+def test_packing_places_every_pair_whole_in_one_segment():
   rng = np.random.default_rng(0)
   examples = []
   for k in range(200):
     lengths = rng.integers(2, 17, size=2)
-    halves = tuple(chat_examples.Tokenized(np.full(n, 1000 * k + h, np.int32),
-                                           np.ones(n, np.int32)) for h, n in enumerate(lengths))
-    examples.append(chat_examples.Example(halves))
-  rows = list(chat_examples.pack(examples, 16))
+    halves = [chat_examples.Tokenized(np.array([1000 * k] + [1000 * k + h + 1] * (n - 1)),
+                                      np.ones(n, np.int32)) for h, n in enumerate(lengths)]
+    examples.append(chat_examples.shared_example(*halves))
+  rows = list(chat_examples.pack(examples, 32))
   placed = []
   for row in rows:
     record = chat_examples.record_arrays(row, chat_examples.PREFERENCE)
-    chosen, rejected = segments(record, "chosen_"), segments(record, "rejected_")
-    placed += [(c[0], r[0]) for c, r in zip(chosen, rejected, strict=True)]
-  assert sorted(placed) == sorted((tuple(e.halves[0].tokens.tolist()),
-                                   tuple(e.halves[1].tokens.tolist())) for e in examples)
-  used = sum(max(len(e.halves[0].tokens), len(e.halves[1].tokens)) for e in examples)
-  assert len(rows) <= used / 16 / 0.75  # first fit over open rows wastes little
+    placed += [(c[0], r[0]) for c, r in pair_halves(record)]
+  assert sorted(placed) == sorted(
+      (tuple([1000 * k] + [1000 * k + 1] * (len(e.tokens[e.branch_ids != 2]) - 1)),
+       tuple([1000 * k] + [1000 * k + 2] * (len(e.tokens[e.branch_ids != 1]) - 1)))
+      for k, e in enumerate(examples))
+  used = sum(len(e.tokens) for e in examples)
+  assert len(rows) <= used / 32 / 0.75  # first fit over open rows wastes little
 
 
 def test_a_run_dir_tokenizer_is_described_from_its_model(tmp_path, tokenizer_dir, sp):

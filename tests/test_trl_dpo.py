@@ -5,17 +5,22 @@ import pytest
 
 from benchmarks import post_training, trl_dpo
 
-ROWS, SEQ, SEGMENT = 2, 32, 8  # preference_rows packs 4 pairs a row; replies fill each second half
+PAIRS, LENGTH = 6, 8  # pairs of [prompt, reply] conversations, LENGTH ids each, half prompt
 
 
-def test_each_pair_is_its_segments_prompt_and_replies():
-  pairs = post_training.preference_rows(np.random.default_rng(0), ROWS, SEQ, vocab=100)
-  chosen, rejected = pairs["chosen_tokens"], pairs["rejected_tokens"]
-  expected = [{"prompt": chosen[row, start:start + SEGMENT // 2].tolist(),
-               "chosen": chosen[row, start + SEGMENT // 2:start + SEGMENT].tolist(),
-               "rejected": rejected[row, start + SEGMENT // 2:start + SEGMENT].tolist()}
-              for row in range(ROWS) for start in range(0, SEQ, SEGMENT)]
-  assert trl_dpo.preference_examples(pairs) == expected
+def test_maxlm_rows_hold_each_pairs_prompt_once_then_both_replies():
+  pairs = post_training.preference_pairs(np.random.default_rng(0), PAIRS, LENGTH, vocab=100)
+  rows = post_training.preference_rows(pairs, pairs_per_row=3)
+  assert rows["tokens"].shape == (2, 3 * 3 * LENGTH // 2)  # filled exactly, no padding
+  found = []
+  for row in range(2):
+    for segment in (1, 2, 3):
+      where = rows["segment_ids"][row] == segment
+      tokens, branch = rows["tokens"][row][where], rows["branch_ids"][row][where]
+      assert rows["loss_mask"][row][where].tolist() == (branch != 0).tolist()
+      found.append({"prompt": tokens[branch == 0].tolist(), "chosen": tokens[branch == 1].tolist(),
+                    "rejected": tokens[branch == 2].tolist()})
+  assert found == pairs
 
 
 def test_the_word_tokenizer_gives_back_the_ids_with_eos_ending_each_reply():

@@ -14,12 +14,16 @@ from maxlm.model import layers
 from maxlm.sharding import logical_to_spec
 
 
-def _pallas(q, k, v, segment_ids=None, bidirectional_ids=None):
+def _pallas(q, k, v, segment_ids=None, bidirectional_ids=None, branch_ids=None):
   return kernels_pallas.flash_attention(q, k, v, causal=True, segment_ids=segment_ids,
-                                        bidirectional_ids=bidirectional_ids)
+                                        bidirectional_ids=bidirectional_ids,
+                                        branch_ids=branch_ids)
 
 
-def _cudnn(q, k, v, segment_ids=None, bidirectional_ids=None):
+def _cudnn(q, k, v, segment_ids=None, bidirectional_ids=None, branch_ids=None):
+  if branch_ids is not None:
+    raise ValueError("ModelConfig.attention='cudnn' does not take branch_ids (shared-prompt "
+                     "preference rows); use attention='pallas' or 'xla'")
   mask = None
   if segment_ids is not None or bidirectional_ids is not None:
     ids = segment_ids if segment_ids is not None else bidirectional_ids
@@ -34,14 +38,15 @@ _KERNELS = {"pallas": _pallas, "cudnn": _cudnn}
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
-                    implementation: str, bidirectional_ids: jax.Array | None = None) -> jax.Array:
+                    implementation: str, bidirectional_ids: jax.Array | None = None,
+                    branch_ids: jax.Array | None = None) -> jax.Array:
   """Causal attention within segments. q: [batch, seq, heads, head_dim]; k, v: [batch, seq,
-  kv_heads, head_dim]; segment_ids, bidirectional_ids (see `layers.attention_mask`):
-  [batch, seq] or None. Returns q's shape."""
+  kv_heads, head_dim]; segment_ids, bidirectional_ids, branch_ids (see
+  `layers.attention_mask`): [batch, seq] or None. Returns q's shape."""
   kernel = _KERNELS[implementation]
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return kernel(q, k, v, segment_ids, bidirectional_ids)
+    return kernel(q, k, v, segment_ids, bidirectional_ids, branch_ids)
   mesh_shape = dict(mesh.shape)
   batch_axes = logical_to_spec(("batch",), q.shape[:1], mesh_shape)[0]
   # Heads split only where query and KV heads split alike, so each shard keeps whole groups.
@@ -51,7 +56,8 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
   qkv_spec = PartitionSpec(batch_axes, None, head_axes, None)
   # The id arrays that are given go in by name; a None one is not a shard_map argument.
   ids = {name: value for name, value in (("segment_ids", segment_ids),
-                                         ("bidirectional_ids", bidirectional_ids))
+                                         ("bidirectional_ids", bidirectional_ids),
+                                         ("branch_ids", branch_ids))
          if value is not None}
   per_shard = lambda q_, k_, v_, ids_: kernel(q_, k_, v_, **ids_)
   ids_spec = {name: PartitionSpec(batch_axes, None) for name in ids}

@@ -76,13 +76,17 @@ def attention_mask(q_index: jax.Array, kv_index: jax.Array,
                    q_segment_ids: jax.Array | None = None,
                    kv_segment_ids: jax.Array | None = None,
                    q_bidirectional_ids: jax.Array | None = None,
-                   kv_bidirectional_ids: jax.Array | None = None) -> jax.Array:
-  """Causal (and same-document) mask, with bidirectional blocks (prefix-LM).
+                   kv_bidirectional_ids: jax.Array | None = None,
+                   q_branch_ids: jax.Array | None = None,
+                   kv_branch_ids: jax.Array | None = None) -> jax.Array:
+  """Causal (and same-document) mask, with bidirectional blocks (prefix-LM) and branches.
 
   q_index: [batch, q_len] index of each query in the key sequence; kv_index: [kv_len].
   segment ids: [batch, q_len] / [batch, kv_len], or None for one document per row.
   bidirectional ids: alike, or None; a query also sees every key of its own nonzero id (an
   image's patches see each other whole), 0 stays causal.
+  branch ids: alike, or None; a query sees a key of branch 0 (a shared prefix) or of its own
+  branch only (a preference pair's two replies after their shared prompt).
   Returns bool [batch, 1, q_len, kv_len] (broadcasts over heads).
   """
   mask = kv_index[None, None, :] <= q_index[:, :, None]
@@ -91,6 +95,9 @@ def attention_mask(q_index: jax.Array, kv_index: jax.Array,
     mask |= same_block & (q_bidirectional_ids[:, :, None] != 0)
   if q_segment_ids is not None:
     mask &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  if q_branch_ids is not None:
+    kv_branch = kv_branch_ids[:, None, :]
+    mask &= (kv_branch == 0) | (kv_branch == q_branch_ids[:, :, None])
   return mask[:, None]
 
 
@@ -109,12 +116,13 @@ def dense(x: jax.Array, kernel: jax.Array, contracting_dims: int = 1) -> jax.Arr
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
                      query_block: int = 128,
-                     bidirectional_ids: jax.Array | None = None) -> jax.Array:
+                     bidirectional_ids: jax.Array | None = None,
+                     branch_ids: jax.Array | None = None) -> jax.Array:
   """Causal attention within segments, for a whole sequence (training, no cache).
 
   q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids,
-  bidirectional_ids: [batch, seq] or None (see `attention_mask`). Queries go in blocks of
-  `query_block`, each against only the keys up to its end: 4 blocks skip 3/8 of the score
+  bidirectional_ids, branch_ids: [batch, seq] or None (see `attention_mask`). Queries go in
+  blocks of `query_block`, each against only the keys up to its end: 4 blocks skip 3/8 of the score
   matrix that the mask would discard. A bidirectional block may reach past that end, so with
   `bidirectional_ids` every query block takes every key.
   """
@@ -122,7 +130,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   kv_heads = k.shape[2]
   index = jnp.broadcast_to(jnp.arange(seq), q.shape[:2])
   mask = attention_mask(index, index[0], segment_ids, segment_ids, bidirectional_ids,
-                        bidirectional_ids)[:, :, None]
+                        bidirectional_ids, branch_ids, branch_ids)[:, :, None]
   grouped_q = (q * head_dim ** -0.5).reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
   grouped_q = grouped_q.transpose(0, 2, 3, 1, 4)                         # [b, kv, group, q, d]
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                 # [b, kv, s, d]

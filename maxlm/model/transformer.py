@@ -181,20 +181,21 @@ class Attention(nnx.Module):
     _add_adapters(self, c, adapter_rngs, ("q", "k", "v"))
     _add_adapters(self, c, adapter_rngs, ("o",), in_dims=2)
 
-  def __call__(self, x, positions, segment_ids, cache, bidirectional_ids=None):
-    """x: [batch, seq, embed]; positions, bidirectional_ids: [batch, seq]. Returns (out,
-    updated cache or None)."""
+  def __call__(self, x, positions, segment_ids, cache, bidirectional_ids=None, branch_ids=None):
+    """x: [batch, seq, embed]; positions, bidirectional_ids, branch_ids: [batch, seq]. Returns
+    (out, updated cache or None)."""
     q, k, v = (_project(self, name, x) for name in ("q", "k", "v"))
     q = layers.rope(q, positions, self.config.rope_theta, self.config.rope_scaling)
     k = layers.rope(k, positions, self.config.rope_theta, self.config.rope_scaling)
     if cache is None and self.config.attention != "xla":
       out = attention.fused_attention(q, k, v, segment_ids, self.config.attention,
-                                      bidirectional_ids)
+                                      bidirectional_ids, branch_ids)
     elif cache is None:
-      out = layers.causal_attention(q, k, v, segment_ids, bidirectional_ids=bidirectional_ids)
-    elif bidirectional_ids is not None:
-      raise ValueError("bidirectional_ids (image patches) with a KV cache are not supported; "
-                       "run the prompt without a cache")
+      out = layers.causal_attention(q, k, v, segment_ids, bidirectional_ids=bidirectional_ids,
+                                    branch_ids=branch_ids)
+    elif bidirectional_ids is not None or branch_ids is not None:
+      raise ValueError("bidirectional_ids (image patches) or branch_ids with a KV cache are not "
+                       "supported; run the prompt without a cache")
     else:
       cache = kv_cache.write(cache, k, v, positions)
       out = kv_cache.attend(cache, q, positions)
@@ -229,9 +230,9 @@ class Block(nnx.Module):
       self.shared_mlp = MLP(dataclasses.replace(
           config, mlp_dim=config.expert_mlp_dim * config.num_shared_experts, lora_rank=0), rngs)
 
-  def __call__(self, x, positions, segment_ids, cache, bidirectional_ids=None):
+  def __call__(self, x, positions, segment_ids, cache, bidirectional_ids=None, branch_ids=None):
     attended, cache = self.attention(self.attention_norm(x), positions, segment_ids, cache,
-                                     bidirectional_ids)
+                                     bidirectional_ids, branch_ids)
     x = constrain(x + attended, ("batch", "length", "act_embed"))
     normed = self.mlp_norm(x)
     out = self.mlp(normed)
@@ -283,20 +284,23 @@ class Transformer(nnx.Module):
 
   def decode(self, x: jax.Array, positions: jax.Array | None = None,
              segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-             bidirectional_ids: jax.Array | None = None) -> tuple[jax.Array, Any]:
+             bidirectional_ids: jax.Array | None = None,
+             branch_ids: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """x: [batch, seq, embed] through every block. Returns (hidden states before the final
     norm, updated cache or None); see `__call__` for the attention each case gets, and
-    `layers.attention_mask` for `bidirectional_ids` ([batch, seq]: image patches)."""
+    `layers.attention_mask` for `bidirectional_ids` ([batch, seq]: image patches) and
+    `branch_ids` ([batch, seq]: a preference pair's replies after their shared prompt)."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     if cache is None:
       run_block = _rematerialized(self.config.remat)
       for block in self.blocks:
-        x = run_block(block, x, positions, segment_ids, bidirectional_ids)
+        x = run_block(block, x, positions, segment_ids, bidirectional_ids, branch_ids)
       return x, None
     new_cache = []
     for block, layer_cache in zip(self.blocks, cache):
-      x, layer_cache = block(x, positions, segment_ids, layer_cache, bidirectional_ids)
+      x, layer_cache = block(x, positions, segment_ids, layer_cache, bidirectional_ids,
+                             branch_ids)
       new_cache.append(layer_cache)
     return x, new_cache
 
@@ -331,13 +335,14 @@ def merge_adapters(params: dict, config: ModelConfig) -> tuple[dict, ModelConfig
   return merged(params), dataclasses.replace(config, lora_rank=0)
 
 
-def _run_block(block: Block, x, positions, segment_ids, bidirectional_ids=None):
-  return block(x, positions, segment_ids, None, bidirectional_ids)[0]
+def _run_block(block: Block, x, positions, segment_ids, bidirectional_ids=None,
+               branch_ids=None):
+  return block(x, positions, segment_ids, None, bidirectional_ids, branch_ids)[0]
 
 
 def _rematerialized(remat: str):
-  """`run_block(block, x, positions, segment_ids, bidirectional_ids) -> x` under the named
-  remat policy."""
+  """`run_block(block, x, positions, segment_ids, bidirectional_ids, branch_ids) -> x` under
+  the named remat policy."""
   if remat == "none":
     return _run_block
   return nnx.remat(_run_block, policy=REMAT_POLICIES[remat], prevent_cse=True)
