@@ -53,20 +53,20 @@ def next_token_loss(model, batch: dict[str, jax.Array], z_loss: float = 0.0,
                     router_z_loss: float = 0.001) -> tuple[jax.Array, dict]:
   """Pretraining: mean next-token cross-entropy over packed documents, plus the mean z-loss
   times `z_loss` (0 turns it off), plus an MoE model's router losses (`with_router_losses`)."""
-  logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+  (logits, _), router_stats = moe.run_with_router_stats(
+      model, batch["tokens"], batch["positions"], batch["segment_ids"])
   targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
   nll, count, z_loss_sum = cross_entropy_with_mask(logits, targets, weights, z_loss)
   loss = (nll + z_loss_sum) / jnp.maximum(count, 1.0)
   metrics = {"nll_sum": nll, "z_loss_sum": z_loss_sum, "target_tokens": count}
-  return with_router_losses(model, loss, metrics, load_balancing_loss, router_z_loss)
+  return with_router_losses(router_stats, loss, metrics, load_balancing_loss, router_z_loss)
 
 
-def with_router_losses(model, loss: jax.Array, metrics: dict, load_balancing_loss: float,
+def with_router_losses(stats: dict, loss: jax.Array, metrics: dict, load_balancing_loss: float,
                        router_z_loss: float) -> tuple[jax.Array, dict]:
-  """(loss, metrics) plus the router losses and metrics the MoE layers of `model` recorded
-  in its last forward pass: each loss's mean over layers times its weight. A dense model's
-  pair comes back as it was."""
-  stats = moe.pop_router_stats(model)
+  """(loss, metrics) plus the router losses and metrics of a forward pass's MoE layers
+  (`stats` as `moe.run_with_router_stats` gives them): each loss's mean over layers times
+  its weight. A dense model's pair (empty `stats`) comes back as it was."""
   if not stats:
     return loss, metrics
   mean = lambda name: sum(layer[name] for layer in stats.values()) / len(stats)

@@ -4,6 +4,7 @@ the expert mesh axis, the router metrics, and serving an MoE checkpoint."""
 import dataclasses
 import hashlib
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -286,6 +287,33 @@ def test_capacity_dispatch_on_an_expert_mesh_matches_one_device_when_nothing_dro
   np.testing.assert_allclose(losses, base_losses, rtol=LOSS_TOLERANCE)
   assert float(metrics["moe/layer1/dropped_fraction"]) == 0.0
   assert "all-to-all" in hlo
+
+
+def test_a_capacity_run_with_room_for_every_token_trains_like_a_dropless_run(one_device):
+  # 8 experts, top-2: capacity factor 4 makes each expert's capacity every token of the batch.
+  config = dataclasses.replace(CONFIG, moe_dispatch="capacity", capacity_factor=4.0)
+  losses, metrics, state, _ = _train(config, (1, 1, 1, 1))
+  dropless_losses, _, dropless_state, _ = one_device
+  assert CONFIG.moe_dispatch == "dropless"
+  np.testing.assert_allclose(losses, dropless_losses, rtol=LOSS_TOLERANCE)
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(dropless_state.params)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=PARAM_TOLERANCE)
+  assert float(metrics["moe/layer1/dropped_fraction"]) == 0.0
+
+
+def test_a_forward_pass_outside_capture_keeps_no_router_stats_and_warns_nothing():
+  model = Transformer(CONFIG, rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(_batch(2)["tokens"])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # flax's sow-outside-capture DeprecationWarning included
+    plain, _ = model(tokens)
+    (captured, _), stats = moe.run_with_router_stats(model, tokens)
+  assert not any(hasattr(block.mlp, "router_stats") for block in model.blocks)
+  np.testing.assert_array_equal(captured, plain)
+  assert sorted(stats) == [1, 2]  # layer 0 is dense (first_dense_layers=1)
+  assert moe.run_with_router_stats(
+      Transformer(dataclasses.replace(CONFIG, num_experts=0, num_shared_experts=0),
+                  rngs=nnx.Rngs(0)), tokens)[1] == {}
 
 
 def test_router_metrics_reach_the_train_scalars(one_device):

@@ -13,8 +13,9 @@ own tokens, `all_to_all` sends each expert's slice to the devices holding that e
 second `all_to_all` brings the outputs back (the dropless path then uses a capacity no expert
 can exceed, its tokens per device).
 
-The layer records its router statistics with `sow` (`nnx.Intermediate`, name `router_stats`);
-`maxlm.tasks` turns them into the auxiliary losses and metrics.
+The layer records its router statistics with `sow` (`nnx.Intermediate`, name `router_stats`),
+which only a forward pass under `nnx.capture` keeps (`run_with_router_stats`); `maxlm.tasks`
+turns them into the auxiliary losses and metrics.
 """
 
 import math
@@ -152,20 +153,18 @@ def expert_parallel(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: 
                        out_specs=token_spec)(x, weights, experts, gate, up, down)
 
 
-def pop_router_stats(model) -> dict[int, dict[str, jax.Array]]:
-  """{block index: `router_stats`} of the MoE layers a forward pass of `model` (a
-  Transformer) recorded, removed from the model; empty for a dense model."""
-  stats = {}
-  for index, block in enumerate(model.blocks):
-    if isinstance(block.mlp, MoE) and hasattr(block.mlp, "router_stats"):
-      stats[index] = block.mlp.router_stats.get_value()[-1]
-      del block.mlp.router_stats
-  return stats
+def run_with_router_stats(model, *args, **kwargs) -> tuple:
+  """(model(*args, **kwargs), {block index: that pass's `router_stats`}) for a Transformer
+  `model`; the dict is empty for a dense model."""
+  out, intermediates = nnx.capture(model, nnx.Intermediate)(*args, **kwargs)
+  blocks = intermediates.get("blocks", {})
+  return out, {int(index): block["mlp"]["router_stats"].get_value()[-1]
+               for index, block in blocks.items() if "router_stats" in block.get("mlp", {})}
 
 
 def router_metrics(stats: dict[int, dict[str, jax.Array]]) -> dict[str, jax.Array]:
-  """Scalar metrics of `pop_router_stats`, named `moe/layer{i}/...`, plus `moe/passes` (1):
-  microbatches add them up, so a reader divides by `moe/passes`."""
+  """Scalar metrics of `run_with_router_stats`' stats, named `moe/layer{i}/...`, plus
+  `moe/passes` (1): microbatches add them up, so a reader divides by `moe/passes`."""
   metrics = {"moe/passes": jnp.float32(1)}
   for index, layer in stats.items():
     prefix = f"moe/layer{index}/"
@@ -215,7 +214,7 @@ class MoE(nnx.Module):
       capacity = capacity_of(tokens.shape[0], c.experts_per_token, c.num_experts, factor)
       out = with_capacity(tokens, weights, experts, gate, up, down, capacity)
     self.sow(nnx.Intermediate, "router_stats",
-             router_stats(logits, experts, factor, token_axes))
+             router_stats(logits, experts, factor, token_axes), capture_noop=True)
     return out.reshape(x.shape)
 
 
