@@ -178,7 +178,8 @@ class Engine:
     self.max_blocks = -(-self.context_length // block_size)
 
   def describe_cache(self) -> str:
-    return self.capacity.describe(self.context_length, self.slots)
+    return (f"{self.capacity.describe(self.context_length, self.slots)}; "
+            f"{paged_prefill.describe(self.prefix_caching, self.max_prefill_chunk)}")
 
   # --- JetStream's three calls -----------------------------------------------------------------
 
@@ -237,6 +238,10 @@ class Engine:
     """Gives `slot` the blocks of the prompt (raises PoolExhausted if they are not free); the
     number of its tokens served from the prefix cache."""
     return self.prefills.begin(slot, prompt_ids, device_settings(settings))
+
+  def awaits_prefix(self, prompt_ids: list[int]) -> bool:
+    """Whether a prompt now being prefilled will soon publish more of this one's prefix."""
+    return self.prefills.awaits_prefix(prompt_ids)
 
   def prefill_plan(self) -> list[tuple[int, int]]:
     """(slot, tokens) to prefill before the next decode step."""

@@ -256,10 +256,13 @@ class Orchestrator:
       return admitted
 
   def _admit_all(self, admitted: list[tuple[int, Request]], state, first_tokens: list["Pending"]):
-    """Admits in order while the pool has room; the rest go back to the head of the line."""
+    """Admits in order while the pool has room, and until a prompt whose prefix another one
+    is still prefilling (it shares that prefix a turn later); the rest go back to the head of
+    the line."""
     for index, (slot, request) in enumerate(admitted):
-      if not request.cancelled and not self.engine.fits(len(request.prompt_ids)
-                                                        + len(request.token_ids)):
+      ids = request.prompt_ids + request.token_ids
+      if not request.cancelled and (not self.engine.fits(len(ids))
+                                    or self._prefills_in_pool and self.engine.awaits_prefix(ids)):
         self._requeue([waiting for _, waiting in admitted[index:]])
         break
       state = self._admit(request, slot, state, first_tokens)

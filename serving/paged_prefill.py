@@ -10,6 +10,7 @@ publishes the prompt's full blocks it has now written; the last chunk's choice i
 new token.
 """
 
+import collections
 import dataclasses
 import itertools
 import math
@@ -18,6 +19,14 @@ import numpy as np
 
 from maxlm import sampling
 from serving import kv_pages, prefix_cache
+
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens between two decode steps (the server's default)
+
+
+def describe(caching: bool, max_chunk: int | None) -> str:
+  chunks = ("whole" if max_chunk is None
+            else f"in chunks of at most {max_chunk} tokens between decode steps")
+  return f"prefix caching {'on' if caching else 'off'}; prompts prefilled {chunks}"
 
 
 @dataclasses.dataclass
@@ -28,6 +37,7 @@ class PendingPrompt:
   done: int
   hashes: list[bytes]
   order: int
+  published: int  # hashes[:published] name blocks of the cache (its own or shared)
 
 
 class Prefills:
@@ -44,6 +54,7 @@ class Prefills:
     self.pending: dict[int, PendingPrompt] = {}
     self.computed_tokens = 0  # prompt tokens run through the model (cached ones are not)
     self._order = itertools.count()
+    self._coming = collections.Counter()  # hashes the pending prompts will publish
 
   def begin(self, slot: int, token_ids: list[int], settings: tuple) -> int:
     """Gives `slot` the blocks of `token_ids` (raises PoolExhausted if they are not free);
@@ -57,8 +68,19 @@ class Prefills:
     self.pages.assign(slot, len(token_ids), shared)
     cached = len(shared) * block_size
     self.pending[slot] = PendingPrompt(list(token_ids), settings, cached, hashes,
-                                       next(self._order))
+                                       next(self._order), len(shared))
+    self._coming.update(hashes[len(shared):])
     return cached
+
+  def awaits_prefix(self, token_ids: list[int]) -> bool:
+    """Whether a prompt being prefilled will publish the next block of `token_ids` that the
+    cache lacks: admitted after that chunk, it computes less."""
+    if not self.caching:
+      return False
+    hashes = prefix_cache.block_hashes(token_ids, self.pages.block_size)[
+        :prefix_cache.shareable_blocks(len(token_ids), self.pages.block_size)]
+    found = self.pages.allocator.cached_run(hashes)
+    return found < len(hashes) and self._coming[hashes[found]] > 0
 
   def plan(self) -> list[tuple[int, int]]:
     """(slot, tokens) to prefill this turn, oldest prompt first."""
@@ -87,15 +109,19 @@ class Prefills:
     prompt.done += tokens
     self.computed_tokens += tokens
     if self.caching:
-      full = prompt.done // block_size
+      full = min(prompt.done // block_size, len(prompt.hashes))
       self.pages.allocator.publish(self.pages.blocks[slot][:full], prompt.hashes[:full])
+      self._coming.subtract(prompt.hashes[prompt.published:full])
+      prompt.published = max(prompt.published, full)
     if prompt.done < len(prompt.token_ids):
       return state, None
     del self.pending[slot]
     return state, choice
 
   def discard(self, slot: int):
-    self.pending.pop(slot, None)
+    prompt = self.pending.pop(slot, None)
+    if prompt is not None:
+      self._coming.subtract(prompt.hashes[prompt.published:])
 
   def buckets(self) -> list[tuple[int, int]]:
     """Every (chunk bucket, table width) `run` can compile for this context."""

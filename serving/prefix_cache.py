@@ -86,6 +86,13 @@ class CachingAllocator:
         else:
           self._unused.append(block)
 
+  def cached_run(self, hashes: list[bytes]) -> int:
+    """How many of `hashes`, from the first, name published blocks."""
+    count = 0
+    while count < len(hashes) and hashes[count] in self._block_of:
+      count += 1
+    return count
+
   def share(self, hashes: list[bytes]) -> list[int]:
     """The published blocks of the longest run of `hashes` from the first, each referenced
     once more."""
