@@ -105,7 +105,7 @@ def run(args, run_dir: Path, workdir: Path) -> dict:
   try:
     for port, (name, flag) in enumerate((("on", on_flag), ("off", off_flag)), args.port):
       servers[name] = bench.Server(run_dir, args.slots, port, workdir / f"{name}.log",
-                                   args.kv_cache_memory, extra_args=[flag, "--max_queue=256"])
+                                   args.kv_cache_memory, extra_args=[flag])
     model = servers["on"].model_name()
     outcomes = {name: [] for name in servers}
     for seed in range(args.rounds + 1):
