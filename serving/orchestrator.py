@@ -11,8 +11,8 @@ next turn while the others keep decoding.
 
 A request's prompt is prefilled straight into its blocks, after the part the prefix cache
 already holds, in chunks: each turn prefills at most the engine's `max_prefill_chunk` prompt
-tokens before the decode step, so a long prompt arriving costs the running requests one chunk
-per token, not its whole prefill (see `serving.paged_prefill`).
+tokens before the decode step, so while a long prompt arrives each running request waits one
+chunk's time per token, not the whole prefill's (see `serving.paged_prefill`).
 
 A request is admitted only when the paged KV cache has free blocks for it. When a decode step
 finds no block for some request's next token, the tokens made so far are delivered (which may
