@@ -2,7 +2,7 @@
 
   python benchmarks/serving.py [--json] [--checkpoint_dir=RUN | --shape=tiny|88m] [--requests=64]
       [--concurrency=16] [--slots=8] [--kv_cache_memory=GiB] [--max_tokens=64] [--rounds=3] [--soak]
-      [--vllm_python=PYTHON3.11]
+      [--vllm_python=PYTHON3.11] [--scenario=throughput|prefix_cache|chunked_prefill]
 
 Starts `python -m serving.server` on a checkpoint (default: a random-init model of --shape,
 configs/tiny.gin's or an 88M one, with a tokenizer trained on the stdlib, so no training is
@@ -18,6 +18,8 @@ needed; pass a trained run dir to use it), then times, over the same requests (g
 1, 2 and 3 alternate for --rounds rounds; the JSON gives each side's median and every round.
 --soak then sends 300 requests from 32 clients, a tenth of them malformed, and checks every
 valid one succeeds, every malformed one gets a 4xx, and the server's RSS afterwards.
+--scenario=prefix_cache or chunked_prefill runs that feature on and off instead
+(`benchmarks/serving_scenarios.py`).
 """
 
 import argparse
@@ -176,13 +178,13 @@ def tpot(outcome: Outcome) -> float | None:
 
 class Server:
   def __init__(self, run_dir: Path, slots: int, port: int, log_file: Path,
-               kv_cache_memory: float | None = None):
+               kv_cache_memory: float | None = None, extra_args: list[str] = ()):
     self.url = f"http://127.0.0.1:{port}"
     self.log = open(log_file, "wb")
     memory = [] if kv_cache_memory is None else [f"--kv_cache_memory={kv_cache_memory}"]
     self.process = subprocess.Popen(
         [sys.executable, "-m", "serving.server", f"--checkpoint_dir={run_dir}",
-         f"--port={port}", f"--slots={slots}", "--max_queue=256", *memory],
+         f"--port={port}", f"--slots={slots}", "--max_queue=256", *memory, *extra_args],
         cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -342,11 +344,26 @@ def main(argv=None) -> dict:
   parser.add_argument("--rounds", type=int, default=3,
                       help="alternating rounds of the concurrent run and HF generate")
   parser.add_argument("--skip_hf", action="store_true")
+  parser.add_argument("--scenario", default="throughput",
+                      choices=("throughput", "prefix_cache", "chunked_prefill"))
+  parser.add_argument("--arrivals", type=int, default=8,
+                      help="chunked_prefill: long prompts arriving while the streams decode")
+  parser.add_argument("--arrival_s", type=float, default=0.25)
+  parser.add_argument("--long_tokens", type=int, default=192,
+                      help="chunked_prefill: tokens each decoding stream makes")
   args = parser.parse_args(argv)
 
   workdir = Path(tempfile.mkdtemp(prefix="maxlm_serving_bench_"))
   run_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else random_run_dir(workdir,
                                                                                   args.shape)
+  if args.scenario != "throughput":
+    from benchmarks import serving_scenarios
+    result = serving_scenarios.run(args, run_dir, workdir)
+    result["machine"] = f"{os.cpu_count()} CPUs"
+    print_table(result)
+    if args.json:
+      print(json.dumps(result))
+    return result
   texts = prompts(run_dir, args.requests)
   hf, hf_note = (None, "--skip_hf") if args.skip_hf else hf_baseline(run_dir, texts,
                                                                     args.max_tokens)

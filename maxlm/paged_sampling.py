@@ -5,7 +5,9 @@ feed next and how to sample it; which blocks a slot's positions live in is the h
 (`serving.kv_pages`), passed to each call as a block table. A decode step runs only the rows
 it is given (`rows`: slot ids, padded to a compiled batch size with the extra slot at index
 `slots`, whose table rows name the trash block only), so empty slots cost nothing.
-A prefill is `sampling.prefill` unchanged: `insert` copies its cache rows into blocks.
+A prefill is `sampling.prefill` unchanged, whose cache rows `insert` copies into blocks, or
+`prefill_fn`, which writes one chunk of a prompt into the pool after the positions already
+there (a shared prefix, the chunks before).
 """
 
 import dataclasses
@@ -72,6 +74,34 @@ def insert_fn(prefix: Prefix, state: PagedState, slot, block_row) -> PagedState:
       top_k=state.top_k.at[slot].set(prefix.top_k))
 
 
+def prefill_fn(graphdef, params, state: PagedState, chunk, start, length, block_table, slot,
+               seed, temperature, top_p, top_k) -> tuple[PagedState, TokenChoice]:
+  """Prefills one chunk of a prompt straight into the pool: chunk [1, bucket] holds the
+  tokens of positions start.. (`length` of them real, then padding), which attend to the
+  positions before them (a shared prefix, earlier chunks) through block_table [1, width],
+  width * block_size >= start + bucket. Readies `slot` as `insert_fn` does; the choice (one
+  row) is the prompt's first new token when this chunk ends the prompt.
+
+  The padding writes past the chunk's real positions, into the slot's own blocks (which the
+  next chunk or decode step overwrites before any query reads them) or the trash block."""
+  model = nnx.merge(graphdef, quantization.dequantize(params))
+  positions = start + jnp.arange(chunk.shape[1], dtype=jnp.int32)[None]
+  cache = paged_kv.with_tables(state.pools, block_table)
+  last = jnp.reshape(length - 1, (1,))
+  logits, cache = model(chunk, positions, cache=cache, logits_at=last)
+  end = start + length
+  choice = choose(logits[:, 0], jax.random.fold_in(seed_key(seed), end - 1), temperature,
+                  top_p, top_k)
+  return PagedState(
+      pools=paged_kv.without_tables(cache),
+      tokens=state.tokens.at[slot].set(choice.token[0]),
+      positions=state.positions.at[slot].set(end),
+      seeds=state.seeds.at[slot].set(seed),
+      temperature=state.temperature.at[slot].set(temperature),
+      top_p=state.top_p.at[slot].set(top_p),
+      top_k=state.top_k.at[slot].set(top_k)), choice
+
+
 def step_fn(graphdef, params, state: PagedState, rows, block_table
             ) -> tuple[PagedState, TokenChoice]:
   """Advances the slots `rows` [batch] by one token, reading through block_table
@@ -96,3 +126,8 @@ def bind(graphdef):
   """(insert, step) jitted, `step` with `graphdef` closed over; both donate the state."""
   return (jax.jit(insert_fn, donate_argnums=(1,)),
           jax.jit(functools.partial(step_fn, graphdef), donate_argnums=(1,)))
+
+
+def bind_prefill(graphdef):
+  """`prefill_fn` jitted with `graphdef` closed over, donating the state."""
+  return jax.jit(functools.partial(prefill_fn, graphdef), donate_argnums=(1,))

@@ -23,7 +23,7 @@ from maxlm import checkpoint, paged_sampling, quantization, runs, sampling, shar
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.evals import text_ids
 from maxlm.model import ModelConfig, merge_adapters, paged_kv
-from serving import kv_pages
+from serving import kv_pages, paged_prefill, prefix_cache
 
 
 class ContextLengthError(ValueError):
@@ -106,7 +106,8 @@ class Engine:
                tokenizer: tokenizer_lib.Tokenizer, *, model_name: str,
                max_len: int | None = None, slots: int | None = None,
                quantize: str | None = None, kv_cache_memory: float | None = None,
-               block_size: int = 16):
+               block_size: int = 16, prefix_caching: bool = True,
+               max_prefill_chunk: int | None = None):
     tokenizer = tokenizer_lib.as_tokenizer(tokenizer)
     if tokenizer.vocab_size() > config.vocab_size:
       raise ValueError(f"the tokenizer has {tokenizer.vocab_size()} pieces but the model only "
@@ -124,14 +125,18 @@ class Engine:
     self._prefill, _ = sampling.bind(graphdef)
     self._scored_prefill = jax.jit(functools.partial(sampling.scored_prefill_fn, graphdef))
     self._insert, self._step = paged_sampling.bind(graphdef)
+    self._chunk_prefill = paged_sampling.bind_prefill(graphdef)
+    self.prefix_caching, self.max_prefill_chunk = prefix_caching, max_prefill_chunk
     self.pages: kv_pages.PageTables | None = None
+    self.prefills: paged_prefill.Prefills | None = None
     self._token_bytes = [tokenizer.piece_bytes(i) for i in range(tokenizer.vocab_size())]
 
   @classmethod
   def from_checkpoint(cls, checkpoint_dir: str | os.PathLike, *, step: int | None = None,
                       model_name: str | None = None, max_len: int | None = None,
                       slots: int | None = None, quantize: str | None = None,
-                      kv_cache_memory: float | None = None) -> "Engine":
+                      kv_cache_memory: float | None = None, prefix_caching: bool = True,
+                      max_prefill_chunk: int | None = None) -> "Engine":
     """The latest (or given) checkpoint of a run dir (or of its checkpoints/ dir). A corrupt
     one is refused, naming the newest intact step to serve instead: serving an older model
     than the one asked for is the user's decision."""
@@ -153,7 +158,8 @@ class Engine:
     graphdef, _ = steps.abstract_model(config)  # LoRA merged: no adapter cost per token
     return cls(graphdef, params, config, tokenizer,
                model_name=model_name or checkpoints.parent.name, max_len=max_len, slots=slots,
-               quantize=quantize, kv_cache_memory=kv_cache_memory)
+               quantize=quantize, kv_cache_memory=kv_cache_memory,
+               prefix_caching=prefix_caching, max_prefill_chunk=max_prefill_chunk)
 
   def _size_cache(self, context_length: int, slots: int | None, kv_cache_memory: float | None,
                   block_size: int):
@@ -172,14 +178,18 @@ class Engine:
     self.max_blocks = -(-self.context_length // block_size)
 
   def describe_cache(self) -> str:
-    return self.capacity.describe(self.context_length, self.slots)
+    return (f"{self.capacity.describe(self.context_length, self.slots)}; "
+            f"{paged_prefill.describe(self.prefix_caching, self.max_prefill_chunk)}")
 
   # --- JetStream's three calls -----------------------------------------------------------------
 
   def init_decode_state(self) -> paged_sampling.PagedState:
     """An empty pool, every block free (the books start over with it)."""
-    self.pages = kv_pages.PageTables(kv_pages.BlockAllocator(self.capacity.blocks), self.slots,
-                                     self.block_size, self.max_blocks)
+    allocator = (prefix_cache.CachingAllocator if self.prefix_caching
+                 else kv_pages.BlockAllocator)(self.capacity.blocks)
+    self.pages = kv_pages.PageTables(allocator, self.slots, self.block_size, self.max_blocks)
+    self.prefills = paged_prefill.Prefills(self.pages, self._chunk_prefill, self.prefix_caching,
+                                           self.max_prefill_chunk, self.context_length)
     return paged_sampling.init_state(self.config, self.slots, self.capacity.blocks + 1,
                                      self.block_size)
 
@@ -218,13 +228,35 @@ class Engine:
 
   def release(self, slot: int):
     """Hands the slot's blocks back; its sequence is over (or preempted)."""
+    self.prefills.discard(slot)
     self.pages.release(slot)
+
+  # A prompt can instead be prefilled straight into its blocks, after what the prefix cache
+  # holds of it and in chunks between decode steps (see serving.paged_prefill).
+
+  def begin_prefill(self, slot: int, prompt_ids: list[int], settings: SamplingSettings) -> int:
+    """Gives `slot` the blocks of the prompt (raises PoolExhausted if they are not free); the
+    number of its tokens served from the prefix cache."""
+    return self.prefills.begin(slot, prompt_ids, device_settings(settings))
+
+  def awaits_prefix(self, prompt_ids: list[int]) -> bool:
+    """Whether a prompt now being prefilled will soon publish more of this one's prefix."""
+    return self.prefills.awaits_prefix(prompt_ids)
+
+  def prefill_plan(self) -> list[tuple[int, int]]:
+    """(slot, tokens) to prefill before the next decode step."""
+    return self.prefills.plan()
+
+  def prefill_chunk(self, state: paged_sampling.PagedState, slot: int, tokens: int
+                    ) -> tuple[paged_sampling.PagedState, sampling.TokenChoice | None]:
+    """Queues the next `tokens` of the slot's prompt; the first new token once it is done."""
+    return self.prefills.run(self.params, state, slot, tokens)
 
   def generate(self, state: paged_sampling.PagedState
                ) -> tuple[paged_sampling.PagedState, sampling.TokenChoice]:
     """One token for every occupied slot; the choice's rows are slots. Raises PoolExhausted,
     touching nothing on the device, when some slot's next token has no free block."""
-    slots = self.pages.active()
+    slots = [slot for slot in self.pages.active() if slot not in self.prefills.pending]
     self.pages.grow(slots)
     widest = max((len(self.pages.blocks[slot]) for slot in slots), default=1)
     rows, width = (kv_pages.bucket(len(slots), self.slots),
@@ -244,6 +276,10 @@ class Engine:
       prefilled, _ = self.prefill([self.tokenizer.bos_id()] * bucket, SamplingSettings())
       state = self.insert(prefilled, state, 0)
     self.release(0)
+    for bucket, width in self.prefills.buckets():
+      state, _ = self._chunk_prefill(self.params, state, np.zeros((1, bucket), np.int32),
+                                     np.int32(0), np.int32(1), np.zeros((1, width), np.int32),
+                                     np.int32(self.slots), *device_settings(SamplingSettings()))
     for rows in kv_pages.buckets(self.slots):
       for width in kv_pages.buckets(self.max_blocks):
         state, _ = self._step(self.params, state, np.full(rows, self.slots, np.int32),

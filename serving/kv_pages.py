@@ -88,10 +88,16 @@ class PageTables:
     have the newcomer preempted (its prefill wasted) at the next block boundary."""
     return self.blocks_for(tokens + 1) + len(self.active()) <= self.allocator.free
 
-  def assign(self, slot: int, length: int) -> list[int]:
-    """Gives `slot` (freeing what it held) the blocks of its first `length` positions."""
+  def assign(self, slot: int, length: int, shared: list[int] = ()) -> list[int]:
+    """Gives `slot` (freeing what it held) the blocks of its first `length` positions, the
+    `shared` ones first (blocks of the prefix cache it already holds a reference to)."""
     self.release(slot)
-    self.blocks[slot] = self.allocator.allocate(self.blocks_for(length))
+    try:
+      own = self.allocator.allocate(self.blocks_for(length) - len(shared))
+    except PoolExhausted:
+      self.allocator.release(list(shared))
+      raise
+    self.blocks[slot] = list(shared) + own
     self.lengths[slot] = length
     return self.blocks[slot]
 

@@ -28,8 +28,25 @@ class ServerMetrics:
                              registry=self.registry)
     self.preemptions = Counter("maxlm_preemptions", "Requests preempted when the KV cache "
                                "ran out of blocks (each resumes later)", registry=self.registry)
+    self.prefix_cache_queries = Counter(
+        "maxlm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+        registry=self.registry)
+    self.prefix_cache_hits = Counter(
+        "maxlm_prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache",
+        registry=self.registry)
+    self.prefix_cache_hit_rate = Gauge(
+        "maxlm_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache over all "
+        "prompt tokens looked up, since the start", registry=self.registry)
+    self._prefix_tokens = [0, 0]  # (looked up, served from the cache) for the hit rate
     self.active_slots = Gauge("maxlm_active_slots", "Decode slots holding a request now",
                               registry=self.registry)
+
+  def observe_prefix_cache(self, prompt_tokens: int, cached_tokens: int):
+    self.prefix_cache_queries.inc(prompt_tokens)
+    self.prefix_cache_hits.inc(cached_tokens)
+    self._prefix_tokens[0] += prompt_tokens
+    self._prefix_tokens[1] += cached_tokens
+    self.prefix_cache_hit_rate.set(self._prefix_tokens[1] / max(1, self._prefix_tokens[0]))
 
   def exposition(self) -> bytes:
     return generate_latest(self.registry)

@@ -9,6 +9,11 @@ stop string, max_tokens) or is cancelled (its client left) frees its slot at onc
 the step already in flight made for it is dropped, and a waiting request takes the slot at the
 next turn while the others keep decoding.
 
+A request's prompt is prefilled straight into its blocks, after the part the prefix cache
+already holds, in chunks: each turn prefills at most the engine's `max_prefill_chunk` prompt
+tokens before the decode step, so while a long prompt arrives each running request waits one
+chunk's time per token, not the whole prefill's (see `serving.paged_prefill`).
+
 A request is admitted only when the paged KV cache has free blocks for it. When a decode step
 finds no block for some request's next token, the tokens made so far are delivered (which may
 end requests and free blocks) and, if that is not enough, the youngest request is preempted:
@@ -98,6 +103,7 @@ class Request:
     self.token_ids: list[int] = []  # generated so far: a preempted request resumes after them
     self.admitted = -1  # admission order; the largest is the youngest
     self.cancelled = False
+    self.prefilling = False  # holds a slot whose prompt is still being prefilled, in chunks
     self.finished = False  # set once it has ended, left or failed: its slot is free
     self.submitted = self.last_token_at = 0.0
     self.text: TextStream | None = None
@@ -147,6 +153,9 @@ class Orchestrator:
     self._admissions = itertools.count()
     self._stopping = False
     self._aborting = False
+    # The real engine prefills into the pool (prefix cache, chunks); a stand-in with only
+    # JetStream's prefill and insert is driven through those.
+    self._prefills_in_pool = hasattr(engine, "begin_prefill")
     self._thread = threading.Thread(target=self._run, name="maxlm-orchestrator", daemon=True)
 
   # --- the caller's side (any thread) ----------------------------------------------------------
@@ -218,6 +227,7 @@ class Orchestrator:
       while (admitted := self._next_admissions()) is not None:
         undelivered = [in_flight] if in_flight else []
         state = self._admit_all(admitted, state, undelivered)
+        state = self._prefill_chunks(state, undelivered)
         queued = None
         try:
           state, queued = self._step(state, undelivered)
@@ -246,10 +256,13 @@ class Orchestrator:
       return admitted
 
   def _admit_all(self, admitted: list[tuple[int, Request]], state, first_tokens: list["Pending"]):
-    """Admits in order while the pool has room; the rest go back to the head of the line."""
+    """Admits in order while the pool has room, and until a prompt whose prefix another one
+    is still prefilling (it shares that prefix a turn later); the rest go back to the head of
+    the line."""
     for index, (slot, request) in enumerate(admitted):
-      if not request.cancelled and not self.engine.fits(len(request.prompt_ids)
-                                                        + len(request.token_ids)):
+      ids = request.prompt_ids + request.token_ids
+      if not request.cancelled and (not self.engine.fits(len(ids))
+                                    or self._prefills_in_pool and self.engine.awaits_prefix(ids)):
         self._requeue([waiting for _, waiting in admitted[index:]])
         break
       state = self._admit(request, slot, state, first_tokens)
@@ -263,10 +276,10 @@ class Orchestrator:
   def _step(self, state, undelivered: list["Pending"]):
     """Queues one decode step for every occupied slot: (state, its Pending or None). Out of
     blocks, it first delivers `undelivered` (emptying it), then preempts the youngest."""
-    while any(self._slots):
+    while any(self._decoding()):
       try:
         state, choice = self.engine.generate(state)
-        return state, Pending(choice, list(self._slots))
+        return state, Pending(choice, self._decoding())
       except PoolExhausted:
         if undelivered:
           self._deliver_pending(undelivered)
@@ -274,6 +287,11 @@ class Orchestrator:
         else:
           self._preempt_youngest()
     return state, None
+
+  def _decoding(self) -> list[Request | None]:
+    """Each slot's request, None where it is free or still prefilling."""
+    return [None if request is None or request.prefilling else request
+            for request in self._slots]
 
   def _preempt_youngest(self):
     slot, request = max(((slot, request) for slot, request in enumerate(self._slots)
@@ -299,6 +317,9 @@ class Orchestrator:
     scores = None
     try:
       ids = request.prompt_ids + request.token_ids  # a preempted request resumes after its own
+      if self._prefills_in_pool and request.max_tokens and not (
+          request.echo and not request.token_ids):
+        return self._begin_prefill(request, slot, ids, state)
       if request.echo and not request.token_ids:
         prefix, choice, scores = self.engine.prefill_scored(ids, request.settings)
       else:
@@ -315,6 +336,37 @@ class Orchestrator:
     if request.max_tokens:
       self._slots[slot] = request
     first_tokens.append(Pending(choice, [request], scores, first=True))
+    return state
+
+  def _begin_prefill(self, request: Request, slot: int, ids: list[int], state):
+    """Gives `request` the slot and its prompt's blocks; `_prefill_chunks` runs its prompt."""
+    cached = self.engine.begin_prefill(slot, ids, request.settings)
+    if request.admitted < 0:  # not a preempted request's return
+      self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+      self.metrics.observe_prefix_cache(len(ids), cached)
+    request.admitted = next(self._admissions)
+    request.prefilling = True
+    self._slots[slot] = request
+    return state
+
+  def _prefill_chunks(self, state, first_tokens: list["Pending"]):
+    """Queues this turn's prompt chunks; a prompt that is done starts decoding, its first
+    token joining `first_tokens`. A chunk that fails fails its request alone."""
+    if not self._prefills_in_pool:
+      return state
+    for slot, tokens in self.engine.prefill_plan():
+      request = self._slots[slot]
+      if request.cancelled:
+        self._release(request)
+        continue
+      try:
+        state, choice = self.engine.prefill_chunk(state, slot, tokens)
+      except Exception as e:  # noqa: BLE001 - the request's own doing (its prompt, its settings)
+        self._fail(request, "prefilling it", e)
+        continue
+      if choice is not None:
+        request.prefilling = False
+        first_tokens.append(Pending(choice, [request], first=True))
     return state
 
   def _deliver_first(self, pending: "Pending"):

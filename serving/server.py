@@ -1,7 +1,8 @@
 """An OpenAI-compatible REST server (the subset of /v1 that vLLM also speaks).
 
   python -m serving.server --checkpoint_dir=WORKDIR [--step=N] [--port=8000] [--host=127.0.0.1]
-      [--slots=8] [--kv_cache_memory=GiB] [--max_queue=64] [--quantize=int8] [--engine_cpus=auto]
+      [--slots=8] [--kv_cache_memory=GiB] [--no-enable_prefix_caching] [--max_prefill_chunk=512]
+      [--max_queue=64] [--quantize=int8] [--engine_cpus=auto]
       [--api_keys_file=KEYS] [--max_request_bytes=8388608] [--max_connections=1024]
       [--header_timeout_s=10] [--body_timeout_s=60]
 
@@ -52,6 +53,7 @@ from serving.orchestrator import (
   Unavailable,
 )
 from serving.orchestrator import Request as Generation
+from serving.paged_prefill import DEFAULT_PREFILL_CHUNK
 
 log = logging.getLogger("serving")
 
@@ -374,6 +376,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--kv_cache_memory", type=float, default=None,
                       help="GiB for the paged KV cache, which decides how many tokens can be in "
                       "flight; default: room for --slots full contexts")
+  parser.add_argument("--enable_prefix_caching", action=argparse.BooleanOptionalAction,
+                      default=True,
+                      help="requests sharing a prefix (a system prompt, few-shot examples) reuse "
+                      "its KV blocks, found by a hash of their tokens; on by default, as in "
+                      "vLLM V1 (--no-enable_prefix_caching turns it off)")
+  parser.add_argument("--max_prefill_chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                      help="prompt tokens prefilled between two decode steps (vLLM's "
+                      "--max-num-batched-tokens, less the decode tokens): a longer prompt is "
+                      "prefilled in chunks so running streams keep their token rate; 0 prefills "
+                      "every prompt whole")
   parser.add_argument("--max_queue", type=int, default=64,
                       help="requests that may wait for a slot; one more gets 429")
   parser.add_argument("--quantize", choices=("none", "int8"), default="none",
@@ -491,7 +503,9 @@ def main(argv=None):
                                     model_name=args.model_name,
                                     max_len=args.max_len, slots=args.slots,
                                     quantize=args.quantize,
-                                    kv_cache_memory=args.kv_cache_memory)
+                                    kv_cache_memory=args.kv_cache_memory,
+                                    prefix_caching=args.enable_prefix_caching,
+                                    max_prefill_chunk=args.max_prefill_chunk or None)
   except (OSError, ValueError, UserError) as e:
     raise SystemExit(f"serving.server: {e}") from None
   log.info("%s", engine.describe_cache())
