@@ -23,7 +23,7 @@ from maxlm import checkpoint, paged_sampling, quantization, runs, sampling, shar
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.evals import text_ids
 from maxlm.model import ModelConfig, merge_adapters, paged_kv
-from serving import kv_pages
+from serving import kv_pages, vision_prefill
 
 
 class ContextLengthError(ValueError):
@@ -124,6 +124,9 @@ class Engine:
     self._prefill, _ = sampling.bind(graphdef)
     self._scored_prefill = jax.jit(functools.partial(sampling.scored_prefill_fn, graphdef))
     self._insert, self._step = paged_sampling.bind(graphdef)
+    self.vision = (vision_prefill.ImagePrefill(graphdef, config, self.context_length)
+                   if config.vision else None)
+    self.image_size = self.vision.image_size if self.vision else None  # the server's hook
     self.pages: kv_pages.PageTables | None = None
     self._token_bytes = [tokenizer.piece_bytes(i) for i in range(tokenizer.vocab_size())]
 
@@ -203,6 +206,13 @@ class Engine:
         len(prompt_ids), *device_settings(settings))
     return Prefilled(prefix, len(prompt_ids)), prefix.choice, scores
 
+  def prefill_images(self, prompt_ids: list[int], images: list[np.ndarray],
+                     settings: SamplingSettings) -> tuple[Prefilled, sampling.TokenChoice]:
+    """`prefill` of a prompt whose placeholders (num_patches each) hold `images` (uint8
+    [image_size, image_size, 3] each), run through the vision tower here."""
+    prefix = self.vision(self.params, prompt_ids, images, device_settings(settings))
+    return Prefilled(prefix, len(prompt_ids)), prefix.choice
+
   def fits(self, tokens: int) -> bool:
     """Whether the free blocks hold a new sequence of `tokens` tokens now."""
     return self.pages.fits(tokens)
@@ -244,6 +254,8 @@ class Engine:
       prefilled, _ = self.prefill([self.tokenizer.bos_id()] * bucket, SamplingSettings())
       state = self.insert(prefilled, state, 0)
     self.release(0)
+    if self.vision:
+      self.vision.warmup(self.params, self.tokenizer.bos_id(), device_settings(SamplingSettings()))
     for rows in kv_pages.buckets(self.slots):
       for width in kv_pages.buckets(self.max_blocks):
         state, _ = self._step(self.params, state, np.full(rows, self.slots, np.int32),
@@ -279,6 +291,18 @@ class Engine:
   def prompt_ids(self, prompt: str, max_tokens: int | None) -> tuple[list[int], int]:
     """(token ids, max_tokens) of a request, `max_tokens=None` meaning the rest of the context."""
     prompt_ids = self.encode(prompt)
+    if max_tokens is None:
+      max_tokens = max(1, self.context_length - len(prompt_ids))
+    self.check_fits(len(prompt_ids), max_tokens)
+    return prompt_ids, max_tokens
+
+  def image_prompt_ids(self, prompt: str, images: int, max_tokens: int | None
+                       ) -> tuple[list[int], int]:
+    """`prompt_ids` of a prompt holding one placeholder per image, each expanded to the
+    vision tower's patches."""
+    if not images:
+      return self.prompt_ids(prompt, max_tokens)
+    prompt_ids = vision_prefill.expanded_ids(self.encode(prompt), self.config, images)
     if max_tokens is None:
       max_tokens = max(1, self.context_length - len(prompt_ids))
     self.check_fits(len(prompt_ids), max_tokens)
