@@ -75,10 +75,16 @@ def engine(run_dir) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def orchestrator(engine):
-  orchestrator = Orchestrator(engine).start()
-  yield orchestrator
-  orchestrator.shutdown(grace_s=10)
+def app(engine):
+  """The server's app; its orchestrator, the only one driving `engine`, serves every test."""
+  app = create_app(engine)
+  yield app
+  app.state.orchestrator.shutdown(grace_s=10)
+
+
+@pytest.fixture(scope="module")
+def orchestrator(app) -> Orchestrator:
+  return app.state.orchestrator
 
 
 def random_images(count: int, seed: int) -> list[np.ndarray]:
@@ -160,10 +166,9 @@ def test_the_references_logits_depend_on_the_images(engine):
   assert not np.allclose(logits[0][0, last], logits[1][0, last], atol=1e-3)
 
 
-def test_image_chat_through_the_openai_client_gives_the_references_text(run_dir):
-  engine = Engine.from_checkpoint(run_dir, slots=2)  # the app's orchestrator drives it alone
+def test_image_chat_through_the_openai_client_gives_the_references_text(engine, app):
   [image] = random_images(1, seed=3)
-  with TestClient(create_app(engine)) as http:
+  with TestClient(app) as http:
     client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http)
     response = client.chat.completions.create(
         model=engine.model_name, max_tokens=10, temperature=0, messages=[{
