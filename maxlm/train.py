@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 from beam_pipelines.records import fields_of_manifest
 from maxlm import checkpoint, data, metrics, optim, runs, sampling, sharding, tasks, workdir_lock
 from maxlm import default_chat  # noqa: F401  (registers ensure_default_chat with gin)
+from maxlm import default_vision  # noqa: F401  (registers ensure_default_vision with gin)
 from maxlm import post_training  # noqa: F401  (registers SFT and DPO with gin)
 from maxlm import vision_tasks  # noqa: F401  (registers VisionSFT with gin)
 from maxlm.evals import generation, heldout, multiple_choice, perplexity  # noqa: F401 (gin)

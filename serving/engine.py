@@ -23,7 +23,7 @@ from maxlm import checkpoint, paged_sampling, quantization, runs, sampling, shar
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.evals import text_ids
 from maxlm.model import ModelConfig, merge_adapters, paged_kv
-from serving import kv_pages, paged_prefill, prefix_cache
+from serving import kv_pages, paged_prefill, prefix_cache, vision_prefill
 
 
 class ContextLengthError(ValueError):
@@ -127,6 +127,9 @@ class Engine:
     self._insert, self._step = paged_sampling.bind(graphdef)
     self._chunk_prefill = paged_sampling.bind_prefill(graphdef)
     self.prefix_caching, self.max_prefill_chunk = prefix_caching, max_prefill_chunk
+    self.vision = (vision_prefill.ImagePrefill(graphdef, config, self.context_length)
+                   if config.vision else None)
+    self.image_size = self.vision.image_size if self.vision else None  # the server's hook
     self.pages: kv_pages.PageTables | None = None
     self.prefills: paged_prefill.Prefills | None = None
     self._token_bytes = [tokenizer.piece_bytes(i) for i in range(tokenizer.vocab_size())]
@@ -213,6 +216,13 @@ class Engine:
         len(prompt_ids), *device_settings(settings))
     return Prefilled(prefix, len(prompt_ids)), prefix.choice, scores
 
+  def prefill_images(self, prompt_ids: list[int], images: list[np.ndarray],
+                     settings: SamplingSettings) -> tuple[Prefilled, sampling.TokenChoice]:
+    """`prefill` of a prompt whose placeholders (num_patches each) hold `images` (uint8
+    [image_size, image_size, 3] each), run through the vision tower here."""
+    prefix = self.vision(self.params, prompt_ids, images, device_settings(settings))
+    return Prefilled(prefix, len(prompt_ids)), prefix.choice
+
   def fits(self, tokens: int) -> bool:
     """Whether the free blocks hold a new sequence of `tokens` tokens now."""
     return self.pages.fits(tokens)
@@ -280,6 +290,8 @@ class Engine:
       state, _ = self._chunk_prefill(self.params, state, np.zeros((1, bucket), np.int32),
                                      np.int32(0), np.int32(1), np.zeros((1, width), np.int32),
                                      np.int32(self.slots), *device_settings(SamplingSettings()))
+    if self.vision:
+      self.vision.warmup(self.params, self.tokenizer.bos_id(), device_settings(SamplingSettings()))
     for rows in kv_pages.buckets(self.slots):
       for width in kv_pages.buckets(self.max_blocks):
         state, _ = self._step(self.params, state, np.full(rows, self.slots, np.int32),
@@ -315,6 +327,18 @@ class Engine:
   def prompt_ids(self, prompt: str, max_tokens: int | None) -> tuple[list[int], int]:
     """(token ids, max_tokens) of a request, `max_tokens=None` meaning the rest of the context."""
     prompt_ids = self.encode(prompt)
+    if max_tokens is None:
+      max_tokens = max(1, self.context_length - len(prompt_ids))
+    self.check_fits(len(prompt_ids), max_tokens)
+    return prompt_ids, max_tokens
+
+  def image_prompt_ids(self, prompt: str, images: int, max_tokens: int | None
+                       ) -> tuple[list[int], int]:
+    """`prompt_ids` of a prompt holding one placeholder per image, each expanded to the
+    vision tower's patches."""
+    if not images:
+      return self.prompt_ids(prompt, max_tokens)
+    prompt_ids = vision_prefill.expanded_ids(self.encode(prompt), self.config, images)
     if max_tokens is None:
       max_tokens = max(1, self.context_length - len(prompt_ids))
     self.check_fits(len(prompt_ids), max_tokens)

@@ -93,8 +93,10 @@ class Request:
 
   def __init__(self, prompt_ids: list[int], *, max_tokens: int, emit: Emit,
                settings: SamplingSettings = SamplingSettings(), stops: list[str] | None = None,
-               ignore_eos: bool = False, top_logprobs: int = 0, echo: bool = False):
+               ignore_eos: bool = False, top_logprobs: int = 0, echo: bool = False,
+               images: list | None = None):
     self.prompt_ids, self.max_tokens, self.emit = prompt_ids, max_tokens, emit
+    self.images = images  # uint8 pixels for the prompt's placeholders (engine.prefill_images)
     self.settings, self.stops, self.ignore_eos = settings, stops or [], ignore_eos
     self.top_logprobs = top_logprobs
     # echo: the prompt's own logprobs, set before the first Delta (max_tokens=0: before None)
@@ -317,11 +319,13 @@ class Orchestrator:
     scores = None
     try:
       ids = request.prompt_ids + request.token_ids  # a preempted request resumes after its own
-      if self._prefills_in_pool and request.max_tokens and not (
-          request.echo and not request.token_ids):
+      if self._prefills_in_pool and request.max_tokens and not request.images and not (
+          request.echo and not request.token_ids):  # images: their own prefill, never cached
         return self._begin_prefill(request, slot, ids, state)
       if request.echo and not request.token_ids:
         prefix, choice, scores = self.engine.prefill_scored(ids, request.settings)
+      elif request.images:
+        prefix, choice = self.engine.prefill_images(ids, request.images, request.settings)
       else:
         prefix, choice = self.engine.prefill(ids, request.settings)
       if request.max_tokens:  # max_tokens=0 (echo): the prefill's scores are all it wants

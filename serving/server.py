@@ -130,7 +130,8 @@ def create_app(engine: Engine, model_name: str | None = None,
     return {"object": "list", "data": [{
         "id": model_name, "object": "model", "created": started, "owned_by": "maxlm",
         "max_model_len": engine.context_length,
-        **({"input_modalities": ["text", "image"]} if image_size else {})}]}
+        **({"input_modalities": ["text", "image"], "capabilities": {"vision": True}}
+           if image_size else {})}]}
 
   def check_request(request: SamplingRequest):
     if request.model != model_name:
@@ -139,7 +140,7 @@ def create_app(engine: Engine, model_name: str | None = None,
     check_supported(request)
 
   async def submit(request: SamplingRequest, prompt_ids: Callable[[], tuple[list[int], int]],
-                   stops: list[str], echo: bool = False
+                   stops: list[str], echo: bool = False, images: list | None = None
                    ) -> tuple[Generation, AsyncIterator[list[Delta]]]:
     """(the generation, its deltas), refusing what cannot run before anything is sent.
     `prompt_ids` gives (token ids, max_tokens); it runs on `prompt_pool`, with the tokenizer."""
@@ -158,7 +159,7 @@ def create_app(engine: Engine, model_name: str | None = None,
     generation = Generation(
         prompt_ids, max_tokens=max_tokens, settings=settings, stops=stops,
         ignore_eos=request.ignore_eos, top_logprobs=request.alternatives() or 0, echo=echo,
-        emit=lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item))
+        images=images, emit=lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item))
     try:
       orchestrator.submit(generation)
     except QueueFull as e:
@@ -268,12 +269,18 @@ def create_app(engine: Engine, model_name: str | None = None,
   @v1.post("/chat/completions", responses=generation_responses(keyed=bool(api_keys)))
   async def chat_completions(request: ChatCompletionRequest, http_request: Request):
     check_request(request)
-    await asyncio.get_running_loop().run_in_executor(
+    images = await asyncio.get_running_loop().run_in_executor(
         prompt_pool, request_images, request.messages, media, image_size)
-    prompt = lambda: chat_prompt([(message.role, message.text()) for message in request.messages])
     max_tokens = request.max_completion_tokens or request.max_tokens
-    generation, deltas = await submit(request, lambda: engine.prompt_ids(prompt(), max_tokens),
-                                      request.stops() + CHAT_STOPS)
+
+    def prompt_ids():
+      prompt = chat_prompt([(message.role, message.text()) for message in request.messages])
+      if images:
+        return engine.image_prompt_ids(prompt, len(images), max_tokens)
+      return engine.prompt_ids(prompt, max_tokens)
+
+    generation, deltas = await submit(request, prompt_ids, request.stops() + CHAT_STOPS,
+                                      images=images)
     return await respond(request, ResponseShape(model_name, chat=True),
                          len(generation.prompt_ids), deltas, http_request)
 

@@ -24,7 +24,19 @@ SIZE = 8
 
 
 class VisionFakeEngine(FakeEngine):
+  """FakeEngine with an image side: it records the images each prefill received."""
   image_size = SIZE
+
+  def __init__(self):
+    super().__init__()
+    self.prefilled_images = []
+
+  def image_prompt_ids(self, prompt: str, images: int, max_tokens: int | None):
+    return self.prompt_ids(prompt, max_tokens)
+
+  def prefill_images(self, prompt_ids, images, settings):
+    self.prefilled_images.append(images)
+    return self.prefill(prompt_ids, settings)
 
 
 def png_url(array: np.ndarray, fmt="PNG") -> str:
@@ -46,9 +58,14 @@ def chat(*parts, **change) -> dict:
 
 
 @pytest.fixture(scope="module")
-def client():
+def engine():
+  return VisionFakeEngine()
+
+
+@pytest.fixture(scope="module")
+def client(engine):
   policy = MediaPolicy(max_images_per_request=2, allowed_media_domains=("example.com",))
-  with TestClient(create_app(VisionFakeEngine(), media=policy)) as client:
+  with TestClient(create_app(engine, media=policy)) as client:
     yield client
 
 
@@ -68,9 +85,12 @@ def test_png_jpeg_and_webp_data_urls_decode_to_the_pipelines_pixels():
       np.testing.assert_array_equal(got, want)
 
 
-def test_an_image_chat_is_answered_and_models_says_it_takes_images(client):
+def test_an_image_chat_is_answered_and_models_says_it_takes_images(client, engine):
   response = client.post("/v1/chat/completions", json=chat(image_part(png_url(PIXELS))))
   assert response.status_code == 200, response.text
+  [images] = engine.prefilled_images[-1:]
+  assert len(images) == 1
+  np.testing.assert_array_equal(images[0], PIXELS)  # the request's pixels reach the prefill
   assert client.get("/v1/models").json()["data"][0]["input_modalities"] == ["text", "image"]
 
 

@@ -3,12 +3,14 @@ answer names, validation images are ones no training row shows, and the set prep
 
 import json
 
+import gin
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
 from beam_pipelines import records
 from maxlm import default_vision
+from maxlm import train as train_module
 from maxlm.default_vision import COLORS, Sizes
 
 
@@ -43,3 +45,18 @@ def test_the_default_set_prepares_every_row_with_the_default_corpus_tokenizer(tm
   data = default_vision.ensure_default_vision(cache_dir=str(tmp_path), sizes=Sizes(30, 12))
   manifest = json.loads((tmp_path / data / records.MANIFEST_NAME).read_text())
   assert manifest["report"]["dead_letters"] == 0
+
+
+@pytest.mark.parametrize("gin_file,source", [("vision_tiny_projector.gin", "tiny.gin"),
+                                             ("vision_tiny_sft.gin", "vision_tiny_projector.gin")])
+def test_a_vision_stage_defaults_to_the_embedded_set_and_the_run_the_stage_before_writes(
+    gin_file, source):
+  gin.clear_config()
+  try:
+    gin.parse_config_file(train_module.resolve_gin_file(gin_file))
+    assert gin.query_parameter("train.init_from") == train_module.default_workdir(source)
+    data_dir = gin.query_parameter("train.data_dir")
+    assert data_dir.configurable.wrapper is default_vision.ensure_default_vision
+    assert not data_dir.evaluate, "built only when train calls it, after checking init_from"
+  finally:
+    gin.clear_config()

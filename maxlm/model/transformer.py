@@ -193,9 +193,12 @@ class Attention(nnx.Module):
     elif cache is None:
       out = layers.causal_attention(q, k, v, segment_ids, bidirectional_ids=bidirectional_ids,
                                     branch_ids=branch_ids)
-    elif bidirectional_ids is not None or branch_ids is not None:
-      raise ValueError("bidirectional_ids (image patches) or branch_ids with a KV cache are not "
-                       "supported; run the prompt without a cache")
+    elif branch_ids is not None:
+      raise ValueError("branch_ids (a preference pair's replies) with a KV cache are not "
+                       "supported; run the pair without a cache")
+    elif bidirectional_ids is not None:  # a prefill with images, written from position 0
+      cache = kv_cache.write(cache, k, v, positions)
+      out = layers.causal_attention(q, k, v, segment_ids, bidirectional_ids=bidirectional_ids)
     else:
       cache = kv_cache.write(cache, k, v, positions)
       out = kv_cache.attend(cache, q, positions)
@@ -289,7 +292,9 @@ class Transformer(nnx.Module):
     """x: [batch, seq, embed] through every block. Returns (hidden states before the final
     norm, updated cache or None); see `__call__` for the attention each case gets, and
     `layers.attention_mask` for `bidirectional_ids` ([batch, seq]: image patches) and
-    `branch_ids` ([batch, seq]: a preference pair's replies after their shared prompt)."""
+    `branch_ids` ([batch, seq]: a preference pair's replies after their shared prompt). With a
+    cache, `bidirectional_ids` means a prefill: x is the whole prompt from position 0, which
+    attends within itself and is written to the cache."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     if cache is None:

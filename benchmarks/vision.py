@@ -1,0 +1,201 @@
+"""Images through the serving engine, and the ViT against timm's, in one run.
+
+  python benchmarks/vision.py [--run_dir=runs/vision_tiny_sft] [--json] [--slots=8]
+      [--max_tokens=32] [--rounds=3]
+
+On the run's engine, in process (no HTTP, so only the engine and the batching are timed):
+  - `image_prefill_ms`: one image prompt's prefill (ViT, projector, decoder), median, beside
+    `text_prefill_ms`, the text prefill of a prompt as long;
+  - `text_only_slowdown`: 1 - (a text request's tokens/s while half the slots decode image
+    requests) / (its tokens/s while every slot decodes text): the same load, --slots requests
+    at once, each making --max_tokens tokens (`ignore_eos`); medians over --rounds rounds;
+  - `vit_ratio_vs_timm`: the run's ViT forward+backward images/s over timm's
+    VisionTransformer of the same shape (PyTorch, CPU), or null when timm is not importable by
+    --timm_python (default /work/benchvenv/bin/python, then this interpreter).
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from maxlm.model import vit
+from serving.chat import IMAGE_TOKEN, chat_prompt
+from serving.engine import Engine, SamplingSettings
+from serving.orchestrator import Orchestrator
+
+QUESTION = "What shape and color?"
+VIT_BATCH = 64
+
+TIMM_SCRIPT = """
+import json, sys, time, torch, timm
+shape, batch, seconds = json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+torch.set_num_threads(int(sys.argv[4]))
+model = timm.models.vision_transformer.VisionTransformer(
+    img_size=shape["image_size"], patch_size=shape["patch_size"], embed_dim=shape["embed_dim"],
+    depth=shape["num_layers"], num_heads=shape["num_heads"],
+    mlp_ratio=shape["mlp_dim"] / shape["embed_dim"], num_classes=0, global_pool="",
+    class_token=False)
+images = torch.rand(batch, 3, shape["image_size"], shape["image_size"])
+def step():
+  model.zero_grad(set_to_none=True)
+  model(images).float().square().mean().backward()
+for _ in range(3):
+  step()
+count, start = 0, time.perf_counter()
+while time.perf_counter() - start < seconds:
+  step()
+  count += 1
+print(json.dumps(count * batch / (time.perf_counter() - start)))
+"""
+
+
+def median_ms(work, repeats: int = 20) -> float:
+  work()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    work()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) * 1e3
+
+
+def prefill_times(engine: Engine) -> tuple[float, float]:
+  """(image prefill ms, text prefill ms of a prompt of the same length), medians."""
+  import jax
+  image = np.random.default_rng(0).integers(0, 256, (engine.image_size,) * 2 + (3,), np.uint8)
+  image_ids, _ = engine.image_prompt_ids(chat_prompt([("user", IMAGE_TOKEN + QUESTION)]), 1, 8)
+  text_ids = [engine.tokenizer.bos_id()] * len(image_ids)
+  settings = SamplingSettings(temperature=0.0)
+  image_ms = median_ms(lambda: jax.block_until_ready(
+      engine.prefill_images(image_ids, [image], settings)))
+  text_ms = median_ms(lambda: jax.block_until_ready(engine.prefill(text_ids, settings)))
+  return image_ms, text_ms
+
+
+def text_tokens_per_s(orchestrator: Orchestrator, engine: Engine, slots: int,
+                      max_tokens: int, with_images: bool) -> float:
+  """A text request's median tokens/s with `slots` requests at once: all text, or half of
+  them image requests."""
+  rng = np.random.default_rng(1)
+  text_ids, _ = engine.prompt_ids(chat_prompt([("user", QUESTION)]), max_tokens)
+  image_ids, _ = engine.image_prompt_ids(chat_prompt([("user", IMAGE_TOKEN + QUESTION)]), 1,
+                                         max_tokens)
+  work = []
+  for index in range(slots):
+    if with_images and index % 2:
+      image = rng.integers(0, 256, (engine.image_size,) * 2 + (3,), np.uint8)
+      work.append((image_ids, {"images": [image]}))
+    else:
+      work.append((text_ids, {}))
+  rates = [None] * slots
+
+  def run(index, prompt_ids, extra):
+    start = time.perf_counter()
+    deltas = orchestrator.generate(prompt_ids, max_tokens=max_tokens, ignore_eos=True, **extra)
+    if not extra:
+      rates[index] = len(deltas) / (time.perf_counter() - start)
+
+  threads = [threading.Thread(target=run, args=(i, *w)) for i, w in enumerate(work)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  return statistics.median(rate for rate in rates if rate is not None)
+
+
+def vit_images_per_s(engine: Engine, seconds: float = 3.0) -> float:
+  """The run's ViT forward+backward (parameter gradients of a mean square) images/s."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  encoder_def, encoder_params = nnx.split(vit.VisionEncoder(engine.config.vision,
+                                                            rngs=nnx.Rngs(0)))
+  c = engine.config.vision
+  images = jnp.asarray(np.random.default_rng(2).integers(
+      0, 256, (VIT_BATCH, 1, c.image_size, c.image_size, 3), np.uint8))
+
+  @jax.jit
+  def step(params):
+    return jax.grad(lambda p: jnp.mean(jnp.square(nnx.merge(encoder_def, p)(images))))(params)
+
+  jax.block_until_ready(step(encoder_params))
+  count, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    jax.block_until_ready(step(encoder_params))
+    count += 1
+  return count * VIT_BATCH / (time.perf_counter() - start)
+
+
+def timm_images_per_s(config: vit.VisionConfig, python: str, seconds: float = 3.0
+                      ) -> float | None:
+  """timm's ViT of the same shape (LayerNorm and a GELU MLP where ours has RMSNorm and SwiGLU),
+  forward+backward images/s on the CPU, or None when timm is not importable there."""
+  import os
+  shape = {name: getattr(config, name) for name in
+           ("image_size", "patch_size", "embed_dim", "num_layers", "num_heads", "mlp_dim")}
+  threads = str(len(os.sched_getaffinity(0)))
+  result = subprocess.run([python, "-c", TIMM_SCRIPT, json.dumps(shape), str(VIT_BATCH),
+                           str(seconds), threads], check=False, capture_output=True, text=True)
+  if result.returncode:
+    print(f"timm did not run under {python}: {result.stderr.strip().splitlines()[-1:]}")
+    return None
+  return float(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--run_dir", default="runs/vision_tiny_sft",
+                      help="a vision run (`configs/vision_tiny_sft.gin`'s workdir)")
+  parser.add_argument("--slots", type=int, default=8)
+  parser.add_argument("--max_tokens", type=int, default=32)
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--timm_python", default="/work/benchvenv/bin/python")
+  parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+  args = parser.parse_args(argv)
+  engine = Engine.from_checkpoint(args.run_dir, slots=args.slots)
+  if engine.image_size is None:
+    raise SystemExit(f"{args.run_dir} has no vision tower; train one with "
+                     "configs/vision_tiny_projector.gin and configs/vision_tiny_sft.gin")
+  engine.warmup()
+  image_ms, text_ms = prefill_times(engine)
+  orchestrator = Orchestrator(engine).start()
+  alone, beside = [], []
+  for _ in range(args.rounds):
+    alone.append(text_tokens_per_s(orchestrator, engine, args.slots, args.max_tokens, False))
+    beside.append(text_tokens_per_s(orchestrator, engine, args.slots, args.max_tokens, True))
+  orchestrator.shutdown()
+  ours = vit_images_per_s(engine)
+  python = args.timm_python if Path(args.timm_python).exists() else sys.executable
+  theirs = timm_images_per_s(engine.config.vision, python)
+  result = {
+      "run_dir": args.run_dir, "image_prefill_ms": round(image_ms, 2),
+      "text_prefill_ms": round(text_ms, 2),
+      "text_tokens_per_s_alone": round(statistics.median(alone), 1),
+      "text_tokens_per_s_beside_images": round(statistics.median(beside), 1),
+      "text_only_slowdown": round(1 - statistics.median(beside) / statistics.median(alone), 4),
+      "vit_images_per_s": round(ours, 1),
+      "timm_images_per_s": theirs and round(theirs, 1),
+      "vit_ratio_vs_timm": theirs and round(ours / theirs, 3),
+      "rounds": {"alone": [round(r, 1) for r in alone], "beside": [round(r, 1) for r in beside]}}
+  print("| measure | value |\n|---|---|")
+  for name, value in result.items():
+    if name not in ("run_dir", "rounds"):
+      print(f"| {name} | {value} |")
+  if args.json:
+    print(json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
