@@ -348,8 +348,8 @@ def main(argv=None) -> dict:
                       choices=("throughput", "prefix_cache", "chunked_prefill"))
   parser.add_argument("--arrivals", type=int, default=8,
                       help="chunked_prefill: long prompts arriving while the streams decode")
-  parser.add_argument("--arrival_s", type=float, default=0.25)
-  parser.add_argument("--long_tokens", type=int, default=192,
+  parser.add_argument("--arrival_s", type=float, default=0.04)
+  parser.add_argument("--long_tokens", type=int, default=224,
                       help="chunked_prefill: tokens each decoding stream makes")
   args = parser.parse_args(argv)
 

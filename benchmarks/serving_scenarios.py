@@ -59,12 +59,13 @@ def prefix_cache_round(url: str, model: str, run_dir: Path, args, seed: int) -> 
 
 async def streams_under_arrivals(url: str, model: str, streams: list[list[int]],
                                  arrivals: list[list[int]], args) -> list[bench.Outcome]:
-  """The streams' outcomes; the arrivals start once every stream has its first token."""
+  """The streams' outcomes; the arrivals come while the streams decode (a tiny model makes
+  its tokens in a few ms each, so they come `arrival_s` apart from the streams' start)."""
   async with httpx.AsyncClient(base_url=url, timeout=600,
                                limits=httpx.Limits(max_connections=64)) as client:
     running = [asyncio.create_task(bench.stream_one(client, request(model, ids, args.long_tokens)))
                for ids in streams]
-    await asyncio.sleep(args.arrival_s * 4)
+    await asyncio.sleep(args.arrival_s)
     arriving = []
     for ids in arrivals:
       arriving.append(asyncio.create_task(bench.stream_one(client, request(model, ids, 4))))
