@@ -7,10 +7,10 @@ from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
-import sentencepiece as spm
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines import records
+from maxlm import tokenizer as tokenizer_lib
 
 
 class TokenStats(NamedTuple):
@@ -62,13 +62,29 @@ def unigram_entropy(histogram: np.ndarray) -> float:
   return float(-(p * np.log(p)).sum())
 
 
-def tokenizer_entry(model_proto: bytes, model_type: str, special_tokens: list[str]) -> dict:
-  sp = spm.SentencePieceProcessor(model_proto=model_proto)
-  return {"file": records.TOKENIZER_NAME, "sha256": hashlib.sha256(model_proto).hexdigest(),
-          "vocab_size": sp.get_piece_size(), "model_type": model_type,
-          "pad_id": sp.pad_id(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
-          "unk_id": sp.unk_id(),
-          "special_tokens": {token: sp.piece_to_id(token) for token in special_tokens}}
+class TokenizerFile(NamedTuple):
+  """A tokenizer as the pipeline carries it: its file name (tokenizer.model, SentencePiece, or
+  tokenizer.json, Hugging Face `tokenizers`), the file's bytes, and for a .json the dict of
+  the tokenizer_config.json beside it (naming bos/eos/pad)."""
+  name: str
+  content: bytes
+  config: dict | None = None
+
+  def load(self) -> tokenizer_lib.Tokenizer:
+    return tokenizer_lib.from_bytes(self.name, self.content, self.config)
+
+
+def tokenizer_entry(model_proto: bytes, model_type: str, special_tokens: list[str],
+                    name: str = records.TOKENIZER_NAME, config: dict | None = None) -> dict:
+  """The manifest's block for a tokenizer file: where it is, its hash and its ids. Special
+  tokens a given (not trained) tokenizer lacks are left out."""
+  tokenizer = TokenizerFile(name, model_proto, config).load()
+  ids = {token: tokenizer.piece_to_id(token) for token in special_tokens}
+  ids = {token: i for token, i in ids.items() if i >= 0 and tokenizer.id_to_piece(i) == token}
+  return {"file": name, "sha256": hashlib.sha256(model_proto).hexdigest(),
+          "vocab_size": tokenizer.vocab_size(), "model_type": model_type,
+          "pad_id": tokenizer.pad_id(), "bos_id": tokenizer.bos_id(),
+          "eos_id": tokenizer.eos_id(), "unk_id": tokenizer.unk_id(), "special_tokens": ids}
 
 
 def part_entry(stats: TokenStats | None, shards: list[tuple[str, int]]) -> dict:
@@ -118,19 +134,22 @@ def write_atomically(path: str, data: bytes) -> None:
 
 
 def write_tokenizer_and_manifest(unused_element, *, output_dir: str, seq_len: int,
-                                 settings: dict, model_proto: bytes, parts: list[str],
+                                 settings: dict, tokenizer: TokenizerFile, parts: list[str],
                                  stats: dict[str, TokenStats], shards: list[tuple],
                                  weights: dict[str, float]) -> None:
   """The pipeline's last step: the tokenizer, then manifest.json (without its report, which
   the driver adds from the run's metrics)."""
   del unused_element
-  write_atomically(FileSystems.join(output_dir, records.TOKENIZER_NAME), model_proto)
+  write_atomically(FileSystems.join(output_dir, tokenizer.name), tokenizer.content)
+  if tokenizer.config is not None:
+    write_atomically(FileSystems.join(output_dir, tokenizer_lib.HF_TOKENIZER_CONFIG),
+                     json.dumps(tokenizer.config, indent=2).encode("utf-8"))
   manifest = {
       "format": records.RECORD_FORMAT,
       "seq_len": seq_len,
       "fields": records.manifest_fields(records.text_fields(seq_len)),
-      "tokenizer": tokenizer_entry(model_proto, settings["tokenizer_type"],
-                                   settings["special_tokens"]),
+      "tokenizer": tokenizer_entry(tokenizer.content, settings["tokenizer_type"],
+                                   settings["special_tokens"], tokenizer.name, tokenizer.config),
       "splits": split_entries(parts, stats, shards, weights),
       "unigram_entropy_nats": unigram_entropy(train_histogram(parts, stats)),
       "settings": settings,

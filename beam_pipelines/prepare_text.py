@@ -18,9 +18,11 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import json
 import math
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -41,6 +43,7 @@ from beam_pipelines import tokenized_split
 from beam_pipelines import tokenizer_training
 from beam_pipelines.quality import QualityThresholds
 from beam_pipelines.sources import Source
+from maxlm import tokenizer as tokenizer_lib
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +83,7 @@ class PrepareConfig:
   spm_sample_bytes: int
   stages: StageFlags
   langid_model: str | None = None  # unpacked by the launcher for local workers
+  tokenizer: dataset_manifest.TokenizerFile | None = None  # given: tokenize with it, train none
 
   def special_tokens(self) -> list[str]:
     """PII placeholders (when scrubbing), the reserved chat/image tokens, then the user's."""
@@ -92,7 +96,8 @@ class PrepareConfig:
     return {"sources": [dataclasses.asdict(s) for s in self.sources],
             "stages": dataclasses.asdict(self.stages), "vocab_size": self.vocab_size,
             "validation_fraction": self.validation_fraction, "seed": self.seed,
-            "tokenizer_type": self.stages.tokenizer_type,
+            "tokenizer_type": (self.stages.tokenizer_type if self.tokenizer is None
+                               else f"given {self.tokenizer.name}"),
             "special_tokens": self.special_tokens()}
 
 
@@ -149,26 +154,32 @@ def build_pipeline(pipeline: beam.Pipeline, config: PrepareConfig, units) -> Non
   bounds = docs | "KeyBounds" >> beam.CombineGlobally(documents.KeyBounds())
   parts = docs | "Parts" >> beam.Map(part_of, config.validation_fraction,
                                      beam.pvalue.AsSingleton(bounds))
-  model_proto = beam.pvalue.AsSingleton(
-      parts
-      | "TrainTexts" >> beam.FlatMap(lambda part: [part[1].text] if part[0] != "validation"
-                                     else [])
-      | "SampleForTokenizer" >> beam.CombineGlobally(tokenizer_training.HashSample(
-          config.spm_sample_docs, config.spm_sample_bytes))
-      | "TrainTokenizer" >> beam.Map(
-          tokenizer_training.train_tokenizer, config.vocab_size, config.stages.tokenizer_type,
-          tuple(config.special_tokens())))
+  if config.tokenizer is not None:
+    tokenizer = beam.pvalue.AsSingleton(pipeline
+                                        | "GivenTokenizer" >> beam.Create([config.tokenizer]))
+  else:
+    tokenizer = beam.pvalue.AsSingleton(
+        parts
+        | "TrainTexts" >> beam.FlatMap(lambda part: [part[1].text] if part[0] != "validation"
+                                       else [])
+        | "SampleForTokenizer" >> beam.CombineGlobally(tokenizer_training.HashSample(
+            config.spm_sample_docs, config.spm_sample_bytes))
+        | "TrainTokenizer" >> beam.Map(
+            tokenizer_training.train_tokenizer, config.vocab_size, config.stages.tokenizer_type,
+            tuple(config.special_tokens()))
+        | "AsTokenizerFile" >> beam.Map(
+            lambda proto: dataset_manifest.TokenizerFile(records.TOKENIZER_NAME, proto)))
   num_shards = {f"train-{name}": n for name, n in config.train_shards.items()}
   num_shards["validation"] = config.validation_shards
   written = parts | "TokenizePackWrite" >> tokenized_split.TokenizePackWrite(
-      model_proto=model_proto, output_dir=config.output_dir, seq_len=config.seq_len,
+      tokenizer=tokenizer, output_dir=config.output_dir, seq_len=config.seq_len,
       vocab_size=config.vocab_size, num_shards=num_shards)
   _ = (pipeline
        | "Once" >> beam.Create([None])
        | "WriteManifest" >> beam.Map(
            dataset_manifest.write_tokenizer_and_manifest,
            output_dir=config.output_dir, seq_len=config.seq_len, settings=config.settings(),
-           model_proto=model_proto, parts=list(num_shards),
+           tokenizer=tokenizer, parts=list(num_shards),
            weights={s.name: s.weight for s in config.sources},
            stats=beam.pvalue.AsDict(written["stats"]),
            shards=beam.pvalue.AsList(written["shards"])))
@@ -209,10 +220,10 @@ def shards_for_bytes(input_bytes: int) -> int:
 
 
 def check_settings(vocab_size: int, seq_len: int, validation_fraction: float,
-                   stages: StageFlags) -> None:
+                   stages: StageFlags, trains_tokenizer: bool = True) -> None:
   if seq_len < 1:
     raise ValueError(f"--seq_len must be at least 1, got {seq_len}")
-  if vocab_size < 300:
+  if trains_tokenizer and vocab_size < 300:
     raise ValueError(f"--vocab_size must be at least 300 (256 byte pieces + specials), "
                      f"got {vocab_size}")
   if not 0 <= validation_fraction < 1:
@@ -256,18 +267,44 @@ def cancel(result) -> None:
     logger.warning("could not cancel the pipeline: %s", err)
 
 
+def given_tokenizer(path: str) -> dataset_manifest.TokenizerFile:
+  """--tokenizer: a run, data or Hugging Face model dir (its tokenizer.model, else
+  tokenizer.json with tokenizer_config.json), or such a file."""
+  file = Path(path) if Path(path).is_file() else tokenizer_lib.find(path)
+  if not file.is_file():
+    raise ValueError(f"--tokenizer {path} holds no {' or '.join(tokenizer_lib.TOKENIZER_FILES)}"
+                     "; pass a run dir, a data dir or a Hugging Face model dir")
+  config = file.with_name(tokenizer_lib.HF_TOKENIZER_CONFIG)
+  given = dataset_manifest.TokenizerFile(
+      file.name, file.read_bytes(),
+      json.loads(config.read_text()) if file.suffix == ".json" and config.is_file() else None)
+  try:
+    loaded = given.load()
+  except Exception as err:  # noqa: BLE001  # SentencePiece and tokenizers raise many kinds
+    raise ValueError(f"--tokenizer {file} does not load ({err})") from None
+  if loaded.eos_id() < 0:
+    raise ValueError(f"--tokenizer {file} has no eos token to end documents with; name it as "
+                     f"eos_token in {tokenizer_lib.HF_TOKENIZER_CONFIG} beside it")
+  return given
+
+
 def run(inputs: list[str] | list[Source], output_dir: str, *, vocab_size: int, seq_len: int,
         validation_fraction: float = 0.01, seed: int = 0, num_shards: int = 0,
         spm_sample_docs: int = 100_000, spm_sample_bytes: int = 5_000_000,
         overwrite: bool = False, stages: StageFlags = StageFlags(),
-        beam_args: list[str] | None = None, remove_stale_staging: bool = False) -> dict:
+        beam_args: list[str] | None = None, remove_stale_staging: bool = False,
+        tokenizer: str | None = None) -> dict:
   """Runs the pipeline to completion and returns the manifest it wrote.
 
   `inputs` are globs (one source) or Sources. num_shards=0 picks one train shard per 256 MiB of
-  each source's input.
+  each source's input. `tokenizer` (a dir or file, see `given_tokenizer`) tokenizes with that
+  tokenizer unchanged instead of training one; `vocab_size` is then its own.
   """
   start = time.perf_counter()
-  check_settings(vocab_size, seq_len, validation_fraction, stages)
+  given = given_tokenizer(tokenizer) if tokenizer else None
+  if given is not None:
+    vocab_size = given.load().vocab_size()
+  check_settings(vocab_size, seq_len, validation_fraction, stages, trains_tokenizer=not given)
   report_stale_staging(output_dir, remove_stale_staging)
   source_list = as_sources(inputs)
   resolved = sources_lib.resolve(source_list)
@@ -280,7 +317,8 @@ def run(inputs: list[str] | list[Source], output_dir: str, *, vocab_size: int, s
         train_shards={name: num_shards or shards_for_bytes(size)
                       for name, size in resolved.bytes_by_source.items()},
         validation_shards=max(1, math.ceil(shards_for_bytes(total_bytes) * validation_fraction)),
-        spm_sample_docs=spm_sample_docs, spm_sample_bytes=spm_sample_bytes, stages=stages)
+        spm_sample_docs=spm_sample_docs, spm_sample_bytes=spm_sample_bytes, stages=stages,
+        tokenizer=given)
     logger.info("%d sources, %d read units (%.1f MB of files); staging in %s",
                 len(source_list), len(resolved.units), total_bytes / 1e6, staged)
     result = run_pipeline(config, resolved.units, beam_args)
@@ -309,6 +347,9 @@ def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                            "TFDS inputs look like tfds:NAME[/CONFIG][:SPLIT]")
   parser.add_argument("--output_dir", required=True)
   parser.add_argument("--vocab_size", type=int, default=4096)
+  parser.add_argument("--tokenizer", default=None,
+                      help="tokenize with this run, data or Hugging Face model dir's tokenizer "
+                           "(tokenizer.model or tokenizer.json) instead of training one")
   parser.add_argument("--seq_len", type=int, default=256)
   parser.add_argument("--validation_fraction", type=float, default=0.01)
   parser.add_argument("--num_shards", type=int, default=0,
@@ -378,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
       num_shards=flags.num_shards, spm_sample_docs=flags.spm_sample_docs,
       spm_sample_bytes=flags.spm_sample_bytes, overwrite=flags.overwrite,
       stages=stages_from_flags(flags), beam_args=beam_args,
-      remove_stale_staging=flags.remove_stale_staging))
+      remove_stale_staging=flags.remove_stale_staging, tokenizer=flags.tokenizer))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ class TokenizeDocuments(beam.DoFn):
   """(part, Document) -> ((part, bucket), int32 bytes of [bos] + ids + [eos]).
 
   Encodes in batches so SentencePiece can use every core; each batch also emits
-  (part, `dataset_manifest.TokenStats`) per part to the STATS output.
+  (part, `dataset_manifest.TokenStats`) per part to the STATS output. The tokenizer (a
+  `dataset_manifest.TokenizerFile`) is a side input: trained in the same pipeline, or given.
   """
 
   def __init__(self, num_shards: dict[str, int], vocab_size: int, batch_chars: int = 1 << 20):
@@ -46,16 +47,16 @@ class TokenizeDocuments(beam.DoFn):
     self._batch_chars = batch_chars
 
   def setup(self):
-    self._model_proto = self._processor = None
+    self._tokenizer_file = self._processor = None
     self._chars_done = self._chars_logged = 0
 
   def start_bundle(self):
     self._batch, self._pending_chars = [], 0
 
-  def process(self, part_and_document, model_proto: bytes):
-    if model_proto is not self._model_proto and model_proto != self._model_proto:
-      self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
-      self._model_proto = model_proto
+  def process(self, part_and_document, tokenizer_file: dataset_manifest.TokenizerFile):
+    if tokenizer_file is not self._tokenizer_file and tokenizer_file != self._tokenizer_file:
+      self._processor = tokenizer_file.load()
+      self._tokenizer_file = tokenizer_file
     self._batch.append(part_and_document)
     self._pending_chars += len(part_and_document[1].text)
     if self._pending_chars >= self._batch_chars:
@@ -72,9 +73,9 @@ class TokenizeDocuments(beam.DoFn):
     if not self._batch:
       return
     with stage_report.timed("tokenize"):
-      ids = self._processor.encode([doc.text for _, doc in self._batch],
-                                   num_threads=os.cpu_count() or 1)
-      token_arrays = [with_bos_eos(doc_ids) for doc_ids in ids]
+      ids = encode_all(self._processor, [doc.text for _, doc in self._batch])
+      token_arrays = [with_bos_eos(doc_ids, self._processor.bos_id(), self._processor.eos_id())
+                      for doc_ids in ids]
     by_part = {}
     for (part, doc), tokens in zip(self._batch, token_arrays):
       by_part.setdefault(part, []).append(tokens)
@@ -94,12 +95,17 @@ class TokenizeDocuments(beam.DoFn):
       logger.info("tokenized %.0f MB of text so far", self._chars_done / 1e6)
 
 
-def with_bos_eos(ids: list[int]) -> np.ndarray:
-  tokens = np.empty(len(ids) + 2, np.int32)
-  tokens[0] = tokenizer_training.BOS_ID
-  tokens[1:-1] = ids
-  tokens[-1] = tokenizer_training.EOS_ID
-  return tokens
+def encode_all(tokenizer, texts: list[str]) -> list[list[int]]:
+  if isinstance(tokenizer, spm.SentencePieceProcessor):
+    return tokenizer.encode(texts, num_threads=os.cpu_count() or 1)
+  return [tokenizer.encode(text) for text in texts]
+
+
+def with_bos_eos(ids: list[int], bos_id: int = tokenizer_training.BOS_ID,
+                 eos_id: int = tokenizer_training.EOS_ID) -> np.ndarray:
+  """[bos] + ids + [eos]; no bos when the tokenizer has none (bos_id < 0)."""
+  head = [bos_id] if bos_id >= 0 else []
+  return np.asarray(head + list(ids) + [eos_id], np.int32)
 
 
 def pack_and_write(bucket: tuple[tuple[str, int], Iterable[bytes]], output_dir: str,
@@ -122,10 +128,10 @@ class TokenizePackWrite(beam.PTransform):
   """(part, Document) pairs -> shards; returns {"stats": (part, TokenStats) per part,
   "shards": (part, shard file name, sequences) per shard}."""
 
-  def __init__(self, *, model_proto, output_dir: str, seq_len: int, vocab_size: int,
+  def __init__(self, *, tokenizer, output_dir: str, seq_len: int, vocab_size: int,
                num_shards: dict[str, int]):
     super().__init__()
-    self._model_proto = model_proto
+    self._tokenizer = tokenizer
     self._output_dir = output_dir
     self._seq_len = seq_len
     self._vocab_size = vocab_size
@@ -134,7 +140,7 @@ class TokenizePackWrite(beam.PTransform):
   def expand(self, parts_and_docs):
     tokenized = parts_and_docs | "Tokenize" >> beam.ParDo(
         TokenizeDocuments(self._num_shards, self._vocab_size),
-        self._model_proto).with_outputs(STATS, main="documents")
+        self._tokenizer).with_outputs(STATS, main="documents")
     shards = (tokenized.documents
               | "GroupIntoBuckets" >> beam.GroupByKey()
               | "PackAndWrite" >> beam.FlatMap(pack_and_write, self._output_dir, self._seq_len,

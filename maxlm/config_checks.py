@@ -96,6 +96,10 @@ def _diff(saved, current) -> str:
 COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat", "max_seq_len", "norm_eps", "rope_theta",
                        "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                        "rope_original_max_len", "moe_dispatch", "capacity_factor")
+# Of those, the ones that change the function the parameters compute: a run may change them
+# from its init_from on purpose (a longer context), and is told that it did.
+NUMERICS_FIELDS = ("norm_eps", "rope_theta", "rope_scaling_factor", "rope_low_freq_factor",
+                   "rope_high_freq_factor", "rope_original_max_len")
 # Adapters a run adds to a base that has none (see `check_same_model`).
 ADAPTER_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 
@@ -117,6 +121,19 @@ def check_same_model(source_meta: dict, meta: dict, run_dir, config: ModelConfig
   if changed:
     raise UserError(f"--init_from {run_dir} has another model shape ({', '.join(changed)}); "
                     "use the ModelConfig of that run")
+
+
+def changed_numerics(source_meta: dict, config: ModelConfig, run_dir) -> str | None:
+  """A warning line when this run computes with other NUMERICS_FIELDS than --init_from's run
+  (an imported Llama's rope_theta left at the gin default, say), else None."""
+  source = normalized_model_config(source_meta.get("model_config", {}))
+  ours = normalized_model_config(dataclasses.asdict(config))
+  changed = [f"{name}={ours[name]} (it used {source[name]})" for name in NUMERICS_FIELDS
+             if source[name] != ours[name]]
+  if not changed:
+    return None
+  return (f"warning: this run computes with {', '.join(changed)} unlike --init_from {run_dir}; "
+          "bind those ModelConfig fields to its values unless the change is meant")
 
 
 # A rule is (test, what a valid value is); a value failing it reads

@@ -42,8 +42,8 @@ from maxlm.evals import report as eval_report
 from maxlm.evals import scoring
 from maxlm import steps as train_steps
 from maxlm import tokenizer as tokenizer_lib
-from maxlm.config_checks import (UserError, build_model_config, check_compatible,
-                                 check_run_configuration, check_same_model,
+from maxlm.config_checks import (UserError, build_model_config, changed_numerics,
+                                 check_compatible, check_run_configuration, check_same_model,
                                  resolve_model_config)
 from maxlm.default_corpus import ensure_default_corpus
 from maxlm.model import ModelConfig
@@ -433,9 +433,11 @@ def _restore_or_init(checkpointer, workdir, start: Start, starting_params: Start
     trained, frozen = train_steps.split_trainable(starting_params(), start.trainable)
     if start.init_from:
       _log(f"parameters from {start.init_from}; optimizer state and step start afresh")
-      if start.config.vision and not checkpoint.config_from_meta(
-          checkpoint.read_meta(start.init_from)[1]).vision:
+      source_meta = checkpoint.read_meta(start.init_from, start.init_from_step)[1]
+      if start.config.vision and not checkpoint.config_from_meta(source_meta).vision:
         _log(f"vision tower and projector initialized fresh: {start.init_from} is text-only")
+      if warning := changed_numerics(source_meta, start.config, start.init_from):
+        _log(warning)
     return train_steps.train_state_from_params(trained, start.optimizer, start.shardings), frozen
   target = train_steps.abstract_train_state(start.abstract_state, start.optimizer,
                                             start.shardings, start.trainable)

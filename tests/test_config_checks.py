@@ -12,8 +12,8 @@ import pytest
 
 from maxlm import optim, sharding
 from maxlm import train as train_module
-from maxlm.config_checks import (RULES, UserError, build_model_config, check_run_configuration,
-                                 check_values)
+from maxlm.config_checks import (RULES, UserError, build_model_config, changed_numerics,
+                                 check_run_configuration, check_values)
 from maxlm.model import ModelConfig
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.gin"))
@@ -114,3 +114,11 @@ def test_each_bad_value_from_the_issue_exits_2_with_one_line_before_anything_is_
                             monkeypatch, capsys)
   assert (code, stderr) == (2, f"error: {message}\n")
   assert not workdir.exists()
+
+
+def test_a_run_that_computes_with_another_rope_theta_than_its_init_from_is_warned_by_name():
+  imported = {"model_config": dataclasses.asdict(ModelConfig(vocab_size=64, rope_theta=500000.0))}
+  warning = changed_numerics(imported, ModelConfig(vocab_size=64), "runs/llama")
+  assert "rope_theta=10000.0 (it used 500000.0)" in warning and "runs/llama" in warning
+  assert changed_numerics(imported, ModelConfig(vocab_size=64, rope_theta=500000.0,
+                                                dtype="bfloat16"), "runs/llama") is None

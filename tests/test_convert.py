@@ -1,6 +1,7 @@
 """maxlm.convert: tiny random transformers Llamas in, maxlm run dirs out, and back; logits
 compared against transformers' own forward pass."""
 
+import collections
 import dataclasses
 import json
 import subprocess
@@ -260,3 +261,41 @@ def test_an_imported_model_with_its_own_tokenizer_json_serves(tmp_path):
   ids = engine.encode(text)
   np.testing.assert_allclose(engine.logits_without_cache(ids),
                              hf_logits(hf_model, np.asarray([ids]))[0], atol=TOLERANCE)
+
+
+def test_an_imported_model_trains_on_text_prepared_with_its_own_tokenizer_json(tmp_path):
+  from conftest import gin_config  # pylint: disable=import-outside-toplevel
+
+  from beam_pipelines import prepare_text, records  # pylint: disable=import-outside-toplevel
+  from maxlm import train as train_module  # pylint: disable=import-outside-toplevel
+  make_hf_dir(tmp_path / "hf", "gqa_untied")
+  from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  texts = [f"the quick fox {i} jumps over the lazy dog" for i in range(200)]
+  (tmp_path / "docs").mkdir()
+  for i, text in enumerate(texts):
+    (tmp_path / "docs" / f"{i}.txt").write_text(text)
+  manifest = prepare_text.run(
+      [str(tmp_path / "docs" / "*.txt")], str(tmp_path / "data"), vocab_size=0, seq_len=64,
+      validation_fraction=0.2, tokenizer=str(tmp_path / "run"),
+      stages=prepare_text.StageFlags(normalize=False, langid=False, quality=False, pii=False,
+                                     near_dedup=False))
+  assert (manifest["tokenizer"]["file"], manifest["tokenizer"]["vocab_size"]) == (
+      "tokenizer.json", VOCAB)
+  hf_tokenizer = tokenizers.Tokenizer.from_str(TOKENIZER_JSON)
+  expected = collections.Counter(token for text in texts
+                                 for token in [1, *hf_tokenizer.encode(text).ids, 2])
+  written = collections.Counter()
+  for split in ("train", "validation"):  # packing may split a document across rows
+    for shard in manifest["splits"][split]["shards"]:
+      for row in records.read_shard(str(tmp_path / "data" / shard), 64):
+        written.update(row["tokens"][row["segment_ids"] > 0].tolist())
+  assert written == expected
+  shape = "".join(f"ModelConfig.{name} = {value}\n" for name, value in (
+      ("vocab_size", VOCAB), ("num_layers", 2), ("embed_dim", 32), ("num_heads", 4),
+      ("num_kv_heads", 2), ("head_dim", 8), ("mlp_dim", 48), ("max_seq_len", 64)))
+  mesh = "make_mesh.data = 2\nmake_mesh.fsdp = 2\nmake_mesh.tensor = 2\n"
+  with gin_config(shape + mesh + "train.global_batch_size = 8\ntrain.eval_batches = 1\n"):
+    summary = train_module.train(workdir=str(tmp_path / "tuned"),
+                                 data_dir=str(tmp_path / "data"), steps=2,
+                                 init_from=str(tmp_path / "run"), sample_prompt=None)
+  assert np.isfinite(summary["eval_loss"])
