@@ -272,6 +272,7 @@ train.eval_every = 8
 train.log_every = 1
 """
 RUN_STEPS = 12
+DPO_STEPS = 20  # a 64-token row holds ~1.5 prompt-shared pairs more than two halves did
 # The run bindings of each stage (gin lines, so a subprocess gets the very same run).
 STAGES = {
     "sft": ["train.task = @SFT()", "train.sample_prompt = None",
@@ -382,7 +383,7 @@ def dpo_run(sft_run, chat_dirs, tmp_path_factory):
   restore_params = runs.restore_params
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(runs, "restore_params", counted)
-    summary = train_stage("dpo", run, chat_dirs[1], sft_run[0])
+    summary = train_stage("dpo", run, chat_dirs[1], sft_run[0], steps=DPO_STEPS)
   return run, summary, reads.count(Path(sft_run[0]).resolve())
 
 
