@@ -11,7 +11,7 @@ On the run's engine, in process (no HTTP, so only the engine and the batching ar
     at once, each making --max_tokens tokens (`ignore_eos`); medians over --rounds rounds;
   - `vit_ratio_vs_timm`: the run's ViT forward+backward images/s over timm's
     VisionTransformer of the same shape (PyTorch, CPU), or null when timm is not importable by
-    --timm_python (default /work/benchvenv/bin/python, then this interpreter).
+    --timm_python (default this interpreter; PyTorch may live in another virtualenv).
 """
 
 import argparse
@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--slots", type=int, default=8)
   parser.add_argument("--max_tokens", type=int, default=32)
   parser.add_argument("--rounds", type=int, default=3)
-  parser.add_argument("--timm_python", default="/work/benchvenv/bin/python")
+  parser.add_argument("--timm_python", default=sys.executable)
   parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
   args = parser.parse_args(argv)
   engine = Engine.from_checkpoint(args.run_dir, slots=args.slots)
