@@ -43,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from beam_pipelines.tokenizer_training import TRAINER_OPTIONS  # noqa: E402
-from benchmarks import vllm_baseline
+from benchmarks import server_process, vllm_baseline
 
 TINY_SHAPE = dict(num_layers=4, embed_dim=192, num_heads=3, num_kv_heads=1, head_dim=64,
                   mlp_dim=512, max_seq_len=256)
@@ -186,16 +186,7 @@ class Server:
         [sys.executable, "-m", "serving.server", f"--checkpoint_dir={run_dir}",
          f"--port={port}", f"--slots={slots}", "--max_queue=256", *memory, *extra_args],
         cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-      if self.process.poll() is not None:
-        raise RuntimeError(f"the server exited: {log_file.read_text()[-3000:]}")
-      try:
-        if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-          return
-      except httpx.TransportError:
-        time.sleep(0.3)
-    raise RuntimeError("the server did not become healthy in 300 s")
+    server_process.wait_until_healthy(self.process, self.url, log_file, 300)
 
   def rss_mb(self) -> float:
     for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():

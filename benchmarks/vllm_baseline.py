@@ -10,10 +10,9 @@ has only for Python 3.11: a separate interpreter, given by `--vllm_python`.
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
+from benchmarks import server_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 600
@@ -42,18 +41,11 @@ class VllmServer:
          "--served-model-name", "vllm", "--dtype", "float32", "--port", str(port),
          "--host", "127.0.0.1", "--no-enable-log-requests", *seqs],
         cwd=hf_dir, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-      if self.process.poll() is not None:
-        raise RuntimeError(f"vLLM exited: {log_file.read_text(errors='replace')[-3000:]}")
-      try:
-        if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-          return
-      except httpx.TransportError:
-        pass
-      time.sleep(1.0)
-    self.stop()
-    raise RuntimeError(f"vLLM did not become healthy in {STARTUP_SECONDS} s; see {log_file}")
+    try:
+      server_process.wait_until_healthy(self.process, self.url, log_file, STARTUP_SECONDS, "vLLM")
+    except RuntimeError:
+      self.stop()
+      raise
 
   def rss_mb(self) -> float:
     total = 0.0
