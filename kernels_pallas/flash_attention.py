@@ -130,10 +130,10 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
   _check_shapes(q, k, v, segment_ids, bidirectional_ids, branch_ids)
   q_len, kv_len, head_dim = q.shape[1], k.shape[1], q.shape[3]
   bidirectional = bool(causal) and bidirectional_ids is not None  # without causal all keys are seen
-  branches = branch_ids is not None
+  branched = branch_ids is not None
   if bidirectional:
     segment_ids = layout.pack_ids(segment_ids, bidirectional_ids)
-  if branches:
+  if branched:
     segment_ids = layout.pack_ids(segment_ids, branch_ids)
   config = functools.partial(
       KernelConfig,
@@ -142,7 +142,7 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
       q_len=q_len,
       kv_len=kv_len,
       bidirectional=bidirectional,
-      branches=branches,
+      branches=branched,
   )
   generic_blocks = {"block_q": _block_size(block_q, q_len, "block_q"),
                     "block_k": _block_size(block_k, kv_len, "block_k")}
@@ -157,7 +157,7 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
   branches = {"tpu": generic(False), "default": generic(False, triton=True)}
   if interpret is None:
     branches["cpu"] = generic(True)
-  if not (bidirectional or branches) and gpu_backend(q, k, v, block_q=block_q,
+  if not (bidirectional or branched) and gpu_backend(q, k, v, block_q=block_q,
                                                      block_k=block_k)[0] == "mosaic_gpu":
     blocks = flash_attention_mosaic_gpu.choose_blocks(q_len, kv_len, head_dim, block_q, block_k)
     branches["cuda"] = functools.partial(

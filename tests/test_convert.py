@@ -263,6 +263,7 @@ def test_an_imported_model_with_its_own_tokenizer_json_serves(tmp_path):
                              hf_logits(hf_model, np.asarray([ids]))[0], atol=TOLERANCE)
 
 
+@pytest.mark.slow  # 33-49 s: a pipeline run, an import and two compiled training steps
 def test_an_imported_model_trains_on_text_prepared_with_its_own_tokenizer_json(tmp_path):
   from conftest import gin_config  # pylint: disable=import-outside-toplevel
 

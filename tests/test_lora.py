@@ -204,6 +204,7 @@ def _served_greedy(engine: Engine, prompt_ids: list[int], new_tokens: int) -> li
   return tokens
 
 
+@pytest.mark.slow  # 46-49 s; merging is also checked by test_merged_adapters_compute_the_unmerged_logits
 def test_a_lora_run_from_a_base_run_trains_resumes_and_serves_merged(data_dir, tmp_path,
                                                                       run_gin):
   base, run = tmp_path / "base", tmp_path / "lora"

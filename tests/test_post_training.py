@@ -428,11 +428,11 @@ def test_dpo_throughput_counts_a_rows_tokens_once_and_the_reference_forward(dpo_
     assert row["model_flops_per_s"] / row["tokens_per_s"] == pytest.approx(4 / 3 * run_per_token)
 
 
-def train_process(stage: str, workdir, data_dir, init_from) -> subprocess.Popen:
+def train_process(stage: str, workdir, data_dir, init_from, steps: int) -> subprocess.Popen:
   """`python -m maxlm.train` with the test's bindings and a checkpoint after every step."""
   bindings = [*TINY_BINDINGS.strip().splitlines(), *STAGES[stage]]
   command = [sys.executable, "-m", "maxlm.train", f"--workdir={workdir}",
-             f"--data_dir={data_dir}", f"--init_from={init_from}", f"--steps={RUN_STEPS}",
+             f"--data_dir={data_dir}", f"--init_from={init_from}", f"--steps={steps}",
              "--checkpoint_every=1", *[f"--gin_param={line}" for line in bindings]]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -453,8 +453,8 @@ def test_a_run_killed_midway_and_rerun_gives_the_uninterrupted_metrics_bitwise(
   else:
     init_from, data_dir = tmp_path / "source", chat_dirs[1]
     shutil.copytree(request.getfixturevalue("sft_run")[0], init_from)
-  run = tmp_path / "run"
-  killed = train_process(stage, run, data_dir, init_from)
+  run, steps = tmp_path / "run", DPO_STEPS if stage == "dpo" else RUN_STEPS
+  killed = train_process(stage, run, data_dir, init_from, steps)
   output = []
   for line in killed.stdout:
     output.append(line)
@@ -468,7 +468,7 @@ def test_a_run_killed_midway_and_rerun_gives_the_uninterrupted_metrics_bitwise(
                 steps=RUN_STEPS + 2)
     assert checkpoint.read_meta(init_from)[0] == RUN_STEPS + 2
     assert checkpoint.read_meta(run)[1]["init_from_step"] == RUN_STEPS
-  train_stage(stage, run, data_dir, init_from)
+  train_stage(stage, run, data_dir, init_from, steps)
   assert learned(metric_rows(run)) == learned(metric_rows(uninterrupted))
 
 
