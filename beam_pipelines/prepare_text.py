@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import dataclasses
 import logging
-import json
 import math
 import time
 from collections.abc import Iterable
@@ -267,17 +266,15 @@ def cancel(result) -> None:
     logger.warning("could not cancel the pipeline: %s", err)
 
 
-def given_tokenizer(path: str) -> dataset_manifest.TokenizerFile:
+def given_tokenizer(path: str) -> tuple[dataset_manifest.TokenizerFile, int]:
   """--tokenizer: a run, data or Hugging Face model dir (its tokenizer.model, else
-  tokenizer.json with tokenizer_config.json), or such a file."""
+  tokenizer.json with tokenizer_config.json), or such a file; and its vocabulary size."""
   file = Path(path) if Path(path).is_file() else tokenizer_lib.find(path)
   if not file.is_file():
     raise ValueError(f"--tokenizer {path} holds no {' or '.join(tokenizer_lib.TOKENIZER_FILES)}"
                      "; pass a run dir, a data dir or a Hugging Face model dir")
-  config = file.with_name(tokenizer_lib.HF_TOKENIZER_CONFIG)
-  given = dataset_manifest.TokenizerFile(
-      file.name, file.read_bytes(),
-      json.loads(config.read_text()) if file.suffix == ".json" and config.is_file() else None)
+  given = dataset_manifest.TokenizerFile(file.name, file.read_bytes(),
+                                         tokenizer_lib.sibling_config(file))
   try:
     loaded = given.load()
   except Exception as err:  # noqa: BLE001  # SentencePiece and tokenizers raise many kinds
@@ -285,7 +282,7 @@ def given_tokenizer(path: str) -> dataset_manifest.TokenizerFile:
   if loaded.eos_id() < 0:
     raise ValueError(f"--tokenizer {file} has no eos token to end documents with; name it as "
                      f"eos_token in {tokenizer_lib.HF_TOKENIZER_CONFIG} beside it")
-  return given
+  return given, loaded.vocab_size()
 
 
 def run(inputs: list[str] | list[Source], output_dir: str, *, vocab_size: int, seq_len: int,
@@ -301,9 +298,9 @@ def run(inputs: list[str] | list[Source], output_dir: str, *, vocab_size: int, s
   tokenizer unchanged instead of training one; `vocab_size` is then its own.
   """
   start = time.perf_counter()
-  given = given_tokenizer(tokenizer) if tokenizer else None
-  if given is not None:
-    vocab_size = given.load().vocab_size()
+  given = None
+  if tokenizer:
+    given, vocab_size = given_tokenizer(tokenizer)
   check_settings(vocab_size, seq_len, validation_fraction, stages, trains_tokenizer=not given)
   report_stale_staging(output_dir, remove_stale_staging)
   source_list = as_sources(inputs)

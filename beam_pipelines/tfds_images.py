@@ -73,15 +73,15 @@ def text_of(value, names: list[str] | None) -> str | None:
   return None
 
 
-def row_of(example, where: str, fields: Fields, names: dict[str, list[str] | None]) -> dict:
+def row_of(example, where: str, fields: Fields, names: list[str] | None) -> dict:
   """One TFDS example -> an image-text row; BadRow naming the flag to set when a feature is
-  missing or is not text."""
+  missing or is not text. `names`: the class names of the label feature, if it has them."""
   if not isinstance(example, dict) or fields.image_key not in example:
     have = sorted(example) if isinstance(example, dict) else type(example).__name__
     raise BadRow("malformed_row", f"{where} has no image feature {fields.image_key!r} (it has "
                  f"{have}); set --tfds_image_key")
   text_key = fields.text_key or next((k for k in TEXT_KEYS if k in example), None)
-  text = text_of(example[text_key], names.get(text_key)) if text_key in example else None
+  text = text_of(example[text_key], names) if text_key in example else None
   if not text:
     raise BadRow("malformed_row", f"{where} has no text feature {text_key or TEXT_KEYS!r} that "
                  f"is a string or a class label (it has {sorted(example)}); set --tfds_text_key")
@@ -95,7 +95,7 @@ def row_of(example, where: str, fields: Fields, names: dict[str, list[str] | Non
 def rows(unit: Unit, fields: Fields, source=None) -> Iterator[tuple[int, dict | BadRow]]:
   """(index, row or BadRow) for every example of the unit."""
   source = source if source is not None else reading.tfds_source(unit.spec)
-  names = {key: label_names(source, key) for key in (fields.text_key or "label",)}
+  names = label_names(source, fields.text_key or "label")
   for index in range(unit.start, unit.stop):
     try:
       yield index, row_of(source[index], f"{unit.spec}[{index}]", fields, names)

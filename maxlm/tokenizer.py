@@ -174,10 +174,11 @@ def load(path: str | os.PathLike) -> Tokenizer:
   """A tokenizer file: SentencePiece's .model, or tokenizer.json with the
   tokenizer_config.json beside it (if any) naming bos/eos/pad."""
   path = Path(path)
-  return from_bytes(path.name, path.read_bytes(), _sibling_config(path))
+  return from_bytes(path.name, path.read_bytes(), sibling_config(path))
 
 
-def _sibling_config(path: Path) -> dict | None:
+def sibling_config(path: Path) -> dict | None:
+  """The tokenizer_config.json beside a tokenizer.json, as a dict; None for others."""
   config = path.with_name(HF_TOKENIZER_CONFIG)
   return json.loads(config.read_text()) if path.suffix == ".json" and config.is_file() else None
 
