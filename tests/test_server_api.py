@@ -21,11 +21,13 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from conftest import run_in_thread
+from maxlm import checkpoint
+from maxlm.model import count_params
 from maxlm.sampling import TokenChoice
 from serving.engine import Step
 from serving.orchestrator import Delta, Orchestrator
 from serving.server import (DrainingServer, create_app, drain, engine_cpus, parse_args,
-                            read_api_keys)
+                            read_api_keys, served_params)
 
 MODEL = "fake"
 
@@ -242,6 +244,18 @@ def test_cpus_leaves_one_core_to_the_clients_unless_told():
   for bad in ("0", "3", "many"):
     with pytest.raises(ValueError, match="--engine_cpus"):
       engine_cpus(bad, [0, 1])
+
+
+def test_auto_gives_a_model_of_20m_parameters_or_more_every_core():
+  assert engine_cpus("auto", [0, 1], model_params=88_000_000) == [0, 1]
+  assert engine_cpus("auto", [0, 1], model_params=3_000_000) == [0]
+
+
+def test_served_params_reads_the_active_count_from_the_metadata_alone(tiny_run, tmp_path):
+  _, meta = checkpoint.read_meta(tiny_run)
+  assert served_params(str(tiny_run), None) == count_params(checkpoint.config_from_meta(meta),
+                                                            active=True) > 0
+  assert served_params(str(tmp_path), None) == 0
 
 
 def test_a_dead_engine_loop_is_a_503_and_health_says_so():
