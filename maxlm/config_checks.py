@@ -206,6 +206,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "moe_mlp_dim": _optional(POSITIVE_INT),
         "moe_dispatch": _one_of(moe.DISPATCHES),
         "capacity_factor": POSITIVE_NUMBER,
+        "renormalize_routing": BOOL,
     },
     "train": {
         "workdir": PATH,
@@ -248,6 +249,7 @@ RULES: dict[str, dict[str, Rule]] = {
                                        "a number in [0, 1)")),
         "eps": POSITIVE_NUMBER,
         "max_grad_norm": POSITIVE_NUMBER,
+        "router_learning_rate_scale": NON_NEGATIVE_NUMBER,
     },
     "make_mesh": {
         **dict.fromkeys(("data", "fsdp", "tensor", "expert"), (

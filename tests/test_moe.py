@@ -88,6 +88,26 @@ def test_routing_matches_a_numpy_top_k_reference():
                              rtol=1e-5)
 
 
+def test_routing_without_renormalization_keeps_the_softmax_probabilities():
+  logits = np.random.default_rng(8).normal(size=(50, 8)).astype(np.float32)
+  weights, experts = moe.route(jnp.asarray(logits), 2, renormalize=False)
+  probs = _np_softmax(logits.astype(np.float64))
+  want_experts = np.argsort(-probs, axis=-1)[:, :2]
+  np.testing.assert_array_equal(experts, want_experts)
+  np.testing.assert_allclose(weights, np.take_along_axis(probs, want_experts, -1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_a_top_1_router_learns_from_the_task_loss_only_without_renormalization(renormalize):
+  config = dataclasses.replace(CONFIG, experts_per_token=1, num_shared_experts=0,
+                               first_dense_layers=0, renormalize_routing=renormalize)
+  graphdef, params = nnx.split(moe.MoE(config, nnx.Rngs(0)))
+  x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 5, 32)), jnp.float32)
+  grads = jax.grad(lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(x))))(params)
+  router_grad = np.abs(np.asarray(grads["router"][...])).max()
+  assert router_grad > 1e-3 if not renormalize else router_grad < 1e-6  # p / p: rounding
+
+
 def test_load_balancing_loss_is_one_for_a_uniform_router_and_n_for_a_collapsed_one():
   uniform = jnp.zeros((64, 8))
   _, experts = moe.route(uniform, 2)

@@ -31,15 +31,20 @@ from maxlm.model import layers
 DISPATCHES = ("dropless", "capacity")
 
 
-def route(logits: jax.Array, experts_per_token: int) -> tuple[jax.Array, jax.Array]:
+def route(logits: jax.Array, experts_per_token: int,
+          renormalize: bool = True) -> tuple[jax.Array, jax.Array]:
   """Softmax top-k routing. logits: [tokens, experts] float32.
 
-  Returns (weights float32 [tokens, k] summing to 1 per token, experts int32 [tokens, k],
-  best first).
+  Returns (weights float32 [tokens, k], experts int32 [tokens, k], best first). The weights
+  are the chosen experts' probabilities, renormalized to sum to 1 per token unless
+  `renormalize` is False: top-1 needs the raw probability, or its weight is always 1 and the
+  router learns nothing from the task's loss.
   """
   probs = jax.nn.softmax(logits, axis=-1)
   top_probs, experts = jax.lax.top_k(probs, experts_per_token)
-  return top_probs / jnp.sum(top_probs, axis=-1, keepdims=True), experts.astype(jnp.int32)
+  if renormalize:
+    top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
+  return top_probs, experts.astype(jnp.int32)
 
 
 def expert_fractions(experts: jax.Array, num_experts: int) -> jax.Array:
@@ -202,7 +207,7 @@ class MoE(nnx.Module):
     c = self.config
     tokens = x.reshape(-1, x.shape[-1])
     logits = layers.dense(tokens.astype(jnp.float32), self.router[...])
-    weights, experts = route(logits, c.experts_per_token)
+    weights, experts = route(logits, c.experts_per_token, c.renormalize_routing)
     gate, up, down = (kernel[...].astype(x.dtype) for kernel in (self.gate, self.up, self.down))
     factor = c.capacity_factor if c.moe_dispatch == "capacity" else None
     token_axes = _expert_token_axes(tokens.shape, c.num_experts)

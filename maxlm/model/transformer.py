@@ -66,6 +66,7 @@ class ModelConfig:
   first_dense_layers: int = 0   # leading layers that keep a dense MLP
   moe_dispatch: str = "dropless"  # "dropless" (grouped matmul) or "capacity" (drops overflow)
   capacity_factor: float = 1.25   # "capacity": an expert takes this times an even share
+  renormalize_routing: bool = True  # chosen experts' weights sum to 1; False: raw softmax
 
   def __post_init__(self):
     if isinstance(self.vision, dict):  # as a checkpoint's JSON holds it
