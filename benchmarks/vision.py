@@ -8,7 +8,8 @@ On the run's engine, in process (no HTTP, so only the engine and the batching ar
     `text_prefill_ms`, the text prefill of a prompt as long;
   - `text_only_slowdown`: 1 - (a text request's tokens/s while half the slots decode image
     requests) / (its tokens/s while every slot decodes text): the same load, --slots requests
-    at once, each making --max_tokens tokens (`ignore_eos`); medians over --rounds rounds;
+    at once, each making --max_tokens tokens (`ignore_eos`); medians over --rounds rounds,
+    after one untimed round of each;
   - `vit_ratio_vs_timm`: the run's ViT forward+backward images/s over timm's
     VisionTransformer of the same shape and the same FLOPs per image (PyTorch, CPU), or null
     when timm is not importable by --timm_python (default this interpreter; PyTorch may live in
@@ -205,6 +206,8 @@ def main(argv=None) -> dict:
   engine.warmup()
   image_ms, text_ms = prefill_times(engine)
   orchestrator = Orchestrator(engine).start()
+  for with_images in (False, True):  # untimed: the first round compiles what warmup does not
+    text_tokens_per_s(orchestrator, engine, args.slots, args.max_tokens, with_images)
   alone, beside = [], []
   for _ in range(args.rounds):
     alone.append(text_tokens_per_s(orchestrator, engine, args.slots, args.max_tokens, False))
