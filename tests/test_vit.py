@@ -414,6 +414,7 @@ def test_a_vision_run_killed_midway_and_rerun_gives_the_uninterrupted_metrics_bi
   assert computed_rows(run) == want
 
 
+@pytest.mark.slow  # 13-26 s on 2 shared cores: two 8-device state inits and a restore
 def test_a_vision_checkpoint_restores_onto_other_meshes_with_identical_parameters(tmp_path):
   def shardings_on(mesh_shape):
     mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:math.prod(mesh_shape)])
