@@ -8,10 +8,14 @@ On the run's engine, in process (no HTTP, so only the engine and the batching ar
     `text_prefill_ms`, the text prefill of a prompt as long;
   - `text_only_slowdown`: 1 - (a text request's tokens/s while half the slots decode image
     requests) / (its tokens/s while every slot decodes text): the same load, --slots requests
-    at once, each making --max_tokens tokens (`ignore_eos`); medians over --rounds rounds;
+    at once, each making --max_tokens tokens (`ignore_eos`); medians over --rounds rounds,
+    after one untimed round of each;
   - `vit_ratio_vs_timm`: the run's ViT forward+backward images/s over timm's
-    VisionTransformer of the same shape (PyTorch, CPU), or null when timm is not importable by
-    --timm_python (default this interpreter; PyTorch may live in another virtualenv).
+    VisionTransformer of the same shape and the same FLOPs per image (PyTorch, CPU), or null
+    when timm is not importable by --timm_python (default this interpreter; PyTorch may live in
+    another virtualenv). Our SwiGLU MLP has three matrices where timm's GELU MLP has two, so
+    timm's MLP is widened (`timm_mlp_dim`) until its matmul FLOPs per image equal ours
+    (`vit_flops_per_image`, printed for both): the ratio is images/s at equal FLOPs.
 """
 
 import argparse
@@ -43,7 +47,7 @@ torch.set_num_threads(int(sys.argv[4]))
 model = timm.models.vision_transformer.VisionTransformer(
     img_size=shape["image_size"], patch_size=shape["patch_size"], embed_dim=shape["embed_dim"],
     depth=shape["num_layers"], num_heads=shape["num_heads"],
-    mlp_ratio=shape["mlp_dim"] / shape["embed_dim"], num_classes=0, global_pool="",
+    mlp_ratio=(shape["mlp_dim"] + 0.5) / shape["embed_dim"], num_classes=0, global_pool="",
     class_token=False)
 images = torch.rand(batch, 3, shape["image_size"], shape["image_size"])
 def step():
@@ -137,13 +141,45 @@ def vit_images_per_s(engine: Engine, seconds: float = 3.0) -> float:
   return count * VIT_BATCH / (time.perf_counter() - start)
 
 
+def vit_flops_per_image(config: vit.VisionConfig) -> int:
+  """Our ViT's forward matmul FLOPs per image: patch embedding, then per block the q/k/v/o
+  projections, the scores and their weighted sum, and SwiGLU's three matrices."""
+  c, tokens = config, config.num_patches
+  projections = 2 * tokens * c.embed_dim * 2 * (c.num_heads + c.num_kv_heads) * c.head_dim
+  attention = 2 * 2 * tokens * tokens * c.num_heads * c.head_dim
+  mlp = 2 * tokens * 3 * c.embed_dim * c.mlp_dim
+  return _patch_embedding_flops(c) + c.num_layers * (projections + attention + mlp)
+
+
+def _patch_embedding_flops(c: vit.VisionConfig) -> int:
+  return 2 * c.num_patches * c.patch_size * c.patch_size * 3 * c.embed_dim
+
+
+def timm_flops_per_image(config: vit.VisionConfig, mlp_dim: int) -> int:
+  """timm's ViT's forward matmul FLOPs per image: heads of embed_dim / num_heads, a
+  two-matrix MLP of width `mlp_dim`."""
+  c, tokens = config, config.num_patches
+  per_block = (2 * tokens * c.embed_dim * 4 * c.embed_dim + 2 * 2 * tokens * tokens * c.embed_dim
+               + 2 * tokens * 2 * c.embed_dim * mlp_dim)
+  return _patch_embedding_flops(c) + c.num_layers * per_block
+
+
+def timm_mlp_dim(config: vit.VisionConfig) -> int:
+  """The width of timm's MLP that gives it our FLOPs per image."""
+  without_mlp = timm_flops_per_image(config, 0)
+  per_unit = timm_flops_per_image(config, 1) - without_mlp
+  return round((vit_flops_per_image(config) - without_mlp) / per_unit)
+
+
 def timm_images_per_s(config: vit.VisionConfig, python: str, seconds: float = 3.0
                       ) -> float | None:
-  """timm's ViT of the same shape (LayerNorm and a GELU MLP where ours has RMSNorm and SwiGLU),
-  forward+backward images/s on the CPU, or None when timm is not importable there."""
+  """timm's ViT of the same shape and FLOPs (LayerNorm and a wider GELU MLP where ours has
+  RMSNorm and SwiGLU), forward+backward images/s on the CPU, or None when timm is not
+  importable there."""
   import os
   shape = {name: getattr(config, name) for name in
-           ("image_size", "patch_size", "embed_dim", "num_layers", "num_heads", "mlp_dim")}
+           ("image_size", "patch_size", "embed_dim", "num_layers", "num_heads")}
+  shape["mlp_dim"] = timm_mlp_dim(config)
   threads = str(len(os.sched_getaffinity(0)))
   result = subprocess.run([python, "-c", TIMM_SCRIPT, json.dumps(shape), str(VIT_BATCH),
                            str(seconds), threads], check=False, capture_output=True, text=True)
@@ -170,6 +206,8 @@ def main(argv=None) -> dict:
   engine.warmup()
   image_ms, text_ms = prefill_times(engine)
   orchestrator = Orchestrator(engine).start()
+  for with_images in (False, True):  # untimed: the first round compiles what warmup does not
+    text_tokens_per_s(orchestrator, engine, args.slots, args.max_tokens, with_images)
   alone, beside = [], []
   for _ in range(args.rounds):
     alone.append(text_tokens_per_s(orchestrator, engine, args.slots, args.max_tokens, False))
@@ -187,6 +225,10 @@ def main(argv=None) -> dict:
       "vit_images_per_s": round(ours, 1),
       "timm_images_per_s": theirs and round(theirs, 1),
       "vit_ratio_vs_timm": theirs and round(ours / theirs, 3),
+      "vit_flops_per_image": vit_flops_per_image(engine.config.vision),
+      "timm_flops_per_image": timm_flops_per_image(engine.config.vision,
+                                                   timm_mlp_dim(engine.config.vision)),
+      "timm_mlp_dim": timm_mlp_dim(engine.config.vision),
       "rounds": {"alone": [round(r, 1) for r in alone], "beside": [round(r, 1) for r in beside]}}
   print("| measure | value |\n|---|---|")
   for name, value in result.items():

@@ -6,11 +6,15 @@ import contextlib
 import functools
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
 import gin
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +26,7 @@ from beam_pipelines import prepare_text
 from beam_pipelines.chat_template import IMAGE_TOKEN, expand_image_placeholders
 from beam_pipelines.records import (MANIFEST_NAME, RECORD_FORMAT, encode_record, field,
                                     manifest_fields)
-from maxlm import optim, runs, sharding, steps
+from maxlm import checkpoint, optim, runs, sharding, steps
 from maxlm import train as train_module
 from maxlm.model import ModelConfig, Transformer, layers, multimodal
 from maxlm.model.vit import Projector, VisionConfig, VisionEncoder
@@ -320,14 +324,22 @@ def whole_params(run_dir, config) -> dict:
       abstract)))
 
 
-def test_projector_stage_from_a_text_run_trains_the_projector_alone(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def text_run_and_images(tmp_path_factory) -> tuple[Path, str]:
+  """(a one-step text run, an image data dir with its tokenizer)."""
   stdlib = Path(sysconfig.get_paths()["stdlib"])
-  text_dir, text_run = tmp_path / "text", tmp_path / "text_run"
+  text_dir, text_run = tmp_path_factory.mktemp("text"), tmp_path_factory.mktemp("text_run")
   prepare_text.run([str(stdlib / name) for name in ("textwrap.py", "string.py", "heapq.py")],
                    str(text_dir), vocab_size=400, seq_len=64, validation_fraction=0.2)
   with gin_bindings():
     train_module.train(workdir=str(text_run), data_dir=str(text_dir), steps=1)
-  image_dir = write_image_dir(tmp_path / "images", text_dir, rows=32)
+  return text_run, write_image_dir(tmp_path_factory.mktemp("images") / "images", text_dir,
+                                   rows=32)
+
+
+def test_projector_stage_from_a_text_run_trains_the_projector_alone(text_run_and_images,
+                                                                    tmp_path, capsys):
+  text_run, image_dir = text_run_and_images
   vision_run = tmp_path / "vision_run"
   with gin_bindings(PROJECTOR_STAGE):
     train_module.train(workdir=str(vision_run), data_dir=image_dir, steps=4,
@@ -347,3 +359,89 @@ def test_projector_stage_from_a_text_run_trains_the_projector_alone(tmp_path, ca
       np.testing.assert_array_equal(value, functools.reduce(dict.__getitem__, keys, start))
     else:  # the text run's LM, untouched
       np.testing.assert_array_equal(value, functools.reduce(dict.__getitem__, keys, text))
+
+
+# --- resume and reshard hold for vision runs as for text ----------------------------------------
+
+# Joint SFT: the ViT, the projector and the LM all train, so every vision parameter and its
+# optimizer state must come back from the checkpoint exactly.
+VISION_SFT_STAGE = PROJECTOR_STAGE.replace('train.trainable = "projector/.*"',
+                                           "train.trainable = None")
+SFT_STEPS = 8
+
+
+def vision_train_process(workdir, data_dir, init_from) -> subprocess.Popen:
+  """`python -m maxlm.train` with the in-process run's bindings, a checkpoint every step."""
+  bindings = [line for line in (TINY_BINDINGS + VISION_SFT_STAGE).strip().splitlines() if line]
+  command = [sys.executable, "-m", "maxlm.train", f"--workdir={workdir}",
+             f"--data_dir={data_dir}", f"--init_from={init_from}", f"--steps={SFT_STEPS}",
+             "--checkpoint_every=1", *[f"--gin_param={line}" for line in bindings]]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env, cwd=Path(__file__).parent.parent)
+
+
+def computed_rows(run_dir) -> list[dict]:
+  """What a run computed per step (losses, norms, eval scalars), without its timings."""
+  rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+  kept = ("step", "loss", "grad_norm", "learning_rate")
+  return [{k: v for k, v in row.items() if k in kept or k.startswith("eval_")} for row in rows]
+
+
+@pytest.mark.slow  # two 8-step vision runs and a subprocess's compiles: ~40 s on 2 cores
+def test_a_vision_run_killed_midway_and_rerun_gives_the_uninterrupted_metrics_bitwise(
+    text_run_and_images, tmp_path):
+  text_run, image_dir = text_run_and_images
+  uninterrupted, run = tmp_path / "uninterrupted", tmp_path / "run"
+  with gin_bindings(VISION_SFT_STAGE):
+    train_module.train(workdir=str(uninterrupted), data_dir=image_dir, steps=SFT_STEPS,
+                       init_from=str(text_run))
+  killed = vision_train_process(run, image_dir, text_run)
+  output = []
+  for line in killed.stdout:  # each step's line is flushed as the step ends
+    output.append(line)
+    if line.startswith("step 5/"):
+      break
+  killed.kill()
+  killed.wait()
+  assert any(line.startswith("step 5/") for line in output), "".join(output)
+  with gin_bindings(VISION_SFT_STAGE):
+    train_module.train(workdir=str(run), data_dir=image_dir, steps=SFT_STEPS,
+                       init_from=str(text_run))
+  want = computed_rows(uninterrupted)
+  assert [row["step"] for row in want] == list(range(1, SFT_STEPS + 1))
+  assert "eval_loss" in want[3]
+  assert computed_rows(run) == want
+
+
+@pytest.mark.slow  # 13-26 s on 2 shared cores: two 8-device state inits and a restore
+def test_a_vision_checkpoint_restores_onto_other_meshes_with_identical_parameters(tmp_path):
+  def shardings_on(mesh_shape):
+    mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:math.prod(mesh_shape)])
+    optimizer = optim.make_optimizer(optim.learning_rate_schedule(10))
+    _, abstract_state = steps.abstract_model(CONFIG)
+    return optimizer, abstract_state, steps.state_shardings(abstract_state, optimizer, mesh)
+
+  optimizer, _, saved_shardings = shardings_on((1, 8, 1))
+  state = steps.init_train_state(CONFIG, optimizer, saved_shardings, seed=3)
+  state = steps.TrainState(step=state.step + 5, params=state.params,
+                           opt_state=jax.tree.map(lambda x: x + 1, state.opt_state))
+  dataset = grain.MapDataset.range(10).to_iter_dataset()
+  saver = checkpoint.Checkpointer(tmp_path, save_every=1)
+  saver.save(5, state, grain.checkpoint.CheckpointSave(iter(dataset)),
+             checkpoint.model_meta(CONFIG))
+  saver.wait()
+  saver.close()
+  assert any(path[0].key == "vision" for path, _ in
+             jax.tree_util.tree_leaves_with_path(state.params))
+  for mesh_shape in [(2, 2, 2)]:  # fsdp 8 -> data, fsdp and tensor 2 each
+    optimizer, abstract_state, target_shardings = shardings_on(mesh_shape)
+    target = steps.abstract_train_state(abstract_state, optimizer, target_shardings)
+    loader = checkpoint.Checkpointer(tmp_path, save_every=1)
+    restored, meta = loader.restore(5, target, grain.checkpoint.CheckpointRestore(iter(dataset)))
+    loader.close()
+    assert checkpoint.config_from_meta(meta) == CONFIG
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for got, want in zip(jax.tree.leaves(restored.params), jax.tree.leaves(target.params)):
+      assert got.sharding == want.sharding

@@ -1,0 +1,27 @@
+"""benchmarks/vision.py's FLOP accounting: timm's ViT is widened to our FLOPs per image."""
+
+import jax
+import numpy as np
+from flax import nnx
+
+from benchmarks import vision
+from maxlm.model.vit import VisionConfig, VisionEncoder
+
+CONFIG = VisionConfig(image_size=16, patch_size=4, num_layers=2, embed_dim=32, num_heads=4,
+                      num_kv_heads=2, head_dim=8, mlp_dim=48)
+
+
+def test_our_flops_per_image_are_two_per_weight_per_patch_plus_the_attention_products():
+  params = nnx.to_pure_dict(nnx.state(VisionEncoder(CONFIG, rngs=nnx.Rngs(0))))
+  weights = sum(np.size(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                if np.ndim(leaf) >= 2 and path[-1].key != "position_embedding")
+  tokens, c = CONFIG.num_patches, CONFIG
+  scores_and_sums = c.num_layers * 2 * 2 * tokens * tokens * c.num_heads * c.head_dim
+  assert vision.vit_flops_per_image(CONFIG) == 2 * tokens * weights + scores_and_sums
+
+
+def test_timms_mlp_is_widened_by_half_when_its_heads_have_our_width():
+  config = VisionConfig(image_size=32, patch_size=8, num_layers=4, embed_dim=128, num_heads=4,
+                        num_kv_heads=4, head_dim=32, mlp_dim=384)
+  assert vision.timm_mlp_dim(config) == 576  # SwiGLU's 3 x 384 columns = GELU's 2 x 576
+  assert vision.timm_flops_per_image(config, 576) == vision.vit_flops_per_image(config)
