@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maxlm import quantization
 from maxlm.model import ModelConfig, paged_kv
 from maxlm.sampling import Prefix, TokenChoice, choose, seed_key
 
@@ -84,7 +83,7 @@ def prefill_fn(graphdef, params, state: PagedState, chunk, start, length, block_
 
   The padding writes past the chunk's real positions, into the slot's own blocks (which the
   next chunk or decode step overwrites before any query reads them) or the trash block."""
-  model = nnx.merge(graphdef, quantization.dequantize(params))
+  model = nnx.merge(graphdef, params)
   positions = start + jnp.arange(chunk.shape[1], dtype=jnp.int32)[None]
   cache = paged_kv.with_tables(state.pools, block_table)
   last = jnp.reshape(length - 1, (1,))
@@ -106,7 +105,7 @@ def step_fn(graphdef, params, state: PagedState, rows, block_table
             ) -> tuple[PagedState, TokenChoice]:
   """Advances the slots `rows` [batch] by one token, reading through block_table
   [batch, width]. The choice comes back indexed by slot ([slots + 1] rows; others zero)."""
-  model = nnx.merge(graphdef, quantization.dequantize(params))
+  model = nnx.merge(graphdef, params)
   last_position = block_table.shape[1] * state.pools[0]["k"].shape[2] - 1
   positions = jnp.minimum(state.positions[rows], last_position)
   cache = paged_kv.with_tables(state.pools, block_table)

@@ -401,5 +401,5 @@ class Engine:
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _full_forward_logits(graphdef, params, tokens):
   """tokens: [batch, seq] -> logits [batch, seq, vocab], causal attention, no cache."""
-  logits, _ = nnx.merge(graphdef, quantization.dequantize(params))(tokens)
+  logits, _ = nnx.merge(graphdef, params)(tokens)
   return logits

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from maxlm import quantization, sampling, steps
+from maxlm import sampling, steps
 from serving.detokenize import TextStream
 from serving.engine import Engine, SamplingSettings, Step, device_settings
 from serving.metrics import ServerMetrics
@@ -94,7 +94,7 @@ def score_pack_fn(graphdef, params, tokens, positions, segment_ids, last, seeds,
                   top_p, top_k, *, top: int) -> tuple[PackedScores, sampling.TokenChoice]:
   """One forward over a packed row: every position's next-token scores and, for each prompt
   (rows of `last`), its first new token as `sampling.scored_prefill_fn` chooses it."""
-  model = nnx.merge(graphdef, quantization.dequantize(params))
+  model = nnx.merge(graphdef, params)
   x, _ = model.decode(model.embed(tokens), positions, segment_ids)
   logits = model.logits(x)
   scores = next_token_scores(logits[0, :-1], tokens[0, 1:], top)

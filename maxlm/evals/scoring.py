@@ -12,7 +12,7 @@ import numpy as np
 import sentencepiece as spm
 from flax import nnx
 
-from maxlm import quantization, sampling
+from maxlm import sampling
 from maxlm.errors import UserError
 from maxlm.model import init_kv_cache
 
@@ -38,7 +38,7 @@ def token_scores(graphdef, params, tokens: jax.Array) -> tuple[jax.Array, jax.Ar
   Attention runs over a KV cache, as the server's prefill runs it, so these agree with the
   server's `echo` log-probabilities (lm-eval's) to float32 rounding of the same computation.
   """
-  model = nnx.merge(graphdef, quantization.dequantize(params))
+  model = nnx.merge(graphdef, params)
   cache = init_kv_cache(model.config, tokens.shape[0], tokens.shape[1])
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
   logits, _ = model(tokens, positions, cache=cache)
