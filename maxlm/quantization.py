@@ -83,8 +83,8 @@ def nbytes(params) -> int:
   return sum(leaf.nbytes for leaf in jax.tree.leaves(params))
 
 
-def _per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """x: [tokens, features] -> (int8 values, float32 scale [tokens, 1]), symmetric per row."""
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """x: [..., features] -> (int8 values, float32 scale [..., 1]), symmetric per row."""
   x = x.astype(jnp.float32)
   scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
   scale = jnp.where(scale > 0, scale, 1.0)
@@ -94,7 +94,7 @@ def _per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _int8_matmul(x: jax.Array, values: jax.Array, contract_rhs: int) -> jax.Array:
   """x: [tokens, k] float times int8 values [k, n] (contract_rhs=0) or [n, k] (1): float32
   [tokens, n] before the weight's scale."""
-  x_int8, x_scale = _per_token(x)
+  x_int8, x_scale = quantize_rows(x)
   product = jax.lax.dot_general(x_int8, values, (((1,), (contract_rhs,)), ((), ())),
                                 preferred_element_type=jnp.int32)
   return product.astype(jnp.float32) * x_scale

@@ -7,14 +7,17 @@ import textwrap
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_paged_kv import numpy_attention, numpy_int8_rows
+from test_serving import PROMPT, random_run
 
 from maxlm import quantization
+from maxlm.model import kv_cache
 from serving.engine import Engine, SamplingSettings
 from serving.orchestrator import Orchestrator
 from serving.scoring import Scorer, device_settings, pack
-from test_serving import PROMPT, random_run
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +173,19 @@ def test_int8_engine_stays_near_float_and_its_paged_decode_equals_its_full_recom
       prompt_ids, max_tokens=8, settings=SamplingSettings(temperature=0.0))]
   orchestrator.shutdown(grace_s=10)
   assert greedy == int8.greedy_decode_without_cache(prompt_ids, 8)
+
+
+def test_an_int8_dense_cache_rounds_keys_and_values_as_the_paged_pool_does():
+  """The eval harness' `--kv_cache_dtype=int8` scores through this cache."""
+  rng = np.random.default_rng(3)
+  batch, seq, kv_heads, heads, head_dim = 2, 7, 2, 4, 8
+  keys, values = (rng.normal(size=(batch, seq, kv_heads, head_dim)) for _ in range(2))
+  cache = kv_cache.empty(1, batch, seq, kv_heads, head_dim, jnp.int8)[0]
+  positions = np.broadcast_to(np.arange(seq), (batch, seq))
+  cache = kv_cache.write(cache, *(jnp.asarray(a, jnp.float32) for a in (keys, values)),
+                         jnp.asarray(positions))
+  assert cache["k"].dtype == jnp.int8 and cache["v_scale"].shape == (batch, kv_heads, seq)
+  q = rng.normal(size=(batch, seq, heads, head_dim))
+  out = kv_cache.attend(cache, jnp.asarray(q, jnp.float32), jnp.asarray(positions))
+  expected = numpy_attention(q, numpy_int8_rows(keys), numpy_int8_rows(values), positions)
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-5)

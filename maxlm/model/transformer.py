@@ -120,9 +120,10 @@ class ModelConfig:
     return bool(self.num_experts) and after >= 0 and (after + 1) % self.moe_every == 0
 
 
-def init_kv_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
+def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+  """`dtype`: the cache's (int8 keeps a scale per token and head); None: the compute dtype."""
   return kv_cache.empty(config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim,
-                        jnp.dtype(config.dtype))
+                        jnp.dtype(dtype or config.dtype))
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
