@@ -2,14 +2,18 @@
 process (`maxlm.evals`), and Hugging Face transformers scoring the same items in process.
 
   python benchmarks/evaluate.py --checkpoint_dir=runs/tiny [--items=64] [--batch=8] [--json]
+      [--engine_cpus=all]
 
 The items are contexts and four continuations cut from lines of the stdlib's `textwrap`
 source. Each side scores the same token ids (tokenizing is left out of every timing): the
 server gets lm-eval's `local-completions` request (echo, logprobs=1, max_tokens=1, `--batch`
-token-id prompts per request) from one client; in process, `maxlm.evals.scoring.score`
-batches `--batch` sequences per forward pass; transformers runs `LlamaForCausalLM` with the
-same weights (benchmarks/hf_llama.py) on right-padded batches of `--batch`. Each figure is the
-best of `--rounds` passes after a warm-up pass; the log-likelihoods are checked to agree.
+token-id prompts per request) from one client, which the server packs into one forward
+(`serving.scoring`); the server runs with `--engine_cpus=all`, as the other two use every core
+(a scoring request's HTTP work is small beside its forward); in process,
+`maxlm.evals.scoring.score` batches `--batch` sequences per forward pass; transformers runs
+`LlamaForCausalLM` with the same weights (benchmarks/hf_llama.py) on right-padded batches of
+`--batch`. Each figure is the best of `--rounds` passes after a warm-up pass; the
+log-likelihoods are checked to agree.
 `ratio_vs_hf` is server items/s over transformers'; `http_overhead` is in-process items/s over
 the server's. Without torch and transformers (`pip install -e .[bench]`) the hf fields are null.
 """
@@ -120,10 +124,10 @@ def with_transformers(engine: Engine, pairs, batch: int):
   return run
 
 
-def start_server(checkpoint_dir: str, port: int) -> subprocess.Popen:
+def start_server(checkpoint_dir: str, port: int, engine_cpus: str) -> subprocess.Popen:
   process = subprocess.Popen([sys.executable, "-m", "serving.server",
                               f"--checkpoint_dir={checkpoint_dir}", f"--port={port}",
-                              "--model_name=bench"], cwd=Path(__file__).resolve().parents[1],
+                              "--model_name=bench", f"--engine_cpus={engine_cpus}"], cwd=Path(__file__).resolve().parents[1],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.monotonic() + 300
   while time.monotonic() < deadline:
@@ -144,13 +148,14 @@ def main(argv=None) -> dict:
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--port", type=int, default=8765)
   parser.add_argument("--json", action="store_true")
+  parser.add_argument("--engine_cpus", default="all", help="serving.server's --engine_cpus")
   args = parser.parse_args(argv)
   engine = Engine.from_checkpoint(args.checkpoint_dir, slots=1)
   pairs = encoded(engine, make_items(args.items))
   local_s, local = best_seconds(in_process(engine, pairs, args.batch), args.rounds)
   hf_run = with_transformers(engine, pairs, args.batch)
   hf_s, hf = best_seconds(hf_run, args.rounds) if hf_run else (None, None)
-  server = start_server(args.checkpoint_dir, args.port)
+  server = start_server(args.checkpoint_dir, args.port, args.engine_cpus)
   try:
     server_s, served = best_seconds(
         through_server(f"http://127.0.0.1:{args.port}", pairs, args.batch), args.rounds)
@@ -160,6 +165,7 @@ def main(argv=None) -> dict:
   agree = float(np.max(np.abs(np.array(served) - np.array(local))))
   per_s = lambda seconds: args.items / seconds if seconds else None  # noqa: E731
   result = {"items": args.items, "choices_per_item": CHOICES, "batch": args.batch,
+            "engine_cpus": args.engine_cpus,
             "server_items_per_s": per_s(server_s), "in_process_items_per_s": per_s(local_s),
             "hf_items_per_s": per_s(hf_s),
             "ratio_vs_hf": per_s(server_s) / per_s(hf_s) if hf_s else None,

@@ -1,79 +1,119 @@
-"""What `--quantize=int8` costs in held-out perplexity, and what it saves in weight memory.
+"""What int8 weights and the int8 KV cache cost, from the eval harness: Δ bits per byte on
+held-out text and Δ multiple-choice accuracy against float32, with the issue's gates, and the
+weight and KV-cache memory.
 
-  python benchmarks/quantization.py --checkpoint_dir=runs/tiny [--data_dir=DIR] [--json]
+  python benchmarks/quantization.py --checkpoint_dir=runs/tiny [--files=12] [--items=200]
+      [--json]
 
-Loads the run's latest checkpoint as the server does, float32 and int8, and computes the
-mean next-token loss over the validation split of the data it was trained on (default: the
-default corpus that `python -m maxlm.train` builds), both in the same run.
+Runs `maxlm.evaluate` once per option on the run's latest checkpoint: float32, int8 weights
+(`--quantize=int8`), int8 weights and KV cache (`--kv_cache_dtype=int8` on top). The held-out
+text is `--files` of the stdlib's idlelib sources, which the default corpus leaves out of
+training; it is scored through the KV cache, so every attention read sees the cache's rounding.
+The multiple-choice items are `--items` contexts cut from the stdlib's `textwrap` with four
+continuations, the first the true one. Exits 1 when an option's bits per byte exceed
+float32's by more than its gate (1% for int8 weights, 2% with the int8 KV cache).
+For an absolute floor on a quantized export,
+`python -m maxlm.evaluate --quantize=int8 --tasks=choice:ITEMS.jsonl --fail_below=choice:acc=X`.
 """
 
 import argparse
-import functools
 import json
-import math
 import sys
+import sysconfig
+import tempfile
 from pathlib import Path
-
-import jax
-import numpy as np
-from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maxlm import quantization, tasks  # noqa: E402
-from maxlm.evals import heldout  # noqa: E402
+from benchmarks.evaluate import make_items  # noqa: E402
+from maxlm import evaluate, quantization  # noqa: E402
+from maxlm.model import paged_kv  # noqa: E402
 from serving.engine import Engine  # noqa: E402
 
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _nll(graphdef, params, batch):
-  _, metrics = tasks.next_token_loss(nnx.merge(graphdef, quantization.dequantize(params)), batch)
-  return metrics["nll_sum"], metrics["target_tokens"]
+# (name, --quantize, --kv_cache_dtype, the gate on Δ bits per byte or None for the baseline)
+OPTIONS = (("float32", "none", "auto", None), ("int8", "int8", "auto", 0.01),
+           ("int8+kv8", "int8", "int8", 0.02))
 
 
-def held_out_loss(engine: Engine, data_dir: str, batch_size: int, max_batches: int) -> float:
-  def step(batch):
-    nll, tokens = _nll(engine.graphdef, engine.params,
-                       {name: np.asarray(array) for name, array in batch.items()})
-    return {"nll": nll, "tokens": tokens}
-  sums = heldout.split_sums(data_dir, step, batch_size, max_batches)
-  return sums.get("nll", 0.0) / max(sums.get("tokens", 0.0), 1.0)
+def write_choice_items(path: Path, count: int):
+  with path.open("w") as out:
+    for context, choices in make_items(count):
+      out.write(json.dumps({"context": context, "choices": [" " + c for c in choices],
+                            "gold": 0}) + "\n")
+
+
+def heldout_files(count: int) -> list[str]:
+  """Held-out Python: idlelib, which `maxlm.default_corpus` skips."""
+  files = sorted(Path(sysconfig.get_paths()["stdlib"], "idlelib").glob("*.py"))
+  return [str(path) for path in files[:count]]
+
+
+def harness_results(checkpoint_dir: str, quantize: str, kv_cache_dtype: str, texts: Path,
+                    items: Path) -> dict:
+  args = evaluate.parse_args([f"--checkpoint_dir={checkpoint_dir}", f"--quantize={quantize}",
+                              f"--kv_cache_dtype={kv_cache_dtype}",
+                              f"--tasks=heldout=perplexity:{texts}/*.py",
+                              f"--tasks=choice=choice:{items}"])
+  output, _ = evaluate.evaluate(args)
+  return output["results"]
+
+
+def memory_mb(checkpoint_dir: str, quantize: str, kv_cache_dtype: str) -> tuple[float, float]:
+  """(weight MiB, KV-cache KiB per token) of the server's engine with these options."""
+  engine = Engine.from_checkpoint(checkpoint_dir, slots=1, quantize=quantize,
+                                  kv_cache_dtype=kv_cache_dtype)
+  c = engine.config
+  kv = paged_kv.block_bytes(c.num_layers, 1, c.num_kv_heads, c.head_dim, engine.kv_cache_dtype)
+  return quantization.nbytes(engine.params) / 2**20, kv / 2**10
+
+
+def table(rows: dict) -> str:
+  base = rows["float32"]
+  header = (f"{'option':<10}{'bits/byte':>11}{'Δ bpb':>9}{'gate':>7}{'acc':>8}{'Δ acc':>8}"
+            f"{'weights MiB':>13}{'KV KiB/token':>14}")
+  lines = [header]
+  for name, row in rows.items():
+    gate = "" if row["gate"] is None else f"{100 * row['gate']:.0f}%"
+    lines.append(f"{name:<10}{row['bits_per_byte']:>11.4f}{100 * row['bpb_increase']:>8.2f}%"
+                 f"{gate:>7}{row['acc']:>8.3f}{row['acc'] - base['acc']:>+8.3f}"
+                 f"{row['weight_mib']:>13.3f}{row['kv_kib_per_token']:>14.3f}")
+  return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--checkpoint_dir", required=True)
-  parser.add_argument("--data_dir", default=None,
-                      help="the run's training data; default: the default corpus")
-  parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--max_batches", type=int, default=100)
+  parser.add_argument("--files", type=int, default=12, help="held-out idlelib files")
+  parser.add_argument("--items", type=int, default=200)
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
-  data_dir = args.data_dir
-  if data_dir is None:
-    from maxlm import default_corpus
-    data_dir = default_corpus.ensure_default_corpus()
 
   rows = {}
-  for mode in ("none", "int8"):
-    engine = Engine.from_checkpoint(args.checkpoint_dir, slots=1, quantize=mode)
-    loss = held_out_loss(engine, data_dir, args.batch_size, args.max_batches)
-    rows[mode] = {"loss": loss, "perplexity": math.exp(loss),
-                  "weight_mb": quantization.nbytes(engine.params) / 2**20}
-  result = {
-      "float32_loss": rows["none"]["loss"], "int8_loss": rows["int8"]["loss"],
-      "float32_perplexity": rows["none"]["perplexity"],
-      "int8_perplexity": rows["int8"]["perplexity"],
-      "perplexity_increase": rows["int8"]["perplexity"] / rows["none"]["perplexity"] - 1,
-      "float32_weight_mb": rows["none"]["weight_mb"], "int8_weight_mb": rows["int8"]["weight_mb"],
-  }
-  print(f"\n{'weights':<10}{'held-out loss':>15}{'perplexity':>12}{'weights MB':>12}")
-  for mode, name in (("none", "float32"), ("int8", "int8")):
-    row = rows[mode]
-    print(f"{name:<10}{row['loss']:>15.4f}{row['perplexity']:>12.3f}{row['weight_mb']:>12.2f}")
-  print(f"int8 perplexity is {100 * result['perplexity_increase']:+.2f}% relative to float32")
+  with tempfile.TemporaryDirectory() as scratch:
+    texts, items = Path(scratch) / "heldout", Path(scratch) / "choice.jsonl"
+    texts.mkdir()
+    for path in heldout_files(args.files):
+      (texts / Path(path).name).write_bytes(Path(path).read_bytes())
+    write_choice_items(items, args.items)
+    for name, quantize, kv_cache_dtype, gate in OPTIONS:
+      results = harness_results(args.checkpoint_dir, quantize, kv_cache_dtype, texts, items)
+      weight_mib, kv_kib = memory_mb(args.checkpoint_dir, quantize, kv_cache_dtype)
+      rows[name] = {"bits_per_byte": results["heldout"]["bits_per_byte"],
+                    "acc": results["choice"]["acc"], "acc_norm": results["choice"]["acc_norm"],
+                    "weight_mib": weight_mib, "kv_kib_per_token": kv_kib, "gate": gate}
+  base = rows["float32"]
+  for row in rows.values():
+    row["bpb_increase"] = row["bits_per_byte"] / base["bits_per_byte"] - 1
+    row["acc_change"] = row["acc"] - base["acc"]
+  print(table(rows))
+  result = {"options": rows, "files": args.files, "items": args.items}
   if args.json:
     print(json.dumps(result))
+  failed = [f"{name} raises bits per byte by {100 * row['bpb_increase']:.2f}%, over its "
+            f"{100 * row['gate']:.0f}% gate" for name, row in rows.items()
+            if row["gate"] is not None and row["bpb_increase"] > row["gate"]]
+  if failed:
+    raise SystemExit("; ".join(failed))
   return result
 
 

@@ -2,6 +2,7 @@
 
   python benchmarks/serving.py [--json] [--checkpoint_dir=RUN | --shape=tiny|88m] [--requests=64]
       [--concurrency=16] [--slots=8] [--kv_cache_memory=GiB] [--max_tokens=64] [--rounds=3] [--soak]
+      [--quantize=int8] [--kv_cache_dtype=int8]
       [--vllm_python=PYTHON3.11] [--scenario=throughput|prefix_cache|chunked_prefill]
 
 Starts `python -m serving.server` on a checkpoint (default: a random-init model of --shape,
@@ -29,6 +30,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -331,6 +333,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--kv_cache_memory", type=float, default=None,
                       help="GiB of paged KV cache for the server; default: --slots contexts")
   parser.add_argument("--max_tokens", type=int, default=64)
+  parser.add_argument("--quantize", choices=("none", "int8"), default="none")
+  parser.add_argument("--kv_cache_dtype", choices=("auto", "int8"), default="auto")
   parser.add_argument("--port", type=int, default=8471)
   parser.add_argument("--soak", action="store_true")
   parser.add_argument("--soak_rounds", type=int, default=3,
@@ -362,7 +366,8 @@ def main(argv=None) -> dict:
   hf, hf_note = (None, "--skip_hf") if args.skip_hf else hf_baseline(run_dir, texts,
                                                                     args.max_tokens)
   vllm, vllm_note = vllm_baseline.start(args.vllm_python, run_dir, workdir, args.vllm_port)
-  server = Server(run_dir, args.slots, args.port, workdir / "server.log", args.kv_cache_memory)
+  server = Server(run_dir, args.slots, args.port, workdir / "server.log", args.kv_cache_memory,
+                  [f"--quantize={args.quantize}", f"--kv_cache_dtype={args.kv_cache_dtype}"])
   try:
     model = server.model_name()
     requests = [completion_request(model, text, args.max_tokens, stream=True) for text in texts]
@@ -422,6 +427,8 @@ def main(argv=None) -> dict:
     if args.soak:
       result.update(asyncio.run(soak(server, model, texts, rounds=args.soak_rounds)))
     result["server_rss_mb"] = round(server.rss_mb(), 1)
+    result.update(quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype,
+                  **memory_report((workdir / "server.log").read_text()))
   finally:
     server.stop()
     if vllm:
@@ -431,6 +438,14 @@ def main(argv=None) -> dict:
   if args.json:
     print(json.dumps(result))
   return result
+
+
+def memory_report(server_log: str) -> dict:
+  """The weight and KV-cache memory the server logs at start."""
+  weights = re.search(r"weights \w+: ([0-9.]+) MiB", server_log)
+  kv_cache = re.search(r"KV cache ([0-9.]+) GiB", server_log)
+  return {"weight_mib": float(weights[1]) if weights else None,
+          "kv_cache_gib": float(kv_cache[1]) if kv_cache else None}
 
 
 def print_table(result: dict):

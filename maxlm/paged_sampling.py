@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maxlm import quantization
 from maxlm.model import ModelConfig, paged_kv
 from maxlm.sampling import Prefix, TokenChoice, choose, seed_key
 
@@ -37,11 +36,13 @@ class PagedState:
   top_k: jax.Array        # int32 [slots + 1]
 
 
-def init_state(config: ModelConfig, slots: int, num_blocks: int, block_size: int) -> PagedState:
+def init_state(config: ModelConfig, slots: int, num_blocks: int, block_size: int,
+               kv_dtype=None) -> PagedState:
+  """`kv_dtype`: the pool's (int8 keeps a scale per token and head); None: the compute dtype."""
   rows = slots + 1
   return PagedState(
       pools=paged_kv.empty(config.num_layers, num_blocks, block_size, config.num_kv_heads,
-                           config.head_dim, jnp.dtype(config.dtype)),
+                           config.head_dim, jnp.dtype(kv_dtype or config.dtype)),
       tokens=jnp.zeros((rows,), jnp.int32), positions=jnp.zeros((rows,), jnp.int32),
       seeds=jnp.zeros((rows, 2), jnp.uint32), temperature=jnp.zeros((rows,), jnp.float32),
       top_p=jnp.ones((rows,), jnp.float32), top_k=jnp.zeros((rows,), jnp.int32))
@@ -61,8 +62,11 @@ def insert_fn(prefix: Prefix, state: PagedState, slot, block_row) -> PagedState:
 
   def put(pool, layer_cache):
     keys = layer_cache["k"][0].transpose(0, 2, 1)    # [kv, d, bucket] -> [kv, bucket, d]
-    return {name: pool[name].at[:, block_row].set(_as_blocks(rows, block_size).astype(
-        pool[name].dtype)) for name, rows in (("k", keys), ("v", layer_cache["v"][0]))}
+    written = dict(pool)
+    for name, rows in (("k", keys), ("v", layer_cache["v"][0])):
+      for key, stored in paged_kv.encoded(pool, name, _as_blocks(rows, block_size)).items():
+        written[key] = pool[key].at[:, block_row].set(stored)
+    return written
 
   return PagedState(
       pools=[put(pool, layer) for pool, layer in zip(state.pools, prefix.cache)],
@@ -84,7 +88,7 @@ def prefill_fn(graphdef, params, state: PagedState, chunk, start, length, block_
 
   The padding writes past the chunk's real positions, into the slot's own blocks (which the
   next chunk or decode step overwrites before any query reads them) or the trash block."""
-  model = nnx.merge(graphdef, quantization.dequantize(params))
+  model = nnx.merge(graphdef, params)
   positions = start + jnp.arange(chunk.shape[1], dtype=jnp.int32)[None]
   cache = paged_kv.with_tables(state.pools, block_table)
   last = jnp.reshape(length - 1, (1,))
@@ -106,7 +110,7 @@ def step_fn(graphdef, params, state: PagedState, rows, block_table
             ) -> tuple[PagedState, TokenChoice]:
   """Advances the slots `rows` [batch] by one token, reading through block_table
   [batch, width]. The choice comes back indexed by slot ([slots + 1] rows; others zero)."""
-  model = nnx.merge(graphdef, quantization.dequantize(params))
+  model = nnx.merge(graphdef, params)
   last_position = block_table.shape[1] * state.pools[0]["k"].shape[2] - 1
   positions = jnp.minimum(state.positions[rows], last_position)
   cache = paged_kv.with_tables(state.pools, block_table)

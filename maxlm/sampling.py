@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from maxlm import quantization
 from maxlm.model import KVCache, ModelConfig, init_kv_cache, kv_cache
 
 MIN_PREFILL_BUCKET = 16
@@ -241,7 +240,7 @@ class Prefix:
 def prefill_fn(graphdef, params, padded_prompt, prompt_len, seed, temperature, top_p,
                top_k) -> Prefix:
   """padded_prompt: [1, bucket] -> its Prefix; one compilation per bucket."""
-  model = nnx.merge(graphdef, quantization.dequantize(params))
+  model = nnx.merge(graphdef, params)
   cache = init_kv_cache(model.config, 1, padded_prompt.shape[1])
   positions = jnp.arange(padded_prompt.shape[1])[None]
   last = jnp.reshape(prompt_len - 1, (1,))
@@ -272,7 +271,7 @@ def insert(prefix: Prefix, state: DecodeState, slot) -> DecodeState:
 
 def generate_step_fn(graphdef, params, state: DecodeState) -> tuple[DecodeState, TokenChoice]:
   """Advances every slot by one token. A free slot computes garbage that nothing reads."""
-  model = nnx.merge(graphdef, quantization.dequantize(params))
+  model = nnx.merge(graphdef, params)
   cache_len = kv_cache.length(state.cache)
   positions = jnp.minimum(state.positions, cache_len - 1)
   logits, cache = model(state.tokens[:, None], positions[:, None], cache=state.cache)
@@ -312,7 +311,7 @@ def scored_prefill_fn(graphdef, params, padded_prompt, prompt_len, seed, tempera
                       top_k) -> tuple[Prefix, PromptScores]:
   """`prefill_fn`, computing the logits of every prompt position in the same forward pass
   (no second one) to score the prompt's own tokens."""
-  model = nnx.merge(graphdef, quantization.dequantize(params))
+  model = nnx.merge(graphdef, params)
   cache = init_kv_cache(model.config, 1, padded_prompt.shape[1])
   positions = jnp.arange(padded_prompt.shape[1])[None]
   logits, cache = model(padded_prompt, positions, cache=cache)

@@ -79,6 +79,16 @@ def load_tokenizer(path: Path, expected_sha256: str | None) -> tokenizer_lib.Tok
   return tokenizer_lib.load(path)
 
 
+def kv_cache_dtype_of(config: ModelConfig, requested: str | None) -> str:
+  """The paged pool's dtype: "int8" (a float32 scale per token and head) or, for None or
+  "auto", the model's compute dtype."""
+  if requested in (None, "auto"):
+    return config.dtype
+  if requested != "int8":
+    raise ValueError(f"--kv_cache_dtype={requested}; use auto or int8")
+  return requested
+
+
 def one_device_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, step: int):
   """(graphdef, params) of a checkpoint written on any mesh, restored onto one device; a run
   that trained only some parameters (LoRA's adapters) gets the others from its init_from."""
@@ -107,7 +117,7 @@ class Engine:
                max_len: int | None = None, slots: int | None = None,
                quantize: str | None = None, kv_cache_memory: float | None = None,
                block_size: int = 16, prefix_caching: bool = True,
-               max_prefill_chunk: int | None = None):
+               max_prefill_chunk: int | None = None, kv_cache_dtype: str | None = None):
     tokenizer = tokenizer_lib.as_tokenizer(tokenizer)
     if tokenizer.vocab_size() > config.vocab_size:
       raise ValueError(f"the tokenizer has {tokenizer.vocab_size()} pieces but the model only "
@@ -117,6 +127,7 @@ class Engine:
     self.graphdef, self.config = graphdef, config
     self.params = quantization.quantize_params(params, quantize)
     self.quantize = quantize or "none"
+    self.kv_cache_dtype = kv_cache_dtype_of(config, kv_cache_dtype)
     self.tokenizer = tokenizer
     self.model_name = model_name
     self._size_cache(sampling.context_length(config, max_len), slots, kv_cache_memory,
@@ -139,7 +150,8 @@ class Engine:
                       model_name: str | None = None, max_len: int | None = None,
                       slots: int | None = None, quantize: str | None = None,
                       kv_cache_memory: float | None = None, prefix_caching: bool = True,
-                      max_prefill_chunk: int | None = None) -> "Engine":
+                      max_prefill_chunk: int | None = None,
+                      kv_cache_dtype: str | None = None) -> "Engine":
     """The latest (or given) checkpoint of a run dir (or of its checkpoints/ dir). A corrupt
     one is refused, naming the newest intact step to serve instead: serving an older model
     than the one asked for is the user's decision."""
@@ -162,7 +174,8 @@ class Engine:
     return cls(graphdef, params, config, tokenizer,
                model_name=model_name or checkpoints.parent.name, max_len=max_len, slots=slots,
                quantize=quantize, kv_cache_memory=kv_cache_memory,
-               prefix_caching=prefix_caching, max_prefill_chunk=max_prefill_chunk)
+               prefix_caching=prefix_caching, max_prefill_chunk=max_prefill_chunk,
+               kv_cache_dtype=kv_cache_dtype)
 
   def _size_cache(self, context_length: int, slots: int | None, kv_cache_memory: float | None,
                   block_size: int):
@@ -170,7 +183,7 @@ class Engine:
     and a sequence never outgrows the pool (so one alone always fits)."""
     c = self.config
     block_bytes = paged_kv.block_bytes(c.num_layers, block_size, c.num_kv_heads, c.head_dim,
-                                       c.dtype)
+                                       self.kv_cache_dtype)
     if slots is None:
       slots = 8 if kv_cache_memory is None else kv_pages.MAX_SLOTS
     self.capacity = kv_pages.capacity(block_bytes, block_size, kv_cache_memory, slots,
@@ -180,8 +193,11 @@ class Engine:
     self.block_size = block_size
     self.max_blocks = -(-self.context_length // block_size)
 
+  def describe_weights(self) -> str:
+    return f"weights {self.quantize}: {quantization.nbytes(self.params) / 2**20:.2f} MiB"
+
   def describe_cache(self) -> str:
-    return (f"{self.capacity.describe(self.context_length, self.slots)}; "
+    return (f"{self.kv_cache_dtype} {self.capacity.describe(self.context_length, self.slots)}; "
             f"{paged_prefill.describe(self.prefix_caching, self.max_prefill_chunk)}")
 
   # --- JetStream's three calls -----------------------------------------------------------------
@@ -194,7 +210,7 @@ class Engine:
     self.prefills = paged_prefill.Prefills(self.pages, self._chunk_prefill, self.prefix_caching,
                                            self.max_prefill_chunk, self.context_length)
     return paged_sampling.init_state(self.config, self.slots, self.capacity.blocks + 1,
-                                     self.block_size)
+                                     self.block_size, self.kv_cache_dtype)
 
   # Each call returns as soon as its work is queued on the device; a TokenChoice stays there
   # until `Step.from_choice` fetches it, so the caller can queue the next step first.
@@ -401,5 +417,5 @@ class Engine:
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _full_forward_logits(graphdef, params, tokens):
   """tokens: [batch, seq] -> logits [batch, seq, vocab], causal attention, no cache."""
-  logits, _ = nnx.merge(graphdef, quantization.dequantize(params))(tokens)
+  logits, _ = nnx.merge(graphdef, params)(tokens)
   return logits

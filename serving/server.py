@@ -2,7 +2,7 @@
 
   python -m serving.server --checkpoint_dir=WORKDIR [--step=N] [--port=8000] [--host=127.0.0.1]
       [--slots=8] [--kv_cache_memory=GiB] [--no-enable_prefix_caching] [--max_prefill_chunk=512]
-      [--max_queue=64] [--quantize=int8] [--engine_cpus=auto]
+      [--max_queue=64] [--quantize=int8] [--kv_cache_dtype=int8] [--engine_cpus=auto]
       [--api_keys_file=KEYS] [--max_request_bytes=8388608] [--max_connections=1024]
       [--header_timeout_s=10] [--body_timeout_s=60]
 
@@ -56,6 +56,7 @@ from serving.orchestrator import (
 )
 from serving.orchestrator import Request as Generation
 from serving.paged_prefill import DEFAULT_PREFILL_CHUNK
+from serving.scoring import Scorer
 
 log = logging.getLogger("serving")
 
@@ -70,19 +71,25 @@ def read_api_keys(path: str | Path) -> list[str]:
 def create_app(engine: Engine, model_name: str | None = None,
                api_keys: list[str] | None = None, *, max_queue: int = 64,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               media: MediaPolicy = DEFAULT_MEDIA) -> FastAPI:
-  """The app, with its orchestrator already running (`app.state.orchestrator`)."""
+               media: MediaPolicy = DEFAULT_MEDIA, scorer: Scorer | None = None) -> FastAPI:
+  """The app, with its orchestrator already running (`app.state.orchestrator`), and the
+  scorer of lm-eval's requests (`app.state.scorer`; made here unless given, None for a
+  stand-in engine without a model)."""
   model_name = model_name or engine.model_name
   # The engine hook for images: an engine with a vision tower says its image side here.
   image_size = getattr(engine, "image_size", None)
   started = int(time.time())
   metrics = ServerMetrics()
   orchestrator = Orchestrator(engine, max_queue=max_queue, metrics=metrics).start()
+  if scorer is None and isinstance(engine, Engine):
+    scorer = Scorer(engine, metrics=metrics)
+  if scorer is not None and not scorer.started:
+    scorer.start(metrics)
   # Tokenizing a long prompt takes a while (SentencePiece releases the GIL meanwhile): off the
   # event loop, on a few threads, since more than the HTTP cores would only queue there.
   prompt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="maxlm-prompt")
   app = FastAPI(title="maxlm")
-  app.state.orchestrator = orchestrator
+  app.state.orchestrator, app.state.scorer = orchestrator, scorer
   install_spec(app, keyed=bool(api_keys))
   # The last added runs first: count every answer, then the key, then the body's size.
   app.add_middleware(LimitBody, max_bytes=max_request_bytes)
@@ -144,8 +151,22 @@ def create_app(engine: Engine, model_name: str | None = None,
   async def submit(request: SamplingRequest, prompt_ids: Callable[[], tuple[list[int], int]],
                    stops: list[str], echo: bool = False, images: list | None = None
                    ) -> tuple[Generation, AsyncIterator[list[Delta]]]:
-    """(the generation, its deltas), refusing what cannot run before anything is sent.
-    `prompt_ids` gives (token ids, max_tokens); it runs on `prompt_pool`, with the tokenizer."""
+    """(the generation, its deltas), refusing what cannot run before anything is sent."""
+    generation, deltas = await prepare(request, prompt_ids, stops, echo, images)
+    queue_on(orchestrator.submit, generation)
+    return generation, deltas
+
+  def queue_on(submit_to: Callable, work):
+    try:
+      submit_to(work)
+    except QueueFull as e:
+      raise OpenAIError(429, str(e), type_="rate_limit_error", code="rate_limit_exceeded") from e
+
+  async def prepare(request: SamplingRequest, prompt_ids: Callable[[], tuple[list[int], int]],
+                    stops: list[str], echo: bool = False, images: list | None = None
+                    ) -> tuple[Generation, AsyncIterator[list[Delta]]]:
+    """(the generation, its deltas), not yet queued. `prompt_ids` gives (token ids,
+    max_tokens); it runs on `prompt_pool`, with the tokenizer."""
     loop = asyncio.get_running_loop()
     param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
     try:
@@ -162,10 +183,6 @@ def create_app(engine: Engine, model_name: str | None = None,
         prompt_ids, max_tokens=max_tokens, settings=settings, stops=stops,
         ignore_eos=request.ignore_eos, top_logprobs=request.alternatives() or 0, echo=echo,
         images=images, emit=lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item))
-    try:
-      orchestrator.submit(generation)
-    except QueueFull as e:
-      raise OpenAIError(429, str(e), type_="rate_limit_error", code="rate_limit_exceeded") from e
     return generation, drain(deltas, generation)
 
   async def respond(request: SamplingRequest, shape: ResponseShape, prompt_tokens: int,
@@ -237,11 +254,17 @@ def create_app(engine: Engine, model_name: str | None = None,
                           http_request: Request):
     """One choice per prompt, the prompt echoed before its completion when asked."""
     echo_scores = request.echo and request.logprobs is not None
+    # lm-eval's log-likelihood requests: every prompt in packed forward passes, no decode slot
+    scored = scorer is not None and Scorer.wants(request.echo, request.logprobs,
+                                                 request.max_tokens)
     submitted = []
     try:
       for prompt in prompts:
-        submitted.append(await submit(request, completion_ids(prompt, request.max_tokens),
-                                      request.stops(), echo=echo_scores))
+        submitted.append(await (prepare if scored else submit)(
+            request, completion_ids(prompt, request.max_tokens), request.stops(),
+            echo=echo_scores))
+      if scored:
+        queue_on(scorer.submit, [generation for generation, _ in submitted])
     except OpenAIError:
       for generation, _ in submitted:
         generation.cancel()
@@ -398,7 +421,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--max_queue", type=int, default=64,
                       help="requests that may wait for a slot; one more gets 429")
   parser.add_argument("--quantize", choices=("none", "int8"), default="none",
-                      help="int8: weight-only int8 (4x smaller weights at rest)")
+                      help="int8: int8 weights, also in the compiled program (4x smaller)")
+  parser.add_argument("--kv_cache_dtype", choices=("auto", "int8"), default="auto",
+                      help="the paged KV cache's dtype; auto: the model's compute dtype; int8: "
+                      "a float32 scale per token and head (3.8x the tokens of float32 at head_dim 64)")
   parser.add_argument("--shutdown_grace_s", type=float, default=30.0,
                       help="on SIGTERM/SIGINT, how long requests in flight may still run")
   parser.add_argument("--engine_cpus", default="auto",
@@ -532,12 +558,15 @@ def main(argv=None):
                                     quantize=args.quantize,
                                     kv_cache_memory=args.kv_cache_memory,
                                     prefix_caching=args.enable_prefix_caching,
-                                    max_prefill_chunk=args.max_prefill_chunk or None)
+                                    max_prefill_chunk=args.max_prefill_chunk or None,
+                                    kv_cache_dtype=args.kv_cache_dtype)
   except (OSError, ValueError, UserError) as e:
     raise SystemExit(f"serving.server: {e}") from None
-  log.info("%s", engine.describe_cache())
+  log.info("%s; %s", engine.describe_weights(), engine.describe_cache())
   start = time.perf_counter()
   engine.warmup()
+  scorer = Scorer(engine)  # create_app starts it, counting into the app's metrics
+  scorer.warmup()
   log.info("compiled in %.1fs; serving %s (context %d, %d slots, weights %s) on http://%s:%d",
            time.perf_counter() - start, engine.model_name, engine.context_length, engine.slots,
            engine.quantize, args.host, args.port)
@@ -551,7 +580,7 @@ def main(argv=None):
       d.strip() for d in args.allowed_media_domains.split(",") if d.strip()),
                       args.max_image_pixels)
   app = create_app(engine, api_keys=api_keys, max_queue=args.max_queue,
-                   max_request_bytes=args.max_request_bytes, media=media)
+                   max_request_bytes=args.max_request_bytes, media=media, scorer=scorer)
   log.info("model on CPU cores %s; HTTP and the decode loop on %s", engine_cores, http_cores)
   limits = ConnectionLimits(args.max_connections, args.header_timeout_s, args.body_timeout_s)
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",

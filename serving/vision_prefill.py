@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from beam_pipelines.chat_template import expand_image_placeholders
-from maxlm import quantization, sampling
+from maxlm import sampling
 from maxlm.model import ModelConfig, init_kv_cache, multimodal
 
 
@@ -51,7 +51,7 @@ def image_prefill_fn(graphdef, params, padded_prompt, prompt_len, images, seed, 
                      top_p, top_k) -> sampling.Prefix:
   """padded_prompt: [1, bucket] with num_patches placeholders per image; images: uint8
   [1, count, height, width, 3] -> the prompt's Prefix, as `sampling.prefill_fn` makes it."""
-  model = nnx.merge(graphdef, quantization.dequantize(params))
+  model = nnx.merge(graphdef, params)
   vision = model.config.vision
   x = model.embed(padded_prompt)
   image_embeddings = model.projector(model.vision(images, x.dtype))

@@ -67,6 +67,38 @@ def test_paged_attention_equals_numpy_in_float64_for_random_block_tables():
                                rtol=1e-12, atol=1e-12)
 
 
+def numpy_int8_rows(rows: np.ndarray) -> np.ndarray:
+  """rows [..., d] rounded to int8 with one step per row, back in float64."""
+  step = np.abs(rows).max(axis=-1, keepdims=True) / 127
+  step[step == 0] = 1
+  return np.clip(np.round(rows / step), -127, 127) * step
+
+
+def test_an_int8_pool_attends_like_numpy_over_per_token_and_head_rounded_keys_and_values():
+  rng = np.random.default_rng(1)
+  batch, width, kv_heads, heads, head_dim, q_len = 3, 5, 2, 6, 8, 1
+  seq = width * BLOCK_SIZE
+  table = random_tables(rng, batch, width, num_blocks=40)
+  keys, values = (rng.normal(size=(batch, seq, kv_heads, head_dim)) for _ in range(2))
+  pool = paged_kv.empty(1, 40, BLOCK_SIZE, kv_heads, head_dim, jnp.int8)[0]
+  assert pool["k"].dtype == jnp.int8 and pool["k_scale"].shape == (kv_heads, 40, BLOCK_SIZE)
+  layer = paged_kv.write({**pool, "block_table": jnp.asarray(table)},
+                         *(jnp.asarray(a, jnp.float32) for a in (keys, values)),
+                         jnp.broadcast_to(jnp.arange(seq), (batch, seq)))
+  positions = np.array([[2], [11], [19]])
+  q = rng.normal(size=(batch, q_len, heads, head_dim))
+  out = paged_kv.attend(layer, jnp.asarray(q, jnp.float32), jnp.asarray(positions))
+  expected = numpy_attention(q, numpy_int8_rows(keys), numpy_int8_rows(values), positions)
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-5)
+  assert np.abs(np.asarray(out) - numpy_attention(q, keys, values, positions)).max() > 1e-4
+
+
+def test_an_int8_block_takes_its_bytes_plus_a_float32_scale_per_token_and_head():
+  float_bytes = paged_kv.block_bytes(2, 16, 4, 64, jnp.float32)
+  assert float_bytes == 2 * 2 * 16 * 4 * 64 * 4
+  assert paged_kv.block_bytes(2, 16, 4, 64, jnp.int8) == 2 * 2 * 16 * 4 * (64 + 4)
+
+
 def test_a_write_lands_in_the_block_its_table_names():
   table = np.array([[7, 2]])
   pool = paged_kv.empty(1, 8, BLOCK_SIZE, 1, 1, jnp.float32)[0]
@@ -132,15 +164,16 @@ def model(tokenizer):
   return graphdef, params, config
 
 
-def make_engine(model, tokenizer, blocks: int | None = None, slots: int | None = 4) -> Engine:
+def make_engine(model, tokenizer, blocks: int | None = None, slots: int | None = 4,
+                kv_cache_dtype: str | None = None) -> Engine:
   graphdef, params, config = model
   memory = None
   if blocks is not None:
     block_bytes = paged_kv.block_bytes(config.num_layers, BLOCK_SIZE, config.num_kv_heads,
-                                       config.head_dim, config.dtype)
+                                       config.head_dim, kv_cache_dtype or config.dtype)
     memory = (blocks + 1) * block_bytes / 2**30
   return Engine(graphdef, params, config, tokenizer, model_name="paged", slots=slots,
-                kv_cache_memory=memory, block_size=BLOCK_SIZE)
+                kv_cache_memory=memory, block_size=BLOCK_SIZE, kv_cache_dtype=kv_cache_dtype)
 
 
 def staggered(orchestrator: Orchestrator, requests: list[tuple[list[int], int]],
@@ -218,6 +251,19 @@ def test_a_memory_budget_sets_the_slots_and_caps_the_context(model, tokenizer):
   assert (engine.capacity.blocks, engine.slots) == (6, 6)
   assert engine.context_length == 6 * BLOCK_SIZE
   assert "24 tokens in flight" in engine.describe_cache()
+
+
+def test_an_int8_kv_cache_decodes_the_float_caches_greedy_tokens(model, tokenizer):
+  engine = make_engine(model, tokenizer, blocks=24, kv_cache_dtype="int8")
+  assert engine.describe_cache().startswith("int8 KV cache")
+  assert engine.capacity.blocks == 24  # the budget paid for int8 blocks, not float32 ones
+  requests = list(zip(prompts(tokenizer, [3, 8, 12]), [4, 4, 4]))
+  orchestrator = Orchestrator(engine).start()
+  try:
+    results = staggered(orchestrator, requests)
+  finally:
+    orchestrator.shutdown(grace_s=10)
+  assert results == reference(make_engine(model, tokenizer), requests)
 
 
 # --- the ragged Pallas kernel ------------------------------------------------------------------

@@ -27,7 +27,7 @@ import pytest
 import sentencepiece as spm
 from fastapi.testclient import TestClient
 
-from maxlm import checkpoint, optim, quantization, sampling, sharding, steps
+from maxlm import checkpoint, optim, sampling, sharding, steps
 from maxlm.model import ModelConfig
 from serving.chat import CHAT_STOPS, chat_prompt
 from serving.detokenize import REPLACEMENT_CHAR, TextStream
@@ -371,44 +371,6 @@ def test_a_seeded_sample_is_the_same_alone_and_among_others(engine):
     thread.join()
   orchestrator.shutdown(grace_s=10)
   assert among == alone
-
-
-# --- int8 weights ------------------------------------------------------------------------------
-
-def test_int8_rounding_error_is_at_most_half_a_step():
-  weight = np.random.default_rng(5).normal(size=(48, 3, 8)).astype(np.float32)
-  weight[:, 0, 0] = 0.0  # an all-zero channel
-  quantized = quantization.quantize_int8(weight)
-  step = np.abs(weight).max(axis=0, keepdims=True) / 127
-  assert quantized.values.dtype == np.int8 and quantized.scale.shape == (1, 3, 8)
-  restored = np.asarray(quantization.dequantize(quantized))
-  assert (np.abs(restored - weight) <= step / 2 + 1e-7).all()
-  assert (restored[:, 0, 0] == 0).all()
-
-
-def numpy_int8_round_trip(weight: np.ndarray) -> np.ndarray:
-  step = np.abs(weight).max(axis=0, keepdims=True) / 127
-  step[step == 0] = 1
-  return np.clip(np.round(weight / step), -127, 127) * step
-
-
-def test_int8_engine_computes_with_the_rounded_weights(run_dir, engine):
-  int8 = Engine.from_checkpoint(run_dir, slots=2, quantize="int8")
-  assert quantization.nbytes(int8.params) < 0.3 * quantization.nbytes(engine.params)
-  rounded = jax.tree.map(lambda p: numpy_int8_round_trip(np.asarray(p, np.float64)).astype(
-      np.float32) if p.ndim >= 2 else p, engine.params)
-  reference = Engine(engine.graphdef, rounded, engine.config, engine.tokenizer, model_name="r")
-  token_ids = engine.encode(Path(textwrap.__file__).read_text()[:400])[:60]
-  approx = int8.logits_without_cache(token_ids)
-  np.testing.assert_allclose(approx, reference.logits_without_cache(token_ids),
-                             rtol=1e-4, atol=1e-4)
-  assert not np.allclose(approx, engine.logits_without_cache(token_ids), rtol=1e-4, atol=1e-4)
-  prompt_ids = engine.encode(PROMPT)
-  orchestrator = Orchestrator(int8).start()
-  greedy = [d.token_id for d in orchestrator.generate(
-      prompt_ids, max_tokens=8, settings=SamplingSettings(temperature=0.0))]
-  orchestrator.shutdown(grace_s=10)
-  assert greedy == reference.greedy_decode_without_cache(prompt_ids, 8)
 
 
 # --- incremental detokenization ----------------------------------------------------------------

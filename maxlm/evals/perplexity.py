@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from maxlm import quantization, tasks
+from maxlm import tasks
 from maxlm.errors import UserError
 from maxlm.evals import heldout, scoring
 
@@ -47,7 +47,7 @@ def scalars(nll_nats: float, tokens: float, num_bytes: float) -> dict[str, float
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _nll(graphdef, params, batch):
-  _, metrics = tasks.next_token_loss(nnx.merge(graphdef, quantization.dequantize(params)), batch)
+  _, metrics = tasks.next_token_loss(nnx.merge(graphdef, params), batch)
   return metrics["nll_sum"], metrics["target_tokens"]
 
 

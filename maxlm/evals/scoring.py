@@ -12,7 +12,7 @@ import numpy as np
 import sentencepiece as spm
 from flax import nnx
 
-from maxlm import quantization, sampling
+from maxlm import sampling
 from maxlm.errors import UserError
 from maxlm.model import init_kv_cache
 
@@ -28,18 +28,20 @@ class EvalModel:
   context_length: int
   batch_size: int = 8
   generate: Callable[[list[list[int]], int, list[str]], list[str]] | None = None
+  kv_cache_dtype: str | None = None  # "int8": attention reads int8 keys and values
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def token_scores(graphdef, params, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("graphdef", "kv_cache_dtype"))
+def token_scores(graphdef, params, tokens: jax.Array,
+                 kv_cache_dtype: str | None = None) -> tuple[jax.Array, jax.Array]:
   """tokens: [rows, seq] -> (log p(tokens[t + 1] | tokens[:t + 1]), whether tokens[t + 1] is
   the argmax), each [rows, seq - 1]. Padding after a row's end changes none of its entries.
 
   Attention runs over a KV cache, as the server's prefill runs it, so these agree with the
   server's `echo` log-probabilities (lm-eval's) to float32 rounding of the same computation.
   """
-  model = nnx.merge(graphdef, quantization.dequantize(params))
-  cache = init_kv_cache(model.config, tokens.shape[0], tokens.shape[1])
+  model = nnx.merge(graphdef, params)
+  cache = init_kv_cache(model.config, tokens.shape[0], tokens.shape[1], kv_cache_dtype)
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
   logits, _ = model(tokens, positions, cache=cache)
   logprobs = sampling.log_softmax_of_next(logits[:, :-1])
@@ -62,7 +64,8 @@ def score(model: EvalModel, sequences: list[list[int]]) -> list[tuple[np.ndarray
     tokens = np.full((model.batch_size, width), sampling.PAD_ID, np.int32)
     for row, i in enumerate(rows):
       tokens[row, :len(sequences[i])] = sequences[i]
-    target, greedy = jax.device_get(token_scores(model.graphdef, model.params, tokens))
+    target, greedy = jax.device_get(token_scores(model.graphdef, model.params, tokens,
+                                                 model.kv_cache_dtype))
     for row, i in enumerate(rows):
       length = len(sequences[i]) - 1
       results[i] = (target[row, :length].astype(np.float64), greedy[row, :length])

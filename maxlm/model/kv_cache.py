@@ -6,11 +6,14 @@ over the cache are plain batched matmuls: XLA copies no [max_len, head_dim] tran
 whole cache on every decode step, as it does for a [batch, max_len, kv_heads, head_dim] cache.
 One document per cache row: a token's cache slot is its position. A layer cache with a
 "block_table" is paged instead (`maxlm.model.paged_kv`); `write` and `attend` take either.
+An int8 cache also keeps `k_scale`, `v_scale: float32 [batch, kv_heads, max_len]`, one per
+token and head, as the paged pool does (the eval harness measures that pool's rounding here).
 """
 
 import jax
 import jax.numpy as jnp
 
+from maxlm import quantization
 from maxlm.model import layers, paged_kv
 
 LayerCache = dict[str, jax.Array]
@@ -19,9 +22,12 @@ KVCache = list[LayerCache]
 
 def empty(num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
           dtype) -> KVCache:
-  return [{"k": jnp.zeros((batch, kv_heads, head_dim, max_len), dtype),
-           "v": jnp.zeros((batch, kv_heads, max_len, head_dim), dtype)}
-          for _ in range(num_layers)]
+  arrays = {"k": ((batch, kv_heads, head_dim, max_len), dtype),
+            "v": ((batch, kv_heads, max_len, head_dim), dtype)}
+  if jnp.dtype(dtype) == jnp.int8:
+    arrays |= {"k_scale": ((batch, kv_heads, max_len), jnp.float32),
+               "v_scale": ((batch, kv_heads, max_len), jnp.float32)}
+  return [{name: jnp.zeros(*spec) for name, spec in arrays.items()} for _ in range(num_layers)]
 
 
 def length(cache: KVCache) -> int:
@@ -34,10 +40,35 @@ def write(layer_cache: LayerCache, k: jax.Array, v: jax.Array,
   """k, v: [batch, seq, kv_heads, head_dim] written at positions [batch, seq]."""
   if "block_table" in layer_cache:
     return paged_kv.write(layer_cache, k, v, positions)
+  if "k_scale" in layer_cache:
+    return _write_int8(layer_cache, k, v, positions)
   rows = jnp.arange(k.shape[0])[:, None]
   # The two integer indices are apart, so the indexed shape is [batch, seq, kv_heads, head_dim].
   return {"k": layer_cache["k"].at[rows, :, :, positions].set(k.astype(layer_cache["k"].dtype)),
           "v": layer_cache["v"].at[rows, :, positions, :].set(v.astype(layer_cache["v"].dtype))}
+
+
+def _write_int8(layer_cache: LayerCache, k: jax.Array, v: jax.Array,
+                positions: jax.Array) -> LayerCache:
+  rows = jnp.arange(k.shape[0])[:, None]
+  written = {}
+  for name, new in (("k", k), ("v", v)):
+    values, scale = quantization.quantize_rows(new)     # scale: [batch, seq, kv_heads, 1]
+    at = (rows, slice(None), slice(None), positions) if name == "k" else (
+        rows, slice(None), positions, slice(None))
+    written[name] = layer_cache[name].at[at].set(values)
+    written[f"{name}_scale"] = layer_cache[f"{name}_scale"].at[rows, :, positions].set(
+        scale[..., 0])
+  return written
+
+
+def _read(layer_cache: LayerCache, dtype) -> tuple[jax.Array, jax.Array]:
+  """(keys, values) in `dtype`, an int8 cache's times their scales."""
+  keys, values = layer_cache["k"], layer_cache["v"]
+  if "k_scale" not in layer_cache:
+    return keys.astype(dtype), values.astype(dtype)
+  return ((keys.astype(jnp.float32) * layer_cache["k_scale"][:, :, None, :]).astype(dtype),
+          (values.astype(jnp.float32) * layer_cache["v_scale"][..., None]).astype(dtype))
 
 
 def attend(layer_cache: LayerCache, q: jax.Array, positions: jax.Array) -> jax.Array:
@@ -48,13 +79,13 @@ def attend(layer_cache: LayerCache, q: jax.Array, positions: jax.Array) -> jax.A
   if "block_table" in layer_cache:
     return paged_kv.attend(layer_cache, q, positions)
   batch, q_len, heads, head_dim = q.shape
-  keys, values = layer_cache["k"], layer_cache["v"]
+  keys, values = _read(layer_cache, q.dtype)
   kv_heads, dtype = keys.shape[1], q.dtype
   grouped_q = (q * head_dim ** -0.5).reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
   grouped_q = grouped_q.transpose(0, 2, 3, 1, 4)                          # [b, kv, g, q, d]
-  scores = jnp.einsum("bkgqd,bkds->bkgqs", grouped_q, keys.astype(dtype)).astype(jnp.float32)
+  scores = jnp.einsum("bkgqd,bkds->bkgqs", grouped_q, keys).astype(jnp.float32)
   mask = layers.attention_mask(positions, jnp.arange(keys.shape[-1]))     # [b, 1, q, s]
   scores = jnp.where(mask[:, :, None], scores, layers.NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  out = jnp.einsum("bkgqs,bksd->bkgqd", probs, values.astype(dtype))
+  out = jnp.einsum("bkgqs,bksd->bkgqd", probs, values)
   return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)

@@ -7,7 +7,9 @@ what lands there (a prefill's padding, an empty batch row) sits in a block that 
 reads only under its causal mask.
 
 A layer's paged cache is `{"k", "v": [kv_heads, num_blocks, block_size, head_dim],
-"block_table": int32 [batch, width]}`; `kv_cache.write` and `kv_cache.attend` dispatch here
+"block_table": int32 [batch, width]}`, and for an int8 pool `"k_scale", "v_scale": float32
+[kv_heads, num_blocks, block_size]` (one per token and head: quantized on write, applied on
+read); `kv_cache.write` and `kv_cache.attend` dispatch here
 when a layer cache has a block table, so the model runs unchanged over either layout. Heads
 lead so that one head's block is one contiguous [block_size, head_dim] tile, indexed by
 leading axes only: what a kernel loads per step (`kernels_pallas.paged_attention`).
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels_pallas
+from maxlm import quantization
 from maxlm.model import layers
 
 LayerPool = dict[str, jax.Array]
@@ -26,8 +29,11 @@ TRASH_BLOCK = 0
 def empty(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
           dtype) -> list[LayerPool]:
   shape = (kv_heads, num_blocks, block_size, head_dim)
-  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-          for _ in range(num_layers)]
+  arrays = {"k": (shape, dtype), "v": (shape, dtype)}
+  if jnp.dtype(dtype) == jnp.int8:
+    arrays |= {"k_scale": (shape[:-1], jnp.float32), "v_scale": (shape[:-1], jnp.float32)}
+  # Each layer's arrays are its own buffers: the jitted steps donate them.
+  return [{name: jnp.zeros(*spec) for name, spec in arrays.items()} for _ in range(num_layers)]
 
 
 def with_tables(pools: list[LayerPool], block_table: jax.Array) -> list[LayerPool]:
@@ -36,12 +42,24 @@ def with_tables(pools: list[LayerPool], block_table: jax.Array) -> list[LayerPoo
 
 
 def without_tables(cache: list[LayerPool]) -> list[LayerPool]:
-  return [{"k": layer["k"], "v": layer["v"]} for layer in cache]
+  return [{name: array for name, array in layer.items() if name != "block_table"}
+          for layer in cache]
 
 
 def block_bytes(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype) -> int:
-  """Bytes one block takes over all layers, keys and values."""
-  return 2 * num_layers * block_size * kv_heads * head_dim * jnp.dtype(dtype).itemsize
+  """Bytes one block takes over all layers, keys and values (and an int8 pool's scales)."""
+  scale_bytes = 4 if jnp.dtype(dtype) == jnp.int8 else 0
+  token_bytes = head_dim * jnp.dtype(dtype).itemsize + scale_bytes
+  return 2 * num_layers * block_size * kv_heads * token_bytes
+
+
+def encoded(pool: LayerPool, name: str, rows: jax.Array) -> LayerPool:
+  """What storing rows [..., head_dim] of keys or values (`name`) writes into `pool`'s
+  arrays: {name: rows in the pool's dtype}, and for an int8 pool their scales too."""
+  if f"{name}_scale" not in pool:
+    return {name: rows.astype(pool[name].dtype)}
+  values, scale = quantization.quantize_rows(rows)
+  return {name: values, f"{name}_scale": scale[..., 0]}
 
 
 def _addresses(block_table: jax.Array, positions: jax.Array, block_size: int):
@@ -54,9 +72,11 @@ def write(layer: LayerPool, k: jax.Array, v: jax.Array, positions: jax.Array) ->
   """k, v: [batch, seq, kv_heads, head_dim] written at positions [batch, seq]."""
   blocks, offsets = _addresses(layer["block_table"], positions, layer["k"].shape[2])
   # The two index arrays are adjacent, so the indexed shape is [kv_heads, batch, seq, head_dim].
-  return {name: layer[name].at[:, blocks, offsets].set(
-              new.transpose(2, 0, 1, 3).astype(layer[name].dtype))
-          for name, new in (("k", k), ("v", v))} | {"block_table": layer["block_table"]}
+  written = dict(layer)
+  for name, new in (("k", k), ("v", v)):
+    for key, rows in encoded(layer, name, new.transpose(2, 0, 1, 3)).items():
+      written[key] = layer[key].at[:, blocks, offsets].set(rows)
+  return written
 
 
 def gathered(pool: jax.Array, block_table: jax.Array) -> jax.Array:
@@ -72,7 +92,7 @@ def attend(layer: LayerPool, q: jax.Array, positions: jax.Array) -> jax.Array:
 
   q: [batch, q_len, heads, head_dim]; positions: [batch, q_len]. Returns q's shape.
   """
-  if q.shape[1] == 1:
+  if q.shape[1] == 1 and "k_scale" not in layer:  # the kernel reads float pools only
     return jax.lax.platform_dependent(layer, q, positions, cuda=_kernel_attend,
                                       default=gathered_attend)
   return gathered_attend(layer, q, positions)
@@ -89,8 +109,7 @@ def gathered_attend(layer: LayerPool, q: jax.Array, positions: jax.Array) -> jax
   XLA's batched matmuls over the copy beat any per-block loop there)."""
   batch, q_len, heads, head_dim = q.shape
   dtype = q.dtype
-  keys = gathered(layer["k"], layer["block_table"]).astype(dtype)
-  values = gathered(layer["v"], layer["block_table"]).astype(dtype)
+  keys, values = (_gathered_rows(layer, name, dtype) for name in ("k", "v"))
   kv_heads = keys.shape[0]
   grouped_q = (q * head_dim ** -0.5).reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
   scores = jnp.einsum("bqkgd,kbsd->bkgqs", grouped_q, keys)
@@ -100,3 +119,12 @@ def gathered_attend(layer: LayerPool, q: jax.Array, positions: jax.Array) -> jax
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
   out = jnp.einsum("bkgqs,kbsd->bqkgd", probs, values)
   return out.reshape(batch, q_len, heads, head_dim)
+
+
+def _gathered_rows(layer: LayerPool, name: str, dtype) -> jax.Array:
+  """`gathered` keys or values in `dtype`, an int8 pool's times their scales."""
+  rows = gathered(layer[name], layer["block_table"])
+  if f"{name}_scale" not in layer:
+    return rows.astype(dtype)
+  scale = gathered(layer[f"{name}_scale"][..., None], layer["block_table"])
+  return (rows.astype(jnp.float32) * scale).astype(dtype)

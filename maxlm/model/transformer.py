@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from maxlm import quantization
 from maxlm.model import attention, kv_cache, layers, moe, vit
 from maxlm.model.kv_cache import KVCache
 from maxlm.sharding import constrain
@@ -120,9 +121,10 @@ class ModelConfig:
     return bool(self.num_experts) and after >= 0 and (after + 1) % self.moe_every == 0
 
 
-def init_kv_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
+def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+  """`dtype`: the cache's (int8 keeps a scale per token and head); None: the compute dtype."""
   return kv_cache.empty(config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim,
-                        jnp.dtype(config.dtype))
+                        jnp.dtype(dtype or config.dtype))
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
@@ -151,7 +153,11 @@ def _add_adapters(module: nnx.Module, config: ModelConfig, rngs: nnx.Rngs | None
 
 def _project(module: nnx.Module, name: str, x: jax.Array, contracting_dims: int = 1):
   """x through the module's projection `name`, plus its adapter's term when it has one."""
-  out = layers.dense(x, getattr(module, name)[...].astype(x.dtype), contracting_dims)
+  kernel = getattr(module, name).get_value()
+  if quantization.is_quantized(kernel):  # int8 serving: the matmul takes the int8 values
+    out = quantization.dense(x, kernel, contracting_dims)
+  else:
+    out = layers.dense(x, kernel.astype(x.dtype), contracting_dims)
   if hasattr(module, f"{name}_lora_a"):
     a, b = (getattr(module, f"{name}_lora_{part}")[...].astype(x.dtype) for part in "ab")
     out = out + layers.low_rank(x, a, b, module.config.lora_scale, contracting_dims)
@@ -283,7 +289,11 @@ class Transformer(nnx.Module):
   def embed(self, tokens: jax.Array) -> jax.Array:
     """tokens [batch, seq] int -> [batch, seq, embed] in the compute dtype. Other inputs
     (image patches) enter `decode` beside these."""
-    x = jnp.take(self.embedding[...], tokens, axis=0).astype(jnp.dtype(self.config.dtype))
+    embedding, dtype = self.embedding.get_value(), jnp.dtype(self.config.dtype)
+    if quantization.is_quantized(embedding):
+      x = quantization.take_rows(embedding, tokens, dtype)
+    else:
+      x = jnp.take(embedding, tokens, axis=0).astype(dtype)
     return constrain(x, ("batch", "length", "act_embed"))
 
   def decode(self, x: jax.Array, positions: jax.Array | None = None,
@@ -316,10 +326,14 @@ class Transformer(nnx.Module):
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
     x = self.final_norm(x)
     dtype = jnp.dtype(self.config.dtype)
-    if self.config.tie_embeddings:
-      logits = layers.dense(x, self.embedding[...].astype(dtype).T)
+    kernel = (self.embedding if self.config.tie_embeddings else self.unembedding).get_value()
+    if quantization.is_quantized(kernel):
+      logits = (quantization.dense_transposed(x, kernel) if self.config.tie_embeddings
+                else quantization.dense(x, kernel))
+    elif self.config.tie_embeddings:
+      logits = layers.dense(x, kernel.astype(dtype).T)
     else:
-      logits = layers.dense(x, self.unembedding[...].astype(dtype))
+      logits = layers.dense(x, kernel.astype(dtype))
     return logits.astype(jnp.float32)
 
 

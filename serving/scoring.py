@@ -1,0 +1,293 @@
+"""Scoring requests (lm-eval's log-likelihood path) in batches, beside the decode slots.
+
+A completion with `echo`, `logprobs` and `max_tokens` 0 or 1 wants its prompt's own token
+log-probabilities and at most one new token: one forward pass and no KV cache to keep. The
+`Scorer`'s thread takes every such request waiting (the prompts of one request and those of
+concurrent ones), packs their prompts one after another into a single row, each its own
+segment with positions from 0, and runs one compiled forward over it, padded to the next of a
+few widths. Causal attention within segments makes each prompt's results those of its own
+prefill (`Engine.prefill_scored`) to float32 rounding; the new token is chosen from each
+prompt's last position with that request's settings and seed, as a prefill chooses it.
+"""
+
+import dataclasses
+import functools
+import logging
+import queue
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from maxlm import sampling, steps
+from serving.detokenize import TextStream
+from serving.engine import Engine, SamplingSettings, Step, device_settings
+from serving.metrics import ServerMetrics
+from serving.openai_api import MAX_COMPLETION_LOGPROBS
+from serving.orchestrator import PromptLogprobs, QueueFull, Request, Unavailable
+
+log = logging.getLogger("serving")
+MIN_WIDTH = 16
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PackedScores:
+  """Per position t of a packed row: how likely token t was after the ones before it in its
+  segment. A segment's first position holds the previous segment's last prediction: unread."""
+  logprobs: jax.Array      # float32 [width]
+  top_tokens: jax.Array    # int32 [width, top], most likely first
+  top_logprobs: jax.Array  # float32 [width, top]
+
+
+def pack_widths(budget: int) -> list[int]:
+  """The row widths a pack is padded to: 16, then every 32 up to 256 (lm-eval's batches of
+  short prompts land there: padding under 1/8 of a row beyond 128), then steps of a half
+  (padding under a third), and `budget` last."""
+  widths = [MIN_WIDTH, *range(32, 257, 32)]
+  while widths[-1] < budget:
+    widths.append(widths[-1] * 3 // 2 if len(widths) % 2 else widths[-1] * 4 // 3)
+  return [width for width in widths if width < budget] + [budget]
+
+
+def pack_width(tokens: int, budget: int) -> int:
+  return next(width for width in pack_widths(budget) if width >= tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pack:
+  """Prompts laid one after another in one row: what the compiled forward takes."""
+  tokens: np.ndarray       # int32 [1, width]
+  positions: np.ndarray    # int32 [1, width]: from 0 in each segment
+  segment_ids: np.ndarray  # int32 [1, width]: 1, 2, ... per prompt; 0 is the padding
+  starts: list[int]        # where each prompt begins
+  last: np.ndarray         # int32 [seqs]: each prompt's last position (0 past the prompts)
+
+
+def pack(prompts: list[list[int]], budget: int) -> Pack:
+  """`prompts` (at most `budget` tokens in all) in one row of the next width."""
+  width = pack_width(sum(map(len, prompts)), budget)
+  tokens = np.full((1, width), sampling.PAD_ID, np.int32)
+  positions = np.zeros((1, width), np.int32)
+  segment_ids = np.zeros((1, width), np.int32)
+  last = np.zeros(max_seqs(width), np.int32)
+  starts, start = [], 0
+  for index, prompt in enumerate(prompts):
+    end = start + len(prompt)
+    tokens[0, start:end] = prompt
+    positions[0, start:end] = np.arange(len(prompt))
+    segment_ids[0, start:end] = index + 1
+    starts.append(start)
+    last[index] = end - 1
+    start = end
+  return Pack(tokens, positions, segment_ids, starts, last)
+
+
+def max_seqs(width: int) -> int:
+  """Prompts one pack of `width` holds at most (each has a token; a request sends <= 64)."""
+  return min(width, 64)
+
+
+def score_pack_fn(graphdef, params, tokens, positions, segment_ids, last, seeds, temperature,
+                  top_p, top_k, *, top: int) -> tuple[PackedScores, sampling.TokenChoice]:
+  """One forward over a packed row: every position's next-token scores and, for each prompt
+  (rows of `last`), its first new token as `sampling.scored_prefill_fn` chooses it."""
+  model = nnx.merge(graphdef, params)
+  x, _ = model.decode(model.embed(tokens), positions, segment_ids)
+  logits = model.logits(x)
+  scores = next_token_scores(logits[0, :-1], tokens[0, 1:], top)
+  shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:1]), x])  # noqa: E731
+  scores = PackedScores(*map(shift, (scores.logprobs, scores.top_tokens, scores.top_logprobs)))
+  keys = jax.vmap(lambda seed, at: jax.random.fold_in(sampling.seed_key(seed), at))(
+      seeds, positions[0, last])
+  choice = first_tokens(logits[0, last], keys, temperature, top_p, top_k, top)
+  return scores, choice
+
+
+def log_normalizer(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """logits: [rows, vocab] -> (each row's largest logit, its log-normalizer), both [rows]."""
+  largest = jnp.max(logits, axis=-1)
+  return largest, largest + jnp.log(jnp.sum(jnp.exp(logits - largest[:, None]), axis=-1))
+
+
+def next_token_scores(logits: jax.Array, targets: jax.Array, top: int) -> PackedScores:
+  """logits: [seq, vocab] -> the log-probability of `targets` [seq] and the `top` likeliest
+  tokens at each position. XLA's CPU argmax and top-k take ~6x a max over the same logits, so
+  the likeliest token comes from the max (the first index holding it, as argmax picks) and
+  top-k runs only when more than one alternative is asked for."""
+  largest, log_z = log_normalizer(logits)
+  target = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - log_z
+  if top == 1:
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    likeliest = jnp.min(jnp.where(logits == largest[:, None], index, logits.shape[-1]), axis=-1)
+    return PackedScores(target, likeliest[:, None], (largest - log_z)[:, None])
+  top_logits, top_tokens = jax.lax.top_k(logits, min(top, logits.shape[-1]))
+  return PackedScores(target, top_tokens.astype(jnp.int32), top_logits - log_z[:, None])
+
+
+def first_tokens(logits, keys, temperature, top_p, top_k, top: int) -> sampling.TokenChoice:
+  """`sampling.choose` over logits [rows, vocab] with `top` alternatives (not TOP_LOGPROBS):
+  the same token and log-probabilities, without choose's top-k over 20 (slow on CPU)."""
+  scores = next_token_scores(logits, jnp.zeros(logits.shape[0], jnp.int32), top)
+  token = sampling.sample_next(logits, keys, temperature, top_p, top_k,
+                               greedy=scores.top_tokens[:, 0])
+  logprob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - log_normalizer(logits)[1]
+  return sampling.TokenChoice(token, logprob, scores.top_tokens, scores.top_logprobs)
+
+
+def scoring_graphdef(engine: Engine):
+  """The engine's model with XLA's attention: segments in one row need the segment mask, which
+  every backend has, and a CPU or GPU serving a TPU-trained config runs it too."""
+  graphdef, _ = steps.abstract_model(dataclasses.replace(engine.config, attention="xla"))
+  return graphdef
+
+
+class Scorer:
+  """Runs scoring requests in packed batches on its own thread; start() before submit()."""
+
+  def __init__(self, engine: Engine, *, budget: int | None = None, max_queue: int = 4096,
+               metrics: ServerMetrics | None = None):
+    self.engine, self.metrics = engine, metrics or ServerMetrics()
+    self.budget = max(budget or 0, engine.context_length)  # one whole prompt always fits
+    self.max_queue = max_queue
+    self.error: BaseException | None = None
+    self._score = {top: jax.jit(functools.partial(score_pack_fn, scoring_graphdef(engine),
+                                                  top=top))
+                   for top in (1, MAX_COMPLETION_LOGPROBS)}
+    self._waiting: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
+    self._held: Request | None = None  # taken from the line but past the last pack's budget
+    self._thread = threading.Thread(target=self._run, name="maxlm-scorer", daemon=True)
+
+  @staticmethod
+  def wants(echo: bool, logprobs: int | None, max_tokens: int | None) -> bool:
+    """Whether a completion is a scoring request: its prompt's logprobs and <= 1 token."""
+    return echo and logprobs is not None and max_tokens is not None and max_tokens <= 1
+
+  @property
+  def started(self) -> bool:
+    return self._thread.ident is not None
+
+  def start(self, metrics: ServerMetrics | None = None) -> "Scorer":
+    """Starts the thread; its counts go to `metrics` (the app's) when given."""
+    self.metrics = metrics or self.metrics
+    self._thread.start()
+    return self
+
+  def stop(self):
+    self._waiting.put(None)
+
+  def submit(self, requests: list[Request]):
+    """Queues `requests` together (so they share packs); QueueFull past `max_queue`."""
+    if self.error is not None or not self._thread.is_alive():
+      raise Unavailable(f"the scoring loop has stopped: {self.error!r}")
+    if self._waiting.qsize() + len(requests) > self.max_queue:
+      raise QueueFull(f"{self._waiting.qsize()} prompts are already waiting to be scored; "
+                      "retry later")
+    for request in requests:
+      request.text = TextStream(self.engine.decode, request.stops, request.prompt_ids)
+      self._waiting.put(request)
+
+  def warmup(self):
+    """Compiles the forward for every pack width (lm-eval's logprobs=1 and up to 5)."""
+    settings = device_settings(SamplingSettings())
+    for width in pack_widths(self.budget):
+      laid = pack([[self.engine.tokenizer.bos_id()] * width], self.budget)
+      for score in self._score.values():
+        jax.block_until_ready(score(self.engine.params, *self._arguments(laid, [settings])))
+
+  def _arguments(self, laid: Pack, settings: list[tuple]) -> tuple:
+    rows = len(laid.last)
+    seeds, temperature, top_p, top_k = (np.zeros((rows, 2), np.uint32),
+                                        np.zeros(rows, np.float32), np.ones(rows, np.float32),
+                                        np.zeros(rows, np.int32))
+    for row, (seed, temperature_, top_p_, top_k_) in enumerate(settings):
+      seeds[row], temperature[row], top_p[row], top_k[row] = seed, temperature_, top_p_, top_k_
+    return (laid.tokens, laid.positions, laid.segment_ids, laid.last, seeds, temperature, top_p,
+            top_k)
+
+  # --- the loop (its own thread) ---------------------------------------------------------------
+
+  def _run(self):
+    try:
+      while (batch := self._next_batch()) is not None:
+        live = [request for request in batch if not request.cancelled]
+        for request in batch:
+          if request.cancelled:
+            self._finish(request, None)
+        if live:
+          self._score_batch(live)
+    except BaseException as e:  # noqa: BLE001 - every waiting request must hear of it
+      log.exception("the scoring loop died")
+      self.error = e
+      while not self._waiting.empty():
+        if (request := self._waiting.get()) is not None:
+          self._finish(request, Unavailable(f"the scoring loop died: {e!r}"))
+
+  def _next_batch(self) -> list[Request] | None:
+    """Waits for a request, then takes every one waiting while the pack has room."""
+    first = self._held or self._waiting.get()
+    self._held = None
+    if first is None:
+      return None
+    batch, tokens = [first], len(first.prompt_ids)
+    while len(batch) < max_seqs(self.budget) and not self._waiting.empty():
+      request = self._waiting.get()
+      if request is None:
+        self._waiting.put(None)
+        break
+      if tokens + len(request.prompt_ids) > self.budget:
+        self._held = request
+        break
+      batch.append(request)
+      tokens += len(request.prompt_ids)
+    return batch
+
+  def _score_batch(self, batch: list[Request]):
+    laid = pack([request.prompt_ids for request in batch], self.budget)
+    top = 1 if max(request.top_logprobs for request in batch) <= 1 else MAX_COMPLETION_LOGPROBS
+    try:
+      scores, choice = self._score[top](self.engine.params, *self._arguments(
+          laid, [device_settings(request.settings) for request in batch]))
+      scores, step = jax.device_get(scores), Step.from_choice(choice)
+    except Exception as e:  # noqa: BLE001 - e.g. out of device memory: these requests fail
+      log.exception("a scoring batch failed; the requests after it go on")
+      for request in batch:
+        self._finish(request, RuntimeError(f"scoring failed: {e!r}"))
+      return
+    self.metrics.prompt_tokens.inc(sum(len(request.prompt_ids) for request in batch))
+    for row, (request, start) in enumerate(zip(batch, laid.starts)):
+      request.prompt_logprobs = prompt_logprobs(scores, start, len(request.prompt_ids),
+                                                request.top_logprobs)
+      self._deliver(request, step, row)
+
+  def _deliver(self, request: Request, step: Step, row: int):
+    if request.max_tokens == 0:
+      self._finish(request, None)
+      return
+    try:
+      delta = request.next_delta(step, row, self.engine.eos_id)
+      request.emit(delta)
+    except Exception as e:  # noqa: BLE001 - its text (detokenizing, stop strings)
+      self._finish(request, e)
+      return
+    self.metrics.generated_tokens.inc()
+    self._finish(request, None)
+
+  @staticmethod
+  def _finish(request: Request, outcome: BaseException | None):
+    request.finished = True
+    try:
+      request.emit(outcome)
+    except RuntimeError:  # the consumer's event loop is gone: nobody is listening
+      pass
+
+
+def prompt_logprobs(scores: PackedScores, start: int, length: int, top: int) -> PromptLogprobs:
+  """One prompt's share of a pack's scores, as `PromptLogprobs.of` takes it from a prefill."""
+  span = slice(start + 1, start + length)
+  return PromptLogprobs(
+      scores.logprobs[span].tolist(),
+      [tuple(zip(tokens, values)) for tokens, values in
+       zip(scores.top_tokens[span, :top].tolist(), scores.top_logprobs[span, :top].tolist())])

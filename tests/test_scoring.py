@@ -1,0 +1,160 @@
+"""serving.scoring: lm-eval's scoring requests packed into one forward, against each prompt's
+own scored prefill (`Engine.prefill_scored`, the single-prompt path) as the reference."""
+
+import queue
+import threading
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.engine import Engine, SamplingSettings
+from serving.orchestrator import Request
+from serving.scoring import Scorer, pack, pack_width, pack_widths
+from serving.server import create_app
+from test_serving import random_run
+
+PROMPTS = [[1, 17, 40, 3, 99, 5, 6], [1], [1, 250], [1, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 200],
+           [1, 300, 2, 45]]
+SETTINGS = [SamplingSettings(temperature=0.0), SamplingSettings(temperature=0.9, seed=7),
+            SamplingSettings(temperature=1.3, top_p=0.8, seed=2**40 + 3),
+            SamplingSettings(temperature=0.7, top_k=5, seed=11), SamplingSettings(temperature=0)]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+  return Engine.from_checkpoint(random_run(tmp_path_factory), slots=2)
+
+
+def scored(scorer: Scorer, prompts, settings, *, top: int, max_tokens: int = 1):
+  """Each prompt through `scorer` at once: (its Request, the items it emitted)."""
+  outputs = [queue.Queue() for _ in prompts]
+  requests = [Request(list(prompt), max_tokens=max_tokens, emit=out.put, settings=setting,
+                      top_logprobs=top, echo=True)
+              for prompt, setting, out in zip(prompts, settings, outputs)]
+  scorer.submit(requests)
+  emitted = []
+  for out in outputs:
+    items = [out.get(timeout=60)]
+    while items[-1] is not None and not isinstance(items[-1], BaseException):
+      items.append(out.get(timeout=60))
+    emitted.append(items)
+  return requests, emitted
+
+
+def test_pack_lays_each_prompt_in_its_own_segment_with_positions_from_zero():
+  laid = pack([[5, 6, 7], [8], [9, 10]], budget=64)
+  assert laid.tokens.shape == (1, 16)
+  np.testing.assert_array_equal(laid.tokens[0, :7], [5, 6, 7, 8, 9, 10, 0])
+  np.testing.assert_array_equal(laid.positions[0, :6], [0, 1, 2, 0, 0, 1])
+  np.testing.assert_array_equal(laid.segment_ids[0, :7], [1, 1, 1, 2, 3, 3, 0])
+  assert laid.starts == [0, 3, 4] and list(laid.last[:3]) == [2, 3, 5]
+
+
+@pytest.mark.parametrize("budget", [16, 64, 100, 1024, 4096])
+def test_pack_widths_rise_to_the_budget_and_fit_every_total(budget):
+  widths = pack_widths(budget)
+  assert widths == sorted(set(widths)) and widths[-1] == budget
+  for tokens in range(1, budget + 1):
+    width = pack_width(tokens, budget)
+    assert tokens <= width and width - tokens < max(32, width // 3)  # the padding
+
+
+def test_packed_prompts_score_as_each_prompt_own_prefill_within_1e_5(engine):
+  """Greedy and sampled settings, prompts of 1 to 14 tokens, 5 alternatives per token."""
+  scorer = Scorer(engine).start()
+  try:
+    requests, emitted = scored(scorer, PROMPTS, SETTINGS, top=5)
+  finally:
+    scorer.stop()
+  for prompt, setting, request, items in zip(PROMPTS, SETTINGS, requests, emitted):
+    _, choice, scores = engine.prefill_scored(prompt, setting)
+    logprobs = np.asarray(scores.logprobs)[0, 1:len(prompt)]
+    np.testing.assert_allclose(request.prompt_logprobs.logprobs, logprobs, atol=1e-5)
+    for t, top in enumerate(request.prompt_logprobs.top_logprobs, start=1):
+      assert [token for token, _ in top] == np.asarray(scores.top_tokens)[0, t, :5].tolist()
+      np.testing.assert_allclose([value for _, value in top],
+                                 np.asarray(scores.top_logprobs)[0, t, :5], atol=1e-5)
+    [delta, end] = items
+    assert end is None and delta.finish_reason == "length"
+    assert delta.token_id == int(choice.token[0])
+    np.testing.assert_allclose(delta.logprob, float(choice.logprob[0]), atol=1e-5)
+    assert [token for token, _ in delta.top_logprobs] == np.asarray(
+        choice.top_tokens)[0, :5].tolist()
+
+
+def test_a_greedy_prompt_tokens_logprob_equals_its_top_logprob_exactly(engine):
+  """lm-eval's is_greedy compares them with `!=`; top-1 comes from the max, not a top-k."""
+  prompt = [1]
+  for _ in range(8):
+    prompt.append(int(np.argmax(engine.logits_without_cache(prompt)[-1])))
+  scorer = Scorer(engine).start()
+  try:
+    [request], _ = scored(scorer, [prompt], [SamplingSettings(temperature=0)], top=1)
+  finally:
+    scorer.stop()
+  for logprob, [(token, top_logprob)] in zip(request.prompt_logprobs.logprobs,
+                                             request.prompt_logprobs.top_logprobs):
+    assert logprob == top_logprob
+
+
+def test_max_tokens_0_scores_the_prompt_and_emits_no_token(engine):
+  scorer = Scorer(engine).start()
+  try:
+    [request], [items] = scored(scorer, [PROMPTS[0]], [SETTINGS[0]], top=1, max_tokens=0)
+  finally:
+    scorer.stop()
+  assert items == [None] and len(request.prompt_logprobs.logprobs) == len(PROMPTS[0]) - 1
+
+
+def test_prompts_waiting_together_share_one_forward_pass(engine):
+  scorer = Scorer(engine)
+  forwards, gate = [], threading.Event()
+  original = scorer._score[1]
+
+  def counted(*args):
+    gate.wait(60)  # holds the first pack until the rest are queued behind it
+    forwards.append(args[1].shape)
+    return original(*args)
+
+  scorer._score[1] = counted
+  scorer.start()
+  try:
+    first = threading.Thread(target=scored, args=(scorer, [PROMPTS[0]], [SETTINGS[0]]),
+                             kwargs={"top": 1})
+    first.start()
+    while scorer._waiting.qsize():  # the scorer took the first one
+      pass
+    rest = threading.Thread(target=scored, args=(scorer, PROMPTS, [SETTINGS[0]] * 5),
+                            kwargs={"top": 1})
+    rest.start()
+    while scorer._waiting.qsize() < len(PROMPTS):
+      pass
+    gate.set()
+    first.join(60), rest.join(60)
+  finally:
+    scorer.stop()
+  assert len(forwards) == 2  # the lone one, then the five of a concurrent request in one
+
+
+def test_the_server_scores_lm_eval_requests_without_a_decode_slot(engine, monkeypatch):
+  """A scoring request (echo, logprobs, max_tokens 1) never reaches the engine's prefill or
+  its decode slots: it is answered with both made to fail."""
+  expected = [engine.prefill_scored(prompt, SETTINGS[0])[2] for prompt in PROMPTS]
+
+  def refuse(*_, **__):
+    raise AssertionError("a scoring request reached the decode slots")
+
+  with TestClient(create_app(engine, model_name="tiny")) as client:
+    monkeypatch.setattr(engine, "prefill_scored", refuse)
+    monkeypatch.setattr(engine, "insert", refuse)
+    response = client.post("/v1/completions", json={
+        "model": "tiny", "prompt": PROMPTS, "max_tokens": 1, "logprobs": 1, "echo": True,
+        "temperature": 0})
+    client.app.state.scorer.stop()
+  assert response.status_code == 200, response.text
+  for prompt, choice, scores in zip(PROMPTS, response.json()["choices"], expected):
+    token_logprobs = choice["logprobs"]["token_logprobs"]
+    assert token_logprobs[0] is None and len(token_logprobs) == len(prompt) + 1
+    np.testing.assert_allclose(token_logprobs[1:len(prompt)],
+                               np.asarray(scores.logprobs)[0, 1:len(prompt)], atol=1e-5)
