@@ -7,6 +7,8 @@ The shared directories are read by many tests: a test that changes one works on 
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import sysconfig
 import tempfile
 import threading
@@ -66,6 +68,31 @@ def pytest_unconfigure(config):
   del config
   while _own_cache_dirs:
     shutil.rmtree(_own_cache_dirs.pop(), ignore_errors=True)
+
+
+def train_subprocess(workdir, data_dir, bindings: list[str], *flags: str,
+                     devices: int = 8) -> subprocess.Popen:
+  """A real `python -m maxlm.train` with gin `bindings` (lines) and `flags`, on `devices` fake
+  CPU devices, its output merged into one text pipe."""
+  command = [sys.executable, "-m", "maxlm.train", f"--workdir={workdir}",
+             f"--data_dir={data_dir}", *[f"--gin_param={line}" for line in bindings], *flags]
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env, cwd=Path(__file__).parent.parent)
+
+
+def kill_after_step(process: subprocess.Popen, step: int) -> list[str]:
+  """Reads a `train_subprocess`'s output up to step `step`'s line (flushed as the step ends),
+  then SIGKILLs it; its output so far."""
+  output = []
+  for line in process.stdout:
+    output.append(line)
+    if line.startswith(f"step {step}/"):
+      break
+  process.kill()
+  process.wait()
+  assert any(line.startswith(f"step {step}/") for line in output), "".join(output)
+  return output
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from maxlm import train as train_module
 from maxlm.errors import UserError
 from maxlm.model import ModelConfig, Transformer, training_flops_per_token
 from maxlm.post_training import DPO, SFT
-from conftest import TINY_RUN, gin_config
+from conftest import TINY_RUN, gin_config, kill_after_step, train_subprocess
 
 CONFIG = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=2, num_kv_heads=1,
                      head_dim=16, mlp_dim=64, max_seq_len=64)
@@ -430,13 +430,8 @@ def test_dpo_throughput_counts_a_rows_tokens_once_and_the_reference_forward(dpo_
 
 def train_process(stage: str, workdir, data_dir, init_from, steps: int) -> subprocess.Popen:
   """`python -m maxlm.train` with the test's bindings and a checkpoint after every step."""
-  bindings = [*TINY_BINDINGS.strip().splitlines(), *STAGES[stage]]
-  command = [sys.executable, "-m", "maxlm.train", f"--workdir={workdir}",
-             f"--data_dir={data_dir}", f"--init_from={init_from}", f"--steps={steps}",
-             "--checkpoint_every=1", *[f"--gin_param={line}" for line in bindings]]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env, cwd=Path(__file__).parent.parent)
+  return train_subprocess(workdir, data_dir, [*TINY_BINDINGS.strip().splitlines(), *STAGES[stage]],
+                          f"--init_from={init_from}", f"--steps={steps}", "--checkpoint_every=1")
 
 
 # SFT resumes through the same loop as pretraining (tests/test_train.py kills one too); DPO
@@ -454,15 +449,7 @@ def test_a_run_killed_midway_and_rerun_gives_the_uninterrupted_metrics_bitwise(
     init_from, data_dir = tmp_path / "source", chat_dirs[1]
     shutil.copytree(request.getfixturevalue("sft_run")[0], init_from)
   run, steps = tmp_path / "run", DPO_STEPS if stage == "dpo" else RUN_STEPS
-  killed = train_process(stage, run, data_dir, init_from, steps)
-  output = []
-  for line in killed.stdout:
-    output.append(line)
-    if line.startswith("step 5/"):
-      break
-  killed.kill()
-  killed.wait()
-  assert any(line.startswith("step 5/") for line in output), "".join(output)
+  kill_after_step(train_process(stage, run, data_dir, init_from, steps), 5)
   if stage == "dpo":
     train_stage("sft", init_from, chat_dirs[0], request.getfixturevalue("pretrained")[1],
                 steps=RUN_STEPS + 2)

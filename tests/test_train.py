@@ -8,8 +8,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import gin
@@ -25,7 +23,7 @@ from maxlm import steps as train_steps
 from maxlm.data.loader import split_shard_paths
 from maxlm import train as train_module
 from maxlm.config_checks import UserError
-from conftest import TINY_RUN, TINY_RUN_PEAK_FLOPS, TINY_RUN_STEPS, gin_config
+from conftest import TINY_RUN, TINY_RUN_PEAK_FLOPS, TINY_RUN_STEPS, gin_config, train_subprocess
 from test_data import damage_record
 
 @pytest.fixture(autouse=True)
@@ -100,12 +98,8 @@ def test_microbatches_and_z_loss_train(data_dir, tmp_path):
 
 def _train_process(workdir, data_dir, *extra_flags, devices=8):
   """A real `python -m maxlm.train` with the tiny bindings, one progress line per step."""
-  bindings = [f"--gin_param={line}" for line in TINY_RUN.strip().splitlines()]
-  command = [sys.executable, "-m", "maxlm.train", f"--workdir={workdir}",
-             f"--data_dir={data_dir}", *bindings, "--gin_param=train.log_every=1", *extra_flags]
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env, cwd=Path(__file__).parent.parent)
+  return train_subprocess(workdir, data_dir, TINY_RUN.strip().splitlines(),
+                          "--gin_param=train.log_every=1", *extra_flags, devices=devices)
 
 
 def _run_until_step(process, step: int) -> list[str]:

@@ -6,10 +6,8 @@ import contextlib
 import functools
 import json
 import math
-import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from maxlm.model import ModelConfig, Transformer, layers, multimodal
 from maxlm.model.vit import Projector, VisionConfig, VisionEncoder
 from maxlm.vision_tasks import VisionSFT, text_targets
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, kill_after_step, train_subprocess
 
 IMAGE_ID = 7
 VISION = VisionConfig(image_size=16, patch_size=4, num_layers=2, embed_dim=32, num_heads=4,
@@ -373,12 +371,8 @@ SFT_STEPS = 8
 def vision_train_process(workdir, data_dir, init_from) -> subprocess.Popen:
   """`python -m maxlm.train` with the in-process run's bindings, a checkpoint every step."""
   bindings = [line for line in (TINY_BINDINGS + VISION_SFT_STAGE).strip().splitlines() if line]
-  command = [sys.executable, "-m", "maxlm.train", f"--workdir={workdir}",
-             f"--data_dir={data_dir}", f"--init_from={init_from}", f"--steps={SFT_STEPS}",
-             "--checkpoint_every=1", *[f"--gin_param={line}" for line in bindings]]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env, cwd=Path(__file__).parent.parent)
+  return train_subprocess(workdir, data_dir, bindings, f"--init_from={init_from}",
+                          f"--steps={SFT_STEPS}", "--checkpoint_every=1")
 
 
 def computed_rows(run_dir) -> list[dict]:
@@ -396,15 +390,7 @@ def test_a_vision_run_killed_midway_and_rerun_gives_the_uninterrupted_metrics_bi
   with gin_bindings(VISION_SFT_STAGE):
     train_module.train(workdir=str(uninterrupted), data_dir=image_dir, steps=SFT_STEPS,
                        init_from=str(text_run))
-  killed = vision_train_process(run, image_dir, text_run)
-  output = []
-  for line in killed.stdout:  # each step's line is flushed as the step ends
-    output.append(line)
-    if line.startswith("step 5/"):
-      break
-  killed.kill()
-  killed.wait()
-  assert any(line.startswith("step 5/") for line in output), "".join(output)
+  kill_after_step(vision_train_process(run, image_dir, text_run), 5)
   with gin_bindings(VISION_SFT_STAGE):
     train_module.train(workdir=str(run), data_dir=image_dir, steps=SFT_STEPS,
                        init_from=str(text_run))
