@@ -7,8 +7,8 @@ process (`maxlm.evals`), and Hugging Face transformers scoring the same items in
 The items are contexts and four continuations cut from lines of the stdlib's `textwrap`
 source. Each side scores the same token ids (tokenizing is left out of every timing): the
 server gets lm-eval's `local-completions` request (echo, logprobs=1, max_tokens=1, `--batch`
-token-id prompts per request) from one client, which the server packs into one forward
-(`serving.scoring`); the server runs with `--engine_cpus=all`, as the other two use every core
+token-id prompts per request, in lm-eval's order: longest first) from one client, which the
+server packs into one forward, computing prompts' shared prefixes once (`serving.scoring`); the server runs with `--engine_cpus=all`, as the other two use every core
 (a scoring request's HTTP work is small beside its forward); in process,
 `maxlm.evals.scoring.score` batches `--batch` sequences per forward pass; transformers runs
 `LlamaForCausalLM` with the same weights (benchmarks/hf_llama.py) on right-padded batches of
@@ -80,17 +80,25 @@ def in_process(engine: Engine, pairs, batch: int):
   return run
 
 
+def lm_eval_order(pairs) -> list[int]:
+  """The order lm-eval's local-completions sends log-likelihood requests in: longest first,
+  then by token ids (its Collator), so an item's choices meet in one request only when their
+  lengths do."""
+  return sorted(range(len(pairs)), key=lambda i: (-len(pairs[i][0]), tuple(pairs[i][0])))
+
+
 def through_server(url: str, pairs, batch: int):
   client = httpx.Client(timeout=300)
+  order = lm_eval_order(pairs)
   def run():
-    results = []
-    for start in range(0, len(pairs), batch):
-      chunk = pairs[start:start + batch]
+    results = [0.0] * len(pairs)
+    for start in range(0, len(order), batch):
+      chunk = order[start:start + batch]
       body = client.post(f"{url}/v1/completions", json={
-          "model": "bench", "prompt": [ids for ids, _ in chunk], "max_tokens": 1, "logprobs": 1,
-          "echo": True, "temperature": 0}).json()
-      for (_, length), choice in zip(chunk, body["choices"]):
-        results.append(float(sum(choice["logprobs"]["token_logprobs"][length:-1])))
+          "model": "bench", "prompt": [pairs[i][0] for i in chunk], "max_tokens": 1,
+          "logprobs": 1, "echo": True, "temperature": 0}).json()
+      for i, choice in zip(chunk, body["choices"]):
+        results[i] = float(sum(choice["logprobs"]["token_logprobs"][pairs[i][1]:-1]))
     return results
   return run
 

@@ -30,13 +30,14 @@ from serving.orchestrator import PromptLogprobs, QueueFull, Request, Unavailable
 
 log = logging.getLogger("serving")
 MIN_WIDTH = 16
+SCORE_BLOCK = 64  # logits rows reduced at a time
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PackedScores:
-  """Per position t of a packed row: how likely token t was after the ones before it in its
-  segment. A segment's first position holds the previous segment's last prediction: unread."""
+  """Per position t of a packed row: how likely token t was after its predecessor (unread at
+  a prompt's first token), and the likeliest tokens to follow t."""
   logprobs: jax.Array      # float32 [width]
   top_tokens: jax.Array    # int32 [width, top], most likely first
   top_logprobs: jax.Array  # float32 [width, top]
@@ -58,31 +59,88 @@ def pack_width(tokens: int, budget: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Pack:
-  """Prompts laid one after another in one row: what the compiled forward takes."""
-  tokens: np.ndarray       # int32 [1, width]
-  positions: np.ndarray    # int32 [1, width]: from 0 in each segment
-  segment_ids: np.ndarray  # int32 [1, width]: 1, 2, ... per prompt; 0 is the padding
-  starts: list[int]        # where each prompt begins
-  last: np.ndarray         # int32 [seqs]: each prompt's last position (0 past the prompts)
+  """Prompts laid one after another in one row: what the compiled forward takes. A group of
+  prompts sharing a prefix is one segment: the prefix once (branch 0), then each prompt's own
+  remainder as its own branch, which sees the prefix and itself only."""
+  tokens: np.ndarray        # int32 [1, width]
+  positions: np.ndarray     # int32 [1, width]: from 0 in each prompt
+  segment_ids: np.ndarray   # int32 [1, width]: 1, 2, ... per group; 0 is the padding
+  branch_ids: np.ndarray    # int32 [1, width]: 0 the shared prefix, 1, 2, ... its members
+  predecessor: np.ndarray   # int32 [1, width]: where the token before each one is (itself
+                            # for a prompt's first token and the padding)
+  spans: list[np.ndarray]   # per prompt, where its tokens are, in order
+  last: np.ndarray          # int32 [seqs]: each prompt's last position (0 past the prompts)
 
 
 def pack(prompts: list[list[int]], budget: int) -> Pack:
-  """`prompts` (at most `budget` tokens in all) in one row of the next width."""
-  width = pack_width(sum(map(len, prompts)), budget)
-  tokens = np.full((1, width), sampling.PAD_ID, np.int32)
-  positions = np.zeros((1, width), np.int32)
-  segment_ids = np.zeros((1, width), np.int32)
+  """`prompts` (at most `budget` tokens in all) in one row of the next width, each group
+  sharing a prefix (`shared_prefix_groups`) laid as one segment."""
+  groups = shared_prefix_groups(prompts)
+  used = sum(shared + sum(len(prompts[i]) - shared for i in members)
+             for shared, members in groups)
+  width = pack_width(used, budget)
+  rows = {name: np.zeros((1, width), np.int32) for name in
+          ("tokens", "positions", "segment_ids", "branch_ids")}
+  rows["tokens"][:] = sampling.PAD_ID
+  predecessor = np.arange(width, dtype=np.int32)[None]
+  spans, start = [None] * len(prompts), 0
+
+  def lay(tokens, first_position, segment, branch, before):
+    nonlocal start
+    span = np.arange(start, start + len(tokens))
+    rows["tokens"][0, span] = tokens
+    rows["positions"][0, span] = np.arange(first_position, first_position + len(tokens))
+    rows["segment_ids"][0, span], rows["branch_ids"][0, span] = segment, branch
+    predecessor[0, span[1:]] = span[:-1]
+    if before is not None and len(span):
+      predecessor[0, span[0]] = before
+    start += len(tokens)
+    return span
+
+  for segment, (shared, members) in enumerate(groups, start=1):
+    prefix = lay(prompts[members[0]][:shared], 0, segment, 0, None)
+    before = prefix[-1] if shared else None
+    for branch, index in enumerate(members, start=1 if len(members) > 1 else 0):
+      spans[index] = np.concatenate(
+          [prefix, lay(prompts[index][shared:], shared, segment, branch, before)])
   last = np.zeros(max_seqs(width), np.int32)
-  starts, start = [], 0
-  for index, prompt in enumerate(prompts):
-    end = start + len(prompt)
-    tokens[0, start:end] = prompt
-    positions[0, start:end] = np.arange(len(prompt))
-    segment_ids[0, start:end] = index + 1
-    starts.append(start)
-    last[index] = end - 1
-    start = end
-  return Pack(tokens, positions, segment_ids, starts, last)
+  last[:len(prompts)] = [span[-1] for span in spans]
+  return Pack(rows["tokens"], rows["positions"], rows["segment_ids"], rows["branch_ids"],
+              predecessor, spans, last)
+
+
+def shared_prefix_groups(prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
+  """(shared prefix length, prompt indices) per group: `prompts` split into groups whose
+  members share their first tokens, so the group's pack computes them once. lm-eval sends a
+  multiple-choice item as one prompt per choice, each repeating the context. The groups are
+  runs of the prompts in sorted order, the split that saves most tokens (a dynamic program);
+  every member keeps at least its last token of its own."""
+  order = sorted(range(len(prompts)), key=lambda index: prompts[index])
+  common = [common_prefix(prompts[a], prompts[b]) for a, b in zip(order, order[1:])]
+  saved, split = [0] * (len(order) + 1), [0] * (len(order) + 1)
+  for end in range(1, len(order) + 1):  # the best split of order[:end]
+    saved[end], split[end] = saved[end - 1], end - 1
+    shared = len(prompts[order[end - 1]]) - 1
+    for start in range(end - 2, -1, -1):  # the group order[start:end]
+      shared = min(shared, common[start], len(prompts[order[start]]) - 1)
+      if shared <= 0:
+        break
+      if saved[start] + (end - start - 1) * shared > saved[end]:
+        saved[end], split[end] = saved[start] + (end - start - 1) * shared, start
+  groups, end = [], len(order)
+  while end:
+    start = split[end]
+    members = order[start:end]
+    shared = min(len(prompts[i]) - 1 for i in members) if len(members) > 1 else 0
+    for a, b in zip(members, members[1:]):
+      shared = min(shared, common_prefix(prompts[a], prompts[b]))
+    groups.append((shared, members))
+    end = start
+  return groups[::-1]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+  return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def max_seqs(width: int) -> int:
@@ -90,20 +148,39 @@ def max_seqs(width: int) -> int:
   return min(width, 64)
 
 
-def score_pack_fn(graphdef, params, tokens, positions, segment_ids, last, seeds, temperature,
-                  top_p, top_k, *, top: int) -> tuple[PackedScores, sampling.TokenChoice]:
+def score_pack_fn(graphdef, params, tokens, positions, segment_ids, branch_ids, predecessor,
+                  last, seeds, temperature, top_p, top_k, *,
+                  top: int) -> tuple[PackedScores, sampling.TokenChoice]:
   """One forward over a packed row: every position's next-token scores and, for each prompt
   (rows of `last`), its first new token as `sampling.scored_prefill_fn` chooses it."""
   model = nnx.merge(graphdef, params)
-  x, _ = model.decode(model.embed(tokens), positions, segment_ids)
-  logits = model.logits(x)
-  scores = next_token_scores(logits[0, :-1], tokens[0, 1:], top)
-  shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:1]), x])  # noqa: E731
-  scores = PackedScores(*map(shift, (scores.logprobs, scores.top_tokens, scores.top_logprobs)))
+  x, _ = model.decode(model.embed(tokens), positions, segment_ids, branch_ids=branch_ids)
+  rows = -(-x.shape[1] // SCORE_BLOCK) * SCORE_BLOCK
+  logits = model.logits(jnp.pad(x[0], ((0, rows - x.shape[1]), (0, 0))))
+  scores = position_scores(logits, tokens[0], predecessor[0], top)
   keys = jax.vmap(lambda seed, at: jax.random.fold_in(sampling.seed_key(seed), at))(
       seeds, positions[0, last])
-  choice = first_tokens(logits[0, last], keys, temperature, top_p, top_k, top)
+  choice = first_tokens(logits[last], keys, temperature, top_p, top_k, top)
   return scores, choice
+
+
+def position_scores(logits: jax.Array, tokens: jax.Array, predecessor: jax.Array,
+                    top: int) -> PackedScores:
+  """logits: [rows, vocab], rows a multiple of SCORE_BLOCK; tokens, predecessor: [seq <= rows].
+  Each token's log-probability after the one at its predecessor, and the `top` likeliest
+  tokens after each position. The reductions go SCORE_BLOCK rows at a time, which stay in
+  cache: 1.6x faster on CPU than over all rows at once for a pack of 768."""
+  def block_scores(block):
+    largest, log_z = log_normalizer(block)
+    return log_z, *likeliest(block, largest, log_z, top)
+
+  log_z, top_tokens, top_logprobs = jax.lax.map(
+      block_scores, logits.reshape(-1, SCORE_BLOCK, logits.shape[-1]))
+  log_z = log_z.reshape(-1)
+  seq = tokens.shape[0]
+  target = logits[predecessor, tokens] - log_z[predecessor]
+  return PackedScores(target, top_tokens.reshape(-1, top_tokens.shape[-1])[:seq],
+                      top_logprobs.reshape(-1, top_logprobs.shape[-1])[:seq])
 
 
 def log_normalizer(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -114,17 +191,24 @@ def log_normalizer(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def next_token_scores(logits: jax.Array, targets: jax.Array, top: int) -> PackedScores:
   """logits: [seq, vocab] -> the log-probability of `targets` [seq] and the `top` likeliest
-  tokens at each position. XLA's CPU argmax and top-k take ~6x a max over the same logits, so
-  the likeliest token comes from the max (the first index holding it, as argmax picks) and
-  top-k runs only when more than one alternative is asked for."""
+  tokens at each position."""
   largest, log_z = log_normalizer(logits)
   target = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - log_z
+  return PackedScores(target, *likeliest(logits, largest, log_z, top))
+
+
+def likeliest(logits: jax.Array, largest: jax.Array, log_z: jax.Array,
+              top: int) -> tuple[jax.Array, jax.Array]:
+  """The `top` likeliest tokens of each row of logits [seq, vocab] and their log-probabilities.
+  XLA's CPU argmax and top-k take ~6x a max over the same logits, so the likeliest token comes
+  from the max (the first index holding it, as argmax picks) and top-k runs only when more
+  than one alternative is asked for."""
   if top == 1:
     index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
-    likeliest = jnp.min(jnp.where(logits == largest[:, None], index, logits.shape[-1]), axis=-1)
-    return PackedScores(target, likeliest[:, None], (largest - log_z)[:, None])
+    token = jnp.min(jnp.where(logits == largest[:, None], index, logits.shape[-1]), axis=-1)
+    return token[:, None], (largest - log_z)[:, None]
   top_logits, top_tokens = jax.lax.top_k(logits, min(top, logits.shape[-1]))
-  return PackedScores(target, top_tokens.astype(jnp.int32), top_logits - log_z[:, None])
+  return top_tokens.astype(jnp.int32), top_logits - log_z[:, None]
 
 
 def first_tokens(logits, keys, temperature, top_p, top_k, top: int) -> sampling.TokenChoice:
@@ -158,6 +242,7 @@ class Scorer:
                    for top in (1, MAX_COMPLETION_LOGPROBS)}
     self._waiting: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
     self._held: Request | None = None  # taken from the line but past the last pack's budget
+    self._queueing = threading.Lock()  # held while one submit() queues its prompts
     self._thread = threading.Thread(target=self._run, name="maxlm-scorer", daemon=True)
 
   @staticmethod
@@ -185,9 +270,10 @@ class Scorer:
     if self._waiting.qsize() + len(requests) > self.max_queue:
       raise QueueFull(f"{self._waiting.qsize()} prompts are already waiting to be scored; "
                       "retry later")
-    for request in requests:
-      request.text = TextStream(self.engine.decode, request.stops, request.prompt_ids)
-      self._waiting.put(request)
+    with self._queueing:
+      for request in requests:
+        request.text = TextStream(self.engine.decode, request.stops, request.prompt_ids)
+        self._waiting.put(request)
 
   def warmup(self):
     """Compiles the forward for every pack width (lm-eval's logprobs=1 and up to 5)."""
@@ -204,8 +290,8 @@ class Scorer:
                                         np.zeros(rows, np.int32))
     for row, (seed, temperature_, top_p_, top_k_) in enumerate(settings):
       seeds[row], temperature[row], top_p[row], top_k[row] = seed, temperature_, top_p_, top_k_
-    return (laid.tokens, laid.positions, laid.segment_ids, laid.last, seeds, temperature, top_p,
-            top_k)
+    return (laid.tokens, laid.positions, laid.segment_ids, laid.branch_ids, laid.predecessor,
+            laid.last, seeds, temperature, top_p, top_k)
 
   # --- the loop (its own thread) ---------------------------------------------------------------
 
@@ -229,6 +315,8 @@ class Scorer:
     """Waits for a request, then takes every one waiting while the pack has room."""
     first = self._held or self._waiting.get()
     self._held = None
+    with self._queueing:  # the prompts queued with `first` are all in the line
+      pass
     if first is None:
       return None
     batch, tokens = [first], len(first.prompt_ids)
@@ -257,9 +345,8 @@ class Scorer:
         self._finish(request, RuntimeError(f"scoring failed: {e!r}"))
       return
     self.metrics.prompt_tokens.inc(sum(len(request.prompt_ids) for request in batch))
-    for row, (request, start) in enumerate(zip(batch, laid.starts)):
-      request.prompt_logprobs = prompt_logprobs(scores, start, len(request.prompt_ids),
-                                                request.top_logprobs)
+    for row, (request, span) in enumerate(zip(batch, laid.spans)):
+      request.prompt_logprobs = prompt_logprobs(scores, span, request.top_logprobs)
       self._deliver(request, step, row)
 
   def _deliver(self, request: Request, step: Step, row: int):
@@ -284,10 +371,11 @@ class Scorer:
       pass
 
 
-def prompt_logprobs(scores: PackedScores, start: int, length: int, top: int) -> PromptLogprobs:
-  """One prompt's share of a pack's scores, as `PromptLogprobs.of` takes it from a prefill."""
-  span = slice(start + 1, start + length)
+def prompt_logprobs(scores: PackedScores, span: np.ndarray, top: int) -> PromptLogprobs:
+  """One prompt's share of a pack's scores (`span`: where its tokens are), as
+  `PromptLogprobs.of` takes it from a prefill."""
   return PromptLogprobs(
-      scores.logprobs[span].tolist(),
+      scores.logprobs[span[1:]].tolist(),
       [tuple(zip(tokens, values)) for tokens, values in
-       zip(scores.top_tokens[span, :top].tolist(), scores.top_logprobs[span, :top].tolist())])
+       zip(scores.top_tokens[span[:-1], :top].tolist(),
+           scores.top_logprobs[span[:-1], :top].tolist())])

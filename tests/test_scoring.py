@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from serving.engine import Engine, SamplingSettings
 from serving.orchestrator import Request
-from serving.scoring import Scorer, pack, pack_width, pack_widths
+from serving.scoring import Scorer, pack, pack_width, pack_widths, shared_prefix_groups
 from serving.server import create_app
 from test_serving import random_run
 
@@ -48,7 +48,57 @@ def test_pack_lays_each_prompt_in_its_own_segment_with_positions_from_zero():
   np.testing.assert_array_equal(laid.tokens[0, :7], [5, 6, 7, 8, 9, 10, 0])
   np.testing.assert_array_equal(laid.positions[0, :6], [0, 1, 2, 0, 0, 1])
   np.testing.assert_array_equal(laid.segment_ids[0, :7], [1, 1, 1, 2, 3, 3, 0])
-  assert laid.starts == [0, 3, 4] and list(laid.last[:3]) == [2, 3, 5]
+  np.testing.assert_array_equal(laid.branch_ids[0], 0)
+  assert [span.tolist() for span in laid.spans] == [[0, 1, 2], [3], [4, 5]]
+  assert list(laid.last[:3]) == [2, 3, 5]
+
+
+def test_prompts_sharing_a_prefix_lay_it_once_and_each_remainder_as_its_own_branch():
+  prompts = [[1, 4, 9], [2, 3], [1, 4, 5, 6], [1, 4, 5, 7, 8]]
+  laid = pack(prompts, budget=64)
+  # [1, 4] once (3 branches save 4 tokens; [1, 4, 5] for two would save 3), then [2, 3]
+  np.testing.assert_array_equal(laid.tokens[0, :10], [1, 4, 5, 6, 5, 7, 8, 9, 2, 3])
+  np.testing.assert_array_equal(laid.branch_ids[0, :10], [0, 0, 1, 1, 2, 2, 2, 3, 0, 0])
+  np.testing.assert_array_equal(laid.segment_ids[0, :11], [1] * 8 + [2, 2, 0])
+  for prompt, span in zip(prompts, laid.spans):
+    np.testing.assert_array_equal(laid.tokens[0, span], prompt)
+    np.testing.assert_array_equal(laid.positions[0, span], np.arange(len(prompt)))
+    np.testing.assert_array_equal(laid.predecessor[0, span[1:]], span[:-1])
+  assert list(laid.last[:4]) == [7, 9, 3, 6]
+
+
+def brute_force_saving(prompts) -> int:
+  """The most tokens any grouping of `prompts` saves, over every set partition."""
+  def partitions(items):
+    if not items:
+      yield []
+      return
+    first, rest = items[0], items[1:]
+    for partition in partitions(rest):
+      yield [[first], *partition]
+      for i in range(len(partition)):
+        yield [*partition[:i], [first, *partition[i]], *partition[i + 1:]]
+
+  def saving(group):
+    members = [prompts[i] for i in group]
+    shared = min(len(p) - 1 for p in members)
+    while shared and len({tuple(p[:shared]) for p in members}) > 1:
+      shared -= 1
+    return (len(group) - 1) * shared
+
+  return max(sum(map(saving, partition)) for partition in partitions(list(range(len(prompts)))))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shared_prefix_groups_save_as_many_tokens_as_the_best_set_partition(seed):
+  rng = np.random.default_rng(seed)
+  prompts = [[1, *rng.integers(2, 4, rng.integers(0, 5))] for _ in range(6)]
+  groups = shared_prefix_groups(prompts)
+  assert sorted(i for _, members in groups for i in members) == list(range(6))
+  for shared, members in groups:
+    assert len({tuple(prompts[i][:shared]) for i in members}) == 1
+    assert all(len(prompts[i]) > shared for i in members)
+  assert sum((len(m) - 1) * shared for shared, m in groups) == brute_force_saving(prompts)
 
 
 @pytest.mark.parametrize("budget", [16, 64, 100, 1024, 4096])
@@ -60,14 +110,15 @@ def test_pack_widths_rise_to_the_budget_and_fit_every_total(budget):
     assert tokens <= width and width - tokens < max(32, width // 3)  # the padding
 
 
-def test_packed_prompts_score_as_each_prompt_own_prefill_within_1e_5(engine):
-  """Greedy and sampled settings, prompts of 1 to 14 tokens, 5 alternatives per token."""
+def assert_scored_as_each_prompt_own_prefill(engine, prompts, settings):
+  """Each prompt's logprobs, its 5 alternatives per token and its new token, packed, equal
+  those of its own `Engine.prefill_scored` within 1e-5."""
   scorer = Scorer(engine).start()
   try:
-    requests, emitted = scored(scorer, PROMPTS, SETTINGS, top=5)
+    requests, emitted = scored(scorer, prompts, settings, top=5)
   finally:
     scorer.stop()
-  for prompt, setting, request, items in zip(PROMPTS, SETTINGS, requests, emitted):
+  for prompt, setting, request, items in zip(prompts, settings, requests, emitted, strict=True):
     _, choice, scores = engine.prefill_scored(prompt, setting)
     logprobs = np.asarray(scores.logprobs)[0, 1:len(prompt)]
     np.testing.assert_allclose(request.prompt_logprobs.logprobs, logprobs, atol=1e-5)
@@ -81,6 +132,20 @@ def test_packed_prompts_score_as_each_prompt_own_prefill_within_1e_5(engine):
     np.testing.assert_allclose(delta.logprob, float(choice.logprob[0]), atol=1e-5)
     assert [token for token, _ in delta.top_logprobs] == np.asarray(
         choice.top_tokens)[0, :5].tolist()
+
+
+def test_packed_prompts_score_as_each_prompt_own_prefill_within_1e_5(engine):
+  """Greedy and sampled settings, prompts of 1 to 14 tokens, 5 alternatives per token."""
+  assert_scored_as_each_prompt_own_prefill(engine, PROMPTS, SETTINGS)
+
+
+def test_choices_sharing_their_context_score_as_each_prompt_own_prefill_within_1e_5(engine):
+  """lm-eval's multiple-choice prompts: one context, a prompt per choice, and a prompt of
+  another item between them: the context is computed once, for 4 branches."""
+  prompts = [[1, 17, 40, 3, 99, 5, 6], [1, 17, 40, 3, 99, 7], [1, 250],
+             [1, 17, 40, 3, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [1, 17, 40, 3, 5]]
+  assert pack(prompts, 64).branch_ids.max() == 4
+  assert_scored_as_each_prompt_own_prefill(engine, prompts, SETTINGS)
 
 
 def test_a_greedy_prompt_tokens_logprob_equals_its_top_logprob_exactly(engine):
