@@ -17,7 +17,6 @@ from maxlm import quantization
 from maxlm.model import kv_cache
 from serving.engine import Engine, SamplingSettings
 from serving.orchestrator import Orchestrator
-from serving.scoring import Scorer, device_settings, pack
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +26,12 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def compiled(run_dir):
-  """(the int8 engine, the compiled text of its scoring forward)."""
+  """(the int8 engine, the compiled text of its decode step: the program every token runs; a
+  scoring pack's padded activations can take a weight's shape, this one's cannot)."""
   engine = Engine.from_checkpoint(run_dir, slots=1, quantize="int8")
-  scorer = Scorer(engine)
-  laid = pack([[1, 5, 9]], scorer.budget)
-  arguments = scorer._arguments(laid, [device_settings(SamplingSettings())])
-  return engine, scorer._score[1].lower(engine.params, *arguments).compile().as_text()
+  rows, table = np.full(1, engine.slots, np.int32), np.zeros((1, 1), np.int32)
+  return engine, engine._step.lower(engine.params, engine.init_decode_state(), rows,
+                                    table).compile().as_text()
 
 
 def int8_leaves(params) -> list[quantization.Int8Array]:
