@@ -57,6 +57,17 @@ def numpy_attention(q, k, v, mask, scale):
   return out, pullback
 
 
+def assert_vjp_matches_numpy(flash, q, k, v, d_out, mask, scale) -> np.ndarray:
+  """`flash`'s output and its q/k/v gradients equal float64 NumPy's under `mask`; returns
+  NumPy's output."""
+  out, vjp = jax.vjp(flash, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+  want_out, pullback = numpy_attention(*(x.astype(np.float64) for x in (q, k, v)), mask, scale)
+  for name, got, want in zip(["out", "dq", "dk", "dv"], (out, *vjp(jnp.asarray(d_out))),
+                             (want_out, *pullback(d_out.astype(np.float64)))):
+    np.testing.assert_allclose(np.asarray(got), want, atol=ATOL, rtol=RTOL, err_msg=name)
+  return want_out
+
+
 def documents(batch, seq_len, num_docs, rng):
   """segment_ids [batch, seq_len]: num_docs documents 1..n of random lengths, then padding segment 0."""
   rows = []
@@ -125,12 +136,7 @@ def test_triton_structure_matches_numpy_in_interpreter():
                      interpret=True, triton=True)
   module = importlib.import_module("kernels_pallas.flash_attention")   # the package exports the function
   flash = lambda q, k, v: module._pallas_attention(q, k, v, jnp.asarray(segment_ids), cfg)
-  out, vjp = jax.vjp(flash, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
-  want_out, pullback = numpy_attention(*(x.astype(np.float64) for x in (q, k, v)),
-                                       numpy_mask(1, 45, 45, True, segment_ids), 0.25)
-  for name, got, want in zip(["out", "dq", "dk", "dv"], (out, *vjp(jnp.asarray(d_out))),
-                             (want_out, *pullback(d_out.astype(np.float64)))):
-    np.testing.assert_allclose(np.asarray(got), want, atol=ATOL, rtol=RTOL, err_msg=name)
+  assert_vjp_matches_numpy(flash, q, k, v, d_out, numpy_mask(1, 45, 45, True, segment_ids), 0.25)
 
 
 def image_blocks(batch, seq_len, rng):
@@ -174,12 +180,7 @@ def test_prefix_lm_mask_matches_numpy_outputs_and_gradients(case):
     flash = lambda q, k, v: kernels_pallas.flash_attention(
         q, k, v, segment_ids=None if segment_ids is None else jnp.asarray(segment_ids),
         bidirectional_ids=jnp.asarray(block_ids), block_q=block_q, block_k=block_k)
-  out, vjp = jax.vjp(flash, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
-  want_out, pullback = numpy_attention(*(x.astype(np.float64) for x in (q, k, v)), mask,
-                                       head_dim ** -0.5)
-  for name, got, want in zip(["out", "dq", "dk", "dv"], (out, *vjp(jnp.asarray(d_out))),
-                             (want_out, *pullback(d_out.astype(np.float64)))):
-    np.testing.assert_allclose(np.asarray(got), want, atol=ATOL, rtol=RTOL, err_msg=name)
+  want_out = assert_vjp_matches_numpy(flash, q, k, v, d_out, mask, head_dim ** -0.5)
   reference = kernels_pallas.reference_attention(
       q, k, v, segment_ids=None if segment_ids is None else jnp.asarray(segment_ids),
       bidirectional_ids=jnp.asarray(block_ids))
@@ -232,12 +233,7 @@ def test_branch_mask_matches_numpy_outputs_and_gradients(case):
     flash = lambda q, k, v: kernels_pallas.flash_attention(
         q, k, v, segment_ids=jnp.asarray(segment_ids), branch_ids=jnp.asarray(branch_ids),
         block_q=block_q, block_k=block_k)
-  out, vjp = jax.vjp(flash, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
-  want_out, pullback = numpy_attention(*(x.astype(np.float64) for x in (q, k, v)), mask,
-                                       head_dim ** -0.5)
-  for name, got, want in zip(["out", "dq", "dk", "dv"], (out, *vjp(jnp.asarray(d_out))),
-                             (want_out, *pullback(d_out.astype(np.float64)))):
-    np.testing.assert_allclose(np.asarray(got), want, atol=ATOL, rtol=RTOL, err_msg=name)
+  want_out = assert_vjp_matches_numpy(flash, q, k, v, d_out, mask, head_dim ** -0.5)
   reference = kernels_pallas.reference_attention(
       q, k, v, segment_ids=jnp.asarray(segment_ids), branch_ids=jnp.asarray(branch_ids))
   np.testing.assert_allclose(np.asarray(reference), want_out, atol=ATOL, rtol=RTOL)
