@@ -2,7 +2,7 @@
 
   python benchmarks/serving.py [--json] [--checkpoint_dir=RUN | --shape=tiny|88m] [--requests=64]
       [--concurrency=16] [--slots=8] [--kv_cache_memory=GiB] [--max_tokens=64] [--rounds=3] [--soak]
-      [--quantize=int8] [--kv_cache_dtype=int8]
+      [--quantize=int8] [--kv_cache_dtype=int8] [--dtype=bfloat16]
       [--vllm_python=PYTHON3.11] [--scenario=throughput|prefix_cache|chunked_prefill]
 
 Starts `python -m serving.server` on a checkpoint (default: a random-init model of --shape,
@@ -335,6 +335,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--max_tokens", type=int, default=64)
   parser.add_argument("--quantize", choices=("none", "int8"), default="none")
   parser.add_argument("--kv_cache_dtype", choices=("auto", "int8"), default="auto")
+  parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
   parser.add_argument("--port", type=int, default=8471)
   parser.add_argument("--soak", action="store_true")
   parser.add_argument("--soak_rounds", type=int, default=3,
@@ -367,7 +368,8 @@ def main(argv=None) -> dict:
                                                                     args.max_tokens)
   vllm, vllm_note = vllm_baseline.start(args.vllm_python, run_dir, workdir, args.vllm_port)
   server = Server(run_dir, args.slots, args.port, workdir / "server.log", args.kv_cache_memory,
-                  [f"--quantize={args.quantize}", f"--kv_cache_dtype={args.kv_cache_dtype}"])
+                  [f"--quantize={args.quantize}", f"--kv_cache_dtype={args.kv_cache_dtype}",
+                   f"--dtype={args.dtype}"])
   try:
     model = server.model_name()
     requests = [completion_request(model, text, args.max_tokens, stream=True) for text in texts]
@@ -427,7 +429,7 @@ def main(argv=None) -> dict:
     if args.soak:
       result.update(asyncio.run(soak(server, model, texts, rounds=args.soak_rounds)))
     result["server_rss_mb"] = round(server.rss_mb(), 1)
-    result.update(quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype,
+    result.update(quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype, dtype=args.dtype,
                   **memory_report((workdir / "server.log").read_text()))
   finally:
     server.stop()

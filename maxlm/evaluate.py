@@ -2,7 +2,8 @@
 generation scored by exact match.
 
   python -m maxlm.evaluate --checkpoint_dir=RUN --tasks=choice:arc.jsonl,perplexity:DATA_DIR
-      [--tasks=qa=generate:qa.jsonl] [--step=N] [--quantize=int8] [--kv_cache_dtype=int8] [--output_dir=DIR]
+      [--tasks=qa=generate:qa.jsonl] [--step=N] [--quantize=int8] [--kv_cache_dtype=int8]
+      [--dtype=bfloat16] [--output_dir=DIR]
       [--fail_below=arc:acc=0.3 ...] [--regex=PATTERN] [--max_tokens=32] [--limit=N]
 
 A task is `[NAME=]KIND:PATH`; NAME defaults to PATH's stem. Kinds:
@@ -93,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--kv_cache_dtype", choices=("auto", "int8"), default="auto",
                       help="int8: log-likelihoods read int8 keys and values, as the server's "
                       "--kv_cache_dtype=int8 pool holds them")
+  parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                      help="bfloat16: weights, activations and KV cache as the server's "
+                      "--dtype=bfloat16 holds them")
   parser.add_argument("--output_dir", default=None, help="default: CHECKPOINT_DIR/evals")
   parser.add_argument("--fail_below", action="append", default=[],
                       help="task:metric=value; exit 1 if the result is below (repeatable)")
@@ -115,7 +119,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, list[str]]:
   try:
     step, _ = checkpoint.read_meta(args.checkpoint_dir, args.step)
     engine = Engine.from_checkpoint(args.checkpoint_dir, step=step, slots=args.slots,
-                                    quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype)
+                                    quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype,
+                                    dtype=args.dtype)
   except (OSError, ValueError) as error:
     raise UserError(f"--checkpoint_dir {args.checkpoint_dir}: {error}") from None
   generate, close = engine_generate(engine)
@@ -128,7 +133,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, list[str]]:
     close()
   failed = report.failed_gates(results, gates)
   return {"checkpoint_dir": str(args.checkpoint_dir), "step": step, "quantize": args.quantize,
-          "kv_cache_dtype": args.kv_cache_dtype,
+          "kv_cache_dtype": args.kv_cache_dtype, "dtype": args.dtype,
           "results": results, "items": items}, failed
 
 

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -89,6 +90,22 @@ def kv_cache_dtype_of(config: ModelConfig, requested: str | None) -> str:
   return requested
 
 
+SERVING_DTYPES = ("float32", "bfloat16")
+
+
+def with_serving_dtype(params, config: ModelConfig, dtype: str | None):
+  """(params, config) computing in `dtype`, every float weight stored in it too (bfloat16:
+  half of float32's bytes, and a bfloat16 KV cache unless --kv_cache_dtype says otherwise);
+  None or "auto" keeps the checkpoint's."""
+  if dtype in (None, "auto"):
+    return params, config
+  if dtype not in SERVING_DTYPES:
+    raise ValueError(f"--dtype={dtype}; use auto, " + " or ".join(SERVING_DTYPES))
+  def cast(leaf):
+    return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+  return jax.tree.map(cast, params), dataclasses.replace(config, dtype=dtype)
+
+
 def one_device_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, step: int):
   """(graphdef, params) of a checkpoint written on any mesh, restored onto one device; a run
   that trained only some parameters (LoRA's adapters) gets the others from its init_from."""
@@ -151,7 +168,7 @@ class Engine:
                       slots: int | None = None, quantize: str | None = None,
                       kv_cache_memory: float | None = None, prefix_caching: bool = True,
                       max_prefill_chunk: int | None = None,
-                      kv_cache_dtype: str | None = None) -> "Engine":
+                      kv_cache_dtype: str | None = None, dtype: str | None = None) -> "Engine":
     """The latest (or given) checkpoint of a run dir (or of its checkpoints/ dir). A corrupt
     one is refused, naming the newest intact step to serve instead: serving an older model
     than the one asked for is the user's decision."""
@@ -170,6 +187,7 @@ class Engine:
     params, config = merge_adapters(params, checkpoint.config_from_meta(meta))
     # Capacity dispatch would let a request's tokens drop each other's: serve without drops.
     config = dataclasses.replace(config, moe_dispatch="dropless")
+    params, config = with_serving_dtype(params, config, dtype)
     graphdef, _ = steps.abstract_model(config)  # LoRA merged: no adapter cost per token
     return cls(graphdef, params, config, tokenizer,
                model_name=model_name or checkpoints.parent.name, max_len=max_len, slots=slots,
@@ -194,7 +212,8 @@ class Engine:
     self.max_blocks = -(-self.context_length // block_size)
 
   def describe_weights(self) -> str:
-    return f"weights {self.quantize}: {quantization.nbytes(self.params) / 2**20:.2f} MiB"
+    kind = self.config.dtype if self.quantize == "none" else self.quantize
+    return f"weights {kind}: {quantization.nbytes(self.params) / 2**20:.2f} MiB"
 
   def describe_cache(self) -> str:
     return (f"{self.kv_cache_dtype} {self.capacity.describe(self.context_length, self.slots)}; "

@@ -2,7 +2,8 @@
 
   python -m serving.server --checkpoint_dir=WORKDIR [--step=N] [--port=8000] [--host=127.0.0.1]
       [--slots=8] [--kv_cache_memory=GiB] [--no-enable_prefix_caching] [--max_prefill_chunk=512]
-      [--max_queue=64] [--quantize=int8] [--kv_cache_dtype=int8] [--engine_cpus=auto]
+      [--max_queue=64] [--quantize=int8] [--kv_cache_dtype=int8] [--dtype=bfloat16]
+      [--engine_cpus=auto]
       [--api_keys_file=KEYS] [--max_request_bytes=8388608] [--max_connections=1024]
       [--header_timeout_s=10] [--body_timeout_s=60]
 
@@ -422,9 +423,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="requests that may wait for a slot; one more gets 429")
   parser.add_argument("--quantize", choices=("none", "int8"), default="none",
                       help="int8: int8 weights, also in the compiled program (4x smaller)")
+  parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                      help="weights, activations and KV cache: auto keeps the checkpoint's "
+                      "(float32); bfloat16 halves the weights' and the cache's bytes")
   parser.add_argument("--kv_cache_dtype", choices=("auto", "int8"), default="auto",
                       help="the paged KV cache's dtype; auto: the model's compute dtype; int8: "
-                      "a float32 scale per token and head (3.8x the tokens of float32 at head_dim 64)")
+                      "a float32 scale per token and head (3.8x the tokens of float32 at "
+                      "head_dim 64)")
   parser.add_argument("--shutdown_grace_s", type=float, default=30.0,
                       help="on SIGTERM/SIGINT, how long requests in flight may still run")
   parser.add_argument("--engine_cpus", default="auto",
@@ -559,7 +564,7 @@ def main(argv=None):
                                     kv_cache_memory=args.kv_cache_memory,
                                     prefix_caching=args.enable_prefix_caching,
                                     max_prefill_chunk=args.max_prefill_chunk or None,
-                                    kv_cache_dtype=args.kv_cache_dtype)
+                                    kv_cache_dtype=args.kv_cache_dtype, dtype=args.dtype)
   except (OSError, ValueError, UserError) as e:
     raise SystemExit(f"serving.server: {e}") from None
   log.info("%s; %s", engine.describe_weights(), engine.describe_cache())

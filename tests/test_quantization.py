@@ -15,7 +15,7 @@ from test_serving import PROMPT, random_run
 
 from maxlm import quantization
 from maxlm.model import kv_cache
-from serving.engine import Engine, SamplingSettings
+from serving.engine import Engine, SamplingSettings, with_serving_dtype
 from serving.orchestrator import Orchestrator
 
 
@@ -188,3 +188,33 @@ def test_an_int8_dense_cache_rounds_keys_and_values_as_the_paged_pool_does():
   out = kv_cache.attend(cache, jnp.asarray(q, jnp.float32), jnp.asarray(positions))
   expected = numpy_attention(q, numpy_int8_rows(keys), numpy_int8_rows(values), positions)
   np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_bfloat16_engine_holds_bfloat16_weights_and_cache_and_decodes_as_it_recomputes(
+    run_dir):
+  engine = Engine.from_checkpoint(run_dir, slots=2)
+  bf16 = Engine.from_checkpoint(run_dir, slots=2, dtype="bfloat16")
+  assert {leaf.dtype for leaf in jax.tree.leaves(bf16.params)} == {jnp.dtype(jnp.bfloat16)}
+  assert quantization.nbytes(bf16.params) * 2 == quantization.nbytes(engine.params)
+  pools = bf16.init_decode_state().pools
+  assert {leaf.dtype for leaf in jax.tree.leaves(pools)} == {jnp.dtype(jnp.bfloat16)}
+  token_ids = engine.encode(Path(textwrap.__file__).read_text()[:400])[:60]
+  approx, exact = bf16.logits_without_cache(token_ids), engine.logits_without_cache(token_ids)
+  assert not np.allclose(approx, exact, rtol=1e-4, atol=1e-4)
+  assert kl_divergence(exact, approx).mean() < 0.05
+  assert (approx.argmax(-1) == exact.argmax(-1)).mean() >= 0.9
+  prompt_ids = engine.encode(PROMPT)
+  orchestrator = Orchestrator(bf16).start()
+  greedy = [d.token_id for d in orchestrator.generate(
+      prompt_ids, max_tokens=8, settings=SamplingSettings(temperature=0.0))]
+  orchestrator.shutdown(grace_s=10)
+  # bfloat16 rounds the cached and the recomputed paths differently, so at a near tie they may
+  # pick different tokens: each paged choice must be the recompute's argmax up to that rounding
+  recomputed = bf16.logits_without_cache(prompt_ids + greedy)[len(prompt_ids) - 1:-1]
+  chosen = recomputed[np.arange(len(greedy)), greedy]
+  np.testing.assert_array_less(recomputed.max(-1) - chosen, 0.05)
+
+
+def test_a_serving_dtype_other_than_float32_or_bfloat16_is_refused_naming_the_flag():
+  with pytest.raises(ValueError, match="--dtype=float16; use auto, float32 or bfloat16"):
+    with_serving_dtype({}, None, "float16")
