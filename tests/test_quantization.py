@@ -156,22 +156,32 @@ def kl_divergence(logits_p: np.ndarray, logits_q: np.ndarray) -> np.ndarray:
   return (np.exp(log_p) * (log_p - log_q)).sum(-1)
 
 
+def assert_near_float(engine: Engine, reduced: Engine, max_kl: float, min_agreement: float):
+  """`reduced` (the same run at lower precision) differs from `engine`'s logits, but by at most
+  `max_kl` nats on average, and picks the same argmax at `min_agreement` of the positions."""
+  token_ids = engine.encode(Path(textwrap.__file__).read_text()[:400])[:60]
+  approx, exact = reduced.logits_without_cache(token_ids), engine.logits_without_cache(token_ids)
+  assert not np.allclose(approx, exact, rtol=1e-4, atol=1e-4)
+  assert kl_divergence(exact, approx).mean() < max_kl
+  assert (approx.argmax(-1) == exact.argmax(-1)).mean() >= min_agreement
+
+
+def served_greedy(engine: Engine, prompt_ids: list[int], tokens: int) -> list[int]:
+  orchestrator = Orchestrator(engine).start()
+  greedy = [d.token_id for d in orchestrator.generate(
+      prompt_ids, max_tokens=tokens, settings=SamplingSettings(temperature=0.0))]
+  orchestrator.shutdown(grace_s=10)
+  return greedy
+
+
 def test_int8_engine_stays_near_float_and_its_paged_decode_equals_its_full_recompute(run_dir):
   engine = Engine.from_checkpoint(run_dir, slots=2)
   int8 = Engine.from_checkpoint(run_dir, slots=2, quantize="int8")
   assert quantization.nbytes(int8.params) < 0.3 * quantization.nbytes(engine.params)
-  token_ids = engine.encode(Path(textwrap.__file__).read_text()[:400])[:60]
-  approx, exact = int8.logits_without_cache(token_ids), engine.logits_without_cache(token_ids)
-  assert not np.allclose(approx, exact, rtol=1e-4, atol=1e-4)
   # INIT_SCALE's sharp random model amplifies rounding: weight-only int8 measured KL 0.06 here
-  assert kl_divergence(exact, approx).mean() < 0.15
-  assert (approx.argmax(-1) == exact.argmax(-1)).mean() >= 0.8
+  assert_near_float(engine, int8, max_kl=0.15, min_agreement=0.8)
   prompt_ids = engine.encode(PROMPT)
-  orchestrator = Orchestrator(int8).start()
-  greedy = [d.token_id for d in orchestrator.generate(
-      prompt_ids, max_tokens=8, settings=SamplingSettings(temperature=0.0))]
-  orchestrator.shutdown(grace_s=10)
-  assert greedy == int8.greedy_decode_without_cache(prompt_ids, 8)
+  assert served_greedy(int8, prompt_ids, 8) == int8.greedy_decode_without_cache(prompt_ids, 8)
 
 
 def test_an_int8_dense_cache_rounds_keys_and_values_as_the_paged_pool_does():
@@ -198,16 +208,9 @@ def test_a_bfloat16_engine_holds_bfloat16_weights_and_cache_and_decodes_as_it_re
   assert quantization.nbytes(bf16.params) * 2 == quantization.nbytes(engine.params)
   pools = bf16.init_decode_state().pools
   assert {leaf.dtype for leaf in jax.tree.leaves(pools)} == {jnp.dtype(jnp.bfloat16)}
-  token_ids = engine.encode(Path(textwrap.__file__).read_text()[:400])[:60]
-  approx, exact = bf16.logits_without_cache(token_ids), engine.logits_without_cache(token_ids)
-  assert not np.allclose(approx, exact, rtol=1e-4, atol=1e-4)
-  assert kl_divergence(exact, approx).mean() < 0.05
-  assert (approx.argmax(-1) == exact.argmax(-1)).mean() >= 0.9
+  assert_near_float(engine, bf16, max_kl=0.05, min_agreement=0.9)
   prompt_ids = engine.encode(PROMPT)
-  orchestrator = Orchestrator(bf16).start()
-  greedy = [d.token_id for d in orchestrator.generate(
-      prompt_ids, max_tokens=8, settings=SamplingSettings(temperature=0.0))]
-  orchestrator.shutdown(grace_s=10)
+  greedy = served_greedy(bf16, prompt_ids, 8)
   # bfloat16 rounds the cached and the recomputed paths differently, so at a near tie they may
   # pick different tokens: each paged choice must be the recompute's argmax up to that rounding
   recomputed = bf16.logits_without_cache(prompt_ids + greedy)[len(prompt_ids) - 1:-1]
