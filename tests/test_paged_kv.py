@@ -256,6 +256,21 @@ def test_greedy_output_with_paging_equals_decoding_without_cache_for_staggered_a
   assert engine.pages.allocator.free == engine.capacity.blocks
 
 
+def test_a_padding_row_stays_at_position_0_so_a_step_reads_only_the_live_rows_blocks(
+    model, tokenizer):
+  """A decode step reads up to its furthest position: a padding row that advanced like a real
+  one would soon have every step read the whole table."""
+  engine = make_engine(model, tokenizer)
+  state = engine.init_decode_state()
+  for slot, prompt_ids in enumerate(prompts(tokenizer, [3, 5, 2])):
+    prefilled, _ = engine.prefill(prompt_ids, GREEDY)
+    state = engine.insert(prefilled, state, slot)
+  for _ in range(8):  # three slots decode in a batch of four: one padding row
+    state, _ = engine.generate(state)
+  assert int(state.positions[engine.slots]) <= 1
+  assert list(np.asarray(state.positions[:3])) == [11, 13, 10]
+
+
 def test_under_a_tiny_pool_the_youngest_is_preempted_and_every_request_still_matches(
     model, tokenizer):
   engine = make_engine(model, tokenizer, blocks=8)  # 32 tokens in flight: 1 to 2 at a time
