@@ -113,6 +113,8 @@ def step_fn(graphdef, params, state: PagedState, rows, block_table
   model = nnx.merge(graphdef, params)
   last_position = block_table.shape[1] * state.pools[0]["k"].shape[2] - 1
   positions = jnp.minimum(state.positions[rows], last_position)
+  # Padding rows sit at position 0: the step's attention reads up to its furthest position.
+  positions = jnp.where(rows == state.tokens.shape[0] - 1, 0, positions)
   cache = paged_kv.with_tables(state.pools, block_table)
   logits, cache = model(state.tokens[rows][:, None], positions[:, None], cache=cache)
   keys = jax.vmap(lambda seed, position: jax.random.fold_in(seed_key(seed), position))(

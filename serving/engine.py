@@ -303,19 +303,19 @@ class Engine:
     touching nothing on the device, when some slot's next token has no free block."""
     slots = [slot for slot in self.pages.active() if slot not in self.prefills.pending]
     self.pages.grow(slots)
-    widest = max((len(self.pages.blocks[slot]) for slot in slots), default=1)
-    rows, width = (kv_pages.bucket(len(slots), self.slots),
-                   kv_pages.bucket(widest, self.max_blocks))
+    rows = kv_pages.bucket(len(slots), self.slots)
     row_slots = np.full(rows, self.slots, np.int32)
     row_slots[:len(slots)] = slots
     state, choice = self._step(self.params, state, row_slots,
-                               self.pages.table(slots, rows, width))
+                               self.pages.table(slots, rows, self.max_blocks))
     self.pages.advance(slots)
     return state, choice
 
   def warmup(self):
-    """Compiles every prefill bucket and insert, and the decode step for every batch and
-    block table size, so no request waits on XLA."""
+    """Compiles every prefill bucket and insert, and the decode step for every batch size, so
+    no request waits on XLA. A decode step's table is always `max_blocks` wide: its attention
+    reads only up to the furthest position's blocks (`paged_kv.attend`), so a wider table costs
+    nothing and one compile per batch size serves every context."""
     state = self.init_decode_state()
     for bucket in sampling.prefill_buckets(self.context_length):
       prefilled, _ = self.prefill([self.tokenizer.bos_id()] * bucket, SamplingSettings())
@@ -328,9 +328,8 @@ class Engine:
     if self.vision:
       self.vision.warmup(self.params, self.tokenizer.bos_id(), device_settings(SamplingSettings()))
     for rows in kv_pages.buckets(self.slots):
-      for width in kv_pages.buckets(self.max_blocks):
-        state, _ = self._step(self.params, state, np.full(rows, self.slots, np.int32),
-                              np.zeros((rows, width), np.int32))
+      state, _ = self._step(self.params, state, np.full(rows, self.slots, np.int32),
+                            np.zeros((rows, self.max_blocks), np.int32))
     jax.block_until_ready(state)
 
   # --- text ------------------------------------------------------------------------------------

@@ -67,6 +67,45 @@ def test_paged_attention_equals_numpy_in_float64_for_random_block_tables():
                                rtol=1e-12, atol=1e-12)
 
 
+def test_a_decode_step_attends_like_numpy_in_float64_a_chunk_of_blocks_at_a_time():
+  """One query per row through `attend` (the CPU decode path): a table of 7 blocks read in
+  chunks of 4 (so the last chunk is padded), rows ending in the first and the second chunk."""
+  rng = np.random.default_rng(3)
+  batch, width, kv_heads, heads, head_dim = 3, 7, 2, 6, 8
+  seq = width * BLOCK_SIZE
+  with jax.enable_x64(True):
+    table = random_tables(rng, batch, width, num_blocks=40)
+    keys, values = (rng.normal(size=(batch, seq, kv_heads, head_dim)) for _ in range(2))
+    pool = paged_kv.empty(1, 40, BLOCK_SIZE, kv_heads, head_dim, jnp.float64)[0]
+    layer = paged_kv.write({**pool, "block_table": jnp.asarray(table)}, jnp.asarray(keys),
+                           jnp.asarray(values), jnp.broadcast_to(jnp.arange(seq), (batch, seq)))
+    positions = np.array([[2], [17], [27]])
+    q = rng.normal(size=(batch, 1, heads, head_dim))
+    out = paged_kv.attend(layer, jnp.asarray(q), jnp.asarray(positions))
+    np.testing.assert_allclose(np.asarray(out), numpy_attention(q, keys, values, positions),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_a_decode_step_reads_no_block_past_the_chunk_of_its_furthest_position():
+  """The blocks a table names past the live ones hold NaN: read at all, they would turn the
+  output NaN (a masked NaN value still multiplies a zero weight)."""
+  rng = np.random.default_rng(4)
+  batch, width, live, kv_heads, heads, head_dim = 2, 8, 4, 1, 2, 8
+  seq = live * BLOCK_SIZE
+  table = random_tables(rng, batch, width, num_blocks=40)
+  keys, values = (rng.normal(size=(batch, seq, kv_heads, head_dim)) for _ in range(2))
+  pool = {name: jnp.full((kv_heads, 40, BLOCK_SIZE, head_dim), jnp.nan) for name in "kv"}
+  layer = paged_kv.write({**pool, "block_table": jnp.asarray(table)},
+                         *(jnp.asarray(a, jnp.float32) for a in (keys, values)),
+                         jnp.broadcast_to(jnp.arange(seq), (batch, seq)))
+  positions = np.array([[5], [seq - 1]])
+  q = rng.normal(size=(batch, 1, heads, head_dim))
+  out = paged_kv.chunked_decode_attend(layer, jnp.asarray(q, jnp.float32),
+                                       jnp.asarray(positions), chunk_blocks=2)
+  np.testing.assert_allclose(np.asarray(out), numpy_attention(q, keys, values, positions),
+                             rtol=1e-5, atol=1e-5)
+
+
 def numpy_int8_rows(rows: np.ndarray) -> np.ndarray:
   """rows [..., d] rounded to int8 with one step per row, back in float64."""
   step = np.abs(rows).max(axis=-1, keepdims=True) / 127
@@ -215,6 +254,21 @@ def test_greedy_output_with_paging_equals_decoding_without_cache_for_staggered_a
     orchestrator.shutdown(grace_s=10)
   assert results == reference(engine, requests)
   assert engine.pages.allocator.free == engine.capacity.blocks
+
+
+def test_a_padding_row_stays_at_position_0_so_a_step_reads_only_the_live_rows_blocks(
+    model, tokenizer):
+  """A decode step reads up to its furthest position: a padding row that advanced like a real
+  one would soon have every step read the whole table."""
+  engine = make_engine(model, tokenizer)
+  state = engine.init_decode_state()
+  for slot, prompt_ids in enumerate(prompts(tokenizer, [3, 5, 2])):
+    prefilled, _ = engine.prefill(prompt_ids, GREEDY)
+    state = engine.insert(prefilled, state, slot)
+  for _ in range(8):  # three slots decode in a batch of four: one padding row
+    state, _ = engine.generate(state)
+  assert int(state.positions[engine.slots]) <= 1
+  assert list(np.asarray(state.positions[:3])) == [11, 13, 10]
 
 
 def test_under_a_tiny_pool_the_youngest_is_preempted_and_every_request_still_matches(

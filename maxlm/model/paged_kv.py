@@ -24,6 +24,8 @@ from maxlm.model import layers
 
 LayerPool = dict[str, jax.Array]
 TRASH_BLOCK = 0
+# Blocks a CPU decode step reads per loop iteration: a chunk's keys and values stay in cache.
+DECODE_CHUNK_BLOCKS = 4
 
 
 def empty(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
@@ -88,14 +90,17 @@ def gathered(pool: jax.Array, block_table: jax.Array) -> jax.Array:
 
 def attend(layer: LayerPool, q: jax.Array, positions: jax.Array) -> jax.Array:
   """Each query attends to its row's positions up to its own, read through the table: a decode
-  step (one query per row) on GPU by the ragged Pallas kernel, all else by a gather.
+  step (one query per row) on GPU by the ragged Pallas kernel, elsewhere a chunk of blocks at
+  a time; a prefill by a gather.
 
   q: [batch, q_len, heads, head_dim]; positions: [batch, q_len]. Returns q's shape.
   """
-  if q.shape[1] == 1 and "k_scale" not in layer:  # the kernel reads float pools only
-    return jax.lax.platform_dependent(layer, q, positions, cuda=_kernel_attend,
-                                      default=gathered_attend)
-  return gathered_attend(layer, q, positions)
+  if q.shape[1] > 1:
+    return gathered_attend(layer, q, positions)
+  if "k_scale" in layer:  # the kernel reads float pools only
+    return chunked_decode_attend(layer, q, positions)
+  return jax.lax.platform_dependent(layer, q, positions, cuda=_kernel_attend,
+                                    default=chunked_decode_attend)
 
 
 def _kernel_attend(layer: LayerPool, q: jax.Array, positions: jax.Array) -> jax.Array:
@@ -104,9 +109,54 @@ def _kernel_attend(layer: LayerPool, q: jax.Array, positions: jax.Array) -> jax.
   return out[:, None]
 
 
+def chunked_decode_attend(layer: LayerPool, q: jax.Array, positions: jax.Array,
+                          chunk_blocks: int = DECODE_CHUNK_BLOCKS) -> jax.Array:
+  """`attend` for one query per row (q_len 1), with an online softmax over chunks of
+  `chunk_blocks` blocks, up to the chunk of the batch's furthest position only: a step reads
+  the blocks in use, not the table's padded width, and never copies every row's keys at once
+  (on CPU that copy, not the arithmetic, is what a wide table costs)."""
+  batch, _, heads, head_dim = q.shape
+  dtype, score_dtype = q.dtype, jnp.promote_types(q.dtype, jnp.float32)
+  kv_heads, block_size = layer["k"].shape[0], layer["k"].shape[2]
+  table = _padded_to_chunks(layer["block_table"], chunk_blocks)
+  chunk = chunk_blocks * block_size
+  grouped_q = (q[:, 0] * head_dim ** -0.5).reshape(batch, kv_heads, heads // kv_heads, head_dim)
+  grouped_q = grouped_q.transpose(1, 0, 2, 3)                             # [kv, b, g, d]
+
+  def add_chunk(index, carry):
+    running_max, total, weighted = carry
+    blocks = jax.lax.dynamic_slice_in_dim(table, index * chunk_blocks, chunk_blocks, axis=1)
+    part = {**layer, "block_table": blocks}
+    keys, values = (_gathered_rows(part, name, dtype) for name in ("k", "v"))  # [kv, b, c, d]
+    scores = jnp.einsum("kbgd,kbsd->kbgs", grouped_q, keys).astype(score_dtype)
+    seen = index * chunk + jnp.arange(chunk) <= positions                 # [b, c]
+    scores = jnp.where(seen[None, :, None], scores, layers.NEG_INF)
+    new_max = jnp.maximum(running_max, scores.max(axis=-1))
+    rescale = jnp.exp(running_max - new_max)
+    probs = jnp.exp(scores - new_max[..., None])
+    chunk_out = jnp.einsum("kbgs,kbsd->kbgd", probs.astype(dtype), values)
+    return (new_max, total * rescale + probs.sum(axis=-1),
+            weighted * rescale[..., None] + chunk_out.astype(score_dtype))
+
+  # Chunk 0 holds position 0, which every query sees: the running max is a real score after it.
+  start = (jnp.full(grouped_q.shape[:-1], layers.NEG_INF, score_dtype),
+           jnp.zeros(grouped_q.shape[:-1], score_dtype),
+           jnp.zeros(grouped_q.shape, score_dtype))
+  chunks = jnp.minimum(positions.max() // chunk + 1, table.shape[1] // chunk_blocks)
+  _, total, weighted = jax.lax.fori_loop(0, chunks, add_chunk, start)
+  out = (weighted / total[..., None]).astype(dtype)                      # [kv, b, g, d]
+  return out.transpose(1, 0, 2, 3).reshape(batch, 1, heads, head_dim)
+
+
+def _padded_to_chunks(block_table: jax.Array, chunk_blocks: int) -> jax.Array:
+  """The table widened with trash blocks to a whole number of chunks."""
+  padding = -block_table.shape[1] % chunk_blocks
+  return jnp.pad(block_table, ((0, 0), (0, padding)), constant_values=TRASH_BLOCK)
+
+
 def gathered_attend(layer: LayerPool, q: jax.Array, positions: jax.Array) -> jax.Array:
-  """`attend` by gathering each row's blocks into one padded sequence (what is fastest on CPU:
-  XLA's batched matmuls over the copy beat any per-block loop there)."""
+  """`attend` by gathering each row's blocks into one padded sequence (a prefill's: with
+  many queries per row, XLA's batched matmuls over the copy beat a loop over blocks on CPU)."""
   batch, q_len, heads, head_dim = q.shape
   dtype = q.dtype
   keys, values = (_gathered_rows(layer, name, dtype) for name in ("k", "v"))
