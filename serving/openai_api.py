@@ -324,11 +324,11 @@ class Logprobs:
   def of_prompt(self, tokens: list[int], logprobs, alternatives: int) -> dict:
     """Completions' object for an echoed prompt (`logprobs`: its PromptLogprobs); the first
     token's entries are null, as OpenAI's are."""
-    offsets = []
-    for token_id in tokens:
+    texts, offsets = [self.token(t) for t in tokens], []
+    for text in texts:
       offsets.append(self.text_offset)
-      self.text_offset += len(self.token(token_id))
-    return {"tokens": [self.token(t) for t in tokens],
+      self.text_offset += len(text)
+    return {"tokens": texts,
             "token_logprobs": [None, *logprobs.logprobs],
             "top_logprobs": [None, *({self.token(t): lp for t, lp in top[:alternatives]}
                                      for top in logprobs.top_logprobs)],

@@ -149,19 +149,34 @@ def max_seqs(width: int) -> int:
 
 
 def score_pack_fn(graphdef, params, tokens, positions, segment_ids, branch_ids, predecessor,
-                  last, seeds, temperature, top_p, top_k, *,
-                  top: int) -> tuple[PackedScores, sampling.TokenChoice]:
-  """One forward over a packed row: every position's next-token scores and, for each prompt
-  (rows of `last`), its first new token as `sampling.scored_prefill_fn` chooses it."""
+                  last, *, top: int) -> tuple[PackedScores, jax.Array]:
+  """One forward over a packed row: every position's next-token scores, and the final hidden
+  state at each prompt's last position (rows of `last`), [rows, embed], for
+  `sampled_first_tokens`. A greedy prompt's first new token is its last position's top-1."""
   model = nnx.merge(graphdef, params)
   x, _ = model.decode(model.embed(tokens), positions, segment_ids, branch_ids=branch_ids)
   rows = -(-x.shape[1] // SCORE_BLOCK) * SCORE_BLOCK
   logits = model.logits(jnp.pad(x[0], ((0, rows - x.shape[1]), (0, 0))))
-  scores = position_scores(logits, tokens[0], predecessor[0], top)
+  return position_scores(logits, tokens[0], predecessor[0], top), x[0, last]
+
+
+def sampled_first_tokens(graphdef, params, x_last, positions_last, seeds, temperature, top_p,
+                         top_k, *, top: int) -> sampling.TokenChoice:
+  """Each prompt's first new token as `sampling.scored_prefill_fn` chooses it, from its last
+  hidden state x_last [rows, embed]. A program of its own: inside the scoring forward, the
+  sampling branch cost an all-greedy pack (lm-eval's) as much again, though never taken."""
+  model = nnx.merge(graphdef, params)
+  logits = model.logits(x_last)
   keys = jax.vmap(lambda seed, at: jax.random.fold_in(sampling.seed_key(seed), at))(
-      seeds, positions[0, last])
-  choice = first_tokens(logits[last], keys, temperature, top_p, top_k, top)
-  return scores, choice
+      seeds, positions_last)
+  return first_tokens(logits, keys, temperature, top_p, top_k, top)
+
+
+def greedy_step(scores: PackedScores, last: np.ndarray) -> Step:
+  """The first new tokens of an all-greedy pack, from its host-side `scores`: each prompt's
+  top-1 after its last position (the first index of the largest logit, as argmax picks)."""
+  return Step(scores.top_tokens[last, 0], scores.top_logprobs[last, 0], scores.top_tokens[last],
+              scores.top_logprobs[last])
 
 
 def position_scores(logits: jax.Array, tokens: jax.Array, predecessor: jax.Array,
@@ -237,9 +252,11 @@ class Scorer:
     self.budget = max(budget or 0, engine.context_length)  # one whole prompt always fits
     self.max_queue = max_queue
     self.error: BaseException | None = None
-    self._score = {top: jax.jit(functools.partial(score_pack_fn, scoring_graphdef(engine),
-                                                  top=top))
+    graphdef = scoring_graphdef(engine)
+    self._score = {top: jax.jit(functools.partial(score_pack_fn, graphdef, top=top))
                    for top in (1, MAX_COMPLETION_LOGPROBS)}
+    self._sample = {top: jax.jit(functools.partial(sampled_first_tokens, graphdef, top=top))
+                    for top in (1, MAX_COMPLETION_LOGPROBS)}
     self._waiting: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
     self._held: Request | None = None  # taken from the line but past the last pack's budget
     self._queueing = threading.Lock()  # held while one submit() queues its prompts
@@ -276,22 +293,31 @@ class Scorer:
         self._waiting.put(request)
 
   def warmup(self):
-    """Compiles the forward for every pack width (lm-eval's logprobs=1 and up to 5)."""
-    settings = device_settings(SamplingSettings())
+    """Compiles the forward for every pack width, and the sampled first tokens for every
+    count of prompts (lm-eval's logprobs=1 and up to 5)."""
+    settings, sampled_rows = [device_settings(SamplingSettings(temperature=1.0))], set()
     for width in pack_widths(self.budget):
       laid = pack([[self.engine.tokenizer.bos_id()] * width], self.budget)
-      for score in self._score.values():
-        jax.block_until_ready(score(self.engine.params, *self._arguments(laid, [settings])))
+      for top, score in self._score.items():
+        _, x_last = jax.block_until_ready(score(self.engine.params, *self._arguments(laid)))
+        if (top, len(laid.last)) not in sampled_rows:
+          sampled_rows.add((top, len(laid.last)))
+          jax.block_until_ready(self._first_tokens(top, laid, x_last, settings))
 
-  def _arguments(self, laid: Pack, settings: list[tuple]) -> tuple:
+  def _arguments(self, laid: Pack) -> tuple:
+    return (laid.tokens, laid.positions, laid.segment_ids, laid.branch_ids, laid.predecessor,
+            laid.last)
+
+  def _first_tokens(self, top: int, laid: Pack, x_last: jax.Array,
+                    settings: list[tuple]) -> sampling.TokenChoice:
     rows = len(laid.last)
     seeds, temperature, top_p, top_k = (np.zeros((rows, 2), np.uint32),
                                         np.zeros(rows, np.float32), np.ones(rows, np.float32),
                                         np.zeros(rows, np.int32))
     for row, (seed, temperature_, top_p_, top_k_) in enumerate(settings):
       seeds[row], temperature[row], top_p[row], top_k[row] = seed, temperature_, top_p_, top_k_
-    return (laid.tokens, laid.positions, laid.segment_ids, laid.branch_ids, laid.predecessor,
-            laid.last, seeds, temperature, top_p, top_k)
+    return self._sample[top](self.engine.params, x_last, laid.positions[0, laid.last], seeds,
+                             temperature, top_p, top_k)
 
   # --- the loop (its own thread) ---------------------------------------------------------------
 
@@ -336,9 +362,12 @@ class Scorer:
     laid = pack([request.prompt_ids for request in batch], self.budget)
     top = 1 if max(request.top_logprobs for request in batch) <= 1 else MAX_COMPLETION_LOGPROBS
     try:
-      scores, choice = self._score[top](self.engine.params, *self._arguments(
-          laid, [device_settings(request.settings) for request in batch]))
-      scores, step = jax.device_get(scores), Step.from_choice(choice)
+      scores, x_last = self._score[top](self.engine.params, *self._arguments(laid))
+      sampled = any(request.settings.temperature > 0 for request in batch)
+      choice = sampled and self._first_tokens(
+          top, laid, x_last, [device_settings(request.settings) for request in batch])
+      scores = jax.device_get(scores)
+      step = Step.from_choice(choice) if sampled else greedy_step(scores, laid.last)
     except Exception as e:  # noqa: BLE001 - e.g. out of device memory: these requests fail
       log.exception("a scoring batch failed; the requests after it go on")
       for request in batch:

@@ -31,7 +31,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from maxlm import checkpoint
@@ -168,14 +168,23 @@ def create_app(engine: Engine, model_name: str | None = None,
                     ) -> tuple[Generation, AsyncIterator[list[Delta]]]:
     """(the generation, its deltas), not yet queued. `prompt_ids` gives (token ids,
     max_tokens); it runs on `prompt_pool`, with the tokenizer."""
-    loop = asyncio.get_running_loop()
     param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+    prompt_ids, max_tokens = await checked_prompt(prompt_ids, param)
+    return generation_for(request, prompt_ids, max_tokens, stops, echo, images)
+
+  async def checked_prompt(prompt_ids: Callable, param: str):
+    """`prompt_ids()`, run on `prompt_pool`; its errors as the 400s they are."""
     try:
-      prompt_ids, max_tokens = await loop.run_in_executor(prompt_pool, prompt_ids)
+      return await asyncio.get_running_loop().run_in_executor(prompt_pool, prompt_ids)
     except ContextLengthError as e:
       raise OpenAIError(400, str(e), param=param, code="context_length_exceeded") from e
     except ValueError as e:  # a token id the model has no row for
       raise OpenAIError(400, f"{param}: {e}", param=param) from e
+
+  def generation_for(request: SamplingRequest, prompt_ids: list[int], max_tokens: int,
+                     stops: list[str], echo: bool = False, images: list | None = None
+                     ) -> tuple[Generation, AsyncIterator[list[Delta]]]:
+    loop = asyncio.get_running_loop()
     deltas: asyncio.Queue = asyncio.Queue()
     settings = SamplingSettings(
         temperature=request.temperature, top_p=request.top_p, top_k=max(request.top_k, 0),
@@ -260,12 +269,16 @@ def create_app(engine: Engine, model_name: str | None = None,
                                                  request.max_tokens)
     submitted = []
     try:
-      for prompt in prompts:
-        submitted.append(await (prepare if scored else submit)(
-            request, completion_ids(prompt, request.max_tokens), request.stops(),
-            echo=echo_scores))
-      if scored:
+      if scored:  # every prompt checked in one hop to the pool: lm-eval sends many small ones
+        checked = await checked_prompt(lambda: [
+            completion_ids(prompt, request.max_tokens)() for prompt in prompts], "prompt")
+        submitted = [generation_for(request, prompt_ids, max_tokens, request.stops(),
+                                    echo=echo_scores) for prompt_ids, max_tokens in checked]
         queue_on(scorer.submit, [generation for generation, _ in submitted])
+      else:
+        for prompt in prompts:
+          submitted.append(await submit(request, completion_ids(prompt, request.max_tokens),
+                                        request.stops(), echo=echo_scores))
     except OpenAIError:
       for generation, _ in submitted:
         generation.cancel()
@@ -289,8 +302,10 @@ def create_app(engine: Engine, model_name: str | None = None,
         text = (prompt if isinstance(prompt, str) else engine.decode(prompt)) + text
       choices.append(shape.choice(index, text, deltas[-1].finish_reason if deltas else "length",
                                   logprobs))
-    return shape.completion(choices, sum(len(g.prompt_ids) for g, _ in submitted),
-                            sum(map(len, received)))
+    # A ready JSONResponse skips FastAPI's jsonable_encoder, which walks every value of the
+    # echoed logprobs (most of an lm-eval request's time in the event loop).
+    return JSONResponse(shape.completion(choices, sum(len(g.prompt_ids) for g, _ in submitted),
+                                         sum(map(len, received))))
 
   @v1.post("/chat/completions", responses=generation_responses(keyed=bool(api_keys)))
   async def chat_completions(request: ChatCompletionRequest, http_request: Request):

@@ -252,6 +252,17 @@ def test_a_token_id_prompt_the_model_cannot_take_is_a_400(model_client, prompt, 
   assert fragment in response.json()["error"]["message"]
 
 
+def test_a_scoring_batch_with_one_id_the_model_cannot_take_is_a_400_naming_it(model_client):
+  """lm-eval's batch is checked whole before any prompt is queued: [[1, 2], [5, 10**6]]."""
+  client, _ = model_client
+  response = client.post("/v1/completions", json={
+      "model": "tiny", "prompt": [[1, 2], [5, 10**6]], "max_tokens": 1, "logprobs": 1,
+      "echo": True})
+  assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+  assert "token id 1000000" in response.json()["error"]["message"]
+  assert len(echo(client, [[1, 2], [5, 6]])["choices"]) == 2
+
+
 def test_max_tokens_0_without_echo_and_echo_with_stream_are_400s(model_client):
   client, _ = model_client
   no_echo = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 0})

@@ -149,6 +149,29 @@ def test_choices_sharing_their_context_score_as_each_prompt_own_prefill_within_1
   assert_scored_as_each_prompt_own_prefill(engine, prompts, SETTINGS)
 
 
+def test_an_all_greedy_pack_takes_its_first_tokens_from_its_scores_not_the_sampling_program(
+    engine):
+  """lm-eval's requests are all temperature 0: their pack runs the forward alone, and each
+  prompt's new token is still the one its own prefill picks."""
+  scorer = Scorer(engine)
+
+  def refuse(*_):
+    raise AssertionError("an all-greedy pack ran the sampling program")
+
+  scorer._sample = {top: refuse for top in scorer._sample}
+  scorer.start()
+  try:
+    _, emitted = scored(scorer, PROMPTS, [SamplingSettings(temperature=0)] * len(PROMPTS), top=5)
+  finally:
+    scorer.stop()
+  for prompt, [delta, end] in zip(PROMPTS, emitted, strict=True):
+    _, choice, _ = engine.prefill_scored(prompt, SamplingSettings(temperature=0))
+    assert end is None and delta.token_id == int(choice.token[0])
+    np.testing.assert_allclose(delta.logprob, float(choice.logprob[0]), atol=1e-5)
+    assert [token for token, _ in delta.top_logprobs] == np.asarray(
+        choice.top_tokens)[0, :5].tolist()
+
+
 def test_a_greedy_prompt_tokens_logprob_equals_its_top_logprob_exactly(engine):
   """lm-eval's is_greedy compares them with `!=`; top-1 comes from the max, not a top-k."""
   prompt = [1]
@@ -175,10 +198,11 @@ def test_max_tokens_0_scores_the_prompt_and_emits_no_token(engine):
 
 def test_prompts_waiting_together_share_one_forward_pass(engine):
   scorer = Scorer(engine)
-  forwards, gate = [], threading.Event()
+  forwards, entered, gate = [], threading.Event(), threading.Event()
   original = scorer._score[1]
 
   def counted(*args):
+    entered.set()
     gate.wait(60)  # holds the first pack until the rest are queued behind it
     forwards.append(args[1].shape)
     return original(*args)
@@ -189,8 +213,7 @@ def test_prompts_waiting_together_share_one_forward_pass(engine):
     first = threading.Thread(target=scored, args=(scorer, [PROMPTS[0]], [SETTINGS[0]]),
                              kwargs={"top": 1})
     first.start()
-    while scorer._waiting.qsize():  # the scorer took the first one
-      time.sleep(0.001)
+    assert entered.wait(60)  # the scorer took the first one
     rest = threading.Thread(target=scored, args=(scorer, PROMPTS, [SETTINGS[0]] * 5),
                             kwargs={"top": 1})
     rest.start()
