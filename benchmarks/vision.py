@@ -1,7 +1,7 @@
 """Images through the serving engine, and the ViT against timm's, in one run.
 
   python benchmarks/vision.py [--run_dir=runs/vision_tiny_sft] [--json] [--slots=8]
-      [--max_tokens=32] [--rounds=3]
+      [--max_tokens=32] [--rounds=15]
 
 On the run's engine, in process (no HTTP, so only the engine and the batching are timed):
   - `image_prefill_ms`: one image prompt's prefill (ViT, projector, decoder), median, beside
@@ -9,7 +9,8 @@ On the run's engine, in process (no HTTP, so only the engine and the batching ar
   - `text_only_slowdown`: 1 - (a text request's tokens/s while half the slots decode image
     requests) / (its tokens/s while every slot decodes text): the same load, --slots requests
     at once, each making --max_tokens tokens (`ignore_eos`); medians over --rounds rounds,
-    after one untimed round of each;
+    after one untimed round of each (a round takes about 0.1 s: with 3 rounds, two runs on
+    the shared 2-core machine read -0.11 and 0.11, hence 15);
   - `vit_ratio_vs_timm`: the run's ViT forward+backward images/s over timm's
     VisionTransformer of the same shape and the same FLOPs per image (PyTorch, CPU), or null
     when timm is not importable by --timm_python (default this interpreter; PyTorch may live in
@@ -195,7 +196,7 @@ def main(argv=None) -> dict:
                       help="a vision run (`configs/vision_tiny_sft.gin`'s workdir)")
   parser.add_argument("--slots", type=int, default=8)
   parser.add_argument("--max_tokens", type=int, default=32)
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--timm_python", default=sys.executable)
   parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
   args = parser.parse_args(argv)

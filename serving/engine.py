@@ -158,6 +158,8 @@ class Engine:
     self.vision = (vision_prefill.ImagePrefill(graphdef, config, self.context_length)
                    if config.vision else None)
     self.image_size = self.vision.image_size if self.vision else None  # the server's hook
+    self._image_prefill = vision_prefill.bind(graphdef) if config.vision else None
+    self.image_prefills: vision_prefill.ImagePrefills | None = None
     self.pages: kv_pages.PageTables | None = None
     self.prefills: paged_prefill.Prefills | None = None
     self._token_bytes = [tokenizer.piece_bytes(i) for i in range(tokenizer.vocab_size())]
@@ -228,6 +230,10 @@ class Engine:
     self.pages = kv_pages.PageTables(allocator, self.slots, self.block_size, self.max_blocks)
     self.prefills = paged_prefill.Prefills(self.pages, self._chunk_prefill, self.prefix_caching,
                                            self.max_prefill_chunk, self.context_length)
+    if self.vision:
+      self.image_prefills = vision_prefill.ImagePrefills(
+          self.pages, self._image_prefill, self.slots, self.context_length,
+          self.max_prefill_chunk or paged_prefill.DEFAULT_PREFILL_CHUNK)
     return paged_sampling.init_state(self.config, self.slots, self.capacity.blocks + 1,
                                      self.block_size, self.kv_cache_dtype)
 
@@ -274,6 +280,8 @@ class Engine:
   def release(self, slot: int):
     """Hands the slot's blocks back; its sequence is over (or preempted)."""
     self.prefills.discard(slot)
+    if self.image_prefills:
+      self.image_prefills.discard(slot)
     self.pages.release(slot)
 
   # A prompt can instead be prefilled straight into its blocks, after what the prefix cache
@@ -296,6 +304,24 @@ class Engine:
                     ) -> tuple[paged_sampling.PagedState, sampling.TokenChoice | None]:
     """Queues the next `tokens` of the slot's prompt; the first new token once it is done."""
     return self.prefills.run(self.params, state, slot, tokens)
+
+  # An image prompt is prefilled whole, straight into its blocks, beside the other image
+  # prompts admitted in the same turn (see serving.vision_prefill.ImagePrefills).
+
+  def begin_image_prefill(self, slot: int, prompt_ids: list[int], images: list[np.ndarray],
+                          settings: SamplingSettings):
+    """Gives `slot` the blocks of a prompt whose placeholders hold `images` (raises
+    PoolExhausted if they are not free); `prefill_image_prompts` runs it."""
+    self.image_prefills.begin(slot, prompt_ids, images, device_settings(settings))
+
+  def image_prefill_plan(self) -> list[list[int]]:
+    """The slots of the begun image prompts, grouped into one call each."""
+    return self.image_prefills.plan() if self.image_prefills else []
+
+  def prefill_image_prompts(self, state: paged_sampling.PagedState, slots: list[int]
+                            ) -> tuple[paged_sampling.PagedState, sampling.TokenChoice]:
+    """Queues one group of `image_prefill_plan`: its choice has a row per slot, in order."""
+    return self.image_prefills.run(self.params, state, slots)
 
   def generate(self, state: paged_sampling.PagedState
                ) -> tuple[paged_sampling.PagedState, sampling.TokenChoice]:
@@ -326,7 +352,10 @@ class Engine:
                                      np.int32(0), np.int32(1), np.zeros((1, width), np.int32),
                                      np.int32(self.slots), *device_settings(SamplingSettings()))
     if self.vision:
-      self.vision.warmup(self.params, self.tokenizer.bos_id(), device_settings(SamplingSettings()))
+      vision = self.config.vision
+      state = self.image_prefills.warmup(self.params, state, vision.image_token_id,
+                                         vision.num_patches, vision.image_size,
+                                         device_settings(SamplingSettings()))
     for rows in kv_pages.buckets(self.slots):
       state, _ = self._step(self.params, state, np.full(rows, self.slots, np.int32),
                             np.zeros((rows, self.max_blocks), np.int32))

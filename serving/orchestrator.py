@@ -12,7 +12,9 @@ next turn while the others keep decoding.
 A request's prompt is prefilled straight into its blocks, after the part the prefix cache
 already holds, in chunks: each turn prefills at most the engine's `max_prefill_chunk` prompt
 tokens before the decode step, so while a long prompt arrives each running request waits one
-chunk's time per token, not the whole prefill's (see `serving.paged_prefill`).
+chunk's time per token, not the whole prefill's (see `serving.paged_prefill`). An image prompt is
+prefilled whole in the turn it is admitted, in one call with the other image prompts admitted
+then (see `serving.vision_prefill.ImagePrefills`).
 
 A request is admitted only when the paged KV cache has free blocks for it. When a decode step
 finds no block for some request's next token, the tokens made so far are delivered (which may
@@ -96,7 +98,7 @@ class Request:
                ignore_eos: bool = False, top_logprobs: int = 0, echo: bool = False,
                images: list | None = None):
     self.prompt_ids, self.max_tokens, self.emit = prompt_ids, max_tokens, emit
-    self.images = images  # uint8 pixels for the prompt's placeholders (engine.prefill_images)
+    self.images = images  # uint8 pixels for the prompt's placeholders
     self.settings, self.stops, self.ignore_eos = settings, stops or [], ignore_eos
     self.top_logprobs = top_logprobs
     # echo: the prompt's own logprobs, set before the first Delta (max_tokens=0: before None)
@@ -229,6 +231,7 @@ class Orchestrator:
       while (admitted := self._next_admissions()) is not None:
         undelivered = [in_flight] if in_flight else []
         state = self._admit_all(admitted, state, undelivered)
+        state = self._prefill_images(state, undelivered)
         state = self._prefill_chunks(state, undelivered)
         queued = None
         try:
@@ -319,8 +322,8 @@ class Orchestrator:
     scores = None
     try:
       ids = request.prompt_ids + request.token_ids  # a preempted request resumes after its own
-      if self._prefills_in_pool and request.max_tokens and not request.images and not (
-          request.echo and not request.token_ids):  # images: their own prefill, never cached
+      if self._prefills_in_pool and request.max_tokens and not (
+          request.echo and not request.token_ids):
         return self._begin_prefill(request, slot, ids, state)
       if request.echo and not request.token_ids:
         prefix, choice, scores = self.engine.prefill_scored(ids, request.settings)
@@ -343,14 +346,37 @@ class Orchestrator:
     return state
 
   def _begin_prefill(self, request: Request, slot: int, ids: list[int], state):
-    """Gives `request` the slot and its prompt's blocks; `_prefill_chunks` runs its prompt."""
-    cached = self.engine.begin_prefill(slot, ids, request.settings)
+    """Gives `request` the slot and its prompt's blocks; `_prefill_chunks` runs its prompt, or
+    `_prefill_images` an image prompt (whole, never from the prefix cache)."""
+    if request.images:
+      self.engine.begin_image_prefill(slot, ids, request.images, request.settings)
+    else:
+      cached = self.engine.begin_prefill(slot, ids, request.settings)
     if request.admitted < 0:  # not a preempted request's return
       self.metrics.prompt_tokens.inc(len(request.prompt_ids))
-      self.metrics.observe_prefix_cache(len(ids), cached)
+      if not request.images:
+        self.metrics.observe_prefix_cache(len(ids), cached)
     request.admitted = next(self._admissions)
     request.prefilling = True
     self._slots[slot] = request
+    return state
+
+  def _prefill_images(self, state, first_tokens: list["Pending"]):
+    """Queues the image prompts admitted this turn, several to a call; their first tokens
+    join `first_tokens`. A call that fails fails its requests alone."""
+    if not self._prefills_in_pool:
+      return state
+    for slots in self.engine.image_prefill_plan():
+      requests = [self._slots[slot] for slot in slots]
+      try:
+        state, choice = self.engine.prefill_image_prompts(state, slots)
+      except Exception as e:  # noqa: BLE001 - the requests' own doing (their images, settings)
+        for request in requests:
+          self._fail(request, "prefilling it", e)
+        continue
+      for request in requests:
+        request.prefilling = False
+      first_tokens.append(Pending(choice, requests, first=True))
     return state
 
   def _prefill_chunks(self, state, first_tokens: list["Pending"]):
@@ -374,22 +400,28 @@ class Orchestrator:
     return state
 
   def _deliver_first(self, pending: "Pending"):
-    """A prefill's token: fetching it can fail only that prefill's request."""
-    [request] = pending.rows
-    if request.finished:
+    """A prefill's tokens, a row per request it prefilled: fetching them can fail only those
+    requests."""
+    requests = [request for request in pending.rows if not request.finished]
+    if not requests:
       return
     try:
       step = Step.from_choice(pending.choice)
-      if pending.prompt_scores is not None:
+      if pending.prompt_scores is not None:  # an echo request's prefill, the only row
+        request = pending.rows[0]
         request.prompt_logprobs = PromptLogprobs.of(
             pending.prompt_scores, len(request.prompt_ids), request.top_logprobs)
     except Exception as e:  # noqa: BLE001
-      self._fail(request, "prefilling it", e)
+      for request in requests:
+        self._fail(request, "prefilling it", e)
       return
-    if request.max_tokens == 0:
-      self._release(request)
-      return
-    self._deliver(request, step, 0)
+    for row, request in enumerate(pending.rows):
+      if request.finished:
+        continue
+      if request.max_tokens == 0:
+        self._release(request)
+      else:
+        self._deliver(request, step, row)
 
   def _deliver_all(self, pending: "Pending"):
     """Each row's token to the request that held the row when the step was queued, unless

@@ -141,6 +141,30 @@ def test_config_sizes(name, expected_millions):
                                                                              abs=0.01)
 
 
+@pytest.mark.parametrize("projector", ["linear", "mlp"])
+def test_param_count_includes_the_vision_tower_and_projector(projector):
+  from maxlm.model.vit import VisionConfig
+  vision = VisionConfig(image_size=16, patch_size=8, num_layers=2, embed_dim=24, num_heads=4,
+                        num_kv_heads=2, head_dim=6, mlp_dim=40, projector=projector,
+                        image_token_id=5)
+  config = ModelConfig(**{**CONFIG.__dict__, "vision": vision})
+  state = nnx.state(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+  sizes = {path[0]: 0 for path, _ in jax.tree_util.tree_leaves_with_path(state)}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    sizes[path[0]] += leaf.size
+  assert count_params(config) == count_params(config, active=True) == sum(sizes.values())
+  vision_sizes = sizes.pop(jax.tree_util.DictKey("vision")) + sizes.pop(
+      jax.tree_util.DictKey("projector"))
+  assert count_params(config) - count_params(CONFIG) == vision_sizes
+
+
+def test_training_flops_per_token_leave_the_vision_tower_out():
+  from maxlm.model import training_flops_per_token
+  from maxlm.model.vit import VisionConfig
+  config = ModelConfig(**{**CONFIG.__dict__, "vision": VisionConfig(image_token_id=5)})
+  assert training_flops_per_token(config, 24) == training_flops_per_token(CONFIG, 24)
+
+
 def test_training_flops_per_token_by_hand():
   from maxlm.model import training_flops_per_token
   # 2 layers: attention 48*8*(2*6+2*2)=6144, mlp 3*48*80=11520, norms 96 -> 17760 per layer;

@@ -33,8 +33,8 @@ from beam_pipelines.chat_template import (
 from maxlm import checkpoint, sampling
 from maxlm.model import ModelConfig, multimodal
 from maxlm.model.vit import VisionConfig
-from serving import vision_prefill
-from serving.engine import Engine, SamplingSettings
+from serving import kv_pages, vision_prefill
+from serving.engine import Engine, SamplingSettings, Step
 from serving.orchestrator import Orchestrator
 from serving.server import create_app
 
@@ -119,8 +119,8 @@ def greedy_reference(engine: Engine, prompt_ids: list[int], images: list[np.ndar
   return token_ids[len(prompt_ids):]
 
 
-def image_prompt(images: int) -> str:
-  return chat_prompt([("user", IMAGE_TOKEN * images + QUESTION)])
+def image_prompt(images: int, question: str = QUESTION) -> str:
+  return chat_prompt([("user", IMAGE_TOKEN * images + question)])
 
 
 def tokens_of(orchestrator, prompt_ids, **request_args) -> list[int]:
@@ -205,3 +205,56 @@ def test_a_text_request_beside_image_requests_gets_the_tokens_it_gets_alone(engi
   for thread in threads:
     thread.join()
   assert got == [expected for _, _, expected in requests]
+
+
+def until_eos(tokens: list[int], eos_id: int) -> list[int]:
+  return tokens[:tokens.index(eos_id) + 1] if eos_id in tokens else tokens
+
+
+def test_image_prompts_prefilled_in_one_call_each_decode_the_references_tokens(run_dir):
+  """Three image prompts of different lengths and image counts, admitted in one turn, share
+  one prefill call; each then decodes the greedy tokens of its own no-cache reference."""
+  engine = Engine.from_checkpoint(run_dir, slots=4)  # its own pool: the app's is in use
+  prompts = []
+  for count, question, seed in [(1, QUESTION, 6), (2, "x = 1", 7), (1, "", 8)]:
+    prompt_ids, _ = engine.image_prompt_ids(image_prompt(count, question), count, 8)
+    prompts.append((prompt_ids, random_images(count, seed)))
+  state = engine.init_decode_state()
+  for slot, (prompt_ids, images) in enumerate(prompts):
+    engine.begin_image_prefill(slot, prompt_ids, images, SamplingSettings(temperature=0.0))
+  assert engine.image_prefill_plan() == [[0, 1, 2]]
+  state, choice = engine.prefill_image_prompts(state, [0, 1, 2])
+  tokens = [[int(token)] for token in Step.from_choice(choice).tokens[:3]]
+  for _ in range(7):
+    state, choice = engine.generate(state)
+    for slot, token in enumerate(Step.from_choice(choice).tokens[:3]):
+      tokens[slot].append(int(token))
+  assert [until_eos(got, engine.eos_id) for got in tokens] == [
+      greedy_reference(engine, prompt_ids, images, 8) for prompt_ids, images in prompts]
+
+
+class RecordedPrefill:
+  def __init__(self):
+    self.calls = []
+
+  def __call__(self, params, state, tokens, lengths, images, table, slots, *settings):
+    self.calls.append((tokens.shape, images.shape, slots.tolist()))
+    return state, None
+
+
+def test_image_prompts_group_into_calls_of_at_most_max_tokens_padded_tokens():
+  pages = kv_pages.PageTables(kv_pages.BlockAllocator(64), 4, 16, 16)
+  prefill = RecordedPrefill()
+  prefills = vision_prefill.ImagePrefills(pages, prefill, 4, CONTEXT, max_tokens=128)
+  settings = (np.zeros(2, np.uint32), np.float32(0), np.float32(1), np.int32(0))
+  for slot, (length, images) in enumerate([(20, 1), (30, 2), (40, 1), (100, 1)]):
+    prefills.begin(slot, [7] * length, random_images(images, slot), settings)
+  # 20 and 30 tokens: 2 rows of 32; with 40 (a bucket of 64) 4 rows of 64 pass 128: a new
+  # call; so do 40 and 100 (2 rows of 128).
+  assert prefills.plan() == [[0, 1], [2], [3]]
+  for slots in prefills.plan():
+    prefills.run(None, None, slots)
+  assert prefill.calls == [((2, 32), (2, 2, IMAGE_SIZE, IMAGE_SIZE, 3), [0, 1]),
+                           ((1, 64), (1, 1, IMAGE_SIZE, IMAGE_SIZE, 3), [2]),
+                           ((1, 128), (1, 1, IMAGE_SIZE, IMAGE_SIZE, 3), [3])]
+  assert not prefills.pending

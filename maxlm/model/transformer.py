@@ -369,8 +369,27 @@ def _rematerialized(remat: str):
 
 
 def count_params(config: ModelConfig, active: bool = False) -> int:
-  """Closed-form parameter count (adapters aside), independent of the module code. `active`:
-  only the weights one token multiplies (its experts_per_token routed experts, not all)."""
+  """Closed-form parameter count (adapters aside), independent of the module code, the vision
+  tower and projector included. `active`: only the weights one token multiplies (its
+  experts_per_token routed experts, not all)."""
+  return language_model_params(config, active) + vision_params(config)
+
+
+def vision_params(config: ModelConfig) -> int:
+  """The ViT's and the projector's parameters (0 without a vision tower)."""
+  if config.vision is None:
+    return 0
+  v = config.vision
+  attention = v.embed_dim * v.head_dim * (2 * v.num_heads + 2 * v.num_kv_heads)
+  per_layer = attention + 3 * v.embed_dim * v.mlp_dim + 2 * v.embed_dim
+  embedding = (v.patch_size ** 2 * 3 + v.num_patches) * v.embed_dim
+  projector = (v.embed_dim * config.embed_dim + config.embed_dim ** 2 if v.projector == "mlp"
+               else v.embed_dim * config.embed_dim)
+  return v.num_layers * per_layer + embedding + v.embed_dim + projector
+
+
+def language_model_params(config: ModelConfig, active: bool = False) -> int:
+  """`count_params` of the decoder alone: what every token's FLOPs come from."""
   c = config
   attention = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
   moe_layers = sum(c.is_moe_layer(layer) for layer in range(c.num_layers))
@@ -385,9 +404,10 @@ def count_params(config: ModelConfig, active: bool = False) -> int:
 def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
   """Model FLOPs of one training token (forward + backward): 6 per weight it multiplies
   (the input embedding is a lookup; of an MoE layer, the router and the token's experts),
-  plus causal attention's scores and weighted sum."""
+  plus causal attention's scores and weighted sum. The decoder's only: a vision tower runs
+  once per image, not per token, so a vision run's MFU leaves its FLOPs out."""
   c = config
-  matmul_params = (count_params(c, active=True)
+  matmul_params = (language_model_params(c, active=True)
                    - c.vocab_size * c.embed_dim * (0 if c.tie_embeddings else 1))
   attention = 6 * c.num_layers * c.num_heads * c.head_dim * seq_len  # 2 matmuls, half masked
   return 6.0 * matmul_params + attention
