@@ -49,9 +49,12 @@ def random_tables(rng, batch: int, width: int, num_blocks: int) -> np.ndarray:
   return (rng.permutation(num_blocks - 1)[:batch * width] + 1).reshape(batch, width)
 
 
-def test_paged_attention_equals_numpy_in_float64_for_random_block_tables():
-  rng = np.random.default_rng(0)
-  batch, width, kv_heads, heads, head_dim, q_len = 3, 5, 2, 6, 8, 2
+def assert_paged_attention_equals_numpy_in_float64(rng, width: int, positions: np.ndarray,
+                                                   kv_heads: int = 2, heads: int = 6,
+                                                   head_dim: int = 8):
+  """Keys and values for every position of `width` random blocks per row, written through
+  the pool; queries at `positions` [batch, q_len] attend through `attend`."""
+  batch, q_len = positions.shape
   seq = width * BLOCK_SIZE
   with jax.enable_x64(True):
     table = random_tables(rng, batch, width, num_blocks=40)
@@ -59,31 +62,23 @@ def test_paged_attention_equals_numpy_in_float64_for_random_block_tables():
     pool = paged_kv.empty(1, 40, BLOCK_SIZE, kv_heads, head_dim, jnp.float64)[0]
     layer = paged_kv.write({**pool, "block_table": jnp.asarray(table)}, jnp.asarray(keys),
                            jnp.asarray(values), jnp.broadcast_to(jnp.arange(seq), (batch, seq)))
-    lengths = np.array([3, 11, 20])  # a row inside its first block, one mid-table, one full
-    positions = lengths[:, None] - q_len + np.arange(q_len)
     q = rng.normal(size=(batch, q_len, heads, head_dim))
     out = paged_kv.attend(layer, jnp.asarray(q), jnp.asarray(positions))
     np.testing.assert_allclose(np.asarray(out), numpy_attention(q, keys, values, positions),
                                rtol=1e-12, atol=1e-12)
 
 
+def test_paged_attention_equals_numpy_in_float64_for_random_block_tables():
+  lengths = np.array([3, 11, 20])  # a row inside its first block, one mid-table, one full
+  assert_paged_attention_equals_numpy_in_float64(np.random.default_rng(0), width=5,
+                                                 positions=lengths[:, None] - 2 + np.arange(2))
+
+
 def test_a_decode_step_attends_like_numpy_in_float64_a_chunk_of_blocks_at_a_time():
   """One query per row through `attend` (the CPU decode path): a table of 7 blocks read in
   chunks of 4 (so the last chunk is padded), rows ending in the first and the second chunk."""
-  rng = np.random.default_rng(3)
-  batch, width, kv_heads, heads, head_dim = 3, 7, 2, 6, 8
-  seq = width * BLOCK_SIZE
-  with jax.enable_x64(True):
-    table = random_tables(rng, batch, width, num_blocks=40)
-    keys, values = (rng.normal(size=(batch, seq, kv_heads, head_dim)) for _ in range(2))
-    pool = paged_kv.empty(1, 40, BLOCK_SIZE, kv_heads, head_dim, jnp.float64)[0]
-    layer = paged_kv.write({**pool, "block_table": jnp.asarray(table)}, jnp.asarray(keys),
-                           jnp.asarray(values), jnp.broadcast_to(jnp.arange(seq), (batch, seq)))
-    positions = np.array([[2], [17], [27]])
-    q = rng.normal(size=(batch, 1, heads, head_dim))
-    out = paged_kv.attend(layer, jnp.asarray(q), jnp.asarray(positions))
-    np.testing.assert_allclose(np.asarray(out), numpy_attention(q, keys, values, positions),
-                               rtol=1e-12, atol=1e-12)
+  assert_paged_attention_equals_numpy_in_float64(np.random.default_rng(3), width=7,
+                                                 positions=np.array([[2], [17], [27]]))
 
 
 def test_a_decode_step_reads_no_block_past_the_chunk_of_its_furthest_position():
