@@ -120,7 +120,7 @@ def completion_text(engine: Engine, prompt_ids: list[int], token_ids: list[int])
   return engine.decode(prompt_ids + token_ids)[len(engine.decode(prompt_ids)):]
 
 
-def wait_until_healthy(process: subprocess.Popen, port: int, log_file: Path, timeout_s=120.0):
+def wait_until_healthy(process: subprocess.Popen, port: int, log_file: Path, timeout_s=300.0):
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
     if process.poll() is not None:
