@@ -338,15 +338,14 @@ class Engine:
     return state, choice
 
   def warmup(self):
-    """Compiles every prefill bucket and insert, and the decode step for every batch size, so
-    no request waits on XLA. A decode step's table is always `max_blocks` wide: its attention
-    reads only up to the furthest position's blocks (`paged_kv.attend`), so a wider table costs
-    nothing and one compile per batch size serves every context."""
+    """Compiles every chunk prefill shape (and image prefill, for a vision model) and the
+    decode step for every batch size, so no request the server takes waits on XLA. A decode
+    step's table is always `max_blocks` wide: its attention reads only up to the furthest
+    position's blocks (`paged_kv.attend`), so a wider table costs nothing and one compile per
+    batch size serves every context. The whole-prompt `prefill`, `prefill_scored` and `insert`
+    (JetStream's engine calls, which the server's orchestrator no longer takes for generation;
+    scoring has `serving.scoring.Scorer`) compile on first use."""
     state = self.init_decode_state()
-    for bucket in sampling.prefill_buckets(self.context_length):
-      prefilled, _ = self.prefill([self.tokenizer.bos_id()] * bucket, SamplingSettings())
-      state = self.insert(prefilled, state, 0)
-    self.release(0)
     for bucket, width in self.prefills.buckets():
       state, _ = self._chunk_prefill(self.params, state, np.zeros((1, bucket), np.int32),
                                      np.int32(0), np.int32(1), np.zeros((1, width), np.int32),
