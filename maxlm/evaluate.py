@@ -24,7 +24,7 @@ import queue
 import sys
 from pathlib import Path
 
-from maxlm import checkpoint, metrics
+from maxlm import checkpoint, compilation_cache, metrics
 from maxlm.errors import UserError
 from maxlm.evals import report, scoring
 from maxlm.evals.generation import Generation
@@ -97,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                       help="bfloat16: weights, activations and KV cache as the server's "
                       "--dtype=bfloat16 holds them")
+  parser.add_argument("--compilation_cache_dir", default=compilation_cache.default_dir(),
+                      help="where compiled programs are kept for the next run; empty: no cache")
   parser.add_argument("--output_dir", default=None, help="default: CHECKPOINT_DIR/evals")
   parser.add_argument("--fail_below", action="append", default=[],
                       help="task:metric=value; exit 1 if the result is below (repeatable)")
@@ -147,6 +149,7 @@ def write_outputs(output: dict, output_dir: Path):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  compilation_cache.enable(args.compilation_cache_dir)
   try:
     output, failed = evaluate(args)
   except UserError as error:

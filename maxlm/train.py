@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 
 from beam_pipelines.records import fields_of_manifest
 from maxlm import checkpoint, data, metrics, optim, runs, sampling, sharding, tasks, workdir_lock
+from maxlm import compilation_cache
 from maxlm import default_chat  # noqa: F401  (registers ensure_default_chat with gin)
 from maxlm import default_vision  # noqa: F401  (registers ensure_default_vision with gin)
 from maxlm import post_training  # noqa: F401  (registers SFT and DPO with gin)
@@ -64,6 +65,9 @@ _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", None, "Steps betwee
 _INIT_FROM = flags.DEFINE_string("init_from", None, "Run dir whose parameters (not its "
                                  "optimizer state or step) start a new run (overrides "
                                  "train.init_from).")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", compilation_cache.default_dir(), "Where compiled steps are kept, "
+    "so that a restarted run skips their compile; empty: no cache.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a "
                                    "multi-process run without a cluster that JAX detects.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
@@ -558,6 +562,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every save at INFO
   initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  compilation_cache.enable(_COMPILATION_CACHE.value)
   gin.add_config_file_search_path(str(CONFIGS_DIR))
   gin_files = [resolve_gin_file(name) for name in _GIN_FILE.value]
   try:

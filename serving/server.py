@@ -3,7 +3,7 @@
   python -m serving.server --checkpoint_dir=WORKDIR [--step=N] [--port=8000] [--host=127.0.0.1]
       [--slots=8] [--kv_cache_memory=GiB] [--no-enable_prefix_caching] [--max_prefill_chunk=512]
       [--max_queue=64] [--quantize=int8] [--kv_cache_dtype=int8] [--dtype=bfloat16]
-      [--engine_cpus=auto]
+      [--engine_cpus=auto] [--compilation_cache_dir=~/.cache/maxlm/xla]
       [--api_keys_file=KEYS] [--max_request_bytes=8388608] [--max_connections=1024]
       [--header_timeout_s=10] [--body_timeout_s=60]
 
@@ -34,7 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from maxlm import checkpoint
+from maxlm import checkpoint, compilation_cache
 from maxlm.errors import UserError
 from maxlm.model import count_params
 from serving.chat import CHAT_STOPS, chat_prompt
@@ -441,6 +441,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                       help="weights, activations and KV cache: auto keeps the checkpoint's "
                       "(float32); bfloat16 halves the weights' and the cache's bytes")
+  parser.add_argument("--compilation_cache_dir", default=compilation_cache.default_dir(),
+                      help="where compiled programs are kept, so that a restart skips most of "
+                      "the warmup; empty: no cache")
   parser.add_argument("--kv_cache_dtype", choices=("auto", "int8"), default="auto",
                       help="the paged KV cache's dtype; auto: the model's compute dtype; int8: "
                       "a float32 scale per token and head (3.8x the tokens of float32 at "
@@ -572,6 +575,7 @@ def main(argv=None):
     pin_this_thread(engine_cores)
     api_keys = read_api_keys(args.api_keys_file) if args.api_keys_file else None
     allow_open_files(args.max_connections)
+    compilation_cache.enable(args.compilation_cache_dir)
     engine = Engine.from_checkpoint(args.checkpoint_dir, step=args.step,
                                     model_name=args.model_name,
                                     max_len=args.max_len, slots=args.slots,

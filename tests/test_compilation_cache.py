@@ -1,0 +1,68 @@
+"""maxlm.compilation_cache: a second process reads what the first compiled."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from maxlm import compilation_cache
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Compiles a few programs after `enable(argv[1])`; prints how often JAX's persistent cache
+# hit and missed.
+COMPILE_ONCE = """
+import collections, json, sys
+import jax, jax.numpy as jnp
+from jax._src import monitoring
+from maxlm import compilation_cache
+events = collections.Counter()
+monitoring.register_event_listener(lambda event, **kw: events.update([event.split("/")[-1]]))
+compilation_cache.enable(sys.argv[1])
+out = float(jax.jit(lambda x: jnp.tanh(x) @ x)(jnp.eye(8)).sum())
+print(json.dumps({"out": out, "hits": events["cache_hits"], "misses": events["cache_misses"]}))
+"""
+
+
+def compile_once(directory: str, tmp_path: Path) -> dict:
+  env = {name: value for name, value in os.environ.items()
+         if not name.startswith("JAX_PERSISTENT_CACHE") and name != compilation_cache.ENV}
+  env["MAXLM_CACHE"] = str(tmp_path / "maxlm_cache")
+  result = subprocess.run([sys.executable, "-c", COMPILE_ONCE, directory], env=env,
+                          cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+  return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_a_second_process_reads_the_program_the_first_compiled(tmp_path):
+  directory = tmp_path / "xla"
+  first = compile_once(str(directory), tmp_path)
+  assert first["hits"] == 0 and first["misses"] > 0 and any(directory.iterdir())
+  second = compile_once(str(directory), tmp_path)
+  assert second == {**first, "hits": first["misses"], "misses": 0}
+
+
+def test_an_empty_directory_turns_the_cache_off(tmp_path):
+  assert compile_once("", tmp_path)["hits"] == compile_once("", tmp_path)["hits"] == 0
+  assert not (tmp_path / "maxlm_cache").exists()
+
+
+def test_the_default_lives_in_the_maxlm_cache_unless_jax_names_one(monkeypatch, tmp_path):
+  monkeypatch.delenv(compilation_cache.ENV, raising=False)
+  monkeypatch.setenv("MAXLM_CACHE", str(tmp_path))
+  assert compilation_cache.default_dir() == str(tmp_path / "xla")
+  monkeypatch.setenv(compilation_cache.ENV, "/elsewhere")
+  assert compilation_cache.default_dir() == "/elsewhere"
+
+
+def test_server_train_and_evaluate_take_the_flag(monkeypatch, tmp_path):
+  from maxlm import evaluate  # noqa: PLC0415
+  from serving import server  # noqa: PLC0415
+  monkeypatch.setenv(compilation_cache.ENV, str(tmp_path))
+  assert server.parse_args(["--checkpoint_dir=x"]).compilation_cache_dir is not None
+  assert server.parse_args(["--checkpoint_dir=x", "--compilation_cache_dir="]
+                           ).compilation_cache_dir == ""
+  assert evaluate.parse_args(["--checkpoint_dir=x", "--tasks=t", "--compilation_cache_dir=d"]
+                             ).compilation_cache_dir == "d"
+  help_text = subprocess.run([sys.executable, "-m", "maxlm.train", "--helpfull"], cwd=REPO_ROOT,
+                             capture_output=True, text=True).stdout
+  assert "--compilation_cache_dir" in help_text
