@@ -116,6 +116,11 @@ def check_same_model(source_meta: dict, meta: dict, run_dir, config: ModelConfig
   # New adapters may join a base without any; a base's own adapters must stay as they are.
   ignored = COMPUTE_ONLY_FIELDS + (ADAPTER_FIELDS if not source["lora_rank"] else ())
   ignored += ("vision",) if source["vision"] is None else ()  # a fresh tower joins a text LM
+  if source["vision"] and ours["vision"] and 0 in (source["vision"]["contrastive_dim"],
+                                                   ours["vision"]["contrastive_dim"]):
+    # SigLIP's heads come and go between stages: a run without them takes the tower alone,
+    # a run that adds them starts them fresh.
+    source["vision"]["contrastive_dim"] = ours["vision"]["contrastive_dim"]
   changed = [f"{name}: {source[name]} -> {ours[name]}" for name in ours
              if name not in ignored and source[name] != ours[name]]
   if changed:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from maxlm import post_training, tasks
 from maxlm.errors import UserError
-from maxlm.model import multimodal
+from maxlm.model import contrastive, multimodal
 
 VISION_FIELDS = ("tokens", "segment_ids", "positions", "loss_mask", "image")
 
@@ -63,3 +63,53 @@ class VisionSFT(post_training.SFT):
       raise UserError("the VisionSFT task needs a vision tower; bind ModelConfig.vision = "
                       "@VisionConfig()")
     return vision_loss(model, batch, self.z_loss)
+
+
+def siglip_loss(model, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+  """SigLIP's sigmoid loss per real row (one image and its caption, the supervised text)
+  over the batch's image-caption pairs (`maxlm.model.contrastive`)."""
+  tokens = batch["tokens"]
+  captions = (batch["loss_mask"] > 0) & (batch["segment_ids"] > 0)
+  features = model.vision(images_of(batch), jnp.dtype(model.config.dtype))
+  image_features = features[:, 0].mean(axis=1)                  # each row's first image
+  hidden, _ = model.decode(model.embed(tokens), batch["positions"], batch["segment_ids"])
+  text_features = contrastive.masked_mean(model.final_norm(hidden), captions)
+  logits = model.contrastive(image_features, text_features)
+  positives = contrastive.same_text(tokens, captions, model.config.vocab_size)
+  real = jnp.any(captions, axis=1)
+  loss_sum = contrastive.sigmoid_loss_sum(logits, positives, real)
+  rows = jnp.sum(real.astype(jnp.float32))
+  hits = contrastive.retrieval_hits(logits, positives, real).astype(jnp.float32)
+  return loss_sum / jnp.maximum(rows, 1.0), {"siglip_loss_sum": loss_sum, "rows": rows,
+                                             "retrieval_hits": hits}
+
+
+@gin.configurable(module="maxlm")
+@dataclasses.dataclass(frozen=True)
+class SigLIP(VisionSFT):
+  """Contrastive pretraining of the ViT on image-caption rows (SigLIP's sigmoid loss), the LM
+  reading the captions; train the tower and the heads alone with
+  `train.trainable = "(vision|contrastive)/.*"`. A batch's rows are each other's negatives
+  (a microbatch's, with `train.microbatches`)."""
+
+  def loss(self, model, batch):
+    if getattr(model.config, "vision", None) is None or not model.config.vision.contrastive_dim:
+      raise UserError("the SigLIP task needs a vision tower with contrastive heads; bind "
+                      "ModelConfig.vision = @VisionConfig() and VisionConfig.contrastive_dim")
+    return siglip_loss(model, batch)
+
+  def train_scalars(self, metrics):
+    return {"retrieval_accuracy": float(metrics["retrieval_hits"]) / max(
+        float(metrics["rows"]), 1.0)}
+
+  def eval_scalars(self, sums):
+    rows = max(float(sums["rows"]), 1.0)
+    return {"eval_loss": float(sums["siglip_loss_sum"]) / rows,
+            "eval_retrieval_accuracy": float(sums["retrieval_hits"]) / rows}
+
+  def summary(self, eval_scalars, manifest, step):
+    del manifest
+    print(f"\nheld-out after {step} steps: image-to-caption retrieval accuracy "
+          f"{eval_scalars['eval_retrieval_accuracy']:.3f} within each batch | SigLIP loss "
+          f"{eval_scalars['eval_loss']:.3f}", flush=True)
+    return {**eval_scalars, "step": step}

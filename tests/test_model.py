@@ -141,12 +141,12 @@ def test_config_sizes(name, expected_millions):
                                                                              abs=0.01)
 
 
-@pytest.mark.parametrize("projector", ["linear", "mlp"])
-def test_param_count_includes_the_vision_tower_and_projector(projector):
+@pytest.mark.parametrize("projector,contrastive_dim", [("linear", 0), ("mlp", 0), ("mlp", 12)])
+def test_param_count_includes_the_vision_tower_and_projector(projector, contrastive_dim):
   from maxlm.model.vit import VisionConfig
   vision = VisionConfig(image_size=16, patch_size=8, num_layers=2, embed_dim=24, num_heads=4,
                         num_kv_heads=2, head_dim=6, mlp_dim=40, projector=projector,
-                        image_token_id=5)
+                        image_token_id=5, contrastive_dim=contrastive_dim)
   config = ModelConfig(**{**CONFIG.__dict__, "vision": vision})
   state = nnx.state(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
   sizes = {path[0]: 0 for path, _ in jax.tree_util.tree_leaves_with_path(state)}
@@ -154,7 +154,7 @@ def test_param_count_includes_the_vision_tower_and_projector(projector):
     sizes[path[0]] += leaf.size
   assert count_params(config) == count_params(config, active=True) == sum(sizes.values())
   vision_sizes = sizes.pop(jax.tree_util.DictKey("vision")) + sizes.pop(
-      jax.tree_util.DictKey("projector"))
+      jax.tree_util.DictKey("projector")) + sizes.pop(jax.tree_util.DictKey("contrastive"), 0)
   assert count_params(config) - count_params(CONFIG) == vision_sizes
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxlm import quantization
-from maxlm.model import attention, kv_cache, layers, moe, vit
+from maxlm.model import attention, contrastive, kv_cache, layers, moe, vit
 from maxlm.model.kv_cache import KVCache
 from maxlm.sharding import constrain
 
@@ -270,6 +270,9 @@ class Transformer(nnx.Module):
     if c.vision is not None:  # drawn last: a seed gives the same LM with or without them
       self.vision = vit.VisionEncoder(c.vision, rngs=rngs)
       self.projector = vit.Projector(c.vision, c.embed_dim, rngs=rngs)
+      if c.vision.contrastive_dim:
+        self.contrastive = contrastive.ContrastiveHeads(c.vision.embed_dim, c.embed_dim,
+                                                        c.vision.contrastive_dim, rngs=rngs)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: KVCache | None = None,
@@ -376,7 +379,7 @@ def count_params(config: ModelConfig, active: bool = False) -> int:
 
 
 def vision_params(config: ModelConfig) -> int:
-  """The ViT's and the projector's parameters (0 without a vision tower)."""
+  """The ViT's, the projector's and SigLIP's heads' parameters (0 without a vision tower)."""
   if config.vision is None:
     return 0
   v = config.vision
@@ -385,7 +388,8 @@ def vision_params(config: ModelConfig) -> int:
   embedding = (v.patch_size ** 2 * 3 + v.num_patches) * v.embed_dim
   projector = (v.embed_dim * config.embed_dim + config.embed_dim ** 2 if v.projector == "mlp"
                else v.embed_dim * config.embed_dim)
-  return v.num_layers * per_layer + embedding + v.embed_dim + projector
+  heads = (v.embed_dim + config.embed_dim) * v.contrastive_dim + 2 if v.contrastive_dim else 0
+  return v.num_layers * per_layer + embedding + v.embed_dim + projector + heads
 
 
 def language_model_params(config: ModelConfig, active: bool = False) -> int:

@@ -37,6 +37,7 @@ class VisionConfig:
   norm_eps: float = 1e-6
   projector: str = "mlp"  # "linear", or "mlp": linear, GELU, linear
   image_token_id: int | None = None
+  contrastive_dim: int = 0  # > 0: SigLIP's heads of this width (maxlm.model.contrastive)
 
   def __post_init__(self):
     if self.image_size % self.patch_size:
