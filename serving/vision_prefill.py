@@ -60,16 +60,10 @@ def image_prefill_fn(graphdef, params, padded_prompt, prompt_len, images, seed, 
   """padded_prompt: [1, bucket] with num_patches placeholders per image; images: uint8
   [1, count, height, width, 3] -> the prompt's Prefix, as `sampling.prefill_fn` makes it."""
   model = nnx.merge(graphdef, params)
-  vision = model.config.vision
-  x = model.embed(padded_prompt)
-  image_embeddings = model.projector(model.vision(images, x.dtype))
-  x = multimodal.insert_image_embeddings(x, padded_prompt, image_embeddings,
-                                         vision.image_token_id)
-  block_ids = multimodal.image_block_ids(padded_prompt, vision.image_token_id,
-                                         vision.num_patches)
   cache = init_kv_cache(model.config, 1, padded_prompt.shape[1])
   positions = jnp.arange(padded_prompt.shape[1])[None]
-  hidden, cache = model.decode(x, positions, cache=cache, bidirectional_ids=block_ids)
+  hidden, cache = multimodal.image_and_text_hidden(model, padded_prompt, images, positions,
+                                                   cache=cache)
   logits = model.logits(hidden, jnp.reshape(prompt_len - 1, (1,)))
   choice = sampling.choose(logits[:, 0],
                            jax.random.fold_in(sampling.seed_key(seed), prompt_len - 1),
@@ -117,14 +111,10 @@ def paged_image_prefill_fn(graphdef, params, state, prompts, lengths, images, bl
   `paged_sampling.prefill_fn` does, and returns (state, choice [rows]). Padding rows name the
   extra slot and the trash block only; their padding positions land where a chunk's do."""
   model = nnx.merge(graphdef, params)
-  vision = model.config.vision
-  x = model.embed(prompts)
-  image_embeddings = model.projector(model.vision(images, x.dtype))
-  x = multimodal.insert_image_embeddings(x, prompts, image_embeddings, vision.image_token_id)
-  block_ids = multimodal.image_block_ids(prompts, vision.image_token_id, vision.num_patches)
   positions = jnp.broadcast_to(jnp.arange(prompts.shape[1], dtype=jnp.int32), prompts.shape)
   cache = paged_kv.with_tables(state.pools, block_table)
-  hidden, cache = model.decode(x, positions, cache=cache, bidirectional_ids=block_ids)
+  hidden, cache = multimodal.image_and_text_hidden(model, prompts, images, positions,
+                                                   cache=cache)
   logits = model.logits(hidden, lengths - 1)
   keys = jax.vmap(lambda seed, last: jax.random.fold_in(sampling.seed_key(seed), last))(
       seeds, lengths - 1)

@@ -106,6 +106,46 @@ def test_vit_and_projector_forward_equal_a_float64_numpy_reference(projector):
       np.testing.assert_allclose(np.asarray(got[b, i]), want, atol=2e-5, rtol=2e-4)
 
 
+def plain_vit(p, images, c: VisionConfig):
+  """The ViT recipe in plain jnp (a softmax of all scores, SiLU times up), for autodiff."""
+  x = layers.dense(vit_patches(images, c), p["patch_embedding"]) + p["position_embedding"]
+  group = c.num_heads // c.num_kv_heads
+  for block in p["blocks"].values():
+    h = layers.rms_norm(x, block["attention_norm"], c.norm_eps)
+    q, k, v = (jnp.einsum("bse,ehd->bshd", h, block[name]) for name in "qkv")
+    k, v = (jnp.repeat(t, group, axis=2) for t in (k, v))
+    weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(c.head_dim))
+    attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    x = x + jnp.einsum("bshd,hde->bse", attended, block["o"])
+    h = layers.rms_norm(x, block["mlp_norm"], c.norm_eps)
+    x = x + (jax.nn.silu(h @ block["gate"]) * (h @ block["up"])) @ block["down"]
+  return layers.rms_norm(x, p["final_norm"], c.norm_eps)
+
+
+def vit_patches(images, c: VisionConfig):
+  pixels = images.astype(jnp.float32) / 127.5 - 1.0                   # [b, h, w, 3]
+  side = c.image_size // c.patch_size
+  x = pixels.reshape(-1, side, c.patch_size, side, c.patch_size, 3).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, side * side, c.patch_size * c.patch_size * 3)
+
+
+def test_vit_gradients_equal_autodiff_of_the_plain_recipe():
+  """The ViT's own gradients (full attention keeping its probabilities, SwiGLU from one packed
+  matmul, q/k/v from one) against autodiff through plain jnp, grouped heads included."""
+  encoder = VisionEncoder(VISION, rngs=nnx.Rngs(0))
+  images = jnp.asarray(random_images(np.random.default_rng(0), 3, 1))
+  weights = jax.random.normal(jax.random.key(1), (3, VISION.num_patches, VISION.embed_dim))
+  params = nnx.to_pure_dict(nnx.state(encoder))
+  graphdef, state = nnx.split(encoder)
+  got = jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(images)[:, 0] * weights))(state)
+  want = jax.grad(lambda p: jnp.sum(plain_vit(p, images[:, 0], VISION) * weights))(params)
+  got = nnx.to_pure_dict(got)
+  for path, expected in jax.tree_util.tree_leaves_with_path(want):
+    actual = functools.reduce(lambda tree, key: tree[key.key], path, got)
+    np.testing.assert_allclose(actual, expected, atol=1e-5 * float(jnp.max(jnp.abs(expected))),
+                               rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
 def test_placeholders_expand_to_one_position_per_patch_and_take_the_patches_in_order():
   ids = expand_image_placeholders([1, 9, IMAGE_ID, 10, 11, IMAGE_ID, 12], IMAGE_ID, 3)
   assert ids == [1, 9, *[IMAGE_ID] * 3, 10, 11, *[IMAGE_ID] * 3, 12]

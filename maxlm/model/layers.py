@@ -190,9 +190,78 @@ def _softmax_attention_backward(residuals, d_out):
 _softmax_attention.defvjp(_softmax_attention_forward, _softmax_attention_backward)
 
 
+def full_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Attention where every query sees every key, unmasked: a ViT's patches.
+
+  q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]. Returns q's shape.
+  Meant for short sequences: the gradient keeps the probabilities ([batch, kv_heads, group,
+  seq, seq], no bigger than q when seq <= head_dim) instead of recomputing them, and the
+  tokens stay on the second axis, so no transpose of q, k or v is written.
+  """
+  batch, seq, heads, head_dim = q.shape
+  grouped_q = (q * head_dim ** -0.5).reshape(batch, seq, k.shape[2], heads // k.shape[2],
+                                             head_dim)
+  return _full_attention(grouped_q, k, v).reshape(q.shape)
+
+
+@jax.custom_vjp
+def _full_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """q: [batch, seq, kv_heads, group, head_dim], scaled; k, v: [batch, seq, kv_heads,
+  head_dim]. Returns q's shape."""
+  return _full_attention_forward(q, k, v)[0]
+
+
+def _full_attention_forward(q, k, v):
+  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.astype(q.dtype), (q, k, v, probs)
+
+
+def _full_attention_backward(residuals, d_out):
+  q, k, v, probs = residuals
+  d_v = jnp.einsum("bkgqs,bqkgd->bskd", probs.astype(d_out.dtype), d_out,
+                   preferred_element_type=jnp.float32)
+  d_probs = jnp.einsum("bqkgd,bskd->bkgqs", d_out, v, preferred_element_type=jnp.float32)
+  d_scores = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
+  d_scores = d_scores.astype(q.dtype)
+  d_q = jnp.einsum("bkgqs,bskd->bqkgd", d_scores, k, preferred_element_type=jnp.float32)
+  d_k = jnp.einsum("bkgqs,bqkgd->bskd", d_scores, q, preferred_element_type=jnp.float32)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+
+
+_full_attention.defvjp(_full_attention_forward, _full_attention_backward)
+
+
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
   """The SwiGLU MLP's hidden activation. gate, up: [..., mlp] (x times each kernel)."""
   return jax.nn.silu(gate) * up
+
+
+@jax.custom_vjp
+def packed_swiglu(gate_up: jax.Array) -> jax.Array:
+  """`swiglu` of gate and up side by side, as one matmul with [gate | up] makes them.
+
+  gate_up: [..., 2 * mlp] -> [..., mlp]. The gradient comes back packed alike from one pass
+  over gate_up (autodiff's takes several passes and a concatenate).
+  """
+  gate, up = jnp.split(gate_up, 2, axis=-1)
+  return swiglu(gate, up)
+
+
+def _packed_swiglu_forward(gate_up):
+  return packed_swiglu(gate_up), gate_up
+
+
+def _packed_swiglu_backward(gate_up, d_hidden):
+  gate, up = jnp.split(gate_up, 2, axis=-1)
+  sigmoid = jax.nn.sigmoid(gate)
+  d_gate = d_hidden * up * sigmoid * (1 + gate * (1 - sigmoid))
+  return (jnp.concatenate([d_gate, d_hidden * gate * sigmoid], axis=-1),)
+
+
+packed_swiglu.defvjp(_packed_swiglu_forward, _packed_swiglu_backward)
 
 
 def low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scale: float,

@@ -35,15 +35,24 @@ def image_block_ids(tokens: jax.Array, image_token_id: int, num_patches: int) ->
   return jnp.where(is_image, ordinal // num_patches + 1, 0).astype(jnp.int32)
 
 
-def image_and_text_logits(model, tokens: jax.Array, images: jax.Array,
+def image_and_text_hidden(model, tokens: jax.Array, images: jax.Array,
                           positions: jax.Array | None = None,
-                          segment_ids: jax.Array | None = None) -> jax.Array:
-  """The logits [batch, seq, vocab] of a `Transformer` with a vision tower over text whose
-  placeholders hold `images` (uint8 [batch, images, height, width, 3])."""
+                          segment_ids: jax.Array | None = None, cache=None):
+  """`Transformer.decode` of text whose placeholders hold `images` (uint8 [batch, images,
+  height, width, 3]), through the model's vision tower and projector: (hidden [batch, seq,
+  embed], updated cache or None). Training and both image prefills run this one forward."""
   vision = model.config.vision
   x = model.embed(tokens)
   image_embeddings = model.projector(model.vision(images, x.dtype))
   x = insert_image_embeddings(x, tokens, image_embeddings, vision.image_token_id)
   block_ids = image_block_ids(tokens, vision.image_token_id, vision.num_patches)
-  hidden, _ = model.decode(x, positions, segment_ids, bidirectional_ids=block_ids)
+  return model.decode(x, positions, segment_ids, cache, bidirectional_ids=block_ids)
+
+
+def image_and_text_logits(model, tokens: jax.Array, images: jax.Array,
+                          positions: jax.Array | None = None,
+                          segment_ids: jax.Array | None = None) -> jax.Array:
+  """The logits [batch, seq, vocab] of a `Transformer` with a vision tower over text whose
+  placeholders hold `images` (uint8 [batch, images, height, width, 3])."""
+  hidden, _ = image_and_text_hidden(model, tokens, images, positions, segment_ids)
   return model.logits(hidden)
