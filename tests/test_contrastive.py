@@ -1,10 +1,7 @@
 """SigLIP (maxlm.model.contrastive and the SigLIP task) against a float64 NumPy reference, a
-short contrastive training that learns to match images to captions, and the stage chain: a
-SigLIP run's ViT feeds the projector stage."""
+short contrastive training that learns to match images to captions, and init_from's rule for
+the heads (the stage chain, a SigLIP run's ViT into the projector stage, is in test_vit.py)."""
 
-import functools
-import sysconfig
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,16 +10,12 @@ import optax
 import pytest
 from flax import nnx
 
-from beam_pipelines import prepare_text
 from maxlm import checkpoint
-from maxlm import train as train_module
 from maxlm.config_checks import check_same_model
 from maxlm.errors import UserError
 from maxlm.model import ModelConfig, Transformer, contrastive
 from maxlm.model.vit import VisionConfig
 from maxlm.vision_tasks import siglip_loss
-
-from test_vit import PROJECTOR_STAGE, gin_bindings, whole_params, write_image_dir
 
 IMAGE_ID = 7
 VISION = VisionConfig(image_size=16, patch_size=4, num_layers=2, embed_dim=32, num_heads=4,
@@ -163,36 +156,3 @@ def test_init_from_lets_the_heads_come_and_go_but_not_change_width():
   with pytest.raises(UserError, match="another model shape"):
     check_same_model(with_heads, checkpoint.model_meta(wider, tokenizer_sha256="t"), "runs/s",
                      wider)
-
-
-SIGLIP_STAGE = PROJECTOR_STAGE.replace("train.task = @VisionSFT()", "train.task = @SigLIP()")
-SIGLIP_STAGE = SIGLIP_STAGE.replace('train.trainable = "projector/.*"',
-                                    'train.trainable = "(vision|contrastive)/.*"')
-SIGLIP_STAGE += "VisionConfig.contrastive_dim = 16\n"
-
-
-def test_the_projector_stage_takes_a_siglip_runs_tower(tmp_path, capsys):
-  stdlib = Path(sysconfig.get_paths()["stdlib"])
-  text_dir, text_run = tmp_path / "text", tmp_path / "text_run"
-  prepare_text.run([str(stdlib / name) for name in ("textwrap.py", "string.py", "heapq.py")],
-                   str(text_dir), vocab_size=400, seq_len=64, validation_fraction=0.2)
-  with gin_bindings():
-    train_module.train(workdir=str(text_run), data_dir=str(text_dir), steps=1)
-  image_dir = write_image_dir(tmp_path / "images", text_dir, rows=32)
-  siglip_run, projector_run = tmp_path / "siglip", tmp_path / "projector"
-  with gin_bindings(SIGLIP_STAGE):
-    train_module.train(workdir=str(siglip_run), data_dir=image_dir, steps=4,
-                       init_from=str(text_run))
-  assert "image-to-caption retrieval accuracy" in capsys.readouterr().out
-  with gin_bindings(PROJECTOR_STAGE):
-    train_module.train(workdir=str(projector_run), data_dir=image_dir, steps=2,
-                       init_from=str(siglip_run))
-  read_config = lambda run: checkpoint.config_from_meta(checkpoint.read_meta(run)[1])
-  siglip, projector = (whole_params(run, read_config(run)) for run in (siglip_run, projector_run))
-  start = whole_params(text_run, read_config(text_run))
-  for path, value in jax.tree_util.tree_leaves_with_path(projector["vision"]):
-    keys = [key.key for key in path]
-    np.testing.assert_array_equal(value, functools.reduce(dict.__getitem__, keys,
-                                                          siglip["vision"]))
-  np.testing.assert_array_equal(siglip["embedding"], start["embedding"])  # the LM stayed frozen
-  assert "contrastive" not in projector

@@ -399,6 +399,34 @@ def test_projector_stage_from_a_text_run_trains_the_projector_alone(text_run_and
       np.testing.assert_array_equal(value, functools.reduce(dict.__getitem__, keys, text))
 
 
+# SigLIP (stage 0): the ViT trains contrastively, and the projector stage starts from it.
+SIGLIP_STAGE = PROJECTOR_STAGE.replace("train.task = @VisionSFT()", "train.task = @SigLIP()")
+SIGLIP_STAGE = SIGLIP_STAGE.replace('train.trainable = "projector/.*"',
+                                    'train.trainable = "(vision|contrastive)/.*"')
+SIGLIP_STAGE += "VisionConfig.contrastive_dim = 16\n"
+
+
+def test_the_projector_stage_takes_a_siglip_runs_tower(text_run_and_images, tmp_path, capsys):
+  text_run, image_dir = text_run_and_images
+  siglip_run, projector_run = tmp_path / "siglip", tmp_path / "projector"
+  with gin_bindings(SIGLIP_STAGE):
+    train_module.train(workdir=str(siglip_run), data_dir=image_dir, steps=4,
+                       init_from=str(text_run))
+  assert "image-to-caption retrieval accuracy" in capsys.readouterr().out
+  with gin_bindings(PROJECTOR_STAGE):
+    train_module.train(workdir=str(projector_run), data_dir=image_dir, steps=2,
+                       init_from=str(siglip_run))
+  read_config = lambda run: checkpoint.config_from_meta(checkpoint.read_meta(run)[1])
+  siglip, projector = (whole_params(run, read_config(run)) for run in (siglip_run, projector_run))
+  start = whole_params(text_run, read_config(text_run))
+  for path, value in jax.tree_util.tree_leaves_with_path(projector["vision"]):
+    keys = [key.key for key in path]
+    np.testing.assert_array_equal(value, functools.reduce(dict.__getitem__, keys,
+                                                          siglip["vision"]))
+  np.testing.assert_array_equal(siglip["embedding"], start["embedding"])  # the LM stayed frozen
+  assert "contrastive" not in projector
+
+
 # --- resume and reshard hold for vision runs as for text ----------------------------------------
 
 # Joint SFT: the ViT, the projector and the LM all train, so every vision parameter and its
