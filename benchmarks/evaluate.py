@@ -2,7 +2,7 @@
 process (`maxlm.evals`), and Hugging Face transformers scoring the same items in process.
 
   python benchmarks/evaluate.py --checkpoint_dir=runs/tiny [--items=64] [--batch=8] [--json]
-      [--engine_cpus=all]
+      [--engine_cpus=all] [--concurrent=4] [--hf_batches=8,16,32,64]
 
 The items are contexts and four continuations cut from lines of the stdlib's `textwrap`
 source. Each side scores the same token ids (tokenizing is left out of every timing): the
@@ -14,8 +14,12 @@ server packs into one forward, computing prompts' shared prefixes once (`serving
 `LlamaForCausalLM` with the same weights (benchmarks/hf_llama.py) on right-padded batches of
 `--batch`. Each figure is the best of `--rounds` passes after a warm-up pass; the
 log-likelihoods are checked to agree.
-`ratio_vs_hf` is server items/s over transformers'; `http_overhead` is in-process items/s over
-the server's. Without torch and transformers (`pip install -e .[bench]`) the hf fields are null.
+`ratio_vs_hf` is server items/s over transformers', both at `--batch`; `http_overhead` is
+in-process items/s over the server's. Two further rows: the server with `--concurrent` requests
+in flight at once (lm-eval's `num_concurrent`; the server packs requests waiting together into
+one forward), and transformers at the best of `--hf_batches` (`ratio_best_vs_hf_best` sets the
+faster server row against it). Without torch and transformers (`pip install -e .[bench]`) the
+hf fields are null.
 """
 
 import argparse
@@ -24,6 +28,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -60,6 +65,10 @@ def encoded(engine: Engine, items) -> list[tuple[list[int], int]]:
   return pairs
 
 
+def difference(a: list[float], b: list[float]) -> float:
+  return float(np.max(np.abs(np.array(a) - np.array(b))))
+
+
 def best_seconds(run, rounds: int) -> tuple[float, list[float]]:
   result = run()  # warm-up: compiles every bucket
   times = []
@@ -87,19 +96,28 @@ def lm_eval_order(pairs) -> list[int]:
   return sorted(range(len(pairs)), key=lambda i: (-len(pairs[i][0]), tuple(pairs[i][0])))
 
 
-def through_server(url: str, pairs, batch: int):
-  client = httpx.Client(timeout=300)
+def through_server(url: str, pairs, batch: int, concurrent: int = 1):
+  """lm-eval's requests of `batch` prompts, `concurrent` of them in flight at once."""
+  client = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=concurrent))
   order = lm_eval_order(pairs)
+  chunks = [order[start:start + batch] for start in range(0, len(order), batch)]
+  results = [0.0] * len(pairs)
+
+  def send(chunk):
+    body = client.post(f"{url}/v1/completions", json={
+        "model": "bench", "prompt": [pairs[i][0] for i in chunk], "max_tokens": 1,
+        "logprobs": 1, "echo": True, "temperature": 0}).json()
+    for i, choice in zip(chunk, body["choices"]):
+      results[i] = float(sum(choice["logprobs"]["token_logprobs"][pairs[i][1]:-1]))
+
   def run():
-    results = [0.0] * len(pairs)
-    for start in range(0, len(order), batch):
-      chunk = order[start:start + batch]
-      body = client.post(f"{url}/v1/completions", json={
-          "model": "bench", "prompt": [pairs[i][0] for i in chunk], "max_tokens": 1,
-          "logprobs": 1, "echo": True, "temperature": 0}).json()
-      for i, choice in zip(chunk, body["choices"]):
-        results[i] = float(sum(choice["logprobs"]["token_logprobs"][pairs[i][1]:-1]))
-    return results
+    if concurrent == 1:
+      for chunk in chunks:
+        send(chunk)
+    else:
+      with ThreadPoolExecutor(concurrent) as pool:
+        list(pool.map(send, chunks))
+    return list(results)
   return run
 
 
@@ -157,34 +175,55 @@ def main(argv=None) -> dict:
   parser.add_argument("--port", type=int, default=8765)
   parser.add_argument("--json", action="store_true")
   parser.add_argument("--engine_cpus", default="all", help="serving.server's --engine_cpus")
+  parser.add_argument("--concurrent", type=int, default=4,
+                      help="requests in flight at once for the server's second row")
+  parser.add_argument("--hf_batches", default="8,16,32,64",
+                      help="transformers batch sizes tried for its best row")
   args = parser.parse_args(argv)
   engine = Engine.from_checkpoint(args.checkpoint_dir, slots=1)
   pairs = encoded(engine, make_items(args.items))
   local_s, local = best_seconds(in_process(engine, pairs, args.batch), args.rounds)
-  hf_run = with_transformers(engine, pairs, args.batch)
-  hf_s, hf = best_seconds(hf_run, args.rounds) if hf_run else (None, None)
+  hf_seconds = {}  # batch size -> (seconds, log-likelihoods)
+  for batch in sorted({args.batch, *map(int, args.hf_batches.split(","))}):
+    if hf_run := with_transformers(engine, pairs, batch):
+      hf_seconds[batch] = best_seconds(hf_run, args.rounds)
+  hf_s = hf_seconds[args.batch][0] if args.batch in hf_seconds else None
+  hf_best_batch = min(hf_seconds, key=lambda batch: hf_seconds[batch][0], default=None)
   server = start_server(args.checkpoint_dir, args.port, args.engine_cpus)
+  url = f"http://127.0.0.1:{args.port}"
   try:
-    server_s, served = best_seconds(
-        through_server(f"http://127.0.0.1:{args.port}", pairs, args.batch), args.rounds)
+    server_s, served = best_seconds(through_server(url, pairs, args.batch), args.rounds)
+    concurrent_s, served_concurrently = best_seconds(
+        through_server(url, pairs, args.batch, args.concurrent), args.rounds)
   finally:
     server.terminate()
     server.wait()
-  agree = float(np.max(np.abs(np.array(served) - np.array(local))))
   per_s = lambda seconds: args.items / seconds if seconds else None  # noqa: E731
+  hf_best_s = hf_seconds[hf_best_batch][0] if hf_seconds else None
   result = {"items": args.items, "choices_per_item": CHOICES, "batch": args.batch,
             "engine_cpus": args.engine_cpus,
             "server_items_per_s": per_s(server_s), "in_process_items_per_s": per_s(local_s),
             "hf_items_per_s": per_s(hf_s),
             "ratio_vs_hf": per_s(server_s) / per_s(hf_s) if hf_s else None,
             "http_overhead": per_s(local_s) / per_s(server_s),
-            "max_loglikelihood_difference_server_vs_in_process": agree,
+            "concurrent": args.concurrent,
+            "server_concurrent_items_per_s": per_s(concurrent_s),
+            "hf_best_batch": hf_best_batch, "hf_best_items_per_s": per_s(hf_best_s),
+            "ratio_best_vs_hf_best": (per_s(min(server_s, concurrent_s)) / per_s(hf_best_s)
+                                      if hf_best_s else None),
+            "max_loglikelihood_difference_server_vs_in_process": max(
+                difference(served, local), difference(served_concurrently, local)),
             "max_loglikelihood_difference_hf_vs_in_process":
-                float(np.max(np.abs(np.array(hf) - np.array(local)))) if hf else None}
-  print(f"\n{'scorer':<14}{'items/s':>10}")
-  for name in ("server", "in_process", "hf"):
-    value = result[f"{name}_items_per_s"]
-    print(f"{name:<14}{value:>10.1f}" if value else f"{name:<14}{'n/a':>10}")
+                max(difference(hf_, local) for _, hf_ in hf_seconds.values())
+                if hf_seconds else None}
+  rows = [("server", "server_items_per_s"),
+          (f"server x{args.concurrent}", "server_concurrent_items_per_s"),
+          ("in_process", "in_process_items_per_s"), ("hf", "hf_items_per_s"),
+          (f"hf batch {hf_best_batch}", "hf_best_items_per_s")]
+  print(f"\n{'scorer':<16}{'items/s':>10}")
+  for name, key in rows:
+    value = result[key]
+    print(f"{name:<16}{value:>10.1f}" if value else f"{name:<16}{'n/a':>10}")
   if args.json:
     print(json.dumps(result))
   return result

@@ -293,8 +293,9 @@ class Scorer:
         self._waiting.put(request)
 
   def warmup(self):
-    """Compiles the forward for every pack width, and the sampled first tokens for every
-    count of prompts (lm-eval's logprobs=1 and up to 5)."""
+    """Compiles the forward for every pack width, and the sampled first tokens for every row
+    count a pack has (`max_seqs` of its width, whatever the count of prompts in it), both for
+    lm-eval's logprobs=1 and for up to 5."""
     settings, sampled_rows = [device_settings(SamplingSettings(temperature=1.0))], set()
     for width in pack_widths(self.budget):
       laid = pack([[self.engine.tokenizer.bos_id()] * width], self.budget)

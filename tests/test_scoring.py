@@ -247,3 +247,19 @@ def test_the_server_scores_lm_eval_requests_without_a_decode_slot(engine, monkey
     assert token_logprobs[0] is None and len(token_logprobs) == len(prompt) + 1
     np.testing.assert_allclose(token_logprobs[1:len(prompt)],
                                np.asarray(scores.logprobs)[0, 1:len(prompt)], atol=1e-5)
+
+
+def test_a_sampled_request_of_several_prompts_compiles_nothing_after_warmup(engine):
+  """The sampling program's rows are a pack width's `max_seqs`, not the count of prompts, so
+  the programs warmup compiled serve a sampled request of 3 prompts as they are."""
+  scorer = Scorer(engine)
+  scorer.warmup()
+  programs = [*scorer._score.values(), *scorer._sample.values()]
+  compiled = [program._cache_size() for program in programs]
+  scorer.start()
+  try:
+    _, emitted = scored(scorer, PROMPTS[:3], SETTINGS[1:4], top=1)
+  finally:
+    scorer.stop()
+  assert all(items[-1] is None for items in emitted)
+  assert [program._cache_size() for program in programs] == compiled
