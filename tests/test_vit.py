@@ -406,15 +406,16 @@ SIGLIP_STAGE = SIGLIP_STAGE.replace('train.trainable = "projector/.*"',
 SIGLIP_STAGE += "VisionConfig.contrastive_dim = 16\n"
 
 
+@pytest.mark.slow  # 37 s of compiles (two stages); the heads' init_from rule is in test_contrastive
 def test_the_projector_stage_takes_a_siglip_runs_tower(text_run_and_images, tmp_path, capsys):
   text_run, image_dir = text_run_and_images
   siglip_run, projector_run = tmp_path / "siglip", tmp_path / "projector"
   with gin_bindings(SIGLIP_STAGE):
-    train_module.train(workdir=str(siglip_run), data_dir=image_dir, steps=4,
+    train_module.train(workdir=str(siglip_run), data_dir=image_dir, steps=1,
                        init_from=str(text_run))
   assert "image-to-caption retrieval accuracy" in capsys.readouterr().out
   with gin_bindings(PROJECTOR_STAGE):
-    train_module.train(workdir=str(projector_run), data_dir=image_dir, steps=2,
+    train_module.train(workdir=str(projector_run), data_dir=image_dir, steps=1,
                        init_from=str(siglip_run))
   read_config = lambda run: checkpoint.config_from_meta(checkpoint.read_meta(run)[1])
   siglip, projector = (whole_params(run, read_config(run)) for run in (siglip_run, projector_run))
