@@ -6,7 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from maxlm import compilation_cache
+from absl import flags
+
+from maxlm import (
+  compilation_cache,
+  evaluate,
+  train,  # noqa: F401  (defines its absl flags)
+)
+from serving import server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Compiles a few programs after `enable(argv[1])`; prints how often JAX's persistent cache
@@ -15,7 +22,11 @@ COMPILE_ONCE = """
 import collections, json, sys
 import jax, jax.numpy as jnp
 from jax._src import monitoring
-from maxlm import compilation_cache
+from absl import flags
+
+from maxlm import compilation_cache, evaluate
+from maxlm import train  # noqa: F401  (defines its absl flags)
+from serving import server
 events = collections.Counter()
 monitoring.register_event_listener(lambda event, **kw: events.update([event.split("/")[-1]]))
 compilation_cache.enable(sys.argv[1])
@@ -56,10 +67,6 @@ def test_the_default_lives_in_the_maxlm_cache_unless_jax_names_one(monkeypatch, 
 
 
 def test_server_train_and_evaluate_take_the_flag(monkeypatch, tmp_path):
-  from absl import flags  # noqa: PLC0415
-  from maxlm import evaluate  # noqa: PLC0415
-  from maxlm import train  # noqa: F401, PLC0415  (defines its flags)
-  from serving import server  # noqa: PLC0415
   monkeypatch.setenv(compilation_cache.ENV, str(tmp_path))
   assert server.parse_args(["--checkpoint_dir=x"]).compilation_cache_dir is not None
   assert server.parse_args(["--checkpoint_dir=x", "--compilation_cache_dir="]
