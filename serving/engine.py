@@ -343,8 +343,9 @@ class Engine:
     step's table is always `max_blocks` wide: its attention reads only up to the furthest
     position's blocks (`paged_kv.attend`), so a wider table costs nothing and one compile per
     batch size serves every context. The whole-prompt `prefill`, `prefill_scored` and `insert`
-    (JetStream's engine calls, which the server's orchestrator no longer takes for generation;
-    scoring has `serving.scoring.Scorer`) compile on first use."""
+    (JetStream's engine calls; the server's orchestrator takes them only for an `echo` request
+    that also generates more than one token, lm-eval's scoring goes to `serving.scoring`)
+    compile on first use."""
     state = self.init_decode_state()
     for bucket, width in self.prefills.buckets():
       state, _ = self._chunk_prefill(self.params, state, np.zeros((1, bucket), np.int32),
