@@ -52,9 +52,14 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 def same_text(tokens: jax.Array, mask: jax.Array, vocab_size: int) -> jax.Array:
   """bool [batch, batch]: rows whose masked tokens are the same bag of tokens (the same
   caption, read up to word order, which captions of one template share)."""
-  bags = jnp.einsum("bsv,bs->bv", jax.nn.one_hot(tokens, vocab_size, dtype=jnp.float32),
-                    mask.astype(jnp.float32))
-  return jnp.all(bags[:, None] == bags[None, :], axis=-1)
+  rows = jnp.broadcast_to(jnp.arange(tokens.shape[0])[:, None], tokens.shape)
+  bags = jnp.zeros((tokens.shape[0], vocab_size), jnp.float32).at[rows, tokens].add(
+      mask.astype(jnp.float32))                                    # token counts, [batch, vocab]
+  # |a - b|^2 from one [batch, batch] product: exact for integer counts (never [batch, batch,
+  # vocab] in memory, which a 128k vocabulary would make gigabytes).
+  gram = jnp.matmul(bags, bags.T, precision=jax.lax.Precision.HIGHEST)
+  norms = jnp.diagonal(gram)
+  return norms[:, None] + norms[None, :] - 2 * gram == 0
 
 
 def sigmoid_loss_sum(logits: jax.Array, positives: jax.Array, real: jax.Array) -> jax.Array:
