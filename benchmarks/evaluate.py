@@ -121,7 +121,9 @@ def through_server(url: str, pairs, batch: int, concurrent: int = 1):
   return run
 
 
-def with_transformers(engine: Engine, pairs, batch: int):
+def with_transformers(engine: Engine, pairs):
+  """`run_at(batch)`, transformers' scoring pass at a batch size over one model built once,
+  or None without torch and transformers."""
   try:
     import torch  # noqa: PLC0415
     from benchmarks.hf_llama import to_hf_llama  # noqa: PLC0415
@@ -129,25 +131,28 @@ def with_transformers(engine: Engine, pairs, batch: int):
     return None
   model = to_hf_llama(engine.params, engine.config)
   order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
-  def run():
-    results = [0.0] * len(pairs)
-    with torch.no_grad():
-      for start in range(0, len(order), batch):
-        rows = order[start:start + batch]
-        width = max(len(pairs[i][0]) for i in rows)
-        tokens = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, i in enumerate(rows):
-          tokens[row, :len(pairs[i][0])] = torch.tensor(pairs[i][0])
-          mask[row, :len(pairs[i][0])] = 1
-        logprobs = torch.log_softmax(model(tokens, attention_mask=mask).logits.float(), -1)
-        for row, i in enumerate(rows):
-          ids, length = pairs[i]
-          targets = torch.tensor(ids[length:])
-          results[i] = float(logprobs[row, length - 1:len(ids) - 1].gather(
-              -1, targets[:, None]).sum())
-    return results
-  return run
+
+  def run_at(batch: int):
+    def run():
+      results = [0.0] * len(pairs)
+      with torch.no_grad():
+        for start in range(0, len(order), batch):
+          rows = order[start:start + batch]
+          width = max(len(pairs[i][0]) for i in rows)
+          tokens = torch.zeros((len(rows), width), dtype=torch.long)
+          mask = torch.zeros((len(rows), width), dtype=torch.long)
+          for row, i in enumerate(rows):
+            tokens[row, :len(pairs[i][0])] = torch.tensor(pairs[i][0])
+            mask[row, :len(pairs[i][0])] = 1
+          logprobs = torch.log_softmax(model(tokens, attention_mask=mask).logits.float(), -1)
+          for row, i in enumerate(rows):
+            ids, length = pairs[i]
+            targets = torch.tensor(ids[length:])
+            results[i] = float(logprobs[row, length - 1:len(ids) - 1].gather(
+                -1, targets[:, None]).sum())
+      return results
+    return run
+  return run_at
 
 
 def start_server(checkpoint_dir: str, port: int, engine_cpus: str) -> subprocess.Popen:
@@ -184,9 +189,9 @@ def main(argv=None) -> dict:
   pairs = encoded(engine, make_items(args.items))
   local_s, local = best_seconds(in_process(engine, pairs, args.batch), args.rounds)
   hf_seconds = {}  # batch size -> (seconds, log-likelihoods)
-  for batch in sorted({args.batch, *map(int, args.hf_batches.split(","))}):
-    if hf_run := with_transformers(engine, pairs, batch):
-      hf_seconds[batch] = best_seconds(hf_run, args.rounds)
+  if hf_run := with_transformers(engine, pairs):
+    for batch in sorted({args.batch, *map(int, args.hf_batches.split(","))}):
+      hf_seconds[batch] = best_seconds(hf_run(batch), args.rounds)
   hf_s = hf_seconds[args.batch][0] if args.batch in hf_seconds else None
   hf_best_batch = min(hf_seconds, key=lambda batch: hf_seconds[batch][0], default=None)
   server = start_server(args.checkpoint_dir, args.port, args.engine_cpus)
