@@ -40,6 +40,7 @@ from maxlm.evals import multiple_choice, scoring  # noqa: E402
 from serving.engine import Engine  # noqa: E402
 
 CHOICES = 4
+PASSAGE_LINES = 12
 
 
 def make_items(count: int) -> list[tuple[str, list[str]]]:
@@ -52,6 +53,31 @@ def make_items(count: int) -> list[tuple[str, list[str]]]:
     cut = int(rng.integers(10, 25))
     items.append((picked[0][:cut], [line[cut:cut + 20] for line in picked]))
   return items
+
+
+def make_lettered_items(count: int) -> list[tuple[str, list[str]]]:
+  """MMLU's shape: a passage, a question listing four options lettered A-D, "Answer:", and
+  the letters as the continuations (one token each). The passage is `textwrap`'s source."""
+  lines = [line.rstrip() for line in Path(textwrap.__file__).read_text().splitlines()
+           if line.strip()]
+  options = [line.strip() for line in lines if len(line.strip()) > 30]
+  rng = np.random.default_rng(0)
+  items = []
+  for _ in range(count):
+    start = int(rng.integers(0, len(lines) - PASSAGE_LINES))
+    window = lines[start:start + PASSAGE_LINES]
+    inside = [line.strip() for line in window if len(line.strip()) > 30] or [window[0].strip()]
+    picked = [inside[int(rng.integers(len(inside)))],
+              *(options[i] for i in rng.choice(len(options), CHOICES - 1, replace=False))]
+    picked = [picked[i] for i in rng.permutation(CHOICES)]
+    listed = "\n".join(f"{letter}. {option}" for letter, option in zip("ABCD", picked))
+    context = ("\n".join(window)
+               + f"\n\nWhich of these lines is from the passage above?\n{listed}\nAnswer:")
+    items.append((context, list("ABCD")))
+  return items
+
+
+ITEM_KINDS = {"lines": make_items, "lettered": make_lettered_items}
 
 
 def encoded(engine: Engine, items) -> list[tuple[list[int], int]]:
@@ -176,6 +202,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--checkpoint_dir", required=True)
   parser.add_argument("--items", type=int, default=64)
   parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--item_kind", choices=sorted(ITEM_KINDS), default="lines")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--port", type=int, default=8765)
   parser.add_argument("--json", action="store_true")
@@ -186,7 +213,7 @@ def main(argv=None) -> dict:
                       help="transformers batch sizes tried for its best row")
   args = parser.parse_args(argv)
   engine = Engine.from_checkpoint(args.checkpoint_dir, slots=1)
-  pairs = encoded(engine, make_items(args.items))
+  pairs = encoded(engine, ITEM_KINDS[args.item_kind](args.items))
   local_s, local = best_seconds(in_process(engine, pairs, args.batch), args.rounds)
   hf_seconds = {}  # batch size -> (seconds, log-likelihoods)
   if hf_run := with_transformers(engine, pairs):

@@ -1,5 +1,6 @@
 """OpenAI request shapes, error bodies and response/chunk bodies (as vLLM also speaks them)."""
 
+import itertools
 import json
 import re
 import time
@@ -300,6 +301,27 @@ class ResponseShape:
     return "chat.completion.chunk" if self.chat else "text_completion"
 
 
+class TokenTexts:
+  """Each token's text in a logprobs object, kept once made (an lm-eval request echoes
+  thousands of tokens). A piece that is not whole UTF-8 (one byte of a character) is written
+  `bytes:\\xNN`, as OpenAI does, so distinct bytes stay distinct keys."""
+
+  def __init__(self, token_bytes: Callable[[int], bytes]):
+    self.token_bytes = token_bytes
+    self._texts: dict[int, str] = {}
+
+  def __call__(self, token_id: int) -> str:
+    text = self._texts.get(token_id)
+    if text is None:
+      raw = self.token_bytes(token_id)
+      try:
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError:
+        text = "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
+      self._texts[token_id] = text
+    return text
+
+
 class Logprobs:
   """OpenAI's `logprobs` object of a choice, from (text, token id, logprob, alternatives).
 
@@ -308,29 +330,22 @@ class Logprobs:
   the model's own, before temperature, top-k and top-p.
   """
 
-  def __init__(self, chat: bool, token_bytes: Callable[[int], bytes]):
+  def __init__(self, chat: bool, token_bytes: Callable[[int], bytes],
+               texts: "TokenTexts | None" = None):
     self.chat, self.token_bytes = chat, token_bytes
+    self.token = texts or TokenTexts(token_bytes)
     self.text_offset = 0
-
-  def token(self, token_id: int) -> str:
-    """The token's text; a piece that is not whole UTF-8 (one byte of a character) is written
-    `bytes:\\xNN`, as OpenAI does, so distinct bytes stay distinct keys."""
-    raw = self.token_bytes(token_id)
-    try:
-      return raw.decode("utf-8")
-    except UnicodeDecodeError:
-      return "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
 
   def of_prompt(self, tokens: list[int], logprobs, alternatives: int) -> dict:
     """Completions' object for an echoed prompt (`logprobs`: its PromptLogprobs); the first
     token's entries are null, as OpenAI's are."""
-    texts, offsets = [self.token(t) for t in tokens], []
-    for text in texts:
-      offsets.append(self.text_offset)
-      self.text_offset += len(text)
+    token = self.token
+    texts = [token(t) for t in tokens]
+    offsets = list(itertools.accumulate(map(len, texts), initial=self.text_offset))
+    self.text_offset = offsets.pop()
     return {"tokens": texts,
             "token_logprobs": [None, *logprobs.logprobs],
-            "top_logprobs": [None, *({self.token(t): lp for t, lp in top[:alternatives]}
+            "top_logprobs": [None, *({token(t): lp for t, lp in top[:alternatives]}
                                      for top in logprobs.top_logprobs)],
             "text_offset": offsets}
 

@@ -19,6 +19,7 @@ from maxlm import checkpoint
 from maxlm.model import ModelConfig
 from serving.engine import Engine
 from serving.openai_api import MAX_STOP_CHARS, MAX_STOPS, Logprobs
+from serving.orchestrator import Delta, PromptLogprobs
 from serving.server import create_app
 
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
@@ -152,7 +153,7 @@ def test_a_surrogate_pair_is_a_character_and_is_served(client):
 
 @pytest.fixture(scope="module")
 def model_client(tmp_path_factory):
-  from test_serving import CONTEXT, save_random_checkpoint, train_tokenizer  # noqa: PLC0415
+  from test_serving import CONTEXT, save_random_checkpoint, train_tokenizer
   tokenizer_file = train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
   vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer_file)).vocab_size()
   config = ModelConfig(vocab_size=vocab_size, num_layers=2, embed_dim=64, num_heads=4,
@@ -298,3 +299,20 @@ def test_a_malformed_tokenizer_request_is_a_400_naming_the_field(model_client, p
   client, _ = model_client
   response = client.post(path, json=body)
   assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def test_echoed_logprobs_name_each_token_and_its_text_offset_and_bytes_stay_apart():
+  """Completions' echoed logprobs object, on a hand-made vocabulary: offsets count characters
+  from the start, a piece that is not whole UTF-8 is `bytes:\\xNN`, alternatives are cut to
+  the request's count, and the generated token's offset follows the prompt's."""
+  pieces = {0: b"a", 1: "\u00e9".encode(), 2: b"\xc3", 3: b"\xa9", 4: b"bc"}
+  shaping = Logprobs(chat=False, token_bytes=pieces.__getitem__)
+  scored = PromptLogprobs([-1.0, -2.0, -0.5], [((4, -0.1), (0, -3.0)), ((1, -0.2), (2, -4.0)),
+                                                ((3, -0.3), (4, -5.0))])
+  echoed = shaping.of_prompt([0, 4, 2, 3], scored, alternatives=1)
+  assert echoed == {"tokens": ["a", "bc", "bytes:\\xc3", "bytes:\\xa9"],
+                    "token_logprobs": [None, -1.0, -2.0, -0.5],
+                    "top_logprobs": [None, {"bc": -0.1}, {"\u00e9": -0.2}, {"bytes:\\xa9": -0.3}],
+                    "text_offset": [0, 1, 3, 13]}
+  generated = shaping.of([Delta("\u00e9", 1, None, -0.7, ((1, -0.7),))])
+  assert generated["text_offset"] == [23] and generated["tokens"] == ["\u00e9"]
