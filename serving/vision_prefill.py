@@ -55,15 +55,17 @@ def check_image_token(config: ModelConfig):
                      "maxlm.train, which takes it from the data's tokenizer")
 
 
-def image_prefill_fn(graphdef, params, padded_prompt, prompt_len, images, seed, temperature,
-                     top_p, top_k) -> sampling.Prefix:
+def image_prefill_fn(graphdef, params, padded_prompt, prompt_len, images, image_count, seed,
+                     temperature, top_p, top_k) -> sampling.Prefix:
   """padded_prompt: [1, bucket] with num_patches placeholders per image; images: uint8
-  [1, count, height, width, 3] -> the prompt's Prefix, as `sampling.prefill_fn` makes it."""
+  [1, padded count, height, width, 3], of which `image_count` are the prompt's -> the
+  prompt's Prefix, as `sampling.prefill_fn` makes it."""
   model = nnx.merge(graphdef, params)
   cache = init_kv_cache(model.config, 1, padded_prompt.shape[1])
   positions = jnp.arange(padded_prompt.shape[1])[None]
   hidden, cache = multimodal.image_and_text_hidden(model, padded_prompt, images, positions,
-                                                   cache=cache)
+                                                   cache=cache,
+                                                   image_counts=jnp.reshape(image_count, (1,)))
   logits = model.logits(hidden, jnp.reshape(prompt_len - 1, (1,)))
   choice = sampling.choose(logits[:, 0],
                            jax.random.fold_in(sampling.seed_key(seed), prompt_len - 1),
@@ -88,7 +90,8 @@ class ImagePrefill:
   def __call__(self, params, prompt_ids: list[int], images: list[np.ndarray],
                device_settings: tuple) -> sampling.Prefix:
     return self._prefill(params, sampling.padded_prompt(prompt_ids, self.context_length),
-                         len(prompt_ids), padded_images(images), *device_settings)
+                         len(prompt_ids), padded_images(images), np.int32(len(images)),
+                         *device_settings)
 
   def warmup(self, params, bos_id: int, device_settings: tuple):
     """Compiles the one-image program for every prompt bucket that holds an image."""
@@ -102,10 +105,11 @@ class ImagePrefill:
 
 # --- straight into the paged pool, every image prompt of a turn in one call -------------------
 
-def paged_image_prefill_fn(graphdef, params, state, prompts, lengths, images, block_table, slots,
-                           seeds, temperature, top_p, top_k):
+def paged_image_prefill_fn(graphdef, params, state, prompts, lengths, images, image_counts,
+                           block_table, slots, seeds, temperature, top_p, top_k):
   """prompts: [rows, bucket] (num_patches placeholders per image, then padding); lengths,
-  slots: [rows]; images: uint8 [rows, count, height, width, 3]; block_table: [rows, width],
+  slots: [rows]; images: uint8 [rows, count, height, width, 3], of which image_counts [rows]
+  are each row's (see `multimodal.image_positions`); block_table: [rows, width],
   width * block_size >= bucket; seeds: [rows, 2]; temperature, top_p, top_k: [rows].
   Writes each row's whole prompt into its blocks from position 0, readies its slot as
   `paged_sampling.prefill_fn` does, and returns (state, choice [rows]). Padding rows name the
@@ -114,7 +118,7 @@ def paged_image_prefill_fn(graphdef, params, state, prompts, lengths, images, bl
   positions = jnp.broadcast_to(jnp.arange(prompts.shape[1], dtype=jnp.int32), prompts.shape)
   cache = paged_kv.with_tables(state.pools, block_table)
   hidden, cache = multimodal.image_and_text_hidden(model, prompts, images, positions,
-                                                   cache=cache)
+                                                   cache=cache, image_counts=image_counts)
   logits = model.logits(hidden, lengths - 1)
   keys = jax.vmap(lambda seed, last: jax.random.fold_in(sampling.seed_key(seed), last))(
       seeds, lengths - 1)
@@ -186,16 +190,18 @@ class ImagePrefills:
     bucket = sampling.prefill_bucket(max(len(p.token_ids) for p in prompts), self.context_length)
     tokens = np.full((rows, bucket), sampling.PAD_ID, np.int32)
     lengths, row_slots = np.ones(rows, np.int32), np.full(rows, self.slots, np.int32)
+    counts = np.zeros(rows, np.int32)
     images = np.zeros((rows, image_bucket(max(len(p.images) for p in prompts)),
                        *prompts[0].images[0].shape), np.uint8)
     for row, (slot, prompt) in enumerate(zip(slots, prompts)):
       tokens[row, :len(prompt.token_ids)] = prompt.token_ids
-      lengths[row], row_slots[row] = len(prompt.token_ids), slot
+      lengths[row], row_slots[row], counts[row] = len(prompt.token_ids), slot, len(prompt.images)
       images[row, :len(prompt.images)] = np.stack(prompt.images)
     settings = [np.stack(column + column[:1] * (rows - len(slots)))
                 for column in map(list, zip(*(p.settings for p in prompts)))]
     table = self.pages.table(slots, rows, -(-bucket // self.pages.block_size))
-    return self._prefill(params, state, tokens, lengths, images, table, row_slots, *settings)
+    return self._prefill(params, state, tokens, lengths, images, counts, table, row_slots,
+                         *settings)
 
   def shapes(self, num_patches: int) -> list[tuple[int, int]]:
     """Every (rows, prompt bucket) of a one-image prompt that `run` can compile for."""

@@ -5,6 +5,7 @@ served beside image requests gives the tokens it gets alone.
 """
 
 import base64
+import dataclasses
 import functools
 import hashlib
 import io
@@ -237,7 +238,7 @@ class RecordedPrefill:
   def __init__(self):
     self.calls = []
 
-  def __call__(self, params, state, tokens, lengths, images, table, slots, *settings):
+  def __call__(self, params, state, tokens, lengths, images, counts, table, slots, *settings):
     self.calls.append((tokens.shape, images.shape, slots.tolist()))
     return state, None
 
@@ -258,3 +259,24 @@ def test_image_prompts_group_into_calls_of_at_most_max_tokens_padded_tokens():
                            ((1, 64), (1, 1, IMAGE_SIZE, IMAGE_SIZE, 3), [2]),
                            ((1, 128), (1, 1, IMAGE_SIZE, IMAGE_SIZE, 3), [3])]
   assert not prefills.pending
+
+
+def test_a_resumed_image_prompt_reads_a_generated_placeholder_as_the_token_it_decoded(run_dir):
+  """A preempted image request is prefilled again with its generated tokens; a generated
+  `<|image|>` among them is text there, as the decode step that made it read it: the next
+  token's log-probabilities equal those of decoding it (before, it took an image patch)."""
+  engine = Engine.from_checkpoint(run_dir, slots=4)  # its own pool: the app's is in use
+  image_id = engine.config.vision.image_token_id
+  prompt_ids, _ = engine.image_prompt_ids(image_prompt(1), 1, 8)
+  images, greedy = random_images(1, 9), SamplingSettings(temperature=0.0)
+  state = engine.init_decode_state()
+  engine.begin_image_prefill(0, prompt_ids, images, greedy)
+  state, _ = engine.prefill_image_prompts(state, [0])
+  state = dataclasses.replace(state, tokens=state.tokens.at[0].set(image_id))
+  state, decoded = engine.generate(state)  # reads the placeholder as a token at len(prompt)
+  engine.release(0)
+  engine.begin_image_prefill(1, prompt_ids + [image_id], images, greedy)
+  state, resumed = engine.prefill_image_prompts(state, [1])
+  np.testing.assert_allclose(np.asarray(resumed.top_logprobs[0]),
+                             np.asarray(decoded.top_logprobs[0]), atol=2e-5)
+  assert int(resumed.token[0]) == int(decoded.token[0])

@@ -153,17 +153,37 @@ def test_placeholders_expand_to_one_position_per_patch_and_take_the_patches_in_o
   tokens = np.array([ids, [IMAGE_ID] * 3 + [4, 5, 6, 13] + [IMAGE_ID] * 3 + [8]])
   text = rng.standard_normal((2, tokens.shape[1], 5)).astype(np.float32)
   patches = rng.standard_normal((2, 2, 3, 5)).astype(np.float32)
-  got = np.asarray(multimodal.insert_image_embeddings(jnp.asarray(text), jnp.asarray(tokens),
-                                                      jnp.asarray(patches), IMAGE_ID))
+  is_image = multimodal.image_positions(jnp.asarray(tokens), IMAGE_ID, 3)
+  got = np.asarray(multimodal.insert_image_embeddings(jnp.asarray(text), is_image,
+                                                      jnp.asarray(patches)))
   for row in range(2):
     placeholders = [t for t in range(tokens.shape[1]) if tokens[row, t] == IMAGE_ID]
     for k, t in enumerate(placeholders):
       np.testing.assert_array_equal(got[row, t], patches[row, k // 3, k % 3])
     for t in sorted(set(range(tokens.shape[1])) - set(placeholders)):
       np.testing.assert_array_equal(got[row, t], text[row, t])
-  block_ids = multimodal.image_block_ids(jnp.asarray(tokens), IMAGE_ID, 3)
+  block_ids = multimodal.image_block_ids(is_image, 3)
   np.testing.assert_array_equal(block_ids, [[0, 0, 1, 1, 1, 0, 0, 2, 2, 2, 0],
                                             [1, 1, 1, 0, 0, 0, 0, 2, 2, 2, 0]])
+
+
+def test_placeholders_past_a_rows_image_count_stay_text():
+  """A served prompt's images fill its first count x num_patches placeholders; one after
+  them (a generated `<|image|>` that a preempted request's prefill meets again) keeps its
+  token embedding and its causal attention."""
+  tokens = np.array([[1, IMAGE_ID, IMAGE_ID, 9, IMAGE_ID, 4], [IMAGE_ID, IMAGE_ID, 5, 6, 7, 8]])
+  is_image = multimodal.image_positions(jnp.asarray(tokens), IMAGE_ID, 2,
+                                        jnp.asarray([1, 1]))
+  np.testing.assert_array_equal(is_image, [[0, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+  rng = np.random.default_rng(1)
+  text = rng.standard_normal((2, 6, 5)).astype(np.float32)
+  patches = rng.standard_normal((2, 2, 2, 5)).astype(np.float32)  # a black image pads each row
+  got = np.asarray(multimodal.insert_image_embeddings(jnp.asarray(text), is_image,
+                                                      jnp.asarray(patches)))
+  np.testing.assert_array_equal(got[0, 1:3], patches[0, 0])
+  np.testing.assert_array_equal(got[0, 4], text[0, 4])  # the placeholder past the image
+  np.testing.assert_array_equal(multimodal.image_block_ids(is_image, 2),
+                                [[0, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
 
 
 def np_prefix_lm_mask(segment_ids, block_ids):
