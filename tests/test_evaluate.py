@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import portpicker
 import pytest
@@ -342,3 +343,26 @@ def test_train_evals_report_what_maxlm_evaluate_gives_on_the_same_checkpoint(ite
   assert last["evals/tiny_mc/acc"] == results["tiny_mc"]["acc"]
   np.testing.assert_allclose(last["evals/held_out/bits_per_byte"],
                              results["held_out"]["bits_per_byte"], rtol=1e-4)
+
+
+def test_blockwise_next_token_scores_equal_a_float64_log_softmax_and_first_argmax():
+  """Rows and positions that do not fill the last block, and ties for the largest logit:
+  the target's log-probability is NumPy's float64 log-softmax's, and a target is the argmax
+  only where it is the first index of the largest logit (as argmax picks)."""
+  rng = np.random.default_rng(0)
+  rows, seq, embed, vocab = 3, 29, 8, 50  # 87 positions: one full block of 64 and a part
+  hidden = rng.standard_normal((rows, seq, embed)).astype(np.float32)
+  kernel = rng.standard_normal((embed, vocab)).astype(np.float32)
+  kernel[:, 7] = kernel[:, 3]  # tokens 3 and 7 always tie
+  logits = (hidden.astype(np.float64) @ kernel.astype(np.float64))
+  targets = rng.integers(0, vocab, (rows, seq))
+  targets[0, :] = logits[0].argmax(-1)  # a row of argmax targets
+  targets[1, :5] = 7  # the second of a tie: never the argmax
+  target, greedy = scoring.blockwise_next_token_scores(
+      lambda x: jnp.asarray(x) @ jnp.asarray(kernel), jnp.asarray(hidden), jnp.asarray(targets))
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  expected = np.take_along_axis(log_softmax, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(target), expected, atol=2e-5)
+  np.testing.assert_array_equal(np.asarray(greedy), logits.argmax(-1) == targets)
+  assert np.asarray(greedy)[0].all() and not np.asarray(greedy)[1, :5].any()
