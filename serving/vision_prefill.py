@@ -93,15 +93,6 @@ class ImagePrefill:
                          len(prompt_ids), padded_images(images), np.int32(len(images)),
                          *device_settings)
 
-  def warmup(self, params, bos_id: int, device_settings: tuple):
-    """Compiles the one-image program for every prompt bucket that holds an image."""
-    image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
-    prompt = [bos_id] + [self.config.vision.image_token_id] * self.config.vision.num_patches
-    for bucket in sampling.prefill_buckets(self.context_length):
-      if bucket >= len(prompt):
-        jax.block_until_ready(self(params, prompt + [bos_id] * (bucket - len(prompt)), [image],
-                                   device_settings))
-
 
 # --- straight into the paged pool, every image prompt of a turn in one call -------------------
 
