@@ -366,3 +366,23 @@ def test_blockwise_next_token_scores_equal_a_float64_log_softmax_and_first_argma
   np.testing.assert_allclose(np.asarray(target), expected, atol=2e-5)
   np.testing.assert_array_equal(np.asarray(greedy), logits.argmax(-1) == targets)
   assert np.asarray(greedy)[0].all() and not np.asarray(greedy)[1, :5].any()
+
+
+def test_sequences_that_differ_only_in_their_last_token_score_as_each_alone(engine, model):
+  """MMLU's shape: one context, one-token choices. They run as one row whose final
+  distribution gives each choice's last log-probability; every entry equals the unpadded
+  float64 reference, the argmax flags a greedy last token only, and a sequence alone gets
+  what it gets in the group."""
+  context = engine.encode("def wrap(text, width=70):\n    return")
+  logits, _ = nnx.merge(engine.graphdef, engine.params)(np.array([context], np.int32))
+  ranked = np.argsort(-np.asarray(logits[0, -1]))
+  choices = [int(ranked[0]), int(ranked[1]), int(ranked[5]), int(ranked[0])]  # a duplicate too
+  sequences = [context + [token] for token in choices] + [context[:5]]
+  scored = scoring.score(model, sequences)
+  for sequence, (logprobs, greedy) in zip(sequences, scored):
+    np.testing.assert_allclose(logprobs, numpy_logprobs(engine, sequence), atol=2e-4)
+    assert len(greedy) == len(sequence) - 1
+  assert [bool(scored[i][1][-1]) for i in range(4)] == [True, False, False, True]
+  alone = scoring.score(model, [sequences[2]])[0]
+  np.testing.assert_allclose(scored[2][0], alone[0], atol=1e-5)
+  np.testing.assert_array_equal(scored[2][1], alone[1])

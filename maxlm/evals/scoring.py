@@ -34,10 +34,14 @@ class EvalModel:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "kv_cache_dtype"))
-def token_scores(graphdef, params, tokens: jax.Array,
-                 kv_cache_dtype: str | None = None) -> tuple[jax.Array, jax.Array]:
+def token_scores(graphdef, params, tokens: jax.Array, ends: jax.Array, alternatives: jax.Array,
+                 kv_cache_dtype: str | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """tokens: [rows, seq] -> (log p(tokens[t + 1] | tokens[:t + 1]), whether tokens[t + 1] is
-  the argmax), each [rows, seq - 1]. Padding after a row's end changes none of its entries.
+  the argmax), each [rows, seq - 1], then the same two, [rows, k], for `alternatives` [rows, k]
+  read after position `ends` [rows] of each row: the other last tokens of sequences that
+  differ from the row only there (a multiple-choice item's one-token choices). Padding after
+  a row's end changes none of its entries.
 
   Attention runs over a KV cache, as the server's prefill runs it, so these agree with the
   server's `echo` log-probabilities (lm-eval's) to float32 rounding of the same computation.
@@ -46,7 +50,14 @@ def token_scores(graphdef, params, tokens: jax.Array,
   cache = init_kv_cache(model.config, tokens.shape[0], tokens.shape[1], kv_cache_dtype)
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
   hidden, _ = model.decode(model.embed(tokens), positions, cache=cache)
-  return blockwise_next_token_scores(model.logits, hidden[:, :-1], tokens[:, 1:])
+  target, greedy = blockwise_next_token_scores(model.logits, hidden[:, :-1], tokens[:, 1:])
+  at_end = jnp.take_along_axis(hidden, ends[:, None, None], axis=1)  # [rows, 1, embed]
+  end_logits = model.logits(at_end)[:, 0]
+  largest = jnp.max(end_logits, axis=-1, keepdims=True)
+  log_z = largest + jnp.log(jnp.sum(jnp.exp(end_logits - largest), axis=-1, keepdims=True))
+  first_largest = jnp.argmax(end_logits, axis=-1)[:, None]
+  return (target, greedy, jnp.take_along_axis(end_logits, alternatives, axis=-1) - log_z,
+          first_largest == alternatives)
 
 
 def blockwise_next_token_scores(logits_of: Callable[[jax.Array], jax.Array], hidden: jax.Array,
@@ -85,23 +96,51 @@ def next_token_scores(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array,
 
 
 def score(model: EvalModel, sequences: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Per sequence: (float64 [len - 1] next-token log-probabilities, bool [len - 1] argmax)."""
+  """Per sequence: (float64 [len - 1] next-token log-probabilities, bool [len - 1] argmax).
+  Sequences that differ only in their last token (an item's one-token choices, as MMLU's
+  letters) run as one row, each last token read from the row's final distribution."""
   too_long = [len(s) for s in sequences if len(s) > model.context_length]
   if too_long:
     raise UserError(f"an eval item is {max(too_long)} tokens but the model's context is "
                     f"{model.context_length}; shorten the task's contexts")
-  order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+  groups = same_but_last(sequences)
+  order = sorted(range(len(groups)), key=lambda g: len(sequences[groups[g][0]]))
   results: list = [None] * len(sequences)
   for start in range(0, len(order), model.batch_size):
-    rows = order[start:start + model.batch_size]
-    width = sampling.prefill_bucket(max(len(sequences[i]) for i in rows), model.context_length)
+    batch = [groups[g] for g in order[start:start + model.batch_size]]
+    width = sampling.prefill_bucket(max(len(sequences[members[0]]) for members in batch),
+                                    model.context_length)
     width = max(width, 2)
     tokens = np.full((model.batch_size, width), sampling.PAD_ID, np.int32)
-    for row, i in enumerate(rows):
-      tokens[row, :len(sequences[i])] = sequences[i]
-    target, greedy = jax.device_get(token_scores(model.graphdef, model.params, tokens,
-                                                 model.kv_cache_dtype))
-    for row, i in enumerate(rows):
-      length = len(sequences[i]) - 1
-      results[i] = (target[row, :length].astype(np.float64), greedy[row, :length])
+    ends = np.zeros(model.batch_size, np.int32)
+    alternatives = np.zeros((model.batch_size, group_bucket(max(map(len, batch)))), np.int32)
+    for row, members in enumerate(batch):
+      sequence = sequences[members[0]]
+      tokens[row, :len(sequence)] = sequence
+      ends[row] = max(len(sequence) - 2, 0)
+      alternatives[row, :len(members)] = [sequences[i][-1] for i in members]
+    target, greedy, alternative, alternative_greedy = jax.device_get(token_scores(
+        model.graphdef, model.params, tokens, ends, alternatives, model.kv_cache_dtype))
+    for row, members in enumerate(batch):
+      length = len(sequences[members[0]]) - 1
+      for column, i in enumerate(members):
+        logprobs, argmax = target[row, :length].astype(np.float64), greedy[row, :length].copy()
+        if len(members) > 1:
+          logprobs[-1], argmax[-1] = alternative[row, column], alternative_greedy[row, column]
+        results[i] = (logprobs, argmax)
   return results
+
+
+def same_but_last(sequences: list[list[int]]) -> list[list[int]]:
+  """The sequences' indices grouped by all their tokens but the last, first-seen order; a
+  sequence of fewer than two tokens is alone."""
+  groups: dict[tuple, list[int]] = {}
+  for i, sequence in enumerate(sequences):
+    key = tuple(sequence[:-1]) if len(sequence) >= 2 else (None, i)
+    groups.setdefault(key, []).append(i)
+  return list(groups.values())
+
+
+def group_bucket(size: int) -> int:
+  """The alternatives a row reads, padded to a power of two (one compilation each)."""
+  return 1 << max(size - 1, 0).bit_length()
