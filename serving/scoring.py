@@ -76,9 +76,7 @@ def pack(prompts: list[list[int]], budget: int) -> Pack:
   """`prompts` (at most `budget` tokens in all) in one row of the next width, each group
   sharing a prefix (`shared_prefix_groups`) laid as one segment."""
   groups = shared_prefix_groups(prompts)
-  used = sum(shared + sum(len(prompts[i]) - shared for i in members)
-             for shared, members in groups)
-  width = pack_width(used, budget)
+  width = pack_width(laid_tokens(prompts, groups), budget)
   rows = {name: np.zeros((1, width), np.int32) for name in
           ("tokens", "positions", "segment_ids", "branch_ids")}
   rows["tokens"][:] = sampling.PAD_ID
@@ -107,6 +105,21 @@ def pack(prompts: list[list[int]], budget: int) -> Pack:
   last[:len(prompts)] = [span[-1] for span in spans]
   return Pack(rows["tokens"], rows["positions"], rows["segment_ids"], rows["branch_ids"],
               predecessor, spans, last)
+
+
+def laid_tokens(prompts: list[list[int]], groups: list[tuple[int, list[int]]] | None = None
+                ) -> int:
+  """The tokens `pack` lays `prompts` in: each group's shared prefix once, then every
+  member's rest."""
+  groups = shared_prefix_groups(prompts) if groups is None else groups
+  return sum(shared + sum(len(prompts[i]) - shared for i in members)
+             for shared, members in groups)
+
+
+def fits_one_pack(prompts: list[list[int]], budget: int) -> bool:
+  """Whether `pack` lays `prompts` in at most `budget` tokens (the grouping runs only when
+  their own lengths add up to more)."""
+  return sum(map(len, prompts)) <= budget or laid_tokens(prompts) <= budget
 
 
 def shared_prefix_groups(prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
@@ -339,24 +352,25 @@ class Scorer:
           self._finish(request, Unavailable(f"the scoring loop died: {e!r}"))
 
   def _next_batch(self) -> list[Request] | None:
-    """Waits for a request, then takes every one waiting while the pack has room."""
+    """Waits for a request, then takes every one waiting while the pack has room (a shared
+    prefix counted once: an lm-eval request of 8 one-token choices of 2 items is one pack)."""
     first = self._held or self._waiting.get()
     self._held = None
     with self._queueing:  # the prompts queued with `first` are all in the line
       pass
     if first is None:
       return None
-    batch, tokens = [first], len(first.prompt_ids)
+    batch, prompts = [first], [first.prompt_ids]
     while len(batch) < max_seqs(self.budget) and not self._waiting.empty():
       request = self._waiting.get()
       if request is None:
         self._waiting.put(None)
         break
-      if tokens + len(request.prompt_ids) > self.budget:
+      if not fits_one_pack([*prompts, request.prompt_ids], self.budget):
         self._held = request
         break
       batch.append(request)
-      tokens += len(request.prompt_ids)
+      prompts.append(request.prompt_ids)
     return batch
 
   def _score_batch(self, batch: list[Request]):

@@ -8,12 +8,20 @@ import time
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from test_serving import random_run
 
 from serving.engine import Engine, SamplingSettings
 from serving.orchestrator import Request
-from serving.scoring import Scorer, pack, pack_width, pack_widths, shared_prefix_groups
+from serving.scoring import (
+  Scorer,
+  fits_one_pack,
+  laid_tokens,
+  pack,
+  pack_width,
+  pack_widths,
+  shared_prefix_groups,
+)
 from serving.server import create_app
-from test_serving import random_run
 
 PROMPTS = [[1, 17, 40, 3, 99, 5, 6], [1], [1, 250], [1, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 200],
            [1, 300, 2, 45]]
@@ -224,6 +232,36 @@ def test_prompts_waiting_together_share_one_forward_pass(engine):
   finally:
     scorer.stop()
   assert len(forwards) == 2  # the lone one, then the five of a concurrent request in one
+
+
+def test_choices_sharing_a_context_fill_one_pack_whose_raw_lengths_exceed_its_budget(engine):
+  """An lm-eval request of one-token choices: four prompts of a 40-token context whose own
+  lengths add up past the budget (164 > 64, the context) take one forward, laid in 44
+  tokens; a fifth prompt that sharing cannot fit waits for the next pack."""
+  rng = np.random.default_rng(3)
+  context = [engine.tokenizer.bos_id(), *map(int, rng.integers(4, 300, 39))]
+  choices = [context + [token] for token in (10, 11, 12, 13)]
+  other = [engine.tokenizer.bos_id(), *map(int, rng.integers(4, 300, 29))]
+  assert laid_tokens(choices) == 44 and fits_one_pack(choices, 64)
+  assert not fits_one_pack([*choices, other], 64)
+  scorer = Scorer(engine)
+  assert scorer.budget == 64
+  forwards = []
+  original = scorer._score[1]
+
+  def counted(*args):
+    forwards.append(args[1].shape)
+    return original(*args)
+
+  scorer._score[1] = counted
+  scorer.start()
+  try:
+    requests, emitted = scored(scorer, [*choices, other], [SETTINGS[0]] * 5, top=1)
+  finally:
+    scorer.stop()
+  assert forwards == [(1, 64), (1, 32)]
+  assert all(items[-1] is None for items in emitted)
+  assert [len(request.prompt_logprobs.logprobs) for request in requests] == [40] * 4 + [29]
 
 
 def test_the_server_scores_lm_eval_requests_without_a_decode_slot(engine, monkeypatch):
