@@ -199,7 +199,7 @@ def position_scores(logits: jax.Array, tokens: jax.Array, predecessor: jax.Array
   tokens after each position. The reductions go SCORE_BLOCK rows at a time, which stay in
   cache: 1.6x faster on CPU than over all rows at once for a pack of 768."""
   def block_scores(block):
-    largest, log_z = log_normalizer(block)
+    largest, log_z = sampling.log_normalizer(block)
     return log_z, *likeliest(block, largest, log_z, top)
 
   log_z, top_tokens, top_logprobs = jax.lax.map(
@@ -211,16 +211,10 @@ def position_scores(logits: jax.Array, tokens: jax.Array, predecessor: jax.Array
                       top_logprobs.reshape(-1, top_logprobs.shape[-1])[:seq])
 
 
-def log_normalizer(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """logits: [rows, vocab] -> (each row's largest logit, its log-normalizer), both [rows]."""
-  largest = jnp.max(logits, axis=-1)
-  return largest, largest + jnp.log(jnp.sum(jnp.exp(logits - largest[:, None]), axis=-1))
-
-
 def next_token_scores(logits: jax.Array, targets: jax.Array, top: int) -> PackedScores:
   """logits: [seq, vocab] -> the log-probability of `targets` [seq] and the `top` likeliest
   tokens at each position."""
-  largest, log_z = log_normalizer(logits)
+  largest, log_z = sampling.log_normalizer(logits)
   target = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - log_z
   return PackedScores(target, *likeliest(logits, largest, log_z, top))
 
@@ -229,12 +223,10 @@ def likeliest(logits: jax.Array, largest: jax.Array, log_z: jax.Array,
               top: int) -> tuple[jax.Array, jax.Array]:
   """The `top` likeliest tokens of each row of logits [seq, vocab] and their log-probabilities.
   XLA's CPU argmax and top-k take ~6x a max over the same logits, so the likeliest token comes
-  from the max (the first index holding it, as argmax picks) and top-k runs only when more
-  than one alternative is asked for."""
+  from the max (`sampling.first_largest`) and top-k runs only when more than one alternative
+  is asked for."""
   if top == 1:
-    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
-    token = jnp.min(jnp.where(logits == largest[:, None], index, logits.shape[-1]), axis=-1)
-    return token[:, None], (largest - log_z)[:, None]
+    return sampling.first_largest(logits, largest)[:, None], (largest - log_z)[:, None]
   top_logits, top_tokens = jax.lax.top_k(logits, min(top, logits.shape[-1]))
   return top_tokens.astype(jnp.int32), top_logits - log_z[:, None]
 
@@ -245,7 +237,8 @@ def first_tokens(logits, keys, temperature, top_p, top_k, top: int) -> sampling.
   scores = next_token_scores(logits, jnp.zeros(logits.shape[0], jnp.int32), top)
   token = sampling.sample_next(logits, keys, temperature, top_p, top_k,
                                greedy=scores.top_tokens[:, 0])
-  logprob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - log_normalizer(logits)[1]
+  _, log_z = sampling.log_normalizer(logits)
+  logprob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - log_z
   return sampling.TokenChoice(token, logprob, scores.top_tokens, scores.top_logprobs)
 
 

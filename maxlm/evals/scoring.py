@@ -53,11 +53,10 @@ def token_scores(graphdef, params, tokens: jax.Array, ends: jax.Array, alternati
   target, greedy = blockwise_next_token_scores(model.logits, hidden[:, :-1], tokens[:, 1:])
   at_end = jnp.take_along_axis(hidden, ends[:, None, None], axis=1)  # [rows, 1, embed]
   end_logits = model.logits(at_end)[:, 0]
-  largest = jnp.max(end_logits, axis=-1, keepdims=True)
-  log_z = largest + jnp.log(jnp.sum(jnp.exp(end_logits - largest), axis=-1, keepdims=True))
-  first_largest = jnp.argmax(end_logits, axis=-1)[:, None]
-  return (target, greedy, jnp.take_along_axis(end_logits, alternatives, axis=-1) - log_z,
-          first_largest == alternatives)
+  largest, log_z = sampling.log_normalizer(end_logits)
+  return (target, greedy,
+          jnp.take_along_axis(end_logits, alternatives, axis=-1) - log_z[:, None],
+          sampling.first_largest(end_logits, largest)[:, None] == alternatives)
 
 
 def blockwise_next_token_scores(logits_of: Callable[[jax.Array], jax.Array], hidden: jax.Array,
@@ -85,14 +84,10 @@ def blockwise_next_token_scores(logits_of: Callable[[jax.Array], jax.Array], hid
 def next_token_scores(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
   """logits [n, vocab], targets [n] -> (each target's log-probability, as `sampling.choose`
   computes it: the logit minus the log-normalizer; whether it is the argmax, the first index
-  of the largest logit, found with a max and a min: XLA's CPU argmax takes ~6x a max)."""
-  largest = jnp.max(logits, axis=-1)
-  log_z = largest + jnp.log(jnp.sum(jnp.exp(logits - largest[:, None]), axis=-1))
+  of the largest logit, `sampling.first_largest`)."""
+  largest, log_z = sampling.log_normalizer(logits)
   target = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-  index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
-  first_largest = jnp.min(jnp.where(logits == largest[:, None], index, logits.shape[-1]),
-                          axis=-1)
-  return target - log_z, first_largest == targets
+  return target - log_z, sampling.first_largest(logits, largest) == targets
 
 
 def score(model: EvalModel, sequences: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
