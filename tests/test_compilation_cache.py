@@ -22,11 +22,7 @@ COMPILE_ONCE = """
 import collections, json, sys
 import jax, jax.numpy as jnp
 from jax._src import monitoring
-from absl import flags
-
-from maxlm import compilation_cache, evaluate
-from maxlm import train  # noqa: F401  (defines its absl flags)
-from serving import server
+from maxlm import compilation_cache
 events = collections.Counter()
 monitoring.register_event_listener(lambda event, **kw: events.update([event.split("/")[-1]]))
 compilation_cache.enable(sys.argv[1])
