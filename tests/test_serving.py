@@ -6,6 +6,7 @@ client) against that same reference.
 """
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import shutil
@@ -133,16 +134,26 @@ def wait_until_healthy(process: subprocess.Popen, port: int, log_file: Path, tim
   pytest.fail(f"server not healthy after {timeout_s}s:\n{log_file.read_text()}")
 
 
-@pytest.fixture(scope="module")
-def server_port(run_dir, tmp_path_factory):
+def start_server(run_dir: Path, log_file: Path, lock_dir: Path) -> tuple[subprocess.Popen, int]:
+  """A real `serving.server` on `run_dir`, healthy. One starts at a time per test run (a lock
+  in `lock_dir`, which every xdist worker shares): each worker's `server_port` and the SIGTERM
+  test's server compile the same programs, so the first compiles them alone and the others
+  read them from the run's compilation cache instead of compiling them side by side."""
   port = portpicker.pick_unused_port()
-  log_file = tmp_path_factory.mktemp("server") / "server.log"
-  with open(log_file, "wb") as log:
+  with open(lock_dir / "server_start.lock", "w") as lock, open(log_file, "wb") as log:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
     process = subprocess.Popen(
         [sys.executable, "-m", "serving.server", f"--checkpoint_dir={run_dir}", f"--port={port}"],
         cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-  try:
     wait_until_healthy(process, port, log_file)
+  return process, port
+
+
+@pytest.fixture(scope="module")
+def server_port(run_dir, tmp_path_factory):
+  process, port = start_server(run_dir, tmp_path_factory.mktemp("server") / "server.log",
+                               tmp_path_factory.getbasetemp().parent)
+  try:
     yield port
   finally:
     process.terminate()
@@ -623,15 +634,11 @@ def test_top_k_one_is_greedy_over_http(server_port, engine):
     assert sampled == greedy
 
 
-def test_sigterm_lets_a_stream_in_flight_finish_then_exits(run_dir, tmp_path, engine):
-  port = portpicker.pick_unused_port()
+def test_sigterm_lets_a_stream_in_flight_finish_then_exits(run_dir, tmp_path, tmp_path_factory,
+                                                           engine):
   log_file = tmp_path / "server.log"
-  with open(log_file, "wb") as log:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", f"--checkpoint_dir={run_dir}", f"--port={port}",
-         "--slots=2"], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+  process, port = start_server(run_dir, log_file, tmp_path_factory.getbasetemp().parent)
   try:
-    wait_until_healthy(process, port, log_file)
     request = {"model": engine.model_name, "prompt": PROMPT, "max_tokens": 40,
                "temperature": 0, "ignore_eos": True, "stream": True}
     texts = []
