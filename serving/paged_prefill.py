@@ -102,9 +102,9 @@ class Prefills:
     bucket = sampling.prefill_bucket(tokens, self.context_length)
     chunk = np.full((1, bucket), sampling.PAD_ID, np.int32)
     chunk[0, :tokens] = prompt.token_ids[start:start + tokens]
-    width = kv_pages.bucket(math.ceil((start + bucket) / block_size), 1 << 30)
     state, choice = self._prefill(params, state, chunk, np.int32(start), np.int32(tokens),
-                                  self.pages.table([slot], 1, width), np.int32(slot),
+                                  self.pages.table([slot], 1, self.table_width(bucket)),
+                                  np.int32(slot),
                                   *prompt.settings)
     prompt.done += tokens
     self.computed_tokens += tokens
@@ -123,16 +123,17 @@ class Prefills:
     if prompt is not None:
       self._coming.subtract(prompt.hashes[prompt.published:])
 
+  def table_width(self, bucket: int) -> int:
+    """A chunk of `bucket` tokens' block table width: room for its padding past the context's
+    last position (a write past the table would land in its last block). The attention reads
+    only the blocks up to the chunk's furthest position (`paged_kv.chunked_attend`), so one
+    width, and one compiled program, serves a chunk at every start."""
+    return math.ceil((self.context_length - 1 + bucket) / self.pages.block_size)
+
   def buckets(self) -> list[tuple[int, int]]:
     """Every (chunk bucket, table width) `run` can compile for this context."""
     largest = self.context_length if self.max_chunk is None else min(self.max_chunk,
                                                                      self.context_length)
-    block_size = self.pages.block_size
-    shapes = set()
-    for bucket in sampling.prefill_buckets(self.context_length):
-      if bucket > sampling.prefill_bucket(largest, self.context_length):
-        break
-      widest = math.ceil((self.context_length - 1 + bucket) / block_size)
-      shapes.update((bucket, kv_pages.bucket(width, 1 << 30))
-                    for width in range(math.ceil(bucket / block_size), widest + 1))
-    return sorted(shapes)
+    return [(bucket, self.table_width(bucket))
+            for bucket in sampling.prefill_buckets(self.context_length)
+            if bucket <= sampling.prefill_bucket(largest, self.context_length)]

@@ -81,9 +81,12 @@ def test_a_decode_step_attends_like_numpy_in_float64_a_chunk_of_blocks_at_a_time
                                                  positions=np.array([[2], [17], [27]]))
 
 
-def test_a_decode_step_reads_no_block_past_the_chunk_of_its_furthest_position():
+@pytest.mark.parametrize("q_len", [1, 3])  # a decode step; a prefill chunk
+def test_chunked_attention_reads_no_block_past_the_chunk_of_its_furthest_position(q_len):
   """The blocks a table names past the live ones hold NaN: read at all, they would turn the
-  output NaN (a masked NaN value still multiplies a zero weight)."""
+  output NaN (a masked NaN value still multiplies a zero weight). Chunks of 2 blocks over 4
+  live ones: the rows end in the first and the second chunk, the queries of a prefill chunk
+  straddle a chunk's edge, and each row's result equals float64 NumPy."""
   rng = np.random.default_rng(4)
   batch, width, live, kv_heads, heads, head_dim = 2, 8, 4, 1, 2, 8
   seq = live * BLOCK_SIZE
@@ -93,10 +96,10 @@ def test_a_decode_step_reads_no_block_past_the_chunk_of_its_furthest_position():
   layer = paged_kv.write({**pool, "block_table": jnp.asarray(table)},
                          *(jnp.asarray(a, jnp.float32) for a in (keys, values)),
                          jnp.broadcast_to(jnp.arange(seq), (batch, seq)))
-  positions = np.array([[5], [seq - 1]])
-  q = rng.normal(size=(batch, 1, heads, head_dim))
-  out = paged_kv.chunked_decode_attend(layer, jnp.asarray(q, jnp.float32),
-                                       jnp.asarray(positions), chunk_blocks=2)
+  positions = np.array([[5], [seq - 1]]) - q_len + 1 + np.arange(q_len)
+  q = rng.normal(size=(batch, q_len, heads, head_dim))
+  out = paged_kv.chunked_attend(layer, jnp.asarray(q, jnp.float32), jnp.asarray(positions),
+                                chunk_blocks=2)
   np.testing.assert_allclose(np.asarray(out), numpy_attention(q, keys, values, positions),
                              rtol=1e-5, atol=1e-5)
 
