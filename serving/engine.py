@@ -234,8 +234,14 @@ class Engine:
       self.image_prefills = vision_prefill.ImagePrefills(
           self.pages, self._image_prefill, self.slots, self.context_length,
           self.max_prefill_chunk or paged_prefill.DEFAULT_PREFILL_CHUNK)
-    return paged_sampling.init_state(self.config, self.slots, self.capacity.blocks + 1,
-                                     self.block_size, self.kv_cache_dtype)
+    state = paged_sampling.init_state(self.config, self.slots, self.capacity.blocks + 1,
+                                      self.block_size, self.kv_cache_dtype)
+    # Placed as every jitted step's outputs are (whole, beside the weights): a fresh state's
+    # uncommitted arrays would make the server's first prefill of a bucket compile again.
+    placement = jax.tree.leaves(self.params)[0].sharding
+    if isinstance(placement, jax.sharding.NamedSharding):
+      placement = jax.sharding.NamedSharding(placement.mesh, jax.sharding.PartitionSpec())
+    return jax.device_put(state, placement)
 
   # Each call returns as soon as its work is queued on the device; a TokenChoice stays there
   # until `Step.from_choice` fetches it, so the caller can queue the next step first.
