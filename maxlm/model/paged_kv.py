@@ -133,8 +133,8 @@ def chunked_attend(layer: LayerPool, q: jax.Array, positions: jax.Array,
   table = _padded_to_chunks(layer["block_table"], chunk_blocks)
   chunk = chunk_blocks * block_size
   group = heads // kv_heads
-  # A row's queries and the heads sharing a kv head are one axis: a decode step's einsums are
-  # the 4-d ones XLA:CPU runs fastest (a separate query axis of 1 cost decode steps 20-30%).
+  # A row's queries and the heads sharing a kv head are one axis, so a decode step (q_len 1)
+  # runs the same 4-d einsums as before prefill chunks took this path.
   grouped_q = (q * head_dim ** -0.5).reshape(batch, q_len, kv_heads, group, head_dim)
   grouped_q = grouped_q.transpose(2, 0, 1, 3, 4).reshape(kv_heads, batch, q_len * group,
                                                          head_dim)          # [kv, b, q*g, d]
@@ -159,6 +159,7 @@ def chunked_attend(layer: LayerPool, q: jax.Array, positions: jax.Array,
   start = (jnp.full(grouped_q.shape[:-1], layers.NEG_INF, score_dtype),
            jnp.zeros(grouped_q.shape[:-1], score_dtype),
            jnp.zeros(grouped_q.shape, score_dtype))
+  # A prefill chunk's padding queries (past its real tokens) count too: at most one more chunk.
   chunks = jnp.minimum(positions.max() // chunk + 1, table.shape[1] // chunk_blocks)
   _, total, weighted = jax.lax.fori_loop(0, chunks, add_chunk, start)
   out = (weighted / total[..., None]).astype(dtype)                      # [kv, b, q*g, d]
