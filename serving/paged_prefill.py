@@ -104,8 +104,7 @@ class Prefills:
     chunk[0, :tokens] = prompt.token_ids[start:start + tokens]
     state, choice = self._prefill(params, state, chunk, np.int32(start), np.int32(tokens),
                                   self.pages.table([slot], 1, self.table_width(bucket)),
-                                  np.int32(slot),
-                                  *prompt.settings)
+                                  np.int32(slot), *prompt.settings)
     prompt.done += tokens
     self.computed_tokens += tokens
     if self.caching:

@@ -234,12 +234,11 @@ def likeliest(logits: jax.Array, largest: jax.Array, log_z: jax.Array,
 def first_tokens(logits, keys, temperature, top_p, top_k, top: int) -> sampling.TokenChoice:
   """`sampling.choose` over logits [rows, vocab] with `top` alternatives (not TOP_LOGPROBS):
   the same token and log-probabilities, without choose's top-k over 20 (slow on CPU)."""
-  scores = next_token_scores(logits, jnp.zeros(logits.shape[0], jnp.int32), top)
-  token = sampling.sample_next(logits, keys, temperature, top_p, top_k,
-                               greedy=scores.top_tokens[:, 0])
-  _, log_z = sampling.log_normalizer(logits)
+  largest, log_z = sampling.log_normalizer(logits)
+  top_tokens, top_logprobs = likeliest(logits, largest, log_z, top)
+  token = sampling.sample_next(logits, keys, temperature, top_p, top_k, greedy=top_tokens[:, 0])
   logprob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - log_z
-  return sampling.TokenChoice(token, logprob, scores.top_tokens, scores.top_logprobs)
+  return sampling.TokenChoice(token, logprob, top_tokens, top_logprobs)
 
 
 def scoring_graphdef(engine: Engine):
