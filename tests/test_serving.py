@@ -134,25 +134,32 @@ def wait_until_healthy(process: subprocess.Popen, port: int, log_file: Path, tim
   pytest.fail(f"server not healthy after {timeout_s}s:\n{log_file.read_text()}")
 
 
-def start_server(run_dir: Path, log_file: Path, lock_dir: Path) -> tuple[subprocess.Popen, int]:
-  """A real `serving.server` on `run_dir`, healthy. One starts at a time per test run (a lock
-  in `lock_dir`, which every xdist worker shares): each worker's `server_port` and the SIGTERM
-  test's server compile the same programs, so the first compiles them alone and the others
-  read them from the run's compilation cache instead of compiling them side by side."""
+def start_server(run_dir: Path, log_file: Path, tmp_path_factory) -> tuple[subprocess.Popen, int]:
+  """A real `serving.server` on `run_dir`, healthy (killed if it never gets there). One starts
+  at a time per test run (a lock beside the xdist workers' temp dirs, which they all share):
+  each worker's `server_port` and the SIGTERM test's server compile the same programs, so the
+  first compiles them alone and the others read them from the run's compilation cache instead
+  of compiling them side by side."""
   port = portpicker.pick_unused_port()
-  with open(lock_dir / "server_start.lock", "w") as lock, open(log_file, "wb") as log:
+  lock_file = tmp_path_factory.getbasetemp().parent / "server_start.lock"
+  with open(lock_file, "w") as lock, open(log_file, "wb") as log:
     fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
     process = subprocess.Popen(
         [sys.executable, "-m", "serving.server", f"--checkpoint_dir={run_dir}", f"--port={port}"],
         cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    wait_until_healthy(process, port, log_file)
+    try:
+      wait_until_healthy(process, port, log_file)
+    except BaseException:
+      process.kill()
+      process.wait()
+      raise
   return process, port
 
 
 @pytest.fixture(scope="module")
 def server_port(run_dir, tmp_path_factory):
   process, port = start_server(run_dir, tmp_path_factory.mktemp("server") / "server.log",
-                               tmp_path_factory.getbasetemp().parent)
+                               tmp_path_factory)
   try:
     yield port
   finally:
@@ -657,7 +664,7 @@ def test_top_k_one_is_greedy_over_http(server_port, engine):
 def test_sigterm_lets_a_stream_in_flight_finish_then_exits(run_dir, tmp_path, tmp_path_factory,
                                                            engine):
   log_file = tmp_path / "server.log"
-  process, port = start_server(run_dir, log_file, tmp_path_factory.getbasetemp().parent)
+  process, port = start_server(run_dir, log_file, tmp_path_factory)
   try:
     request = {"model": engine.model_name, "prompt": PROMPT, "max_tokens": 40,
                "temperature": 0, "ignore_eos": True, "stream": True}
