@@ -1,0 +1,460 @@
+"""The first run on a lent CUDA GPU, in one call: the flash kernels against the XLA attention
+and cuDNN at 2k/4k/8k, the ragged paged decode kernel and the chunked prefill against the XLA
+gather, then the 1b train step's MFU with each attention.
+
+  python benchmarks/gpu_first_run.py [--json=PATH] [--sections=ceilings,attention,paged,train]
+      [--budget_s=420] [--smoke]
+
+Every kernel is checked before it is timed, on fresh random inputs, by ||out - ref|| / ||ref||
+against a float32 reference computed at `precision=highest` from the same inputs upcast
+(`kernels_pallas.reference_attention`; for decode, float64 NumPy): bfloat16 operands land near
+1e-3 to 1e-2; a NaN or an error over 5e-2 is marked BAD. Forward+backward checks dq, dk and dv
+against the reference's `jax.vjp` as well. Times are medians over rounds of `--calls` calls
+each after a warm-up (compile time is reported apart); TFLOP/s counts causal attention's
+visible half (forward 4·B·H·S²·D/2, forward+backward 3.5 times that).
+
+Ceilings measured here first: a bfloat16 8192^3 matmul (the practical peak MFU is also given
+against) and a device-to-device copy. Any variant that fails prints its error's first line and
+the run goes on; sections past `--budget_s` are skipped (a lent machine's time is short).
+
+--smoke runs tiny sizes on whatever backend is there (the Pallas interpreter on CPU), so that
+this script is exercised by tests/test_gpu_first_run.py before any GPU sees it.
+
+On the lent H200 (its image has JAX 0.11.2, flax, optax, but not gin-config or zstandard, which
+maxlm imports), from the repository root here:
+  echo /.whl/ >> .git/info/exclude
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+      gin-config==0.5.0 zstandard==0.25.0
+then one device call, carrying .whl:
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
+  timeout 570 python3 benchmarks/gpu_first_run.py --json=$OUT/gpu_first_run.json
+"""
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kernels_pallas  # noqa: E402
+from maxlm import optim, sharding, steps, tasks  # noqa: E402
+from maxlm.model import ModelConfig, layers, paged_kv, training_flops_per_token  # noqa: E402
+from maxlm.model import attention as fused  # noqa: E402
+
+# H200 / H100 SXM datasheet: dense bfloat16 tensor-core peak.
+DATASHEET_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12}
+BAD_ERROR = 5e-2
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  seq_lens: tuple[int, ...]
+  tokens_per_batch: int      # attention timing batch = tokens_per_batch // seq_len
+  heads: int
+  kv_heads: int
+  head_dim: int
+  matmul: int
+  decode_rows: int
+  decode_max_len: int
+  block_size: int
+  prefill_len: int
+  train_config: dict
+  train_batch: int
+  train_seq: int
+  calls: int
+  rounds: int
+
+
+FULL = Sizes(seq_lens=(2048, 4096, 8192), tokens_per_batch=32768, heads=32, kv_heads=8,
+             head_dim=64, matmul=8192, decode_rows=64, decode_max_len=4096, block_size=32,
+             prefill_len=2048,
+             train_config=dict(vocab_size=128256, num_layers=16, embed_dim=2048, num_heads=32,
+                               num_kv_heads=8, head_dim=64, mlp_dim=8192, max_seq_len=8192,
+                               rope_theta=500000.0, tie_embeddings=True, dtype="bfloat16",
+                               remat="full"),
+             train_batch=8, train_seq=4096, calls=10, rounds=5)
+SMOKE = Sizes(seq_lens=(64,), tokens_per_batch=64, heads=4, kv_heads=2, head_dim=64,
+              matmul=256, decode_rows=4, decode_max_len=96, block_size=16, prefill_len=64,
+              train_config=dict(vocab_size=256, num_layers=2, embed_dim=64, num_heads=4,
+                                num_kv_heads=2, head_dim=16, mlp_dim=128, max_seq_len=128,
+                                dtype="bfloat16", remat="full"),
+              train_batch=2, train_seq=64, calls=2, rounds=2)
+
+
+def first_line(error: BaseException) -> str:
+  text = f"{type(error).__name__}: {error}".strip().splitlines()
+  return text[0][:300] if text else type(error).__name__
+
+
+def timed(call, calls: int, rounds: int) -> tuple[float, float]:
+  """(first call's seconds, compile included; median seconds per call over rounds)."""
+  started = time.perf_counter()
+  jax.block_until_ready(call())
+  first = time.perf_counter() - started
+  jax.block_until_ready(call())
+  per_call = []
+  for _ in range(rounds):
+    started = time.perf_counter()
+    for _ in range(calls):
+      out = call()
+    jax.block_until_ready(out)
+    per_call.append((time.perf_counter() - started) / calls)
+  return first, statistics.median(per_call)
+
+
+def relative_error(out, ref) -> float:
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  if not np.all(np.isfinite(out)):
+    return float("nan")
+  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def verdict(error: float) -> str:
+  return "ok" if np.isfinite(error) and error <= BAD_ERROR else "BAD"
+
+
+# --- ceilings ----------------------------------------------------------------------------
+
+
+def ceilings(sizes: Sizes) -> dict:
+  n = sizes.matmul
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+  matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+  _, matmul_s = timed(lambda: matmul(a, b), sizes.calls, sizes.rounds)
+  copy_source = jax.random.normal(jax.random.key(2), (16 * n, n), jnp.float32)
+  copy = jax.jit(lambda x: x + 1.0)  # one read and one write of every byte
+  _, copy_s = timed(lambda: copy(copy_source), sizes.calls, sizes.rounds)
+  return {"matmul_bf16_flops": 2 * n ** 3 / matmul_s,
+          "copy_bytes_per_s": 2 * copy_source.nbytes / copy_s}
+
+
+# --- training attention --------------------------------------------------------------------
+
+
+def attention_inputs(key, batch: int, seq: int, sizes: Sizes, dtype=jnp.bfloat16):
+  kq, kk, kv, kd = jax.random.split(key, 4)
+  shape_q = (batch, seq, sizes.heads, sizes.head_dim)
+  shape_kv = (batch, seq, sizes.kv_heads, sizes.head_dim)
+  return (jax.random.normal(kq, shape_q, dtype), jax.random.normal(kk, shape_kv, dtype),
+          jax.random.normal(kv, shape_kv, dtype), jax.random.normal(kd, shape_q, dtype))
+
+
+def attention_impls(smoke: bool) -> dict:
+  """name -> attention(q, k, v, segment_ids, bidirectional_ids)."""
+  def pallas(q, k, v, segment_ids=None, bidirectional_ids=None):
+    return kernels_pallas.flash_attention(q, k, v, causal=True, segment_ids=segment_ids,
+                                          bidirectional_ids=bidirectional_ids,
+                                          interpret=True if smoke else None)
+
+  def xla(q, k, v, segment_ids=None, bidirectional_ids=None):
+    return layers.causal_attention(q, k, v, segment_ids, bidirectional_ids=bidirectional_ids)
+
+  def cudnn(q, k, v, segment_ids=None, bidirectional_ids=None):
+    return fused._cudnn(q, k, v, segment_ids, bidirectional_ids)  # noqa: SLF001
+
+  return {"pallas": pallas, "xla": xla, "cudnn": cudnn}
+
+
+def reference_and_grads(q, k, v, do, ids: dict):
+  upcast = [x.astype(jnp.float32) for x in (q, k, v)]
+  with jax.default_matmul_precision("highest"):
+    out, vjp = jax.vjp(lambda q, k, v: kernels_pallas.reference_attention(q, k, v, causal=True,
+                                                                          **ids), *upcast)
+    grads = vjp(do.astype(jnp.float32))
+  return out, grads
+
+
+def variant_ids(variant: str, batch: int, seq: int) -> dict:
+  """The masks a variant adds: none (causal), four packed documents a row, or an image prefix
+  of a quarter of the row seen whole (prefix-LM)."""
+  if variant == "causal":
+    return {}
+  if variant == "packed":
+    return {"segment_ids": jnp.broadcast_to(1 + jnp.arange(seq) // (seq // 4), (batch, seq))}
+  if variant == "prefix_lm":
+    return {"bidirectional_ids": jnp.broadcast_to(
+        jnp.where(jnp.arange(seq) < seq // 4, 1, 0), (batch, seq))}
+  raise ValueError(variant)
+
+
+def attention_rows(sizes: Sizes, smoke: bool) -> list[dict]:
+  impls = attention_impls(smoke)
+  plan = [(seq, "causal") for seq in sizes.seq_lens]
+  plan += [(sizes.seq_lens[len(sizes.seq_lens) // 2], "packed"),
+           (sizes.seq_lens[0], "prefix_lm")]
+  rows = []
+  for seq, variant in plan:
+    check_inputs = attention_inputs(jax.random.key(seq + 1), 1, seq, sizes)
+    ids_check = variant_ids(variant, 1, seq)
+    ref_out, ref_grads = reference_and_grads(*check_inputs, ids_check)
+    batch = max(1, sizes.tokens_per_batch // seq)
+    q, k, v, do = attention_inputs(jax.random.key(seq), batch, seq, sizes)
+    ids = variant_ids(variant, batch, seq)
+    fwd_flops = 4 * batch * sizes.heads * seq * seq * sizes.head_dim / 2
+    for name, impl in impls.items():
+      row = {"seq": seq, "batch": batch, "variant": variant, "impl": name}
+      if name == "pallas" and not smoke:
+        row["backend"] = ("triton" if variant == "prefix_lm"  # see flash_attention's docstring
+                          else kernels_pallas.gpu_backend(q, k, v)[0])
+      try:
+        forward = jax.jit(lambda q, k, v, ids, impl=impl: impl(q, k, v, **ids))
+        gradient = jax.jit(jax.grad(
+            lambda q, k, v, do, ids, impl=impl: jnp.sum(
+                impl(q, k, v, **ids).astype(jnp.float32) * do.astype(jnp.float32)),
+            argnums=(0, 1, 2)))
+        cq, ck, cv, cdo = check_inputs
+        row["fwd_error"] = relative_error(forward(cq, ck, cv, ids_check), ref_out)
+        got = gradient(cq, ck, cv, cdo, ids_check)
+        row["grad_error"] = max(relative_error(g, r) for g, r in zip(got, ref_grads))
+        row["compile_fwd_s"], row["fwd_s"] = timed(lambda: forward(q, k, v, ids), sizes.calls,
+                                                   sizes.rounds)
+        row["compile_grad_s"], row["fwd_bwd_s"] = timed(lambda: gradient(q, k, v, do, ids),
+                                                        sizes.calls, sizes.rounds)
+        row["fwd_tflops"] = fwd_flops / row["fwd_s"] / 1e12
+        row["fwd_bwd_tflops"] = 3.5 * fwd_flops / row["fwd_bwd_s"] / 1e12
+        row["status"] = verdict(max(row["fwd_error"], row["grad_error"]))
+      except Exception as error:  # noqa: BLE001 — a refused variant is a result too
+        row["status"] = "error"
+        row["error"] = first_line(error)
+      rows.append(row)
+      print_attention_row(row)
+  return rows
+
+
+def print_attention_row(row: dict):
+  if row["status"] == "error":
+    print(f"  {row['variant']:>9} {row['seq']:>5} {row['impl']:>6}: {row['error']}")
+    return
+  print(f"  {row['variant']:>9} {row['seq']:>5} x{row['batch']:<3} {row['impl']:>6}"
+        f"{'/' + row['backend'] if 'backend' in row else '':<11} "
+        f"fwd {row['fwd_s'] * 1e3:8.3f} ms {row['fwd_tflops']:7.1f} TF/s  "
+        f"fwd+bwd {row['fwd_bwd_s'] * 1e3:8.3f} ms {row['fwd_bwd_tflops']:7.1f} TF/s  "
+        f"err {row['fwd_error']:.1e}/{row['grad_error']:.1e} {row['status']}  "
+        f"(compile {row['compile_fwd_s']:.1f}+{row['compile_grad_s']:.1f} s)")
+
+
+# --- serving attention: a decode step and a prefill chunk over the block pool ---------------
+
+
+def paged_layer(sizes: Sizes, lengths: np.ndarray, dtype=jnp.bfloat16, seed: int = 0):
+  """A pool whose rows own shuffled blocks, and its block table."""
+  rng = np.random.default_rng(seed)
+  width = -(-int(lengths.max()) // sizes.block_size)
+  blocks_needed = [-(-int(n) // sizes.block_size) for n in lengths]
+  num_blocks = 1 + sum(blocks_needed)
+  owners = rng.permutation(np.arange(1, num_blocks))
+  table = np.zeros((len(lengths), width), np.int32)
+  start = 0
+  for row, count in enumerate(blocks_needed):
+    table[row, :count] = owners[start:start + count]
+    start += count
+  shape = (sizes.kv_heads, num_blocks, sizes.block_size, sizes.head_dim)
+  k = rng.standard_normal(shape, np.float32)
+  v = rng.standard_normal(shape, np.float32)
+  return {"k": jnp.asarray(k, dtype), "v": jnp.asarray(v, dtype),
+          "block_table": jnp.asarray(table)}
+
+
+def paged_reference(layer, q, positions) -> np.ndarray:
+  """float64 NumPy: each query over its row's positions up to its own."""
+  k, v = (np.asarray(layer[name].astype(jnp.float32), np.float64) for name in ("k", "v"))
+  table = np.asarray(layer["block_table"])
+  q = np.asarray(q.astype(jnp.float32), np.float64)
+  batch, q_len, heads, head_dim = q.shape
+  group = heads // k.shape[0]
+  out = np.zeros_like(q)
+  for row in range(batch):
+    keys = k[:, table[row]].reshape(k.shape[0], -1, head_dim)
+    values = v[:, table[row]].reshape(v.shape[0], -1, head_dim)
+    for t in range(q_len):
+      seen = int(positions[row, t]) + 1
+      for head in range(heads):
+        scores = keys[head // group, :seen] @ q[row, t, head] / np.sqrt(head_dim)
+        weights = np.exp(scores - scores.max())
+        out[row, t, head] = weights @ values[head // group, :seen] / weights.sum()
+  return out
+
+
+def paged_rows(sizes: Sizes, smoke: bool) -> list[dict]:
+  rng = np.random.default_rng(0)
+  rows = []
+  lengths = rng.integers(1, sizes.decode_max_len + 1, sizes.decode_rows)
+  decode_layer = paged_layer(sizes, lengths)
+  q = jax.random.normal(jax.random.key(3), (sizes.decode_rows, 1, sizes.heads, sizes.head_dim),
+                        jnp.bfloat16)
+  positions = jnp.asarray(lengths - 1, jnp.int32)[:, None]
+  check_rows = min(4, sizes.decode_rows)
+  check_layer = {**decode_layer, "block_table": decode_layer["block_table"][:check_rows]}
+  decode_ref = paged_reference(check_layer, q[:check_rows], np.asarray(positions[:check_rows]))
+  def paged_kernel(layer, q, positions):  # what paged_kv.attend runs on CUDA
+    return kernels_pallas.paged_attention(q[:, 0], layer["k"], layer["v"], layer["block_table"],
+                                          positions[:, 0] + 1, interpret=smoke)[:, None]
+
+  decoders = {"paged_kernel": paged_kernel, "xla_chunked": paged_kv.chunked_attend,
+              "xla_gather": paged_kv.gathered_attend}
+  prefill_lengths = np.full(1, sizes.prefill_len + sizes.prefill_len // 2)
+  prefill_layer = paged_layer(sizes, prefill_lengths, seed=1)
+  chunk = sizes.prefill_len // 2
+  prefill_q = jax.random.normal(jax.random.key(4), (1, chunk, sizes.heads, sizes.head_dim),
+                                jnp.bfloat16)
+  prefill_positions = jnp.arange(sizes.prefill_len, sizes.prefill_len + chunk)[None]
+  prefill_ref = paged_reference(prefill_layer, prefill_q[:, ::max(1, chunk // 8)],
+                                np.asarray(prefill_positions[:, ::max(1, chunk // 8)]))
+  prefills = {"xla_chunked": paged_kv.attend, "xla_gather": paged_kv.gathered_attend}
+  cases = [("decode", decoders, decode_layer, q, positions, check_layer, decode_ref),
+           ("prefill", prefills, prefill_layer, prefill_q, prefill_positions, None, prefill_ref)]
+  for kind, impls, layer, queries, where, check_layer_, ref in cases:
+    for name, impl in impls.items():
+      row = {"kind": kind, "impl": name, "rows": int(queries.shape[0]),
+             "q_len": int(queries.shape[1]), "max_len": int(where.max()) + 1}
+      try:
+        run = jax.jit(impl)
+        if kind == "decode":
+          got = np.asarray(run(check_layer_, queries[:check_rows], where[:check_rows]))
+        else:
+          got = np.asarray(run(layer, queries, where))[:, ::max(1, chunk // 8)]
+        row["error"] = relative_error(got, ref)
+        row["compile_s"], row["seconds"] = timed(lambda: run(layer, queries, where),
+                                                 sizes.calls, sizes.rounds)
+        kv_bytes = 2 * layer["k"].dtype.itemsize * sizes.kv_heads * sizes.head_dim
+        read = (int(lengths.sum()) if kind == "decode" else int(prefill_lengths.sum())) * kv_bytes
+        row["kv_gb_per_s"] = read / row["seconds"] / 1e9
+        row["status"] = verdict(row["error"])
+      except Exception as error:  # noqa: BLE001
+        row["status"], row["error_text"] = "error", first_line(error)
+      rows.append(row)
+      if row["status"] == "error":
+        print(f"  {kind:>7} {name:>12}: {row['error_text']}")
+      else:
+        print(f"  {kind:>7} {name:>12} rows {row['rows']:>3} q {row['q_len']:>4} "
+              f"to {row['max_len']:>5}: {row['seconds'] * 1e3:8.3f} ms "
+              f"{row['kv_gb_per_s']:7.1f} GB/s of KV  err {row['error']:.1e} {row['status']}")
+  return rows
+
+
+# --- the 1b train step ---------------------------------------------------------------------
+
+
+def train_rows(sizes: Sizes, peak: float | None) -> list[dict]:
+  rows = []
+  batch, seq = sizes.train_batch, sizes.train_seq
+  rng = np.random.default_rng(0)
+  data = {"tokens": rng.integers(0, sizes.train_config["vocab_size"], (batch, seq), np.int32),
+          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)),
+          "segment_ids": np.ones((batch, seq), np.int32)}
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  device = jax.devices()[0]
+  datasheet = next((flops for name, flops in DATASHEET_BF16_FLOPS.items()
+                    if name in device.device_kind), None)
+  for attention in ("pallas", "cudnn", "xla"):
+    config = ModelConfig(**sizes.train_config, attention=attention)
+    row = {"attention": attention, "batch": batch, "seq": seq, "remat": config.remat}
+    try:
+      if attention == "cudnn" and jax.default_backend() != "gpu":
+        raise RuntimeError(f"cuDNN needs a CUDA device; this is {jax.default_backend()}")
+      optimizer = optim.make_optimizer(optim.learning_rate_schedule(10**6, 1e-4, 0))
+      graphdef, abstract_state = steps.abstract_model(config)
+      shardings = steps.state_shardings(abstract_state, optimizer, mesh)
+      train_step = steps.make_train_step(graphdef, tasks.next_token_loss, optimizer, shardings,
+                                         sharding.batch_sharding(mesh))
+      state = steps.init_train_state(config, optimizer, shardings)
+      device_batch = jax.device_put(data, sharding.batch_sharding(mesh))
+      losses = []
+
+      def step():
+        nonlocal state
+        with jax.set_mesh(mesh):
+          state, metrics = train_step(state, device_batch)
+        losses.append(metrics["loss"])
+        return metrics["loss"]
+
+      row["compile_s"], row["step_s"] = timed(step, 1, sizes.rounds)
+      losses = [float(loss) for loss in losses]
+      row["first_loss"], row["last_loss"] = losses[0], losses[-1]
+      flops = training_flops_per_token(config, seq) * batch * seq
+      row["tokens_per_s"] = batch * seq / row["step_s"]
+      row["model_tflops"] = flops / row["step_s"] / 1e12
+      row["mfu_vs_datasheet"] = datasheet and flops / row["step_s"] / datasheet
+      row["mfu_vs_measured_matmul"] = peak and flops / row["step_s"] / peak
+      stats = device.memory_stats() or {}
+      row["peak_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
+      row["status"] = "ok" if all(np.isfinite(losses)) else "BAD"
+      del state, device_batch
+    except Exception as error:  # noqa: BLE001
+      row["status"], row["error"] = "error", first_line(error)
+    rows.append(row)
+    if row["status"] == "error":
+      print(f"  {attention:>6}: {row['error']}")
+    else:
+      mfu = row["mfu_vs_datasheet"]
+      print(f"  {attention:>6}: {row['step_s']:.3f} s/step, {row['tokens_per_s']:,.0f} tokens/s, "
+            f"{row['model_tflops']:.1f} TFLOP/s, MFU {mfu if mfu is None else f'{mfu:.3f}'} "
+            f"(datasheet), {row['mfu_vs_measured_matmul'] or 0:.3f} (measured matmul), "
+            f"peak {row['peak_gib']:.1f} GiB, loss {row['first_loss']:.3f} -> "
+            f"{row['last_loss']:.3f}, compile {row['compile_s']:.0f} s  {row['status']}")
+  return rows
+
+
+SECTIONS = ("ceilings", "attention", "paged", "train")
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--json", help="write every figure to this file")
+  parser.add_argument("--sections", default=",".join(SECTIONS))
+  parser.add_argument("--budget_s", type=float, default=420.0,
+                      help="sections that would start after this many seconds are skipped")
+  parser.add_argument("--smoke", action="store_true", help="tiny sizes, any backend")
+  args = parser.parse_args(argv)
+  wanted = args.sections.split(",")
+  if unknown := sorted(set(wanted) - set(SECTIONS)):
+    parser.error(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
+  sizes = SMOKE if args.smoke else FULL
+  device = jax.devices()[0]
+  result = {"device": device.device_kind, "backend": jax.default_backend(),
+            "jax": jax.__version__, "smoke": args.smoke}
+  print(f"{device.device_kind} ({jax.default_backend()}), JAX {jax.__version__}")
+  started = time.perf_counter()
+  for section in SECTIONS:
+    if section not in wanted:
+      continue
+    if time.perf_counter() - started > args.budget_s:
+      print(f"{section}: skipped, past --budget_s={args.budget_s:.0f}")
+      result[section] = "skipped"
+      continue
+    print(f"== {section}")
+    try:
+      if section == "ceilings":
+        result[section] = ceilings(sizes)
+        print(f"  bf16 matmul {result[section]['matmul_bf16_flops'] / 1e12:.1f} TFLOP/s, copy "
+              f"{result[section]['copy_bytes_per_s'] / 1e9:.0f} GB/s")
+      elif section == "attention":
+        result[section] = attention_rows(sizes, args.smoke)
+      elif section == "paged":
+        result[section] = paged_rows(sizes, args.smoke)
+      else:
+        peak = result.get("ceilings", {}).get("matmul_bf16_flops")
+        result[section] = train_rows(sizes, peak)
+    except Exception as error:  # noqa: BLE001 — the next section may still run
+      traceback.print_exc()
+      result[section] = {"error": first_line(error)}
+  result["seconds"] = time.perf_counter() - started
+  if args.json:
+    Path(args.json).write_text(json.dumps(result, indent=1, default=float))
+  return result
+
+
+if __name__ == "__main__":
+  main()
