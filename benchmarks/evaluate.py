@@ -4,8 +4,12 @@ process (`maxlm.evals`), and Hugging Face transformers scoring the same items in
   python benchmarks/evaluate.py --checkpoint_dir=runs/tiny [--items=64] [--batch=8] [--json]
       [--engine_cpus=all] [--concurrent=4] [--hf_batches=8,16,32,64]
 
-The items are contexts and four continuations cut from lines of the stdlib's `textwrap`
-source. Each side scores the same token ids (tokenizing is left out of every timing): the
+The items (`--item_kind`) come from the stdlib's `textwrap` source: `lines`, a context of
+10-25 characters and four 20-character continuations; `lettered`, MMLU's shape (a 12-line
+passage, four options lettered A-D, one-token answers); `endings`, HellaSwag's shape (three
+lines, four endings of up to 60 characters). lm-eval sends an item's choices in one request
+only when they are as long, as `lettered`'s are, so only there does the server compute a
+context once for its choices. Each side scores the same token ids (tokenizing is left out of every timing): the
 server gets lm-eval's `local-completions` request (echo, logprobs=1, max_tokens=1, `--batch`
 token-id prompts per request, in lm-eval's order: longest first) from one client, which the
 server packs into one forward, computing prompts' shared prefixes once (`serving.scoring`); the server runs with `--engine_cpus=all`, as the other two use every core
@@ -41,6 +45,7 @@ from serving.engine import Engine  # noqa: E402
 
 CHOICES = 4
 PASSAGE_LINES = 12
+ENDING_CONTEXT_LINES = 3
 
 
 def make_items(count: int) -> list[tuple[str, list[str]]]:
@@ -77,7 +82,23 @@ def make_lettered_items(count: int) -> list[tuple[str, list[str]]]:
   return items
 
 
-ITEM_KINDS = {"lines": make_items, "lettered": make_lettered_items}
+def make_ending_items(count: int) -> list[tuple[str, list[str]]]:
+  """HellaSwag's shape: a context of a few lines (~50 tokens), four candidate endings of up to
+  60 characters (~15-25 tokens): the line that follows and three lines from elsewhere."""
+  lines = [line.strip() for line in Path(textwrap.__file__).read_text().splitlines()
+           if len(line.strip()) > 30]
+  rng = np.random.default_rng(0)
+  items = []
+  for _ in range(count):
+    start = int(rng.integers(0, len(lines) - ENDING_CONTEXT_LINES - 1))
+    context = "\n".join(lines[start:start + ENDING_CONTEXT_LINES])
+    others = rng.choice(len(lines), CHOICES - 1, replace=False)
+    endings = [lines[start + ENDING_CONTEXT_LINES], *(lines[i] for i in others)]
+    items.append((context, [ending[:60] for ending in endings]))
+  return items
+
+
+ITEM_KINDS = {"lines": make_items, "lettered": make_lettered_items, "endings": make_ending_items}
 
 
 def encoded(engine: Engine, items) -> list[tuple[list[int], int]]:
