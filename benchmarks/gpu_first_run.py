@@ -1,6 +1,7 @@
 """The first run on a lent CUDA GPU, in one call: the flash kernels against the XLA attention
 and cuDNN at 2k/4k/8k, the ragged paged decode kernel and the chunked prefill against the XLA
-gather, then the 1b train step's MFU with each attention.
+gather, the dropless MoE path's grouped matmul (`jax.lax.ragged_dot`) against a dense matmul
+of the same FLOPs, then the 1b train step's MFU with each attention.
 
   python benchmarks/gpu_first_run.py [--json=PATH] [--sections=ceilings,attention,paged,train]
       [--budget_s=420] [--smoke]
@@ -72,6 +73,7 @@ class Sizes:
   train_config: dict
   train_batch: int
   train_seq: int
+  moe: tuple[int, int, int, int]  # token copies (tokens x top-k), experts, embed, expert width
   calls: int
   rounds: int
 
@@ -83,13 +85,13 @@ FULL = Sizes(seq_lens=(2048, 4096, 8192), tokens_per_batch=32768, heads=32, kv_h
                                num_kv_heads=8, head_dim=64, mlp_dim=8192, max_seq_len=8192,
                                rope_theta=500000.0, tie_embeddings=True, dtype="bfloat16",
                                remat="full"),
-             train_batch=8, train_seq=4096, calls=10, rounds=5)
+             train_batch=8, train_seq=4096, moe=(65536, 8, 2048, 1408), calls=10, rounds=5)
 SMOKE = Sizes(seq_lens=(64,), tokens_per_batch=64, heads=4, kv_heads=2, head_dim=64,
               matmul=256, decode_rows=4, decode_max_len=96, block_size=16, prefill_len=64,
               train_config=dict(vocab_size=256, num_layers=2, embed_dim=64, num_heads=4,
                                 num_kv_heads=2, head_dim=16, mlp_dim=128, max_seq_len=128,
                                 dtype="bfloat16", remat="full"),
-              train_batch=2, train_seq=64, calls=2, rounds=2)
+              train_batch=2, train_seq=64, moe=(256, 4, 64, 32), calls=2, rounds=2)
 
 
 def first_line(error: BaseException) -> str:
@@ -344,6 +346,54 @@ def paged_rows(sizes: Sizes, smoke: bool) -> list[dict]:
   return rows
 
 
+# --- MoE: the dropless path's grouped matmul ----------------------------------------------
+
+
+def moe_rows(sizes: Sizes) -> list[dict]:
+  """`jax.lax.ragged_dot` (what `maxlm.model.moe`'s dropless path runs) over token copies
+  sorted by expert, uneven groups, against one dense matmul of the same FLOPs."""
+  copies, experts, embed, width = sizes.moe
+  rng = np.random.default_rng(0)
+  shares = rng.dirichlet(np.full(experts, 4.0))  # uneven loads, as a router gives
+  group_sizes = np.floor(shares * copies).astype(np.int32)
+  group_sizes[-1] += copies - group_sizes.sum()
+  lhs = jax.random.normal(jax.random.key(5), (copies, embed), jnp.bfloat16)
+  rhs = jax.random.normal(jax.random.key(6), (experts, embed, width), jnp.bfloat16)
+  dense_rhs = rhs[0]
+  grouped = jax.jit(lambda lhs, rhs, sizes: jax.lax.ragged_dot(
+      lhs, rhs, sizes, preferred_element_type=jnp.float32))
+  dense = jax.jit(lambda lhs, rhs: jnp.matmul(lhs, rhs, preferred_element_type=jnp.float32))
+  sizes_array = jnp.asarray(group_sizes)
+  row = {"copies": copies, "experts": experts, "embed": embed, "width": width,
+         "group_sizes": group_sizes.tolist()}
+  try:
+    got = np.asarray(grouped(lhs, rhs, sizes_array))
+    bounds = np.concatenate([[0], np.cumsum(group_sizes)])
+    reference = []  # each group's first rows against its own expert's matrix, float64
+    for expert in np.flatnonzero(group_sizes)[:4]:
+      start, count = int(bounds[expert]), min(64, int(group_sizes[expert]))
+      block = np.asarray(lhs[start:start + count].astype(jnp.float32), np.float64)
+      reference.append((start, block @ np.asarray(rhs[expert].astype(jnp.float32), np.float64)))
+    row["error"] = max(relative_error(got[start:start + len(ref)], ref) for start, ref in reference)
+    flops = 2 * copies * embed * width
+    row["compile_grouped_s"], row["grouped_s"] = timed(lambda: grouped(lhs, rhs, sizes_array),
+                                                       sizes.calls, sizes.rounds)
+    row["compile_dense_s"], row["dense_s"] = timed(lambda: dense(lhs, dense_rhs), sizes.calls,
+                                                   sizes.rounds)
+    row["grouped_tflops"], row["dense_tflops"] = (flops / row["grouped_s"] / 1e12,
+                                                  flops / row["dense_s"] / 1e12)
+    row["grouped_vs_dense"] = row["dense_s"] / row["grouped_s"]
+    row["status"] = verdict(row["error"])
+    print(f"  ragged_dot {copies} x {embed} -> {width}, {experts} experts: "
+          f"{row['grouped_s'] * 1e3:.3f} ms {row['grouped_tflops']:.1f} TF/s; dense matmul of the "
+          f"same FLOPs {row['dense_s'] * 1e3:.3f} ms {row['dense_tflops']:.1f} TF/s; ratio "
+          f"{row['grouped_vs_dense']:.2f}; err {row['error']:.1e} {row['status']}")
+  except Exception as error:  # noqa: BLE001
+    row["status"], row["error_text"] = "error", first_line(error)
+    print(f"  ragged_dot: {row['error_text']}")
+  return [row]
+
+
 # --- the 1b train step ---------------------------------------------------------------------
 
 
@@ -407,7 +457,7 @@ def train_rows(sizes: Sizes, peak: float | None) -> list[dict]:
   return rows
 
 
-SECTIONS = ("ceilings", "attention", "paged", "train")
+SECTIONS = ("ceilings", "attention", "paged", "moe", "train")
 
 
 def main(argv=None) -> dict:
@@ -444,6 +494,8 @@ def main(argv=None) -> dict:
         result[section] = attention_rows(sizes, args.smoke)
       elif section == "paged":
         result[section] = paged_rows(sizes, args.smoke)
+      elif section == "moe":
+        result[section] = moe_rows(sizes)
       else:
         peak = result.get("ceilings", {}).get("matmul_bf16_flops")
         result[section] = train_rows(sizes, peak)

@@ -30,6 +30,9 @@ def test_smoke_run_checks_every_kernel_against_the_reference(tmp_path):
   assert {key for key, row in paged.items() if row["status"] == "ok"} == {
       ("decode", "paged_kernel"), ("decode", "xla_chunked"), ("decode", "xla_gather"),
       ("prefill", "xla_chunked"), ("prefill", "xla_gather")}
+  [moe] = result["moe"]
+  assert moe["status"] == "ok" and moe["error"] < 1e-5, moe
+  assert sum(moe["group_sizes"]) == moe["copies"]
   train = {row["attention"]: row for row in result["train"]}
   assert train["pallas"]["status"] == train["xla"]["status"] == "ok"
   assert np.isclose(train["pallas"]["first_loss"], np.log(256), atol=0.5)
