@@ -162,6 +162,8 @@ class Engine:
     self.image_prefills: vision_prefill.ImagePrefills | None = None
     self.pages: kv_pages.PageTables | None = None
     self.prefills: paged_prefill.Prefills | None = None
+    # The Orchestrator whose KV pool `pages` indexes (one at a time: `Orchestrator.start`).
+    self.driven_by = None
     self._token_bytes = [tokenizer.piece_bytes(i) for i in range(tokenizer.vocab_size())]
 
   @classmethod

@@ -143,6 +143,9 @@ class Pending:
   first: bool = False  # a prefill's token (one row), not a decode step's
 
 
+_STARTING = threading.Lock()  # one Orchestrator.start at a time: the engine check and claim
+
+
 class Orchestrator:
   """Admits, batches and finishes requests on `engine`; start() before submit()."""
 
@@ -165,7 +168,18 @@ class Orchestrator:
   # --- the caller's side (any thread) ----------------------------------------------------------
 
   def start(self) -> "Orchestrator":
-    self._thread.start()
+    """Starts the loop. An engine serves one running Orchestrator at a time: its page tables
+    and prefix cache (`Engine.init_decode_state`) index that one's KV pool, so a second one
+    would hand the first blocks it never wrote."""
+    with _STARTING:
+      driver = getattr(self.engine, "driven_by", None)
+      if driver is not None and driver is not self and driver._thread.is_alive():
+        raise RuntimeError(
+            "this Engine already serves a running Orchestrator, whose KV pool its page tables "
+            "and prefix cache index; shut that one down first, or give each Orchestrator its "
+            "own Engine (Engine.from_checkpoint)")
+      self.engine.driven_by = self
+      self._thread.start()
     return self
 
   @property

@@ -40,6 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 64
 INIT_SCALE = 2.0  # sharper logits than the default init, so greedy output is not one token
 PROMPT = "def wrap(text, width=70):"
+GREEDY = SamplingSettings(temperature=0.0)
 
 
 def train_tokenizer(directory: Path) -> Path:
@@ -88,6 +89,13 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(run_dir) -> Engine:
+  return Engine.from_checkpoint(run_dir, slots=4)
+
+
+@pytest.fixture
+def own_engine(run_dir) -> Engine:
+  """An engine for a test that starts an Orchestrator of its own: `engine` serves the module's
+  `orchestrator`, and an engine serves one running Orchestrator at a time."""
   return Engine.from_checkpoint(run_dir, slots=4)
 
 
@@ -333,7 +341,8 @@ class CountingEngine:
     return getattr(self.engine, name)
 
 
-def test_concurrent_requests_share_slots_and_match_decode_without_cache(engine):
+def test_concurrent_requests_share_slots_and_match_decode_without_cache(own_engine):
+  engine = own_engine
   counting = CountingEngine(engine)
   orchestrator = Orchestrator(counting).start()
   text_ids = engine.encode(Path(textwrap.__file__).read_text()[:3000])
@@ -379,6 +388,30 @@ def test_the_first_requests_after_the_warmup_compile_nothing(run_dir):
   assert (engine._chunk_prefill._cache_size(), engine._step._cache_size()) == programs
 
 
+def test_an_engine_serves_one_running_orchestrator_at_a_time(own_engine):
+  """A second Orchestrator's start would replace the engine's page tables and prefix cache
+  under the first, whose next prompt then read blocks of its pool that the second's books
+  named (seen: another completion than greedy decoding's for a cached prompt)."""
+  first = Orchestrator(own_engine).start()
+  prompt_ids = own_engine.encode(PROMPT)
+  try:
+    list(first.generate(prompt_ids, max_tokens=2, settings=GREEDY))
+    with pytest.raises(RuntimeError, match="already serves a running Orchestrator"):
+      Orchestrator(own_engine).start()
+    with pytest.raises(RuntimeError, match="already serves a running Orchestrator"):
+      Orchestrator(CountingEngine(own_engine)).start()  # through a wrapper as well
+    again = [d.token_id for d in first.generate(prompt_ids, max_tokens=12, settings=GREEDY)]
+    assert again == own_engine.greedy_decode_without_cache(prompt_ids, 12)
+  finally:
+    first.shutdown(grace_s=10)
+  second = Orchestrator(own_engine).start()  # once the first has stopped
+  try:
+    assert [d.token_id for d in second.generate(prompt_ids, max_tokens=12, settings=GREEDY)] == (
+        own_engine.greedy_decode_without_cache(prompt_ids, 12))
+  finally:
+    second.shutdown(grace_s=10)
+
+
 def test_logprobs_are_the_models_log_softmax(orchestrator, engine):
   result = complete(orchestrator, PROMPT, max_tokens=6, top_logprobs=5)
   token_ids = engine.encode(PROMPT) + result.token_ids
@@ -392,7 +425,8 @@ def test_logprobs_are_the_models_log_softmax(orchestrator, engine):
     np.testing.assert_allclose(top_logprobs, np.sort(row)[::-1][:5], atol=2e-4)
 
 
-def test_a_seeded_sample_is_the_same_alone_and_among_others(engine):
+def test_a_seeded_sample_is_the_same_alone_and_among_others(own_engine):
+  engine = own_engine
   orchestrator = Orchestrator(engine).start()
   settings = SamplingSettings(temperature=1.0, top_p=0.95, top_k=40, seed=11)
   prompt_ids = engine.encode(PROMPT)
@@ -504,8 +538,9 @@ def test_server_answers_malformed_json_with_an_openai_error(server_port):
 
 
 @pytest.fixture(scope="module")
-def app_client(engine):
-  with TestClient(create_app(engine)) as client:
+def app_client(run_dir):
+  """The app in process, on an engine of its own (its Orchestrator is not `orchestrator`)."""
+  with TestClient(create_app(Engine.from_checkpoint(run_dir, slots=4))) as client:
     yield client
 
 
