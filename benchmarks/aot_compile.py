@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import kernels_pallas
 from maxlm import optim, sharding, steps, tasks
 from maxlm import train as maxlm_train
-from maxlm.model import ModelConfig, count_params, training_flops_per_token
+from maxlm.model import ModelConfig, count_params, paged_kv, training_flops_per_token
 
 # H100 SXM (80 GB HBM3) as XLA:GPU describes it (GpuTargetConfigProto text format); CUDA 12.9
 # and cuDNN 9.8 are what jax[cuda12] 0.12 installs.
@@ -179,29 +179,60 @@ def _compiled_summary(lowered, seconds_lower: float, platform: str) -> dict:
   }
 
 
+ATTENTION_MASKS = ("segments", "prefix_lm", "branches")
+
+
 def compile_attention(devices, platform: str, dtype=jnp.bfloat16, head_dim: int = 128,
                       batch: int = 2, seq_len: int = 300, num_heads: int = 8,
-                      num_kv_heads: int = 2) -> dict:
+                      num_kv_heads: int = 2, mask: str = "segments") -> dict:
   """Compiles the compiled-mode (interpret=False) flash attention's value and q/k/v gradient on
-  the first device: causal, GQA, segment ids, a length that is no multiple of the blocks."""
+  the first device: causal, GQA, a length that is no multiple of the blocks, and `mask`:
+  segment ids; or bidirectional ids (prefix-LM, an image's patches) or branch ids (DPO's
+  shared-prompt rows), which CUDA runs through the Triton kernels, not Mosaic GPU."""
   mesh = jax.sharding.Mesh(devices[:1], ("x",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   spec = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=replicated)
   q = spec(batch, seq_len, num_heads, head_dim)
   kv = spec(batch, seq_len, num_kv_heads, head_dim)
-  segment_ids = spec(batch, seq_len, dt=jnp.int32)
+  ids = spec(batch, seq_len, dt=jnp.int32)
+  keyword = {"segments": "segment_ids", "prefix_lm": "bidirectional_ids",
+             "branches": "branch_ids"}[mask]
 
-  def loss(q, k, v, segment_ids):
-    out = kernels_pallas.flash_attention(q, k, v, causal=True, segment_ids=segment_ids,
-                                         interpret=False)
+  def loss(q, k, v, ids):
+    out = kernels_pallas.flash_attention(q, k, v, causal=True, interpret=False, **{keyword: ids})
     return out.astype(jnp.float32).sum()
 
   with jax.set_mesh(mesh), kernel_compiler_report(platform) as report:
     started = time.perf_counter()
-    lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, segment_ids)
+    lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, ids)
     result = _compiled_summary(lowered, time.perf_counter() - started, platform)
   shape = f"b{batch} l{seq_len} h{num_heads}/{num_kv_heads} d{head_dim}"
-  return {"what": f"flash_attention fwd+bwd {shape}", "dtype": jnp.dtype(dtype).name,
+  return {"what": f"flash_attention fwd+bwd {mask} {shape}", "dtype": jnp.dtype(dtype).name,
+          **result, **report}
+
+
+def compile_paged_decode(devices, platform: str, dtype=jnp.bfloat16, batch: int = 8,
+                         num_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 64,
+                         num_blocks: int = 4096, block_size: int = 16,
+                         table_width: int = 256) -> dict:
+  """Compiles one layer's decode attention as the serving engine runs it
+  (`paged_kv.attend`, one query a row): on CUDA the ragged paged Pallas kernel (Triton),
+  elsewhere the chunked XLA loop. Default shapes: the 1b model's heads over a 64k-position
+  pool, rows of up to 4,096 positions."""
+  mesh = jax.sharding.Mesh(devices[:1], ("x",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  spec = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=replicated)
+  pool = spec(num_kv_heads, num_blocks, block_size, head_dim)
+  layer = {"k": pool, "v": pool, "block_table": spec(batch, table_width, dt=jnp.int32)}
+  q = spec(batch, 1, num_heads, head_dim)
+  positions = spec(batch, 1, dt=jnp.int32)
+  with jax.set_mesh(mesh), kernel_compiler_report(platform) as report:
+    started = time.perf_counter()
+    lowered = jax.jit(paged_kv.attend).lower(layer, q, positions)
+    result = _compiled_summary(lowered, time.perf_counter() - started, platform)
+  shape = (f"b{batch} h{num_heads}/{num_kv_heads} d{head_dim} pool {num_blocks}x{block_size} "
+           f"table {table_width}")
+  return {"what": f"paged decode attention {shape}", "dtype": jnp.dtype(dtype).name,
           **result, **report}
 
 
@@ -330,6 +361,9 @@ def main():
              [(jnp.bfloat16, 64), (jnp.bfloat16, 128), (jnp.float32, 128)])
     rows += [compile_attention(devices, args.platform, dtype, head_dim)
              for dtype, head_dim in cases]
+    rows += [compile_attention(devices, args.platform, jnp.bfloat16, 64, mask=mask)
+             for mask in ATTENTION_MASKS[1:]]
+    rows.append(compile_paged_decode(devices, args.platform))
   if not args.skip_train_step:
     rows.append(compile_train_step(devices, args.platform, args.gin_file or ["1b.gin"],
                                    args.gin_param, args.seq_len, args.per_device_batch,

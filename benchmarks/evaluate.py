@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from maxlm.evals import multiple_choice, scoring  # noqa: E402
 from serving.engine import Engine  # noqa: E402
+from serving.scoring import scoring_graphdef  # noqa: E402
 
 CHOICES = 4
 PASSAGE_LINES = 12
@@ -127,7 +128,7 @@ def best_seconds(run, rounds: int) -> tuple[float, list[float]]:
 
 
 def in_process(engine: Engine, pairs, batch: int):
-  model = scoring.EvalModel(engine.graphdef, engine.params, engine.tokenizer,
+  model = scoring.EvalModel(scoring_graphdef(engine), engine.params, engine.tokenizer,
                             engine.context_length, batch_size=batch)
   def run():
     scored = scoring.score(model, [ids for ids, _ in pairs])

@@ -115,6 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate(args: argparse.Namespace) -> tuple[dict, list[str]]:
   """(results.json's content, the gates that failed)."""
   from serving.engine import Engine  # noqa: PLC0415
+  from serving.scoring import scoring_graphdef  # noqa: PLC0415
   gates = [report.parse_gate(spec) for specs in args.fail_below for spec in specs.split(",")]
   evaluators = [parse_task(spec, args) for specs in args.tasks for spec in specs.split(",")
                 if spec]
@@ -126,7 +127,9 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, list[str]]:
   except (OSError, ValueError) as error:
     raise UserError(f"--checkpoint_dir {args.checkpoint_dir}: {error}") from None
   generate, close = engine_generate(engine)
-  model = scoring.EvalModel(engine.graphdef, engine.params, engine.tokenizer,
+  # XLA's attention, as the server's scorer has it (`scoring_graphdef`): a checkpoint trained
+  # with the flash kernel or cuDNN evaluates on any backend, to the server's numbers.
+  model = scoring.EvalModel(scoring_graphdef(engine), engine.params, engine.tokenizer,
                             engine.context_length, args.batch_size, generate,
                             None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype)
   try:

@@ -43,13 +43,16 @@ def token_scores(graphdef, params, tokens: jax.Array, ends: jax.Array, alternati
   differ from the row only there (a multiple-choice item's one-token choices). Padding after
   a row's end changes none of its entries.
 
-  Attention runs over a KV cache, as the server's prefill runs it, so these agree with the
-  server's `echo` log-probabilities (lm-eval's) to float32 rounding of the same computation.
+  The forward is the one the server's scorer runs for lm-eval's `echo` requests
+  (`serving.scoring`: no cache, causal attention), so their log-probabilities agree to float32
+  rounding of one computation laid out differently. With `kv_cache_dtype` attention reads a KV
+  cache of that dtype instead, as generation does: the quantization gates measure its rounding.
   """
   model = nnx.merge(graphdef, params)
-  cache = init_kv_cache(model.config, tokens.shape[0], tokens.shape[1], kv_cache_dtype)
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  hidden, _ = model.decode(model.embed(tokens), positions, cache=cache)
+  cache = kv_cache_dtype and init_kv_cache(model.config, tokens.shape[0], tokens.shape[1],
+                                           kv_cache_dtype)
+  hidden, _ = model.decode(model.embed(tokens), positions, cache=cache or None)
   target, greedy = blockwise_next_token_scores(model.logits, hidden[:, :-1], tokens[:, 1:])
   at_end = jnp.take_along_axis(hidden, ends[:, None, None], axis=1)  # [rows, 1, embed]
   end_logits = model.logits(at_end)[:, 0]
