@@ -1,5 +1,7 @@
 """Deviceless ahead-of-time compiles for TPU and CUDA: the flash-attention kernels (forward and
-backward) and the train step of a gin config, compiled for a topology this host does not have.
+backward; with prefix-LM and branch masks too, which CUDA runs through Triton), the serving
+engine's paged decode attention (on CUDA the ragged Pallas kernel) and the train step of a gin
+config, compiled for a topology this host does not have.
 
   python benchmarks/aot_compile.py --platform tpu  [--topology v5e=2x2] [--gin_file 1b.gin] [--json]
   python benchmarks/aot_compile.py --platform cuda [--topology 1x1x8] [--gin_file 1b.gin] [--json]

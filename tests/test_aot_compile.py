@@ -48,7 +48,7 @@ def test_tpu_mosaic_compiles_forward_and_backward(tpu_devices, dtype, head_dim):
 
 def test_tpu_train_step_shards_state_over_fsdp(tpu_devices):
   result = aot_compile.compile_train_step(tpu_devices, "tpu", ["tiny.gin"], SMALL, seq_len=256)
-  assert result["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert result["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
   assert result["kernel_calls"] == 3 * 4   # three kernels in each of the 4 layers
   # Each device holds a quarter of parameters and optimizer moments (the step counter and
   # the batch's few KiB are the rest), and the donated state is aliased, not copied.
@@ -65,8 +65,22 @@ def test_cuda_mosaic_gpu_compiles_forward_and_backward_through_ptxas(cuda_device
   assert all(k["registers"] <= 255 for k in result["ptxas"])
 
 
+@pytest.mark.parametrize("mask", ["prefix_lm", "branches"])
+def test_cuda_triton_compiles_the_masks_mosaic_gpu_does_not_take(cuda_devices, mask):
+  """Prefix-LM (an image's patches) and branch ids (DPO's shared prompts) fall back to the
+  Triton kernels on CUDA: forward, dq and dk/dv, each a Triton call the compiler built."""
+  result = aot_compile.compile_attention(cuda_devices, "cuda", jnp.bfloat16, 64, mask=mask)
+  assert result["custom_calls"] == {"__gpu$xla.gpu.triton": 3}
+
+
+def test_cuda_paged_decode_attention_compiles_the_ragged_kernel(cuda_devices):
+  """The serving engine's decode attention on CUDA is the ragged paged Pallas kernel."""
+  result = aot_compile.compile_paged_decode(cuda_devices, "cuda")
+  assert result["custom_calls"] == {"__gpu$xla.gpu.triton": 1}
+
+
 def test_cuda_train_step_shards_state_over_fsdp(cuda_devices):
   result = aot_compile.compile_train_step(cuda_devices, "cuda", ["tiny.gin"], SMALL, seq_len=256)
-  assert result["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert result["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
   assert result["kernel_calls"] == 3 * 4
   assert 1.0 <= result["argument_vs_state_over_n"] < 1.01
