@@ -49,7 +49,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels_pallas  # noqa: E402
-from maxlm import optim, sharding, steps, tasks  # noqa: E402
+from benchmarks.train_step import one_device_step  # noqa: E402
 from maxlm.model import ModelConfig, layers, paged_kv, training_flops_per_token  # noqa: E402
 from maxlm.model import attention as fused  # noqa: E402
 
@@ -404,7 +404,6 @@ def train_rows(sizes: Sizes, peak: float | None) -> list[dict]:
   data = {"tokens": rng.integers(0, sizes.train_config["vocab_size"], (batch, seq), np.int32),
           "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)),
           "segment_ids": np.ones((batch, seq), np.int32)}
-  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   device = jax.devices()[0]
   datasheet = next((flops for name, flops in DATASHEET_BF16_FLOPS.items()
                     if name in device.device_kind), None)
@@ -414,21 +413,12 @@ def train_rows(sizes: Sizes, peak: float | None) -> list[dict]:
     try:
       if attention == "cudnn" and jax.default_backend() != "gpu":
         raise RuntimeError(f"cuDNN needs a CUDA device; this is {jax.default_backend()}")
-      optimizer = optim.make_optimizer(optim.learning_rate_schedule(10**6, 1e-4, 0))
-      graphdef, abstract_state = steps.abstract_model(config)
-      shardings = steps.state_shardings(abstract_state, optimizer, mesh)
-      train_step = steps.make_train_step(graphdef, tasks.next_token_loss, optimizer, shardings,
-                                         sharding.batch_sharding(mesh))
-      state = steps.init_train_state(config, optimizer, shardings)
-      device_batch = jax.device_put(data, sharding.batch_sharding(mesh))
+      train_step = one_device_step(config, data, learning_rate=1e-4)
       losses = []
 
       def step():
-        nonlocal state
-        with jax.set_mesh(mesh):
-          state, metrics = train_step(state, device_batch)
-        losses.append(metrics["loss"])
-        return metrics["loss"]
+        losses.append(train_step()["loss"])
+        return losses[-1]
 
       row["compile_s"], row["step_s"] = timed(step, 1, sizes.rounds)
       losses = [float(loss) for loss in losses]
@@ -441,7 +431,7 @@ def train_rows(sizes: Sizes, peak: float | None) -> list[dict]:
       stats = device.memory_stats() or {}
       row["peak_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
       row["status"] = "ok" if all(np.isfinite(losses)) else "BAD"
-      del state, device_batch
+      del train_step  # its state and batch, before the next attention's
     except Exception as error:  # noqa: BLE001
       row["status"], row["error"] = "error", first_line(error)
     rows.append(row)

@@ -47,25 +47,37 @@ def random_batch(seed: int = 0) -> dict[str, np.ndarray]:
           "segment_ids": np.ones((BATCH, SEQ_LEN), np.int32)}
 
 
-def jax_trainer(batch: dict[str, np.ndarray]):
-  """`run(steps) -> seconds` for maxlm's jitted train step on one device."""
-  steps.keep_freed_host_memory()  # before the CPU client starts; see its docstring
+def one_device_step(config: ModelConfig, batch: dict[str, np.ndarray],
+                    learning_rate: float = LEARNING_RATE):
+  """`step() -> metrics`: maxlm's jitted train step (next-token loss, AdamW) on the first
+  device, over `batch` each time, its state kept between calls."""
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  optimizer = optim.make_optimizer(optim.learning_rate_schedule(10**6, LEARNING_RATE, 0))
-  graphdef, abstract_state = steps.abstract_model(CONFIG)
+  optimizer = optim.make_optimizer(optim.learning_rate_schedule(10**6, learning_rate, 0))
+  graphdef, abstract_state = steps.abstract_model(config)
   shardings = steps.state_shardings(abstract_state, optimizer, mesh)
   train_step = steps.make_train_step(graphdef, tasks.next_token_loss, optimizer, shardings,
                                      sharding.batch_sharding(mesh))
-  state = steps.init_train_state(CONFIG, optimizer, shardings)
+  state = steps.init_train_state(config, optimizer, shardings)
   device_batch = jax.device_put(batch, sharding.batch_sharding(mesh))
 
-  def run(num_steps: int) -> float:
+  def step() -> dict:
     nonlocal state
-    started = time.perf_counter()
     with jax.set_mesh(mesh):
-      for _ in range(num_steps):
-        state, metrics = train_step(state, device_batch)
-      jax.block_until_ready(metrics["loss"])
+      state, metrics = train_step(state, device_batch)
+    return metrics
+  return step
+
+
+def jax_trainer(batch: dict[str, np.ndarray]):
+  """`run(steps) -> seconds` for maxlm's jitted train step on one device."""
+  steps.keep_freed_host_memory()  # before the CPU client starts; see its docstring
+  step = one_device_step(CONFIG, batch)
+
+  def run(num_steps: int) -> float:
+    started = time.perf_counter()
+    for _ in range(num_steps):
+      metrics = step()
+    jax.block_until_ready(metrics["loss"])
     return time.perf_counter() - started
   return run
 
