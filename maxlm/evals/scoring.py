@@ -50,9 +50,9 @@ def token_scores(graphdef, params, tokens: jax.Array, ends: jax.Array, alternati
   """
   model = nnx.merge(graphdef, params)
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  cache = kv_cache_dtype and init_kv_cache(model.config, tokens.shape[0], tokens.shape[1],
-                                           kv_cache_dtype)
-  hidden, _ = model.decode(model.embed(tokens), positions, cache=cache or None)
+  cache = (init_kv_cache(model.config, tokens.shape[0], tokens.shape[1], kv_cache_dtype)
+           if kv_cache_dtype else None)
+  hidden, _ = model.decode(model.embed(tokens), positions, cache=cache)
   target, greedy = blockwise_next_token_scores(model.logits, hidden[:, :-1], tokens[:, 1:])
   at_end = jnp.take_along_axis(hidden, ends[:, None, None], axis=1)  # [rows, 1, embed]
   end_logits = model.logits(at_end)[:, 0]
