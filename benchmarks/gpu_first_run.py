@@ -492,9 +492,10 @@ def main(argv=None) -> dict:
     except Exception as error:  # noqa: BLE001 — the next section may still run
       traceback.print_exc()
       result[section] = {"error": first_line(error)}
-  result["seconds"] = time.perf_counter() - started
-  if args.json:
-    Path(args.json).write_text(json.dumps(result, indent=1, default=float))
+    result["seconds"] = time.perf_counter() - started
+    if args.json:  # after every section: a timeout still leaves what was measured
+      Path(args.json).write_text(json.dumps(result, indent=1, default=float))
+    sys.stdout.flush()
   return result
 
 
