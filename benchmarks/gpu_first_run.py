@@ -99,6 +99,12 @@ def first_line(error: BaseException) -> str:
   return text[0][:300] if text else type(error).__name__
 
 
+def mark_failed(row: dict, error: BaseException):
+  """A variant that did not run is a result too: status "error", its error's first line as
+  "error_text" (a row's other "error" fields are its numeric checks)."""
+  row["status"], row["error_text"] = "error", first_line(error)
+
+
 def timed(call, calls: int, rounds: int) -> tuple[float, float]:
   """(first call's seconds, compile included; median seconds per call over rounds)."""
   started = time.perf_counter()
@@ -227,9 +233,8 @@ def attention_rows(sizes: Sizes, smoke: bool) -> list[dict]:
         row["fwd_tflops"] = fwd_flops / row["fwd_s"] / 1e12
         row["fwd_bwd_tflops"] = 3.5 * fwd_flops / row["fwd_bwd_s"] / 1e12
         row["status"] = verdict(max(row["fwd_error"], row["grad_error"]))
-      except Exception as error:  # noqa: BLE001 — a refused variant is a result too
-        row["status"] = "error"
-        row["error"] = first_line(error)
+      except Exception as error:  # noqa: BLE001
+        mark_failed(row, error)
       rows.append(row)
       print_attention_row(row)
   return rows
@@ -237,7 +242,7 @@ def attention_rows(sizes: Sizes, smoke: bool) -> list[dict]:
 
 def print_attention_row(row: dict):
   if row["status"] == "error":
-    print(f"  {row['variant']:>9} {row['seq']:>5} {row['impl']:>6}: {row['error']}")
+    print(f"  {row['variant']:>9} {row['seq']:>5} {row['impl']:>6}: {row['error_text']}")
     return
   print(f"  {row['variant']:>9} {row['seq']:>5} x{row['batch']:<3} {row['impl']:>6}"
         f"{'/' + row['backend'] if 'backend' in row else '':<11} "
@@ -335,7 +340,7 @@ def paged_rows(sizes: Sizes, smoke: bool) -> list[dict]:
         row["kv_gb_per_s"] = read / row["seconds"] / 1e9
         row["status"] = verdict(row["error"])
       except Exception as error:  # noqa: BLE001
-        row["status"], row["error_text"] = "error", first_line(error)
+        mark_failed(row, error)
       rows.append(row)
       if row["status"] == "error":
         print(f"  {kind:>7} {name:>12}: {row['error_text']}")
@@ -389,7 +394,7 @@ def moe_rows(sizes: Sizes) -> list[dict]:
           f"same FLOPs {row['dense_s'] * 1e3:.3f} ms {row['dense_tflops']:.1f} TF/s; ratio "
           f"{row['grouped_vs_dense']:.2f}; err {row['error']:.1e} {row['status']}")
   except Exception as error:  # noqa: BLE001
-    row["status"], row["error_text"] = "error", first_line(error)
+    mark_failed(row, error)
     print(f"  ragged_dot: {row['error_text']}")
   return [row]
 
@@ -433,10 +438,10 @@ def train_rows(sizes: Sizes, peak: float | None) -> list[dict]:
       row["status"] = "ok" if all(np.isfinite(losses)) else "BAD"
       del train_step  # its state and batch, before the next attention's
     except Exception as error:  # noqa: BLE001
-      row["status"], row["error"] = "error", first_line(error)
+      mark_failed(row, error)
     rows.append(row)
     if row["status"] == "error":
-      print(f"  {attention:>6}: {row['error']}")
+      print(f"  {attention:>6}: {row['error_text']}")
     else:
       mfu = row["mfu_vs_datasheet"]
       print(f"  {attention:>6}: {row['step_s']:.3f} s/step, {row['tokens_per_s']:,.0f} tokens/s, "
