@@ -1,7 +1,7 @@
 """Images through the serving engine, and the ViT against timm's, in one run.
 
   python benchmarks/vision.py [--run_dir=runs/vision_tiny_sft] [--json] [--slots=8]
-      [--max_tokens=32] [--rounds=15]
+      [--max_tokens=32] [--rounds=15] [--vit_rounds=7] [--vit_seconds=2]
 
 On the run's engine, in process (no HTTP, so only the engine and the batching are timed):
   - `image_prefill_ms`: one image prompt's prefill (ViT, projector, decoder), median, beside
@@ -16,7 +16,10 @@ On the run's engine, in process (no HTTP, so only the engine and the batching ar
     when timm is not importable by --timm_python (default this interpreter; PyTorch may live in
     another virtualenv). Our SwiGLU MLP has three matrices where timm's GELU MLP has two, so
     timm's MLP is widened (`timm_mlp_dim`) until its matmul FLOPs per image equal ours
-    (`vit_flops_per_image`, printed for both): the ratio is images/s at equal FLOPs.
+    (`vit_flops_per_image`, printed for both): the ratio is images/s at equal FLOPs. The two
+    run in --vit_rounds alternating rounds of --vit_seconds, both warm (timm in a process of
+    its own that waits between rounds); the ratio is the median of the rounds' ratios, the
+    images/s the medians of each side's rounds.
 """
 
 import argparse
@@ -43,8 +46,8 @@ VIT_BATCH = 64
 
 TIMM_SCRIPT = """
 import json, sys, time, torch, timm
-shape, batch, seconds = json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-torch.set_num_threads(int(sys.argv[4]))
+shape, batch = json.loads(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(int(sys.argv[3]))
 model = timm.models.vision_transformer.VisionTransformer(
     img_size=shape["image_size"], patch_size=shape["patch_size"], embed_dim=shape["embed_dim"],
     depth=shape["num_layers"], num_heads=shape["num_heads"],
@@ -56,11 +59,13 @@ def step():
   model(images).float().square().mean().backward()
 for _ in range(3):
   step()
-count, start = 0, time.perf_counter()
-while time.perf_counter() - start < seconds:
-  step()
-  count += 1
-print(json.dumps(count * batch / (time.perf_counter() - start)))
+print("ready", flush=True)
+for line in sys.stdin:  # one round a line: its seconds
+  count, start = 0, time.perf_counter()
+  while time.perf_counter() - start < float(line):
+    step()
+    count += 1
+  print(json.dumps(count * batch / (time.perf_counter() - start)), flush=True)
 """
 
 
@@ -118,26 +123,28 @@ def text_tokens_per_s(orchestrator: Orchestrator, engine: Engine, slots: int,
   return statistics.median(rate for rate in rates if rate is not None)
 
 
-def vit_images_per_s(engine: Engine, seconds: float = 3.0) -> float:
-  """The run's ViT forward+backward (parameter gradients of a mean square) images/s."""
+def vit_step(config: vit.VisionConfig):
+  """A compiled forward+backward (parameter gradients of a mean square) of our ViT over
+  VIT_BATCH images, as a function of no arguments that waits for its result."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
-  encoder_def, encoder_params = nnx.split(vit.VisionEncoder(engine.config.vision,
-                                                            rngs=nnx.Rngs(0)))
-  c = engine.config.vision
+  encoder_def, encoder_params = nnx.split(vit.VisionEncoder(config, rngs=nnx.Rngs(0)))
   images = jnp.asarray(np.random.default_rng(2).integers(
-      0, 256, (VIT_BATCH, 1, c.image_size, c.image_size, 3), np.uint8))
+      0, 256, (VIT_BATCH, 1, config.image_size, config.image_size, 3), np.uint8))
 
   @jax.jit
   def step(params):
     return jax.grad(lambda p: jnp.mean(jnp.square(nnx.merge(encoder_def, p)(images))))(params)
 
-  jax.block_until_ready(step(encoder_params))
+  return lambda: jax.block_until_ready(step(encoder_params))
+
+
+def images_per_s(step, seconds: float) -> float:
   count, start = 0, time.perf_counter()
   while time.perf_counter() - start < seconds:
-    jax.block_until_ready(step(encoder_params))
+    step()
     count += 1
   return count * VIT_BATCH / (time.perf_counter() - start)
 
@@ -172,22 +179,35 @@ def timm_mlp_dim(config: vit.VisionConfig) -> int:
   return round((vit_flops_per_image(config) - without_mlp) / per_unit)
 
 
-def timm_images_per_s(config: vit.VisionConfig, python: str, seconds: float = 3.0
-                      ) -> float | None:
-  """timm's ViT of the same shape and FLOPs (LayerNorm and a wider GELU MLP where ours has
-  RMSNorm and SwiGLU), forward+backward images/s on the CPU, or None when timm is not
-  importable there."""
+def paired_vit_rates(config: vit.VisionConfig, python: str, rounds: int, seconds: float
+                     ) -> tuple[list[float], list[float] | None]:
+  """Our ViT's and timm's (same shape and FLOPs: LayerNorm and a wider GELU MLP where ours has
+  RMSNorm and SwiGLU) forward+backward images/s on the CPU, in `rounds` alternating rounds of
+  `seconds` each, both compiled and warm beforehand: the shared machine's speed drifts by tens
+  of percent over a minute, and a round of each side back to back sees the same drift. timm's
+  list is None when timm is not importable by `python`."""
   import os
+  ours_step = vit_step(config)
+  ours_step()
   shape = {name: getattr(config, name) for name in
            ("image_size", "patch_size", "embed_dim", "num_layers", "num_heads")}
   shape["mlp_dim"] = timm_mlp_dim(config)
   threads = str(len(os.sched_getaffinity(0)))
-  result = subprocess.run([python, "-c", TIMM_SCRIPT, json.dumps(shape), str(VIT_BATCH),
-                           str(seconds), threads], check=False, capture_output=True, text=True)
-  if result.returncode:
-    print(f"timm did not run under {python}: {result.stderr.strip().splitlines()[-1:]}")
-    return None
-  return float(result.stdout.strip().splitlines()[-1])
+  with subprocess.Popen([python, "-c", TIMM_SCRIPT, json.dumps(shape), str(VIT_BATCH), threads],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True) as timm:
+    if timm.stdout.readline().strip() != "ready":
+      timm.stdin.close()
+      print(f"timm did not run under {python}: {timm.stderr.read().strip().splitlines()[-1:]}")
+      return [images_per_s(ours_step, seconds) for _ in range(rounds)], None
+    ours, theirs = [], []
+    for _ in range(rounds):
+      ours.append(images_per_s(ours_step, seconds))
+      timm.stdin.write(f"{seconds}\n")
+      timm.stdin.flush()
+      theirs.append(float(timm.stdout.readline()))
+    timm.stdin.close()
+  return ours, theirs
 
 
 def main(argv=None) -> dict:
@@ -198,6 +218,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--max_tokens", type=int, default=32)
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--timm_python", default=sys.executable)
+  parser.add_argument("--vit_rounds", type=int, default=7)
+  parser.add_argument("--vit_seconds", type=float, default=2.0)
   parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
   args = parser.parse_args(argv)
   engine = Engine.from_checkpoint(args.run_dir, slots=args.slots)
@@ -214,23 +236,26 @@ def main(argv=None) -> dict:
     alone.append(text_tokens_per_s(orchestrator, engine, args.slots, args.max_tokens, False))
     beside.append(text_tokens_per_s(orchestrator, engine, args.slots, args.max_tokens, True))
   orchestrator.shutdown()
-  ours = vit_images_per_s(engine)
   python = args.timm_python if Path(args.timm_python).exists() else sys.executable
-  theirs = timm_images_per_s(engine.config.vision, python)
+  ours, theirs = paired_vit_rates(engine.config.vision, python, args.vit_rounds,
+                                  args.vit_seconds)
   result = {
       "run_dir": args.run_dir, "image_prefill_ms": round(image_ms, 2),
       "text_prefill_ms": round(text_ms, 2),
       "text_tokens_per_s_alone": round(statistics.median(alone), 1),
       "text_tokens_per_s_beside_images": round(statistics.median(beside), 1),
       "text_only_slowdown": round(1 - statistics.median(beside) / statistics.median(alone), 4),
-      "vit_images_per_s": round(ours, 1),
-      "timm_images_per_s": theirs and round(theirs, 1),
-      "vit_ratio_vs_timm": theirs and round(ours / theirs, 3),
+      "vit_images_per_s": round(statistics.median(ours), 1),
+      "timm_images_per_s": theirs and round(statistics.median(theirs), 1),
+      "vit_ratio_vs_timm": theirs and round(statistics.median(
+          mine / its for mine, its in zip(ours, theirs)), 3),
       "vit_flops_per_image": vit_flops_per_image(engine.config.vision),
       "timm_flops_per_image": timm_flops_per_image(engine.config.vision,
                                                    timm_mlp_dim(engine.config.vision)),
       "timm_mlp_dim": timm_mlp_dim(engine.config.vision),
-      "rounds": {"alone": [round(r, 1) for r in alone], "beside": [round(r, 1) for r in beside]}}
+      "rounds": {"alone": [round(r, 1) for r in alone], "beside": [round(r, 1) for r in beside],
+                 "vit": [round(r, 1) for r in ours],
+                 "timm": theirs and [round(r, 1) for r in theirs]}}
   print("| measure | value |\n|---|---|")
   for name, value in result.items():
     if name not in ("run_dir", "rounds"):

@@ -25,3 +25,10 @@ def test_timms_mlp_is_widened_by_half_when_its_heads_have_our_width():
                         num_kv_heads=4, head_dim=32, mlp_dim=384)
   assert vision.timm_mlp_dim(config) == 576  # SwiGLU's 3 x 384 columns = GELU's 2 x 576
   assert vision.timm_flops_per_image(config, 576) == vision.vit_flops_per_image(config)
+
+
+def test_without_timm_our_rounds_are_still_measured_and_timms_are_none(capsys):
+  ours, theirs = vision.paired_vit_rates(CONFIG, "/bin/false", rounds=2, seconds=0.05)
+  assert theirs is None
+  assert len(ours) == 2 and all(rate > 0 for rate in ours)
+  assert "timm did not run under /bin/false" in capsys.readouterr().out
