@@ -205,7 +205,11 @@ def paired_vit_rates(config: vit.VisionConfig, python: str, rounds: int, seconds
       ours.append(images_per_s(ours_step, seconds))
       timm.stdin.write(f"{seconds}\n")
       timm.stdin.flush()
-      theirs.append(float(timm.stdout.readline()))
+      line = timm.stdout.readline()
+      if not line:
+        raise SystemExit(f"timm stopped in round {len(theirs) + 1} of {rounds}: "
+                         f"{timm.stderr.read().strip().splitlines()[-1:]}")
+      theirs.append(float(line))
     timm.stdin.close()
   return ours, theirs
 
