@@ -49,7 +49,7 @@ def pack_widths(budget: int) -> list[int]:
   64 at or above 9/8 of the one before (padding under 1/8 of a row plus 64), and `budget`
   last. A pack's forward costs about the same per width token from 256 to 1024 (runs/tiny:
   41-46 us), so padding is time: steps of a half and a third instead cost lm-eval's
-  HellaSwag-shaped requests 16% of their forward, these 5%, for 5 more programs to warm."""
+  HellaSwag-shaped requests 16% of their forward, these 6%, for 5 more programs to warm."""
   widths = [MIN_WIDTH, *range(32, 257, 32)]
   while widths[-1] < budget:
     widths.append(-(-widths[-1] * 9 // (8 * 64)) * 64)
