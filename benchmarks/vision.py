@@ -27,6 +27,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -193,12 +194,20 @@ def paired_vit_rates(config: vit.VisionConfig, python: str, rounds: int, seconds
            ("image_size", "patch_size", "embed_dim", "num_layers", "num_heads")}
   shape["mlp_dim"] = timm_mlp_dim(config)
   threads = str(len(os.sched_getaffinity(0)))
-  with subprocess.Popen([python, "-c", TIMM_SCRIPT, json.dumps(shape), str(VIT_BATCH), threads],
-                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                        text=True) as timm:
+  # timm's warnings go to a file: a pipe read only at the end would stall timm once they
+  # filled its buffer (64 KiB).
+  with tempfile.TemporaryFile("w+") as errors, subprocess.Popen(
+      [python, "-c", TIMM_SCRIPT, json.dumps(shape), str(VIT_BATCH), threads],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True) as timm:
+
+    def last_error_line() -> list[str]:
+      timm.wait()
+      errors.seek(0)
+      return errors.read().strip().splitlines()[-1:]
+
     if timm.stdout.readline().strip() != "ready":
       timm.stdin.close()
-      print(f"timm did not run under {python}: {timm.stderr.read().strip().splitlines()[-1:]}")
+      print(f"timm did not run under {python}: {last_error_line()}")
       return [images_per_s(ours_step, seconds) for _ in range(rounds)], None
     ours, theirs = [], []
     for _ in range(rounds):
@@ -208,7 +217,7 @@ def paired_vit_rates(config: vit.VisionConfig, python: str, rounds: int, seconds
       line = timm.stdout.readline()
       if not line:
         raise SystemExit(f"timm stopped in round {len(theirs) + 1} of {rounds}: "
-                         f"{timm.stderr.read().strip().splitlines()[-1:]}")
+                         f"{last_error_line()}")
       theirs.append(float(line))
     timm.stdin.close()
   return ours, theirs

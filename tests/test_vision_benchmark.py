@@ -32,3 +32,19 @@ def test_without_timm_our_rounds_are_still_measured_and_timms_are_none(capsys):
   assert theirs is None
   assert len(ours) == 2 and all(rate > 0 for rate in ours)
   assert "timm did not run under /bin/false" in capsys.readouterr().out
+
+
+def test_a_timm_that_dies_mid_run_after_many_warnings_names_the_round_and_its_last_line(
+    tmp_path):
+  # 200 KiB of warnings first: on a pipe read only at the end they would stall it for good.
+  fake_python = tmp_path / "python"
+  fake_python.write_text("#!/bin/sh\necho ready\nread seconds\necho 1000.0\nread seconds\n"
+                         "head -c 204800 /dev/zero | tr '\\0' 'w' >&2\n"
+                         "echo >&2\necho 'RuntimeError: out of memory' >&2\nexit 1\n")
+  fake_python.chmod(0o755)
+  try:
+    vision.paired_vit_rates(CONFIG, str(fake_python), rounds=3, seconds=0.05)
+  except SystemExit as error:
+    assert str(error) == "timm stopped in round 2 of 3: ['RuntimeError: out of memory']"
+  else:
+    raise AssertionError("a timm that stopped must end the benchmark")
