@@ -7,6 +7,7 @@ The shared directories are read by many tests: a test that changes one works on 
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -76,9 +77,37 @@ def train_subprocess(workdir, data_dir, bindings: list[str], *flags: str,
   CPU devices, its output merged into one text pipe."""
   command = [sys.executable, "-m", "maxlm.train", f"--workdir={workdir}",
              f"--data_dir={data_dir}", *[f"--gin_param={line}" for line in bindings], *flags]
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+         "PYTHONFAULTHANDLER": "1"}  # a SIGABRT (`outputs_within`) prints every thread's stack
   return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=env, cwd=Path(__file__).parent.parent)
+
+
+def outputs_within(processes: list[subprocess.Popen], timeout: float) -> list[str]:
+  """Each `train_subprocess`'s whole output once all have exited. Any still running after
+  `timeout` seconds gets SIGABRT, which prints its Python threads' stacks, and the test fails
+  showing every output: a multi-process run that hangs says where."""
+  deadline = time.monotonic() + timeout
+  outputs = []
+  for process in processes:
+    try:
+      outputs.append(process.communicate(timeout=max(deadline - time.monotonic(), 0.1))[0])
+    except subprocess.TimeoutExpired:
+      break
+  else:
+    return outputs
+  for process in processes:
+    if process.poll() is None:
+      process.send_signal(signal.SIGABRT)
+  dumps = []
+  for index, process in enumerate(processes):
+    try:
+      output = process.communicate(timeout=30)[0]
+    except subprocess.TimeoutExpired:
+      process.kill()
+      output = process.communicate()[0]
+    dumps.append(f"--- process {index} (exit {process.returncode}) ---\n{output}")
+  raise AssertionError(f"still running after {timeout} s; their stacks:\n" + "\n".join(dumps))
 
 
 def kill_after_step(process: subprocess.Popen, step: int) -> list[str]:

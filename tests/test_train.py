@@ -23,7 +23,8 @@ from maxlm import steps as train_steps
 from maxlm.data.loader import split_shard_paths
 from maxlm import train as train_module
 from maxlm.config_checks import UserError
-from conftest import TINY_RUN, TINY_RUN_PEAK_FLOPS, TINY_RUN_STEPS, gin_config, train_subprocess
+from conftest import (TINY_RUN, TINY_RUN_PEAK_FLOPS, TINY_RUN_STEPS, gin_config, outputs_within,
+                      train_subprocess)
 from test_data import damage_record
 
 @pytest.fixture(autouse=True)
@@ -152,8 +153,7 @@ def test_two_processes_train_in_lockstep_with_one_eight_device_process(data_dir,
   pair = [_train_process(tmp_path / "two", data_dir, *flags, coordinator, "--num_processes=2",
                          f"--process_id={i}", devices=4) for i in range(2)]
   single = _train_process(tmp_path / "one", data_dir, *flags)
-  for process in [*pair, single]:
-    output = process.communicate(timeout=300)[0]
+  for process, output in zip([*pair, single], outputs_within([*pair, single], timeout=300)):
     assert process.returncode == 0, output
   two = [r["loss"] for r in _metrics(tmp_path / "two")]
   one = [r["loss"] for r in _metrics(tmp_path / "one")]
@@ -353,7 +353,7 @@ def test_every_process_of_a_refused_multi_process_run_exits_2(data_dir, tmp_path
   with workdir_lock.hold(tmp_path):
     pair = [_train_process(tmp_path, data_dir, coordinator, "--num_processes=2",
                            f"--process_id={i}", devices=4) for i in range(2)]
-    outputs = [process.communicate(timeout=120)[0] for process in pair]
+    outputs = outputs_within(pair, timeout=120)
   assert [process.returncode for process in pair] == [2, 2], outputs
   assert _error_lines(outputs[0])[0].startswith(f"error: {tmp_path} is in use by another trainer")
   assert _error_lines(outputs[1]) == [f"error: process 0 was refused the lock of {tmp_path}; "
