@@ -11,14 +11,14 @@ from pathlib import Path
 
 import jax
 
-from maxlm import default_corpus
+from maxlm import user_cache
 
 ENV = "JAX_COMPILATION_CACHE_DIR"  # JAX's own variable: when set, it wins
 
 
 def default_dir() -> str:
   """`$MAXLM_CACHE/xla` (by default `~/.cache/maxlm/xla`), or JAX's variable when set."""
-  return os.environ.get(ENV) or str(default_corpus.cache_root() / "xla")
+  return os.environ.get(ENV) or str(user_cache.cache_root() / "xla")
 
 
 def enable(directory: str | None) -> str | None:

@@ -32,7 +32,7 @@ import gin
 
 from beam_pipelines import prepare_chat
 from beam_pipelines.records import MANIFEST_NAME
-from maxlm import default_corpus
+from maxlm import default_corpus, user_cache
 
 RECIPE = 3  # bumped whenever the templates, sizes or record layout change what the sets hold
 SYSTEM_PROMPT = "Answer with the exact text from the code."
@@ -271,7 +271,7 @@ def ensure_default_chat(kind: str = "sft", tokenizer_dir: str | None = None,
   manifest = json.loads((Path(tokenizer_dir) / MANIFEST_NAME).read_text())
   seq_len = seq_len or manifest["seq_len"]
   version = f"py{sys.version_info.major}.{sys.version_info.minor}"
-  root = Path(cache_dir) if cache_dir else default_corpus.cache_root()
+  root = Path(cache_dir) if cache_dir else user_cache.cache_root()
   built = root / (f"chat-{version}-t{manifest['tokenizer']['sha256'][:12]}-s{seq_len}-"
                   f"n{sum(sizes)}-r{RECIPE}")
   if not (built / kind / MANIFEST_NAME).exists():

@@ -18,15 +18,10 @@ import gin
 from beam_pipelines import prepare_text
 from beam_pipelines.sources import Source
 from beam_pipelines.records import MANIFEST_NAME
+from maxlm import user_cache
 
 _SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idlelib",
                  "lib2to3", "turtledemo", "ensurepip", "config-3", "encodings"}  # encodings/: generated codec tables
-
-
-def cache_root() -> Path:
-  if os.environ.get("MAXLM_CACHE"):
-    return Path(os.environ["MAXLM_CACHE"])
-  return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maxlm"
 
 
 def stdlib_source_globs() -> list[str]:
@@ -58,7 +53,7 @@ def ensure_default_corpus(vocab_size: int = 4096, seq_len: int = 256,
                           cache_dir: str | None = None) -> str:
   """Returns the data dir of the stdlib corpus, building it first if it is not cached."""
   version = f"py{sys.version_info.major}.{sys.version_info.minor}"
-  root = Path(cache_dir) if cache_dir else cache_root()
+  root = Path(cache_dir) if cache_dir else user_cache.cache_root()
   data_dir = root / f"stdlib-{version}-v{vocab_size}-s{seq_len}-h{validation_fraction:g}-r{RECIPE}"
   if (data_dir / MANIFEST_NAME).exists():
     return str(data_dir)

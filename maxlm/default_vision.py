@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from beam_pipelines import prepare_images
 from beam_pipelines.records import MANIFEST_NAME
-from maxlm import default_corpus
+from maxlm import default_corpus, user_cache
 
 RECIPE = 1  # bumped whenever the drawings, questions or sizes change what the set holds
 DIGIT_QUESTION = "What digit is this?"
@@ -133,7 +133,7 @@ def ensure_default_vision(tokenizer_dir: str | None = None, image_size: int = 32
   (a data dir) defaults to the default corpus's."""
   tokenizer_dir = tokenizer_dir or default_corpus.ensure_default_corpus()
   manifest = json.loads((Path(tokenizer_dir) / MANIFEST_NAME).read_text())
-  root = Path(cache_dir) if cache_dir else default_corpus.cache_root()
+  root = Path(cache_dir) if cache_dir else user_cache.cache_root()
   built = root / (f"vision-t{manifest['tokenizer']['sha256'][:12]}-i{image_size}-p{patch_size}"
                   f"-s{seq_len}-n{sum(sizes)}-r{RECIPE}")
   if not (built / "data" / MANIFEST_NAME).exists():
