@@ -356,3 +356,15 @@ def test_stale_staging_dirs_are_named_then_removed_on_request(tmp_path, caplog):
     prepare_text.main([f"--input={missing}", f"--output_dir={tmp_path}/out",
                        "--remove_stale_staging"])
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out.tmp-live", "out.tmp-remote"]
+
+
+def test_importing_the_pipelines_logs_nothing_about_beams_missing_gcp_clients():
+  """`import apache_beam` without the [gcp] extra logs "apitools not found ..." on the root
+  logger; the pipelines drop that one line, and other root warnings still show."""
+  imported = subprocess.run(
+      [sys.executable, "-c", "import logging, beam_pipelines.prepare_text; "
+       "logging.warning('a warning of our own')"],
+      cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+      check=True)
+  assert "apitools" not in imported.stderr, imported.stderr
+  assert "WARNING:root:a warning of our own" in imported.stderr
