@@ -14,7 +14,8 @@ server gets lm-eval's `local-completions` request (echo, logprobs=1, max_tokens=
 token-id prompts per request, in lm-eval's order: longest first) from one client, which the
 server packs into one forward, computing prompts' shared prefixes once (`serving.scoring`); the server runs with `--engine_cpus=all`, as the other two use every core
 (a scoring request's HTTP work is small beside its forward); in process,
-`maxlm.evals.scoring.score` batches `--batch` sequences per forward pass; transformers runs
+`maxlm.evals.scoring.score` batches `--batch` rows per forward pass, each row a group of
+sequences that begin alike (an item's choices: its context once); transformers runs
 `LlamaForCausalLM` with the same weights (benchmarks/hf_llama.py) on right-padded batches of
 `--batch`. Each figure is the best of `--rounds` passes after a warm-up pass; the
 log-likelihoods are checked to agree.

@@ -22,6 +22,8 @@ import numpy as np
 from flax import nnx
 
 from maxlm import sampling, steps
+from maxlm.evals.shared_prefixes import (  # noqa: F401  (importable from here too)
+    common_prefix, laid_tokens, shared_prefix_groups)
 from serving.detokenize import TextStream
 from serving.engine import Engine, SamplingSettings, Step, device_settings
 from serving.metrics import ServerMetrics
@@ -110,53 +112,10 @@ def pack(prompts: list[list[int]], budget: int) -> Pack:
               predecessor, spans, last)
 
 
-def laid_tokens(prompts: list[list[int]], groups: list[tuple[int, list[int]]] | None = None
-                ) -> int:
-  """The tokens `pack` lays `prompts` in: each group's shared prefix once, then every
-  member's rest."""
-  groups = shared_prefix_groups(prompts) if groups is None else groups
-  return sum(shared + sum(len(prompts[i]) - shared for i in members)
-             for shared, members in groups)
-
-
 def fits_one_pack(prompts: list[list[int]], budget: int) -> bool:
   """Whether `pack` lays `prompts` in at most `budget` tokens (the grouping runs only when
   their own lengths add up to more)."""
   return sum(map(len, prompts)) <= budget or laid_tokens(prompts) <= budget
-
-
-def shared_prefix_groups(prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
-  """(shared prefix length, prompt indices) per group: `prompts` split into groups whose
-  members share their first tokens, so the group's pack computes them once. lm-eval sends a
-  multiple-choice item as one prompt per choice, each repeating the context. The groups are
-  runs of the prompts in sorted order, the split that saves most tokens (a dynamic program);
-  every member keeps at least its last token of its own."""
-  order = sorted(range(len(prompts)), key=lambda index: prompts[index])
-  common = [common_prefix(prompts[a], prompts[b]) for a, b in zip(order, order[1:])]
-  saved, split = [0] * (len(order) + 1), [0] * (len(order) + 1)
-  for end in range(1, len(order) + 1):  # the best split of order[:end]
-    saved[end], split[end] = saved[end - 1], end - 1
-    shared = len(prompts[order[end - 1]]) - 1
-    for start in range(end - 2, -1, -1):  # the group order[start:end]
-      shared = min(shared, common[start], len(prompts[order[start]]) - 1)
-      if shared <= 0:
-        break
-      if saved[start] + (end - start - 1) * shared > saved[end]:
-        saved[end], split[end] = saved[start] + (end - start - 1) * shared, start
-  groups, end = [], len(order)
-  while end:
-    start = split[end]
-    members = order[start:end]
-    shared = min(len(prompts[i]) - 1 for i in members) if len(members) > 1 else 0
-    for a, b in zip(members, members[1:]):
-      shared = min(shared, common_prefix(prompts[a], prompts[b]))
-    groups.append((shared, members))
-    end = start
-  return groups[::-1]
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-  return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def max_seqs(width: int) -> int:

@@ -386,3 +386,34 @@ def test_sequences_that_differ_only_in_their_last_token_score_as_each_alone(engi
   alone = scoring.score(model, [sequences[2]])[0]
   np.testing.assert_allclose(scored[2][0], alone[0], atol=1e-5)
   np.testing.assert_array_equal(scored[2][1], alone[1])
+
+
+def test_an_items_choices_share_one_row_and_each_scores_as_it_would_alone(engine, model):
+  """HellaSwag's shape: one context, endings of different lengths, beside a sequence of its
+  own. Grouped, the context is laid once per row, and every sequence's log-probabilities and
+  argmax flags equal its own unpadded float64 reference; a group too long for the context is
+  split across rows that each repeat the context."""
+  context = engine.encode("def wrap(text, width=70):\n    return")
+  endings = [engine.tokenizer.encode(text) for text in
+             (" text", " TextWrapper(width=width).fill(text)", " None", " [line for line in text]")]
+  sequences = [context + ending for ending in endings] + [engine.encode("import textwrap")]
+  groups = scoring.row_groups(sequences, model.context_length)
+  assert sorted(index for _, members in groups for index in members) == [0, 1, 2, 3, 4]
+  for shared, members in groups:
+    assert members == [4] if 4 in members else shared >= len(context)
+  assert len(groups) < len(sequences)
+  scored = scoring.score(model, sequences)
+  for sequence, (logprobs, greedy) in zip(sequences, scored):
+    reference = numpy_logprobs(engine, sequence)
+    np.testing.assert_allclose(logprobs, reference, atol=2e-4)
+    logits, _ = nnx.merge(engine.graphdef, engine.params)(np.array([sequence], np.int32))
+    np.testing.assert_array_equal(greedy, np.asarray(logits[0, :-1]).argmax(-1) == sequence[1:])
+
+  width = len(context) + max(map(len, endings))  # one ending a row at most
+  split = scoring.row_groups(sequences[:4], width)
+  assert sorted(index for _, members in split for index in members) == [0, 1, 2, 3]
+  assert len(split) > len(scoring.row_groups(sequences[:4], model.context_length))
+  rows = scoring.lay_rows(sequences[:4], split, len(split), width)
+  for index, (row, span) in rows.spans.items():
+    np.testing.assert_array_equal(rows.tokens[row, span], sequences[index])
+    np.testing.assert_array_equal(rows.positions[row, span], np.arange(len(sequences[index])))

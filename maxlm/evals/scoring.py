@@ -1,6 +1,12 @@
 """Each token's log-probability given the tokens before it, over many sequences at once: the
 model's forward pass without a cache, batched and padded to a few bucket lengths (one
-compilation each). What every log-likelihood evaluator reads."""
+compilation each). What every log-likelihood evaluator reads.
+
+Sequences that begin alike (a multiple-choice item's choices after one context) share a row:
+the shared beginning once, then each sequence's own rest as a branch that sees the beginning
+and itself only (`maxlm.evals.shared_prefixes`), so a context is computed once per item, not
+once per choice. cuDNN attention takes no branches and a quantized KV cache no segments:
+those score each sequence in a row of its own."""
 
 import dataclasses
 import functools
@@ -14,6 +20,7 @@ from flax import nnx
 
 from maxlm import sampling
 from maxlm.errors import UserError
+from maxlm.evals.shared_prefixes import shared_prefix_groups
 from maxlm.model import init_kv_cache
 
 SCORE_BLOCK = 64  # positions whose logits are made and reduced at a time
@@ -31,6 +38,11 @@ class EvalModel:
   batch_size: int = 8
   generate: Callable[[list[list[int]], int, list[str]], list[str]] | None = None
   kv_cache_dtype: str | None = None  # "int8": attention reads int8 keys and values
+
+  @property
+  def attention(self) -> str:
+    """The model's attention implementation (`ModelConfig.attention`)."""
+    return nnx.merge(self.graphdef, self.params).config.attention
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "kv_cache_dtype"))
@@ -60,6 +72,96 @@ def token_scores(graphdef, params, tokens: jax.Array, ends: jax.Array, alternati
   return (target, greedy,
           jnp.take_along_axis(end_logits, alternatives, axis=-1) - log_z[:, None],
           sampling.first_largest(end_logits, largest)[:, None] == alternatives)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def branch_token_scores(graphdef, params, tokens: jax.Array, positions: jax.Array,
+                        segment_ids: jax.Array, branch_ids: jax.Array, predecessor: jax.Array
+                        ) -> tuple[jax.Array, jax.Array]:
+  """Rows laid by `lay_rows` ([rows, width] each) -> (log p(tokens[t] | the sequence up to
+  its token at predecessor[t]), whether tokens[t] is the argmax there), [rows, width]. A
+  sequence's first token (its own predecessor) and the padding get entries nobody reads."""
+  model = nnx.merge(graphdef, params)
+  hidden, _ = model.decode(model.embed(tokens), positions, segment_ids, branch_ids=branch_ids)
+  before = jnp.take_along_axis(hidden, predecessor[..., None], axis=1)
+  return blockwise_next_token_scores(model.logits, before, tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+  """Groups of sequences laid one group a row: its shared prefix (branch 0), then each
+  member's rest (branches 1, 2, ...) at positions after the prefix; padding is segment 0."""
+  tokens: np.ndarray       # int32 [rows, width]
+  positions: np.ndarray
+  segment_ids: np.ndarray
+  branch_ids: np.ndarray
+  predecessor: np.ndarray  # where each token's previous one is (itself at a sequence's first)
+  spans: dict[int, tuple[int, np.ndarray]]  # sequence index -> (row, its positions in order)
+
+
+def row_groups(sequences: list[list[int]], width: int) -> list[tuple[int, list[int]]]:
+  """`shared_prefix_groups` of `sequences`, each split so that a row holds it in `width`."""
+  rows = []
+  for shared, members in shared_prefix_groups(sequences):
+    current, laid = [], shared
+    for index in members:
+      rest = len(sequences[index]) - shared
+      if current and laid + rest > width:
+        rows.append((shared, current))
+        current, laid = [], shared
+      current.append(index)
+      laid += rest
+    rows.append((shared, current))
+  return rows
+
+
+def lay_rows(sequences: list[list[int]], groups: list[tuple[int, list[int]]],
+             rows: int, width: int) -> Rows:
+  """`groups` (at most `rows`, each laid in at most `width`) into `Rows`; rows past them
+  are all padding."""
+  tokens = np.full((rows, width), sampling.PAD_ID, np.int32)
+  positions, segment_ids, branch_ids = (np.zeros((rows, width), np.int32) for _ in range(3))
+  predecessor = np.broadcast_to(np.arange(width, dtype=np.int32), (rows, width)).copy()
+  spans = {}
+  for row, (shared, members) in enumerate(groups):
+    prefix = np.arange(shared)
+    tokens[row, prefix] = sequences[members[0]][:shared]
+    positions[row, prefix] = prefix
+    predecessor[row, prefix[1:]] = prefix[:-1]
+    start = shared
+    for branch, index in enumerate(members, start=1):
+      rest = sequences[index][shared:]
+      own = np.arange(start, start + len(rest))
+      tokens[row, own] = rest
+      positions[row, own] = np.arange(shared, shared + len(rest))
+      branch_ids[row, own] = branch
+      predecessor[row, own[1:]] = own[:-1]
+      if shared and len(own):
+        predecessor[row, own[0]] = shared - 1
+      spans[index] = (row, np.concatenate([prefix, own]))
+      start += len(rest)
+    segment_ids[row, :start] = 1
+  return Rows(tokens, positions, segment_ids, branch_ids, predecessor, spans)
+
+
+def score_in_branches(model: EvalModel, sequences: list[list[int]]
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """`score` with each group of sequences that begin alike in one row (`lay_rows`)."""
+  groups = sorted(row_groups(sequences, model.context_length),
+                  key=lambda group: group[0] + sum(len(sequences[i]) - group[0]
+                                                   for i in group[1]))
+  laid = [shared + sum(len(sequences[i]) - shared for i in members) for shared, members in groups]
+  results: list = [None] * len(sequences)
+  for start in range(0, len(groups), model.batch_size):
+    width = max(sampling.prefill_bucket(max(laid[start:start + model.batch_size]),
+                                        model.context_length), 2)
+    rows = lay_rows(sequences, groups[start:start + model.batch_size], model.batch_size, width)
+    target, greedy = jax.device_get(branch_token_scores(
+        model.graphdef, model.params, rows.tokens, rows.positions, rows.segment_ids,
+        rows.branch_ids, rows.predecessor))
+    for index, (row, span) in rows.spans.items():
+      results[index] = (target[row, span[1:]].astype(np.float64), greedy[row, span[1:]].copy())
+  return results
 
 
 def blockwise_next_token_scores(logits_of: Callable[[jax.Array], jax.Array], hidden: jax.Array,
@@ -101,6 +203,8 @@ def score(model: EvalModel, sequences: list[list[int]]) -> list[tuple[np.ndarray
   if too_long:
     raise UserError(f"an eval item is {max(too_long)} tokens but the model's context is "
                     f"{model.context_length}; shorten the task's contexts")
+  if model.kv_cache_dtype is None and model.attention != "cudnn":
+    return score_in_branches(model, sequences)
   groups = same_but_last(sequences)
   order = sorted(range(len(groups)), key=lambda g: len(sequences[groups[g][0]]))
   results: list = [None] * len(sequences)
