@@ -39,9 +39,9 @@ class EvalModel:
   generate: Callable[[list[list[int]], int, list[str]], list[str]] | None = None
   kv_cache_dtype: str | None = None  # "int8": attention reads int8 keys and values
 
-  @property
+  @functools.cached_property
   def attention(self) -> str:
-    """The model's attention implementation (`ModelConfig.attention`)."""
+    """The model's attention implementation (`ModelConfig.attention`), looked up once."""
     return nnx.merge(self.graphdef, self.params).config.attention
 
 
