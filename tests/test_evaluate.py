@@ -417,3 +417,15 @@ def test_an_items_choices_share_one_row_and_each_scores_as_it_would_alone(engine
   for index, (row, span) in rows.spans.items():
     np.testing.assert_array_equal(rows.tokens[row, span], sequences[index])
     np.testing.assert_array_equal(rows.positions[row, span], np.arange(len(sequences[index])))
+
+
+def test_a_group_of_sequences_that_begin_alike_holds_at_most_max_members():
+  """100 continuations of one context: groups of at most 64, each sharing the context (the
+  bound keeps the grouping's dynamic program linear over a whole eval's sequences)."""
+  from maxlm.evals import shared_prefixes  # pylint: disable=import-outside-toplevel
+  context = list(range(10, 40))
+  sequences = [context + [100 + i, 7] for i in range(100)]
+  groups = shared_prefixes.shared_prefix_groups(sequences)
+  sizes = [len(members) for _, members in groups]
+  assert len(sizes) == 2 and max(sizes) <= 64 and sum(sizes) == 100
+  assert all(shared == len(context) for shared, _ in groups)

@@ -13,18 +13,23 @@ def laid_tokens(prompts: list[list[int]], groups: list[tuple[int, list[int]]] | 
              for shared, members in groups)
 
 
+MAX_MEMBERS = 64  # a group's prompts at most: what a server pack holds (`max_seqs`)
+
+
 def shared_prefix_groups(prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
   """(shared prefix length, prompt indices) per group: `prompts` split into groups whose
   members share their first tokens, so a forward pass computes them once. The groups are
   runs of the prompts in sorted order, the split that saves most tokens (a dynamic program);
-  every member keeps at least its last token of its own."""
+  every member keeps at least its last token of its own. A group has at most MAX_MEMBERS
+  members, which keeps the program linear in the prompts: a whole eval's prompts often share
+  a first word over thousands of items."""
   order = sorted(range(len(prompts)), key=lambda index: prompts[index])
   common = [common_prefix(prompts[a], prompts[b]) for a, b in zip(order, order[1:])]
   saved, split = [0] * (len(order) + 1), [0] * (len(order) + 1)
   for end in range(1, len(order) + 1):  # the best split of order[:end]
     saved[end], split[end] = saved[end - 1], end - 1
     shared = len(prompts[order[end - 1]]) - 1
-    for start in range(end - 2, -1, -1):  # the group order[start:end]
+    for start in range(end - 2, max(end - MAX_MEMBERS, 0) - 1, -1):  # group order[start:end]
       shared = min(shared, common[start], len(prompts[order[start]]) - 1)
       if shared <= 0:
         break
