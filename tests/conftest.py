@@ -101,11 +101,14 @@ def outputs_within(processes: list[subprocess.Popen], timeout: float) -> list[st
       process.send_signal(signal.SIGABRT)
   dumps = []
   for index, process in enumerate(processes):
-    try:
-      output = process.communicate(timeout=30)[0]
-    except subprocess.TimeoutExpired:
-      process.kill()
-      output = process.communicate()[0]
+    if index < len(outputs):  # exited in time: its output is read already
+      output = outputs[index]
+    else:
+      try:
+        output = process.communicate(timeout=30)[0]
+      except subprocess.TimeoutExpired:
+        process.kill()
+        output = process.communicate()[0]
     dumps.append(f"--- process {index} (exit {process.returncode}) ---\n{output}")
   raise AssertionError(f"still running after {timeout} s; their stacks:\n" + "\n".join(dumps))
 
