@@ -23,7 +23,7 @@ from flax import nnx
 
 from maxlm import sampling, steps
 from maxlm.evals.shared_prefixes import (  # noqa: F401  (importable from here too)
-    common_prefix, laid_tokens, shared_prefix_groups)
+    common_prefix, empty_rows, group_tokens, laid_tokens, lay_group, shared_prefix_groups)
 from serving.detokenize import TextStream
 from serving.engine import Engine, SamplingSettings, Step, device_settings
 from serving.metrics import ServerMetrics
@@ -82,34 +82,17 @@ def pack(prompts: list[list[int]], budget: int) -> Pack:
   sharing a prefix (`shared_prefix_groups`) laid as one segment."""
   groups = shared_prefix_groups(prompts)
   width = pack_width(laid_tokens(prompts, groups), budget)
-  rows = {name: np.zeros((1, width), np.int32) for name in
-          ("tokens", "positions", "segment_ids", "branch_ids")}
-  rows["tokens"][:] = sampling.PAD_ID
-  predecessor = np.arange(width, dtype=np.int32)[None]
+  rows = empty_rows(1, width)
+  row = {name: array[0] for name, array in rows.items()}
   spans, start = [None] * len(prompts), 0
-
-  def lay(tokens, first_position, segment, branch, before):
-    nonlocal start
-    span = np.arange(start, start + len(tokens))
-    rows["tokens"][0, span] = tokens
-    rows["positions"][0, span] = np.arange(first_position, first_position + len(tokens))
-    rows["segment_ids"][0, span], rows["branch_ids"][0, span] = segment, branch
-    predecessor[0, span[1:]] = span[:-1]
-    if before is not None and len(span):
-      predecessor[0, span[0]] = before
-    start += len(tokens)
-    return span
-
   for segment, (shared, members) in enumerate(groups, start=1):
-    prefix = lay(prompts[members[0]][:shared], 0, segment, 0, None)
-    before = prefix[-1] if shared else None
-    for branch, index in enumerate(members, start=1 if len(members) > 1 else 0):
-      spans[index] = np.concatenate(
-          [prefix, lay(prompts[index][shared:], shared, segment, branch, before)])
+    for index, span in zip(members, lay_group(row, start, prompts, shared, members, segment)):
+      spans[index] = span
+    start += group_tokens(prompts, shared, members)
   last = np.zeros(max_seqs(width), np.int32)
   last[:len(prompts)] = [span[-1] for span in spans]
   return Pack(rows["tokens"], rows["positions"], rows["segment_ids"], rows["branch_ids"],
-              predecessor, spans, last)
+              rows["predecessor"], spans, last)
 
 
 def fits_one_pack(prompts: list[list[int]], budget: int) -> bool:

@@ -20,7 +20,7 @@ from flax import nnx
 
 from maxlm import sampling
 from maxlm.errors import UserError
-from maxlm.evals.shared_prefixes import shared_prefix_groups
+from maxlm.evals import shared_prefixes
 from maxlm.model import init_kv_cache
 
 SCORE_BLOCK = 64  # positions whose logits are made and reduced at a time
@@ -89,8 +89,9 @@ def branch_token_scores(graphdef, params, tokens: jax.Array, positions: jax.Arra
 
 @dataclasses.dataclass(frozen=True)
 class Rows:
-  """Groups of sequences laid one group a row: its shared prefix (branch 0), then each
-  member's rest (branches 1, 2, ...) at positions after the prefix; padding is segment 0."""
+  """Groups of sequences laid one group a row (`shared_prefixes.lay_group`, segment 1): its
+  shared prefix (branch 0), then each member's rest as its own branch at positions after the
+  prefix; padding is segment 0."""
   tokens: np.ndarray       # int32 [rows, width]
   positions: np.ndarray
   segment_ids: np.ndarray
@@ -102,7 +103,7 @@ class Rows:
 def row_groups(sequences: list[list[int]], width: int) -> list[tuple[int, list[int]]]:
   """`shared_prefix_groups` of `sequences`, each split so that a row holds it in `width`."""
   rows = []
-  for shared, members in shared_prefix_groups(sequences):
+  for shared, members in shared_prefixes.shared_prefix_groups(sequences):
     current, laid = [], shared
     for index in members:
       rest = len(sequences[index]) - shared
@@ -119,38 +120,22 @@ def lay_rows(sequences: list[list[int]], groups: list[tuple[int, list[int]]],
              rows: int, width: int) -> Rows:
   """`groups` (at most `rows`, each laid in at most `width`) into `Rows`; rows past them
   are all padding."""
-  tokens = np.full((rows, width), sampling.PAD_ID, np.int32)
-  positions, segment_ids, branch_ids = (np.zeros((rows, width), np.int32) for _ in range(3))
-  predecessor = np.broadcast_to(np.arange(width, dtype=np.int32), (rows, width)).copy()
+  arrays = shared_prefixes.empty_rows(rows, width)
   spans = {}
   for row, (shared, members) in enumerate(groups):
-    prefix = np.arange(shared)
-    tokens[row, prefix] = sequences[members[0]][:shared]
-    positions[row, prefix] = prefix
-    predecessor[row, prefix[1:]] = prefix[:-1]
-    start = shared
-    for branch, index in enumerate(members, start=1):
-      rest = sequences[index][shared:]
-      own = np.arange(start, start + len(rest))
-      tokens[row, own] = rest
-      positions[row, own] = np.arange(shared, shared + len(rest))
-      branch_ids[row, own] = branch
-      predecessor[row, own[1:]] = own[:-1]
-      if shared and len(own):
-        predecessor[row, own[0]] = shared - 1
-      spans[index] = (row, np.concatenate([prefix, own]))
-      start += len(rest)
-    segment_ids[row, :start] = 1
-  return Rows(tokens, positions, segment_ids, branch_ids, predecessor, spans)
+    laid = shared_prefixes.lay_group({name: array[row] for name, array in arrays.items()}, 0,
+                                     sequences, shared, members, segment=1)
+    spans.update((index, (row, span)) for index, span in zip(members, laid))
+  return Rows(**arrays, spans=spans)
 
 
 def score_in_branches(model: EvalModel, sequences: list[list[int]]
                       ) -> list[tuple[np.ndarray, np.ndarray]]:
   """`score` with each group of sequences that begin alike in one row (`lay_rows`)."""
-  groups = sorted(row_groups(sequences, model.context_length),
-                  key=lambda group: group[0] + sum(len(sequences[i]) - group[0]
-                                                   for i in group[1]))
-  laid = [shared + sum(len(sequences[i]) - shared for i in members) for shared, members in groups]
+  groups = row_groups(sequences, model.context_length)
+  laid = [shared_prefixes.group_tokens(sequences, *group) for group in groups]
+  order = sorted(range(len(groups)), key=laid.__getitem__)  # like lengths batch together
+  groups, laid = [groups[i] for i in order], [laid[i] for i in order]
   results: list = [None] * len(sequences)
   for start in range(0, len(groups), model.batch_size):
     width = max(sampling.prefill_bucket(max(laid[start:start + model.batch_size]),

@@ -4,13 +4,56 @@ context. The server's scorer (`serving.scoring`) and the in-process evaluators
 (`maxlm.evals.scoring`) lay each group as its shared prefix, then every member's own rest."""
 
 
+import numpy as np
+
+from maxlm import sampling
+
+
+def group_tokens(prompts: list[list[int]], shared: int, members: list[int]) -> int:
+  """The tokens one group is laid in: its shared prefix once, then every member's rest."""
+  return shared + sum(len(prompts[i]) - shared for i in members)
+
+
 def laid_tokens(prompts: list[list[int]], groups: list[tuple[int, list[int]]] | None = None
                 ) -> int:
-  """The tokens `prompts` take laid in their groups: each group's shared prefix once, then
-  every member's rest."""
+  """The tokens `prompts` take laid in their groups (`group_tokens` of each)."""
   groups = shared_prefix_groups(prompts) if groups is None else groups
-  return sum(shared + sum(len(prompts[i]) - shared for i in members)
-             for shared, members in groups)
+  return sum(group_tokens(prompts, shared, members) for shared, members in groups)
+
+
+def empty_rows(rows: int, width: int) -> dict[str, np.ndarray]:
+  """int32 [rows, width] arrays for `lay_group`, all padding: tokens PAD_ID, positions,
+  segment and branch ids 0, each position its own predecessor."""
+  arrays = {name: np.zeros((rows, width), np.int32)
+            for name in ("tokens", "positions", "segment_ids", "branch_ids")}
+  arrays["tokens"][:] = sampling.PAD_ID
+  arrays["predecessor"] = np.broadcast_to(np.arange(width, dtype=np.int32), (rows, width)).copy()
+  return arrays
+
+
+def lay_group(row: dict[str, np.ndarray], start: int, prompts: list[list[int]], shared: int,
+              members: list[int], segment: int) -> list[np.ndarray]:
+  """One group into `row` (one row of `empty_rows`' arrays) from index `start`, all of it
+  segment `segment`: the shared prefix once (branch 0), then each member's rest as its own
+  branch (1, 2, ...; a lone member stays branch 0), which sees the prefix and itself only,
+  at positions after the prefix. Each token's predecessor is the index of the token before
+  it in its prompt. Returns each member's indices in the row, in order."""
+  def lay(tokens, first_position, branch, before):
+    nonlocal start
+    span = np.arange(start, start + len(tokens))
+    row["tokens"][span] = tokens
+    row["positions"][span] = np.arange(first_position, first_position + len(tokens))
+    row["segment_ids"][span], row["branch_ids"][span] = segment, branch
+    row["predecessor"][span[1:]] = span[:-1]
+    if before is not None and len(span):
+      row["predecessor"][span[0]] = before
+    start += len(tokens)
+    return span
+
+  prefix = lay(prompts[members[0]][:shared], 0, 0, None)
+  before = prefix[-1] if shared else None
+  return [np.concatenate([prefix, lay(prompts[index][shared:], shared, branch, before)])
+          for branch, index in enumerate(members, start=1 if len(members) > 1 else 0)]
 
 
 MAX_MEMBERS = 64  # a group's prompts at most: what a server pack holds (`max_seqs`)
