@@ -19,7 +19,12 @@ On the run's engine, in process (no HTTP, so only the engine and the batching ar
     (`vit_flops_per_image`, printed for both): the ratio is images/s at equal FLOPs. The two
     run in --vit_rounds alternating rounds of --vit_seconds, both warm (timm in a process of
     its own that waits between rounds); the ratio is the median of the rounds' ratios, the
-    images/s the medians of each side's rounds.
+    images/s the medians of each side's rounds;
+  - `matmul_ratio_vs_torch`: what that ratio is read against, XLA's float32 matmul GFLOP/s
+    over PyTorch's on our ViT's own forward matmul shapes (q/k/v, output, gate/up, down over
+    the batch's patches), a geometric mean over the shapes, the median of 3 alternating
+    rounds; `matmul_gflops` has each shape's rates. Most of a step is these matmuls, so a ViT
+    ratio above this one is what our ViT gains beyond the backend's matmuls.
 """
 
 import argparse
@@ -44,6 +49,7 @@ from serving.orchestrator import Orchestrator
 
 QUESTION = "What shape and color?"
 VIT_BATCH = 64
+MATMUL_ROUNDS = 3
 
 TIMM_SCRIPT = """
 import json, sys, time, torch, timm
@@ -61,7 +67,18 @@ def step():
 for _ in range(3):
   step()
 print("ready", flush=True)
-for line in sys.stdin:  # one round a line: its seconds
+def matmul_gflops(m, k, n, seconds=0.2):
+  a, b = torch.rand(m, k), torch.rand(k, n)
+  a @ b
+  count, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    a @ b
+    count += 1
+  return 2 * m * k * n * count / (time.perf_counter() - start) / 1e9
+for line in sys.stdin:  # a round's seconds, or "matmuls SHAPES_JSON"
+  if line.startswith("matmuls "):
+    print(json.dumps([matmul_gflops(*shape) for shape in json.loads(line[8:])]), flush=True)
+    continue
   count, start = 0, time.perf_counter()
   while time.perf_counter() - start < float(line):
     step()
@@ -142,6 +159,33 @@ def vit_step(config: vit.VisionConfig):
   return lambda: jax.block_until_ready(step(encoder_params))
 
 
+def vit_matmul_shapes(config: vit.VisionConfig) -> list[tuple[int, int, int]]:
+  """(rows, inner, columns) of our ViT's forward matmuls over VIT_BATCH images: q/k/v, the
+  attention output, gate/up, down."""
+  c, tokens = config, VIT_BATCH * config.num_patches
+  return [(tokens, c.embed_dim, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim),
+          (tokens, c.num_heads * c.head_dim, c.embed_dim), (tokens, c.embed_dim, 2 * c.mlp_dim),
+          (tokens, c.mlp_dim, c.embed_dim)]
+
+
+def matmul_gflops(shapes: list[tuple[int, int, int]], seconds: float = 0.2) -> list[float]:
+  """XLA's float32 GFLOP/s on each (rows, inner, columns) matmul, as TIMM_SCRIPT's
+  `matmul_gflops` times PyTorch's: what the ViT ratio is read against."""
+  import jax
+  import jax.numpy as jnp
+  product, rng, rates = jax.jit(jnp.matmul), np.random.default_rng(3), []
+  for rows, inner, columns in shapes:
+    a = jnp.asarray(rng.random((rows, inner), np.float32))
+    b = jnp.asarray(rng.random((inner, columns), np.float32))
+    jax.block_until_ready(product(a, b))
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+      jax.block_until_ready(product(a, b))
+      count += 1
+    rates.append(2 * rows * inner * columns * count / (time.perf_counter() - start) / 1e9)
+  return rates
+
+
 def images_per_s(step, seconds: float) -> float:
   count, start = 0, time.perf_counter()
   while time.perf_counter() - start < seconds:
@@ -181,12 +225,14 @@ def timm_mlp_dim(config: vit.VisionConfig) -> int:
 
 
 def paired_vit_rates(config: vit.VisionConfig, python: str, rounds: int, seconds: float
-                     ) -> tuple[list[float], list[float] | None]:
+                     ) -> tuple[list[float], list[float] | None, dict | None]:
   """Our ViT's and timm's (same shape and FLOPs: LayerNorm and a wider GELU MLP where ours has
   RMSNorm and SwiGLU) forward+backward images/s on the CPU, in `rounds` alternating rounds of
   `seconds` each, both compiled and warm beforehand: the shared machine's speed drifts by tens
-  of percent over a minute, and a round of each side back to back sees the same drift. timm's
-  list is None when timm is not importable by `python`."""
+  of percent over a minute, and a round of each side back to back sees the same drift. Then
+  XLA's and PyTorch's GFLOP/s on our ViT's matmul shapes, alternating in MATMUL_ROUNDS rounds
+  ({"shapes", "ours", "torch"}: a list of rates per round). timm's list and the matmul rates
+  are None when timm is not importable by `python`."""
   import os
   ours_step = vit_step(config)
   ours_step()
@@ -208,7 +254,7 @@ def paired_vit_rates(config: vit.VisionConfig, python: str, rounds: int, seconds
     if timm.stdout.readline().strip() != "ready":
       timm.stdin.close()
       print(f"timm did not run under {python}: {last_error_line()}")
-      return [images_per_s(ours_step, seconds) for _ in range(rounds)], None
+      return [images_per_s(ours_step, seconds) for _ in range(rounds)], None, None
     ours, theirs = [], []
     for _ in range(rounds):
       ours.append(images_per_s(ours_step, seconds))
@@ -219,8 +265,23 @@ def paired_vit_rates(config: vit.VisionConfig, python: str, rounds: int, seconds
         raise SystemExit(f"timm stopped in round {len(theirs) + 1} of {rounds}: "
                          f"{last_error_line()}")
       theirs.append(float(line))
+    matmuls = {"shapes": vit_matmul_shapes(config), "ours": [], "torch": []}
+    for _ in range(MATMUL_ROUNDS):
+      matmuls["ours"].append(matmul_gflops(matmuls["shapes"]))
+      timm.stdin.write(f"matmuls {json.dumps(matmuls['shapes'])}\n")
+      timm.stdin.flush()
+      if not (line := timm.stdout.readline()):
+        raise SystemExit(f"timm stopped timing matmuls: {last_error_line()}")
+      matmuls["torch"].append(json.loads(line))
     timm.stdin.close()
-  return ours, theirs
+  return ours, theirs, matmuls
+
+
+def matmul_ratio(matmuls: dict) -> float:
+  """The median over rounds of the geometric mean over shapes of XLA's rate over PyTorch's."""
+  return statistics.median(
+      float(np.exp(np.mean(np.log(np.array(ours) / np.array(theirs)))))
+      for ours, theirs in zip(matmuls["ours"], matmuls["torch"]))
 
 
 def main(argv=None) -> dict:
@@ -250,8 +311,8 @@ def main(argv=None) -> dict:
     beside.append(text_tokens_per_s(orchestrator, engine, args.slots, args.max_tokens, True))
   orchestrator.shutdown()
   python = args.timm_python if Path(args.timm_python).exists() else sys.executable
-  ours, theirs = paired_vit_rates(engine.config.vision, python, args.vit_rounds,
-                                  args.vit_seconds)
+  ours, theirs, matmuls = paired_vit_rates(engine.config.vision, python, args.vit_rounds,
+                                           args.vit_seconds)
   result = {
       "run_dir": args.run_dir, "image_prefill_ms": round(image_ms, 2),
       "text_prefill_ms": round(text_ms, 2),
@@ -266,12 +327,17 @@ def main(argv=None) -> dict:
       "timm_flops_per_image": timm_flops_per_image(engine.config.vision,
                                                    timm_mlp_dim(engine.config.vision)),
       "timm_mlp_dim": timm_mlp_dim(engine.config.vision),
+      "matmul_ratio_vs_torch": matmuls and round(matmul_ratio(matmuls), 3),
+      "matmul_gflops": matmuls and {
+          "shapes": matmuls["shapes"],
+          **{side: [round(statistics.median(rates), 1) for rates in zip(*matmuls[side])]
+             for side in ("ours", "torch")}},
       "rounds": {"alone": [round(r, 1) for r in alone], "beside": [round(r, 1) for r in beside],
                  "vit": [round(r, 1) for r in ours],
                  "timm": theirs and [round(r, 1) for r in theirs]}}
   print("| measure | value |\n|---|---|")
   for name, value in result.items():
-    if name not in ("run_dir", "rounds"):
+    if name not in ("run_dir", "rounds", "matmul_gflops"):
       print(f"| {name} | {value} |")
   if args.json:
     print(json.dumps(result))

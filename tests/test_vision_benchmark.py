@@ -28,8 +28,9 @@ def test_timms_mlp_is_widened_by_half_when_its_heads_have_our_width():
 
 
 def test_without_timm_our_rounds_are_still_measured_and_timms_are_none(capsys):
-  ours, theirs = vision.paired_vit_rates(CONFIG, "/bin/false", rounds=2, seconds=0.05)
-  assert theirs is None
+  ours, theirs, matmuls = vision.paired_vit_rates(CONFIG, "/bin/false", rounds=2,
+                                                  seconds=0.05)
+  assert theirs is None and matmuls is None
   assert len(ours) == 2 and all(rate > 0 for rate in ours)
   assert "timm did not run under /bin/false" in capsys.readouterr().out
 
@@ -48,3 +49,23 @@ def test_a_timm_that_dies_mid_run_after_many_warnings_names_the_round_and_its_la
     assert str(error) == "timm stopped in round 2 of 3: ['RuntimeError: out of memory']"
   else:
     raise AssertionError("a timm that stopped must end the benchmark")
+
+
+def test_the_matmul_rates_go_both_ways_in_alternating_rounds_and_their_ratio_is_a_geometric_mean(
+    tmp_path):
+  # A fake timm that answers every round with 500 images/s and every matmul with 10 GFLOP/s.
+  fake_python = tmp_path / "python"
+  fake_python.write_text(
+      "#!/bin/sh\necho ready\nwhile read line; do\n  case \"$line\" in\n"
+      "    matmuls*) echo '[10.0, 10.0, 10.0, 10.0]' ;;\n    *) echo 500.0 ;;\n  esac\ndone\n")
+  fake_python.chmod(0o755)
+  ours, theirs, matmuls = vision.paired_vit_rates(CONFIG, str(fake_python), rounds=2,
+                                                  seconds=0.05)
+  assert theirs == [500.0, 500.0]
+  assert matmuls["shapes"] == [(64 * 16, 32, 64), (64 * 16, 32, 32), (64 * 16, 32, 96),
+                               (64 * 16, 48, 32)]
+  assert matmuls["torch"] == [[10.0] * 4] * vision.MATMUL_ROUNDS
+  assert len(matmuls["ours"]) == vision.MATMUL_ROUNDS
+  assert all(len(rates) == 4 and min(rates) > 0 for rates in matmuls["ours"])
+  made_up = {"ours": [[20.0, 5.0], [40.0, 40.0], [1.0, 4.0]], "torch": [[10.0, 10.0]] * 3}
+  assert np.isclose(vision.matmul_ratio(made_up), 1.0)  # per round 1.0, 4.0, 0.2
