@@ -34,7 +34,7 @@ def shard_name(part: str, bucket: int, num_shards: int) -> str:
 
 
 class TokenizeDocuments(beam.DoFn):
-  """(part, Document) -> ((part, bucket), int32 bytes of [bos] + ids + [eos]).
+  """(part, Document) -> ((part, bucket), (document key, int32 bytes of [bos] + ids + [eos])).
 
   Encodes in batches so SentencePiece can use every core; each batch also emits
   (part, `dataset_manifest.TokenStats`) per part to the STATS output. The tokenizer (a
@@ -79,7 +79,7 @@ class TokenizeDocuments(beam.DoFn):
     by_part = {}
     for (part, doc), tokens in zip(self._batch, token_arrays):
       by_part.setdefault(part, []).append(tokens)
-      yield (part, doc.key % self._num_shards[part]), tokens.tobytes()
+      yield (part, doc.key % self._num_shards[part]), (doc.key, tokens.tobytes())
     for part, arrays in by_part.items():
       all_tokens = np.concatenate(arrays)
       histogram = np.bincount(all_tokens, minlength=self._vocab_size)
@@ -108,11 +108,14 @@ def with_bos_eos(ids: list[int], bos_id: int = tokenizer_training.BOS_ID,
   return np.asarray(head + list(ids) + [eos_id], np.int32)
 
 
-def pack_and_write(bucket: tuple[tuple[str, int], Iterable[bytes]], output_dir: str,
-                   seq_len: int, num_shards: dict[str, int]):
-  """Packs one bucket's documents and writes them as one shard; yields (part, shard, count).
-  A retried bundle rewrites the same shard whole."""
-  (part, index), docs = bucket
+def pack_and_write(bucket: tuple[tuple[str, int], Iterable[tuple[int, bytes]]],
+                   output_dir: str, seq_len: int, num_shards: dict[str, int]):
+  """Packs one bucket's documents in key order and writes them as one shard; yields (part,
+  shard, count). The order a runner hands a bucket over in varies (with the input paths' sort
+  order, and between attempts), the key order does not: the same documents always make the
+  same shard, and a retried bundle rewrites it whole."""
+  (part, index), keyed = bucket
+  docs = [tokens for _, tokens in sorted(keyed, key=lambda key_and_tokens: key_and_tokens[0])]
   name = shard_name(part, index, num_shards[part])
   writer = ArrayRecordWriter(FileSystems.join(output_dir, name), WRITER_OPTIONS)
   count = 0
