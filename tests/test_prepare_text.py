@@ -371,7 +371,6 @@ def test_importing_the_pipelines_logs_nothing_about_beams_missing_gcp_clients():
   assert "WARNING:root:a warning of our own" in imported.stderr
 
 
-
 def test_a_bucket_makes_the_same_shard_whatever_order_its_documents_arrive_in(tmp_path):
   # A runner hands a bucket's documents over in an order that varies: the default corpus
   # packed them differently (held-out 3.466 or 3.487 after command 1) by where its cache was.
@@ -383,11 +382,11 @@ def test_a_bucket_makes_the_same_shard_whatever_order_its_documents_arrive_in(tm
   for arrival in (keyed, keyed[::-1], [keyed[i] for i in rng.permutation(len(keyed))]):
     out = tmp_path / str(len(written))
     out.mkdir()
-    [(part, name, count)] = tokenized_split.pack_and_write((("train", 0), arrival), str(out),
-                                                          SEQ_LEN, {"train": 1})
+    [(_, name, count)] = tokenized_split.pack_and_write((("train", 0), arrival), str(out),
+                                                       SEQ_LEN, {"train": 1})
     written.append((out / name).read_bytes())
   assert written[0] == written[1] == written[2]
-  # ...and the shard is the documents in key order, packed (an independent packing).
+  # ...and that shard holds the documents in key order.
   in_key_order = [np.frombuffer(tokens, np.int32) for _, tokens in sorted(keyed)]
   want = list(packing.pack_documents(in_key_order, SEQ_LEN))
   got = records.read_shard(str(tmp_path / "0" / name), SEQ_LEN)
@@ -395,3 +394,4 @@ def test_a_bucket_makes_the_same_shard_whatever_order_its_documents_arrive_in(tm
   for record, (tokens, segment_ids, positions) in zip(got, want):
     np.testing.assert_array_equal(record["tokens"], tokens)
     np.testing.assert_array_equal(record["segment_ids"], segment_ids)
+    np.testing.assert_array_equal(record["positions"], positions)
