@@ -182,7 +182,7 @@ def pack_and_write(bucket, output_dir: str, seq_len: int, kind: str,
   """Packs one bucket (in key order, so reruns write the same shard) into one shard; yields
   (part, shard name, sequences) and a (part, ChatStats) STATS output."""
   (part, index), keyed = bucket
-  examples = [example for _, example in sorted(keyed, key=lambda k: k[0])]
+  examples = tokenized_split.in_key_order(keyed)
   name = tokenized_split.shard_name(part, index, num_shards[part])
   fields = chat_examples.fields_of_kind(kind, seq_len)
   writer = ArrayRecordWriter(FileSystems.join(output_dir, name), tokenized_split.WRITER_OPTIONS)

@@ -183,7 +183,7 @@ def write_shard(bucket, output_dir: str, fields: records.Fields, max_images: int
   """One bucket, in key order (reruns write the same shard) -> one shard; yields
   (part, shard name, records, tokens, supervised tokens)."""
   (part, index), keyed = bucket
-  examples = [example for _, example in sorted(keyed, key=lambda k: k[0])]
+  examples = tokenized_split.in_key_order(keyed)
   name = tokenized_split.shard_name(part, index, num_shards[part])
   writer = ArrayRecordWriter(FileSystems.join(output_dir, name), tokenized_split.WRITER_OPTIONS)
   for example in examples:

@@ -108,14 +108,19 @@ def with_bos_eos(ids: list[int], bos_id: int = tokenizer_training.BOS_ID,
   return np.asarray(head + list(ids) + [eos_id], np.int32)
 
 
+def in_key_order(keyed: Iterable[tuple[int, object]]) -> list:
+  """A bucket's (key, value) pairs -> the values by key: the order a runner hands a bucket
+  over in varies (with the input paths' sort order, and between attempts), the key order
+  does not, so the same elements always make the same shard."""
+  return [value for _, value in sorted(keyed, key=lambda key_and_value: key_and_value[0])]
+
+
 def pack_and_write(bucket: tuple[tuple[str, int], Iterable[tuple[int, bytes]]],
                    output_dir: str, seq_len: int, num_shards: dict[str, int]):
-  """Packs one bucket's documents in key order and writes them as one shard; yields (part,
-  shard, count). The order a runner hands a bucket over in varies (with the input paths' sort
-  order, and between attempts), the key order does not: the same documents always make the
-  same shard, and a retried bundle rewrites it whole."""
+  """Packs one bucket's documents `in_key_order` and writes them as one shard; yields (part,
+  shard, count). A retried bundle rewrites the same shard whole."""
   (part, index), keyed = bucket
-  docs = [tokens for _, tokens in sorted(keyed, key=lambda key_and_tokens: key_and_tokens[0])]
+  docs = in_key_order(keyed)
   name = shard_name(part, index, num_shards[part])
   writer = ArrayRecordWriter(FileSystems.join(output_dir, name), WRITER_OPTIONS)
   count = 0

@@ -159,10 +159,11 @@ def vit_step(config: vit.VisionConfig):
   return lambda: jax.block_until_ready(step(encoder_params))
 
 
-def vit_matmul_shapes(config: vit.VisionConfig) -> list[tuple[int, int, int]]:
-  """(rows, inner, columns) of our ViT's forward matmuls over VIT_BATCH images: q/k/v, the
-  attention output, gate/up, down."""
-  c, tokens = config, VIT_BATCH * config.num_patches
+def vit_matmul_shapes(config: vit.VisionConfig, images: int = VIT_BATCH
+                      ) -> list[tuple[int, int, int]]:
+  """(rows, inner, columns) of one block's weight matmuls in our ViT's forward over `images`
+  images: q/k/v, the attention output, gate/up, down."""
+  c, tokens = config, images * config.num_patches
   return [(tokens, c.embed_dim, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim),
           (tokens, c.num_heads * c.head_dim, c.embed_dim), (tokens, c.embed_dim, 2 * c.mlp_dim),
           (tokens, c.mlp_dim, c.embed_dim)]
@@ -177,31 +178,32 @@ def matmul_gflops(shapes: list[tuple[int, int, int]], seconds: float = 0.2) -> l
   for rows, inner, columns in shapes:
     a = jnp.asarray(rng.random((rows, inner), np.float32))
     b = jnp.asarray(rng.random((inner, columns), np.float32))
-    jax.block_until_ready(product(a, b))
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-      jax.block_until_ready(product(a, b))
-      count += 1
-    rates.append(2 * rows * inner * columns * count / (time.perf_counter() - start) / 1e9)
+    run = lambda: jax.block_until_ready(product(a, b))  # noqa: E731
+    run()
+    rates.append(2 * rows * inner * columns * calls_per_s(run, seconds) / 1e9)
   return rates
 
 
-def images_per_s(step, seconds: float) -> float:
+def calls_per_s(work, seconds: float) -> float:
+  """How many times a second `work()` runs, over `seconds`."""
   count, start = 0, time.perf_counter()
   while time.perf_counter() - start < seconds:
-    step()
+    work()
     count += 1
-  return count * VIT_BATCH / (time.perf_counter() - start)
+  return count / (time.perf_counter() - start)
+
+
+def images_per_s(step, seconds: float) -> float:
+  return calls_per_s(step, seconds) * VIT_BATCH
 
 
 def vit_flops_per_image(config: vit.VisionConfig) -> int:
   """Our ViT's forward matmul FLOPs per image: patch embedding, then per block the q/k/v/o
   projections, the scores and their weighted sum, and SwiGLU's three matrices."""
   c, tokens = config, config.num_patches
-  projections = 2 * tokens * c.embed_dim * 2 * (c.num_heads + c.num_kv_heads) * c.head_dim
+  weights = sum(2 * rows * inner * columns for rows, inner, columns in vit_matmul_shapes(c, 1))
   attention = 2 * 2 * tokens * tokens * c.num_heads * c.head_dim
-  mlp = 2 * tokens * 3 * c.embed_dim * c.mlp_dim
-  return _patch_embedding_flops(c) + c.num_layers * (projections + attention + mlp)
+  return _patch_embedding_flops(c) + c.num_layers * (weights + attention)
 
 
 def _patch_embedding_flops(c: vit.VisionConfig) -> int:
