@@ -184,11 +184,17 @@ def build_pipeline(pipeline: beam.Pipeline, config: PrepareConfig, units) -> Non
            shards=beam.pvalue.AsList(written["shards"])))
 
 
+# Beam's default runner, and its DirectRunner too, first download the Prism runner from
+# GitHub and run the pipeline there when they can; the FnApiRunner is the in-process runner
+# the DirectRunner falls back to for batch pipelines, with nothing fetched.
+LOCAL_RUNNER = "FnApiRunner"
+
+
 def pipeline_options(beam_args: list[str] | None) -> PipelineOptions:
-  """Beam's own default runner downloads Prism; run in-process unless told otherwise."""
+  """`beam_args` as Beam's options, run in-process on LOCAL_RUNNER unless they name a runner."""
   args = list(beam_args or [])
   if not any(arg == "--runner" or arg.startswith("--runner=") for arg in args):
-    args.append("--runner=DirectRunner")
+    args.append(f"--runner={LOCAL_RUNNER}")
   return PipelineOptions(args)
 
 
@@ -259,7 +265,7 @@ def run_pipeline(config: PrepareConfig, units, beam_args: list[str] | None):
 
 def cancel(result) -> None:
   """Stops a pipeline that runs on after the launcher gave up on it (a remote runner); the
-  DirectRunner has finished or failed by the time pipeline.run() returns."""
+  local runner has finished or failed by the time pipeline.run() returns."""
   try:
     result.cancel()
   except Exception as err:  # pylint: disable=broad-except  # runners raise many kinds, or none

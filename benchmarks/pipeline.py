@@ -7,12 +7,13 @@ profile), its pydoc topics and /usr/share/doc's Markdown, reStructuredText and t
 (prose profile). Planted on top, in known pairs: exact copies, and near copies with 1% of the
 words replaced (word 5-gram Jaccard checked by brute force to be >= threshold + 0.05).
 
-Runs DirectRunner in multi-processing mode with 2 workers, then encodes the same input text with
-the tokenizer the run trained, in this one process without Beam. Throughput is measured on the
-input both processed: tokens_per_s is the input's token count (as bare SentencePiece counts it)
-over the pipeline's wall time, so ratio_vs_bare_spm = bare seconds / pipeline seconds.
-output_tokens_per_s counts only the tokens written (the pipeline drops filtered and duplicate
-text), and ratio_output_tokens_vs_bare_spm compares that with bare SentencePiece.
+Runs the in-process FnApiRunner in multi-processing mode with 2 workers, then encodes the same
+input text with the tokenizer the run trained, in this one process without Beam. Throughput is
+measured on the input both processed: tokens_per_s is the input's token count (as bare
+SentencePiece counts it) over the pipeline's wall time, so ratio_vs_bare_spm = bare seconds /
+pipeline seconds. output_tokens_per_s counts only the tokens written (the pipeline drops
+filtered and duplicate text), and ratio_output_tokens_vs_bare_spm compares that with bare
+SentencePiece.
 Before planting, every pair of real documents at or above the near-duplicate threshold is found
 by brute force and one of each is left out, so the planted pairs are the only duplicates.
 """

@@ -16,6 +16,8 @@ import sys
 import textwrap
 import time
 
+import apache_beam as beam
+from apache_beam.runners.portability import prism_runner
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -395,3 +397,20 @@ def test_a_bucket_makes_the_same_shard_whatever_order_its_documents_arrive_in(tm
     np.testing.assert_array_equal(record["tokens"], tokens)
     np.testing.assert_array_equal(record["segment_ids"], segment_ids)
     np.testing.assert_array_equal(record["positions"], positions)
+
+
+def test_a_run_without_a_runner_flag_never_tries_to_fetch_prism(tmp_path, monkeypatch):
+  # Beam's DirectRunner hands a pipeline Prism can run to Prism first, downloading it from
+  # GitHub; with no network it falls back, leaving a /tmp/beam-temp* directory behind.
+  attempts = []
+  monkeypatch.setattr(prism_runner.PrismRunner, "run_pipeline",
+                      lambda self, *args: attempts.append(args) or 1 / 0)
+  write_corpus(tmp_path)
+  prepare_text.run([f"{tmp_path}/code/*.txt"], str(tmp_path / "out"), vocab_size=600,
+                   seq_len=SEQ_LEN, validation_fraction=0.2, num_shards=1)
+  assert (tmp_path / "out" / "manifest.json").is_file()
+  assert attempts == []
+  named = prepare_text.pipeline_options(["--runner=DirectRunner"])
+  with beam.Pipeline(options=named) as pipeline:
+    _ = pipeline | beam.Create([1, 2]) | beam.Map(lambda x: x)
+  assert len(attempts) == 1  # as a named DirectRunner still does: this test can see it
