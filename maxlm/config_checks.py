@@ -212,6 +212,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "moe_dispatch": _one_of(moe.DISPATCHES),
         "capacity_factor": POSITIVE_NUMBER,
         "renormalize_routing": BOOL,
+        "routing_bias": BOOL,
     },
     "train": {
         "workdir": PATH,
@@ -255,6 +256,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "eps": POSITIVE_NUMBER,
         "max_grad_norm": POSITIVE_NUMBER,
         "router_learning_rate_scale": NON_NEGATIVE_NUMBER,
+        "routing_bias_learning_rate_scale": NON_NEGATIVE_NUMBER,
     },
     "make_mesh": {
         **dict.fromkeys(("data", "fsdp", "tensor", "expert"), (

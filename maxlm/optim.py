@@ -19,21 +19,28 @@ def _is_matrix(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def _is_router(params):
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: any(getattr(key, "key", None) == "router" for key in path), params)
+def _named(name: str):
+  """A mask over a parameter dict: the leaves with `name` on their path."""
+  return lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: any(getattr(key, "key", None) == name for key in path), params)
 
 
 @gin.configurable(module="maxlm")
 def make_optimizer(schedule: optax.Schedule, weight_decay: float = 0.1, b1: float = 0.9,
                    b2: float = 0.95, eps: float = 1e-8, max_grad_norm: float = 1.0,
-                   router_learning_rate_scale: float = 1.0) -> optax.GradientTransformation:
+                   router_learning_rate_scale: float = 1.0,
+                   routing_bias_learning_rate_scale: float = 1.0) -> optax.GradientTransformation:
   """Weight decay skips vectors (norm scales): only matrices and embeddings decay.
   `router_learning_rate_scale` multiplies the updates of MoE routers (parameters named
-  `router`): a router moving as fast as its experts keeps handing them other tokens."""
+  `router`): a router moving as fast as its experts keeps handing them other tokens.
+  `routing_bias_learning_rate_scale` multiplies those of MoE routing biases (`routing_bias`,
+  see `moe.balance_signal`)."""
   chain = [optax.clip_by_global_norm(max_grad_norm),
            optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                        mask=_is_matrix)]
-  if router_learning_rate_scale != 1.0:  # else the state stays as checkpoints hold it
-    chain.append(optax.masked(optax.scale(router_learning_rate_scale), _is_router))
+  # Each scale only when set: else the state stays as checkpoints hold it.
+  for name, scale in (("router", router_learning_rate_scale),
+                      ("routing_bias", routing_bias_learning_rate_scale)):
+    if scale != 1.0:
+      chain.append(optax.masked(optax.scale(scale), _named(name)))
   return optax.chain(*chain)

@@ -66,11 +66,13 @@ def with_router_losses(stats: dict, loss: jax.Array, metrics: dict, load_balanci
                        router_z_loss: float) -> tuple[jax.Array, dict]:
   """(loss, metrics) plus the router losses and metrics of a forward pass's MoE layers
   (`stats` as `moe.run_with_router_stats` gives them): each loss's mean over layers times
-  its weight. A dense model's pair (empty `stats`) comes back as it was."""
+  its weight, and each routing bias's `moe.balance_signal` (0 in value, there for its
+  gradient). A dense model's pair (empty `stats`) comes back as it was."""
   if not stats:
     return loss, metrics
   mean = lambda name: sum(layer[name] for layer in stats.values()) / len(stats)
   aux = load_balancing_loss * mean("load_balancing_loss") + router_z_loss * mean("router_z_loss")
+  aux += sum(layer.get("balance_signal", 0.0) for layer in stats.values())
   return loss + aux, {**metrics, **moe.router_metrics(stats)}
 
 

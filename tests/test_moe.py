@@ -9,6 +9,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import sentencepiece as spm
 from flax import nnx
@@ -95,6 +96,29 @@ def test_routing_without_renormalization_keeps_the_softmax_probabilities():
   want_experts = np.argsort(-probs, axis=-1)[:, :2]
   np.testing.assert_array_equal(experts, want_experts)
   np.testing.assert_allclose(weights, np.take_along_axis(probs, want_experts, -1), rtol=1e-5)
+
+
+def test_a_routing_bias_chooses_the_experts_and_leaves_their_weights_unbiased():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(50, 8)).astype(np.float32)
+  bias = rng.normal(size=8).astype(np.float32) * 2
+  weights, experts = moe.route(jnp.asarray(logits), 2, bias=jnp.asarray(bias))
+  want_experts = np.argsort(-(logits.astype(np.float64) + bias), axis=-1)[:, :2]
+  want_weights = np.take_along_axis(_np_softmax(logits.astype(np.float64)), want_experts, -1)
+  np.testing.assert_array_equal(experts, want_experts)
+  np.testing.assert_allclose(weights, want_weights / want_weights.sum(-1, keepdims=True),
+                             rtol=1e-5)
+  unbiased = np.argsort(-logits, axis=-1)[:, :2]
+  assert (want_experts != unbiased).any()  # the bias did change some choices
+
+
+def test_the_balance_signal_is_zero_with_the_load_excess_as_its_gradient():
+  experts = jnp.asarray(np.random.default_rng(4).integers(0, 6, (40, 2)), jnp.int32)
+  bias = jnp.asarray(np.random.default_rng(5).normal(size=6), jnp.float32)
+  value, grad = jax.value_and_grad(moe.balance_signal)(bias, experts)
+  shares = np.bincount(np.asarray(experts).reshape(-1), minlength=6) / 80
+  assert value == 0.0
+  np.testing.assert_allclose(grad, moe.BALANCE_SIGNAL_SCALE * (shares - 1 / 6), rtol=1e-5)
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
@@ -230,6 +254,15 @@ def test_total_and_active_parameter_counts_match_the_module():
   assert added == 6 * 2 * (moe_mlp - 3 * 32 * 64)
 
 
+def test_a_routing_bias_is_counted_as_a_parameter_but_not_as_flops():
+  config = dataclasses.replace(CONFIG, routing_bias=True)
+  params = nnx.state(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+  assert sum(leaf.size for leaf in jax.tree.leaves(nnx.to_pure_dict(params))) == (
+      count_params(CONFIG) + 2 * 8)  # a bias per expert in each of the 2 MoE layers
+  assert count_params(config, active=True) == count_params(CONFIG, active=True) + 2 * 8
+  assert training_flops_per_token(config, 32) == training_flops_per_token(CONFIG, 32)
+
+
 def _batch(seed, batch=8, seq=32):
   rng = np.random.default_rng(seed)
   segment_ids = np.repeat(np.array([[1] * 20 + [2] * 10 + [0] * 2]), batch, 0)
@@ -349,6 +382,47 @@ def test_router_metrics_reach_the_train_scalars(one_device):
   assert scalars["expert_load_max_over_mean"] == max(
       scalars[f"moe/layer{layer}/load_max_over_mean"] for layer in (1, 2))
   assert scalars["dropped_token_fraction"] == 0.0
+
+
+def _bias_training(bias_scale, num_steps, first_bias):
+  """A one-device MoE run whose router stands still (learning-rate scale 0) and starts with
+  routing biases `first_bias` [experts], with `bias_scale` the biases' learning-rate scale.
+  Returns (the worst layer's load max/mean at each step, layer 1's bias before each step)."""
+  config = dataclasses.replace(CONFIG, routing_bias=True)
+  mesh = sharding.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+  optimizer = optim.make_optimizer(optax.constant_schedule(1e-2), router_learning_rate_scale=0.0,
+                                   routing_bias_learning_rate_scale=bias_scale)
+  graphdef, abstract_state = steps.abstract_model(config)
+  shardings = steps.state_shardings(abstract_state, optimizer, mesh)
+  params = nnx.to_pure_dict(nnx.state(Transformer(config, rngs=nnx.Rngs(0))))
+  for layer in (1, 2):
+    params["blocks"][layer]["mlp"]["routing_bias"] = jnp.asarray(first_bias, jnp.float32)
+  state = steps.train_state_from_params(params, optimizer, shardings)
+  train_step = steps.make_train_step(graphdef, tasks.Pretrain().loss, optimizer, shardings,
+                                     sharding.batch_sharding(mesh), 1)
+  loads, biases = [], []
+  with jax.set_mesh(mesh):
+    for i in range(num_steps):
+      biases.append(np.asarray(state.params["blocks"][1]["mlp"]["routing_bias"]))
+      state, metrics = train_step(state, _batch(seed=i))
+      scalars = tasks.Pretrain().train_scalars(jax.device_get(metrics))
+      loads.append((scalars["expert_load_max_over_mean"],
+                    np.array([scalars[f"moe/layer1/expert{e}_fraction"] for e in range(8)])))
+  return loads, biases
+
+
+def test_a_routing_bias_steps_against_its_experts_load_excess_and_evens_the_load():
+  first_bias = np.array([1.5, 1.0, 0, 0, 0, 0, 0, 0])  # experts 0 and 1 start favoured
+  loads, biases = _bias_training(bias_scale=20.0, num_steps=12, first_bias=first_bias)
+  # AdamW's first step is the learning rate times the gradient's sign; vectors do not decay.
+  first_shares = loads[0][1]
+  np.testing.assert_allclose(biases[1] - biases[0],
+                             -1e-2 * 20.0 * np.sign(first_shares - first_shares.mean()),
+                             rtol=1e-2)
+  frozen, _ = _bias_training(bias_scale=0.0, num_steps=12, first_bias=first_bias)
+  last_loads = lambda run: np.mean([load for load, _ in run[-6:]])
+  assert last_loads(frozen) > 2.5  # the router does not move: the load stays skewed
+  assert last_loads(loads) < 0.65 * last_loads(frozen), (last_loads(loads), last_loads(frozen))
 
 
 def test_router_losses_join_the_loss_with_their_gin_weights():

@@ -13,6 +13,10 @@ own tokens, `all_to_all` sends each expert's slice to the devices holding that e
 second `all_to_all` brings the outputs back (the dropless path then uses a capacity no expert
 can exceed, its tokens per device).
 
+With `ModelConfig.routing_bias`, a per-expert bias added to the router's logits chooses the
+experts (not their weights), and the optimizer moves it against each expert's excess load
+(`balance_signal`): DeepSeek-V3's auxiliary-loss-free balancing.
+
 The layer records its router statistics with `sow` (`nnx.Intermediate`, name `router_stats`),
 which only a forward pass under `nnx.capture` keeps (`run_with_router_stats`); `maxlm.tasks`
 turns them into the auxiliary losses and metrics.
@@ -31,17 +35,23 @@ from maxlm.model import layers
 DISPATCHES = ("dropless", "capacity")
 
 
-def route(logits: jax.Array, experts_per_token: int,
-          renormalize: bool = True) -> tuple[jax.Array, jax.Array]:
+def route(logits: jax.Array, experts_per_token: int, renormalize: bool = True,
+          bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Softmax top-k routing. logits: [tokens, experts] float32.
 
   Returns (weights float32 [tokens, k], experts int32 [tokens, k], best first). The weights
   are the chosen experts' probabilities, renormalized to sum to 1 per token unless
   `renormalize` is False: top-1 needs the raw probability, or its weight is always 1 and the
-  router learns nothing from the task's loss.
+  router learns nothing from the task's loss. A `bias` [experts] (DeepSeek-V3's
+  auxiliary-loss-free balancing) is added to the logits to choose the experts only; the
+  weights stay the unbiased probabilities.
   """
   probs = jax.nn.softmax(logits, axis=-1)
-  top_probs, experts = jax.lax.top_k(probs, experts_per_token)
+  if bias is None:
+    top_probs, experts = jax.lax.top_k(probs, experts_per_token)
+  else:
+    _, experts = jax.lax.top_k(logits + bias, experts_per_token)
+    top_probs = jnp.take_along_axis(probs, experts, axis=-1)
   if renormalize:
     top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
   return top_probs, experts.astype(jnp.int32)
@@ -60,6 +70,23 @@ def load_balancing_loss(logits: jax.Array, experts: jax.Array) -> jax.Array:
   num_experts = logits.shape[-1]
   mean_probs = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
   return num_experts * jnp.sum(expert_fractions(experts, num_experts) * mean_probs)
+
+
+# Small enough that the routing biases' gradients barely count in the global norm that
+# clipping measures; Adam's normalized step does not see the scale.
+BALANCE_SIGNAL_SCALE = 1e-4
+
+
+def balance_signal(bias: jax.Array, experts: jax.Array) -> jax.Array:
+  """0 in value; its gradient with respect to the routing `bias` [experts] is each expert's
+  share of this pass's token copies minus the mean share, times BALANCE_SIGNAL_SCALE.
+  Added to the loss, it makes the optimizer lower an overloaded expert's bias and raise an
+  idle one's, the load-driven update of DeepSeek-V3's auxiliary-loss-free balancing (there a
+  fixed step against the excess's sign; here AdamW's step, which is close to that).
+  experts: int [tokens, k]."""
+  fractions = expert_fractions(experts, bias.shape[0])
+  excess = jax.lax.stop_gradient(fractions - jnp.mean(fractions))
+  return BALANCE_SIGNAL_SCALE * jnp.sum(excess * (bias - jax.lax.stop_gradient(bias)))
 
 
 def router_z_loss(logits: jax.Array) -> jax.Array:
@@ -197,6 +224,8 @@ class MoE(nnx.Module):
     self.config = c
     experts, dim, hidden = c.num_experts, c.embed_dim, c.expert_mlp_dim
     self.router = _expert_param(rngs, (dim, experts), ("embed", None), dim)
+    if c.routing_bias:
+      self.routing_bias = nnx.Param(jnp.zeros((experts,), jnp.float32), logical_axes=(None,))
     self.gate = _expert_param(rngs, (experts, dim, hidden), ("expert", "embed", "mlp"), dim)
     self.up = _expert_param(rngs, (experts, dim, hidden), ("expert", "embed", "mlp"), dim)
     self.down = _expert_param(rngs, (experts, hidden, dim), ("expert", "mlp", "embed"),
@@ -207,7 +236,8 @@ class MoE(nnx.Module):
     c = self.config
     tokens = x.reshape(-1, x.shape[-1])
     logits = layers.dense(tokens.astype(jnp.float32), self.router[...])
-    weights, experts = route(logits, c.experts_per_token, c.renormalize_routing)
+    bias = self.routing_bias[...] if c.routing_bias else None
+    weights, experts = route(logits, c.experts_per_token, c.renormalize_routing, bias)
     gate, up, down = (kernel[...].astype(x.dtype) for kernel in (self.gate, self.up, self.down))
     factor = c.capacity_factor if c.moe_dispatch == "capacity" else None
     token_axes = _expert_token_axes(tokens.shape, c.num_experts)
@@ -219,14 +249,15 @@ class MoE(nnx.Module):
       capacity = capacity_of(tokens.shape[0], c.experts_per_token, c.num_experts, factor)
       out = with_capacity(tokens, weights, experts, gate, up, down, capacity)
     self.sow(nnx.Intermediate, "router_stats",
-             router_stats(logits, experts, factor, token_axes), capture_noop=True)
+             router_stats(logits, experts, factor, token_axes, bias), capture_noop=True)
     return out.reshape(x.shape)
 
 
 def router_stats(logits: jax.Array, experts: jax.Array, factor: float | None,
-                 token_axes) -> dict[str, jax.Array]:
+                 token_axes, bias: jax.Array | None = None) -> dict[str, jax.Array]:
   """One layer's unweighted auxiliary losses, per-expert shares and the share of token copies
-  the capacity dispatch drops (0 for dropless), all float32."""
+  the capacity dispatch drops (0 for dropless), all float32; with a routing `bias`, its
+  `balance_signal` too."""
   num_experts, k = logits.shape[-1], experts.shape[1]
   if factor is None:
     dropped = jnp.float32(0)
@@ -237,10 +268,13 @@ def router_stats(logits: jax.Array, experts: jax.Array, factor: float | None,
     capacity = capacity_of(local.shape[1], k, num_experts, factor)
     places = jax.vmap(lambda e: slots(e, num_experts))(local)
     dropped = jnp.mean((places >= capacity).astype(jnp.float32))
-  return {"load_balancing_loss": load_balancing_loss(logits, experts),
-          "router_z_loss": router_z_loss(logits),
-          "expert_fractions": expert_fractions(experts, num_experts),
-          "dropped_fraction": dropped}
+  stats = {"load_balancing_loss": load_balancing_loss(logits, experts),
+           "router_z_loss": router_z_loss(logits),
+           "expert_fractions": expert_fractions(experts, num_experts),
+           "dropped_fraction": dropped}
+  if bias is not None:
+    stats["balance_signal"] = balance_signal(bias, experts)
+  return stats
 
 
 def _expert_token_axes(shape: tuple[int, ...], num_experts: int):

@@ -68,6 +68,9 @@ class ModelConfig:
   moe_dispatch: str = "dropless"  # "dropless" (grouped matmul) or "capacity" (drops overflow)
   capacity_factor: float = 1.25   # "capacity": an expert takes this times an even share
   renormalize_routing: bool = True  # chosen experts' weights sum to 1; False: raw softmax
+  # A per-expert bias on the router's logits that only chooses the experts, moved toward even
+  # load by the optimizer (moe.balance_signal): DeepSeek-V3's auxiliary-loss-free balancing.
+  routing_bias: bool = False
 
   def __post_init__(self):
     if isinstance(self.vision, dict):  # as a checkpoint's JSON holds it
@@ -113,6 +116,10 @@ class ModelConfig:
   @property
   def expert_mlp_dim(self) -> int:
     return self.mlp_dim if self.moe_mlp_dim is None else self.moe_mlp_dim
+
+  @property
+  def num_moe_layers(self) -> int:
+    return sum(self.is_moe_layer(layer) for layer in range(self.num_layers))
 
   def is_moe_layer(self, layer: int) -> bool:
     """Layers 0..first_dense_layers-1 are dense; after them every moe_every-th layer, counted
@@ -396,9 +403,10 @@ def language_model_params(config: ModelConfig, active: bool = False) -> int:
   """`count_params` of the decoder alone: what every token's FLOPs come from."""
   c = config
   attention = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-  moe_layers = sum(c.is_moe_layer(layer) for layer in range(c.num_layers))
+  moe_layers = c.num_moe_layers
   experts = (c.experts_per_token if active else c.num_experts) + c.num_shared_experts
-  moe_mlp = c.embed_dim * c.num_experts + 3 * c.embed_dim * c.expert_mlp_dim * experts
+  router = (c.embed_dim + c.routing_bias) * c.num_experts
+  moe_mlp = router + 3 * c.embed_dim * c.expert_mlp_dim * experts
   mlps = (c.num_layers - moe_layers) * 3 * c.embed_dim * c.mlp_dim + moe_layers * moe_mlp
   per_layer = attention + 2 * c.embed_dim
   embeddings = c.vocab_size * c.embed_dim * (1 if c.tie_embeddings else 2)
@@ -412,6 +420,7 @@ def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
   once per image, not per token, so a vision run's MFU leaves its FLOPs out."""
   c = config
   matmul_params = (language_model_params(c, active=True)
-                   - c.vocab_size * c.embed_dim * (0 if c.tie_embeddings else 1))
+                   - c.vocab_size * c.embed_dim * (0 if c.tie_embeddings else 1)
+                   - c.routing_bias * c.num_experts * c.num_moe_layers)
   attention = 6 * c.num_layers * c.num_heads * c.head_dim * seq_len  # 2 matmuls, half masked
   return 6.0 * matmul_params + attention
