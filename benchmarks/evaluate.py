@@ -41,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import machine_load  # noqa: E402
 from maxlm.evals import multiple_choice, scoring  # noqa: E402
 from serving.engine import Engine  # noqa: E402
 from serving.scoring import scoring_graphdef  # noqa: E402
@@ -235,6 +236,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--hf_batches", default="8,16,32,64",
                       help="transformers batch sizes tried for its best row")
   args = parser.parse_args(argv)
+  machine = machine_load.load_before_run()
   engine = Engine.from_checkpoint(args.checkpoint_dir, slots=1)
   pairs = encoded(engine, ITEM_KINDS[args.item_kind](args.items))
   local_s, local = best_seconds(in_process(engine, pairs, args.batch), args.rounds)
@@ -270,7 +272,8 @@ def main(argv=None) -> dict:
                 difference(served, local), difference(served_concurrently, local)),
             "max_loglikelihood_difference_hf_vs_in_process":
                 max(difference(hf_, local) for _, hf_ in hf_seconds.values())
-                if hf_seconds else None}
+                if hf_seconds else None,
+            "machine_before_run": machine}
   rows = [("server", "server_items_per_s"),
           (f"server x{args.concurrent}", "server_concurrent_items_per_s"),
           ("in_process", "in_process_items_per_s"), ("hf", "hf_items_per_s"),

@@ -42,6 +42,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks import machine_load
 from maxlm.model import vit
 from serving.chat import IMAGE_TOKEN, chat_prompt
 from serving.engine import Engine, SamplingSettings
@@ -298,6 +299,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--vit_seconds", type=float, default=2.0)
   parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
   args = parser.parse_args(argv)
+  machine = machine_load.load_before_run()
   engine = Engine.from_checkpoint(args.run_dir, slots=args.slots)
   if engine.image_size is None:
     raise SystemExit(f"{args.run_dir} has no vision tower; train one with "
@@ -334,12 +336,13 @@ def main(argv=None) -> dict:
           "shapes": matmuls["shapes"],
           **{side: [round(statistics.median(rates), 1) for rates in zip(*matmuls[side])]
              for side in ("ours", "torch")}},
+      "machine_before_run": machine,
       "rounds": {"alone": [round(r, 1) for r in alone], "beside": [round(r, 1) for r in beside],
                  "vit": [round(r, 1) for r in ours],
                  "timm": theirs and [round(r, 1) for r in theirs]}}
   print("| measure | value |\n|---|---|")
   for name, value in result.items():
-    if name not in ("run_dir", "rounds", "matmul_gflops"):
+    if name not in ("run_dir", "rounds", "matmul_gflops", "machine_before_run"):
       print(f"| {name} | {value} |")
   if args.json:
     print(json.dumps(result))

@@ -1,10 +1,11 @@
-"""benchmarks/vision.py's FLOP accounting: timm's ViT is widened to our FLOPs per image."""
+"""benchmarks/vision.py's FLOP accounting (timm's ViT is widened to our FLOPs per image), its
+matmul rates, and the busy-machine warning before ratios against PyTorch."""
 
 import jax
 import numpy as np
 from flax import nnx
 
-from benchmarks import vision
+from benchmarks import machine_load, vision
 from maxlm.model.vit import VisionConfig, VisionEncoder
 
 CONFIG = VisionConfig(image_size=16, patch_size=4, num_layers=2, embed_dim=32, num_heads=4,
@@ -69,3 +70,13 @@ def test_the_matmul_rates_go_both_ways_in_alternating_rounds_and_their_ratio_is_
   assert all(len(rates) == 4 and min(rates) > 0 for rates in matmuls["ours"])
   made_up = {"ours": [[20.0, 5.0], [40.0, 40.0], [1.0, 4.0]], "torch": [[10.0, 10.0]] * 3}
   assert np.isclose(vision.matmul_ratio(made_up), 1.0)  # per round 1.0, 4.0, 0.2
+
+
+def test_a_busy_machine_is_named_before_the_ratios_against_pytorch(monkeypatch, capsys):
+  monkeypatch.setattr(machine_load.os, "cpu_count", lambda: 2)
+  monkeypatch.setattr(machine_load.os, "getloadavg", lambda: (1.9, 1.0, 0.5))
+  assert machine_load.load_before_run() == {"load_average": 1.9, "cpus": 2, "busy": True}
+  assert "load average is 1.90 on 2 cores" in capsys.readouterr().err
+  monkeypatch.setattr(machine_load.os, "getloadavg", lambda: (0.3, 1.0, 0.5))
+  assert machine_load.load_before_run()["busy"] is False
+  assert capsys.readouterr().err == ""
