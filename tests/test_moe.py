@@ -291,11 +291,16 @@ def _train(config, mesh_shape, num_steps=2, microbatches=1):
   return losses, metrics, state, hlo
 
 
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.parametrize("dispatch, routing_bias", [("dropless", False), ("capacity", False),
+                                                   ("capacity", True)])
 @pytest.mark.parametrize("mesh_shape", [(1, 2, 1, 4), (2, 2, 1, 2)])
-def test_an_moe_layer_on_an_expert_mesh_matches_one_device(mesh_shape, dispatch):
-  config = dataclasses.replace(CONFIG, moe_dispatch=dispatch, capacity_factor=4.0)  # no drops
+def test_an_moe_layer_on_an_expert_mesh_matches_one_device(mesh_shape, dispatch, routing_bias):
+  config = dataclasses.replace(CONFIG, moe_dispatch=dispatch, capacity_factor=4.0,  # no drops
+                               routing_bias=routing_bias)
   graphdef, params = nnx.split(moe.MoE(config, nnx.Rngs(0)))
+  if routing_bias:
+    params["routing_bias"].set_value(
+        jnp.asarray(np.random.default_rng(2).normal(size=config.num_experts), jnp.float32))
   x = jnp.asarray(np.random.default_rng(8).normal(size=(8, 16, config.embed_dim)), jnp.float32)
 
   def loss(params, x):
