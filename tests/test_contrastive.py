@@ -34,8 +34,9 @@ def np_siglip(image_features, text_features, heads, captions):
   caption as a tuple of token ids, or None for a padding row."""
   def unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
-  images = unit(image_features.astype(np.float64) @ heads["image"].astype(np.float64))
-  texts = unit(text_features.astype(np.float64) @ heads["text"].astype(np.float64))
+  # np.asarray first: a JAX array's astype(float64) stays float32 without jax_enable_x64.
+  images = unit(np.asarray(image_features, np.float64) @ np.asarray(heads["image"], np.float64))
+  texts = unit(np.asarray(text_features, np.float64) @ np.asarray(heads["text"], np.float64))
   logits = np.exp(float(heads["log_scale"])) * images @ texts.T + float(heads["bias"])
   real = [c is not None for c in captions]
   loss, hits = 0.0, 0
