@@ -11,7 +11,9 @@ graphdef, shardings and mesh, and the run's starting parameters on demand, for a
 needs a frozen reference model (DPO). A task without such needs returns itself.
 """
 
+import collections
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Protocol
 
@@ -88,6 +90,37 @@ def router_scalars(metrics: dict) -> dict[str, float]:
     return max(value for name, value in scalars.items() if name.endswith(suffix))
   return {**scalars, "expert_load_max_over_mean": worst("/load_max_over_mean"),
           "dropped_token_fraction": worst("/dropped_fraction")}
+
+
+EXPERT_SHARE = re.compile(r"moe/(layer\d+)/expert\d+_fraction")
+
+
+class RouterLoadWindow:
+  """Each MoE layer's expert shares, averaged over the steps added since the last `pop`: what
+  one logging interval routed, where one step's share leans on its batch's few documents."""
+
+  def __init__(self):
+    self._sums: dict[str, float] = {}  # each expert's shares summed over the window's steps
+
+  def add(self, scalars: dict[str, float]) -> None:
+    """One train step's scalars (`router_scalars`'); a dense model's add nothing."""
+    for name, value in scalars.items():
+      if EXPERT_SHARE.fullmatch(name):
+        self._sums[name] = self._sums.get(name, 0.0) + value
+
+  def pop(self) -> dict[str, float]:
+    """`moe/layer{i}/window_load_max_over_mean` (the most loaded expert's mean share over the
+    mean expert's) for each layer and the worst as `expert_load_max_over_mean_window`, over
+    the steps added since the last call, which starts the next window; {} when none were."""
+    by_layer = collections.defaultdict(list)
+    for name, total in self._sums.items():
+      by_layer[EXPERT_SHARE.fullmatch(name).group(1)].append(total)
+    window = {f"moe/{layer}/window_load_max_over_mean": max(totals) * len(totals) / sum(totals)
+              for layer, totals in by_layer.items()}
+    if window:
+      window["expert_load_max_over_mean_window"] = max(window.values())
+    self._sums = {}
+    return window
 
 
 @dataclasses.dataclass(frozen=True)

@@ -225,6 +225,7 @@ def train(workdir: str, data_dir: str | Callable[[], str] | None = None,
        f" | {tokens_per_step:,} tokens/step | steps {first_step} -> {steps}")
   last_eval = None
   bad_in_a_row, skipped_total = 0, 0
+  router_window = tasks.RouterLoadWindow()
   with (jax.set_mesh(mesh), _sigterm_requests_stop() as preempted,
         _pending_save_finishes_on_user_error(checkpointer)):
     for step in range(first_step + 1, steps + 1):
@@ -244,6 +245,9 @@ def train(workdir: str, data_dir: str | Callable[[], str] | None = None,
       if peak_flops:
         scalars["mfu"] = scalars["model_flops_per_s"] / peak_flops
       scalars.update(task.train_scalars(step_metrics))
+      router_window.add(scalars)
+      if step % log_every == 0:
+        scalars.update(router_window.pop())
       if int(step_metrics["skipped"]):
         bad_in_a_row, skipped_total = bad_in_a_row + 1, skipped_total + 1
         scalars["skipped_steps"] = skipped_total

@@ -26,6 +26,7 @@ from maxlm.model import (
 from serving.engine import Engine, SamplingSettings
 from serving.orchestrator import Orchestrator
 from test_serving import CONTEXT, save_random_checkpoint, train_tokenizer
+from conftest import TINY_RUN, gin_config
 from test_train import _metrics, _run_until_step, _train_process
 
 CONFIG = ModelConfig(vocab_size=128, num_layers=3, embed_dim=32, num_heads=4, num_kv_heads=2,
@@ -520,3 +521,38 @@ def test_a_killed_moe_run_reruns_to_the_same_losses(data_dir, tmp_path):
     assert 0.0 <= row["dropped_token_fraction"] < 1.0
     np.testing.assert_allclose(sum(row[f"moe/layer0/expert{e}_fraction"] for e in range(8)), 1.0,
                                rtol=1e-5)
+
+
+def test_the_load_window_averages_each_experts_share_over_the_logging_interval():
+  rng = np.random.default_rng(6)
+  steps = [rng.dirichlet(np.ones(4), size=2) for _ in range(3)]  # [layer, expert] each step
+  window = tasks.RouterLoadWindow()
+  for shares in steps:
+    window.add({**{f"moe/layer{layer + 1}/expert{e}_fraction": float(shares[layer, e])
+                   for layer in range(2) for e in range(4)},
+                "moe/layer1/dropped_fraction": 0.5, "loss": 3.0})
+  got = window.pop()
+  mean = np.mean(steps, axis=0)  # [layer, expert]
+  want = {f"moe/layer{layer + 1}/window_load_max_over_mean": mean[layer].max() / mean[layer].mean()
+          for layer in range(2)}
+  assert got.keys() == {*want, "expert_load_max_over_mean_window"}
+  for name, value in want.items():
+    np.testing.assert_allclose(got[name], value, rtol=1e-6)
+  np.testing.assert_allclose(got["expert_load_max_over_mean_window"], max(want.values()))
+  assert window.pop() == {}  # the next window starts empty
+  window.add({"loss": 3.0})  # a dense model's scalars
+  assert window.pop() == {}
+
+
+def test_the_loop_logs_the_load_window_every_log_every_steps(data_dir, tmp_path):
+  from maxlm import train as train_module  # noqa: PLC0415
+  with gin_config(TINY_RUN + "\nModelConfig.num_experts = 4\nModelConfig.moe_mlp_dim = 16\n"):
+    train_module.train(workdir=str(tmp_path), data_dir=data_dir, steps=4, sample_prompt=None)
+  rows = _metrics(tmp_path)
+  assert [("expert_load_max_over_mean_window" in row) for row in rows] == [False, True] * 2
+  for end in (2, 4):
+    window = rows[end - 2:end]
+    mean = np.mean([[row[f"moe/layer0/expert{e}_fraction"] for e in range(4)] for row in window],
+                   axis=0)
+    np.testing.assert_allclose(rows[end - 1]["moe/layer0/window_load_max_over_mean"],
+                               mean.max() / mean.mean(), rtol=1e-6)
