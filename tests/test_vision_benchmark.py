@@ -73,10 +73,11 @@ def test_the_matmul_rates_go_both_ways_in_alternating_rounds_and_their_ratio_is_
 
 
 def test_a_busy_machine_is_named_before_the_ratios_against_pytorch(monkeypatch, capsys):
-  monkeypatch.setattr(machine_load.os, "cpu_count", lambda: 2)
-  monkeypatch.setattr(machine_load.os, "getloadavg", lambda: (1.9, 1.0, 0.5))
-  assert machine_load.load_before_run() == {"load_average": 1.9, "cpus": 2, "busy": True}
-  assert "load average is 1.90 on 2 cores" in capsys.readouterr().err
-  monkeypatch.setattr(machine_load.os, "getloadavg", lambda: (0.3, 1.0, 0.5))
+  monkeypatch.setattr(machine_load.psutil, "cpu_count", lambda: 2)
+  monkeypatch.setattr(machine_load.psutil, "cpu_percent", lambda interval: 93.5)
+  assert machine_load.load_before_run() == {"cpu_busy_percent": 93.5, "cpus": 2, "busy": True}
+  assert "the CPUs are 94% busy before the run (2 cores)" in capsys.readouterr().err
+  monkeypatch.setattr(machine_load.psutil, "cpu_percent", lambda interval: 4.0)
   assert machine_load.load_before_run()["busy"] is False
   assert capsys.readouterr().err == ""
+
