@@ -116,7 +116,7 @@ def test_a_routing_bias_chooses_the_experts_and_leaves_their_weights_unbiased():
 def test_the_balance_signal_is_zero_with_the_load_excess_as_its_gradient():
   experts = jnp.asarray(np.random.default_rng(4).integers(0, 6, (40, 2)), jnp.int32)
   bias = jnp.asarray(np.random.default_rng(5).normal(size=6), jnp.float32)
-  value, grad = jax.value_and_grad(moe.balance_signal)(bias, experts)
+  value, grad = jax.value_and_grad(moe.balance_signal)(bias, moe.expert_fractions(experts, 6))
   shares = np.bincount(np.asarray(experts).reshape(-1), minlength=6) / 80
   assert value == 0.0
   np.testing.assert_allclose(grad, moe.BALANCE_SIGNAL_SCALE * (shares - 1 / 6), rtol=1e-5)

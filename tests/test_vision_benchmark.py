@@ -80,4 +80,3 @@ def test_a_busy_machine_is_named_before_the_ratios_against_pytorch(monkeypatch, 
   monkeypatch.setattr(machine_load.psutil, "cpu_percent", lambda interval: 4.0)
   assert machine_load.load_before_run()["busy"] is False
   assert capsys.readouterr().err == ""
-

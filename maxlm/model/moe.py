@@ -77,14 +77,13 @@ def load_balancing_loss(logits: jax.Array, experts: jax.Array) -> jax.Array:
 BALANCE_SIGNAL_SCALE = 1e-4
 
 
-def balance_signal(bias: jax.Array, experts: jax.Array) -> jax.Array:
+def balance_signal(bias: jax.Array, fractions: jax.Array) -> jax.Array:
   """0 in value; its gradient with respect to the routing `bias` [experts] is each expert's
-  share of this pass's token copies minus the mean share, times BALANCE_SIGNAL_SCALE.
-  Added to the loss, it makes the optimizer lower an overloaded expert's bias and raise an
-  idle one's, the load-driven update of DeepSeek-V3's auxiliary-loss-free balancing (there a
-  fixed step against the excess's sign; here AdamW's step, which is close to that).
-  experts: int [tokens, k]."""
-  fractions = expert_fractions(experts, bias.shape[0])
+  share of this pass's token copies (`fractions`, as `expert_fractions` gives them) minus the
+  mean share, times BALANCE_SIGNAL_SCALE. Added to the loss, it makes the optimizer lower an
+  overloaded expert's bias and raise an idle one's, the load-driven update of DeepSeek-V3's
+  auxiliary-loss-free balancing (there a fixed step against the excess's sign; here AdamW's
+  step, which is close to that)."""
   excess = jax.lax.stop_gradient(fractions - jnp.mean(fractions))
   return BALANCE_SIGNAL_SCALE * jnp.sum(excess * (bias - jax.lax.stop_gradient(bias)))
 
@@ -268,12 +267,13 @@ def router_stats(logits: jax.Array, experts: jax.Array, factor: float | None,
     capacity = capacity_of(local.shape[1], k, num_experts, factor)
     places = jax.vmap(lambda e: slots(e, num_experts))(local)
     dropped = jnp.mean((places >= capacity).astype(jnp.float32))
+  fractions = expert_fractions(experts, num_experts)
   stats = {"load_balancing_loss": load_balancing_loss(logits, experts),
            "router_z_loss": router_z_loss(logits),
-           "expert_fractions": expert_fractions(experts, num_experts),
+           "expert_fractions": fractions,
            "dropped_fraction": dropped}
   if bias is not None:
-    stats["balance_signal"] = balance_signal(bias, experts)
+    stats["balance_signal"] = balance_signal(bias, fractions)
   return stats
 
 
