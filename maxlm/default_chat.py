@@ -283,6 +283,7 @@ def build(built: Path, tokenizer_dir: str, seq_len: int, sizes: Sizes,
           items: list[Item] | None) -> None:
   print(f"building the default instruction and preference sets into {built} (once)",
         flush=True)
+  user_cache.report_other_builds(built)
   partial = built.with_name(built.name + ".partial")
   shutil.rmtree(partial, ignore_errors=True)
   paths = write_default_sets(partial, stdlib_items() if items is None else items, sizes)

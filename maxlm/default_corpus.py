@@ -59,6 +59,7 @@ def ensure_default_corpus(vocab_size: int = 4096, seq_len: int = 256,
     return str(data_dir)
   print(f"no data configured: building the Python {version} standard library corpus into "
         f"{data_dir} (once)", flush=True)
+  user_cache.report_other_builds(data_dir)
   partial = data_dir.with_name(data_dir.name + ".partial")
   shutil.rmtree(partial, ignore_errors=True)
   partial.mkdir(parents=True)

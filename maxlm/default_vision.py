@@ -138,6 +138,7 @@ def ensure_default_vision(tokenizer_dir: str | None = None, image_size: int = 32
                   f"-s{seq_len}-n{sum(sizes)}-r{RECIPE}")
   if not (built / "data" / MANIFEST_NAME).exists():
     print(f"building the default image-text set into {built} (once)", flush=True)
+    user_cache.report_other_builds(built)
     partial = built.with_name(built.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     paths = write_default_set(partial, sizes)

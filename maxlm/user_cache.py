@@ -10,3 +10,30 @@ def cache_root() -> Path:
   if os.environ.get("MAXLM_CACHE"):
     return Path(os.environ["MAXLM_CACHE"])
   return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maxlm"
+
+
+def other_builds(built: Path) -> list[Path]:
+  """The finished builds beside `built` whose names start as its does up to the first '-'
+  (`stdlib-`, `chat-`, `vision-`): other settings, or recipes and tokenizers of older versions
+  that no newer run reads again."""
+  kind = built.name.split("-", 1)[0] + "-"
+  if not built.parent.is_dir():
+    return []
+  return sorted(path for path in built.parent.iterdir()
+                if path.is_dir() and path.name.startswith(kind) and path != built
+                and not path.name.endswith(".partial"))
+
+
+def tree_bytes(path: Path) -> int:
+  return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
+def report_other_builds(built: Path) -> None:
+  """Says, while `built` is being built, which builds of its kind the cache already holds and
+  their size: nothing removes them, as another maxlm version may still read them."""
+  others = other_builds(built)
+  if others:
+    mib = sum(map(tree_bytes, others)) / 2**20
+    print(f"the cache also holds {len(others)} other build(s) of this kind ({mib:.1f} MiB), "
+          f"which this run does not read; delete them if no other maxlm version uses them: "
+          + " ".join(str(path) for path in others), flush=True)

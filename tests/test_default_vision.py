@@ -41,10 +41,15 @@ def test_the_jsonl_holds_chat_rows_and_training_captions(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_default_set_prepares_every_row_with_the_default_corpus_tokenizer(tmp_path):
+def test_the_default_set_prepares_every_row_with_the_default_corpus_tokenizer(tmp_path, capsys):
+  older = tmp_path / "vision-t000000000000-i32-p8-s64-n42-r0"
+  older.mkdir()
+  (older / "records").write_bytes(bytes(3 * 2**19))
   data = default_vision.ensure_default_vision(cache_dir=str(tmp_path), sizes=Sizes(30, 12))
   manifest = json.loads((tmp_path / data / records.MANIFEST_NAME).read_text())
   assert manifest["report"]["dead_letters"] == 0
+  assert "1 other build(s) of this kind (1.5 MiB)" in capsys.readouterr().out
+  assert older.exists()
 
 
 @pytest.mark.parametrize("gin_file,source", [("vision_tiny_projector.gin", "tiny.gin"),
