@@ -9,11 +9,12 @@ The items (`--item_kind`) come from the stdlib's `textwrap` source: `lines`, a c
 passage, four options lettered A-D, one-token answers); `endings`, HellaSwag's shape (three
 lines, four endings of up to 60 characters). lm-eval sends an item's choices in one request
 only when they are as long, as `lettered`'s are, so only there does the server compute a
-context once for its choices. Each side scores the same token ids (tokenizing is left out of every timing): the
-server gets lm-eval's `local-completions` request (echo, logprobs=1, max_tokens=1, `--batch`
-token-id prompts per request, in lm-eval's order: longest first) from one client, which the
-server packs into one forward, computing prompts' shared prefixes once (`serving.scoring`); the server runs with `--engine_cpus=all`, as the other two use every core
-(a scoring request's HTTP work is small beside its forward); in process,
+context once for its choices. Each side scores the same token ids (tokenizing is left out of
+every timing): the server gets lm-eval's `local-completions` request (echo, logprobs=1,
+max_tokens=1, `--batch` token-id prompts per request, in lm-eval's order: longest first) from
+one client, which the server packs into one forward, computing prompts' shared prefixes once
+(`serving.scoring`); the server runs with `--engine_cpus=all`, as the other two use every
+core (a scoring request's HTTP work is small beside its forward); in process,
 `maxlm.evals.scoring.score` batches `--batch` rows per forward pass, each row a group of
 sequences that begin alike (an item's choices: its context once); transformers runs
 `LlamaForCausalLM` with the same weights (benchmarks/hf_llama.py) on right-padded batches of
@@ -208,7 +209,8 @@ def with_transformers(engine: Engine, pairs):
 def start_server(checkpoint_dir: str, port: int, engine_cpus: str) -> subprocess.Popen:
   process = subprocess.Popen([sys.executable, "-m", "serving.server",
                               f"--checkpoint_dir={checkpoint_dir}", f"--port={port}",
-                              "--model_name=bench", f"--engine_cpus={engine_cpus}"], cwd=Path(__file__).resolve().parents[1],
+                              "--model_name=bench", f"--engine_cpus={engine_cpus}"],
+                             cwd=Path(__file__).resolve().parents[1],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.monotonic() + 300
   while time.monotonic() < deadline:
