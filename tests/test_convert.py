@@ -16,6 +16,7 @@ from maxlm import checkpoint, steps
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.convert import from_hf, hf_llama, safetensors_file, to_hf
 from maxlm.errors import UserError
+from maxlm.model import vit
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -164,6 +165,27 @@ def test_export_then_import_is_the_identity_across_several_shards(tmp_path):
   after, _ = run_params(tmp_path / "again")
   for (path, a), (_, b) in zip(to_hf._leaves(before), to_hf._leaves(after)):
     np.testing.assert_array_equal(a, b, err_msg=str(path))
+
+
+def test_an_moe_run_is_refused_in_one_line_before_anything_is_written(tmp_path):
+  make_hf_dir(tmp_path / "hf", "gqa_untied")
+  from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  step, _ = checkpoint.read_meta(tmp_path / "run")
+  metadata = tmp_path / "run" / checkpoint.CHECKPOINTS / str(step) / "meta" / "metadata"
+  meta = json.loads(metadata.read_text())
+  meta["model_config"].update(num_experts=4, experts_per_token=2, moe_mlp_dim=16)
+  metadata.write_text(json.dumps(meta))
+  with pytest.raises(UserError, match=r"cannot be exported as a Hugging Face Llama: it has "
+                                      r"mixture-of-experts layers \(num_experts=4\)"):
+    to_hf.export(tmp_path / "run", tmp_path / "exported")
+  assert not (tmp_path / "exported").exists()
+
+
+def test_a_vision_model_has_no_llama_layout_and_a_text_model_has_one():
+  text = hf_llama.model_config({**BASE, "model_type": "llama", "hidden_act": "silu"})
+  assert hf_llama.unexportable(text) is None
+  vision = dataclasses.replace(text, vision=vit.VisionConfig())
+  assert "vision tower" in hf_llama.unexportable(vision)
 
 
 def test_transformers_loads_the_export_and_gives_the_same_logits(tmp_path):

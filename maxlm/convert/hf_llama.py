@@ -106,6 +106,16 @@ def hf_config(config: ModelConfig, dtype: str, bos_id: int, eos_id: int) -> dict
   return hf
 
 
+def unexportable(config: ModelConfig) -> str | None:
+  """Why `config`'s model has no `LlamaForCausalLM` layout, or None when it has one."""
+  if config.num_experts:
+    return (f"it has mixture-of-experts layers (num_experts={config.num_experts}), and "
+            "Hugging Face's Llama has a dense MLP in every layer")
+  if config.vision is not None:
+    return "it has a vision tower and projector, and Hugging Face's Llama takes text only"
+  return None
+
+
 def hf_name(path: tuple) -> str:
   """The Hugging Face tensor name of a maxlm parameter path (`("blocks", 0, "attention",
   "q")`); a LoRA factor's is PEFT's."""

@@ -184,6 +184,8 @@ def export(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
   run_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
   step, meta = checkpoint.read_meta(run_dir, step)
   config = checkpoint.config_from_meta(meta)
+  if reason := hf_llama.unexportable(config):
+    raise UserError(f"{run_dir} cannot be exported as a Hugging Face Llama: {reason}")
   dtype = dtype or (config.dtype if config.dtype in DTYPES else "float32")
   if dtype not in DTYPES:
     raise UserError(f"--dtype={dtype}; choose one of {', '.join(DTYPES)}")
