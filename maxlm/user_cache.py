@@ -30,10 +30,10 @@ def tree_bytes(path: Path) -> int:
 
 def report_other_builds(built: Path) -> None:
   """Says, while `built` is being built, which builds of its kind the cache already holds and
-  their size: nothing removes them, as another maxlm version may still read them."""
+  their size: nothing removes them, as another config or maxlm version may still read them."""
   others = other_builds(built)
   if others:
     mib = sum(map(tree_bytes, others)) / 2**20
     print(f"the cache also holds {len(others)} other build(s) of this kind ({mib:.1f} MiB), "
-          f"which this run does not read; delete them if no other maxlm version uses them: "
+          f"which this run does not read; delete those no other config or maxlm version uses: "
           + " ".join(str(path) for path in others), flush=True)
