@@ -18,8 +18,21 @@ from pathlib import Path
 
 import pytest
 
-# Eight fake CPU devices for the sharding tests; must be set before JAX initializes.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Tests compile hundreds of small programs and run each a few times, so XLA's CPU backend would
+# spend much of the run optimizing machine code with LLVM that gains nothing at these sizes: these
+# flags cut the suite from 21 to 14.6 minutes on an AVX2 host. The programs compute the same
+# operations in the same order (no fast-math), only less optimized.
+QUICK_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(devices: int) -> str:
+  return f"--xla_force_host_platform_device_count={devices} {QUICK_COMPILE_FLAGS}"
+
+
+# Eight fake CPU devices for the sharding tests (the README's command sets the same count); must
+# be set before JAX initializes.
+os.environ["XLA_FLAGS"] = (f"{os.environ['XLA_FLAGS']} {QUICK_COMPILE_FLAGS}"
+                           if "XLA_FLAGS" in os.environ else xla_flags(8))
 
 # The tiny model on a 2x2x2 mesh, as gin lines (a subprocess gets them as --gin_param flags).
 TINY_MODEL = """
@@ -77,7 +90,7 @@ def train_subprocess(workdir, data_dir, bindings: list[str], *flags: str,
   CPU devices, its output merged into one text pipe."""
   command = [sys.executable, "-m", "maxlm.train", f"--workdir={workdir}",
              f"--data_dir={data_dir}", *[f"--gin_param={line}" for line in bindings], *flags]
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+  env = {**os.environ, "XLA_FLAGS": xla_flags(devices),
          "PYTHONFAULTHANDLER": "1"}  # a SIGABRT (`outputs_within`) prints every thread's stack
   return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=env, cwd=Path(__file__).parent.parent)
