@@ -181,6 +181,25 @@ def test_an_moe_run_is_refused_in_one_line_before_anything_is_written(tmp_path):
   assert not (tmp_path / "exported").exists()
 
 
+def test_an_export_that_fails_midway_leaves_the_output_dir_as_it_was(tmp_path, monkeypatch):
+  make_hf_dir(tmp_path / "hf", "gqa_untied")
+  from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  exported = tmp_path / "exported"
+  to_hf.export(tmp_path / "run", exported, max_shard_bytes=40_000)
+  before = {path.name: path.read_bytes() for path in exported.iterdir()}
+  write = safetensors_file.write
+  def disk_full_at_the_second_shard(path, *args, **kwargs):
+    if "-00002-of-" in path.name:
+      raise OSError(28, "No space left on device")
+    return write(path, *args, **kwargs)
+  monkeypatch.setattr(safetensors_file, "write", disk_full_at_the_second_shard)
+  for output_dir in (exported, tmp_path / "new"):
+    with pytest.raises(OSError, match="No space left"):
+      to_hf.export(tmp_path / "run", output_dir, max_shard_bytes=40_000, dtype="bfloat16")
+  assert {path.name: path.read_bytes() for path in exported.iterdir()} == before
+  assert sorted(path.name for path in tmp_path.iterdir()) == ["exported", "hf", "run"]
+
+
 def test_a_vision_model_has_no_llama_layout_and_a_text_model_has_one():
   text = hf_llama.model_config({**BASE, "model_type": "llama", "hidden_act": "silu"})
   assert hf_llama.unexportable(text) is None

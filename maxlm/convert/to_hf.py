@@ -193,17 +193,35 @@ def export(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
   if not tokenizer_file.is_file():
     raise UserError(f"{run_dir} has no tokenizer.model or tokenizer.json; copy the one it "
                     "was trained with there")
-  output_dir.mkdir(parents=True, exist_ok=True)
   merged = dataclasses.replace(config, lora_rank=0)
-  bos_id, eos_id = write_tokenizer(output_dir, tokenizer_file, config.max_seq_len)
-  (output_dir / "config.json").write_text(json.dumps(
-      hf_llama.hf_config(merged, dtype, bos_id, eos_id), indent=2))
-  read = LayerReader(run_dir, config, step, merge=True)
-  write_model(output_dir, read, DTYPES[dtype], max_shard_bytes)
-  if config.lora_rank:
-    write_adapter(output_dir / ADAPTER_DIR, LayerReader(run_dir, config, step, merge=False),
-                  DTYPES[dtype], meta.get("init_from"))
+  staging = output_dir.resolve().with_name(output_dir.resolve().name + ".partial")
+  shutil.rmtree(staging, ignore_errors=True)
+  staging.mkdir(parents=True)
+  try:
+    bos_id, eos_id = write_tokenizer(staging, tokenizer_file, config.max_seq_len)
+    (staging / "config.json").write_text(json.dumps(
+        hf_llama.hf_config(merged, dtype, bos_id, eos_id), indent=2))
+    read = LayerReader(run_dir, config, step, merge=True)
+    write_model(staging, read, DTYPES[dtype], max_shard_bytes)
+    if config.lora_rank:
+      write_adapter(staging / ADAPTER_DIR, LayerReader(run_dir, config, step, merge=False),
+                    DTYPES[dtype], meta.get("init_from"))
+    publish(staging, output_dir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
   return merged
+
+
+def publish(staging: Path, output_dir: Path) -> None:
+  """Moves every file of a finished export from `staging` into `output_dir`, the shard index
+  last: an export that fails midway leaves `output_dir` as it was."""
+  output_dir.mkdir(parents=True, exist_ok=True)
+  index = staging / "model.safetensors.index.json"
+  files = [path for path in sorted(staging.rglob("*")) if path.is_file() and path != index]
+  for path in [*files, index]:
+    target = output_dir / path.relative_to(staging)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, target)
 
 
 def main(argv: list[str] | None = None):
@@ -221,7 +239,7 @@ def main(argv: list[str] | None = None):
   try:
     config = export(args.checkpoint_dir, args.output_dir, step=args.step, dtype=args.dtype,
                     max_shard_bytes=args.max_shard_bytes)
-  except (UserError, FileNotFoundError, checkpoint.CorruptCheckpointError) as error:
+  except (UserError, OSError, checkpoint.CorruptCheckpointError) as error:
     print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
     sys.exit(2)
   print(f"wrote {args.output_dir}: {config.num_layers} layers, vocab {config.vocab_size}")
