@@ -30,7 +30,6 @@ from typing import NamedTuple
 
 import gin
 
-from beam_pipelines import prepare_chat
 from beam_pipelines.records import MANIFEST_NAME
 from maxlm import default_corpus, user_cache
 
@@ -283,6 +282,7 @@ def build(built: Path, tokenizer_dir: str, seq_len: int, sizes: Sizes,
           items: list[Item] | None) -> None:
   print(f"building the default instruction and preference sets into {built} (once)",
         flush=True)
+  from beam_pipelines import prepare_chat  # noqa: PLC0415 - Beam costs a trainer ~2 s to import
   user_cache.report_other_builds(built)
   partial = built.with_name(built.name + ".partial")
   shutil.rmtree(partial, ignore_errors=True)

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import gin
 
-from beam_pipelines import prepare_text
-from beam_pipelines.sources import Source
 from beam_pipelines.records import MANIFEST_NAME
 from maxlm import user_cache
 
@@ -59,6 +57,8 @@ def ensure_default_corpus(vocab_size: int = 4096, seq_len: int = 256,
     return str(data_dir)
   print(f"no data configured: building the Python {version} standard library corpus into "
         f"{data_dir} (once)", flush=True)
+  from beam_pipelines import prepare_text  # noqa: PLC0415 - Beam costs a trainer ~2 s to import;
+  from beam_pipelines.sources import Source  # noqa: PLC0415 - only a first run builds
   user_cache.report_other_builds(data_dir)
   partial = data_dir.with_name(data_dir.name + ".partial")
   shutil.rmtree(partial, ignore_errors=True)

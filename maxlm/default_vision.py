@@ -21,7 +21,6 @@ import gin
 import numpy as np
 from PIL import Image, ImageDraw
 
-from beam_pipelines import prepare_images
 from beam_pipelines.records import MANIFEST_NAME
 from maxlm import default_corpus, user_cache
 
@@ -138,6 +137,7 @@ def ensure_default_vision(tokenizer_dir: str | None = None, image_size: int = 32
                   f"-s{seq_len}-n{sum(sizes)}-r{RECIPE}")
   if not (built / "data" / MANIFEST_NAME).exists():
     print(f"building the default image-text set into {built} (once)", flush=True)
+    from beam_pipelines import prepare_images  # noqa: PLC0415 - Beam costs a trainer ~2 s
     user_cache.report_other_builds(built)
     partial = built.with_name(built.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
