@@ -22,7 +22,6 @@ import json
 import keyword
 import random
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -284,15 +283,12 @@ def build(built: Path, tokenizer_dir: str, seq_len: int, sizes: Sizes,
         flush=True)
   from beam_pipelines import prepare_chat  # noqa: PLC0415 - Beam costs a trainer ~2 s to import
   user_cache.report_other_builds(built)
-  partial = built.with_name(built.name + ".partial")
-  shutil.rmtree(partial, ignore_errors=True)
-  paths = write_default_sets(partial, stdlib_items() if items is None else items, sizes)
-  for kind, stem in (("sft", "chat"), ("preference", "preference")):
-    prepare_chat.run([str(paths[f"{stem}_train"])], str(partial / kind),
-                     validation_inputs=[str(paths[f"{stem}_validation"])],
-                     tokenizer=tokenizer_dir, seq_len=seq_len, kind=kind)
-  shutil.rmtree(built, ignore_errors=True)
-  partial.rename(built)
+  with user_cache.building(built) as partial:
+    paths = write_default_sets(partial, stdlib_items() if items is None else items, sizes)
+    for kind, stem in (("sft", "chat"), ("preference", "preference")):
+      prepare_chat.run([str(paths[f"{stem}_train"])], str(partial / kind),
+                       validation_inputs=[str(paths[f"{stem}_validation"])],
+                       tokenizer=tokenizer_dir, seq_len=seq_len, kind=kind)
 
 
 def main(argv: list[str] | None = None) -> None:

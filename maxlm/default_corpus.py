@@ -6,8 +6,6 @@ something meaningful with no flags and no download.
 """
 
 import json
-import os
-import shutil
 import sys
 import sysconfig
 import time
@@ -60,21 +58,17 @@ def ensure_default_corpus(vocab_size: int = 4096, seq_len: int = 256,
   from beam_pipelines import prepare_text  # noqa: PLC0415 - Beam costs a trainer ~2 s to import;
   from beam_pipelines.sources import Source  # noqa: PLC0415 - only a first run builds
   user_cache.report_other_builds(data_dir)
-  partial = data_dir.with_name(data_dir.name + ".partial")
-  shutil.rmtree(partial, ignore_errors=True)
-  partial.mkdir(parents=True)
   topics = write_pydoc_topics(root / f"pydoc-topics-{version}.jsonl")
   started = time.perf_counter()
   # One source with the code profile: language ID and prose heuristics would drop source code.
   stdlib = Source("stdlib", tuple(stdlib_source_globs() + [str(topics)]), profile="code")
-  manifest = prepare_text.run([stdlib], str(partial),
-                              vocab_size=vocab_size, seq_len=seq_len,
-                              validation_fraction=validation_fraction)
+  with user_cache.building(data_dir) as partial:
+    manifest = prepare_text.run([stdlib], str(partial),
+                                vocab_size=vocab_size, seq_len=seq_len,
+                                validation_fraction=validation_fraction)
   splits = manifest["splits"]
   print(f"corpus ready in {time.perf_counter() - started:.0f}s: " + ", ".join(
       f"{name} {s['documents']:,} documents / {s['tokens']:,} tokens / {s['sequences']:,} "
       f"sequences" for name, s in splits.items()) +
         f"; unigram entropy {manifest['unigram_entropy_nats']:.3f} nats/token", flush=True)
-  shutil.rmtree(data_dir, ignore_errors=True)
-  os.replace(partial, data_dir)
   return str(data_dir)

@@ -13,7 +13,6 @@ digits of held-out writers' samples (every tenth) and shapes drawn from another 
 import argparse
 import json
 import random
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -139,14 +138,11 @@ def ensure_default_vision(tokenizer_dir: str | None = None, image_size: int = 32
     print(f"building the default image-text set into {built} (once)", flush=True)
     from beam_pipelines import prepare_images  # noqa: PLC0415 - Beam costs a trainer ~2 s
     user_cache.report_other_builds(built)
-    partial = built.with_name(built.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    paths = write_default_set(partial, sizes)
-    prepare_images.run([str(paths["train"])], str(partial / "data"),
-                       validation_inputs=[str(paths["validation"])], tokenizer=tokenizer_dir,
-                       image_size=image_size, patch_size=patch_size, seq_len=seq_len)
-    shutil.rmtree(built, ignore_errors=True)
-    partial.rename(built)
+    with user_cache.building(built) as partial:
+      paths = write_default_set(partial, sizes)
+      prepare_images.run([str(paths["train"])], str(partial / "data"),
+                         validation_inputs=[str(paths["validation"])], tokenizer=tokenizer_dir,
+                         image_size=image_size, patch_size=patch_size, seq_len=seq_len)
   return str(built / "data")
 
 

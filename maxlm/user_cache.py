@@ -1,8 +1,13 @@
 """Where maxlm keeps what it builds once per machine: the prepared default datasets and the
 compiled programs. Free of Beam and JAX, so a server finds its cache without importing them."""
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
+
+PARTIAL_SUFFIX = ".partial"
 
 
 def cache_root() -> Path:
@@ -21,7 +26,7 @@ def other_builds(built: Path) -> list[Path]:
     return []
   return sorted(path for path in built.parent.iterdir()
                 if path.is_dir() and path.name.startswith(kind) and path != built
-                and not path.name.endswith(".partial"))
+                and not path.name.endswith(PARTIAL_SUFFIX))
 
 
 def tree_bytes(path: Path) -> int:
@@ -37,3 +42,21 @@ def report_other_builds(built: Path) -> None:
     print(f"the cache also holds {len(others)} other build(s) of this kind ({mib:.1f} MiB), "
           f"which this run does not read; delete those no other config or maxlm version uses: "
           + " ".join(str(path) for path in others), flush=True)
+
+
+@contextlib.contextmanager
+def building(built: Path) -> Iterator[Path]:
+  """Yields an empty `<built>.partial` beside `built` for a build to fill. When the body
+  returns, it replaces `built` whole; when the body raises or is interrupted, it is removed. So
+  `built` is only ever a finished build, and a killed build leaves at most a `.partial` that
+  the next one clears."""
+  partial = built.with_name(built.name + PARTIAL_SUFFIX)
+  shutil.rmtree(partial, ignore_errors=True)
+  partial.mkdir(parents=True)
+  try:
+    yield partial
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  shutil.rmtree(built, ignore_errors=True)
+  os.replace(partial, built)

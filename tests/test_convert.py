@@ -200,6 +200,22 @@ def test_an_export_that_fails_midway_leaves_the_output_dir_as_it_was(tmp_path, m
   assert sorted(path.name for path in tmp_path.iterdir()) == ["exported", "hf", "run"]
 
 
+def test_a_re_export_in_fewer_shards_leaves_no_weights_of_the_earlier_one(tmp_path):
+  make_hf_dir(tmp_path / "hf", "gqa_untied")
+  from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  exported = tmp_path / "exported"
+  to_hf.export(tmp_path / "run", exported, max_shard_bytes=40_000)
+  first_shards = sorted(path.name for path in exported.glob("model-*.safetensors"))
+  (exported / "model.safetensors").write_bytes(b"another tool's single-file export")
+  (exported / "README.md").write_text("the user's own notes")
+  to_hf.export(tmp_path / "run", exported)  # one shard
+  index = json.loads((exported / "model.safetensors.index.json").read_text())
+  assert len(first_shards) > 1
+  assert sorted(path.name for path in exported.glob("model*.safetensors")) == sorted(
+      set(index["weight_map"].values())) == ["model-00001-of-00001.safetensors"]
+  assert (exported / "README.md").read_text() == "the user's own notes"
+
+
 def test_a_vision_model_has_no_llama_layout_and_a_text_model_has_one():
   text = hf_llama.model_config({**BASE, "model_type": "llama", "hidden_act": "silu"})
   assert hf_llama.unexportable(text) is None

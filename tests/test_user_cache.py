@@ -40,3 +40,23 @@ def test_nothing_is_said_in_an_empty_or_missing_cache(tmp_path, capsys):
   user_cache.report_other_builds(tmp_path / "stdlib-a-r5")
   user_cache.report_other_builds(tmp_path / "missing" / "stdlib-a-r5")
   assert capsys.readouterr().out == ""
+
+
+def test_a_build_replaces_the_old_one_whole_and_a_failed_one_leaves_it_as_it_was(tmp_path):
+  built = make_build(tmp_path / "stdlib-a-r5", 3)
+  (tmp_path / "stdlib-a-r5.partial").mkdir()  # left by a killed build
+  (tmp_path / "stdlib-a-r5.partial" / "stale").write_text("from the killed build")
+  try:
+    with user_cache.building(built) as partial:
+      assert list(partial.iterdir()) == []
+      (partial / "half").write_text("half-written")
+      raise OSError("No space left on device")
+  except OSError:
+    pass
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["stdlib-a-r5"]
+  assert (built / "train" / "shard-0").read_bytes() == bytes(3)
+  with user_cache.building(built) as partial:
+    (partial / "manifest.json").write_text("{}")
+    assert not (built / "manifest.json").exists()  # nothing published before the body ends
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["stdlib-a-r5"]
+  assert sorted(p.name for p in built.iterdir()) == ["manifest.json"]

@@ -194,7 +194,8 @@ def export(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     raise UserError(f"{run_dir} has no tokenizer.model or tokenizer.json; copy the one it "
                     "was trained with there")
   merged = dataclasses.replace(config, lora_rank=0)
-  staging = output_dir.resolve().with_name(output_dir.resolve().name + ".partial")
+  target = output_dir.resolve()
+  staging = target.with_name(target.name + ".partial")
   shutil.rmtree(staging, ignore_errors=True)
   staging.mkdir(parents=True)
   try:
@@ -214,14 +215,22 @@ def export(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
 
 def publish(staging: Path, output_dir: Path) -> None:
   """Moves every file of a finished export from `staging` into `output_dir`, the shard index
-  last: an export that fails midway leaves `output_dir` as it was."""
+  last: an export that fails midway leaves `output_dir` as it was. Then removes the weights of
+  an earlier export there that this one did not write (shards past its count, a lone
+  `model.safetensors` a loader would read first, an adapter), as `save_pretrained` does;
+  other files in `output_dir` stay."""
   output_dir.mkdir(parents=True, exist_ok=True)
   index = staging / "model.safetensors.index.json"
   files = [path for path in sorted(staging.rglob("*")) if path.is_file() and path != index]
+  written = {path.relative_to(staging) for path in [*files, index]}
   for path in [*files, index]:
     target = output_dir / path.relative_to(staging)
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(path, target)
+  for pattern in ("model*.safetensors", f"{ADAPTER_DIR}/adapter_*"):
+    for stale in output_dir.glob(pattern):
+      if stale.relative_to(output_dir) not in written:
+        stale.unlink()
 
 
 def main(argv: list[str] | None = None):
