@@ -4,8 +4,8 @@
 
 Every step is maxlm's real one (`steps.make_train_step` with the pretraining loss, on one
 device) over configs/tiny.gin's batch (8 x 256 tokens):
-  moe_step_vs_dense_same_active  configs/moe_tiny.gin's shape and dispatch (32 experts of
-                        width 128, top-2, beside a 256-wide shared expert; capacity factor
+  moe_step_vs_dense_same_active  configs/moe_tiny.gin's shape and dispatch (64 experts of
+                        width 64, top-4, beside a 256-wide shared expert; capacity factor
                         2.0; a routing bias) over tiny.gin's dense shape:
                         the same active parameters per token (target <= 1.6);
   dropless_step_vs_dense  the same with the dropless dispatch (jax.lax.ragged_dot);
@@ -33,8 +33,8 @@ from maxlm.model import ModelConfig, count_params
 
 DENSE = ModelConfig(vocab_size=4096, num_layers=4, embed_dim=192, num_heads=3, num_kv_heads=1,
                     head_dim=64, mlp_dim=512, max_seq_len=256)  # configs/tiny.gin
-MOE = dataclasses.replace(DENSE, num_experts=32, experts_per_token=2, moe_mlp_dim=128,
-                          num_shared_experts=2, routing_bias=True)  # configs/moe_tiny.gin
+MOE = dataclasses.replace(DENSE, num_experts=64, experts_per_token=4, moe_mlp_dim=64,
+                          num_shared_experts=4, routing_bias=True)  # configs/moe_tiny.gin
 SHAPES = {"dense": DENSE, "dropless": MOE,
           "capacity": dataclasses.replace(MOE, moe_dispatch="capacity", capacity_factor=2.0)}
 BATCH, SEQ_LEN = 8, 256
