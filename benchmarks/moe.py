@@ -2,13 +2,13 @@
 
   python benchmarks/moe.py [--json] [--steps 3] [--rounds 3]
 
-Every step is maxlm's real one (`steps.make_train_step` with the pretraining loss, on one
-device) over configs/tiny.gin's batch (8 x 256 tokens):
-  moe_step_vs_dense_same_active  configs/moe_tiny.gin's shape and dispatch (64 experts of
-                        width 64, top-4, beside a 256-wide shared expert; capacity factor
-                        2.0; a routing bias) over tiny.gin's dense shape:
-                        the same active parameters per token (target <= 1.6);
-  dropless_step_vs_dense  the same with the dropless dispatch (jax.lax.ragged_dot);
+Every step is maxlm's real one (`steps.make_train_step` with the pretraining task, its
+optimizer and their gin bindings, on one device) over configs/tiny.gin's batch (8 x 256
+tokens). Each model, task and optimizer is read from its gin file, so the figures follow them:
+  moe_step_vs_dense_same_active  configs/moe_tiny.gin (its shape, dispatch, capacity factor,
+                        router losses and routing bias) over configs/tiny.gin: the same active
+                        parameters per token (target <= 1.6);
+  dropless_step_vs_dense  moe_tiny.gin with the dropless dispatch (jax.lax.ragged_dot);
   dropless_vs_capacity  the dropless step over the capacity step;
   active_params_ratio   MoE active parameters over the dense model's (~1);
   total_params_ratio    MoE total parameters over the dense model's.
@@ -24,31 +24,42 @@ import sys
 import time
 from pathlib import Path
 
+import gin
 import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 from maxlm import optim, sharding, steps, tasks
+from maxlm import train as maxlm_train
 from maxlm.model import ModelConfig, count_params
 
-DENSE = ModelConfig(vocab_size=4096, num_layers=4, embed_dim=192, num_heads=3, num_kv_heads=1,
-                    head_dim=64, mlp_dim=512, max_seq_len=256)  # configs/tiny.gin
-MOE = dataclasses.replace(DENSE, num_experts=64, experts_per_token=4, moe_mlp_dim=64,
-                          num_shared_experts=4, routing_bias=True)  # configs/moe_tiny.gin
-SHAPES = {"dense": DENSE, "dropless": MOE,
-          "capacity": dataclasses.replace(MOE, moe_dispatch="capacity", capacity_factor=2.0)}
 BATCH, SEQ_LEN = 8, 256
+# name: (gin file, bindings on top)
+SHAPES = {"dense": ("tiny.gin", []),
+          "dropless": ("moe_tiny.gin", ["ModelConfig.moe_dispatch = 'dropless'"]),
+          "capacity": ("moe_tiny.gin", [])}
 
 
-def random_batch(seed: int = 0) -> dict[str, np.ndarray]:
+def random_batch(vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
-  return {"tokens": rng.integers(0, DENSE.vocab_size, (BATCH, SEQ_LEN), dtype=np.int32),
+  return {"tokens": rng.integers(0, vocab_size, (BATCH, SEQ_LEN), dtype=np.int32),
           "positions": np.broadcast_to(np.arange(SEQ_LEN, dtype=np.int32), (BATCH, SEQ_LEN)),
           "segment_ids": np.ones((BATCH, SEQ_LEN), np.int32)}
 
 
+def gin_config(gin_file: str, bindings: list[str]) -> ModelConfig:
+  """The ModelConfig `gin_file` and `bindings` make (at SEQ_LEN), leaving them parsed for the
+  task and optimizer that are built next."""
+  gin.clear_config()
+  gin.parse_config_files_and_bindings([maxlm_train.resolve_gin_file(gin_file)], bindings)
+  # The trainer takes the vocabulary from the tokenizer that the default corpus build trains.
+  vocab_size = gin.query_parameter("ensure_default_corpus.vocab_size")
+  return dataclasses.replace(ModelConfig(), vocab_size=vocab_size, max_seq_len=SEQ_LEN)
+
+
 def trainer(config: ModelConfig, batch: dict):
-  """`run(steps) -> seconds` of the jitted train step of `config` on one device."""
+  """`run(steps) -> seconds` of the jitted train step of `config` on one device, with the
+  pretraining task and optimizer as the parsed gin config binds them."""
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   optimizer = optim.make_optimizer(optim.learning_rate_schedule(10**6, 1e-4, 0))
   graphdef, abstract_state = steps.abstract_model(config)
@@ -69,13 +80,15 @@ def trainer(config: ModelConfig, batch: dict):
   return run
 
 
-def measure(steps_per_round: int, rounds: int) -> dict[str, float]:
-  """Median seconds per step of each shape."""
+def measure(configs: dict[str, ModelConfig], steps_per_round: int,
+            rounds: int) -> dict[str, float]:
+  """Median seconds per step of each of SHAPES (`configs`: their ModelConfigs, filled in)."""
   steps.keep_freed_host_memory()
-  batch = random_batch()
-  runners = {name: trainer(config, batch) for name, config in SHAPES.items()}
-  for run in runners.values():
-    run(1)  # compile and warm up
+  runners = {}
+  for name, (gin_file, bindings) in SHAPES.items():
+    configs[name] = gin_config(gin_file, bindings)
+    runners[name] = trainer(configs[name], random_batch(configs[name].vocab_size))
+    runners[name](1)  # compile and warm up under this shape's gin config
   seconds = {name: [] for name in runners}
   for _ in range(rounds):
     for name, run in runners.items():
@@ -89,9 +102,10 @@ def main():
   parser.add_argument("--steps", type=int, default=3, help="steps per round")
   parser.add_argument("--rounds", type=int, default=3)
   args = parser.parse_args()
-  step_s = measure(args.steps, args.rounds)
+  configs = {}
+  step_s = measure(configs, args.steps, args.rounds)
   params = {name: (count_params(config), count_params(config, active=True))
-            for name, config in SHAPES.items()}
+            for name, config in configs.items()}
   print(f"{'':>9} {'step s':>8} {'params M':>9} {'active M':>9}")
   for name, seconds in step_s.items():
     print(f"{name:>9} {seconds:8.3f} {params[name][0] / 1e6:9.2f} {params[name][1] / 1e6:9.2f}")
