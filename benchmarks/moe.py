@@ -80,18 +80,23 @@ def trainer(config: ModelConfig, batch: dict):
   return run
 
 
-def measure(configs: dict[str, ModelConfig], steps_per_round: int,
-            rounds: int) -> dict[str, float]:
-  """Median seconds per step of each of SHAPES (`configs`: their ModelConfigs, filled in)."""
-  steps.keep_freed_host_memory()
-  runners = {}
+def prepared_runs() -> dict[str, tuple[ModelConfig, object]]:
+  """For each of SHAPES: its ModelConfig and its trainer's `run`, compiled and warmed up
+  under that shape's gin config."""
+  runs = {}
   for name, (gin_file, bindings) in SHAPES.items():
-    configs[name] = gin_config(gin_file, bindings)
-    runners[name] = trainer(configs[name], random_batch(configs[name].vocab_size))
-    runners[name](1)  # compile and warm up under this shape's gin config
-  seconds = {name: [] for name in runners}
+    config = gin_config(gin_file, bindings)
+    run = trainer(config, random_batch(config.vocab_size))
+    run(1)
+    runs[name] = config, run
+  return runs
+
+
+def measure(runs: dict, steps_per_round: int, rounds: int) -> dict[str, float]:
+  """Median seconds per step of each of `prepared_runs()`."""
+  seconds = {name: [] for name in runs}
   for _ in range(rounds):
-    for name, run in runners.items():
+    for name, (_, run) in runs.items():
       seconds[name].append(run(steps_per_round) / steps_per_round)
   return {name: statistics.median(values) for name, values in seconds.items()}
 
@@ -102,10 +107,11 @@ def main():
   parser.add_argument("--steps", type=int, default=3, help="steps per round")
   parser.add_argument("--rounds", type=int, default=3)
   args = parser.parse_args()
-  configs = {}
-  step_s = measure(configs, args.steps, args.rounds)
+  steps.keep_freed_host_memory()
+  runs = prepared_runs()
+  step_s = measure(runs, args.steps, args.rounds)
   params = {name: (count_params(config), count_params(config, active=True))
-            for name, config in configs.items()}
+            for name, (config, _) in runs.items()}
   print(f"{'':>9} {'step s':>8} {'params M':>9} {'active M':>9}")
   for name, seconds in step_s.items():
     print(f"{name:>9} {seconds:8.3f} {params[name][0] / 1e6:9.2f} {params[name][1] / 1e6:9.2f}")
