@@ -257,6 +257,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "max_grad_norm": POSITIVE_NUMBER,
         "router_learning_rate_scale": NON_NEGATIVE_NUMBER,
         "routing_bias_learning_rate_scale": NON_NEGATIVE_NUMBER,
+        "routing_bias_update_rate": _optional(POSITIVE_NUMBER),
     },
     "make_mesh": {
         **dict.fromkeys(("data", "fsdp", "tensor", "expert"), (

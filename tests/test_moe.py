@@ -390,14 +390,17 @@ def test_router_metrics_reach_the_train_scalars(one_device):
   assert scalars["dropped_token_fraction"] == 0.0
 
 
-def _bias_training(bias_scale, num_steps, first_bias):
+def _bias_training(bias_scale, num_steps, first_bias, schedule=optax.constant_schedule(1e-2),
+                   update_rate=None):
   """A one-device MoE run whose router stands still (learning-rate scale 0) and starts with
-  routing biases `first_bias` [experts], with `bias_scale` the biases' learning-rate scale.
-  Returns (the worst layer's load max/mean at each step, layer 1's bias before each step)."""
+  routing biases `first_bias` [experts], with `bias_scale` the biases' learning-rate scale
+  (or `update_rate` their fixed sign step). Returns (the worst layer's load max/mean and
+  layer 1's expert shares at each step, layer 1's bias before each step)."""
   config = dataclasses.replace(CONFIG, routing_bias=True)
   mesh = sharding.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
-  optimizer = optim.make_optimizer(optax.constant_schedule(1e-2), router_learning_rate_scale=0.0,
-                                   routing_bias_learning_rate_scale=bias_scale)
+  optimizer = optim.make_optimizer(schedule, router_learning_rate_scale=0.0,
+                                   routing_bias_learning_rate_scale=bias_scale,
+                                   routing_bias_update_rate=update_rate)
   graphdef, abstract_state = steps.abstract_model(config)
   shardings = steps.state_shardings(abstract_state, optimizer, mesh)
   params = nnx.to_pure_dict(nnx.state(Transformer(config, rngs=nnx.Rngs(0))))
@@ -429,6 +432,26 @@ def test_a_routing_bias_steps_against_its_experts_load_excess_and_evens_the_load
   last_loads = lambda run: np.mean([load for load, _ in run[-6:]])
   assert last_loads(frozen) > 2.5  # the router does not move: the load stays skewed
   assert last_loads(loads) < 0.65 * last_loads(frozen), (last_loads(loads), last_loads(frozen))
+
+
+def test_a_routing_bias_update_rate_steps_against_the_load_excess_from_the_first_step():
+  """Each step moves an expert's bias by the rate times its load's excess over the mean
+  (share / mean share - 1), whatever the learning rate (here still 0: the warmup's start)."""
+  first_bias = np.array([1.5, 1.0, 0, 0, 0, 0, 0, 0])
+  warmup = optax.linear_schedule(0.0, 1e-2, 100)
+  loads, biases = _bias_training(bias_scale=1.0, num_steps=12, first_bias=first_bias,
+                                 schedule=warmup, update_rate=0.2)
+  for step in range(11):
+    shares = loads[step][1]
+    np.testing.assert_allclose(biases[step + 1] - biases[step],
+                               -0.2 * (shares / shares.mean() - 1), atol=1e-5)
+  scaled, _ = _bias_training(bias_scale=1.0, num_steps=12, first_bias=first_bias,
+                             schedule=warmup)
+  last_loads = lambda run: np.mean([load for load, _ in run[-6:]])
+  assert last_loads(loads) < 0.65 * last_loads(scaled), (last_loads(loads), last_loads(scaled))
+  with pytest.raises(ValueError, match="not both"):
+    optim.make_optimizer(warmup, routing_bias_learning_rate_scale=10.0,
+                         routing_bias_update_rate=0.2)
 
 
 def test_router_losses_join_the_loss_with_their_gin_weights():
@@ -497,6 +520,7 @@ def test_an_moe_checkpoint_serves_greedy_with_cache_as_without(tmp_path):
 MOE_RUN_FLAGS = [f"--gin_param={binding}" for binding in (
     "ModelConfig.num_experts = 8", "ModelConfig.experts_per_token = 2",
     "ModelConfig.moe_mlp_dim = 32", "ModelConfig.moe_dispatch = 'capacity'",
+    "ModelConfig.routing_bias = True", "make_optimizer.routing_bias_update_rate = 0.2",
     "make_mesh.data = 1", "make_mesh.fsdp = 2", "make_mesh.tensor = 1", "make_mesh.expert = 4",
     "train.eval_every = 100")]
 
