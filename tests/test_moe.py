@@ -394,8 +394,8 @@ def _bias_training(bias_scale, num_steps, first_bias, schedule=optax.constant_sc
                    update_rate=None):
   """A one-device MoE run whose router stands still (learning-rate scale 0) and starts with
   routing biases `first_bias` [experts], with `bias_scale` the biases' learning-rate scale
-  (or `update_rate`, their step per unit of load excess). Returns (the worst layer's load max/mean and
-  layer 1's expert shares at each step, layer 1's bias before each step)."""
+  (or `update_rate`, their step per unit of load excess). Returns (the worst layer's load
+  max/mean and layer 1's expert shares at each step, layer 1's bias before each step)."""
   config = dataclasses.replace(CONFIG, routing_bias=True)
   mesh = sharding.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
   optimizer = optim.make_optimizer(schedule, router_learning_rate_scale=0.0,
