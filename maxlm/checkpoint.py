@@ -65,7 +65,8 @@ class Checkpointer:
     `verify` writes a checksum of every array with each save and checks it on restore."""
     self._checkpoints, _ = run_paths(workdir)
     self._verify = verify
-    logging.getLogger("absl").addFilter(_DROP_DISK_FULL_LOGS)
+    for logger in ("absl", "asyncio"):
+      logging.getLogger(logger).addFilter(_DROP_DISK_FULL_LOGS)
     if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
       sys.unraisablehook = _dropping_closed_loop_callbacks(sys.unraisablehook)
     self._manager = ocp.CheckpointManager(
@@ -163,7 +164,9 @@ def _names_disk_full(text: str) -> bool:
 
 class _DropDiskFullLogs(logging.Filter):
   """Orbax logs a failed background save with its traceback, then raises the same error at the
-  next save or wait, where a full disk becomes one line: only that line is shown."""
+  next save or wait, where a full disk becomes one line: only that line is shown. asyncio logs
+  the same error again for each of a save's fragment writes that failed unawaited ("Task
+  exception was never retrieved"), when the machine is busy enough that several fail."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     error = record.exc_info[1] if record.exc_info else None

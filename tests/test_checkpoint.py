@@ -1,7 +1,9 @@
 """Checkpoints restore bit-identical state, onto another mesh too, and a corrupt one is never
 trusted: it fails its checksums (or does not restore) and the newest intact step is used."""
 
+import errno
 import logging
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -287,6 +289,20 @@ def small_disk(tmp_path):
     pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
   yield mount_point
   subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_disk_full_tracebacks_of_unawaited_writes_are_dropped_and_others_kept(tmp_path, caplog):
+  """On a busy machine several of a save's fragment writes fail, and asyncio logs each one
+  nobody awaited: a full disk still shows as the one line the save raises."""
+  checkpoint.Checkpointer(tmp_path, save_every=1).close()
+  full = ValueError("RESOURCE_EXHAUSTED: Failed to write 69749 bytes to file 17: "
+                    f"{os.strerror(errno.ENOSPC)} [os_error_code='{errno.ENOSPC}']")
+  other = ValueError("RESOURCE_EXHAUSTED: some other failure")
+  with caplog.at_level(logging.ERROR):
+    for error in (full, other):
+      logging.getLogger("asyncio").error("Task exception was never retrieved",
+                                         exc_info=(type(error), error, None))
+  assert [r.exc_info[1] for r in caplog.records] == [other]
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_partial_save(small_disk, states, caplog):
