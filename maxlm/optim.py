@@ -69,13 +69,10 @@ def _with_balancing_steps(inner: optax.GradientTransformation, mask, rate: float
   `moe.balance_signal`'s) step by -`rate` times their expert's load excess. Its state is
   `inner`'s, so checkpoints and shardings see the same tree either way."""
 
-  def balancing_step(grad):
-    excess = grad * grad.shape[-1] / moe.BALANCE_SIGNAL_SCALE  # share / mean share - 1
-    return -rate * excess
-
   def update(grads, state, params=None):
     updates, state = inner.update(grads, state, params)
-    return jax.tree.map(lambda picked, update, grad: balancing_step(grad) if picked else update,
-                        mask(grads), updates, grads), state
+    return jax.tree.map(
+        lambda picked, update, grad: -rate * moe.load_excess(grad) if picked else update,
+        mask(grads), updates, grads), state
 
   return optax.GradientTransformation(inner.init, update)

@@ -176,7 +176,10 @@ def train(workdir: str, data_dir: str | Callable[[], str] | None = None,
                     f"train.microbatches={microbatches} times the mesh's data*fsdp size "
                     f"{sharding.batch_divisor(mesh)}")
   schedule = optim.learning_rate_schedule(steps)
-  optimizer = optim.make_optimizer(schedule)
+  try:
+    optimizer = optim.make_optimizer(schedule)
+  except ValueError as error:  # settings that exclude each other
+    raise UserError(str(error).splitlines()[0]) from None
   graphdef, abstract_state = train_steps.abstract_model(config, seed)
   shardings = train_steps.state_shardings(abstract_state, optimizer, mesh, trainable)
   frozen_shardings = (train_steps.frozen_shardings(abstract_state, mesh, trainable)

@@ -474,6 +474,17 @@ def test_microbatched_router_metrics_are_means_over_microbatches():
                              1.0, rtol=1e-6)
 
 
+def test_both_routing_bias_steps_set_is_a_one_line_error(data_dir, tmp_path):
+  process = _train_process(tmp_path / "run", data_dir, *MOE_RUN_FLAGS,
+                           "--gin_param=make_optimizer.routing_bias_learning_rate_scale = 10.0")
+  output = process.communicate(timeout=300)[0]
+  assert process.returncode != 0
+  assert output.strip().splitlines()[-1] == (
+      "error: make_optimizer: set routing_bias_update_rate or routing_bias_learning_rate_scale, "
+      "not both"), output
+  assert "Traceback" not in output
+
+
 @pytest.mark.parametrize("values, message", [
     ({"num_experts": -1}, "ModelConfig.num_experts=-1 must be an int >= 0"),
     ({"moe_dispatch": "sorted"}, "ModelConfig.moe_dispatch='sorted' must be one of"),

@@ -83,9 +83,16 @@ def balance_signal(bias: jax.Array, fractions: jax.Array) -> jax.Array:
   mean share, times BALANCE_SIGNAL_SCALE. Added to the loss, it makes the optimizer lower an
   overloaded expert's bias and raise an idle one's, the load-driven update of DeepSeek-V3's
   auxiliary-loss-free balancing (there a fixed step against the excess's sign; here AdamW's
-  step, which is close to that)."""
+  step, close to that, or `make_optimizer.routing_bias_update_rate`'s step in proportion to
+  `load_excess`)."""
   excess = jax.lax.stop_gradient(fractions - jnp.mean(fractions))
   return BALANCE_SIGNAL_SCALE * jnp.sum(excess * (bias - jax.lax.stop_gradient(bias)))
+
+
+def load_excess(balance_gradient: jax.Array) -> jax.Array:
+  """Each expert's share over the mean share, minus 1, from `balance_signal`'s gradient with
+  respect to the routing bias [experts] (the shares' mean is 1 / experts)."""
+  return balance_gradient * balance_gradient.shape[-1] / BALANCE_SIGNAL_SCALE
 
 
 def router_z_loss(logits: jax.Array) -> jax.Array:
