@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -38,6 +39,9 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes <step>.orbax-checkpoint-tmp
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 STATE_METADATA = "state/_METADATA"
 REQUIRED_FILES = (STATE_METADATA, "meta/metadata")
+# A failed save's other writes land for a while after its error (see `remove_partial_saves`).
+STRAGGLER_QUIET_S = 0.5
+STRAGGLER_WAIT_LIMIT_S = 10.0
 
 
 class CorruptCheckpointError(ValueError):
@@ -73,7 +77,7 @@ class Checkpointer:
         self._checkpoints,
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=save_every, max_to_keep=max_to_keep, keep_period=keep_period,
-            create=True, enable_async_checkpointing=True))
+            create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -135,12 +139,34 @@ class Checkpointer:
       if not is_disk_full(error):
         raise
       if jax.process_index() == 0:
-        for partial in self._checkpoints.glob(f"*{TMP_SUFFIX}*"):
-          shutil.rmtree(partial, ignore_errors=True)
+        remove_partial_saves(self._checkpoints)
       free_mib = shutil.disk_usage(self._checkpoints).free / 2**20
       raise UserError(f"the disk of {self._checkpoints.parent} is full ({free_mib:.1f} MiB free) "
                       "so a checkpoint could not be written (its partial save is removed); free "
                       "space there or pass a --workdir on a larger disk") from None
+
+
+def remove_partial_saves(checkpoints: Path, *, quiet_s: float = STRAGGLER_QUIET_S,
+                         limit_s: float = STRAGGLER_WAIT_LIMIT_S):
+  """Removes every unfinished save under `checkpoints`, until none has come back for `quiet_s`.
+
+  When one write of a save fails, Orbax raises at once, while tensorstore finishes the save's
+  other writes in its own threads (which create their directories again) and gives no handle to
+  wait on them. So removal repeats until the directory stays clean for `quiet_s`, `limit_s` at
+  most; a write that lands later still is removed when the next run opens its Checkpointer
+  (Orbax's `cleanup_tmp_directories`), and Orbax never lists a partial save as a step."""
+  deadline = time.monotonic() + limit_s
+  last_removal = time.monotonic()
+  while True:
+    partials = list(checkpoints.glob(f"*{TMP_SUFFIX}*"))
+    for partial in partials:
+      shutil.rmtree(partial, ignore_errors=True)
+    now = time.monotonic()
+    if partials:
+      last_removal = now
+    if now - last_removal >= quiet_s or now >= deadline:
+      return
+    time.sleep(quiet_s / 10)
 
 
 def is_disk_full(error: BaseException) -> bool:

@@ -6,6 +6,8 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import dataclasses
@@ -312,3 +314,36 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_save(small_disk, states, 
   assert "\n" not in message and f"the disk of {small_disk} is full" in message
   assert not list((small_disk / "checkpoints").glob(f"*{checkpoint.TMP_SUFFIX}*"))
   assert not [r for r in caplog.records if "No space left" in r.getMessage()]
+
+
+def test_a_partial_save_written_again_after_its_removal_is_removed_too(tmp_path):
+  """A failed save's straggling writes create its directory again after the first removal."""
+  partial = tmp_path / f"4{checkpoint.TMP_SUFFIX}" / "state" / "d"
+  partial.mkdir(parents=True)
+  (tmp_path / "3" / "state").mkdir(parents=True)
+
+  def straggler():
+    time.sleep(0.2)
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / "fragment").write_bytes(b"late")
+  writer = threading.Thread(target=straggler)
+  writer.start()
+  checkpoint.remove_partial_saves(tmp_path, quiet_s=0.5)
+  writer.join()
+  assert sorted(path.name for path in tmp_path.iterdir()) == ["3"]
+
+
+def test_a_partial_save_left_by_an_earlier_run_is_removed_by_the_next_ones_first_save(
+    saved_run, states, tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(saved_run, run)
+  leftover = run / "checkpoints" / f"5{checkpoint.TMP_SUFFIX}"
+  (leftover / "state").mkdir(parents=True)
+  iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
+  saver = checkpoint.Checkpointer(run, save_every=1)
+  saver.save(3, states[2], grain.checkpoint.CheckpointSave(iterator),
+             checkpoint.model_meta(CONFIG), force=True)
+  saver.wait()
+  saver.close()
+  assert not leftover.exists()
+  assert saver.all_steps() == [1, 2, 3]
