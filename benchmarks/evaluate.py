@@ -26,9 +26,20 @@ in flight at once (lm-eval's `num_concurrent`; the server packs requests waiting
 one forward), and transformers at the best of `--hf_batches` (`ratio_best_vs_hf_best` sets the
 faster server row against it). Without torch and transformers (`pip install -e .[bench]`) the
 hf fields are null.
+What each side computes, to read the ratio by: `server_tokens` is the sum of the server's
+forward widths over lm-eval's requests (one client: each request one pack, shared prefixes
+once, padded to a pack width), `hf_tokens` the sum of transformers' padded batch shapes at
+`--batch`; `work_ratio_hf_vs_server` is the one over the other and `rate_ratio_vs_hf` the
+server's tokens/s over transformers', so `ratio_vs_hf` = work ratio x rate ratio. Where
+lm-eval's requests leave nothing to share (`lines`: an item's choices in different requests,
+contexts of a few tokens), the work ratio is about 1 and the ratio is the rate ratio alone.
+`server_forwards_only_items_per_s` runs the server's packs for those requests (the same
+widths, the same compiled forward) in process with nothing around them, and
+`ratio_bound_vs_hf` sets it against transformers: the most any request handling could reach.
 """
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -38,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import machine_load  # noqa: E402
 from maxlm.evals import multiple_choice, scoring  # noqa: E402
 from serving.engine import Engine  # noqa: E402
-from serving.scoring import scoring_graphdef  # noqa: E402
+from serving.scoring import pack, score_pack_fn, scoring_graphdef  # noqa: E402
 
 CHOICES = 4
 PASSAGE_LINES = 12
@@ -140,6 +152,21 @@ def in_process(engine: Engine, pairs, batch: int):
   return run
 
 
+def packs_alone(engine: Engine, pairs, batch: int):
+  """The server's own forwards for lm-eval's requests (its Scorer's packs, one a request, in
+  its budget of the context length; the logprobs=1 program), with nothing else: no HTTP, no
+  request handling, no response. What serving can reach at best with this work."""
+  score = jax.jit(functools.partial(score_pack_fn, scoring_graphdef(engine), top=1))
+  packs = [pack([pairs[i][0] for i in chunk], engine.context_length)
+           for chunk in request_chunks(pairs, batch)]
+
+  def run():
+    return [jax.device_get(score(engine.params, laid.tokens, laid.positions, laid.segment_ids,
+                                 laid.branch_ids, laid.predecessor, laid.last)[0])
+            for laid in packs]
+  return run
+
+
 def lm_eval_order(pairs) -> list[int]:
   """The order lm-eval's local-completions sends log-likelihood requests in: longest first,
   then by token ids (its Collator), so an item's choices meet in one request only when their
@@ -147,11 +174,30 @@ def lm_eval_order(pairs) -> list[int]:
   return sorted(range(len(pairs)), key=lambda i: (-len(pairs[i][0]), tuple(pairs[i][0])))
 
 
+def request_chunks(pairs, batch: int) -> list[list[int]]:
+  """lm-eval's requests: `batch` prompts each, in its order."""
+  order = lm_eval_order(pairs)
+  return [order[start:start + batch] for start in range(0, len(order), batch)]
+
+
+def server_tokens(pairs, batch: int, budget: int) -> int:
+  """The server's forward widths summed over lm-eval's requests, one request a pack (one
+  client), as `serving.scoring.pack` lays them within the Scorer's `budget`."""
+  return sum(pack([pairs[i][0] for i in chunk], budget).tokens.shape[1]
+             for chunk in request_chunks(pairs, batch))
+
+
+def hf_tokens(pairs, batch: int) -> int:
+  """Transformers' padded batch shapes summed: `with_transformers`'s batches of `batch`."""
+  lengths = sorted(len(ids) for ids, _ in pairs)
+  return sum(len(rows) * max(rows) for rows in
+             (lengths[start:start + batch] for start in range(0, len(lengths), batch)))
+
+
 def through_server(url: str, pairs, batch: int, concurrent: int = 1):
   """lm-eval's requests of `batch` prompts, `concurrent` of them in flight at once."""
   client = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=concurrent))
-  order = lm_eval_order(pairs)
-  chunks = [order[start:start + batch] for start in range(0, len(order), batch)]
+  chunks = request_chunks(pairs, batch)
   results = [0.0] * len(pairs)
 
   def send(chunk):
@@ -242,6 +288,7 @@ def main(argv=None) -> dict:
   engine = Engine.from_checkpoint(args.checkpoint_dir, slots=1)
   pairs = encoded(engine, ITEM_KINDS[args.item_kind](args.items))
   local_s, local = best_seconds(in_process(engine, pairs, args.batch), args.rounds)
+  forward_s, _ = best_seconds(packs_alone(engine, pairs, args.batch), args.rounds)
   hf_seconds = {}  # batch size -> (seconds, log-likelihoods)
   if hf_run := with_transformers(engine, pairs):
     for batch in sorted({args.batch, *map(int, args.hf_batches.split(","))}):
@@ -258,6 +305,8 @@ def main(argv=None) -> dict:
     server.terminate()
     server.wait()
   per_s = lambda seconds: args.items / seconds if seconds else None  # noqa: E731
+  served_tokens = server_tokens(pairs, args.batch, engine.context_length)
+  padded_tokens = hf_tokens(pairs, args.batch)
   hf_best_s = hf_seconds[hf_best_batch][0] if hf_seconds else None
   result = {"items": args.items, "choices_per_item": CHOICES, "batch": args.batch,
             "engine_cpus": args.engine_cpus,
@@ -265,6 +314,12 @@ def main(argv=None) -> dict:
             "hf_items_per_s": per_s(hf_s),
             "ratio_vs_hf": per_s(server_s) / per_s(hf_s) if hf_s else None,
             "http_overhead": per_s(local_s) / per_s(server_s),
+            "server_forwards_only_items_per_s": per_s(forward_s),
+            "ratio_bound_vs_hf": per_s(forward_s) / per_s(hf_s) if hf_s else None,
+            "server_tokens": served_tokens, "hf_tokens": padded_tokens,
+            "work_ratio_hf_vs_server": padded_tokens / served_tokens,
+            "rate_ratio_vs_hf": (served_tokens / server_s) / (padded_tokens / hf_s)
+                                if hf_s else None,
             "concurrent": args.concurrent,
             "server_concurrent_items_per_s": per_s(concurrent_s),
             "hf_best_batch": hf_best_batch, "hf_best_items_per_s": per_s(hf_best_s),
@@ -278,12 +333,15 @@ def main(argv=None) -> dict:
             "machine_before_run": machine}
   rows = [("server", "server_items_per_s"),
           (f"server x{args.concurrent}", "server_concurrent_items_per_s"),
-          ("in_process", "in_process_items_per_s"), ("hf", "hf_items_per_s"),
+          ("in_process", "in_process_items_per_s"),
+          ("server forwards", "server_forwards_only_items_per_s"), ("hf", "hf_items_per_s"),
           (f"hf batch {hf_best_batch}", "hf_best_items_per_s")]
   print(f"\n{'scorer':<16}{'items/s':>10}")
   for name, key in rows:
     value = result[key]
     print(f"{name:<16}{value:>10.1f}" if value else f"{name:<16}{'n/a':>10}")
+  print(f"tokens computed: server {served_tokens}, transformers b{args.batch} {padded_tokens} "
+        f"(work ratio {result['work_ratio_hf_vs_server']:.2f})")
   if args.json:
     print(json.dumps(result))
   return result

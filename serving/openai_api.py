@@ -321,6 +321,15 @@ class TokenTexts:
       self._texts[token_id] = text
     return text
 
+  def many(self, token_ids: list[int]) -> list[str]:
+    """The texts of `token_ids`, looked up at C speed once each is known."""
+    try:
+      return list(map(self._texts.__getitem__, token_ids))
+    except KeyError:
+      for token_id in set(token_ids).difference(self._texts):
+        self(token_id)
+      return list(map(self._texts.__getitem__, token_ids))
+
 
 class Logprobs:
   """OpenAI's `logprobs` object of a choice, from (text, token id, logprob, alternatives).
@@ -339,15 +348,26 @@ class Logprobs:
   def of_prompt(self, tokens: list[int], logprobs, alternatives: int) -> dict:
     """Completions' object for an echoed prompt (`logprobs`: its PromptLogprobs); the first
     token's entries are null, as OpenAI's are."""
-    token = self.token
-    texts = [token(t) for t in tokens]
+    texts = self.token.many(tokens)
     offsets = list(itertools.accumulate(map(len, texts), initial=self.text_offset))
     self.text_offset = offsets.pop()
     return {"tokens": texts,
             "token_logprobs": [None, *logprobs.logprobs],
-            "top_logprobs": [None, *({token(t): lp for t, lp in top[:alternatives]}
-                                     for top in logprobs.top_logprobs)],
+            "top_logprobs": [None, *self._alternatives(logprobs, alternatives)],
             "text_offset": offsets}
+
+  def _alternatives(self, logprobs, alternatives: int) -> list[dict[str, float]]:
+    """{text: logprob} of the `alternatives` likeliest tokens after each prompt token."""
+    count = min(alternatives, logprobs.top_tokens.shape[-1])
+    positions = len(logprobs.logprobs)
+    if count == 0:
+      return [{} for _ in range(positions)]
+    texts = self.token.many(logprobs.top_tokens[:, :count].ravel().tolist())
+    values = logprobs.top_logprobs[:, :count].ravel().tolist()
+    if count == 1:
+      return [{text: value} for text, value in zip(texts, values)]
+    return [dict(zip(texts[start:start + count], values[start:start + count]))
+            for start in range(0, positions * count, count)]
 
   @staticmethod
   def joined(first: dict, second: dict) -> dict:

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import jax
+import numpy as np
 
 from maxlm.sampling import PromptScores, TokenChoice
 from serving.detokenize import TextStream
@@ -73,17 +74,24 @@ class Delta:
 
 @dataclasses.dataclass(frozen=True)
 class PromptLogprobs:
-  """`echo`: how likely the model found each prompt token after the first, from the prefill."""
-  logprobs: list[float]                             # token t + 1's, for t in [0, len - 1)
-  top_logprobs: list[tuple[tuple[int, float], ...]]  # (token id, logprob), most likely first
+  """`echo`: how likely the model found each prompt token after the first, from the prefill.
+  The alternatives stay arrays: an lm-eval request echoes thousands of tokens, and pairs made
+  one by one were most of the scoring thread's own time."""
+  logprobs: list[float]       # token t + 1's, for t in [0, len - 1)
+  top_tokens: np.ndarray      # int [len - 1, top]: the likeliest after token t, most likely first
+  top_logprobs: np.ndarray    # float32 [len - 1, top]: their log-probabilities
 
   @classmethod
   def of(cls, scores: PromptScores, length: int, top: int) -> "PromptLogprobs":
     logprobs, top_tokens, top_logprobs = jax.device_get(
         (scores.logprobs[0, 1:length], scores.top_tokens[0, 1:length, :top],
          scores.top_logprobs[0, 1:length, :top]))
-    return cls(logprobs.tolist(), [tuple(zip(tokens, values)) for tokens, values in
-                                   zip(top_tokens.tolist(), top_logprobs.tolist())])
+    return cls(logprobs.tolist(), np.asarray(top_tokens), np.asarray(top_logprobs))
+
+  def alternatives(self) -> list[tuple[tuple[int, float], ...]]:
+    """(token id, logprob) pairs after each token, most likely first."""
+    return [tuple(zip(tokens, values)) for tokens, values in
+            zip(self.top_tokens.tolist(), self.top_logprobs.tolist())]
 
 
 # What `Request.emit` receives after its last Delta: None when it finished, else the error.

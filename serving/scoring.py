@@ -356,8 +356,5 @@ class Scorer:
 def prompt_logprobs(scores: PackedScores, span: np.ndarray, top: int) -> PromptLogprobs:
   """One prompt's share of a pack's scores (`span`: where its tokens are), as
   `PromptLogprobs.of` takes it from a prefill."""
-  return PromptLogprobs(
-      scores.logprobs[span[1:]].tolist(),
-      [tuple(zip(tokens, values)) for tokens, values in
-       zip(scores.top_tokens[span[:-1], :top].tolist(),
-           scores.top_logprobs[span[:-1], :top].tolist())])
+  return PromptLogprobs(scores.logprobs[span[1:]].tolist(), scores.top_tokens[span[:-1], :top],
+                        scores.top_logprobs[span[:-1], :top])

@@ -307,8 +307,8 @@ def test_echoed_logprobs_name_each_token_and_its_text_offset_and_bytes_stay_apar
   the request's count, and the generated token's offset follows the prompt's."""
   pieces = {0: b"a", 1: "\u00e9".encode(), 2: b"\xc3", 3: b"\xa9", 4: b"bc"}
   shaping = Logprobs(chat=False, token_bytes=pieces.__getitem__)
-  scored = PromptLogprobs([-1.0, -2.0, -0.5], [((4, -0.1), (0, -3.0)), ((1, -0.2), (2, -4.0)),
-                                                ((3, -0.3), (4, -5.0))])
+  scored = PromptLogprobs([-1.0, -2.0, -0.5], np.array([[4, 0], [1, 2], [3, 4]]),
+                          np.array([[-0.1, -3.0], [-0.2, -4.0], [-0.3, -5.0]]))
   echoed = shaping.of_prompt([0, 4, 2, 3], scored, alternatives=1)
   assert echoed == {"tokens": ["a", "bc", "bytes:\\xc3", "bytes:\\xa9"],
                     "token_logprobs": [None, -1.0, -2.0, -0.5],
@@ -316,3 +316,9 @@ def test_echoed_logprobs_name_each_token_and_its_text_offset_and_bytes_stay_apar
                     "text_offset": [0, 1, 3, 13]}
   generated = shaping.of([Delta("\u00e9", 1, None, -0.7, ((1, -0.7),))])
   assert generated["text_offset"] == [23] and generated["tokens"] == ["\u00e9"]
+  wider = Logprobs(chat=False, token_bytes=pieces.__getitem__).of_prompt([0, 4, 2, 3], scored, 2)
+  assert wider["top_logprobs"] == [None, {"bc": -0.1, "a": -3.0},
+                                   {"\u00e9": -0.2, "bytes:\\xc3": -4.0},
+                                   {"bytes:\\xa9": -0.3, "bc": -5.0}]
+  none = Logprobs(chat=False, token_bytes=pieces.__getitem__).of_prompt([0, 4, 2, 3], scored, 0)
+  assert none["top_logprobs"] == [None, {}, {}, {}]

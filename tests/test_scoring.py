@@ -139,7 +139,7 @@ def assert_scored_as_each_prompt_own_prefill(engine, prompts, settings):
     logprobs = np.asarray(scores.logprobs)[0, 1:len(prompt)]
     np.testing.assert_allclose(request.prompt_logprobs.logprobs, logprobs, atol=1e-5,
                                rtol=PREFILL_RTOL)
-    for t, top in enumerate(request.prompt_logprobs.top_logprobs, start=1):
+    for t, top in enumerate(request.prompt_logprobs.alternatives(), start=1):
       assert [token for token, _ in top] == np.asarray(scores.top_tokens)[0, t, :5].tolist()
       np.testing.assert_allclose([value for _, value in top],
                                  np.asarray(scores.top_logprobs)[0, t, :5], atol=1e-5,
@@ -202,7 +202,7 @@ def test_a_greedy_prompt_tokens_logprob_equals_its_top_logprob_exactly(engine):
   finally:
     scorer.stop()
   for logprob, [(token, top_logprob)] in zip(request.prompt_logprobs.logprobs,
-                                             request.prompt_logprobs.top_logprobs):
+                                             request.prompt_logprobs.alternatives()):
     assert logprob == top_logprob
 
 
