@@ -426,8 +426,8 @@ class Engine:
     prompt's; ValueError for an id the model has no row for."""
     if not prompt_ids:
       raise ValueError("the prompt has no tokens; send at least one token id")
-    if (bad := next((t for t in prompt_ids if not 0 <= t < self.config.vocab_size), None)
-        ) is not None:
+    if min(prompt_ids) < 0 or max(prompt_ids) >= self.config.vocab_size:
+      bad = next(t for t in prompt_ids if not 0 <= t < self.config.vocab_size)
       raise ValueError(f"token id {bad} is not in [0, {self.config.vocab_size}); tokenize the "
                        "prompt with this model's tokenizer (POST /tokenize)")
     if max_tokens is None:

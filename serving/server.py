@@ -186,9 +186,12 @@ def create_app(engine: Engine, model_name: str | None = None,
     prompt_ids, max_tokens = await checked_prompt(prompt_ids, param)
     return generation_for(request, prompt_ids, max_tokens, stops, echo, images)
 
-  async def checked_prompt(prompt_ids: Callable, param: str):
-    """`prompt_ids()`, run on `prompt_pool`; its errors as the 400s they are."""
+  async def checked_prompt(prompt_ids: Callable, param: str, *, inline: bool = False):
+    """`prompt_ids()`, run on `prompt_pool` (here when `inline`: token ids, no tokenizer to
+    wait for); its errors as the 400s they are."""
     try:
+      if inline:
+        return prompt_ids()
       return await asyncio.get_running_loop().run_in_executor(prompt_pool, prompt_ids)
     except ContextLengthError as e:
       raise OpenAIError(400, str(e), param=param, code="context_length_exceeded") from e
@@ -283,9 +286,12 @@ def create_app(engine: Engine, model_name: str | None = None,
                                                  request.max_tokens)
     submitted = []
     try:
-      if scored:  # every prompt checked in one hop to the pool: lm-eval sends many small ones
-        checked = await checked_prompt(lambda: [
-            completion_ids(prompt, request.max_tokens)() for prompt in prompts], "prompt")
+      if scored:  # every prompt checked at once: lm-eval sends many small ones, as token ids,
+        # which need no tokenizer and are checked here (the hop to the pool and back had
+        # been a tenth of a scoring request's time in the event loop)
+        checked = await checked_prompt(
+            lambda: [completion_ids(prompt, request.max_tokens)() for prompt in prompts],
+            "prompt", inline=all(isinstance(prompt, list) for prompt in prompts))
         submitted = [generation_for(request, prompt_ids, max_tokens, request.stops(),
                                     echo=echo_scores) for prompt_ids, max_tokens in checked]
         queue_on(scorer.submit, [generation for generation, _ in submitted])
