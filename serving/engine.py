@@ -384,7 +384,12 @@ class Engine:
     """The bytes one token stands for (a byte-fallback piece is one raw byte)."""
     return self._token_bytes[token_id] if token_id < len(self._token_bytes) else b""
 
-  def check_fits(self, prompt_tokens: int, max_tokens: int):
+  def check_fits(self, prompt_tokens: int, max_tokens: int, *, scored: bool = False):
+    """ContextLengthError unless the prompt and its new tokens fit the context. A `scored`
+    prompt (its logprobs and at most one new token, which no position holds: the Scorer's)
+    may fill the whole context, as lm-eval's full-length windows do."""
+    if scored and prompt_tokens <= self.context_length:
+      return
     if prompt_tokens >= self.context_length:
       raise ContextLengthError(
           f"the prompt is {prompt_tokens} tokens but the model's context is "
@@ -395,12 +400,14 @@ class Engine:
           f"model's {self.context_length}-token context; lower max_tokens to at most "
           f"{self.context_length - prompt_tokens} or shorten the prompt")
 
-  def prompt_ids(self, prompt: str, max_tokens: int | None) -> tuple[list[int], int]:
-    """(token ids, max_tokens) of a request, `max_tokens=None` meaning the rest of the context."""
+  def prompt_ids(self, prompt: str, max_tokens: int | None, *, scored: bool = False
+                 ) -> tuple[list[int], int]:
+    """(token ids, max_tokens) of a request, `max_tokens=None` meaning the rest of the context
+    (`scored`: see `check_fits`)."""
     prompt_ids = self.encode(prompt)
     if max_tokens is None:
       max_tokens = max(1, self.context_length - len(prompt_ids))
-    self.check_fits(len(prompt_ids), max_tokens)
+    self.check_fits(len(prompt_ids), max_tokens, scored=scored)
     return prompt_ids, max_tokens
 
   def image_prompt_ids(self, prompt: str, images: int, max_tokens: int | None
@@ -420,7 +427,7 @@ class Engine:
     first."""
     return text_ids.encode(self.tokenizer, text, add_special_tokens)
 
-  def token_prompt(self, prompt_ids: list[int], max_tokens: int | None
+  def token_prompt(self, prompt_ids: list[int], max_tokens: int | None, *, scored: bool = False
                    ) -> tuple[list[int], int]:
     """`prompt_ids` as a request gives them (token ids, no bos added), checked like a text
     prompt's; ValueError for an id the model has no row for."""
@@ -432,7 +439,7 @@ class Engine:
                        "prompt with this model's tokenizer (POST /tokenize)")
     if max_tokens is None:
       max_tokens = max(1, self.context_length - len(prompt_ids))
-    self.check_fits(len(prompt_ids), max_tokens)
+    self.check_fits(len(prompt_ids), max_tokens, scored=scored)
     return list(prompt_ids), max_tokens
 
   def tokenizer_info(self) -> dict:

@@ -260,10 +260,11 @@ def create_app(engine: Engine, model_name: str | None = None,
       yield sse(shape.usage_chunk(prompt_tokens, generated))
     yield sse("[DONE]")
 
-  def completion_ids(prompt: str | list[int], max_tokens: int | None):
+  def completion_ids(prompt: str | list[int], max_tokens: int | None, **fits):
+    """`fits`: `Engine.check_fits`'s keywords (scored=True on the Scorer's path)."""
     if isinstance(prompt, str):
-      return lambda: engine.prompt_ids(prompt, max_tokens)
-    return lambda: engine.token_prompt(prompt, max_tokens)
+      return lambda: engine.prompt_ids(prompt, max_tokens, **fits)
+    return lambda: engine.token_prompt(prompt, max_tokens, **fits)
 
   @v1.post("/completions", responses=generation_responses(keyed=bool(api_keys)))
   async def completions(request: CompletionRequest, http_request: Request):
@@ -290,7 +291,8 @@ def create_app(engine: Engine, model_name: str | None = None,
         # which need no tokenizer and are checked here (the hop to the pool and back had
         # been a tenth of a scoring request's time in the event loop)
         checked = await checked_prompt(
-            lambda: [completion_ids(prompt, request.max_tokens)() for prompt in prompts],
+            lambda: [completion_ids(prompt, request.max_tokens, scored=True)()
+                     for prompt in prompts],
             "prompt", inline=all(isinstance(prompt, list) for prompt in prompts))
         submitted = [generation_for(request, prompt_ids, max_tokens, request.stops(),
                                     echo=echo_scores) for prompt_ids, max_tokens in checked]
@@ -306,6 +308,8 @@ def create_app(engine: Engine, model_name: str | None = None,
     received = await unless_disconnected(
         asyncio.gather(*(collect(deltas) for _, deltas in submitted)), http_request)
     if received is None:
+      log.info("a client left before its %d prompts were answered; they are cancelled",
+               len(submitted))
       return Response(status_code=CLIENT_LEFT)
     shape, choices = ResponseShape(model_name, chat=False), []
     for index, (prompt, (generation, _), deltas) in enumerate(zip(prompts, submitted, received)):
@@ -392,7 +396,11 @@ async def unless_disconnected(work, http_request: Request):
     await asyncio.wait((working, leaving), return_when=asyncio.FIRST_COMPLETED)
   finally:
     leaving.cancel()
-    working.cancel()  # a no-op once it is done
+    if not working.done():
+      working.cancel()
+      # A cancelled gather ends with CancelledError as its exception, which asyncio logs as
+      # "never retrieved" unless somebody reads it: a client that leaves is not an error.
+      working.add_done_callback(lambda done: done.cancelled() or done.exception())
   return working.result() if working.done() else None
 
 

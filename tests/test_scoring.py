@@ -312,3 +312,25 @@ def test_a_sampled_request_of_several_prompts_compiles_nothing_after_warmup(engi
     scorer.stop()
   assert all(items[-1] is None for items in emitted)
   assert [program._cache_size() for program in programs] == compiled
+
+
+def test_a_scoring_request_may_fill_the_whole_context_and_a_generation_may_not(engine):
+  """lm-eval's full-length windows: a prompt of exactly the context, echo, logprobs and
+  max_tokens 1, is scored (its token logprobs a float64 log-softmax of the engine's cache-less
+  logits); the same prompt asking for a generation is a 400."""
+  prompt = [1, *np.random.default_rng(4).integers(3, 200, engine.context_length - 1).tolist()]
+  logits = np.asarray(engine.logits_without_cache(prompt), np.float64)
+  log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  expected = logits[np.arange(len(prompt) - 1), prompt[1:]] - log_z[:-1]
+  with TestClient(create_app(engine, model_name="tiny")) as client:
+    scored_response = client.post("/v1/completions", json={
+        "model": "tiny", "prompt": prompt, "max_tokens": 1, "logprobs": 1, "echo": True,
+        "temperature": 0})
+    generated = client.post("/v1/completions", json={
+        "model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0})
+    client.app.state.scorer.stop()
+  assert scored_response.status_code == 200, scored_response.text
+  token_logprobs = scored_response.json()["choices"][0]["logprobs"]["token_logprobs"]
+  np.testing.assert_allclose(token_logprobs[1:len(prompt)], expected, atol=1e-4)
+  assert generated.status_code == 400
+  assert generated.json()["error"]["code"] == "context_length_exceeded"

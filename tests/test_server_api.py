@@ -7,7 +7,9 @@ many decode steps ran.
 """
 
 import asyncio
+import gc
 import json
+import logging
 import socket
 import threading
 import time
@@ -27,7 +29,7 @@ from maxlm.sampling import TokenChoice
 from serving.engine import Step
 from serving.orchestrator import Delta, Orchestrator
 from serving.server import (DrainingServer, create_app, drain, engine_cpus, parse_args,
-                            read_api_keys, served_params)
+                            read_api_keys, served_params, unless_disconnected)
 
 MODEL = "fake"
 
@@ -446,3 +448,22 @@ def test_shutdown_past_its_grace_period_ends_streams_with_an_error_event():
   error = json.loads(lines[-2])["error"]
   assert error["code"] == "service_unavailable" and "shut down" in error["message"]
   assert 3 <= len(lines) - 2 < 100
+
+
+def test_a_client_leaving_cancels_its_gathered_prompts_without_an_error_log(caplog):
+  """A multi-prompt completion waits on a gather of its prompts; the client leaving cancels
+  it, and asyncio must not log the cancelled gather as an exception never retrieved."""
+  class LeftAlready:
+    async def receive(self):
+      return {"type": "http.disconnect"}
+
+  async def leave():
+    prompts = asyncio.gather(asyncio.sleep(3600), asyncio.sleep(3600))
+    received = await unless_disconnected(prompts, LeftAlready())
+    await asyncio.sleep(0.01)  # the cancellations land
+    return received, prompts.done()
+
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    assert asyncio.run(leave()) == (None, True)
+    gc.collect()
+  assert not [record for record in caplog.records if "never retrieved" in record.getMessage()]
