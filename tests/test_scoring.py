@@ -290,6 +290,7 @@ def test_the_server_scores_lm_eval_requests_without_a_decode_slot(engine, monkey
         "model": "tiny", "prompt": PROMPTS, "max_tokens": 1, "logprobs": 1, "echo": True,
         "temperature": 0})
     client.app.state.scorer.stop()
+    client.app.state.orchestrator.shutdown()  # the module's engine serves the next app
   assert response.status_code == 200, response.text
   for prompt, choice, scores in zip(PROMPTS, response.json()["choices"], expected):
     token_logprobs = choice["logprobs"]["token_logprobs"]
@@ -329,6 +330,7 @@ def test_a_scoring_request_may_fill_the_whole_context_and_a_generation_may_not(e
     generated = client.post("/v1/completions", json={
         "model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0})
     client.app.state.scorer.stop()
+    client.app.state.orchestrator.shutdown()
   assert scored_response.status_code == 200, scored_response.text
   token_logprobs = scored_response.json()["choices"][0]["logprobs"]["token_logprobs"]
   np.testing.assert_allclose(token_logprobs[1:len(prompt)], expected, atol=1e-4)
