@@ -1,16 +1,18 @@
 """OpenAI request shapes, error bodies and response/chunk bodies (as vLLM also speaks them)."""
 
+import functools
 import itertools
 import json
 import re
 import time
+import typing
 import uuid
 from collections.abc import Callable
 from typing import Annotated, ClassVar, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serving.chat import IMAGE_TOKEN, ROLES
 
@@ -77,12 +79,32 @@ class SamplingRequest(BaseModel):
   _model_is_text = field_validator("model")(whole_unicode)
   _stops_are_few_and_short = field_validator("stop")(checked_stops)
 
+  @model_validator(mode="before")
+  @classmethod
+  def _null_is_the_default(cls, body):
+    """null for a field that takes no null is that field left out, as OpenAI's API and vLLM
+    read it (the official client sends null for each None it is given: `temperature=None`)."""
+    if not isinstance(body, dict):
+      return body
+    defaulted = _fields_defaulted_not_null(cls)
+    return {key: value for key, value in body.items()
+            if value is not None or key not in defaulted}
+
   def stops(self) -> list[str]:
     return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
   def alternatives(self) -> int | None:
     """How many top alternatives to report per token; None: no logprobs at all."""
     raise NotImplementedError
+
+
+@functools.cache
+def _fields_defaulted_not_null(request_class: type[BaseModel]) -> frozenset[str]:
+  """The fields of `request_class` that have a default and do not take None."""
+  takes_none = lambda annotation: (annotation is type(None)  # noqa: E731
+                                   or type(None) in typing.get_args(annotation))
+  return frozenset(name for name, field in request_class.model_fields.items()
+                   if not field.is_required() and not takes_none(field.annotation))
 
 
 Prompt = str | list[str] | list[int] | list[list[int]]

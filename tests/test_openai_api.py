@@ -92,6 +92,25 @@ def test_the_extremes_in_range_are_served(client, change):
   assert response.status_code == 200, response.text
 
 
+NULLED = ("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty",
+          "top_k", "repetition_penalty", "ignore_eos", "seed", "stop", "stream_options")
+
+
+def test_null_for_an_optional_field_is_its_default_as_the_openai_client_sends_it(client):
+  """The official client sends null for each None it is given (`temperature=None`)."""
+  nulls = dict.fromkeys(NULLED)
+  completed = client.post("/v1/completions", json=completion(**nulls, echo=None, logprobs=None))
+  chatted = client.post("/v1/chat/completions", json=chat(**nulls, logprobs=None,
+                                                          top_logprobs=None))
+  assert completed.status_code == 200, completed.text
+  assert chatted.status_code == 200, chatted.text
+  assert completed.json()["choices"][0]["logprobs"] is None
+
+
+def test_null_for_a_required_field_is_still_a_400_naming_it(client):
+  assert_refused(client.post("/v1/completions", json=completion(prompt=None)), "prompt")
+
+
 @pytest.mark.parametrize("change", [{"presence_penalty": 1}, {"frequency_penalty": -0.5},
                                     {"repetition_penalty": 1.2}])
 def test_a_penalty_in_range_is_refused_until_supported(client, change):
