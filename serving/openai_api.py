@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serving.chat import IMAGE_TOKEN, ROLES
+from serving.chat import IMAGE_TOKEN, RESERVED_TOKENS, ROLES
 
 # OpenAI parameters we accept only at their no-op value; anything else is refused, not ignored.
 UNSUPPORTED_UNLESS = {"echo": False, "best_of": 1, "suffix": None, "presence_penalty": 0,
@@ -190,6 +190,10 @@ class ChatMessage(BaseModel):
       if IMAGE_TOKEN in text:
         raise ValueError(f"the text holds the literal {IMAGE_TOKEN}; send images as image_url "
                          "parts and remove it from the text")
+      if marker := next((token for token in RESERVED_TOKENS if token in text), None):
+        raise ValueError(f"the text holds the chat template's reserved {marker}, which would "
+                         "end this turn or open another's (training refuses it in content "
+                         "too); remove it")
     return content
 
   def text(self) -> str:
