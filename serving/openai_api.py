@@ -51,7 +51,7 @@ def checked_stops(stop: str | list[str] | None) -> str | list[str] | None:
 
 
 class StreamOptions(BaseModel):
-  model_config = ConfigDict(extra="allow")
+  model_config = ConfigDict(strict=True, extra="allow")  # "yes" is not a bool, as elsewhere
   include_usage: bool = False
 
 

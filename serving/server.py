@@ -159,7 +159,8 @@ def create_app(engine: Engine, model_name: str | None = None,
 
   def check_request(request: SamplingRequest):
     if request.model != model_name:
-      raise OpenAIError(404, f"the model `{request.model}` does not exist; this server serves "
+      named = request.model if len(request.model) <= 100 else request.model[:100] + "..."
+      raise OpenAIError(404, f"the model `{named}` does not exist; this server serves "
                         f"`{model_name}`", param="model", code="model_not_found")
     check_supported(request)
 

@@ -107,6 +107,18 @@ def test_null_for_an_optional_field_is_its_default_as_the_openai_client_sends_it
   assert completed.json()["choices"][0]["logprobs"] is None
 
 
+def test_stream_options_take_a_bool_not_a_string_like_every_other_field(client):
+  response = client.post("/v1/completions", json=completion(
+      stream=True, stream_options={"include_usage": "yes"}))
+  assert response.status_code == 400, response.text
+
+
+def test_a_long_unknown_model_name_is_a_404_that_does_not_echo_it_whole(client):
+  response = client.post("/v1/completions", json=completion(model="m" * 100_000))
+  assert response.status_code == 404
+  assert len(response.json()["error"]["message"]) < 300
+
+
 def test_null_for_a_required_field_is_still_a_400_naming_it(client):
   assert_refused(client.post("/v1/completions", json=completion(prompt=None)), "prompt")
 
