@@ -152,13 +152,16 @@ def in_process(engine: Engine, pairs, batch: int):
   return run
 
 
-def packs_alone(engine: Engine, pairs, batch: int):
-  """The server's own forwards for lm-eval's requests (its Scorer's packs, one a request, in
-  its budget of the context length; the logprobs=1 program), with nothing else: no HTTP, no
-  request handling, no response. What serving can reach at best with this work."""
+def server_packs(pairs, batch: int, budget: int) -> list:
+  """The server's packs for lm-eval's requests, one a request (one client), as its Scorer lays
+  them within `budget` (the context length)."""
+  return [pack([pairs[i][0] for i in chunk], budget) for chunk in request_chunks(pairs, batch)]
+
+
+def packs_alone(engine: Engine, packs):
+  """The server's own forwards over `packs` (the logprobs=1 program), with nothing else: no
+  HTTP, no request handling, no response. What serving can reach at best with this work."""
   score = jax.jit(functools.partial(score_pack_fn, scoring_graphdef(engine), top=1))
-  packs = [pack([pairs[i][0] for i in chunk], engine.context_length)
-           for chunk in request_chunks(pairs, batch)]
 
   def run():
     return [jax.device_get(score(engine.params, laid.tokens, laid.positions, laid.segment_ids,
@@ -178,13 +181,6 @@ def request_chunks(pairs, batch: int) -> list[list[int]]:
   """lm-eval's requests: `batch` prompts each, in its order."""
   order = lm_eval_order(pairs)
   return [order[start:start + batch] for start in range(0, len(order), batch)]
-
-
-def server_tokens(pairs, batch: int, budget: int) -> int:
-  """The server's forward widths summed over lm-eval's requests, one request a pack (one
-  client), as `serving.scoring.pack` lays them within the Scorer's `budget`."""
-  return sum(pack([pairs[i][0] for i in chunk], budget).tokens.shape[1]
-             for chunk in request_chunks(pairs, batch))
 
 
 def hf_tokens(pairs, batch: int) -> int:
@@ -288,7 +284,8 @@ def main(argv=None) -> dict:
   engine = Engine.from_checkpoint(args.checkpoint_dir, slots=1)
   pairs = encoded(engine, ITEM_KINDS[args.item_kind](args.items))
   local_s, local = best_seconds(in_process(engine, pairs, args.batch), args.rounds)
-  forward_s, _ = best_seconds(packs_alone(engine, pairs, args.batch), args.rounds)
+  packs = server_packs(pairs, args.batch, engine.context_length)
+  forward_s, _ = best_seconds(packs_alone(engine, packs), args.rounds)
   hf_seconds = {}  # batch size -> (seconds, log-likelihoods)
   if hf_run := with_transformers(engine, pairs):
     for batch in sorted({args.batch, *map(int, args.hf_batches.split(","))}):
@@ -305,7 +302,7 @@ def main(argv=None) -> dict:
     server.terminate()
     server.wait()
   per_s = lambda seconds: args.items / seconds if seconds else None  # noqa: E731
-  served_tokens = server_tokens(pairs, args.batch, engine.context_length)
+  served_tokens = sum(laid.tokens.shape[1] for laid in packs)
   padded_tokens = hf_tokens(pairs, args.batch)
   hf_best_s = hf_seconds[hf_best_batch][0] if hf_seconds else None
   result = {"items": args.items, "choices_per_item": CHOICES, "batch": args.batch,
