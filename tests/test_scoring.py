@@ -1,6 +1,7 @@
 """serving.scoring: lm-eval's scoring requests packed into one forward, against each prompt's
 own scored prefill (`Engine.prefill_scored`, the single-prompt path) as the reference."""
 
+import contextlib
 import queue
 import threading
 import time
@@ -33,6 +34,18 @@ SETTINGS = [SamplingSettings(temperature=0.0), SamplingSettings(temperature=0.9,
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
   return Engine.from_checkpoint(random_run(tmp_path_factory), slots=2)
+
+
+@contextlib.contextmanager
+def app_client(engine):
+  """A client of an app on `engine`, whose scorer and orchestrator stop after: the module's
+  engine serves the next app, and one engine serves one running orchestrator."""
+  with TestClient(create_app(engine, model_name="tiny")) as client:
+    try:
+      yield client
+    finally:
+      client.app.state.scorer.stop()
+      client.app.state.orchestrator.shutdown()
 
 
 def scored(scorer: Scorer, prompts, settings, *, top: int, max_tokens: int = 1):
@@ -283,14 +296,12 @@ def test_the_server_scores_lm_eval_requests_without_a_decode_slot(engine, monkey
   def refuse(*_, **__):
     raise AssertionError("a scoring request reached the decode slots")
 
-  with TestClient(create_app(engine, model_name="tiny")) as client:
+  with app_client(engine) as client:
     monkeypatch.setattr(engine, "prefill_scored", refuse)
     monkeypatch.setattr(engine, "insert", refuse)
     response = client.post("/v1/completions", json={
         "model": "tiny", "prompt": PROMPTS, "max_tokens": 1, "logprobs": 1, "echo": True,
         "temperature": 0})
-    client.app.state.scorer.stop()
-    client.app.state.orchestrator.shutdown()  # the module's engine serves the next app
   assert response.status_code == 200, response.text
   for prompt, choice, scores in zip(PROMPTS, response.json()["choices"], expected):
     token_logprobs = choice["logprobs"]["token_logprobs"]
@@ -323,14 +334,12 @@ def test_a_scoring_request_may_fill_the_whole_context_and_a_generation_may_not(e
   logits = np.asarray(engine.logits_without_cache(prompt), np.float64)
   log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   expected = logits[np.arange(len(prompt) - 1), prompt[1:]] - log_z[:-1]
-  with TestClient(create_app(engine, model_name="tiny")) as client:
+  with app_client(engine) as client:
     scored_response = client.post("/v1/completions", json={
         "model": "tiny", "prompt": prompt, "max_tokens": 1, "logprobs": 1, "echo": True,
         "temperature": 0})
     generated = client.post("/v1/completions", json={
         "model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0})
-    client.app.state.scorer.stop()
-    client.app.state.orchestrator.shutdown()
   assert scored_response.status_code == 200, scored_response.text
   token_logprobs = scored_response.json()["choices"][0]["logprobs"]["token_logprobs"]
   np.testing.assert_allclose(token_logprobs[1:len(prompt)], expected, atol=1e-4)
