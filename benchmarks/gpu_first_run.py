@@ -197,7 +197,7 @@ def variant_ids(variant: str, batch: int, seq: int) -> dict:
   raise ValueError(variant)
 
 
-def attention_rows(sizes: Sizes, smoke: bool) -> list[dict]:
+def attention_rows(sizes: Sizes, smoke: bool, on_row=lambda row: None) -> list[dict]:
   impls = attention_impls(smoke)
   plan = [(seq, "causal") for seq in sizes.seq_lens]
   plan += [(sizes.seq_lens[len(sizes.seq_lens) // 2], "packed"),
@@ -236,6 +236,7 @@ def attention_rows(sizes: Sizes, smoke: bool) -> list[dict]:
       except Exception as error:  # noqa: BLE001
         mark_failed(row, error)
       rows.append(row)
+      on_row(row)
       print_attention_row(row)
   return rows
 
@@ -294,7 +295,7 @@ def paged_reference(layer, q, positions) -> np.ndarray:
   return out
 
 
-def paged_rows(sizes: Sizes, smoke: bool) -> list[dict]:
+def paged_rows(sizes: Sizes, smoke: bool, on_row=lambda row: None) -> list[dict]:
   rng = np.random.default_rng(0)
   rows = []
   lengths = rng.integers(1, sizes.decode_max_len + 1, sizes.decode_rows)
@@ -342,6 +343,7 @@ def paged_rows(sizes: Sizes, smoke: bool) -> list[dict]:
       except Exception as error:  # noqa: BLE001
         mark_failed(row, error)
       rows.append(row)
+      on_row(row)
       if row["status"] == "error":
         print(f"  {kind:>7} {name:>12}: {row['error_text']}")
       else:
@@ -402,7 +404,7 @@ def moe_rows(sizes: Sizes) -> list[dict]:
 # --- the 1b train step ---------------------------------------------------------------------
 
 
-def train_rows(sizes: Sizes, peak: float | None) -> list[dict]:
+def train_rows(sizes: Sizes, peak: float | None, on_row=lambda row: None) -> list[dict]:
   rows = []
   batch, seq = sizes.train_batch, sizes.train_seq
   rng = np.random.default_rng(0)
@@ -440,6 +442,7 @@ def train_rows(sizes: Sizes, peak: float | None) -> list[dict]:
     except Exception as error:  # noqa: BLE001
       mark_failed(row, error)
     rows.append(row)
+    on_row(row)
     if row["status"] == "error":
       print(f"  {attention:>6}: {row['error_text']}")
     else:
@@ -452,7 +455,8 @@ def train_rows(sizes: Sizes, peak: float | None) -> list[dict]:
   return rows
 
 
-SECTIONS = ("ceilings", "attention", "paged", "moe", "train")
+# In the order a short lease wants them: the flash kernels, then the 1b step's MFU.
+SECTIONS = ("ceilings", "attention", "train", "paged", "moe")
 
 
 def main(argv=None) -> dict:
@@ -472,6 +476,12 @@ def main(argv=None) -> dict:
             "jax": jax.__version__, "smoke": args.smoke}
   print(f"{device.device_kind} ({jax.default_backend()}), JAX {jax.__version__}")
   started = time.perf_counter()
+
+  def save():  # after every row: a timeout still leaves what was measured
+    result["seconds"] = time.perf_counter() - started
+    if args.json:
+      Path(args.json).write_text(json.dumps(result, indent=1, default=float))
+
   for section in SECTIONS:
     if section not in wanted:
       continue
@@ -480,26 +490,30 @@ def main(argv=None) -> dict:
       result[section] = "skipped"
       continue
     print(f"== {section}")
+    result[section] = measured = []
+
+    def on_row(row, measured=measured):
+      measured.append(row)
+      save()
+
     try:
       if section == "ceilings":
         result[section] = ceilings(sizes)
         print(f"  bf16 matmul {result[section]['matmul_bf16_flops'] / 1e12:.1f} TFLOP/s, copy "
               f"{result[section]['copy_bytes_per_s'] / 1e9:.0f} GB/s")
       elif section == "attention":
-        result[section] = attention_rows(sizes, args.smoke)
+        result[section] = attention_rows(sizes, args.smoke, on_row)
       elif section == "paged":
-        result[section] = paged_rows(sizes, args.smoke)
+        result[section] = paged_rows(sizes, args.smoke, on_row)
       elif section == "moe":
         result[section] = moe_rows(sizes)
       else:
         peak = result.get("ceilings", {}).get("matmul_bf16_flops")
-        result[section] = train_rows(sizes, peak)
+        result[section] = train_rows(sizes, peak, on_row)
     except Exception as error:  # noqa: BLE001 — the next section may still run
       traceback.print_exc()
-      result[section] = {"error": first_line(error)}
-    result["seconds"] = time.perf_counter() - started
-    if args.json:  # after every section: a timeout still leaves what was measured
-      Path(args.json).write_text(json.dumps(result, indent=1, default=float))
+      result[section] = {"error": first_line(error), "rows": measured}
+    save()
     sys.stdout.flush()
   return result
 
