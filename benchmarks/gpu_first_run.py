@@ -404,7 +404,8 @@ def moe_rows(sizes: Sizes) -> list[dict]:
 # --- the 1b train step ---------------------------------------------------------------------
 
 
-def train_rows(sizes: Sizes, peak: float | None, on_row=lambda row: None) -> list[dict]:
+def train_rows(sizes: Sizes, peak: float | None, on_row=lambda row: None,
+               attentions=("pallas", "cudnn", "xla")) -> list[dict]:
   rows = []
   batch, seq = sizes.train_batch, sizes.train_seq
   rng = np.random.default_rng(0)
@@ -414,7 +415,7 @@ def train_rows(sizes: Sizes, peak: float | None, on_row=lambda row: None) -> lis
   device = jax.devices()[0]
   datasheet = next((flops for name, flops in DATASHEET_BF16_FLOPS.items()
                     if name in device.device_kind), None)
-  for attention in ("pallas", "cudnn", "xla"):
+  for attention in attentions:
     config = ModelConfig(**sizes.train_config, attention=attention)
     row = {"attention": attention, "batch": batch, "seq": seq, "remat": config.remat}
     try:
@@ -466,6 +467,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--budget_s", type=float, default=420.0,
                       help="sections that would start after this many seconds are skipped")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, any backend")
+  parser.add_argument("--train_attentions", default="pallas,cudnn,xla",
+                      help="the attentions the 1b train step is timed with, in order")
   args = parser.parse_args(argv)
   wanted = args.sections.split(",")
   if unknown := sorted(set(wanted) - set(SECTIONS)):
@@ -509,7 +512,7 @@ def main(argv=None) -> dict:
         result[section] = moe_rows(sizes)
       else:
         peak = result.get("ceilings", {}).get("matmul_bf16_flops")
-        result[section] = train_rows(sizes, peak, on_row)
+        result[section] = train_rows(sizes, peak, on_row, args.train_attentions.split(","))
     except Exception as error:  # noqa: BLE001 — the next section may still run
       traceback.print_exc()
       result[section] = {"error": first_line(error), "rows": measured}
