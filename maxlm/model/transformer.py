@@ -269,7 +269,10 @@ class Transformer(nnx.Module):
     # Adapters draw from a stream of their own: a seed gives the same base weights with or
     # without them.
     adapter_rngs = nnx.Rngs(jax.random.split(rngs.params.key[...])[1]) if c.lora_rank else None
-    self.embedding = _param(rngs, (c.vocab_size, c.embed_dim), ("vocab", "embed"), 1)
+    # Tied, the embedding is also the output projection: drawn at 1/sqrt(embed_dim) like one, so
+    # that a new model's logits have std ~1 and its loss starts near ln(vocab_size).
+    self.embedding = _param(rngs, (c.vocab_size, c.embed_dim), ("vocab", "embed"),
+                            c.embed_dim if c.tie_embeddings else 1)
     self.blocks = nnx.List([Block(c, rngs, adapter_rngs, layer) for layer in range(c.num_layers)])
     self.final_norm = RMSNorm(c.embed_dim, c.norm_eps)
     if not c.tie_embeddings:
