@@ -197,8 +197,10 @@ def variant_ids(variant: str, batch: int, seq: int) -> dict:
   raise ValueError(variant)
 
 
-def attention_rows(sizes: Sizes, smoke: bool, on_row=lambda row: None) -> list[dict]:
-  impls = attention_impls(smoke)
+def attention_rows(sizes: Sizes, smoke: bool, on_row=lambda row: None,
+                   wanted=None) -> list[dict]:
+  impls = {name: impl for name, impl in attention_impls(smoke).items()
+           if wanted is None or name in wanted}
   plan = [(seq, "causal") for seq in sizes.seq_lens]
   plan += [(sizes.seq_lens[len(sizes.seq_lens) // 2], "packed"),
            (sizes.seq_lens[0], "prefix_lm")]
@@ -467,6 +469,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--budget_s", type=float, default=420.0,
                       help="sections that would start after this many seconds are skipped")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, any backend")
+  parser.add_argument("--attention_impls", default="pallas,xla,cudnn",
+                      help="the attentions timed side by side (XLA's compiles took 22 to 65 s "
+                           "each on the H200: leave it out when the lease is short)")
   parser.add_argument("--train_attentions", default="pallas,cudnn,xla",
                       help="the attentions the 1b train step is timed with, in order")
   args = parser.parse_args(argv)
@@ -505,7 +510,8 @@ def main(argv=None) -> dict:
         print(f"  bf16 matmul {result[section]['matmul_bf16_flops'] / 1e12:.1f} TFLOP/s, copy "
               f"{result[section]['copy_bytes_per_s'] / 1e9:.0f} GB/s")
       elif section == "attention":
-        result[section] = attention_rows(sizes, args.smoke, on_row)
+        result[section] = attention_rows(sizes, args.smoke, on_row,
+                                         args.attention_impls.split(","))
       elif section == "paged":
         result[section] = paged_rows(sizes, args.smoke, on_row)
       elif section == "moe":

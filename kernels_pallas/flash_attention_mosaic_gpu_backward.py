@@ -29,6 +29,7 @@ from kernels_pallas.flash_attention_mosaic_gpu import (
   accumulate,
   forward,
   grid_position,
+  load_gmem,
   matmul_t,
   run_kernel,
   staging,
@@ -59,9 +60,9 @@ def _dq_kernel(*refs, cfg: KernelConfig, group: int, has_segments: bool):
   plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_barriers.at[0])
   plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, q_barriers.at[1])
   pl.when(num_k_blocks > 0)(lambda: fetch(0, 0))
-  lse = plgpu.load(lse_ref.at[rows], layout=ROWS)
-  delta = plgpu.load(delta_ref.at[rows], layout=ROWS)
-  q_seg = plgpu.load(seg_refs[0].at[batch, pl.ds(q_start, block_q)], layout=ROWS) if has_segments else None
+  lse = load_gmem(lse_ref.at[rows], ROWS)
+  delta = load_gmem(delta_ref.at[rows], ROWS)
+  q_seg = load_gmem(seg_refs[0].at[batch, pl.ds(q_start, block_q)], ROWS) if has_segments else None
   plgpu.barrier_wait(q_barriers.at[0])
   plgpu.barrier_wait(q_barriers.at[1])
 
@@ -69,7 +70,7 @@ def _dq_kernel(*refs, cfg: KernelConfig, group: int, has_segments: bool):
     slot = index_rem(j, 2)
     pl.when(j + 1 < num_k_blocks)(lambda: fetch(j + 1, 1 - slot))
     k_start = j * block_k
-    kv_seg = plgpu.load(seg_refs[1].at[batch, pl.ds(k_start, block_k)], layout=COLS) if has_segments else None
+    kv_seg = load_gmem(seg_refs[1].at[batch, pl.ds(k_start, block_k)], COLS) if has_segments else None
     plgpu.barrier_wait(k_barriers.at[slot])
     scores = visible_scores(q_smem, k_smem.at[slot], q_start, k_start, cfg, q_seg, kv_seg, True)
     probs = jnp.exp(scores - lax.broadcast_in_dim(lse, scores.shape, [0]))
@@ -112,7 +113,7 @@ def _dkdv_kernel(*refs, cfg: KernelConfig, group: int, has_segments: bool):
   plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, k_barriers.at[0])
   plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, k_barriers.at[1])
   pl.when(num_steps > 0)(lambda: fetch(0, 0))
-  kv_seg = plgpu.load(seg_refs[1].at[batch, pl.ds(k_start, block_k)], layout=ROWS) if has_segments else None
+  kv_seg = load_gmem(seg_refs[1].at[batch, pl.ds(k_start, block_k)], ROWS) if has_segments else None
   plgpu.barrier_wait(k_barriers.at[0])
   plgpu.barrier_wait(k_barriers.at[1])
 
@@ -122,9 +123,9 @@ def _dkdv_kernel(*refs, cfg: KernelConfig, group: int, has_segments: bool):
     pl.when(t + 1 < num_steps)(lambda: fetch(t + 1, 1 - slot))
     rows = query_rows(t)
     q_start = rows[3].start
-    q_seg = plgpu.load(seg_refs[0].at[batch, rows[3]], layout=COLS) if has_segments else None
-    lse = plgpu.load(lse_ref.at[rows], layout=COLS)
-    delta = plgpu.load(delta_ref.at[rows], layout=COLS)
+    q_seg = load_gmem(seg_refs[0].at[batch, rows[3]], COLS) if has_segments else None
+    lse = load_gmem(lse_ref.at[rows], COLS)
+    delta = load_gmem(delta_ref.at[rows], COLS)
     plgpu.barrier_wait(q_barriers.at[slot])
     scores_t = visible_scores(k_smem, q_smem.at[slot], k_start, q_start, cfg, kv_seg, q_seg, False)
     probs_t = jnp.exp(scores_t - lax.broadcast_in_dim(lse, scores_t.shape, [1]))

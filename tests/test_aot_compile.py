@@ -3,9 +3,11 @@ kernels and the FSDP train step go through the real TPU and CUDA compilers on th
 
 Marked `aot`, outside the default run: `pytest -m aot tests/test_aot_compile.py`. The TPU tests
 need libtpu (`pip install -e '.[aot]'`), the CUDA tests the CUDA plugin (`pip install
-'jax[cuda12]==<this jax>'`); each skips without its compiler. Small shapes: the figures for the
+'jax[cuda12]==<this jax>'`, or cuda13 as the lent H200s have); each skips without its compiler. Small shapes: the figures for the
 1b and 7b configs come from the script (benchmarks/RESULTS.md).
 """
+
+import importlib.util
 
 import jax.numpy as jnp
 import pytest
@@ -32,7 +34,8 @@ def tpu_devices():
 
 @pytest.fixture(scope="module")
 def cuda_devices():
-  pytest.importorskip("jax_cuda12_plugin", reason="needs pip install 'jax[cuda12]'")
+  if not any(importlib.util.find_spec(f"jax_cuda{version}_plugin") for version in (12, 13)):
+    pytest.skip("needs pip install 'jax[cuda12]' or 'jax[cuda13]'")
   aot_compile.cpu_host()
   return aot_compile.compile_only_devices("cuda", "1x1x4")
 
