@@ -249,13 +249,55 @@ def test_prompts_waiting_together_share_one_forward_pass(engine):
     rest = threading.Thread(target=scored, args=(scorer, PROMPTS, [SETTINGS[0]] * 5),
                             kwargs={"top": 1})
     rest.start()
-    while scorer._waiting.qsize() < len(PROMPTS):
+    while scorer.waiting_prompts < len(PROMPTS):
       time.sleep(0.001)
     gate.set()
     first.join(300), rest.join(300)  # two compiles, on a busy machine
   finally:
     scorer.stop()
   assert len(forwards) == 2  # the lone one, then the five of a concurrent request in one
+
+
+def test_a_small_request_waits_for_one_pack_per_request_ahead_not_for_all_their_prompts(
+    engine):
+  """Two requests of four 40-token prompts (one pack each in a budget of 64), then one of a
+  5-token prompt: FIFO scored it last, in the eighth pack; taken in turn, it is in the fourth,
+  before either long request has finished, and every prompt is scored once."""
+  scorer = Scorer(engine)
+  assert scorer.budget == 64
+  packs, entered, gate = [], threading.Event(), threading.Event()
+
+  def recorded(batch):
+    entered.set()
+    gate.wait(60)  # the first pack holds until every request is queued
+    packs.append([request.prompt_ids for request in batch])
+    for request in batch:
+      scorer._finish(request, None)
+
+  scorer._score_batch = recorded
+  rng = np.random.default_rng(4)
+  bos = engine.tokenizer.bos_id()
+  long_ones = [[[bos, *map(int, rng.integers(4, 300, 39))] for _ in range(4)] for _ in range(2)]
+  short = [bos, 5, 6, 7, 8]
+  request = lambda prompt: Request(prompt, max_tokens=0, emit=lambda item: None,
+                                   settings=SETTINGS[0], top_logprobs=1, echo=True)
+  scorer.start()
+  try:
+    scorer.submit([request(prompt) for prompt in long_ones[0]])
+    assert entered.wait(60)
+    scorer.submit([request(prompt) for prompt in long_ones[1]])
+    scorer.submit([request(short)])
+    gate.set()
+    deadline = time.monotonic() + 60
+    while sum(map(len, packs)) < 9 and time.monotonic() < deadline:
+      time.sleep(0.01)
+  finally:
+    scorer.stop()
+  scored_prompts = [prompt for pack_ in packs for prompt in pack_]
+  assert sorted(scored_prompts) == sorted([*long_ones[0], *long_ones[1], short])
+  pack_of = lambda prompt: next(i for i, pack_ in enumerate(packs) if prompt in pack_)
+  assert pack_of(short) == 3
+  assert pack_of(short) < min(max(map(pack_of, line)) for line in long_ones)
 
 
 def test_choices_sharing_a_context_fill_one_pack_whose_raw_lengths_exceed_its_budget(engine):
