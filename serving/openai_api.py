@@ -17,9 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from serving.chat import IMAGE_TOKEN, RESERVED_TOKENS, ROLES
 
 # OpenAI parameters we accept only at their no-op value; anything else is refused, not ignored.
-UNSUPPORTED_UNLESS = {"echo": False, "best_of": 1, "suffix": None, "presence_penalty": 0,
+# (null, {} and [] are no-ops too.)
+UNSUPPORTED_UNLESS = {"echo": False, "best_of": 1, "suffix": "", "presence_penalty": 0,
                       "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": None,
-                      "tools": None, "tool_choice": None, "response_format": None}
+                      "tools": None, "tool_choice": None, "response_format": {"type": "text"}}
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits on alternatives per token
 MAX_CHAT_TOP_LOGPROBS = 20
 MAX_PROMPTS = 64         # prompts in one completions request (a batch, as lm-eval sends them)

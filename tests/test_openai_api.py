@@ -123,6 +123,27 @@ def test_null_for_a_required_field_is_still_a_400_naming_it(client):
   assert_refused(client.post("/v1/completions", json=completion(prompt=None)), "prompt")
 
 
+@pytest.mark.parametrize("route, change", [
+    ("/v1/chat/completions", {"response_format": {"type": "text"}}),
+    ("/v1/completions", {"suffix": ""}), ("/v1/completions", {"response_format": None})])
+def test_openai_s_no_op_values_of_unsupported_fields_are_served(client, route, change):
+  """`response_format` {"type": "text"} is OpenAI's default, and an empty suffix adds
+  nothing; a client may send either. Other values are still refused (next test)."""
+  body = chat(**change) if route.endswith("chat/completions") else completion(**change)
+  response = client.post(route, json=body)
+  assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("route, change", [
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
+    ("/v1/completions", {"suffix": " and so on"})])
+def test_other_values_of_unsupported_fields_are_refused_naming_them(client, route, change):
+  [(field, _)] = change.items()
+  body = chat(**change) if route.endswith("chat/completions") else completion(**change)
+  response = client.post(route, json=body)
+  assert response.status_code == 400 and response.json()["error"]["param"] == field
+
+
 @pytest.mark.parametrize("change", [{"presence_penalty": 1}, {"frequency_penalty": -0.5},
                                     {"repetition_penalty": 1.2}])
 def test_a_penalty_in_range_is_refused_until_supported(client, change):
