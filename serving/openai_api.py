@@ -336,6 +336,8 @@ class TokenTexts:
   def __init__(self, token_bytes: Callable[[int], bytes]):
     self.token_bytes = token_bytes
     self._texts: dict[int, str] = {}
+    self._starts: dict[int, int] = {}  # characters whose first byte is in the token
+    self._inside: dict[int, int] = {}  # 1 when the token's first byte continues a character
 
   def __call__(self, token_id: int) -> str:
     text = self._texts.get(token_id)
@@ -346,6 +348,8 @@ class TokenTexts:
       except UnicodeDecodeError:
         text = "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
       self._texts[token_id] = text
+      self._starts[token_id] = sum(not _continues(byte) for byte in raw)
+      self._inside[token_id] = int(bool(raw) and _continues(raw[0]))
     return text
 
   def many(self, token_ids: list[int]) -> list[str]:
@@ -356,6 +360,22 @@ class TokenTexts:
       for token_id in set(token_ids).difference(self._texts):
         self(token_id)
       return list(map(self._texts.__getitem__, token_ids))
+
+  def offsets(self, token_ids: list[int], start: int) -> tuple[list[int], int]:
+    """(each token's character offset in the text the tokens decode to, counted from
+    `start`; the offset after the last). A token that begins inside a character (a byte-
+    fallback piece after the first) has that character's offset: the `bytes:` labels'
+    lengths count for nothing. Call `many` with the ids first."""
+    offsets = list(itertools.accumulate(map(self._starts.__getitem__, token_ids),
+                                        initial=start))
+    end = offsets.pop()
+    return [max(start, offset - inside) for offset, inside in
+            zip(offsets, map(self._inside.__getitem__, token_ids))], end
+
+
+def _continues(byte: int) -> bool:
+  """Whether a UTF-8 byte continues a character (10xxxxxx) rather than starting one."""
+  return byte & 0xC0 == 0x80
 
 
 class Logprobs:
@@ -372,12 +392,18 @@ class Logprobs:
     self.token = texts or TokenTexts(token_bytes)
     self.text_offset = 0
 
-  def of_prompt(self, tokens: list[int], logprobs, alternatives: int) -> dict:
+  def of_prompt(self, tokens: list[int], logprobs, alternatives: int,
+                text_length: int | None = None) -> dict:
     """Completions' object for an echoed prompt (`logprobs`: its PromptLogprobs); the first
-    token's entries are null, as OpenAI's are."""
+    token's entries are null, as OpenAI's are. `text_length`: the echoed text's, when the
+    pieces spell more at its start (SentencePiece's dummy-prefix space, which decoding
+    drops): offsets then count in the text."""
     texts = self.token.many(tokens)
-    offsets = list(itertools.accumulate(map(len, texts), initial=self.text_offset))
-    self.text_offset = offsets.pop()
+    start = self.text_offset
+    offsets, self.text_offset = self.token.offsets(tokens, start)
+    if text_length is not None and (dropped := self.text_offset - start - text_length) > 0:
+      offsets = [max(start, offset - dropped) for offset in offsets]
+      self.text_offset -= dropped
     return {"tokens": texts,
             "token_logprobs": [None, *logprobs.logprobs],
             "top_logprobs": [None, *self._alternatives(logprobs, alternatives)],

@@ -315,16 +315,18 @@ def create_app(engine: Engine, model_name: str | None = None,
     shape, choices = ResponseShape(model_name, chat=False), []
     for index, (prompt, (generation, _), deltas) in enumerate(zip(prompts, submitted, received)):
       text = "".join(d.text for d in deltas)
+      echoed_text = request.echo and (prompt if isinstance(prompt, str) else engine.decode(prompt))
       logprobs = None
       if request.logprobs is not None:
         shaping = Logprobs(chat=False, token_bytes=engine.token_bytes, texts=token_texts)
         echoed = request.echo and shaping.of_prompt(
-            generation.prompt_ids, generation.prompt_logprobs, request.logprobs)
+            generation.prompt_ids, generation.prompt_logprobs, request.logprobs,
+            text_length=len(echoed_text))
         logprobs = shaping.of(deltas)  # its text offsets follow the prompt's
         if echoed:
           logprobs = Logprobs.joined(echoed, logprobs)
       if request.echo:
-        text = (prompt if isinstance(prompt, str) else engine.decode(prompt)) + text
+        text = echoed_text + text
       choices.append(shape.choice(index, text, deltas[-1].finish_reason if deltas else "length",
                                   logprobs))
     # Bytes made here skip FastAPI's jsonable_encoder, which walks every value of the echoed

@@ -353,10 +353,34 @@ def test_a_malformed_tokenizer_request_is_a_400_naming_the_field(model_client, p
   assert response.status_code == 400 and response.json()["error"]["param"] == param
 
 
+def test_echoed_text_offsets_point_into_the_echoed_text_when_pieces_fall_back_to_bytes(
+    model_client):
+  """Through the server, with the trained tokenizer (which spells é, ö and the emoji in
+  byte pieces): every offset lies in the text, none goes back, and each whole piece's text
+  is found at its offset, but for the first piece's dummy-prefix space, which the text does
+  not have (fuzzing had offsets past the end, counting `bytes:` labels and that space)."""
+  client, _ = model_client
+  response = client.post("/v1/completions", json={
+      "model": "tiny", "prompt": "h\u00e9llo \U0001f600 w\u00f6rld", "echo": True,
+      "logprobs": 1, "max_tokens": 0})
+  assert response.status_code == 200, response.text
+  [choice] = response.json()["choices"]
+  text, tokens, offsets = (choice["text"], choice["logprobs"]["tokens"],
+                           choice["logprobs"]["text_offset"])
+  assert any(token.startswith("bytes:") for token in tokens)  # the case under test is here
+  assert offsets == sorted(offsets) and all(0 <= offset <= len(text) for offset in offsets)
+  for token, offset in zip(tokens, offsets):
+    if not token.startswith("bytes:"):
+      piece = token.lstrip(" ") if offset == 0 else token
+      assert text[offset:offset + len(piece)] == piece, (token, offset, text)
+
+
 def test_echoed_logprobs_name_each_token_and_its_text_offset_and_bytes_stay_apart():
   """Completions' echoed logprobs object, on a hand-made vocabulary: offsets count characters
-  from the start, a piece that is not whole UTF-8 is `bytes:\\xNN`, alternatives are cut to
-  the request's count, and the generated token's offset follows the prompt's."""
+  of the text from the start ("abc\u00e9"; the second byte of \u00e9 is at its character's
+  offset, and the `bytes:` labels count for nothing), a piece that is not whole UTF-8 is
+  `bytes:\\xNN`, alternatives are cut to the request's count, and the generated token's offset
+  follows the prompt's."""
   pieces = {0: b"a", 1: "\u00e9".encode(), 2: b"\xc3", 3: b"\xa9", 4: b"bc"}
   shaping = Logprobs(chat=False, token_bytes=pieces.__getitem__)
   scored = PromptLogprobs([-1.0, -2.0, -0.5], np.array([[4, 0], [1, 2], [3, 4]]),
@@ -365,9 +389,9 @@ def test_echoed_logprobs_name_each_token_and_its_text_offset_and_bytes_stay_apar
   assert echoed == {"tokens": ["a", "bc", "bytes:\\xc3", "bytes:\\xa9"],
                     "token_logprobs": [None, -1.0, -2.0, -0.5],
                     "top_logprobs": [None, {"bc": -0.1}, {"\u00e9": -0.2}, {"bytes:\\xa9": -0.3}],
-                    "text_offset": [0, 1, 3, 13]}
+                    "text_offset": [0, 1, 3, 3]}
   generated = shaping.of([Delta("\u00e9", 1, None, -0.7, ((1, -0.7),))])
-  assert generated["text_offset"] == [23] and generated["tokens"] == ["\u00e9"]
+  assert generated["text_offset"] == [4] and generated["tokens"] == ["\u00e9"]
   wider = Logprobs(chat=False, token_bytes=pieces.__getitem__).of_prompt([0, 4, 2, 3], scored, 2)
   assert wider["top_logprobs"] == [None, {"bc": -0.1, "a": -3.0},
                                    {"\u00e9": -0.2, "bytes:\\xc3": -4.0},
