@@ -365,7 +365,8 @@ class TokenTexts:
     """(each token's character offset in the text the tokens decode to, counted from
     `start`; the offset after the last). A token that begins inside a character (a byte-
     fallback piece after the first) has that character's offset: the `bytes:` labels'
-    lengths count for nothing. Call `many` with the ids first."""
+    lengths count for nothing."""
+    self.many(token_ids)  # each id's counts are made with its text
     offsets = list(itertools.accumulate(map(self._starts.__getitem__, token_ids),
                                         initial=start))
     end = offsets.pop()
