@@ -235,12 +235,41 @@ def error_response(error: OpenAIError) -> JSONResponse:
 
 
 def validation_error(exc: RequestValidationError) -> OpenAIError:
-  first = exc.errors()[0]
-  fields = [str(part) for part in first.get("loc", ()) if part != "body"]
+  errors = [{**error, "loc": [part for part in error.get("loc", ()) if part != "body"]}
+            for error in exc.errors()]
+  first = errors[0]
+  fields = [str(part) for part in first["loc"]]
   param = fields[0] if fields and first.get("type") != "json_invalid" else None
+  if param and (union := _failed_union(errors)):
+    path, forms = union
+    return OpenAIError(400, f"{path}: matches none of its forms: {forms}", param=param)
   where = f"{'.'.join(fields)}: " if param else ""
-  message = first.get("msg", "invalid request").removeprefix("Value error, ")
-  return OpenAIError(400, f"{where}{message}", param=param)
+  return OpenAIError(400, f"{where}{_message(first)}", param=param)
+
+
+def _message(error: dict) -> str:
+  return error.get("msg", "invalid request").removeprefix("Value error, ")
+
+
+def _failed_union(errors: list[dict]) -> tuple[str, str] | None:
+  """(the field's path, each form and why it failed) when the first error is one of a union
+  field's forms (pydantic names each form in the error's loc: `prompt.str`,
+  `prompt.list[int].0`, ...), else None. Only the first form's error would say "should be a
+  valid string" of `[1.5]`, whose trouble is the list of token ids' 1.5."""
+  loc = errors[0]["loc"]
+  for depth in range(1, len(loc)):  # loc[0] is the field, never a form
+    if not isinstance(loc[depth], str):
+      continue
+    forms = {}
+    for error in errors:
+      if error["loc"][:depth] == loc[:depth] and len(error["loc"]) > depth:
+        form = error["loc"][depth]
+        if isinstance(form, str) and form not in forms:
+          where = ".".join(map(str, error["loc"][depth + 1:]))
+          forms[form] = f"{form} ({f'at {where}: ' if where else ''}{_message(error)})"
+    if len(forms) > 1:
+      return ".".join(map(str, loc[:depth])), "; ".join(forms.values())
+  return None
 
 
 def check_supported(request: SamplingRequest):

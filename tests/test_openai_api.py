@@ -119,6 +119,27 @@ def test_a_long_unknown_model_name_is_a_404_that_does_not_echo_it_whole(client):
   assert len(response.json()["error"]["message"]) < 300
 
 
+@pytest.mark.parametrize("prompt, why", [
+    ([1.5], "list[int] (at 0: Input should be a valid integer)"),
+    ([[1], "a"], "list[list[int]] (at 1: Input should be a valid list)")])
+def test_a_prompt_of_no_accepted_form_is_a_400_saying_why_each_form_failed(client, prompt, why):
+  """The first form's error alone ("prompt.str: should be a valid string") hid that [1.5]
+  is a list of token ids with a float in it."""
+  response = client.post("/v1/completions", json=completion(prompt=prompt))
+  assert_refused(response, "prompt")
+  message = response.json()["error"]["message"]
+  assert message.startswith("prompt: matches none of its forms: str (") and why in message
+
+
+def test_a_content_part_of_an_unknown_type_is_a_400_naming_the_part_forms(client):
+  response = client.post("/v1/chat/completions", json=chat(messages=[
+      {"role": "user", "content": [{"type": "video", "url": "x"}]}]))
+  assert_refused(response, "messages")
+  message = response.json()["error"]["message"]
+  assert message.startswith("messages.0.content: matches none of its forms")
+  assert "at 0.TextPart.type: Input should be 'text'" in message
+
+
 def test_null_for_a_required_field_is_still_a_400_naming_it(client):
   assert_refused(client.post("/v1/completions", json=completion(prompt=None)), "prompt")
 
