@@ -3,8 +3,9 @@ kernels and the FSDP train step go through the real TPU and CUDA compilers on th
 
 Marked `aot`, outside the default run: `pytest -m aot tests/test_aot_compile.py`. The TPU tests
 need libtpu (`pip install -e '.[aot]'`), the CUDA tests the CUDA plugin (`pip install
-'jax[cuda12]==<this jax>'`, or cuda13 as the lent H200s have); each skips without its compiler. Small shapes: the figures for the
-1b and 7b configs come from the script (benchmarks/RESULTS.md).
+'jax[cuda12]==<this jax>'`, or cuda13 as the lent H200s have); each skips without its
+compiler. Small shapes: the figures for the 1b and 7b configs come from the script
+(benchmarks/RESULTS.md).
 """
 
 import importlib.util
