@@ -382,25 +382,29 @@ class TokenTexts:
     return text
 
   def many(self, token_ids: list[int]) -> list[str]:
-    """The texts of `token_ids`, looked up at C speed once each is known."""
-    try:
-      return list(map(self._texts.__getitem__, token_ids))
-    except KeyError:
-      for token_id in set(token_ids).difference(self._texts):
-        self(token_id)
-      return list(map(self._texts.__getitem__, token_ids))
+    """The texts of `token_ids`."""
+    return self._looked_up(self._texts, token_ids)
 
   def offsets(self, token_ids: list[int], start: int) -> tuple[list[int], int]:
     """(each token's character offset in the text the tokens decode to, counted from
     `start`; the offset after the last). A token that begins inside a character (a byte-
     fallback piece after the first) has that character's offset: the `bytes:` labels'
     lengths count for nothing."""
-    self.many(token_ids)  # each id's counts are made with its text
-    offsets = list(itertools.accumulate(map(self._starts.__getitem__, token_ids),
+    offsets = list(itertools.accumulate(self._looked_up(self._starts, token_ids),
                                         initial=start))
     end = offsets.pop()
     return [max(start, offset - inside) for offset, inside in
-            zip(offsets, map(self._inside.__getitem__, token_ids))], end
+            zip(offsets, self._looked_up(self._inside, token_ids))], end
+
+  def _looked_up(self, table: dict[int, int | str], token_ids: list[int]) -> list:
+    """`table`'s entries for `token_ids`, at C speed once each token is known (a new one is
+    made, with all its entries, on the way)."""
+    try:
+      return list(map(table.__getitem__, token_ids))
+    except KeyError:
+      for token_id in set(token_ids).difference(self._texts):
+        self(token_id)
+      return list(map(table.__getitem__, token_ids))
 
 
 def _continues(byte: int) -> bool:
