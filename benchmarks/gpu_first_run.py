@@ -172,19 +172,7 @@ def attention_impls(smoke: bool) -> dict:
   def cudnn(q, k, v, segment_ids=None, bidirectional_ids=None):
     return fused._cudnn(q, k, v, segment_ids, bidirectional_ids)  # noqa: SLF001
 
-  def cudnn_causal_mask(q, k, v, segment_ids=None, bidirectional_ids=None):
-    """A candidate for `fused._cudnn`: with ids, the same dense mask plus is_causal=True, so
-    cuDNN may skip the tiles above the diagonal (the H200 read 127.7 TF/s packed against 419.3
-    causal at 4k with the mask alone). Without ids it is `cudnn`."""
-    if segment_ids is None and bidirectional_ids is None:
-      return cudnn(q, k, v)
-    positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
-    mask = layers.attention_mask(positions, jnp.arange(k.shape[1]), segment_ids, segment_ids,
-                                 bidirectional_ids, bidirectional_ids)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=bidirectional_ids is None,
-                                        implementation="cudnn")
-
-  return {"pallas": pallas, "xla": xla, "cudnn": cudnn, "cudnn_causal_mask": cudnn_causal_mask}
+  return {"pallas": pallas, "xla": xla, "cudnn": cudnn}
 
 
 def reference_and_grads(q, k, v, do, ids: dict):
@@ -481,9 +469,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--budget_s", type=float, default=420.0,
                       help="sections that would start after this many seconds are skipped")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, any backend")
-  parser.add_argument("--attention_impls", default="pallas,cudnn,cudnn_causal_mask",
-                      help="the attentions timed side by side, of pallas, cudnn, "
-                           "cudnn_causal_mask, xla (XLA's compiles took 22 to 65 s each on the "
+  parser.add_argument("--attention_impls", default="pallas,cudnn",
+                      help="the attentions timed side by side, of pallas, cudnn, xla (XLA's "
+                           "compiles took 22 to 65 s each on the "
                            "H200, and its figures are in RESULTS.md: add it when time allows)")
   parser.add_argument("--train_attentions", default="pallas,cudnn",
                       help="the attentions the 1b train step is timed with, in order")

@@ -46,7 +46,7 @@ def test_every_shipped_config_passes(config_file):
     ("ModelConfig", {"num_layers": True}, "ModelConfig.num_layers=True must be a positive int"),
     ("ModelConfig", {"vocab_size": 0}, "ModelConfig.vocab_size=0 must be a positive int or None"),
     ("ModelConfig", {"norm_eps": float("nan")}, "ModelConfig.norm_eps=nan must be a positive "),
-    ("ModelConfig", {"attention": ["xla"]}, "ModelConfig.attention=['xla'] must be one of 'xla'"),
+    ("ModelConfig", {"attention": ["xla"]}, "ModelConfig.attention=['xla'] must be one of 'auto'"),
     ("ModelConfig", {"heads": 4}, "ModelConfig.heads is not a setting of ModelConfig"),
     ("train", {"profile_steps": (5, 2)}, "train.profile_steps=(5, 2) must be a pair of steps"),
     ("train", {"seed": 2**32}, "train.seed=4294967296 must be an int in"),

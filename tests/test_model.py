@@ -216,6 +216,16 @@ def test_pallas_attention_matches_xla_in_loss_and_gradients_sharded_too():
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("name, backend, branches, expected", [
+    ("auto", "gpu", False, "cudnn"), ("auto", "gpu", True, "pallas"),
+    ("auto", "cpu", False, "xla"), ("auto", "tpu", True, "xla"),
+    ("pallas", "cpu", False, "pallas"), ("cudnn", "gpu", True, "cudnn")])
+def test_auto_attention_is_cudnn_on_a_gpu_and_xla_elsewhere(name, backend, branches, expected):
+  from maxlm.model import attention
+  assert attention.implementation_for(name, branches, backend) == expected
+  assert ModelConfig().attention == "auto"
+
+
 def test_unknown_attention_is_refused():
   with pytest.raises(ValueError, match="ModelConfig.attention='flash'"):
     ModelConfig(attention="flash")

@@ -21,7 +21,7 @@ from maxlm.model.kv_cache import KVCache
 from maxlm.sharding import constrain
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn")
 # What a decoder layer keeps from its forward pass for the backward pass; the rest is recomputed.
 REMAT_POLICIES = {
     "none": None,                                       # keep everything (no rematerialization)
@@ -53,7 +53,8 @@ class ModelConfig:
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   dtype: str = "float32"  # activation/compute dtype; parameters stay float32
-  attention: str = "xla"   # training attention: "xla", "pallas" (flash kernel) or "cudnn"
+  attention: str = "auto"  # training attention: "xla", "pallas" (flash kernel), "cudnn" or
+                           # "auto" (`attention.implementation_for`: cuDNN on a GPU, else XLA)
   remat: str = "none"      # per-layer rematerialization: "none", "full" or "save_dots"
   lora_rank: int = 0       # rank of the LoRA adapters beside each target projection; 0: none
   lora_alpha: float = 16.0  # an adapter's term scales by lora_alpha / lora_rank
@@ -201,9 +202,10 @@ class Attention(nnx.Module):
     q, k, v = (_project(self, name, x) for name in ("q", "k", "v"))
     q = layers.rope(q, positions, self.config.rope_theta, self.config.rope_scaling)
     k = layers.rope(k, positions, self.config.rope_theta, self.config.rope_scaling)
-    if cache is None and self.config.attention != "xla":
-      out = attention.fused_attention(q, k, v, segment_ids, self.config.attention,
-                                      bidirectional_ids, branch_ids)
+    implementation = attention.implementation_for(self.config.attention, branch_ids is not None)
+    if cache is None and implementation != "xla":
+      out = attention.fused_attention(q, k, v, segment_ids, implementation, bidirectional_ids,
+                                      branch_ids)
     elif cache is None:
       out = layers.causal_attention(q, k, v, segment_ids, bidirectional_ids=bidirectional_ids,
                                     branch_ids=branch_ids)
