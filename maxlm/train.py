@@ -47,7 +47,7 @@ from maxlm.config_checks import (UserError, build_model_config, changed_numerics
                                  check_compatible, check_run_configuration, check_same_model,
                                  resolve_model_config)
 from maxlm.default_corpus import ensure_default_corpus
-from maxlm.model import ModelConfig
+from maxlm.model import ModelConfig, attention
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 LORA_TRAINABLE = ".*lora.*"  # the adapters' parameter paths (`blocks/0/attention/q_lora_a`)
@@ -224,8 +224,12 @@ def train(workdir: str, data_dir: str | Callable[[], str] | None = None,
   row_tokens, row_flops = task.step_cost(config, seq_len)
   tokens_per_step, flops_per_step = global_batch_size * row_tokens, global_batch_size * row_flops
   peak_flops = peak_flops_per_device * jax.device_count() if peak_flops_per_device else None
+  attention_used = attention.implementation_for(config.attention)
+  attention_said = (f"{attention_used} ({config.attention})" if attention_used != config.attention
+                    else attention_used)
   _log(f"params {sum(x.size for x in jax.tree.leaves(state.params)):,} | mesh {dict(mesh.shape)}"
-       f" | {tokens_per_step:,} tokens/step | steps {first_step} -> {steps}")
+       f" | attention {attention_said} | {tokens_per_step:,} tokens/step"
+       f" | steps {first_step} -> {steps}")
   last_eval = None
   bad_in_a_row, skipped_total = 0, 0
   router_window = tasks.RouterLoadWindow()
