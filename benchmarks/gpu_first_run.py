@@ -36,6 +36,7 @@ then one device call, carrying .whl:
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import statistics
 import sys
@@ -434,7 +435,10 @@ def moe_rows(sizes: Sizes) -> list[dict]:
 
 
 def train_rows(sizes: Sizes, peak: float | None, on_row=lambda row: None,
-               attentions=("pallas", "cudnn", "xla")) -> list[dict]:
+               attentions=("pallas", "cudnn", "xla"), remats=("full",)) -> list[dict]:
+  """The 1b step for each attention, and within it each rematerialization policy, in order.
+  `peak_gib` is the process's peak so far (JAX keeps no per-step one): read it for the first
+  row, or for a row bigger than every one before it."""
   rows = []
   batch, seq = sizes.train_batch, sizes.train_seq
   rng = np.random.default_rng(0)
@@ -444,8 +448,8 @@ def train_rows(sizes: Sizes, peak: float | None, on_row=lambda row: None,
   device = jax.devices()[0]
   datasheet = next((flops for name, flops in DATASHEET_BF16_FLOPS.items()
                     if name in device.device_kind), None)
-  for attention in attentions:
-    config = ModelConfig(**sizes.train_config, attention=attention)
+  for attention, remat in itertools.product(attentions, remats):
+    config = ModelConfig(**{**sizes.train_config, "remat": remat}, attention=attention)
     row = {"attention": attention, "batch": batch, "seq": seq, "remat": config.remat}
     try:
       if attention == "cudnn" and jax.default_backend() != "gpu":
@@ -473,11 +477,12 @@ def train_rows(sizes: Sizes, peak: float | None, on_row=lambda row: None,
       mark_failed(row, error)
     rows.append(row)
     on_row(row)
+    label = attention if len(remats) == 1 else f"{attention}, remat {remat}"
     if row["status"] == "error":
-      print(f"  {attention:>6}: {row['error_text']}")
+      print(f"  {label:>6}: {row['error_text']}")
     else:
       mfu = row["mfu_vs_datasheet"]
-      print(f"  {attention:>6}: {row['step_s']:.3f} s/step, {row['tokens_per_s']:,.0f} tokens/s, "
+      print(f"  {label:>6}: {row['step_s']:.3f} s/step, {row['tokens_per_s']:,.0f} tokens/s, "
             f"{row['model_tflops']:.1f} TFLOP/s, MFU {mfu if mfu is None else f'{mfu:.3f}'} "
             f"(datasheet), {row['mfu_vs_measured_matmul'] or 0:.3f} (measured matmul), "
             f"peak {row['peak_gib']:.1f} GiB, loss {row['first_loss']:.3f} -> "
@@ -502,6 +507,9 @@ def main(argv=None) -> dict:
                            "H200, and its figures are in RESULTS.md: add it when time allows)")
   parser.add_argument("--train_attentions", default="pallas,cudnn",
                       help="the attentions the 1b train step is timed with, in order")
+  parser.add_argument("--train_remats", default="full",
+                      help="ModelConfig.remat policies timed for each of those attentions "
+                           "(full, save_dots, none)")
   args = parser.parse_args(argv)
   wanted = args.sections.split(",")
   if unknown := sorted(set(wanted) - set(SECTIONS)):
@@ -546,7 +554,8 @@ def main(argv=None) -> dict:
         result[section] = moe_rows(sizes)
       else:
         peak = result.get("ceilings", {}).get("matmul_bf16_flops")
-        result[section] = train_rows(sizes, peak, on_row, args.train_attentions.split(","))
+        result[section] = train_rows(sizes, peak, on_row, args.train_attentions.split(","),
+                                     args.train_remats.split(","))
     except Exception as error:  # noqa: BLE001 — the next section may still run
       traceback.print_exc()
       result[section] = {"error": first_line(error), "rows": measured}
