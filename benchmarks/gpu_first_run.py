@@ -3,8 +3,9 @@ and cuDNN at 2k/4k/8k, the ragged paged decode kernel and the chunked prefill ag
 gather, the dropless MoE path's grouped matmul (`jax.lax.ragged_dot`) against a dense matmul
 of the same FLOPs, then the 1b train step's MFU with each attention.
 
-  python benchmarks/gpu_first_run.py [--json=PATH] [--sections=ceilings,attention,paged,train]
-      [--budget_s=420] [--smoke]
+  python benchmarks/gpu_first_run.py [--json=PATH] [--sections=ceilings,train,moe,attention,paged]
+      [--budget_s=420] [--smoke] [--attention_impls=pallas,cudnn]
+      [--train_attentions=cudnn,pallas] [--train_remats=none,full]
 
 Every kernel is checked before it is timed, on fresh random inputs, by ||out - ref|| / ||ref||
 against a float32 reference computed at `precision=highest` from the same inputs upcast
@@ -21,12 +22,12 @@ the run goes on; sections past `--budget_s` are skipped (a lent machine's time i
 --smoke runs tiny sizes on whatever backend is there (the Pallas interpreter on CPU), so that
 this script is exercised by tests/test_gpu_first_run.py before any GPU sees it.
 
-On the lent H200 (its image has JAX 0.11.2, flax, optax, but not gin-config or zstandard, which
-maxlm imports), from the repository root here:
+On the lent H200 (its image has JAX 0.11.2 and optax; gin-config, zstandard and the flax maxlm
+was tested with travel as wheels), from the repository root here:
   echo /.whl/ >> .git/info/exclude
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-      gin-config==0.5.0 zstandard==0.25.0
+      gin-config==0.5.0 zstandard==0.25.0 flax==0.12.12
 then one device call, carrying .whl:
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
@@ -491,7 +492,8 @@ def train_rows(sizes: Sizes, peak: float | None, on_row=lambda row: None,
 
 
 # In the order a short lease wants them: the flash kernels, then the 1b step's MFU.
-SECTIONS = ("ceilings", "attention", "train", "paged", "moe")
+# Run in this order: what the last lease (2026-12-04, H200) left open first.
+SECTIONS = ("ceilings", "train", "moe", "attention", "paged")
 
 
 def main(argv=None) -> dict:
@@ -505,11 +507,12 @@ def main(argv=None) -> dict:
                       help="the attentions timed side by side, of pallas, cudnn, xla (XLA's "
                            "compiles took 22 to 65 s each on the "
                            "H200, and its figures are in RESULTS.md: add it when time allows)")
-  parser.add_argument("--train_attentions", default="pallas,cudnn",
+  parser.add_argument("--train_attentions", default="cudnn,pallas",
                       help="the attentions the 1b train step is timed with, in order")
-  parser.add_argument("--train_remats", default="full",
+  parser.add_argument("--train_remats", default="none,full",
                       help="ModelConfig.remat policies timed for each of those attentions "
-                           "(full, save_dots, none)")
+                           "(full, save_dots, none; 1b.gin trains with none: deviceless on "
+                           "one H100 its step's peak is 54.4 GiB, 40.0 with full)")
   args = parser.parse_args(argv)
   wanted = args.sections.split(",")
   if unknown := sorted(set(wanted) - set(SECTIONS)):

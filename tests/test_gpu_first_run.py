@@ -18,7 +18,7 @@ def test_smoke_run_checks_every_kernel_against_the_reference(tmp_path):
   out = tmp_path / "figures.json"
   result = gpu_first_run.main(["--smoke", f"--json={out}",
                                "--attention_impls=pallas,xla,cudnn",
-                               "--train_attentions=pallas,cudnn,xla"])
+                               "--train_attentions=pallas,cudnn,xla", "--train_remats=none,full"])
   assert json.loads(out.read_text())["smoke"] is True
   attention = {(row["variant"], row["impl"]): row for row in result["attention"]}
   for variant in ("causal", "packed", "prefix_lm"):
@@ -37,9 +37,11 @@ def test_smoke_run_checks_every_kernel_against_the_reference(tmp_path):
   assert sum(moe["group_sizes"]) == moe["copies"]
   # The padded road gives every row what ragged_dot gives it, not only the checked blocks.
   assert moe["padded_error"] < 1e-5 and moe["padded_vs_grouped_max_difference"] < 1e-4, moe
-  train = {row["attention"]: row for row in result["train"]}
-  assert train["pallas"]["status"] == train["xla"]["status"] == "ok"
-  assert np.isclose(train["pallas"]["first_loss"], np.log(256), atol=0.5)
+  train = {(row["attention"], row["remat"]): row for row in result["train"]}
+  assert len(train) == 6
+  for remat in ("none", "full"):
+    assert train["pallas", remat]["status"] == train["xla", remat]["status"] == "ok"
+    assert np.isclose(train["pallas", remat]["first_loss"], np.log(256), atol=0.5)
 
 
 def test_a_wrong_kernel_is_marked_bad(monkeypatch):
