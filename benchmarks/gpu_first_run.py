@@ -491,7 +491,6 @@ def train_rows(sizes: Sizes, peak: float | None, on_row=lambda row: None,
   return rows
 
 
-# In the order a short lease wants them: the flash kernels, then the 1b step's MFU.
 # Run in this order: what the last lease (2026-12-04, H200) left open first.
 SECTIONS = ("ceilings", "train", "moe", "attention", "paged")
 

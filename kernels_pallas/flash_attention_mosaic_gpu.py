@@ -21,8 +21,9 @@ Tested here: lowering (offline `jax.export` for "cuda": one `mosaic_gpu_v2` cust
 numerics under JAX's Mosaic GPU interpreter on CPU, and deviceless compiles through ptxas for sm_90a
 (`benchmarks/aot_compile.py`, JAX 0.11.2 and 0.12). Run on an H200 (JAX 0.11.2, 2026-12-04,
 benchmarks/RESULTS.md): forward and backward right, causal and packed (2.0e-3 / 2.5e-3 against
-float32, bf16 inputs); causal forward 202 / 234 / 256 TF/s at 2k / 4k / 8k, 0.54-0.59x cuDNN, whose
-kernel overlaps the softmax of one warpgroup with the matmuls of another (here one warpgroup waits).
+float32, bf16 inputs); causal forward 202 / 234 / 256 TF/s at 2k / 4k / 8k, 0.54-0.59x cuDNN. One
+warpgroup per program means its softmax waits on its matmuls and they on it (FlashAttention-3 has
+two warpgroups take turns): the first lead for the gap.
 The interpreter also differs from the compiled kernel in one place, see `accumulate`.
 """
 
