@@ -88,3 +88,31 @@ def test_cuda_train_step_shards_state_over_fsdp(cuda_devices):
   assert result["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
   assert result["kernel_calls"] == 3 * 4
   assert 1.0 <= result["argument_vs_state_over_n"] < 1.01
+
+
+@pytest.mark.parametrize("ids, mask_type", [("segment_ids", "CAUSAL"),
+                                            ("bidirectional_ids", "NO_MASK")])
+def test_cuda_cudnn_attention_with_a_mask_stays_causal_unless_a_prefix_is_bidirectional(
+    cuda_devices, ids, mask_type):
+  """With segment ids `_cudnn` passes cuDNN the dense mask and `is_causal` (on the H200, 4k
+  packed: 224.7 TF/s forward against 127.3 with the mask alone), forward and backward; a
+  bidirectional image prefix cannot be causal."""
+  import re  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from maxlm.model import attention  # pylint: disable=import-outside-toplevel
+  q = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
+  id_array = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+  whole = jax.sharding.NamedSharding(jax.sharding.Mesh(cuda_devices[:1], ("x",)),
+                                     jax.sharding.PartitionSpec())
+
+  def loss(q, k, v, given):
+    return attention._cudnn(q, k, v, **{ids: given}).astype(jnp.float32).sum()  # noqa: SLF001
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), in_shardings=whole,
+                 out_shardings=whole)
+  text = step.lower(q, kv, kv, id_array).compile().as_text()
+  assert text.count("cudnn$fmha") >= 2   # forward and backward
+  assert set(re.findall(r'"mask_type":\s*"(\w+)"', text)) == {mask_type}
