@@ -73,11 +73,13 @@ def normalized_model_config(saved: dict) -> dict:
 
 
 def check_compatible(saved_meta: dict, meta: dict, workdir: Path):
-  """A checkpoint restores only into the same model shape, sequence length and tokenizer."""
+  """A checkpoint restores only into the same model shape, sequence length and tokenizer. The
+  RESUME_MAY_CHANGE fields are not compared: they choose how the same function is computed."""
   for key in ("model_config", "seq_len", "tokenizer_sha256", "trainable", "init_from"):
     saved, current = saved_meta.get(key), meta.get(key)
     if key == "model_config" and isinstance(saved, dict) and isinstance(current, dict):
-      saved, current = normalized_model_config(saved), normalized_model_config(current)
+      saved, current = ({name: value for name, value in normalized_model_config(config).items()
+                         if name not in RESUME_MAY_CHANGE} for config in (saved, current))
     if saved != current:
       raise UserError(
           f"the checkpoint in {workdir} was written with a different {key} "
@@ -100,6 +102,10 @@ COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat", "max_seq_len", "norm_eps",
 # from its init_from on purpose (a longer context), and is told that it did.
 NUMERICS_FIELDS = ("norm_eps", "rope_theta", "rope_scaling_factor", "rope_low_freq_factor",
                    "rope_high_freq_factor", "rope_original_max_len")
+# Of those, the ones a resumed run may change: the same function, computed another way (runs
+# saved before "auto" became the default say attention="xla"; one that moves to a smaller
+# device may need remat="full").
+RESUME_MAY_CHANGE = ("attention", "remat")
 # Adapters a run adds to a base that has none (see `check_same_model`).
 ADAPTER_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 

@@ -186,9 +186,18 @@ def test_a_changed_field_is_still_refused_naming_it(tmp_path):
   wider = dataclasses.replace(CONFIG, mlp_dim=128)
   with pytest.raises(UserError, match=r"different model_config \(mlp_dim: 64 -> 128\)"):
     check_compatible(saved, checkpoint.model_meta(wider, seq_len=16), tmp_path)
-  with pytest.raises(UserError, match=r"remat: none -> full"):
+  with pytest.raises(UserError, match=r"dtype: float32 -> bfloat16"):
     check_compatible(saved, checkpoint.model_meta(
-        dataclasses.replace(CONFIG, remat="full"), seq_len=16), tmp_path)
+        dataclasses.replace(CONFIG, dtype="bfloat16"), seq_len=16), tmp_path)
+
+
+def test_a_run_resumes_with_another_attention_or_remat(tmp_path):
+  """A run saved with attention="xla" (the default before "auto") resumes under "auto", and
+  one may change its remat policy: the same function, computed another way."""
+  saved = saved_meta_without(tmp_path, "remat")
+  saved["model_config"]["attention"] = "xla"
+  check_compatible(saved, checkpoint.model_meta(
+      dataclasses.replace(CONFIG, attention="auto", remat="full"), seq_len=16), tmp_path)
 
 
 def test_a_saved_field_this_model_config_lacks_is_refused_naming_it():
