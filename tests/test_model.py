@@ -216,13 +216,27 @@ def test_pallas_attention_matches_xla_in_loss_and_gradients_sharded_too():
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("name, backend, branches, expected", [
-    ("auto", "gpu", False, "cudnn"), ("auto", "gpu", True, "pallas"),
-    ("auto", "cpu", False, "xla"), ("auto", "tpu", True, "xla"),
-    ("pallas", "cpu", False, "pallas"), ("cudnn", "gpu", True, "cudnn")])
-def test_auto_attention_is_cudnn_on_a_gpu_and_xla_elsewhere(name, backend, branches, expected):
+@pytest.mark.parametrize("name, backend, dtype, head_dim, seq_len, branches, expected", [
+    ("auto", "gpu", "bfloat16", 64, 4096, False, "cudnn"),
+    ("auto", "gpu", "float16", 128, 2048, False, "cudnn"),
+    ("auto", "gpu", "bfloat16", 64, 4096, True, "pallas"),   # cuDNN takes no branch ids
+    ("auto", "gpu", "float32", 64, 4096, False, "xla"),      # cuDNN refuses float32
+    ("auto", "gpu", "float32", 64, 4096, True, "xla"),
+    ("auto", "gpu", "bfloat16", 256, 4096, False, "xla"),    # over cuDNN's head dim
+    ("auto", "gpu", "bfloat16", 60, 4096, False, "xla"),     # not a multiple of 8
+    ("auto", "gpu", "bfloat16", 64, 4095, False, "xla"),     # cuDNN's masked training: even
+    ("auto", "cpu", "bfloat16", 64, 4096, False, "xla"),
+    ("auto", "tpu", "bfloat16", 64, 4096, True, "xla"),
+    ("pallas", "cpu", "float32", 64, 4096, False, "pallas"),
+    ("cudnn", "gpu", "float32", 64, 4096, True, "cudnn")])
+def test_auto_attention_is_cudnn_where_it_takes_the_shapes_and_xla_elsewhere(
+    name, backend, dtype, head_dim, seq_len, branches, expected):
   from maxlm.model import attention
-  assert attention.implementation_for(name, branches, backend) == expected
+  assert attention.implementation_for(name, dtype=dtype, head_dim=head_dim, seq_len=seq_len,
+                                      with_branches=branches, backend=backend) == expected
+
+
+def test_the_default_attention_is_auto():
   assert ModelConfig().attention == "auto"
 
 

@@ -39,17 +39,22 @@ def _cudnn(q, k, v, segment_ids=None, bidirectional_ids=None, branch_ids=None):
 _KERNELS = {"pallas": _pallas, "cudnn": _cudnn}
 
 
-def implementation_for(name: str, with_branches: bool = False,
-                       backend: str | None = None) -> str:
-  """`ModelConfig.attention` as run on `backend` (default: JAX's). "auto" is cuDNN on a GPU, or
-  our Pallas kernel for rows with `branch_ids`, which cuDNN cannot mask (one H200, 1b step at
-  8 x 4096: cuDNN 0.691 s, Pallas 0.721 s; attention alone about 10x XLA's), and plain XLA
-  elsewhere: on a CPU the Pallas kernel only interprets, and no TPU has run it yet."""
+def implementation_for(name: str, *, dtype, head_dim: int, seq_len: int,
+                       with_branches: bool = False, backend: str | None = None) -> str:
+  """`ModelConfig.attention` as run on `backend` (default: JAX's). "auto" is cuDNN on a GPU
+  where cuDNN's flash attention takes the shapes (16-bit, head_dim a multiple of 8 up to 128,
+  an even length), our Pallas kernel for rows with `branch_ids`, which cuDNN cannot mask, and
+  plain XLA elsewhere: in float32 (cuDNN refuses it, and our GPU kernels would round to tf32),
+  on a CPU (the Pallas kernel only interprets there), on TPU (no TPU has run our kernel yet).
+  One H200, 1b step at 8 x 4096: cuDNN 0.691 s, Pallas 0.721 s; attention alone ~10x XLA's."""
   if name != "auto":
     return name
-  if (backend or jax.default_backend()) != "gpu":
+  on_gpu = (backend or jax.default_backend()) == "gpu"
+  if not on_gpu or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return "xla"
-  return "pallas" if with_branches else "cudnn"
+  if with_branches:
+    return "pallas"
+  return "cudnn" if head_dim % 8 == 0 and head_dim <= 128 and seq_len % 2 == 0 else "xla"
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,

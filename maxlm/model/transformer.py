@@ -54,7 +54,8 @@ class ModelConfig:
   tie_embeddings: bool = False
   dtype: str = "float32"  # activation/compute dtype; parameters stay float32
   attention: str = "auto"  # training attention: "xla", "pallas" (flash kernel), "cudnn" or
-                           # "auto" (`attention.implementation_for`: cuDNN on a GPU, else XLA)
+                           # "auto" (`attention.implementation_for`: cuDNN on a GPU in
+                           # 16-bit where it takes the shapes, else XLA)
   remat: str = "none"      # per-layer rematerialization: "none", "full" or "save_dots"
   lora_rank: int = 0       # rank of the LoRA adapters beside each target projection; 0: none
   lora_alpha: float = 16.0  # an adapter's term scales by lora_alpha / lora_rank
@@ -202,7 +203,9 @@ class Attention(nnx.Module):
     q, k, v = (_project(self, name, x) for name in ("q", "k", "v"))
     q = layers.rope(q, positions, self.config.rope_theta, self.config.rope_scaling)
     k = layers.rope(k, positions, self.config.rope_theta, self.config.rope_scaling)
-    implementation = attention.implementation_for(self.config.attention, branch_ids is not None)
+    implementation = attention.implementation_for(
+        self.config.attention, dtype=q.dtype, head_dim=q.shape[-1], seq_len=q.shape[1],
+        with_branches=branch_ids is not None)
     if cache is None and implementation != "xla":
       out = attention.fused_attention(q, k, v, segment_ids, implementation, bidirectional_ids,
                                       branch_ids)
