@@ -224,8 +224,9 @@ def train(workdir: str, data_dir: str | Callable[[], str] | None = None,
   row_tokens, row_flops = task.step_cost(config, seq_len)
   tokens_per_step, flops_per_step = global_batch_size * row_tokens, global_batch_size * row_flops
   peak_flops = peak_flops_per_device * jax.device_count() if peak_flops_per_device else None
-  attention_used = attention.implementation_for(config.attention, dtype=config.dtype,
-                                                head_dim=config.head_dim, seq_len=seq_len)
+  attention_used = attention.implementation_for(
+      config.attention, dtype=config.dtype, head_dim=config.head_dim, seq_len=seq_len,
+      with_branches="branch_ids" in task.batch_fields)
   attention_said = (f"{attention_used} ({config.attention})" if attention_used != config.attention
                     else attention_used)
   _log(f"params {sum(x.size for x in jax.tree.leaves(state.params)):,} | mesh {dict(mesh.shape)}"
