@@ -435,8 +435,8 @@ def moe_rows(sizes: Sizes) -> list[dict]:
 # --- the 1b train step ---------------------------------------------------------------------
 
 
-def train_rows(sizes: Sizes, peak: float | None, on_row=lambda row: None,
-               attentions=("pallas", "cudnn", "xla"), remats=("full",)) -> list[dict]:
+def train_rows(sizes: Sizes, peak: float | None, attentions: list[str], remats: list[str],
+               on_row=lambda row: None) -> list[dict]:
   """The 1b step for each attention, and within it each rematerialization policy, in order.
   `peak_gib` is the process's peak so far (JAX keeps no per-step one): read it for the first
   row, or for a row bigger than every one before it."""
@@ -556,8 +556,8 @@ def main(argv=None) -> dict:
         result[section] = moe_rows(sizes)
       else:
         peak = result.get("ceilings", {}).get("matmul_bf16_flops")
-        result[section] = train_rows(sizes, peak, on_row, args.train_attentions.split(","),
-                                     args.train_remats.split(","))
+        result[section] = train_rows(sizes, peak, args.train_attentions.split(","),
+                                     args.train_remats.split(","), on_row)
     except Exception as error:  # noqa: BLE001 — the next section may still run
       traceback.print_exc()
       result[section] = {"error": first_line(error), "rows": measured}
