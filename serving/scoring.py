@@ -24,6 +24,7 @@ from flax import nnx
 from maxlm import sampling, steps
 from maxlm.evals.shared_prefixes import (  # noqa: F401  (importable from here too)
     common_prefix, empty_rows, group_tokens, laid_tokens, lay_group, shared_prefix_groups)
+from serving import scoring_cache
 from serving.detokenize import TextStream
 from serving.engine import Engine, SamplingSettings, Step, device_settings
 from serving.metrics import ServerMetrics
@@ -202,8 +203,12 @@ class Scorer:
   prompts (FIFO made a one-prompt request wait 52 s behind twelve of 64 long prompts)."""
 
   def __init__(self, engine: Engine, *, budget: int | None = None, max_queue: int = 4096,
-               metrics: ServerMetrics | None = None):
+               metrics: ServerMetrics | None = None,
+               cache_bytes: int = scoring_cache.DEFAULT_MEGABYTES << 20):
     self.engine, self.metrics = engine, metrics or ServerMetrics()
+    # Scored prompts are kept, up to `cache_bytes` (0: none), and a later prompt reuses the
+    # longest beginning it shares with a kept one (`serving.scoring_cache`).
+    self.context_cache = scoring_cache.ContextCache(cache_bytes) if cache_bytes else None
     self.budget = max(budget or 0, engine.context_length)  # one whole prompt always fits
     self.max_queue = max_queue
     self.error: BaseException | None = None
@@ -212,6 +217,9 @@ class Scorer:
                    for top in (1, MAX_COMPLETION_LOGPROBS)}
     self._sample = {top: jax.jit(functools.partial(sampled_first_tokens, graphdef, top=top))
                     for top in (1, MAX_COMPLETION_LOGPROBS)}
+    self._score_context = {
+        top: jax.jit(functools.partial(scoring_cache.score_context_pack_fn, graphdef, top=top))
+        for top in (1, MAX_COMPLETION_LOGPROBS)}
     self._lines: collections.deque[collections.deque[Request]] = collections.deque()
     self._waiting_prompts = 0
     self._stopping = False
@@ -264,28 +272,39 @@ class Scorer:
     lm-eval's logprobs=1. The programs for 2 to 20 alternatives compile on first use: warming
     them too took runs/tiny's scorer 40.3 s instead of 18.9."""
     settings, sampled_rows = [device_settings(SamplingSettings(temperature=1.0))], set()
+    if self.context_cache is not None:  # with nothing reused; longer contexts on first use
+      for width in pack_widths(self.budget):
+        laid = self._pack_with_context([[self.engine.tokenizer.bos_id()] * width], [0], [None])
+        _, x_last, _ = jax.block_until_ready(self._score_context[1](
+            self.engine.params, *self._context_arguments(laid)))
+        if len(laid.last) not in sampled_rows:
+          sampled_rows.add(len(laid.last))
+          jax.block_until_ready(self._first_tokens(1, laid.positions[0, laid.last], x_last,
+                                                   settings))
+      return
     for width in pack_widths(self.budget):
       laid = pack([[self.engine.tokenizer.bos_id()] * width], self.budget)
       _, x_last = jax.block_until_ready(self._score[1](self.engine.params,
                                                        *self._arguments(laid)))
       if len(laid.last) not in sampled_rows:
         sampled_rows.add(len(laid.last))
-        jax.block_until_ready(self._first_tokens(1, laid, x_last, settings))
+        jax.block_until_ready(self._first_tokens(1, laid.positions[0, laid.last], x_last,
+                                                 settings))
 
   def _arguments(self, laid: Pack) -> tuple:
     return (laid.tokens, laid.positions, laid.segment_ids, laid.branch_ids, laid.predecessor,
             laid.last)
 
-  def _first_tokens(self, top: int, laid: Pack, x_last: jax.Array,
+  def _first_tokens(self, top: int, positions_last: np.ndarray, x_last: jax.Array,
                     settings: list[tuple]) -> sampling.TokenChoice:
-    rows = len(laid.last)
+    rows = len(positions_last)
     seeds, temperature, top_p, top_k = (np.zeros((rows, 2), np.uint32),
                                         np.zeros(rows, np.float32), np.ones(rows, np.float32),
                                         np.zeros(rows, np.int32))
     for row, (seed, temperature_, top_p_, top_k_) in enumerate(settings):
       seeds[row], temperature[row], top_p[row], top_k[row] = seed, temperature_, top_p_, top_k_
-    return self._sample[top](self.engine.params, x_last, laid.positions[0, laid.last], seeds,
-                             temperature, top_p, top_k)
+    return self._sample[top](self.engine.params, x_last, positions_last, seeds, temperature,
+                             top_p, top_k)
 
   # --- the loop (its own thread) ---------------------------------------------------------------
 
@@ -333,13 +352,17 @@ class Scorer:
       return batch
 
   def _score_batch(self, batch: list[Request]):
-    laid = pack([request.prompt_ids for request in batch], self.budget)
     top = 1 if max(request.top_logprobs for request in batch) <= 1 else MAX_COMPLETION_LOGPROBS
+    if self.context_cache is not None:
+      self._score_batch_cached(batch, top)
+      return
+    laid = pack([request.prompt_ids for request in batch], self.budget)
     try:
       scores, x_last = self._score[top](self.engine.params, *self._arguments(laid))
       sampled = any(request.settings.temperature > 0 for request in batch)
       choice = sampled and self._first_tokens(
-          top, laid, x_last, [device_settings(request.settings) for request in batch])
+          top, laid.positions[0, laid.last], x_last,
+          [device_settings(request.settings) for request in batch])
       scores = jax.device_get(scores)
       step = Step.from_choice(choice) if sampled else greedy_step(scores, laid.last)
     except Exception as e:  # noqa: BLE001 - e.g. out of device memory: these requests fail
@@ -351,6 +374,62 @@ class Scorer:
     for row, (request, span) in enumerate(zip(batch, laid.spans)):
       request.prompt_logprobs = prompt_logprobs(scores, span, request.top_logprobs)
       self._deliver(request, step, row)
+
+  def _score_batch_cached(self, batch: list[Request], top: int):
+    """`_score_batch` through the context cache: every prompt on top of the longest beginning
+    it shares with a kept one, and kept in turn (`serving.scoring_cache`)."""
+    try:
+      scored, step = self.score_with_cache(
+          [request.prompt_ids for request in batch], top,
+          [device_settings(request.settings) for request in batch])
+    except Exception as e:  # noqa: BLE001 - e.g. out of device memory: these requests fail
+      log.exception("a scoring batch failed; the requests after it go on")
+      for request in batch:
+        self._finish(request, RuntimeError(f"scoring failed: {e!r}"))
+      return
+    for row, (request, entry) in enumerate(zip(batch, scored)):
+      count = request.top_logprobs
+      request.prompt_logprobs = PromptLogprobs(entry.logprobs[1:].tolist(),
+                                               entry.top_tokens[:-1, :count],
+                                               entry.top_logprobs[:-1, :count])
+      self._deliver(request, step, row)
+
+  def score_with_cache(self, prompts: list[list[int]], top: int, settings: list[tuple]
+                       ) -> tuple[list[scoring_cache.ScoredPrompt], Step]:
+    """One forward over `prompts`, each on top of the longest beginning it shares with a kept
+    prompt, each kept in turn: their scores at every position, and the step of first new
+    tokens (`settings`: `device_settings` per prompt)."""
+    hashes = [scoring_cache.beginnings(prompt) for prompt in prompts]
+    matches = [self.context_cache.longest_match(prompt, top, prompt_hashes)
+               for prompt, prompt_hashes in zip(prompts, hashes)]
+    reused = [scoring_cache.reused_positions(shared, len(prompt))
+              for prompt, (_, shared) in zip(prompts, matches)]
+    laid = self._pack_with_context(
+        prompts, reused, [entry if start else None for (entry, _), start in zip(matches, reused)])
+    scores, x_last, keys_values = self._score_context[top](self.engine.params,
+                                                            *self._context_arguments(laid))
+    sampled = any(temperature > 0 for _, temperature, *_ in settings)
+    choice = sampled and self._first_tokens(top, laid.positions[0, laid.last], x_last, settings)
+    scores, keys_values = jax.device_get((scores, keys_values))
+    step = Step.from_choice(choice) if sampled else greedy_step(scores, laid.last)
+    self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
+    self.metrics.observe_prefix_cache(sum(map(len, prompts)), sum(reused))
+    scored = [scoring_cache.scored_prompt(prompt, index, laid, scores, keys_values)
+              for index, prompt in enumerate(prompts)]
+    for entry, entry_hashes in zip(scored, hashes):
+      self.context_cache.insert(entry, entry_hashes)
+    return scored, step
+
+  def _pack_with_context(self, prompts, reused, entries) -> scoring_cache.ContextPack:
+    c = self.engine.config
+    return scoring_cache.pack_with_context(
+        prompts, reused, entries, self.budget, lambda tokens: pack_width(tokens, self.budget),
+        lambda tokens: pack_width(tokens, self.budget * max_seqs(self.budget)),
+        max_seqs(self.budget), c.num_layers, c.num_kv_heads, c.head_dim, jnp.dtype(c.dtype))
+
+  def _context_arguments(self, laid: scoring_cache.ContextPack) -> tuple:
+    return (laid.tokens, laid.positions, laid.segment_ids, laid.branch_ids, laid.context_ids,
+            laid.predecessor, laid.last, laid.context, laid.context_owner)
 
   def _deliver(self, request: Request, step: Step, row: int):
     if request.max_tokens == 0:

@@ -2,6 +2,7 @@
 
   python -m serving.server --checkpoint_dir=WORKDIR [--step=N] [--port=8000] [--host=127.0.0.1]
       [--slots=8] [--kv_cache_memory=GiB] [--no-enable_prefix_caching] [--max_prefill_chunk=512]
+      [--scoring_cache_mb=256]
       [--max_queue=64] [--quantize=int8] [--kv_cache_dtype=int8] [--dtype=bfloat16]
       [--engine_cpus=auto] [--compilation_cache_dir=~/.cache/maxlm/xla]
       [--api_keys_file=KEYS] [--max_request_bytes=8388608] [--max_connections=1024]
@@ -38,6 +39,7 @@ from starlette.exceptions import HTTPException
 from maxlm import checkpoint, compilation_cache
 from maxlm.errors import UserError
 from maxlm.model import count_params
+from serving import scoring_cache
 from serving.chat import CHAT_STOPS, chat_prompt
 from serving.chat_images import DEFAULT_MEDIA, MediaPolicy, request_images
 from serving.connections import ConnectionLimits, guarded_protocol
@@ -462,6 +464,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="requests sharing a prefix (a system prompt, few-shot examples) reuse "
                       "its KV blocks, found by a hash of their tokens; on by default, as in "
                       "vLLM V1 (--no-enable_prefix_caching turns it off)")
+  parser.add_argument("--scoring_cache_mb", type=int, default=scoring_cache.DEFAULT_MEGABYTES,
+                      help="host memory (MiB) for scored prompts' keys, values and scores: a "
+                      "scoring request (lm-eval's loglikelihood) continuing one scored before "
+                      "computes only its new tokens, as an item's choices after its context do "
+                      "when lm-eval's longest-first order sends them apart; 0, or "
+                      "--no-enable_prefix_caching, keeps none")
   parser.add_argument("--max_prefill_chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                       help="prompt tokens prefilled between two decode steps (vLLM's "
                       "--max-num-batched-tokens, less the decode tokens): a longer prompt is "
@@ -622,7 +630,9 @@ def main(argv=None):
   log.info("%s; %s", engine.describe_weights(), engine.describe_cache())
   start = time.perf_counter()
   engine.warmup()
-  scorer = Scorer(engine)  # create_app starts it, counting into the app's metrics
+  scorer = Scorer(engine, cache_bytes=(args.scoring_cache_mb << 20
+                                       if args.enable_prefix_caching else 0))
+  # create_app starts it, counting into the app's metrics
   scorer.warmup()
   log.info("compiled in %.1fs; serving %s (context %d, %d slots, weights %s) on http://%s:%d",
            time.perf_counter() - start, engine.model_name, engine.context_length, engine.slots,

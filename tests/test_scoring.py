@@ -2,6 +2,7 @@
 own scored prefill (`Engine.prefill_scored`, the single-prompt path) as the reference."""
 
 import contextlib
+import functools
 import queue
 import threading
 import time
@@ -139,6 +140,13 @@ def test_pack_widths_rise_to_the_budget_and_fit_every_total(budget):
 PREFILL_RTOL = 2e-6
 
 
+def wrap_forward(scorer: Scorer, wrapper):
+  """`wrapper(original, *arguments)` in place of the scorer's logprobs=1 forward (the one that
+  keeps what it scores, or without a cache the plain one); arguments[1] is the packed row."""
+  programs = scorer._score_context if scorer.context_cache is not None else scorer._score
+  programs[1] = functools.partial(wrapper, programs[1])
+
+
 def assert_scored_as_each_prompt_own_prefill(engine, prompts, settings):
   """Each prompt's logprobs, its 5 alternatives per token and its new token, packed, equal
   those of its own `Engine.prefill_scored` within 1e-5 (plus `PREFILL_RTOL`)."""
@@ -231,15 +239,14 @@ def test_max_tokens_0_scores_the_prompt_and_emits_no_token(engine):
 def test_prompts_waiting_together_share_one_forward_pass(engine):
   scorer = Scorer(engine)
   forwards, entered, gate = [], threading.Event(), threading.Event()
-  original = scorer._score[1]
 
-  def counted(*args):
+  def counted(original, *args):
     entered.set()
     gate.wait(60)  # holds the first pack until the rest are queued behind it
     forwards.append(args[1].shape)
     return original(*args)
 
-  scorer._score[1] = counted
+  wrap_forward(scorer, counted)
   scorer.start()
   try:
     first = threading.Thread(target=scored, args=(scorer, [PROMPTS[0]], [SETTINGS[0]]),
@@ -313,13 +320,12 @@ def test_choices_sharing_a_context_fill_one_pack_whose_raw_lengths_exceed_its_bu
   scorer = Scorer(engine)
   assert scorer.budget == 64
   forwards = []
-  original = scorer._score[1]
 
-  def counted(*args):
+  def counted(original, *args):
     forwards.append(args[1].shape)
     return original(*args)
 
-  scorer._score[1] = counted
+  wrap_forward(scorer, counted)
   scorer.start()
   try:
     requests, emitted = scored(scorer, [*choices, other], [SETTINGS[0]] * 5, top=1)
@@ -357,7 +363,7 @@ def test_a_sampled_request_of_several_prompts_compiles_nothing_after_warmup(engi
   the programs warmup compiled serve a sampled request of 3 prompts as they are."""
   scorer = Scorer(engine)
   scorer.warmup()
-  programs = [*scorer._score.values(), *scorer._sample.values()]
+  programs = [*scorer._score_context.values(), *scorer._sample.values()]
   compiled = [program._cache_size() for program in programs]
   scorer.start()
   try:

@@ -6,6 +6,9 @@ over the cache are plain batched matmuls: XLA copies no [max_len, head_dim] tran
 whole cache on every decode step, as it does for a [batch, max_len, kv_heads, head_dim] cache.
 One document per cache row: a token's cache slot is its position. A layer cache with a
 "block_table" is paged instead (`maxlm.model.paged_kv`); `write` and `attend` take either.
+A third kind, with "context_k", is a packed row of several prompts (segments, branches as
+in `layers.attention_mask`) over a context of kept keys and values: a scorer's prompts
+continuing ones it scored before (`serving.scoring_cache`); its `write` keeps the row's own.
 An int8 cache also keeps `k_scale`, `v_scale: float32 [batch, kv_heads, max_len]`, one per
 token and head, as the paged pool does (the eval harness measures that pool's rounding here).
 """
@@ -38,6 +41,8 @@ def length(cache: KVCache) -> int:
 def write(layer_cache: LayerCache, k: jax.Array, v: jax.Array,
           positions: jax.Array) -> LayerCache:
   """k, v: [batch, seq, kv_heads, head_dim] written at positions [batch, seq]."""
+  if "context_k" in layer_cache:
+    return layer_cache | {"k": k, "v": v}
   if "block_table" in layer_cache:
     return paged_kv.write(layer_cache, k, v, positions)
   if "k_scale" in layer_cache:
@@ -78,6 +83,8 @@ def attend(layer_cache: LayerCache, q: jax.Array, positions: jax.Array) -> jax.A
   """
   if "block_table" in layer_cache:
     return paged_kv.attend(layer_cache, q, positions)
+  if "context_k" in layer_cache:
+    return _attend_packed_context(layer_cache, q)
   batch, q_len, heads, head_dim = q.shape
   keys, values = _read(layer_cache, q.dtype)
   kv_heads, dtype = keys.shape[1], q.dtype
@@ -89,3 +96,27 @@ def attend(layer_cache: LayerCache, q: jax.Array, positions: jax.Array) -> jax.A
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
   out = jnp.einsum("bkgqs,bksd->bkgqd", probs, values)
   return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
+
+
+def _attend_packed_context(layer_cache: LayerCache, q: jax.Array) -> jax.Array:
+  """The packed row's queries q [batch, q_len, heads, head_dim] over its context (every
+  context key whose "context_owner" is the query's "context_ids": kept keys all come before
+  the queries that continue them) and its own keys (causal, within segments and branches,
+  in query blocks as `layers.causal_attention`). The context: "context_k", "context_v"
+  [batch, context_len, kv_heads, head_dim] and "context_owner" [batch, context_len], -1 at
+  the padding; a query of context id 0 sees none of it."""
+  batch, q_len, heads, head_dim = q.shape
+  segments, branches = layer_cache["segment_ids"], layer_cache["branch_ids"]
+  index = jnp.broadcast_to(jnp.arange(q_len), (batch, q_len))
+  mask = jnp.concatenate([
+      (layer_cache["context_owner"][:, None, None, :]
+       == layer_cache["context_ids"][:, None, :, None]),
+      layers.attention_mask(index, index[0], segments, segments, None, None, branches,
+                            branches)], axis=-1)                           # [b, 1, q, s]
+  keys, values = (jnp.concatenate([layer_cache[f"context_{name}"], layer_cache[name]], axis=1)
+                  .astype(q.dtype).transpose(0, 2, 1, 3) for name in ("k", "v"))
+  kv_heads = keys.shape[1]
+  grouped_q = (q * head_dim ** -0.5).reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+  return layers.query_blocked_attention(grouped_q.transpose(0, 2, 3, 1, 4), keys, values,
+                                        mask[:, :, None], 128,
+                                        keys_before=layer_cache["context_k"].shape[1])

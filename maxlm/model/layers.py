@@ -134,14 +134,29 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   grouped_q = (q * head_dim ** -0.5).reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
   grouped_q = grouped_q.transpose(0, 2, 3, 1, 4)                         # [b, kv, group, q, d]
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                 # [b, kv, s, d]
+  return query_blocked_attention(grouped_q, k, v, mask, query_block,
+                                 reach_past_block=bidirectional_ids is not None)
+
+
+def query_blocked_attention(grouped_q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                            query_block: int, reach_past_block: bool = False,
+                            keys_before: int = 0) -> jax.Array:
+  """Masked attention with queries in blocks of `query_block`, each against the keys up to
+  its own end only (`keys_before` more keys come before the queries' own, which every
+  block takes), or all of them with `reach_past_block`.
+
+  grouped_q: [batch, kv_heads, group, q_len, head_dim], scaled; k, v: [batch, kv_heads,
+  keys_before + q_len, head_dim]; mask: bool [batch, 1, 1, q_len, keys]. Returns
+  [batch, q_len, kv_heads * group, head_dim]."""
+  batch, kv_heads, group, q_len, head_dim = grouped_q.shape
   outputs = []
-  for start in range(0, seq, query_block):
-    query_end = min(start + query_block, seq)
-    key_end = seq if bidirectional_ids is not None else query_end
+  for start in range(0, q_len, query_block):
+    query_end = min(start + query_block, q_len)
+    key_end = k.shape[2] if reach_past_block else keys_before + query_end
     outputs.append(_softmax_attention(grouped_q[:, :, :, start:query_end], k[:, :, :key_end],
                                       v[:, :, :key_end], mask[..., start:query_end, :key_end]))
   out = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=3)
-  return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, head_dim)
+  return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, kv_heads * group, head_dim)
 
 
 @jax.custom_vjp

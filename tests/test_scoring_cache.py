@@ -1,0 +1,177 @@
+"""serving.scoring_cache: prompts scored in earlier requests lend their keys, values and scores
+to later ones that begin alike; each prompt's results against its own scored prefill
+(`Engine.prefill_scored`, the single-prompt path with no cache of scored prompts)."""
+
+import numpy as np
+import pytest
+from test_scoring import scored
+from test_serving import random_run
+
+from maxlm.model import kv_cache
+from serving import scoring_cache
+from serving.engine import Engine, SamplingSettings
+from serving.scoring import Scorer
+
+GREEDY = SamplingSettings(temperature=0.0)
+# The reference attends with `layers.causal_attention`, these prompts with the KV cache's
+# packed-context attention; each is as near a float64 attention as the other
+# (test_packed_context_attention_equals_a_float64_reference), and float32 rounds them apart
+# by about 4e-6 of this random model's logits (up to 20; hidden states up to 62), which every
+# log-probability carries through its normalizer: up to 4e-5 here. A reused position or an
+# offset off by one moves them by whole nats.
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+  return Engine.from_checkpoint(random_run(tmp_path_factory), slots=2)
+
+
+def assert_as_own_prefill(engine, prompt, setting, request, items, top):
+  _, choice, scores = engine.prefill_scored(prompt, setting)
+  np.testing.assert_allclose(request.prompt_logprobs.logprobs,
+                             np.asarray(scores.logprobs)[0, 1:len(prompt)], atol=ATOL)
+  np.testing.assert_array_equal(request.prompt_logprobs.top_tokens,
+                                np.asarray(scores.top_tokens)[0, 1:len(prompt), :top])
+  np.testing.assert_allclose(request.prompt_logprobs.top_logprobs,
+                             np.asarray(scores.top_logprobs)[0, 1:len(prompt), :top],
+                             atol=ATOL)
+  [delta, end] = items
+  assert end is None and delta.token_id == int(choice.token[0])
+  np.testing.assert_allclose(delta.logprob, float(choice.logprob[0]), atol=ATOL)
+
+
+def reused_tokens(scorer: Scorer) -> int:
+  return int(scorer.metrics.prefix_cache_hits._value.get())
+
+
+def test_choices_sent_apart_reuse_their_context_and_score_as_each_prompt_own_prefill(engine):
+  """lm-eval's longest-first order sends an item's choices in different requests: the later
+  ones compute only what follows the beginning they share with the first. Reused positions
+  are min(shared, length) - 1 a prompt: 29 + 29 for two choices after a 30-token context, 0
+  for an unrelated prompt, 37 for the first prompt sent again, 9 for the context's first 10
+  tokens alone; greedy and sampled first tokens."""
+  rng = np.random.default_rng(0)
+  bos = engine.tokenizer.bos_id()
+  context = [bos, *map(int, rng.integers(4, 300, 29))]
+  first = context + [11, 12, 13, 14, 15, 16, 17, 18]
+  later = [context + [21, 22, 23], context + [31 + i for i in range(12)],
+           [bos, *map(int, rng.integers(4, 300, 14))]]
+  again = [first, context[:10]]
+  settings = [GREEDY, SamplingSettings(temperature=0.9, seed=7),
+              SamplingSettings(temperature=1.3, top_p=0.8, seed=3)]
+  scorer = Scorer(engine).start()
+  try:
+    batches = [(prompts, settings[:len(prompts)], scored(scorer, prompts, settings[:len(prompts)],
+                                                         top=5))
+               for prompts in ([first], later, again)]
+  finally:
+    scorer.stop()
+  assert reused_tokens(scorer) == 29 + 29 + 0 + 37 + 9
+  for prompts, prompt_settings, (requests, emitted) in batches:
+    for prompt, setting, request, items in zip(prompts, prompt_settings, requests, emitted,
+                                               strict=True):
+      assert_as_own_prefill(engine, prompt, setting, request, items, top=5)
+
+
+def test_kept_prompts_with_fewer_alternatives_than_asked_are_not_reused(engine):
+  """A prompt kept with one alternative a position (logprobs=1) lends nothing to a request
+  asking for 5; one kept with 20 lends to a request asking for 1."""
+  rng = np.random.default_rng(1)
+  context = [engine.tokenizer.bos_id(), *map(int, rng.integers(4, 300, 19))]
+  scorer = Scorer(engine).start()
+  try:
+    scored(scorer, [context + [5]], [GREEDY], top=1)
+    [request], [items] = scored(scorer, [context + [6, 7]], [GREEDY], top=5)
+    assert reused_tokens(scorer) == 0
+    assert_as_own_prefill(engine, context + [6, 7], GREEDY, request, items, top=5)
+    [request], [items] = scored(scorer, [context + [8]], [GREEDY], top=1)
+  finally:
+    scorer.stop()
+  assert reused_tokens(scorer) == 19
+  assert_as_own_prefill(engine, context + [8], GREEDY, request, items, top=1)
+
+
+def kept(tokens, nbytes_each=1000):
+  """A ScoredPrompt of `tokens` whose keys and values take `nbytes_each` bytes."""
+  n = len(tokens)
+  return scoring_cache.ScoredPrompt(np.asarray(tokens, np.int32),
+                                    np.zeros(nbytes_each // 4, np.float32),
+                                    np.zeros(n, np.float32), np.zeros((n, 1), np.int32),
+                                    np.zeros((n, 1), np.float32))
+
+
+def test_the_cache_evicts_the_least_recently_used_past_its_bytes():
+  a, b, c = kept(list(range(1, 9))), kept(list(range(11, 19))), kept(list(range(21, 29)))
+  cache = scoring_cache.ContextCache(max_bytes=a.nbytes * 2)
+  cache.insert(a)
+  cache.insert(b)
+  assert cache.longest_match(list(range(1, 7)) + [99], top=1) == (a, 6)  # a is now the newer
+  cache.insert(c)
+  assert len(cache) == 2 and cache.nbytes == a.nbytes + c.nbytes
+  assert cache.longest_match(list(range(11, 19)), top=1) == (None, 0)
+  assert cache.longest_match(list(range(21, 29)), top=1) == (c, 8)
+  assert cache.longest_match(list(range(1, 9)), top=2) == (None, 0)  # 1 alternative kept
+  cache.insert(kept(list(range(31, 39)), nbytes_each=a.nbytes * 3))  # larger than the budget
+  assert len(cache) == 2
+
+
+def test_a_hash_that_names_other_tokens_finds_nothing(monkeypatch):
+  """Beginnings are found by hash; the tokens are compared before anything is reused."""
+  cache = scoring_cache.ContextCache(max_bytes=1 << 20)
+  monkeypatch.setattr(scoring_cache, "beginnings", lambda tokens, length=None: [7, 8])
+  entry = kept([1, 2, 3, 4, 5, 6, 7, 8])
+  cache.insert(entry)
+  assert cache.longest_match([1, 2, 3, 4, 9, 9, 9, 9], top=1) == (entry, 4)
+  assert cache.longest_match([9, 2, 3, 4, 5, 6, 7, 8], top=1) == (None, 0)
+
+
+def test_reusing_prompts_that_no_longer_fit_the_row_are_scored_whole():
+  """Reuse splits prompts that shared a beginning in the row into context groups; where
+  that takes more than the row's budget, the pack reuses nothing and lays them as before."""
+  shared = list(range(1, 31))
+  prompts = [shared + [40 + i] for i in range(4)]
+  entries = [kept(list(range(1, 5)) + [99]), kept(list(range(1, 5)) + [98])]
+  entries = [entry.__class__(entry.tokens, np.zeros((1, 2, 5, 1, 2), np.float32),
+                             entry.logprobs, entry.top_tokens, entry.top_logprobs)
+             for entry in entries]
+  laid = scoring_cache.pack_with_context(
+      prompts, [3, 3, 3, 3], [entries[0], entries[1], entries[0], entries[1]], 40,
+      lambda tokens: max(16, tokens), lambda tokens: max(16, tokens), 8, 1, 1, 2, np.float32)
+  assert laid.reused == [0, 0, 0, 0] and laid.tokens.shape[1] == 34
+  assert (laid.context_ids == 0).all() and (laid.context_owner == -1).all()
+
+
+def test_packed_context_attention_equals_a_float64_reference():
+  """A packed row of three segments: the first continues a kept prompt of 5 positions, the
+  second nothing, the third (two branches after a shared token) another kept prompt of 3.
+  Each query sees its own context's keys and its segment's earlier keys (its branch's or the
+  shared ones); GQA, two query heads a key head."""
+  rng = np.random.default_rng(5)
+  heads, kv_heads, head_dim = 4, 2, 8
+  segments = np.array([[1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3, 0, 0]])
+  branches = np.array([[0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 0, 0]])
+  context_ids = np.array([[1, 1, 1, 0, 0, 0, 0, 2, 2, 2, 2, 2, 0, 0]])
+  owner = np.array([[1, 1, 1, 1, 1, 2, 2, 2, -1, -1]])
+  width, context_width = segments.shape[1], owner.shape[1]
+  q = rng.normal(size=(1, width, heads, head_dim)).astype(np.float32) * 2
+  k, v = (rng.normal(size=(1, width, kv_heads, head_dim)).astype(np.float32) for _ in "kv")
+  context_k, context_v = (rng.normal(size=(1, context_width, kv_heads, head_dim))
+                          .astype(np.float32) for _ in "kv")
+  cache = kv_cache.write({"context_k": context_k, "context_v": context_v,
+                          "context_owner": owner, "context_ids": context_ids,
+                          "segment_ids": segments, "branch_ids": branches}, k, v, None)
+  out = np.asarray(kv_cache.attend(cache, q, None))
+
+  keys = np.concatenate([context_k[0], k[0]]).astype(np.float64)
+  values = np.concatenate([context_v[0], v[0]]).astype(np.float64)
+  for i in range(width):
+    seen = [owner[0, j] == context_ids[0, i] for j in range(context_width)] + [
+        j <= i and segments[0, j] == segments[0, i] and branches[0, j] in (0, branches[0, i])
+        for j in range(width)]
+    for head in range(heads):
+      scores = keys[:, head // 2] @ q[0, i, head].astype(np.float64) / np.sqrt(head_dim)
+      scores = np.where(seen, scores, -np.inf)
+      probs = np.exp(scores - scores.max())
+      expected = (probs / probs.sum()) @ values[:, head // 2]
+      np.testing.assert_allclose(out[0, i, head], expected, atol=2e-6)
