@@ -8,8 +8,9 @@ The items (`--item_kind`) come from the stdlib's `textwrap` source: `lines`, a c
 10-25 characters and four 20-character continuations; `lettered`, MMLU's shape (a 12-line
 passage, four options lettered A-D, one-token answers); `endings`, HellaSwag's shape (three
 lines, four endings of up to 60 characters). lm-eval sends an item's choices in one request
-only when they are as long, as `lettered`'s are, so only there does the server compute a
-context once for its choices. Each side scores the same token ids (tokenizing is left out of
+only when they are as long, as `lettered`'s are; elsewhere its longest-first order sends them
+in different requests, and the server's cache of scored prompts (`--scoring_cache_mb`,
+`serving.scoring_cache`) computes the context once for the choices that come later. Each side scores the same token ids (tokenizing is left out of
 every timing): the server gets lm-eval's `local-completions` request (echo, logprobs=1,
 max_tokens=1, `--batch` token-id prompts per request, in lm-eval's order: longest first) from
 one client, which the server packs into one forward, computing prompts' shared prefixes once
@@ -28,13 +29,14 @@ faster server row against it). Without torch and transformers (`pip install -e .
 hf fields are null.
 What each side computes, to read the ratio by: `server_tokens` is the sum of the server's
 forward widths over lm-eval's requests (one client: each request one pack, shared prefixes
-once, padded to a pack width), `hf_tokens` the sum of transformers' padded batch shapes at
+once, a context kept from an earlier request not again, padded to a pack width), `hf_tokens` the sum of transformers' padded batch shapes at
 `--batch`; `work_ratio_hf_vs_server` is the one over the other and `rate_ratio_vs_hf` the
 server's tokens/s over transformers', so `ratio_vs_hf` = work ratio x rate ratio. Where
-lm-eval's requests leave nothing to share (`lines`: an item's choices in different requests,
-contexts of a few tokens), the work ratio is about 1 and the ratio is the rate ratio alone.
-`server_forwards_only_items_per_s` runs the server's packs for those requests (the same
-widths, the same compiled forward) in process with nothing around them, and
+lm-eval's requests leave little to share (`lines`: contexts of a few tokens), the work ratio
+is about 1 and the ratio is the rate ratio alone. `server_forwards_only_items_per_s` replays
+the server's scoring of those requests (`Scorer.score_with_cache` from an empty cache, or
+with `--scoring_cache_mb=0` its packs: the same widths, the same compiled forwards) in
+process with nothing around them, and
 `ratio_bound_vs_hf` sets it against transformers: the most any request handling could reach.
 """
 
@@ -56,8 +58,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import machine_load  # noqa: E402
 from maxlm.evals import multiple_choice, scoring  # noqa: E402
-from serving.engine import Engine  # noqa: E402
-from serving.scoring import pack, score_pack_fn, scoring_graphdef  # noqa: E402
+from serving import scoring_cache  # noqa: E402
+from serving.engine import Engine, SamplingSettings, device_settings  # noqa: E402
+from serving.scoring import Scorer, pack, score_pack_fn, scoring_graphdef  # noqa: E402
 
 CHOICES = 4
 PASSAGE_LINES = 12
@@ -170,6 +173,28 @@ def packs_alone(engine: Engine, packs):
   return run
 
 
+def cached_scoring_alone(engine: Engine, pairs, batch: int, cache_bytes: int):
+  """The server's scoring of lm-eval's requests with its cache of scored prompts
+  (`Scorer.score_with_cache`, a request a forward, from an empty cache each pass), with
+  nothing else: no HTTP, no request handling, no response. Returns (run, widths): the row
+  width of each forward of the last pass."""
+  scorer, widths = Scorer(engine, cache_bytes=cache_bytes), []
+  greedy = device_settings(SamplingSettings(temperature=0.0))
+  forward = scorer._score_context[1]
+
+  def counted(*arguments):
+    widths.append(arguments[1].shape[1])
+    return forward(*arguments)
+
+  scorer._score_context[1] = counted
+
+  def run():
+    scorer.context_cache, widths[:] = scoring_cache.ContextCache(cache_bytes), []
+    return [scorer.score_with_cache([pairs[i][0] for i in chunk], 1, [greedy] * len(chunk))
+            for chunk in request_chunks(pairs, batch)]
+  return run, widths
+
+
 def lm_eval_order(pairs) -> list[int]:
   """The order lm-eval's local-completions sends log-likelihood requests in: longest first,
   then by token ids (its Collator), so an item's choices meet in one request only when their
@@ -248,10 +273,12 @@ def with_transformers(engine: Engine, pairs):
   return run_at
 
 
-def start_server(checkpoint_dir: str, port: int, engine_cpus: str) -> subprocess.Popen:
+def start_server(checkpoint_dir: str, port: int, engine_cpus: str,
+                 scoring_cache_mb: int) -> subprocess.Popen:
   process = subprocess.Popen([sys.executable, "-m", "serving.server",
                               f"--checkpoint_dir={checkpoint_dir}", f"--port={port}",
-                              "--model_name=bench", f"--engine_cpus={engine_cpus}"],
+                              "--model_name=bench", f"--engine_cpus={engine_cpus}",
+                              f"--scoring_cache_mb={scoring_cache_mb}"],
                              cwd=Path(__file__).resolve().parents[1],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.monotonic() + 300
@@ -275,6 +302,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--port", type=int, default=8765)
   parser.add_argument("--json", action="store_true")
   parser.add_argument("--engine_cpus", default="all", help="serving.server's --engine_cpus")
+  parser.add_argument("--scoring_cache_mb", type=int, default=scoring_cache.DEFAULT_MEGABYTES,
+                      help="serving.server's --scoring_cache_mb (0: no cache of scored prompts)")
   parser.add_argument("--concurrent", type=int, default=4,
                       help="requests in flight at once for the server's second row")
   parser.add_argument("--hf_batches", default="8,16,32,64",
@@ -284,15 +313,21 @@ def main(argv=None) -> dict:
   engine = Engine.from_checkpoint(args.checkpoint_dir, slots=1)
   pairs = encoded(engine, ITEM_KINDS[args.item_kind](args.items))
   local_s, local = best_seconds(in_process(engine, pairs, args.batch), args.rounds)
-  packs = server_packs(pairs, args.batch, engine.context_length)
-  forward_s, _ = best_seconds(packs_alone(engine, packs), args.rounds)
+  if args.scoring_cache_mb:
+    replay, widths = cached_scoring_alone(engine, pairs, args.batch, args.scoring_cache_mb << 20)
+    forward_s, _ = best_seconds(replay, args.rounds)
+    served_tokens = sum(widths)
+  else:
+    packs = server_packs(pairs, args.batch, engine.context_length)
+    forward_s, _ = best_seconds(packs_alone(engine, packs), args.rounds)
+    served_tokens = sum(laid.tokens.shape[1] for laid in packs)
   hf_seconds = {}  # batch size -> (seconds, log-likelihoods)
   if hf_run := with_transformers(engine, pairs):
     for batch in sorted({args.batch, *map(int, args.hf_batches.split(","))}):
       hf_seconds[batch] = best_seconds(hf_run(batch), args.rounds)
   hf_s = hf_seconds[args.batch][0] if args.batch in hf_seconds else None
   hf_best_batch = min(hf_seconds, key=lambda batch: hf_seconds[batch][0], default=None)
-  server = start_server(args.checkpoint_dir, args.port, args.engine_cpus)
+  server = start_server(args.checkpoint_dir, args.port, args.engine_cpus, args.scoring_cache_mb)
   url = f"http://127.0.0.1:{args.port}"
   try:
     server_s, served = best_seconds(through_server(url, pairs, args.batch), args.rounds)
@@ -302,11 +337,10 @@ def main(argv=None) -> dict:
     server.terminate()
     server.wait()
   per_s = lambda seconds: args.items / seconds if seconds else None  # noqa: E731
-  served_tokens = sum(laid.tokens.shape[1] for laid in packs)
   padded_tokens = hf_tokens(pairs, args.batch)
   hf_best_s = hf_seconds[hf_best_batch][0] if hf_seconds else None
   result = {"items": args.items, "choices_per_item": CHOICES, "batch": args.batch,
-            "engine_cpus": args.engine_cpus,
+            "engine_cpus": args.engine_cpus, "scoring_cache_mb": args.scoring_cache_mb,
             "server_items_per_s": per_s(server_s), "in_process_items_per_s": per_s(local_s),
             "hf_items_per_s": per_s(hf_s),
             "ratio_vs_hf": per_s(server_s) / per_s(hf_s) if hf_s else None,

@@ -425,7 +425,7 @@ class Scorer:
     return scoring_cache.pack_with_context(
         prompts, reused, entries, self.budget, lambda tokens: pack_width(tokens, self.budget),
         lambda tokens: pack_width(tokens, self.budget * max_seqs(self.budget)),
-        max_seqs(self.budget), c.num_layers, c.num_kv_heads, c.head_dim, jnp.dtype(c.dtype))
+        max_seqs, c.num_layers, c.num_kv_heads, c.head_dim, jnp.dtype(c.dtype))
 
   def _context_arguments(self, laid: scoring_cache.ContextPack) -> tuple:
     return (laid.tokens, laid.positions, laid.segment_ids, laid.branch_ids, laid.context_ids,

@@ -12,9 +12,8 @@ A prompt of n tokens that shares its first m with a cached one reuses r = min(m,
 positions: their keys and values, each token's log-probability up to token r (token r is
 the same in both), and the likeliest tokens after each of positions 0..r-1. Its tokens r..n-1
 go into the scorer's packed row as before, at positions r..n-1, and attend to the reused keys
-(`pack_with_context`: the row's "context", kept keys and values laid one prompt's after
-another, each seen by its own prompt's segment only; `maxlm.model.kv_cache`'s packed-context
-kind). That gives the scores after positions r..n-1: token r + 1's log-probability and on,
+(`pack_with_context`: the row's "context", each kept prompt's keys and values once, seen by
+the row's tokens of its context id only; `maxlm.model.kv_cache`'s packed-context kind). That gives the scores after positions r..n-1: token r + 1's log-probability and on,
 and the first new token's. Causal attention makes these the same numbers, to float rounding,
 as a forward over the whole prompt. Prompts that reuse nothing share their beginnings within
 the row as before (`scoring.pack`).
@@ -55,11 +54,10 @@ class ScoredPrompt:
     return self.top_tokens.shape[1]
 
 
-def beginnings(tokens, length: int | None = None) -> list[int]:
-  """A chained hash of each of `tokens`' first BLOCK, 2 * BLOCK, ... tokens (up to `length`)."""
+def beginnings(tokens) -> list[int]:
+  """A chained hash of each of `tokens`' first BLOCK, 2 * BLOCK, ... tokens."""
   hashes, parent = [], 0
-  end = len(tokens) if length is None else length
-  for start in range(0, end - BLOCK + 1, BLOCK):
+  for start in range(0, len(tokens) - BLOCK + 1, BLOCK):
     parent = hash((parent, *tokens[start:start + BLOCK]))
     hashes.append(parent)
   return hashes
@@ -145,14 +143,15 @@ class ContextPack:
 
 def pack_with_context(prompts: list[list[int]], reused: list[int],
                       entries: list[ScoredPrompt | None], budget: int, width_of,
-                      context_width_of, max_seqs: int, layers: int, kv_heads: int,
-                      head_dim: int, dtype) -> ContextPack:
+                      context_width_of, max_seqs, layers: int, kv_heads: int, head_dim: int,
+                      dtype) -> ContextPack:
   """`prompts` in one row of `width_of(tokens)`, tokens <= `budget`. Prompts reusing the same
   kept prompt take its keys and values once into the context (of `context_width_of(tokens)`)
   and start from the fewest positions any of them reuses; then the prompts of each context
   (and those reusing nothing) are grouped by the beginnings they share
   (`shared_prefix_groups`: an item's choices after a kept passage, the passage once). Where
-  that takes more than `budget` tokens, nothing is reused."""
+  that takes more than `budget` tokens, nothing is reused. `max_seqs(width)`: the rows of
+  `last`, as `scoring.pack` has them."""
   reused = list(reused)
   by_entry: dict[int, list[int]] = {}
   for i, start in enumerate(reused):
@@ -172,7 +171,8 @@ def pack_with_context(prompts: list[list[int]], reused: list[int],
     return pack_with_context(prompts, [0] * len(prompts), [None] * len(prompts), budget,
                              width_of, context_width_of, max_seqs, layers, kv_heads, head_dim,
                              dtype)
-  rows = empty_rows(1, width_of(tokens))
+  width = width_of(tokens)
+  rows = empty_rows(1, width)
   row = {name: array[0] for name, array in rows.items()}
   row["context_ids"] = np.zeros_like(row["segment_ids"])
   owners = {context_id: members[0] for context_id, _, members in groups if context_id}
@@ -192,7 +192,7 @@ def pack_with_context(prompts: list[list[int]], reused: list[int],
     row["positions"][laid] += reused[members[0]]
     row["context_ids"][laid] = context_id
     start = laid.stop
-  last = np.zeros(max_seqs, np.int32)
+  last = np.zeros(max_seqs(width), np.int32)
   last[:len(prompts)] = [span[-1] for span in spans]
   return ContextPack(rows["tokens"], rows["positions"], rows["segment_ids"],
                      rows["branch_ids"], row["context_ids"][None], rows["predecessor"], spans,

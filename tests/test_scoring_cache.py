@@ -119,7 +119,7 @@ def test_the_cache_evicts_the_least_recently_used_past_its_bytes():
 def test_a_hash_that_names_other_tokens_finds_nothing(monkeypatch):
   """Beginnings are found by hash; the tokens are compared before anything is reused."""
   cache = scoring_cache.ContextCache(max_bytes=1 << 20)
-  monkeypatch.setattr(scoring_cache, "beginnings", lambda tokens, length=None: [7, 8])
+  monkeypatch.setattr(scoring_cache, "beginnings", lambda tokens: [7, 8])
   entry = kept([1, 2, 3, 4, 5, 6, 7, 8])
   cache.insert(entry)
   assert cache.longest_match([1, 2, 3, 4, 9, 9, 9, 9], top=1) == (entry, 4)
@@ -137,7 +137,8 @@ def test_reusing_prompts_that_no_longer_fit_the_row_are_scored_whole():
              for entry in entries]
   laid = scoring_cache.pack_with_context(
       prompts, [3, 3, 3, 3], [entries[0], entries[1], entries[0], entries[1]], 40,
-      lambda tokens: max(16, tokens), lambda tokens: max(16, tokens), 8, 1, 1, 2, np.float32)
+      lambda tokens: max(16, tokens), lambda tokens: max(16, tokens), lambda width: 8, 1, 1, 2,
+      np.float32)
   assert laid.reused == [0, 0, 0, 0] and laid.tokens.shape[1] == 34
   assert (laid.context_ids == 0).all() and (laid.context_owner == -1).all()
 
