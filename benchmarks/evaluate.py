@@ -229,6 +229,7 @@ def through_server(url: str, pairs, batch: int, concurrent: int = 1):
       results[i] = float(sum(choice["logprobs"]["token_logprobs"][pairs[i][1]:-1]))
 
   def run():
+    client.post(f"{url}/reset_prefix_cache").raise_for_status()  # each pass as the first
     if concurrent == 1:
       for chunk in chunks:
         send(chunk)

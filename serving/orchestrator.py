@@ -168,6 +168,7 @@ class Orchestrator:
     self._admissions = itertools.count()
     self._stopping = False
     self._aborting = False
+    self._resets: list[threading.Event] = []  # reset_prefix_cache callers waiting
     # The real engine prefills into the pool (prefix cache, chunks); a stand-in with only
     # JetStream's prefill and insert is driven through those.
     self._prefills_in_pool = hasattr(engine, "begin_prefill")
@@ -241,6 +242,27 @@ class Orchestrator:
 
   # --- the loop (its own thread) ---------------------------------------------------------------
 
+  def reset_prefix_cache(self):
+    """Forgets the prefix cache's blocks that no running request holds, on the engine loop's
+    thread (which owns the pool) before its next step; returns once done."""
+    if not self.alive:
+      raise Unavailable(f"the engine loop is not running: {self.error!r}")
+    done = threading.Event()
+    with self._wake:
+      self._resets.append(done)
+      self._wake.notify()
+    if not done.wait(60):
+      raise Unavailable("the engine loop did not reset its prefix cache within 60 s")
+
+  def _forget_prefixes(self):
+    """Runs the resets asked for (the loop's thread, `_wake` held)."""
+    resets, self._resets = self._resets, []
+    allocator = getattr(getattr(self.engine, "pages", None), "allocator", None)
+    if resets and hasattr(allocator, "forget_unheld"):
+      allocator.forget_unheld()
+    for done in resets:
+      done.set()
+
   def _abort(self):
     with self._wake:
       self._aborting = True
@@ -271,7 +293,9 @@ class Orchestrator:
     """Waits for work; (free slot, request) pairs to admit now, or None once shut down."""
     with self._wake:
       while not (self._waiting or any(self._slots) or self._stopping):
+        self._forget_prefixes()
         self._wake.wait()
+      self._forget_prefixes()
       if self._aborting or (self._stopping and not (self._waiting or any(self._slots))):
         self._fail_all(Unavailable("the server shut down before the request finished"))
         return None

@@ -106,6 +106,17 @@ class CachingAllocator:
       blocks.append(block)
     return blocks
 
+  def forget_unheld(self) -> int:
+    """Unpublishes every cached block no sequence holds (they return to the unused), so no
+    later prompt finds them: vLLM's reset_prefix_cache. Held blocks stay published. Returns
+    how many were forgotten."""
+    forgotten = list(self._evictable)
+    for block in forgotten:
+      del self._block_of[self._hash_of.pop(block)]
+      self._unused.append(block)
+    self._evictable.clear()
+    return len(forgotten)
+
   def publish(self, blocks: list[int], hashes: list[bytes]):
     """Names each block by its hash, once its KV is written (or queued to be); a hash that
     already names another block keeps that one."""

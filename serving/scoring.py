@@ -375,6 +375,11 @@ class Scorer:
       request.prompt_logprobs = prompt_logprobs(scores, span, request.top_logprobs)
       self._deliver(request, step, row)
 
+  def reset_cache(self):
+    """Forgets every kept prompt (a batch being scored keeps its own in the new cache)."""
+    if self.context_cache is not None:
+      self.context_cache = scoring_cache.ContextCache(self.context_cache.max_bytes)
+
   def _score_batch_cached(self, batch: list[Request], top: int):
     """`_score_batch` through the context cache: every prompt on top of the longest beginning
     it shares with a kept one, and kept in turn (`serving.scoring_cache`)."""

@@ -356,6 +356,16 @@ def create_app(engine: Engine, model_name: str | None = None,
     return await respond(request, ResponseShape(model_name, chat=True),
                          len(generation.prompt_ids), deltas, http_request)
 
+  @app.post("/reset_prefix_cache", responses=errors(503))
+  async def reset_prefix_cache():
+    """vLLM's: later prompts find nothing cached before now (the generation blocks no running
+    request holds, and the scored prompts kept for scoring requests); for benchmarks that send
+    the same prompts again, and after the weights change."""
+    if scorer is not None:
+      scorer.reset_cache()
+    await asyncio.get_running_loop().run_in_executor(None, orchestrator.reset_prefix_cache)
+    return {}
+
   @app.get("/tokenizer_info")
   async def tokenizer_info():
     """The special tokens' texts, as vLLM's /tokenizer_info gives them (lm-eval's remote

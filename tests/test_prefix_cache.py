@@ -86,3 +86,18 @@ def test_a_second_block_with_a_published_hash_stays_private_and_returns_to_the_f
   allocator.release([first, second])
   assert allocator.cached == 1
   assert allocator.share([hash_]) == [first]
+
+
+def test_forgetting_unpublishes_the_unheld_blocks_and_keeps_the_held_ones():
+  """vLLM's reset_prefix_cache: a released prefix is found no more and its blocks are free
+  again; a prefix a running sequence holds stays published."""
+  allocator = CachingAllocator(4)
+  released, held = block_hashes(list(range(8)), 4), block_hashes(list(range(100, 108)), 4)
+  released_blocks, held_blocks = allocator.allocate(2), allocator.allocate(2)
+  allocator.publish(released_blocks, released)
+  allocator.publish(held_blocks, held)
+  allocator.release(released_blocks)
+  assert allocator.forget_unheld() == 2
+  assert allocator.cached_run(released) == 0 and allocator.cached_run(held) == 2
+  assert (allocator.referenced, allocator.free, allocator.cached) == (2, 2, 2)
+  assert sorted(allocator.allocate(2)) == sorted(released_blocks)

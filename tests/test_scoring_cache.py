@@ -4,7 +4,7 @@ to later ones that begin alike; each prompt's results against its own scored pre
 
 import numpy as np
 import pytest
-from test_scoring import scored
+from test_scoring import app_client, scored
 from test_serving import random_run
 
 from maxlm.model import kv_cache
@@ -176,3 +176,40 @@ def test_packed_context_attention_equals_a_float64_reference():
       probs = np.exp(scores - scores.max())
       expected = (probs / probs.sum()) @ values[:, head // 2]
       np.testing.assert_allclose(out[0, i, head], expected, atol=2e-6)
+
+
+def test_reset_prefix_cache_forgets_kept_prompts_and_generation_blocks(engine):
+  """vLLM's POST /reset_prefix_cache: a scoring prompt sent again reuses all but its last
+  position, and after the reset nothing; so for a generation's prompt and its cached blocks."""
+  rng = np.random.default_rng(2)
+  bos = engine.tokenizer.bos_id()
+  scoring_prompt = [bos, *map(int, rng.integers(4, 300, 24))]
+  generation_prompt = [bos, *map(int, rng.integers(4, 300, 3 * engine.block_size))]
+  with app_client(engine) as client:
+    metrics = client.app.state.orchestrator.metrics
+    hits = lambda: int(metrics.prefix_cache_hits._value.get())  # noqa: E731
+
+    def score():
+      response = client.post("/v1/completions", json={
+          "model": "tiny", "prompt": scoring_prompt, "max_tokens": 1, "logprobs": 1,
+          "echo": True, "temperature": 0})
+      assert response.status_code == 200, response.text
+
+    def generate():
+      response = client.post("/v1/completions", json={
+          "model": "tiny", "prompt": generation_prompt, "max_tokens": 2, "temperature": 0})
+      assert response.status_code == 200, response.text
+
+    score()
+    before = hits()
+    score()
+    assert hits() - before == len(scoring_prompt) - 1
+    generate()
+    before = hits()
+    generate()
+    assert hits() - before == 3 * engine.block_size
+    assert client.post("/reset_prefix_cache").status_code == 200
+    before = hits()
+    score()
+    generate()
+    assert hits() == before
