@@ -429,7 +429,7 @@ class Scorer:
     c = self.engine.config
     return scoring_cache.pack_with_context(
         prompts, reused, entries, self.budget, lambda tokens: pack_width(tokens, self.budget),
-        lambda tokens: pack_width(tokens, self.budget * max_seqs(self.budget)),
+        scoring_cache.context_width,
         max_seqs, c.num_layers, c.num_kv_heads, c.head_dim, jnp.dtype(c.dtype))
 
   def _context_arguments(self, laid: scoring_cache.ContextPack) -> tuple:

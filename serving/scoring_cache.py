@@ -199,6 +199,12 @@ def pack_with_context(prompts: list[list[int]], reused: list[int],
                      last, context, context_owner, reused, list(entries))
 
 
+def context_width(tokens: int) -> int:
+  """A context's width: the power of two at or above `tokens`, 16 at least. Each width is a
+  program per row width; padding a context costs only attention to masked keys."""
+  return max(16, 1 << (tokens - 1).bit_length())
+
+
 def score_context_pack_fn(graphdef, params, tokens, positions, segment_ids, branch_ids,
                           context_ids, predecessor, last, context, context_owner, *, top: int):
   """`scoring.score_pack_fn` over a `ContextPack`: the row attends within its segments and
