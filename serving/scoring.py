@@ -422,7 +422,8 @@ class Scorer:
     scored = [scoring_cache.scored_prompt(prompt, index, laid, scores, keys_values)
               for index, prompt in enumerate(prompts)]
     for entry, entry_hashes in zip(scored, hashes):
-      self.context_cache.insert(entry, entry_hashes)
+      if entry.keys_values is not None:
+        self.context_cache.insert(entry, entry_hashes)
     return scored, step
 
   def _pack_with_context(self, prompts, reused, entries) -> scoring_cache.ContextPack:

@@ -38,7 +38,8 @@ class ScoredPrompt:
   """A prompt's forward, kept: position t's key and value, token t's log-probability after
   the tokens before it (t = 0: none, 0.0), and the likeliest tokens after position t."""
   tokens: np.ndarray        # int32 [n]
-  keys_values: np.ndarray   # [layers, 2 (keys, values), n, kv_heads, head_dim]
+  keys_values: np.ndarray | None  # [layers, 2 (keys, values), n, kv_heads, head_dim]; None:
+                                  # scored, not kept
   logprobs: np.ndarray      # float32 [n]
   top_tokens: np.ndarray    # int32 [n, top]
   top_logprobs: np.ndarray  # float32 [n, top]
@@ -139,6 +140,10 @@ class ContextPack:
   context_owner: np.ndarray  # int32 [1, context_width]: whose context id; -1 the padding
   reused: list[int]
   entries: list[ScoredPrompt | None]
+  kept: list[bool]          # per prompt: whether to keep it; of a group's members whose own
+                            # rest is at most BLOCK tokens only the longest (one-token choices
+                            # after one passage: the passage once; a kept prompt lends any
+                            # beginning of itself)
 
 
 def pack_with_context(prompts: list[list[int]], reused: list[int],
@@ -185,6 +190,9 @@ def pack_with_context(prompts: list[list[int]], reused: list[int],
     context_owner[0, at:at + reused[owner]] = context_id
     at += reused[owner]
   spans, start = [None] * len(prompts), 0
+  kept = {index for _, shared, members in groups for index in members
+          if len(suffixes[index]) - shared > BLOCK}
+  kept |= {max(members, key=lambda i: len(prompts[i])) for _, _, members in groups}
   for segment, (context_id, shared, members) in enumerate(groups, start=1):
     for index, span in zip(members, lay_group(row, start, suffixes, shared, members, segment)):
       spans[index] = span
@@ -196,7 +204,8 @@ def pack_with_context(prompts: list[list[int]], reused: list[int],
   last[:len(prompts)] = [span[-1] for span in spans]
   return ContextPack(rows["tokens"], rows["positions"], rows["segment_ids"],
                      rows["branch_ids"], row["context_ids"][None], rows["predecessor"], spans,
-                     last, context, context_owner, reused, list(entries))
+                     last, context, context_owner, reused, list(entries),
+                     [index in kept for index in range(len(prompts))])
 
 
 def context_width(tokens: int) -> int:
@@ -224,21 +233,25 @@ def score_context_pack_fn(graphdef, params, tokens, positions, segment_ids, bran
 
 def scored_prompt(prompt: list[int], index: int, laid: ContextPack, scores, keys_values
                   ) -> ScoredPrompt:
-  """Prompt `index` with all its positions' keys, values and scores: the reused ones from
-  its cache entry, the rest from this forward (`scores`, `keys_values` on the host)."""
+  """Prompt `index` with all its positions' scores, and keys and values where the pack keeps
+  it (else None): the reused ones from its cache entry, the rest from this forward (`scores`,
+  `keys_values` on the host)."""
   start, entry, span = laid.reused[index], laid.entries[index], laid.spans[index]
   length, top = len(prompt), scores.top_tokens.shape[1]
   logprobs = np.zeros(length, np.float32)
   top_tokens = np.zeros((length, top), np.int32)
   top_logprobs = np.zeros((length, top), np.float32)
-  kept = np.empty((*keys_values.shape[:2], length, *keys_values.shape[3:]), keys_values.dtype)
+  kept = (np.empty((*keys_values.shape[:2], length, *keys_values.shape[3:]), keys_values.dtype)
+          if laid.kept[index] else None)
   if start:
     logprobs[:start + 1] = entry.logprobs[:start + 1]
     top_tokens[:start] = entry.top_tokens[:start, :top]
     top_logprobs[:start] = entry.top_logprobs[:start, :top]
-    kept[:, :, :start] = entry.keys_values[:, :, :start]
+    if kept is not None:
+      kept[:, :, :start] = entry.keys_values[:, :, :start]
   logprobs[start + 1:] = scores.logprobs[span[1:]]
   top_tokens[start:] = scores.top_tokens[span]
   top_logprobs[start:] = scores.top_logprobs[span]
-  kept[:, :, start:] = keys_values[:, :, span]
+  if kept is not None:
+    kept[:, :, start:] = keys_values[:, :, span]
   return ScoredPrompt(np.asarray(prompt, np.int32), kept, logprobs, top_tokens, top_logprobs)

@@ -92,6 +92,22 @@ def test_kept_prompts_with_fewer_alternatives_than_asked_are_not_reused(engine):
   assert_as_own_prefill(engine, context + [8], GREEDY, request, items, top=1)
 
 
+def test_one_token_choices_after_one_passage_keep_the_passage_once(engine):
+  """MMLU's shape: four prompts that differ in their last token only keep one of them (the
+  others would hold the same keys again); a later choice reuses the passage from it."""
+  rng = np.random.default_rng(3)
+  context = [engine.tokenizer.bos_id(), *map(int, rng.integers(4, 300, 29))]
+  scorer = Scorer(engine).start()
+  try:
+    scored(scorer, [context + [token] for token in (5, 6, 7, 8)], [GREEDY] * 4, top=1)
+    assert len(scorer.context_cache) == 1
+    [request], [items] = scored(scorer, [context + [9]], [GREEDY], top=1)
+  finally:
+    scorer.stop()
+  assert reused_tokens(scorer) == 29
+  assert_as_own_prefill(engine, context + [9], GREEDY, request, items, top=1)
+
+
 def kept(tokens, nbytes_each=1000):
   """A ScoredPrompt of `tokens` whose keys and values take `nbytes_each` bytes."""
   n = len(tokens)
