@@ -8,6 +8,9 @@ segment with positions from 0, and runs one compiled forward over it, padded to 
 few widths. Causal attention within segments makes each prompt's results those of its own
 prefill (`Engine.prefill_scored`) to float32 rounding; the new token is chosen from each
 prompt's last position with that request's settings and seed, as a prefill chooses it.
+With a cache of scored prompts (the default, `serving.scoring_cache`), a prompt that begins
+as a kept one computes only what follows their shared beginning, on top of its keys and
+values.
 """
 
 import collections

@@ -531,6 +531,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   for name in ("max_request_bytes", "max_connections", "header_timeout_s", "body_timeout_s"):
     if getattr(args, name) <= 0:
       parser.error(f"--{name}={getattr(args, name)}; give a positive number")
+  if args.scoring_cache_mb < 0:
+    parser.error(f"--scoring_cache_mb={args.scoring_cache_mb}; give 0 (none) or more MiB")
   return args
 
 

@@ -229,3 +229,13 @@ def test_reset_prefix_cache_forgets_kept_prompts_and_generation_blocks(engine):
     score()
     generate()
     assert hits() == before
+
+
+def test_the_server_keeps_256_mib_of_scored_prompts_by_default_and_refuses_a_negative_size(
+    capsys):
+  from serving.server import parse_args  # noqa: PLC0415
+  assert parse_args(["--checkpoint_dir=x"]).scoring_cache_mb == 256
+  assert parse_args(["--checkpoint_dir=x", "--scoring_cache_mb=0"]).scoring_cache_mb == 0
+  with pytest.raises(SystemExit):
+    parse_args(["--checkpoint_dir=x", "--scoring_cache_mb=-1"])
+  assert "--scoring_cache_mb=-1" in capsys.readouterr().err
