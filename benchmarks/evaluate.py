@@ -10,12 +10,13 @@ passage, four options lettered A-D, one-token answers); `endings`, HellaSwag's s
 lines, four endings of up to 60 characters). lm-eval sends an item's choices in one request
 only when they are as long, as `lettered`'s are; elsewhere its longest-first order sends them
 in different requests, and the server's cache of scored prompts (`--scoring_cache_mb`,
-`serving.scoring_cache`) computes the context once for the choices that come later. Each side scores the same token ids (tokenizing is left out of
-every timing): the server gets lm-eval's `local-completions` request (echo, logprobs=1,
-max_tokens=1, `--batch` token-id prompts per request, in lm-eval's order: longest first) from
-one client, which the server packs into one forward, computing prompts' shared prefixes once
-(`serving.scoring`); the server runs with `--engine_cpus=all`, as the other two use every
-core (a scoring request's HTTP work is small beside its forward); in process,
+`serving.scoring_cache`) computes the context once for the choices that come later. Each
+side scores the same token ids (tokenizing is left out of every timing): the server gets
+lm-eval's `local-completions` request (echo, logprobs=1, max_tokens=1, `--batch` token-id
+prompts per request, in lm-eval's order: longest first) from one client, which the server
+packs into one forward, computing prompts' shared prefixes once (`serving.scoring`); the
+server runs with `--engine_cpus=all`, as the other two use every core (a scoring request's
+HTTP work is small beside its forward); in process,
 `maxlm.evals.scoring.score` batches `--batch` rows per forward pass, each row a group of
 sequences that begin alike (an item's choices: its context once); transformers runs
 `LlamaForCausalLM` with the same weights (benchmarks/hf_llama.py) on right-padded batches of
@@ -29,9 +30,10 @@ faster server row against it). Without torch and transformers (`pip install -e .
 hf fields are null.
 What each side computes, to read the ratio by: `server_tokens` is the sum of the server's
 forward widths over lm-eval's requests (one client: each request one pack, shared prefixes
-once, a context kept from an earlier request not again, padded to a pack width), `hf_tokens` the sum of transformers' padded batch shapes at
-`--batch`; `work_ratio_hf_vs_server` is the one over the other and `rate_ratio_vs_hf` the
-server's tokens/s over transformers', so `ratio_vs_hf` = work ratio x rate ratio. Where
+once, a context kept from an earlier request not again, padded to a pack width),
+`hf_tokens` the sum of transformers' padded batch shapes at `--batch`;
+`work_ratio_hf_vs_server` is the one over the other and `rate_ratio_vs_hf` the server's
+tokens/s over transformers', so `ratio_vs_hf` = work ratio x rate ratio. Where
 lm-eval's requests leave little to share (`lines`: contexts of a few tokens), the work ratio
 is about 1 and the ratio is the rate ratio alone. `server_forwards_only_items_per_s` replays
 the server's scoring of those requests (`Scorer.score_with_cache` from an empty cache, or

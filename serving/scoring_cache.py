@@ -13,8 +13,9 @@ positions: their keys and values, each token's log-probability up to token r (to
 the same in both), and the likeliest tokens after each of positions 0..r-1. Its tokens r..n-1
 go into the scorer's packed row as before, at positions r..n-1, and attend to the reused keys
 (`pack_with_context`: the row's "context", each kept prompt's keys and values once, seen by
-the row's tokens of its context id only; `maxlm.model.kv_cache`'s packed-context kind). That gives the scores after positions r..n-1: token r + 1's log-probability and on,
-and the first new token's. Causal attention makes these the same numbers, to float rounding,
+the row's tokens of its context id only; `maxlm.model.kv_cache`'s packed-context kind).
+That gives the scores after positions r..n-1: token r + 1's log-probability and on, and the
+first new token's. Causal attention makes these the same numbers, to float rounding,
 as a forward over the whole prompt. Prompts that reuse nothing share their beginnings within
 the row as before (`scoring.pack`).
 """
