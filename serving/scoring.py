@@ -421,7 +421,7 @@ class Scorer:
     scores, keys_values = jax.device_get((scores, keys_values))
     step = Step.from_choice(choice) if sampled else greedy_step(scores, laid.last)
     self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
-    self.metrics.observe_prefix_cache(sum(map(len, prompts)), sum(reused))
+    self.metrics.observe_prefix_cache(sum(map(len, prompts)), sum(laid.reused))
     scored = [scoring_cache.scored_prompt(prompt, index, laid, scores, keys_values)
               for index, prompt in enumerate(prompts)]
     for entry, entry_hashes in zip(scored, hashes):

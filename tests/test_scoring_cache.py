@@ -74,6 +74,24 @@ def test_choices_sent_apart_reuse_their_context_and_score_as_each_prompt_own_pre
       assert_as_own_prefill(engine, prompt, setting, request, items, top=5)
 
 
+def test_prompts_reusing_one_kept_prompt_start_together_and_count_what_they_reuse(engine):
+  """Two prompts of one request that continue the same kept prompt, one after 20 shared
+  tokens and one after 12, take its keys once and both start after 11: 22 positions reused,
+  not 19 + 11; each scores as its own prefill."""
+  rng = np.random.default_rng(4)
+  kept_prompt = [engine.tokenizer.bos_id(), *map(int, rng.integers(4, 300, 23))]
+  prompts = [kept_prompt[:20] + [7, 8], kept_prompt[:12] + [9, 10, 11]]
+  scorer = Scorer(engine).start()
+  try:
+    scored(scorer, [kept_prompt], [GREEDY], top=1)
+    requests, emitted = scored(scorer, prompts, [GREEDY] * 2, top=1)
+  finally:
+    scorer.stop()
+  assert reused_tokens(scorer) == 11 + 11
+  for prompt, request, items in zip(prompts, requests, emitted, strict=True):
+    assert_as_own_prefill(engine, prompt, GREEDY, request, items, top=1)
+
+
 def test_kept_prompts_with_fewer_alternatives_than_asked_are_not_reused(engine):
   """A prompt kept with one alternative a position (logprobs=1) lends nothing to a request
   asking for 5; one kept with 20 lends to a request asking for 1."""
