@@ -280,21 +280,24 @@ def train(workdir: str, data_dir: str | Callable[[], str] | None = None,
             f"{bad_in_a_row} steps in a row up to step {step} had a non-finite loss or "
             f"gradient (loss {loss}); the last good checkpoint is kept in {workdir}. Lower "
             "learning_rate_schedule.peak_learning_rate or check the data")
+      # Read once: a SIGTERM landing between the save and the break would otherwise stop
+      # the run unsaved; one landing after this read is the next step's to save.
+      stopping = preempted.is_set()
       if bad_in_a_row == 0:  # never checkpoint in the middle of a run of bad steps
         with report.timed("checkpoint"):
           save_started = time.perf_counter()
           if checkpointer.save(step, state, data.iterator_save_args(train_iter), meta,
-                               force=step == steps or preempted.is_set()):
+                               force=step == steps or stopping):
             blocked_s = time.perf_counter() - save_started
             writer.write_scalars(step, {"checkpoint_blocked_s": blocked_s})
             writer.flush()  # metrics.jsonl holds every step up to each checkpoint
-      if preempted.is_set():
+      if stopping:
         break
     checkpointer.wait()
     writer.flush()
     if preempted.is_set():
-      _log(f"SIGTERM: checkpoint of step {int(state.step)} written; rerun the same command "
-           "to resume")
+      _log(f"SIGTERM: checkpoint of step {checkpointer.latest_step()} written; rerun the same "
+           "command to resume")
       checkpointer.close()
       writer.close()
       return {"step": int(state.step), "preempted": True}
