@@ -105,18 +105,13 @@ def _attend_packed_context(layer_cache: LayerCache, q: jax.Array) -> jax.Array:
   in query blocks as `layers.causal_attention`). The context: "context_k", "context_v"
   [batch, context_len, kv_heads, head_dim] and "context_owner" [batch, context_len], -1 at
   the padding; a query of context id 0 sees none of it."""
-  batch, q_len, heads, head_dim = q.shape
   segments, branches = layer_cache["segment_ids"], layer_cache["branch_ids"]
-  index = jnp.broadcast_to(jnp.arange(q_len), (batch, q_len))
+  index = jnp.broadcast_to(jnp.arange(q.shape[1]), segments.shape)
   mask = jnp.concatenate([
       (layer_cache["context_owner"][:, None, None, :]
        == layer_cache["context_ids"][:, None, :, None]),
       layers.attention_mask(index, index[0], segments, segments, None, None, branches,
                             branches)], axis=-1)                           # [b, 1, q, s]
   keys, values = (jnp.concatenate([layer_cache[f"context_{name}"], layer_cache[name]], axis=1)
-                  .astype(q.dtype).transpose(0, 2, 1, 3) for name in ("k", "v"))
-  kv_heads = keys.shape[1]
-  grouped_q = (q * head_dim ** -0.5).reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-  return layers.query_blocked_attention(grouped_q.transpose(0, 2, 3, 1, 4), keys, values,
-                                        mask[:, :, None], 128,
-                                        keys_before=layer_cache["context_k"].shape[1])
+                  .astype(q.dtype) for name in ("k", "v"))
+  return layers.query_blocked_attention(q, keys, values, mask, 128)

@@ -126,29 +126,28 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   matrix that the mask would discard. A bidirectional block may reach past that end, so with
   `bidirectional_ids` every query block takes every key.
   """
-  batch, seq, heads, head_dim = q.shape
-  kv_heads = k.shape[2]
-  index = jnp.broadcast_to(jnp.arange(seq), q.shape[:2])
+  index = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
   mask = attention_mask(index, index[0], segment_ids, segment_ids, bidirectional_ids,
-                        bidirectional_ids, branch_ids, branch_ids)[:, :, None]
-  grouped_q = (q * head_dim ** -0.5).reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
-  grouped_q = grouped_q.transpose(0, 2, 3, 1, 4)                         # [b, kv, group, q, d]
-  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                 # [b, kv, s, d]
-  return query_blocked_attention(grouped_q, k, v, mask, query_block,
+                        bidirectional_ids, branch_ids, branch_ids)
+  return query_blocked_attention(q, k, v, mask, query_block,
                                  reach_past_block=bidirectional_ids is not None)
 
 
-def query_blocked_attention(grouped_q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                            query_block: int, reach_past_block: bool = False,
-                            keys_before: int = 0) -> jax.Array:
+def query_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                            query_block: int, reach_past_block: bool = False) -> jax.Array:
   """Masked attention with queries in blocks of `query_block`, each against the keys up to
-  its own end only (`keys_before` more keys come before the queries' own, which every
-  block takes), or all of them with `reach_past_block`.
+  its own end only (the keys past q's length come first: a context every block takes), or
+  all of them with `reach_past_block`.
 
-  grouped_q: [batch, kv_heads, group, q_len, head_dim], scaled; k, v: [batch, kv_heads,
-  keys_before + q_len, head_dim]; mask: bool [batch, 1, 1, q_len, keys]. Returns
-  [batch, q_len, kv_heads * group, head_dim]."""
-  batch, kv_heads, group, q_len, head_dim = grouped_q.shape
+  q: [batch, q_len, heads, head_dim]; k, v: [batch, keys, kv_heads, head_dim], keys >= q_len,
+  the last q_len of them the queries' own; mask: bool [batch, 1, q_len, keys]. Returns q's
+  shape."""
+  batch, q_len, heads, head_dim = q.shape
+  kv_heads, keys_before = k.shape[2], k.shape[1] - q_len
+  grouped_q = (q * head_dim ** -0.5).reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+  grouped_q = grouped_q.transpose(0, 2, 3, 1, 4)                         # [b, kv, group, q, d]
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                 # [b, kv, s, d]
+  mask = mask[:, :, None]
   outputs = []
   for start in range(0, q_len, query_block):
     query_end = min(start + query_block, q_len)
@@ -156,7 +155,7 @@ def query_blocked_attention(grouped_q: jax.Array, k: jax.Array, v: jax.Array, ma
     outputs.append(_softmax_attention(grouped_q[:, :, :, start:query_end], k[:, :, :key_end],
                                       v[:, :, :key_end], mask[..., start:query_end, :key_end]))
   out = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=3)
-  return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, kv_heads * group, head_dim)
+  return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
 
 
 @jax.custom_vjp
