@@ -117,6 +117,27 @@ def score_pack_fn(graphdef, params, tokens, positions, segment_ids, branch_ids, 
   `sampled_first_tokens`. A greedy prompt's first new token is its last position's top-1."""
   model = nnx.merge(graphdef, params)
   x, _ = model.decode(model.embed(tokens), positions, segment_ids, branch_ids=branch_ids)
+  return row_scores(model, x, tokens, predecessor, last, top)
+
+
+def score_context_pack_fn(graphdef, params, tokens, positions, segment_ids, branch_ids,
+                          context_ids, predecessor, last, context, context_owner, *, top: int
+                          ) -> tuple[PackedScores, jax.Array, jax.Array]:
+  """`score_pack_fn` over a `scoring_cache.ContextPack`: the row attends within its segments
+  and to its context. Also returns the row's own keys and values, [layers, 2, width, kv, d],
+  to keep."""
+  model = nnx.merge(graphdef, params)
+  caches = [{"context_k": layer[0][None], "context_v": layer[1][None],
+             "context_owner": context_owner, "context_ids": context_ids,
+             "segment_ids": segment_ids, "branch_ids": branch_ids} for layer in context]
+  x, caches = model.decode(model.embed(tokens), positions, segment_ids, caches)
+  return (*row_scores(model, x, tokens, predecessor, last, top),
+          jnp.stack([jnp.stack([cache["k"][0], cache["v"][0]]) for cache in caches]))
+
+
+def row_scores(model, x, tokens, predecessor, last, top: int) -> tuple[PackedScores, jax.Array]:
+  """A packed row's final hidden states x [1, width, embed] -> every position's next-token
+  scores, and the hidden state at each prompt's last position."""
   rows = -(-x.shape[1] // SCORE_BLOCK) * SCORE_BLOCK
   logits = model.logits(jnp.pad(x[0], ((0, rows - x.shape[1]), (0, 0))))
   return position_scores(logits, tokens[0], predecessor[0], top), x[0, last]
@@ -221,7 +242,7 @@ class Scorer:
     self._sample = {top: jax.jit(functools.partial(sampled_first_tokens, graphdef, top=top))
                     for top in (1, MAX_COMPLETION_LOGPROBS)}
     self._score_context = {
-        top: jax.jit(functools.partial(scoring_cache.score_context_pack_fn, graphdef, top=top))
+        top: jax.jit(functools.partial(score_context_pack_fn, graphdef, top=top))
         for top in (1, MAX_COMPLETION_LOGPROBS)}
     self._lines: collections.deque[collections.deque[Request]] = collections.deque()
     self._waiting_prompts = 0
@@ -275,20 +296,16 @@ class Scorer:
     lm-eval's logprobs=1. The programs for 2 to 20 alternatives compile on first use: warming
     them too took runs/tiny's scorer 40.3 s instead of 18.9."""
     settings, sampled_rows = [device_settings(SamplingSettings(temperature=1.0))], set()
-    if self.context_cache is not None:  # with nothing reused; longer contexts on first use
-      for width in pack_widths(self.budget):
-        laid = self._pack_with_context([[self.engine.tokenizer.bos_id()] * width], [0], [None])
-        _, x_last, _ = jax.block_until_ready(self._score_context[1](
-            self.engine.params, *self._context_arguments(laid)))
-        if len(laid.last) not in sampled_rows:
-          sampled_rows.add(len(laid.last))
-          jax.block_until_ready(self._first_tokens(1, laid.positions[0, laid.last], x_last,
-                                                   settings))
-      return
+    params = self.engine.params
     for width in pack_widths(self.budget):
-      laid = pack([[self.engine.tokenizer.bos_id()] * width], self.budget)
-      _, x_last = jax.block_until_ready(self._score[1](self.engine.params,
-                                                       *self._arguments(laid)))
+      prompts = [[self.engine.tokenizer.bos_id()] * width]
+      if self.context_cache is None:
+        laid = pack(prompts, self.budget)
+        outputs = self._score[1](params, *self._arguments(laid))
+      else:  # with nothing reused; longer contexts compile on first use
+        laid = self._pack_with_context(prompts, [0], [None])
+        outputs = self._score_context[1](params, *self._context_arguments(laid))
+      x_last = jax.block_until_ready(outputs)[1]
       if len(laid.last) not in sampled_rows:
         sampled_rows.add(len(laid.last))
         jax.block_until_ready(self._first_tokens(1, laid.positions[0, laid.last], x_last,
@@ -369,14 +386,17 @@ class Scorer:
       scores = jax.device_get(scores)
       step = Step.from_choice(choice) if sampled else greedy_step(scores, laid.last)
     except Exception as e:  # noqa: BLE001 - e.g. out of device memory: these requests fail
-      log.exception("a scoring batch failed; the requests after it go on")
-      for request in batch:
-        self._finish(request, RuntimeError(f"scoring failed: {e!r}"))
+      self._fail(batch, e)
       return
     self.metrics.prompt_tokens.inc(sum(len(request.prompt_ids) for request in batch))
     for row, (request, span) in enumerate(zip(batch, laid.spans)):
       request.prompt_logprobs = prompt_logprobs(scores, span, request.top_logprobs)
       self._deliver(request, step, row)
+
+  def _fail(self, batch: list[Request], error: Exception):
+    log.exception("a scoring batch failed; the requests after it go on")
+    for request in batch:
+      self._finish(request, RuntimeError(f"scoring failed: {error!r}"))
 
   def reset_cache(self):
     """Forgets every kept prompt (a batch being scored keeps its own in the new cache)."""
@@ -391,9 +411,7 @@ class Scorer:
           [request.prompt_ids for request in batch], top,
           [device_settings(request.settings) for request in batch])
     except Exception as e:  # noqa: BLE001 - e.g. out of device memory: these requests fail
-      log.exception("a scoring batch failed; the requests after it go on")
-      for request in batch:
-        self._finish(request, RuntimeError(f"scoring failed: {e!r}"))
+      self._fail(batch, e)
       return
     for row, (request, entry) in enumerate(zip(batch, scored)):
       count = request.top_logprobs

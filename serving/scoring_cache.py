@@ -12,8 +12,9 @@ A prompt of n tokens that shares its first m with a cached one reuses r = min(m,
 positions: their keys and values, each token's log-probability up to token r (token r is
 the same in both), and the likeliest tokens after each of positions 0..r-1. Its tokens r..n-1
 go into the scorer's packed row as before, at positions r..n-1, and attend to the reused keys
-(`pack_with_context`: the row's "context", each kept prompt's keys and values once, seen by
-the row's tokens of its context id only; `maxlm.model.kv_cache`'s packed-context kind).
+(`pack_with_context`, then `scoring.score_context_pack_fn`: the row's "context", each kept
+prompt's keys and values once, seen by the row's tokens of its context id only;
+`maxlm.model.kv_cache`'s packed-context kind).
 That gives the scores after positions r..n-1: token r + 1's log-probability and on, and the
 first new token's. Causal attention makes these the same numbers, to float rounding,
 as a forward over the whole prompt. Prompts that reuse nothing share their beginnings within
@@ -23,9 +24,7 @@ the row as before (`scoring.pack`).
 import collections
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from maxlm.evals.shared_prefixes import (common_prefix, empty_rows, group_tokens, lay_group,
                                          shared_prefix_groups)
@@ -213,23 +212,6 @@ def context_width(tokens: int) -> int:
   """A context's width: the power of two at or above `tokens`, 16 at least. Each width is a
   program per row width; padding a context costs only attention to masked keys."""
   return max(16, 1 << (tokens - 1).bit_length())
-
-
-def score_context_pack_fn(graphdef, params, tokens, positions, segment_ids, branch_ids,
-                          context_ids, predecessor, last, context, context_owner, *, top: int):
-  """`scoring.score_pack_fn` over a `ContextPack`: the row attends within its segments and
-  to its context. Also returns the row's own keys and values, [layers, 2, width, kv, d], to
-  keep."""
-  from serving.scoring import SCORE_BLOCK, position_scores  # noqa: PLC0415 (a cycle)
-  model = nnx.merge(graphdef, params)
-  caches = [{"context_k": layer[0][None], "context_v": layer[1][None],
-             "context_owner": context_owner, "context_ids": context_ids,
-             "segment_ids": segment_ids, "branch_ids": branch_ids} for layer in context]
-  x, caches = model.decode(model.embed(tokens), positions, segment_ids, caches)
-  rows = -(-x.shape[1] // SCORE_BLOCK) * SCORE_BLOCK
-  logits = model.logits(jnp.pad(x[0], ((0, rows - x.shape[1]), (0, 0))))
-  return (position_scores(logits, tokens[0], predecessor[0], top), x[0, last],
-          jnp.stack([jnp.stack([cache["k"][0], cache["v"][0]]) for cache in caches]))
 
 
 def scored_prompt(prompt: list[int], index: int, laid: ContextPack, scores, keys_values
