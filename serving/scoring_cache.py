@@ -161,8 +161,8 @@ def pack_with_context(prompts: list[list[int]], reused: list[int],
   by_entry: dict[int, list[int]] = {}
   for i, start in enumerate(reused):
     by_entry.setdefault(id(entries[i]) if start else 0, []).append(i)
-  for key, members in by_entry.items():
-    start = min(reused[i] for i in members) if key else 0
+  for members in by_entry.values():  # those reusing nothing are all 0 already
+    start = min(reused[i] for i in members)
     for i in members:
       reused[i] = start
   suffixes = [prompt[start:] for prompt, start in zip(prompts, reused)]
