@@ -62,7 +62,8 @@ from benchmarks import machine_load  # noqa: E402
 from maxlm.evals import multiple_choice, scoring  # noqa: E402
 from serving import scoring_cache  # noqa: E402
 from serving.engine import Engine, SamplingSettings, device_settings  # noqa: E402
-from serving.scoring import Scorer, pack, score_pack_fn, scoring_graphdef  # noqa: E402
+from serving.scoring import (Scorer, fits_one_pack, max_seqs, pack, score_pack_fn,  # noqa: E402
+                             scoring_graphdef)
 
 CHOICES = 4
 PASSAGE_LINES = 12
@@ -157,10 +158,24 @@ def in_process(engine: Engine, pairs, batch: int):
   return run
 
 
+def server_batches(prompts: list[list[int]], budget: int) -> list[list[list[int]]]:
+  """One request's `prompts` as the server's Scorer takes them with no other request waiting:
+  in order, each pack while the next prompt fits it (`Scorer._take`)."""
+  batches = []
+  for prompt in prompts:
+    if (batches and len(batches[-1]) < max_seqs(budget)
+        and fits_one_pack([*batches[-1], prompt], budget)):
+      batches[-1].append(prompt)
+    else:
+      batches.append([prompt])
+  return batches
+
+
 def server_packs(pairs, batch: int, budget: int) -> list:
-  """The server's packs for lm-eval's requests, one a request (one client), as its Scorer lays
-  them within `budget` (the context length)."""
-  return [pack([pairs[i][0] for i in chunk], budget) for chunk in request_chunks(pairs, batch)]
+  """The server's packs for lm-eval's requests (one client), as its Scorer lays them within
+  `budget` (the context length)."""
+  return [pack(prompts, budget) for chunk in request_chunks(pairs, batch)
+          for prompts in server_batches([pairs[i][0] for i in chunk], budget)]
 
 
 def packs_alone(engine: Engine, packs):
@@ -192,8 +207,9 @@ def cached_scoring_alone(engine: Engine, pairs, batch: int, cache_bytes: int):
 
   def run():
     scorer.context_cache, widths[:] = scoring_cache.ContextCache(cache_bytes), []
-    return [scorer.score_with_cache([pairs[i][0] for i in chunk], 1, [greedy] * len(chunk))
-            for chunk in request_chunks(pairs, batch)]
+    return [scorer.score_with_cache(prompts, 1, [greedy] * len(prompts))
+            for chunk in request_chunks(pairs, batch)
+            for prompts in server_batches([pairs[i][0] for i in chunk], scorer.budget)]
   return run, widths
 
 

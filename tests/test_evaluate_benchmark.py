@@ -1,0 +1,43 @@
+"""benchmarks/evaluate.py's replays of the server's scoring: a request of more prompts than
+one pack holds goes in several packs, as the server's Scorer takes it, and every prompt's
+log-likelihood equals `maxlm.evals.scoring`'s in process."""
+
+import numpy as np
+import pytest
+from test_serving import CONTEXT, random_run
+
+from benchmarks import evaluate
+from serving.engine import Engine
+from serving.scoring import fits_one_pack
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+  return Engine.from_checkpoint(random_run(tmp_path_factory), slots=1)
+
+
+def test_a_request_larger_than_one_pack_is_scored_in_several_as_the_server_does(engine):
+  rng = np.random.default_rng(0)
+  bos = engine.tokenizer.bos_id()
+  pairs = []
+  for _ in range(6):  # 6 items of 4 choices, each item 14-20 context tokens: over 64 a request
+    context = [bos, *map(int, rng.integers(4, 300, int(rng.integers(14, 20))))]
+    pairs += [(context + [int(t) for t in rng.integers(4, 300, int(rng.integers(2, 9)))],
+               len(context)) for _ in range(4)]
+  prompts = [ids for ids, _ in pairs]
+  batches = evaluate.server_batches(prompts, CONTEXT)
+  assert len(batches) > 1 and [p for batch in batches for p in batch] == prompts
+  assert all(fits_one_pack(batch, CONTEXT) for batch in batches)
+  assert not any(fits_one_pack([*batch, following[0]], CONTEXT)
+                 for batch, following in zip(batches, batches[1:]))
+
+  expected = evaluate.in_process(engine, pairs, batch=8)()
+  assert len(evaluate.server_packs(pairs, 24, engine.context_length)) > 1
+  replay, widths = evaluate.cached_scoring_alone(engine, pairs, 24, 1 << 20)
+  scored = replay()
+  assert len(widths) > 1 and max(widths) <= CONTEXT
+  order = [i for chunk in evaluate.request_chunks(pairs, 24) for i in chunk]
+  got = {}
+  for i, entry in zip(order, (entry for request, _ in scored for entry in request)):
+    got[i] = float(np.sum(entry.logprobs[pairs[i][1]:]))  # the continuation's tokens
+  np.testing.assert_allclose([got[i] for i in range(len(pairs))], expected, atol=1e-4)
