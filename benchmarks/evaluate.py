@@ -160,7 +160,7 @@ def in_process(engine: Engine, pairs, batch: int):
 
 def server_batches(prompts: list[list[int]], budget: int) -> list[list[list[int]]]:
   """One request's `prompts` as the server's Scorer takes them with no other request waiting:
-  in order, each pack while the next prompt fits it (`Scorer._take`)."""
+  in order, each pack while the next prompt fits it (`Scorer._next_batch`)."""
   batches = []
   for prompt in prompts:
     if (batches and len(batches[-1]) < max_seqs(budget)
