@@ -63,6 +63,10 @@ def pack_widths(budget: int) -> list[int]:
 
 
 def pack_width(tokens: int, budget: int) -> int:
+  """The narrowest pack width that holds `tokens`; ValueError past `budget` (a caller splits
+  its prompts first, as `Scorer._next_batch` does with `fits_one_pack`)."""
+  if tokens > budget:
+    raise ValueError(f"{tokens} laid tokens do not fit one pack of at most {budget}")
   return next(width for width in pack_widths(budget) if width >= tokens)
 
 

@@ -131,6 +131,8 @@ def test_pack_widths_rise_to_the_budget_and_fit_every_total(budget):
   for tokens in range(1, budget + 1):
     width = pack_width(tokens, budget)
     assert tokens <= width and width - tokens < max(32, width // 8 + 64)  # the padding
+  with pytest.raises(ValueError, match=f"{budget + 1} laid tokens do not fit one pack"):
+    pack_width(budget + 1, budget)
 
 
 # The prefill attends by an online softmax over chunks of the paged pool
