@@ -38,6 +38,6 @@ def test_a_request_larger_than_one_pack_is_scored_in_several_as_the_server_does(
   assert len(widths) > 1 and max(widths) <= CONTEXT
   order = [i for chunk in evaluate.request_chunks(pairs, 24) for i in chunk]
   got = {}
-  for i, entry in zip(order, (entry for request, _ in scored for entry in request)):
+  for i, entry in zip(order, (entry for entries, _ in scored for entry in entries)):
     got[i] = float(np.sum(entry.logprobs[pairs[i][1]:]))  # the continuation's tokens
   np.testing.assert_allclose([got[i] for i in range(len(pairs))], expected, atol=1e-4)
