@@ -62,7 +62,7 @@ from benchmarks import machine_load  # noqa: E402
 from maxlm.evals import multiple_choice, scoring  # noqa: E402
 from serving import scoring_cache  # noqa: E402
 from serving.engine import Engine, SamplingSettings, device_settings  # noqa: E402
-from serving.scoring import (Scorer, fits_one_pack, max_seqs, pack, score_pack_fn,  # noqa: E402
+from serving.scoring import (Scorer, pack, pack_takes, score_pack_fn,  # noqa: E402
                              scoring_graphdef)
 
 CHOICES = 4
@@ -160,11 +160,10 @@ def in_process(engine: Engine, pairs, batch: int):
 
 def server_batches(prompts: list[list[int]], budget: int) -> list[list[list[int]]]:
   """One request's `prompts` as the server's Scorer takes them with no other request waiting:
-  in order, each pack while the next prompt fits it (`Scorer._next_batch`)."""
+  in order, each pack while it takes the next prompt (`pack_takes`, as `Scorer._next_batch`)."""
   batches = []
   for prompt in prompts:
-    if (batches and len(batches[-1]) < max_seqs(budget)
-        and fits_one_pack([*batches[-1], prompt], budget)):
+    if batches and pack_takes(batches[-1], prompt, budget):
       batches[-1].append(prompt)
     else:
       batches.append([prompt])

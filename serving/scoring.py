@@ -64,7 +64,7 @@ def pack_widths(budget: int) -> list[int]:
 
 def pack_width(tokens: int, budget: int) -> int:
   """The narrowest pack width that holds `tokens`; ValueError past `budget` (a caller splits
-  its prompts first, as `Scorer._next_batch` does with `fits_one_pack`)."""
+  its prompts first, as `Scorer._next_batch` does with `pack_takes`)."""
   if tokens > budget:
     raise ValueError(f"{tokens} laid tokens do not fit one pack of at most {budget}")
   return next(width for width in pack_widths(budget) if width >= tokens)
@@ -112,6 +112,13 @@ def fits_one_pack(prompts: list[list[int]], budget: int) -> bool:
 def max_seqs(width: int) -> int:
   """Prompts one pack of `width` holds at most (each has a token; a request sends <= 64)."""
   return min(width, 64)
+
+
+def pack_takes(prompts: list[list[int]], prompt: list[int], budget: int) -> bool:
+  """Whether a pack already holding `prompts` takes `prompt` too: a pack takes its first
+  prompt always, then others while it holds fewer than `max_seqs` and they fit its budget."""
+  return not prompts or (len(prompts) < max_seqs(budget)
+                         and fits_one_pack([*prompts, prompt], budget))
 
 
 def score_pack_fn(graphdef, params, tokens, positions, segment_ids, branch_ids, predecessor,
@@ -361,10 +368,8 @@ class Scorer:
       if not self._lines:
         return None
       batch, prompts, taken_from = [], [], None
-      while self._lines and len(batch) < max_seqs(self.budget):
+      while self._lines and pack_takes(prompts, self._lines[0][0].prompt_ids, self.budget):
         line = self._lines[0]
-        if batch and not fits_one_pack([*prompts, line[0].prompt_ids], self.budget):
-          break
         batch.append(line.popleft())
         prompts.append(batch[-1].prompt_ids)
         taken_from = line
