@@ -202,7 +202,7 @@ class Pretrain:
     eval_loss, entropy = eval_scalars["eval_loss"], manifest["unigram_entropy_nats"]
     below = 1.0 - eval_loss / entropy
     print(f"\nheld-out loss after {step} steps: {eval_loss:.3f} nats/token | unigram entropy "
-          f"of the training tokens: {entropy:.3f} nats/token | {100 * below:.1f}% below",
-          flush=True)
+          f"of the training tokens: {entropy:.3f} nats/token | "
+          f"{abs(100 * below):.1f}% {'below' if below >= 0 else 'above'} it", flush=True)
     return {"eval_loss": eval_loss, "unigram_entropy_nats": entropy, "fraction_below": below,
             "step": step}

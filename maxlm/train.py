@@ -17,10 +17,12 @@ import functools
 import inspect
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
+import tokenize
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from absl import app, flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from beam_pipelines.records import fields_of_manifest
+from beam_pipelines.records import MANIFEST_NAME, fields_of_manifest
 from maxlm import checkpoint, data, metrics, optim, runs, sampling, sharding, tasks, workdir_lock
 from maxlm import compilation_cache
 from maxlm import default_chat  # noqa: F401  (registers ensure_default_chat with gin)
@@ -85,9 +87,28 @@ def _checked_and_locked(train_fn):
     arguments = signature.bind(*args, **kwargs)
     arguments.apply_defaults()
     check_run_configuration(arguments.arguments)
-    with _workdir_held_by_process_0(arguments.arguments["workdir"]):
-      return train_fn(*args, **kwargs)
+    workdir = Path(arguments.arguments["workdir"])
+    new_workdir = not workdir.exists()
+    try:
+      with _workdir_held_by_process_0(workdir):
+        return train_fn(*args, **kwargs)
+    except UserError:
+      if new_workdir and jax.process_index() == 0:
+        _remove_untrained(workdir)
+      raise
   return checked_and_locked
+
+
+def _remove_untrained(workdir: Path) -> None:
+  """Removes a workdir this run made and then refused to train in (a bad data dir or
+  --init_from): no checkpoint and no logged step, so a rerun starts clean."""
+  try:
+    trained = bool(checkpoint.all_steps(workdir))
+  except FileNotFoundError:
+    trained = False
+  metrics_file = workdir / "metrics.jsonl"
+  if not trained and not (metrics_file.exists() and metrics_file.stat().st_size):
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -397,6 +418,12 @@ def _init_from_step(workdir: Path, init_from: str | None) -> int | None:
   recorded = _recorded_init_from_step(workdir)
   if recorded is not None:
     return recorded
+  if not Path(init_from).is_dir():
+    raise UserError(f"--init_from {init_from} does not exist; pass the --workdir of a "
+                    "maxlm.train run (or a maxlm.convert.from_hf output)")
+  if (Path(init_from) / MANIFEST_NAME).exists():
+    raise UserError(f"--init_from {init_from} is a data dir (it has {MANIFEST_NAME}); "
+                    "pass it as --data_dir, and as --init_from the --workdir of a run")
   try:
     return checkpoint.read_meta(init_from)[0]
   except FileNotFoundError:
@@ -477,7 +504,9 @@ def _restore_or_init(checkpointer, workdir, start: Start, starting_params: Start
       print(f"warning: {error}; moved it to {moved} and resumed from step {step}",
             file=sys.stderr, flush=True)
   metrics.JsonlWriter.truncate_after(workdir / "metrics.jsonl", step)
-  _log(f"resumed from {workdir / checkpoint.CHECKPOINTS / str(step)} (step {step})")
+  _log(f"resumed from {workdir / checkpoint.CHECKPOINTS / str(step)} (step {step})"
+       + (f"; --init_from {start.init_from} gave only the first start's parameters"
+          if start.init_from else ""))
   if not start.trainable:
     return state, {}
   return state, train_steps.split_trainable(starting_params(), start.trainable)[1]
@@ -556,6 +585,41 @@ def resolve_gin_file(name: str) -> str:
   raise UserError(f"--gin_file {name} is neither a file nor one of configs/: {known}")
 
 
+def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
+  """gin's parse of the files, then the bindings, one at a time: an error names which."""
+  sources = [(f"--gin_file {name}", functools.partial(gin.parse_config_file, name))
+             for name in gin_files]
+  sources += [(f"--gin_param {binding}", functools.partial(gin.parse_config, binding))
+              for binding in bindings]
+  for source, parse in sources:
+    try:
+      parse()
+    except (ValueError, KeyError, SyntaxError, OSError, tokenize.TokenError) as error:
+      raise UserError(f"gin configuration error in {source}: {gin_error_sentence(error)}"
+                      ) from None
+  gin.finalize()
+
+
+def gin_error_sentence(error: Exception) -> str:
+  """gin's multi-line error as one line that keeps where it happened: `Configurable 'train'
+  doesn't have a parameter named 'stepz' (file "x.gin", line 3: train.stepz = 3)`."""
+  if isinstance(error, tokenize.TokenError):
+    message, (line, _) = error.args
+    return f"{message} (line {line})"
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  # Python's own parse error says nothing gin's "Failed to parse token" line does not.
+  lines = [line for line in lines if not line.startswith("malformed node or string")]
+  head, rest = lines[0], lines[1:]
+  location = next((i for i, line in enumerate(rest) if line.startswith("In ")), None)
+  if location is None:
+    return " ".join(lines)
+  where = rest[location].removeprefix("In ")
+  code = rest[location + 1] if location + 1 < len(rest) else ""
+  if where.startswith("bindings string"):  # the source the caller names is that binding
+    return head
+  return f"{head.rstrip('.')} ({where}{': ' + code if code else ''})"
+
+
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
                            process_id: int | None):
   """Joins a multi-process run when told so by flags, or by a cluster JAX detects itself
@@ -581,10 +645,7 @@ def main(argv):
   compilation_cache.enable(_COMPILATION_CACHE.value)
   gin.add_config_file_search_path(str(CONFIGS_DIR))
   gin_files = [resolve_gin_file(name) for name in _GIN_FILE.value]
-  try:
-    gin.parse_config_files_and_bindings(gin_files, _GIN_PARAM.value)
-  except (ValueError, KeyError, SyntaxError) as error:
-    raise UserError(f"gin configuration error: {error}") from None
+  parse_gin(gin_files, _GIN_PARAM.value)
   overrides = {"workdir": _WORKDIR.value, "data_dir": _DATA_DIR.value, "steps": _STEPS.value,
                "checkpoint_every": _CHECKPOINT_EVERY.value, "init_from": _INIT_FROM.value}
   overrides = {k: v for k, v in overrides.items() if v is not None}

@@ -262,6 +262,15 @@ def test_sequence_count_mismatch(data_dir, tmp_path):
     train_dataset(copy)
 
 
+def test_a_split_without_sequences_is_a_one_line_error_naming_the_data_dir(data_dir, tmp_path):
+  manifest = json.loads((data_dir / MANIFEST_NAME).read_text())
+  manifest["splits"]["train"] |= {"sequences": 0, "shards": ["train-empty.array_record"]}
+  copy = copy_with_manifest(data_dir, tmp_path, splits=manifest["splits"])
+  ArrayRecordWriter(str(copy / "train-empty.array_record"), "group_size:1").close()
+  with pytest.raises(UserError, match=f"^--data_dir {copy}: split 'train' has no sequences"):
+    train_dataset(copy)
+
+
 def test_a_truncated_shard_is_named_when_the_dataset_is_built(data_dir, tmp_path):
   copy = copy_with_manifest(data_dir, tmp_path)
   shard = copy / "train-00001-of-00002.array_record"

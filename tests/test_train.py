@@ -234,9 +234,24 @@ def test_gin_typo_is_one_line_and_exit_code_2(data_dir, tmp_path):
   process = _train_process(tmp_path, data_dir, "--gin_param=ModelConfig.num_layer=2")
   output = process.communicate(timeout=120)[0]
   assert process.returncode == 2, output
-  assert ("error: gin configuration error: Configurable 'ModelConfig' doesn't have a parameter "
-          "named 'num_layer'") in output
+  assert ("error: gin configuration error in --gin_param ModelConfig.num_layer=2: Configurable "
+          "'ModelConfig' doesn't have a parameter named 'num_layer'") in output
   assert "Traceback" not in output
+
+
+def test_a_gin_error_names_the_file_and_line_or_the_binding(tmp_path):
+  gin_file = tmp_path / "typo.gin"
+  gin_file.write_text("train.steps = 3\ntrain.stepz = 3\n")
+  with pytest.raises(UserError, match=re.escape(
+      f"gin configuration error in --gin_file {gin_file}: Configurable 'train' doesn't have a "
+      f'parameter named \'stepz\' (file "{gin_file}", line 2: train.stepz = 3)')):
+    train_module.parse_gin([str(gin_file)], [])
+  with pytest.raises(UserError, match=re.escape(
+      "gin configuration error in --gin_param train.global_batch_size=eight: Failed to parse "
+      "token 'eight'")):
+    train_module.parse_gin([], ["train.global_batch_size=eight"])
+  with pytest.raises(UserError, match="in --gin_param train.steps=\\(3: unexpected EOF"):
+    train_module.parse_gin([], ["train.steps=(3"])
 
 
 # --- tasks and --init_from ---------------------------------------------------------------------
@@ -306,10 +321,21 @@ def test_init_from_a_run_without_checkpoints_is_one_line_naming_its_command_befo
   def data_dir():
     raise AssertionError("the data was made before the source run was checked")
   source = tmp_path / "elsewhere"
+  source.mkdir()
   with pytest.raises(UserError, match=re.escape(
       f"--init_from {source} has no checkpoint; train it first: python -m maxlm.train "
       f"--workdir={source}")):
     train_module.train(workdir=str(tmp_path / "run"), data_dir=data_dir, init_from=str(source))
+  assert not (tmp_path / "run").exists()  # a refused run leaves no workdir behind
+
+
+def test_init_from_a_missing_path_or_a_data_dir_says_which(data_dir, tmp_path):
+  missing = tmp_path / "nowhere"
+  with pytest.raises(UserError, match=f"--init_from {missing} does not exist"):
+    train_module.train(workdir=str(tmp_path / "run"), data_dir=data_dir, init_from=str(missing))
+  with pytest.raises(UserError, match=f"--init_from {data_dir} is a data dir"):
+    train_module.train(workdir=str(tmp_path / "run"), data_dir=data_dir, init_from=data_dir)
+  assert not (tmp_path / "run").exists()
 
 
 def test_the_command_named_for_a_missing_run_is_its_configs_when_it_has_one():
@@ -327,6 +353,7 @@ def test_init_from_refuses_another_model_shape_or_tokenizer(data_dir, tiny_run_c
   with pytest.raises(UserError, match=r"another model shape \(mlp_dim: 128 -> 96\)"):
     train_module.train(workdir=str(tmp_path / "a"), data_dir=data_dir, steps=1,
                        init_from=str(source))
+  assert not (tmp_path / "a").exists()  # nor its copied tokenizer and empty checkpoints/
   gin.bind_parameter("ModelConfig.mlp_dim", 128)
   meta_file = source / "checkpoints" / str(TINY_RUN_STEPS) / "meta" / "metadata"
   meta = json.loads(meta_file.read_text())

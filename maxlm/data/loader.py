@@ -144,7 +144,7 @@ def make_dataset(
   _check_epochs_and_seed(num_epochs, seed)
   shard_paths = split_shard_paths(data_dir, manifest, split)
   records = grain.MapDataset.source(_NamedShards(shard_paths))
-  _check_record_count(records, manifest, split, count)
+  _check_record_count(records, manifest, data_dir, split, count)
   weights = source_weights(manifest, split)
   if shuffle and len(weights) > 1:
     records = mixture(data_dir, manifest, split, weights, seed, num_epochs, len(records))
@@ -269,17 +269,20 @@ def _check_epochs_and_seed(num_epochs: int | None, seed: int) -> None:
     raise ValueError(f"seed={seed} must be in [0, 2**32); pick a seed in that range")
 
 
-def _check_record_count(
-    records: grain.MapDataset, manifest: dict, split: str, process_count: int) -> None:
+def _check_record_count(records: grain.MapDataset, manifest: dict, data_dir, split: str,
+                        process_count: int) -> None:
   expected = manifest["splits"][split].get("sequences", len(records))
   if len(records) != expected:
     raise ValueError(
         f"split {split!r} shards hold {len(records)} sequences but {MANIFEST_NAME} says "
         f"{expected}; re-run {PREPARE_COMMAND} (a shard was truncated or replaced)")
+  if not records:
+    raise UserError(f"--data_dir {data_dir}: split {split!r} has no sequences (its pipeline "
+                    "kept no row: see report.md and dead_letter.jsonl there)")
   if len(records) < process_count:
-    raise ValueError(
-        f"split {split!r} has {len(records)} sequences, fewer than the {process_count} "
-        f"processes reading it; prepare more data or use fewer processes")
+    raise UserError(
+        f"--data_dir {data_dir}: split {split!r} has {len(records)} sequences, fewer than the "
+        f"{process_count} processes reading it; prepare more data or use fewer processes")
 
 
 def iterator_save_args(iterator: grain.DatasetIterator):
