@@ -28,15 +28,26 @@ def too_large(max_bytes: int) -> OpenAIError:
                      code="request_too_large")
 
 
-class RequireApiKey:
-  """Answers 401, from the headers alone, to a request under `prefix` without a listed key."""
+# What a client without a key may still read: liveness, Prometheus, and the API's own docs.
+OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs", "/redoc"})
 
-  def __init__(self, app: ASGIApp, api_keys: list[str], prefix: str = "/v1"):
-    self.app, self.prefix = app, prefix
+
+def guarded(path: str) -> bool:
+  """Whether RequireApiKey asks `path`'s requests for a key: every route that does work
+  (/v1, /tokenize, /detokenize, /tokenizer_info, /reset_prefix_cache)."""
+  return path not in OPEN_PATHS
+
+
+class RequireApiKey:
+  """Answers 401, from the headers alone, to a request for a `guarded` path without a listed
+  key."""
+
+  def __init__(self, app: ASGIApp, api_keys: list[str]):
+    self.app = app
     self.api_keys = [key.encode() for key in api_keys]
 
   async def __call__(self, scope: Scope, receive: Receive, send: Send):
-    if scope["type"] == "http" and scope["path"].startswith(self.prefix) and not self.allows(
+    if scope["type"] == "http" and guarded(scope["path"]) and not self.allows(
         Headers(scope=scope).get("authorization", "")):
       return await error_response(missing_api_key())(scope, receive, send)
     await self.app(scope, receive, send)

@@ -284,7 +284,8 @@ def check_supported(request: SamplingRequest):
       continue
     value = extra[name] if name in extra else getattr(request, name, None)
     if value not in (no_op, None, {}, []):
-      raise OpenAIError(400, f"{name}={value!r} is not supported yet; leave it unset",
+      shown = repr(value) if len(repr(value)) <= 100 else repr(value)[:100] + "..."
+      raise OpenAIError(400, f"{name}={shown} is not supported yet; leave it unset",
                         param=name)
 
 

@@ -2,12 +2,15 @@
 
 Every error is OpenAI's error body; a body that fails validation is a 400, never FastAPI's
 default 422; completions stream as `text/event-stream`; /metrics is Prometheus' text format;
-and with API keys set, /v1 declares HTTP bearer auth.
+and with API keys set, every route but the open ones (`guards.OPEN_PATHS`) declares
+HTTP bearer auth.
 """
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
+
+from serving import guards
 
 
 class ErrorDetail(BaseModel):
@@ -54,7 +57,7 @@ def install_spec(app: FastAPI, keyed: bool):
       for path, operations in schema["paths"].items():
         for operation in operations.values():
           operation["responses"].pop("422", None)
-          if keyed and path.startswith("/v1"):
+          if keyed and guards.guarded(path):
             operation["security"] = [{"bearer": []}]
       components = schema.setdefault("components", {})
       for unused in ("HTTPValidationError", "ValidationError"):

@@ -202,19 +202,37 @@ class Orchestrator:
 
   def submit(self, request: Request):
     """Queues `request`; raises QueueFull or Unavailable instead of accepting what cannot run."""
+    self.submit_all([request])
+
+  def submit_all(self, requests: list[Request]):
+    """Queues all of `requests` (one HTTP request's prompts) or, raising QueueFull or
+    Unavailable, none: concurrent batches then cannot each get in part and all be refused.
+    Requests whose clients left while they waited count for nothing."""
     with self._wake:
       if self.error is not None or not self._thread.is_alive():
         raise Unavailable(f"the engine loop has stopped: {self.error!r}")
       if self._stopping:
         raise Unavailable("the server is shutting down")
-      if len(self._waiting) >= self.max_queue:
-        raise QueueFull(f"{len(self._waiting)} requests are already waiting for a slot; "
-                        "retry later")
-      request.submitted = time.perf_counter()
-      request.text = TextStream(self.engine.decode, request.stops, request.prompt_ids)
-      self._waiting.append(request)
+      self._drop_cancelled_waiting()
+      if len(self._waiting) + len(requests) > self.max_queue:
+        also = f" and this one brings {len(requests)}" if len(requests) > 1 else ""
+        raise QueueFull(f"{len(self._waiting)} requests are already waiting for a slot{also} "
+                        f"(--max_queue {self.max_queue}); retry later")
+      for request in requests:
+        request.submitted = time.perf_counter()
+        request.text = TextStream(self.engine.decode, request.stops, request.prompt_ids)
+        self._waiting.append(request)
       self.metrics.queue_depth.set(len(self._waiting))
       self._wake.notify()
+
+  def _drop_cancelled_waiting(self):
+    """Ends the waiting requests whose clients left (under `_wake`)."""
+    if not any(request.cancelled for request in self._waiting):
+      return
+    left = [request for request in self._waiting if request.cancelled]
+    self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+    for request in left:
+      self._release(request)
 
   def shutdown(self, grace_s: float = 30.0, wait: bool = True):
     """Stops admitting new requests; those accepted run to the end, for at most `grace_s`

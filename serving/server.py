@@ -149,9 +149,10 @@ def create_app(engine: Engine, model_name: str | None = None,
   async def prometheus_metrics():
     return Response(metrics.exposition(), media_type=metrics.content_type)
 
-  v1 = APIRouter(prefix="/v1")  # RequireApiKey guards it
+  v1 = APIRouter(prefix="/v1")
+  keyed = (401,) * bool(api_keys)  # RequireApiKey's answer, on every route but guards.OPEN_PATHS
 
-  @v1.get("/models", responses=errors(*(401,) * bool(api_keys)))
+  @v1.get("/models", responses=errors(*keyed))
   async def models():
     return {"object": "list", "data": [{
         "id": model_name, "object": "model", "created": started, "owned_by": "maxlm",
@@ -300,10 +301,11 @@ def create_app(engine: Engine, model_name: str | None = None,
         submitted = [generation_for(request, prompt_ids, max_tokens, request.stops(),
                                     echo=echo_scores) for prompt_ids, max_tokens in checked]
         queue_on(scorer.submit, [generation for generation, _ in submitted])
-      else:
+      else:  # all prompts go in the line together, or none does
         for prompt in prompts:
-          submitted.append(await submit(request, completion_ids(prompt, request.max_tokens),
-                                        request.stops(), echo=echo_scores))
+          submitted.append(await prepare(request, completion_ids(prompt, request.max_tokens),
+                                         request.stops(), echo=echo_scores))
+        queue_on(orchestrator.submit_all, [generation for generation, _ in submitted])
     except OpenAIError:
       for generation, _ in submitted:
         generation.cancel()
@@ -356,7 +358,7 @@ def create_app(engine: Engine, model_name: str | None = None,
     return await respond(request, ResponseShape(model_name, chat=True),
                          len(generation.prompt_ids), deltas, http_request)
 
-  @app.post("/reset_prefix_cache", responses=errors(503))
+  @app.post("/reset_prefix_cache", responses=errors(*keyed, 503))
   async def reset_prefix_cache():
     """vLLM's: later prompts find nothing cached before now (the generation blocks no running
     request holds, and the scored prompts kept for scoring requests); for benchmarks that send
@@ -366,24 +368,29 @@ def create_app(engine: Engine, model_name: str | None = None,
     await asyncio.get_running_loop().run_in_executor(None, orchestrator.reset_prefix_cache)
     return {}
 
-  @app.get("/tokenizer_info")
+  @app.get("/tokenizer_info", responses=errors(*keyed))
   async def tokenizer_info():
     """The special tokens' texts, as vLLM's /tokenizer_info gives them (lm-eval's remote
     tokenizer reads eos_token and bos_token here)."""
     return engine.tokenizer_info()
 
-  @app.post("/tokenize", responses=errors(400, 413))
+  @app.post("/tokenize", responses=errors(400, *keyed, 413))
   async def tokenize(request: TokenizeRequest):
     """vLLM's /tokenize: a special token's text (`</s>`) is its id; `add_special_tokens` puts
     bos first."""
-    tokens = await asyncio.get_running_loop().run_in_executor(
-        prompt_pool, lambda: engine.tokenize(request.prompt, request.add_special_tokens))
-    return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.context_length}
+    def body():  # built on the pool with orjson: a 6 MB prompt's 2M ids stall no stream
+      tokens = engine.tokenize(request.prompt, request.add_special_tokens)
+      return orjson.dumps({"tokens": tokens, "count": len(tokens),
+                           "max_model_len": engine.context_length})
+    return Response(await asyncio.get_running_loop().run_in_executor(prompt_pool, body),
+                    media_type="application/json")
 
-  @app.post("/detokenize", responses=errors(400, 413))
+  @app.post("/detokenize", responses=errors(400, *keyed, 413))
   async def detokenize(request: DetokenizeRequest):
     """vLLM's /detokenize: the text of token ids (eos and ids past the tokenizer have none)."""
-    return {"prompt": engine.decode(request.tokens)}
+    text = await asyncio.get_running_loop().run_in_executor(
+        prompt_pool, lambda: engine.decode(request.tokens))
+    return {"prompt": text}
 
   app.include_router(v1)
   return app
@@ -507,8 +514,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "HTTP event loop and the decode loop's Python run on the cores left over, "
                       "or on all if none are")
   parser.add_argument("--api_keys_file", default=None,
-                      help="one API key per line; when set, /v1 requires `Authorization: Bearer "
-                      "KEY` (/health and /metrics stay open)")
+                      help="one API key per line; when set, every route but /health, /metrics "
+                      "and the API docs requires `Authorization: Bearer KEY`")
   parser.add_argument("--max_images_per_request", type=int, default=4,
                       help="image_url parts a chat request may hold (400 above)")
   parser.add_argument("--allowed_media_domains", default="",

@@ -165,6 +165,13 @@ def test_other_values_of_unsupported_fields_are_refused_naming_them(client, rout
   assert response.status_code == 400 and response.json()["error"]["param"] == field
 
 
+def test_a_refused_value_is_quoted_in_at_most_a_hundred_characters(client):
+  response = client.post("/v1/completions", json=completion(tools=["x" * 100] * 1000))
+  message = response.json()["error"]["message"]
+  assert response.status_code == 400 and message.startswith("tools=['xxx")
+  assert len(message) < 200 and message.endswith("... is not supported yet; leave it unset")
+
+
 @pytest.mark.parametrize("change", [{"presence_penalty": 1}, {"frequency_penalty": -0.5},
                                     {"repetition_penalty": 1.2}])
 def test_a_penalty_in_range_is_refused_until_supported(client, change):

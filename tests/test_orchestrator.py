@@ -15,7 +15,8 @@ from test_detokenize import train_tokenizer
 from maxlm.sampling import TokenChoice
 from serving.chat import chat_prompt
 from serving.engine import SamplingSettings, device_settings
-from serving.orchestrator import Orchestrator, Request, RequestFailed, Unavailable
+from serving.orchestrator import (Orchestrator, QueueFull, Request, RequestFailed,
+                                  Unavailable)
 from serving.server import create_app
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -103,6 +104,43 @@ def all_deltas(deltas: queue.Queue) -> list:
     assert not isinstance(item, BaseException), item
     received.append(item)
   return received
+
+
+# --- the waiting line --------------------------------------------------------------------------
+
+def test_requests_whose_clients_left_free_their_places_in_the_line():
+  orchestrator = Orchestrator(FakeEngine(slots=1, seconds_per_token=0.005), max_queue=2).start()
+  try:
+    busy = submit(orchestrator, [0], max_tokens=200)
+    busy.get(timeout=10)  # its first token: it holds the only slot
+    left = [Request([0], max_tokens=2, emit=queue.Queue().put) for _ in range(2)]
+    orchestrator.submit_all(left)
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+      submit(orchestrator, [0], max_tokens=2)
+    for request in left:
+      request.cancel()
+    arriving = submit(orchestrator, [3], max_tokens=2)  # was a 429 while the slot was busy
+    assert orchestrator.metrics.queue_depth._value.get() == 1
+    assert text_of(all_deltas(arriving)) == "ef"
+    assert len(all_deltas(busy)) == 199
+  finally:
+    orchestrator.shutdown(grace_s=5)
+
+
+def test_a_batch_is_queued_whole_or_not_at_all():
+  orchestrator = Orchestrator(FakeEngine(slots=1, seconds_per_token=0.005), max_queue=3).start()
+  try:
+    busy = submit(orchestrator, [0], max_tokens=100)
+    busy.get(timeout=10)
+    orchestrator.submit_all([Request([0], max_tokens=1, emit=queue.Queue().put)])
+    with pytest.raises(QueueFull, match="1 requests are already waiting for a slot and this "
+                       "one brings 3"):
+      orchestrator.submit_all([Request([0], max_tokens=1, emit=queue.Queue().put)
+                               for _ in range(3)])
+    assert orchestrator.metrics.queue_depth._value.get() == 1  # none of the three went in
+    all_deltas(busy)
+  finally:
+    orchestrator.shutdown(grace_s=5)
 
 
 # --- one request's failure ---------------------------------------------------------------------

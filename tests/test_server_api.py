@@ -102,7 +102,8 @@ def keyed_client():
                                      {"Authorization": "Basic key-one"}])
 def test_a_missing_or_wrong_api_key_is_a_401(keyed_client, headers):
   for method, path in (("post", "/v1/completions"), ("post", "/v1/chat/completions"),
-                       ("get", "/v1/models")):
+                       ("get", "/v1/models"), ("post", "/tokenize"), ("post", "/detokenize"),
+                       ("get", "/tokenizer_info"), ("post", "/reset_prefix_cache")):
     response = keyed_client.request(method, path, json=completion(), headers=headers)
     assert response.status_code == 401, (path, response.text)
     error = response.json()["error"]
@@ -322,6 +323,19 @@ def test_a_full_queue_is_a_429_and_other_requests_go_on():
   assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
   assert running.json()["choices"][0]["text"] == "abcdefghijklmnopqrstuvwxyzabcd"
   assert waiting.json()["choices"][0]["text"] == "ab"
+
+
+def test_of_two_batches_that_fit_the_queue_only_one_at_a_time_one_is_served_whole():
+  app = create_app(FakeEngine(seconds_per_token=0.01, slots=1), max_queue=3)
+
+  async def scenario():
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+      return await asyncio.gather(*(client.post("/v1/completions", json=completion(
+          prompt=[f"p{i}"] * 3, max_tokens=3)) for i in range(2)))
+
+  statuses = sorted(response.status_code for response in asyncio.run(scenario()))
+  assert statuses == [200, 429]  # the prompts of each went in together, or not at all
 
 
 def test_requests_share_the_decode_slots():
