@@ -179,7 +179,7 @@ class ImagePart(BaseModel):
 class ChatMessage(BaseModel):
   model_config = ConfigDict(extra="allow")
   role: Literal[ROLES]
-  content: str | list[TextPart | ImagePart]
+  content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
 
   @field_validator("content")
   @classmethod
@@ -266,7 +266,8 @@ def _failed_union(errors: list[dict]) -> tuple[str, str] | None:
         form = error["loc"][depth]
         if isinstance(form, str) and form not in forms:
           where = ".".join(map(str, error["loc"][depth + 1:]))
-          forms[form] = f"{form} ({f'at {where}: ' if where else ''}{_message(error)})"
+          named = form.replace("tagged-union[TextPart,ImagePart]", "content part")
+          forms[form] = f"{named} ({f'at {where}: ' if where else ''}{_message(error)})"
     if len(forms) > 1:
       return ".".join(map(str, loc[:depth])), "; ".join(forms.values())
   return None

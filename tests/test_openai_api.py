@@ -137,7 +137,19 @@ def test_a_content_part_of_an_unknown_type_is_a_400_naming_the_part_forms(client
   assert_refused(response, "messages")
   message = response.json()["error"]["message"]
   assert message.startswith("messages.0.content: matches none of its forms")
-  assert "at 0.TextPart.type: Input should be 'text'" in message
+  assert "list[content part] (at 0: Input tag 'video' found using 'type'" in message
+
+
+@pytest.mark.parametrize("part, where", [
+    ({"type": "image_url", "image_url": {"url": 5}},
+     "at 0.image_url.image_url.url: Input should be a valid string"),
+    ({"type": "image_url"}, "at 0.image_url.image_url: Field required"),
+    ({"type": "text"}, "at 0.text.text: Field required")])
+def test_a_bad_part_of_a_known_type_is_a_400_naming_its_own_field(client, part, where):
+  response = client.post("/v1/chat/completions", json=chat(messages=[
+      {"role": "user", "content": [part]}]))
+  assert_refused(response, "messages")
+  assert where in response.json()["error"]["message"]
 
 
 def test_null_for_a_required_field_is_still_a_400_naming_it(client):
