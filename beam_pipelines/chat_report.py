@@ -54,8 +54,11 @@ def build_report(manifest: dict, totals: dict[str, int], seconds: float) -> dict
   slots = sum(s["sequences"] for s in splits.values()) * manifest["seq_len"]
   dropped = {name.split(":", 2)[2]: n for name, n in sorted(totals.items())
              if name.startswith("chat:dropped:")}
+  files_in, empty_files = stage_report.files_read(totals)
   return {
       "kind": manifest["kind"],
+      "files_in": files_in,
+      "empty_files": empty_files,
       "rows_in": {name.split(":", 2)[2]: n for name, n in sorted(totals.items())
                   if name.startswith("chat:rows_in:")},
       "examples_out": {name: s["documents"] for name, s in splits.items()},
@@ -76,7 +79,9 @@ def report_markdown(manifest: dict) -> str:
   reasons = ", ".join(f"{reason} {n:,}" for reason, n in
                       report["dead_letters_by_reason"].items()) or "none"
   examples = "conversations" if report["kind"] == "sft" else "pairs"
-  lines = [f"{report['kind']} data; rows in by kind: {rows_in}",
+  files = (f"{stage_report.plural(report['files_in'], 'file')} "
+           f"({report['empty_files']:,} empty)")
+  lines = [f"{report['kind']} data from {files}; rows in by kind: {rows_in}",
            (f"dead letters: {report['dead_letters']:,} ({stage_report.DEAD_LETTER_NAME}): "
             f"{reasons}"), f"turns cut by --truncate: {report['truncated_turns']:,}", "",
            f"| split | {examples} | tokens | supervised tokens | sequences | shards |",

@@ -45,8 +45,9 @@ def utf8_size(text: str) -> int:
 
 
 def dead_letter_line(unit: ReadUnit, rejected: reading.Rejected) -> str:
+  detail = {"detail": rejected.detail} if rejected.detail else {}
   return json.dumps({"source": unit.source, "file": unit.path, "line": rejected.line,
-                     "reason": rejected.reason})
+                     "reason": rejected.reason, **detail})
 
 
 def origin_of(unit: ReadUnit, line: int) -> str:
@@ -62,15 +63,20 @@ class ReadDocuments(beam.DoFn):
     self._max_bytes = max_document_bytes
 
   def process(self, unit: ReadUnit):
-    if unit.path.startswith(reading.TFDS_PREFIX):
-      items = reading.read_tfds_range(unit.path, unit.start, unit.stop, self._max_bytes)
-    else:
+    is_file = not unit.path.startswith(reading.TFDS_PREFIX)
+    if is_file:
       items = reading.read_file(unit.path, self._max_bytes)
+    else:
+      items = reading.read_tfds_range(unit.path, unit.start, unit.stop, self._max_bytes)
+    rows = 0
     while True:
       with stage_report.timed("read"):  # timing only the reading, not what runs downstream
         item = next(items, None)
       if item is None:
+        if is_file:
+          stage_report.count_file("read", rows)
         return
+      rows += 1
       if isinstance(item, reading.Rejected):
         stage_report.count_drop("read", item.reason)
         yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter_line(unit, item))

@@ -133,23 +133,30 @@ def write_atomically(path: str, data: bytes) -> None:
   FileSystems.rename([temp_path], [path])
 
 
-def write_tokenizer_and_manifest(unused_element, *, output_dir: str, seq_len: int,
-                                 settings: dict, tokenizer: TokenizerFile, parts: list[str],
-                                 stats: dict[str, TokenStats], shards: list[tuple],
-                                 weights: dict[str, float]) -> None:
-  """The pipeline's last step: the tokenizer, then manifest.json (without its report, which
-  the driver adds from the run's metrics)."""
-  del unused_element
+def write_tokenizer(output_dir: str, tokenizer: TokenizerFile) -> None:
   write_atomically(FileSystems.join(output_dir, tokenizer.name), tokenizer.content)
   if tokenizer.config is not None:
     write_atomically(FileSystems.join(output_dir, tokenizer_lib.HF_TOKENIZER_CONFIG),
                      json.dumps(tokenizer.config, indent=2).encode("utf-8"))
+
+
+def write_tokenizer_and_manifest(unused_element, *, output_dir: str, seq_len: int,
+                                 settings: dict, tokenizer: TokenizerFile | None,
+                                 parts: list[str], stats: dict[str, TokenStats],
+                                 shards: list[tuple], weights: dict[str, float]) -> None:
+  """The pipeline's last step: the tokenizer, then manifest.json (without its report, which
+  the driver adds from the run's metrics). No tokenizer (none could be trained: no train
+  documents) leaves the manifest's `tokenizer` null, for a run the driver refuses."""
+  del unused_element
+  if tokenizer is not None:
+    write_tokenizer(output_dir, tokenizer)
   manifest = {
       "format": records.RECORD_FORMAT,
       "seq_len": seq_len,
       "fields": records.manifest_fields(records.text_fields(seq_len)),
-      "tokenizer": tokenizer_entry(tokenizer.content, settings["tokenizer_type"],
-                                   settings["special_tokens"], tokenizer.name, tokenizer.config),
+      "tokenizer": tokenizer_entry(
+          tokenizer.content, settings["tokenizer_type"], settings["special_tokens"],
+          tokenizer.name, tokenizer.config) if tokenizer else None,
       "splits": split_entries(parts, stats, shards, weights),
       "unigram_entropy_nats": unigram_entropy(train_histogram(parts, stats)),
       "settings": settings,

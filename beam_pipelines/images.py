@@ -23,6 +23,7 @@ REASONS = ("unreadable_image", "decompression_bomb", "zero_size", "image_not_fou
            "remote_url", "not_an_image_url")
 DATA_URL = re.compile(r"data:(image/[\w.+-]+)?(;[\w=.+-]+)*?;base64,(.*)", re.DOTALL)
 REMOTE_SCHEMES = ("http://", "https://")
+OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
 BACKGROUND = (255, 255, 255)
 
 
@@ -73,6 +74,11 @@ def source_bytes(source: str, base_dir: Path | None = None) -> bytes:
                    "the path (relative paths start at the input file's folder)") from None
 
 
+def without_repr(error: Exception) -> str:
+  """The error's text without the `<_io.BytesIO object at 0x...>` Pillow names its input by."""
+  return OBJECT_REPR.sub("", str(error)).strip()
+
+
 def open_checked(data: bytes, max_pixels: int | None) -> Image.Image:
   """The opened, fully loaded image; its size is checked before any pixel is decoded."""
   if not data:
@@ -94,8 +100,8 @@ def open_checked(data: bytes, max_pixels: int | None) -> Image.Image:
   except (OSError, SyntaxError, ValueError, EOFError) as e:
     if isinstance(e, BadImage):
       raise
-    raise BadImage("unreadable_image", f"Pillow cannot decode the image ({e}); the file is "
-                   "truncated, corrupt or not an image") from None
+    raise BadImage("unreadable_image", f"Pillow cannot decode the image ({without_repr(e)}); "
+                   "the file is truncated, corrupt or not an image") from None
   return image
 
 

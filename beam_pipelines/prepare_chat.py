@@ -17,8 +17,10 @@ segment, prompt once: fields tokens, segment_ids, positions, loss_mask and branc
 shared prefix, 1 the chosen reply, 2 the rejected one; see `chat_examples`).
 --tokenizer is a data dir (its manifest's tokenizer block is copied) or a run dir; records
 use that tokenizer unchanged. Held-out rows: --validation_input files, else a hash split of
-rows by --validation_fraction. As prepare_text: a staging dir renamed into place, --overwrite,
-dead_letter.jsonl, report.md, and flags this module does not know are Beam pipeline options.
+rows by --validation_fraction. As prepare_text: a staging dir renamed into place (or, when no
+train sequence comes out, kept with only its reports and named in the error), --overwrite,
+--remove_stale_staging, dead_letter.jsonl, report.md, and flags this module does not know are
+Beam pipeline options.
 """
 
 import argparse
@@ -69,7 +71,9 @@ def read_rows(path: str, max_bytes: int = MAX_ROW_BYTES) -> Iterator[tuple[int, 
         yield from _parquet_rows(f)
       else:
         yield from _jsonl_rows(f, max_bytes)
-  except (OSError, EOFError, zlib.error, ValueError) as e:  # pyarrow's ArrowInvalid: ValueError
+  except EOFError as e:  # a .gz cut short
+    yield 0, BadRow("unreadable", f"the file is truncated ({e}); copy or compress it again")
+  except (OSError, zlib.error, ValueError) as e:  # pyarrow's ArrowInvalid: ValueError
     yield 0, BadRow("unreadable", f"cannot read the file ({e}); check that it is JSONL, "
                     ".jsonl.gz or Parquet")
 
@@ -101,13 +105,26 @@ def _parquet_rows(f):
 
 
 def sniff_kind(paths: list[str]) -> str:
-  """The kind of the first row (of the first rows of each file) that has one."""
+  """The kind of the first row (of the first rows of each file) that has one; else why none
+  has, naming an unreadable file where there is one."""
+  unreadable, rows = [], 0
   for path in paths:
     for _, row in itertools.islice(read_rows(path), SNIFF_ROWS):
+      rows += 1
+      if isinstance(row, BadRow) and row.reason == "unreadable":
+        unreadable.append((path, row))
       try:
         return chat_examples.kind_of(row)
       except BadRow:
         continue
+  if unreadable:
+    path, bad = unreadable[0]
+    others = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+    raise ValueError(f"--input file {path}{others} is unreadable, so no SFT or preference row "
+                     f"was found: {bad}")
+  if not rows:
+    raise ValueError(f"no --input file holds a row ({len(paths)} read, all empty); check the "
+                     "globs")
   raise ValueError(f"none of the first {SNIFF_ROWS} rows of each --input file is an SFT or "
                    "preference row; see `python -m beam_pipelines.prepare_chat --help`")
 
@@ -141,7 +158,9 @@ class ExamplesOfFile(beam.DoFn):
 
   def process(self, path_and_part):
     path, part = path_and_part
+    rows = 0
     for line, row in read_rows(path):
+      rows += 1
       self._log_progress()
       stage_report.count("chat", f"rows_in:{kind_label(row)}")
       try:
@@ -156,6 +175,7 @@ class ExamplesOfFile(beam.DoFn):
       stage_report.count("chat", "truncated_turns", example.truncated)
       row_bytes = json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8")
       yield documents.document_key(row_bytes, self._seed), part, example
+    stage_report.count_file("chat", rows)
 
   def _log_progress(self):
     self._rows += 1
@@ -297,21 +317,22 @@ def input_files(inputs: list[str], validation_inputs: list[str]) -> tuple[list, 
 def run(inputs: list[str], output_dir: str, *, tokenizer: str, seq_len: int,
         validation_inputs: list[str] = (), validation_fraction: float = 0.01,
         kind: str = "auto", truncate: bool = False, seed: int = 0, num_shards: int = 0,
-        overwrite: bool = False, beam_args: list[str] | None = None) -> dict:
+        overwrite: bool = False, beam_args: list[str] | None = None,
+        remove_stale_staging: bool = False) -> dict:
   """Runs the pipeline to completion and returns the manifest it wrote."""
   start = time.perf_counter()
   check_settings(seq_len, validation_fraction, kind)
+  prepare_text.check_output_dir(output_dir, overwrite)
   files, total_bytes = input_files(inputs, list(validation_inputs))
   kind = sniff_kind([path for path, _ in files]) if kind == "auto" else kind
   chat_tokenizer = Tokenizer(tokenizer)
-  prepare_text.check_output_dir(output_dir, overwrite)
   train_shards = num_shards or prepare_text.shards_for_bytes(total_bytes)
   shards = {"train": train_shards,
             "validation": max(1, math.ceil(train_shards * validation_fraction))}
   settings = {"inputs": list(inputs), "validation_inputs": list(validation_inputs),
               "validation_fraction": validation_fraction, "truncate": truncate, "seed": seed,
               "tokenizer_dir": str(tokenizer)}
-  prepare_text.report_stale_staging(output_dir, remove=False)
+  prepare_text.report_stale_staging(output_dir, remove_stale_staging)
   with staging.staged(output_dir) as staged:
     logger.info("%s rows from %d files (%.1f MB); staging in %s", kind, len(files),
                 total_bytes / 1e6, staged)
@@ -323,7 +344,8 @@ def run(inputs: list[str], output_dir: str, *, tokenizer: str, seq_len: int,
                    validation_fraction=validation_fraction, num_shards=shards,
                    settings=settings)
     manifest, table = stage_report.finish_staged(
-        staged, pipeline.run(), start, chat_report.build_report, chat_report.report_markdown)
+        staged, output_dir, pipeline.run(), start, chat_report.build_report,
+        chat_report.report_markdown)
     prepare_text.check_output_dir(output_dir, overwrite)
   print(f"prepared {output_dir}\n{table}", flush=True)
   return manifest
@@ -349,6 +371,9 @@ def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing --output_dir whole")
+  parser.add_argument("--remove_stale_staging", action="store_true",
+                      help="remove the staging dirs (--output_dir.tmp-*) of earlier runs whose "
+                           "process is gone")
   return parser.parse_known_args(argv)
 
 
@@ -358,16 +383,13 @@ def globs(flag: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
   flags, beam_args = parse_flags(argv)
-  # Not force=True: a handler already there (pytest's, an embedding program's) stays, and none
-  # is left bound to a stream that its owner closes later.
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-  logging.getLogger("apache_beam").setLevel(logging.WARNING)
+  staging.log_to_stderr()
   staging.run_until_stopped("prepare_chat", flags.output_dir, lambda: run(
       globs(flags.input), flags.output_dir, tokenizer=flags.tokenizer, seq_len=flags.seq_len,
       validation_inputs=globs(flags.validation_input),
       validation_fraction=flags.validation_fraction, kind=flags.kind, truncate=flags.truncate,
       seed=flags.seed, num_shards=flags.num_shards, overwrite=flags.overwrite,
-      beam_args=beam_args))
+      beam_args=beam_args, remove_stale_staging=flags.remove_stale_staging))
 
 
 if __name__ == "__main__":

@@ -101,11 +101,17 @@ def example_of_row(row, base_dir: Path, tokenizer, bos_id: int, settings: Settin
 
 
 def pixels_of(source, base_dir: Path, settings: Settings) -> np.ndarray:
-  """A path or data: URL (decoded), or a TFDS example's pixels -> uint8 [size, size, 3]."""
+  """A path or data: URL (decoded), or a TFDS example's pixels -> uint8 [size, size, 3]; a
+  path's BadImage names it."""
   if isinstance(source, np.ndarray):
     return images.array_image(source, settings["image_size"], settings["max_image_pixels"])
-  return images.decode_image(images.source_bytes(source, base_dir), settings["image_size"],
-                             settings["max_image_pixels"])
+  data = images.source_bytes(source, base_dir)
+  try:
+    return images.decode_image(data, settings["image_size"], settings["max_image_pixels"])
+  except images.BadImage as bad:
+    if images.is_data_url(source):
+      raise
+    raise images.BadImage(bad.reason, f"{base_dir / source}: {bad}") from None
 
 
 def rows_of(unit, tfds_fields: tfds_images.Fields):
@@ -161,7 +167,9 @@ class ExamplesOfFile(beam.DoFn):
   def process(self, unit_and_part):
     unit, part = unit_and_part
     path = unit.spec if isinstance(unit, tfds_images.Unit) else unit
+    rows = 0
     for line, row, key_bytes in rows_of(unit, self._tfds_fields):
+      rows += 1
       stage_report.count(STAGE, "rows_in")
       stage_report.count(STAGE, "images_in", image_count(row))
       try:
@@ -176,6 +184,8 @@ class ExamplesOfFile(beam.DoFn):
       stage_report.count(STAGE, "images_out", len(example[1]))
       row_bytes = key_bytes or json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8")
       yield documents.document_key(row_bytes, self._seed), part, example
+    if not isinstance(unit, tfds_images.Unit):
+      stage_report.count_file(STAGE, rows)
 
 
 def write_shard(bucket, output_dir: str, fields: records.Fields, max_images: int,
@@ -219,7 +229,9 @@ def build_report(manifest: dict, totals: dict[str, int], seconds: float) -> dict
   prefix = f"{STAGE}:dropped:"
   dropped = {name[len(prefix):]: n for name, n in sorted(totals.items())
              if name.startswith(prefix)}
-  return {"rows_in": totals.get(f"{STAGE}:rows_in", 0),
+  files_in, empty_files = stage_report.files_read(totals)
+  return {"files_in": files_in, "empty_files": empty_files,
+          "rows_in": totals.get(f"{STAGE}:rows_in", 0),
           "examples_out": {name: s["documents"] for name, s in manifest["splits"].items()},
           "images_in": totals.get(f"{STAGE}:images_in", 0),
           "images_out": totals.get(f"{STAGE}:images_out", 0),
@@ -230,7 +242,8 @@ def build_report(manifest: dict, totals: dict[str, int], seconds: float) -> dict
 def report_markdown(manifest: dict) -> str:
   report = manifest["report"]
   reasons = ", ".join(f"{r} {n:,}" for r, n in report["dead_letters_by_reason"].items())
-  lines = [(f"image chat data; rows in {report['rows_in']:,}; images in "
+  lines = [(f"image chat data from {stage_report.plural(report['files_in'], 'file')} "
+            f"({report['empty_files']:,} empty); rows in {report['rows_in']:,}; images in "
             f"{report['images_in']:,}, out {report['images_out']:,}"),
            (f"dead letters: {report['dead_letters']:,} ({stage_report.DEAD_LETTER_NAME}): "
             f"{reasons or 'none'}"), "",
@@ -253,6 +266,11 @@ def check_settings(settings: Settings, validation_fraction: float) -> None:
     raise ValueError(f"--max_images must be at least 1, got {settings['max_images']}")
   if settings["seq_len"] < 2:
     raise ValueError(f"--seq_len must be at least 2, got {settings['seq_len']}")
+  if settings.num_patches >= settings["seq_len"]:
+    raise ValueError(f"--image_size {size} / --patch_size {patch} makes {settings.num_patches} "
+                     f"patches per image, which leave no room for text in --seq_len "
+                     f"{settings['seq_len']}; raise --seq_len or --patch_size, or lower "
+                     "--image_size")
   if not 0 <= validation_fraction < 1:
     raise ValueError(f"--validation_fraction must be in [0, 1), got {validation_fraction}")
 
@@ -284,16 +302,17 @@ def run(inputs: list[str], output_dir: str, *, tokenizer: str, image_size: int,
         max_image_pixels: int | None = None, validation_inputs: list[str] = (),
         validation_fraction: float = 0.01, seed: int = 0, num_shards: int = 0,
         overwrite: bool = False, beam_args: list[str] | None = None,
-        tfds_fields: tfds_images.Fields = tfds_images.CAPTIONS) -> dict:
+        tfds_fields: tfds_images.Fields = tfds_images.CAPTIONS,
+        remove_stale_staging: bool = False) -> dict:
   """Runs the pipeline to completion and returns the manifest it wrote."""
   start = time.perf_counter()
   settings = Settings(image_size=image_size, patch_size=patch_size, max_images=max_images,
                       max_image_pixels=max_image_pixels, seq_len=seq_len)
   check_settings(settings, validation_fraction)
+  prepare_text.check_output_dir(output_dir, overwrite)
   files, total_bytes = work_items(list(inputs), list(validation_inputs))
   chat_tokenizer = prepare_chat.Tokenizer(tokenizer)
   image_id = check_image_token(chat_tokenizer, tokenizer)
-  prepare_text.check_output_dir(output_dir, overwrite)
   train_shards = num_shards or prepare_text.shards_for_bytes(total_bytes)
   shards = {"train": train_shards,
             "validation": max(1, math.ceil(train_shards * validation_fraction))}
@@ -304,7 +323,7 @@ def run(inputs: list[str], output_dir: str, *, tokenizer: str, image_size: int,
   recorded = {**settings, "inputs": list(inputs), "validation_inputs": list(validation_inputs),
               "validation_fraction": validation_fraction, "seed": seed,
               "tokenizer_dir": str(tokenizer)}
-  prepare_text.report_stale_staging(output_dir, remove=False)
+  prepare_text.report_stale_staging(output_dir, remove_stale_staging)
   with staging.staged(output_dir) as staged:
     logger.info("image rows from %d files (%.1f MB); staging in %s", len(files),
                 total_bytes / 1e6, staged)
@@ -330,8 +349,8 @@ def run(inputs: list[str], output_dir: str, *, tokenizer: str, image_size: int,
          | "WriteManifest" >> beam.Map(
              write_manifest, output_dir=staged, fields=fields, tokenizer=chat_tokenizer.entry,
              vision=vision, settings=recorded, shards=beam.pvalue.AsList(written)))
-    manifest, table = stage_report.finish_staged(staged, pipeline.run(), start, build_report,
-                                                   report_markdown)
+    manifest, table = stage_report.finish_staged(staged, output_dir, pipeline.run(), start,
+                                                 build_report, report_markdown)
     prepare_text.check_output_dir(output_dir, overwrite)
   print(f"prepared {output_dir}\n{table}", flush=True)
   return manifest
@@ -369,13 +388,15 @@ def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                       "is a caption)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing --output_dir whole")
+  parser.add_argument("--remove_stale_staging", action="store_true",
+                      help="remove the staging dirs (--output_dir.tmp-*) of earlier runs whose "
+                           "process is gone")
   return parser.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
   flags, beam_args = parse_flags(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-  logging.getLogger("apache_beam").setLevel(logging.WARNING)
+  staging.log_to_stderr()
   staging.run_until_stopped("prepare_images", flags.output_dir, lambda: run(
       prepare_chat.globs(flags.input), flags.output_dir, tokenizer=flags.tokenizer,
       image_size=flags.image_size, patch_size=flags.patch_size, seq_len=flags.seq_len,
@@ -384,7 +405,8 @@ def main(argv: list[str] | None = None) -> None:
       validation_fraction=flags.validation_fraction, seed=flags.seed,
       num_shards=flags.num_shards, overwrite=flags.overwrite, beam_args=beam_args,
       tfds_fields=tfds_images.Fields(flags.tfds_image_key, flags.tfds_text_key,
-                                     flags.tfds_question)))
+                                     flags.tfds_question),
+      remove_stale_staging=flags.remove_stale_staging))
 
 
 if __name__ == "__main__":

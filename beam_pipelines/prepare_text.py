@@ -10,8 +10,10 @@ normalize, quality heuristics, language ID, PII scrubbing, exact and near-duplic
 SentencePiece training, tokenize, pack, write per-source train shards. The run writes into a
 temporary directory beside --output_dir and renames it into place when complete; SIGINT or
 SIGTERM stops it (exit 130 or 143) and removes that directory, and those of earlier runs that
-were killed outright are named at the start (--remove_stale_staging removes them). Flags this
-module does not know are Beam pipeline options (e.g. --runner=DataflowRunner --project=...).
+were killed outright are named at the start (--remove_stale_staging removes them). A run that
+makes no train sequence exits 2 naming what it dropped, and keeps of that directory only the
+dead letters and the report, for the user to read. Flags this module does not know are Beam
+pipeline options (e.g. --runner=DataflowRunner --project=...).
 """
 
 import argparse
@@ -19,6 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,6 +37,7 @@ from beam_pipelines import documents
 from beam_pipelines import langid
 from beam_pipelines import pii
 from beam_pipelines import quality
+from beam_pipelines import reading
 from beam_pipelines import records
 from beam_pipelines import sources as sources_lib
 from beam_pipelines import stage_report
@@ -143,6 +147,16 @@ def part_of(document: documents.Document, validation_fraction: float, bounds) ->
   return f"train-{document.source}", document
 
 
+def trained_tokenizer(sample: list[str], vocab_size: int, model_type: str,
+                      special_tokens: tuple[str, ...]) -> list[dataset_manifest.TokenizerFile]:
+  """The tokenizer trained on the sample; none from an empty one (no train documents), so the
+  run ends and is refused with its counts rather than failing inside the pipeline."""
+  if not sample:
+    return []
+  proto = tokenizer_training.train_tokenizer(sample, vocab_size, model_type, special_tokens)
+  return [dataset_manifest.TokenizerFile(records.TOKENIZER_NAME, proto)]
+
+
 def build_pipeline(pipeline: beam.Pipeline, config: PrepareConfig, units) -> None:
   docs, dead_letters, duplicates = cleaned_documents(pipeline, config, units)
   named_lines = [dead_letters | "NameDeadLetters" >> beam.Map(
@@ -163,11 +177,9 @@ def build_pipeline(pipeline: beam.Pipeline, config: PrepareConfig, units) -> Non
                                        else [])
         | "SampleForTokenizer" >> beam.CombineGlobally(tokenizer_training.HashSample(
             config.spm_sample_docs, config.spm_sample_bytes))
-        | "TrainTokenizer" >> beam.Map(
-            tokenizer_training.train_tokenizer, config.vocab_size, config.stages.tokenizer_type,
-            tuple(config.special_tokens()))
-        | "AsTokenizerFile" >> beam.Map(
-            lambda proto: dataset_manifest.TokenizerFile(records.TOKENIZER_NAME, proto)))
+        | "TrainTokenizer" >> beam.FlatMap(
+            trained_tokenizer, config.vocab_size, config.stages.tokenizer_type,
+            tuple(config.special_tokens())), default_value=None)
   num_shards = {f"train-{name}": n for name, n in config.train_shards.items()}
   num_shards["validation"] = config.validation_shards
   written = parts | "TokenizePackWrite" >> tokenized_split.TokenizePackWrite(
@@ -202,7 +214,25 @@ def is_nonempty_dir(path: str) -> bool:
   return bool(FileSystems.match([FileSystems.join(path, "*")])[0].metadata_list)
 
 
+def file_in_the_way(path: str) -> str | None:
+  """The local path itself or the nearest of its existing parents when that is not a
+  directory (where no directory can be made); None elsewhere."""
+  if not reading.is_local(path):
+    return None
+  existing = os.path.abspath(path)
+  while not os.path.lexists(existing) and existing != os.path.dirname(existing):
+    existing = os.path.dirname(existing)
+  return None if os.path.isdir(existing) else existing
+
+
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
+  blocking = file_in_the_way(output_dir)
+  if blocking == os.path.abspath(output_dir):
+    raise ValueError(f"--output_dir {output_dir} is a file, not a directory; choose another "
+                     "path (--overwrite replaces only a directory)")
+  if blocking:
+    raise ValueError(f"--output_dir {output_dir} is inside {blocking}, which is a file; choose "
+                     "a path under a directory")
   if FileSystems.exists(output_dir) and is_nonempty_dir(output_dir) and not overwrite:
     raise FileExistsError(f"--output_dir {output_dir} already exists and is not empty; pass "
                           "--overwrite to replace it or choose another directory")
@@ -237,7 +267,26 @@ def check_settings(vocab_size: int, seq_len: int, validation_fraction: float,
     raise ValueError(f"--near_dup_threshold must be in (0, 1], got {stages.near_dup_threshold}")
   if stages.tokenizer_type not in tokenizer_training.MODEL_TYPES:
     raise ValueError(f"--tokenizer_type must be one of {tokenizer_training.MODEL_TYPES}")
+  if stages.langid:
+    check_languages(stages.languages)
   tokenizer_training.check_special_tokens(list(stages.special_tokens))
+
+
+def check_languages(languages: tuple[str, ...]) -> None:
+  if not languages:
+    raise ValueError("--languages is empty, so language ID would drop every document; name "
+                     "the codes to keep (e.g. en,de) or pass --no_langid")
+  if unknown := [code for code in languages if code not in langid.LANGUAGES]:
+    raise ValueError(f"--languages has {', '.join(map(repr, unknown))}, which language ID "
+                     "never returns; use ISO 639-1 codes such as en,de,fr (all of them: "
+                     "beam_pipelines.langid.LANGUAGES)")
+
+
+def check_sample_budget(spm_sample_docs: int, spm_sample_bytes: int) -> None:
+  """A budget that fits at least one document (HashSample cuts each to 1/8 of the bytes)."""
+  if spm_sample_docs < 1 or spm_sample_bytes < 8:
+    raise ValueError(f"--spm_sample_docs {spm_sample_docs} and --spm_sample_bytes "
+                     f"{spm_sample_bytes} leave the tokenizer nothing to train on; raise them")
 
 
 def as_sources(inputs: list[str] | list[Source]) -> list[Source]:
@@ -308,6 +357,8 @@ def run(inputs: list[str] | list[Source], output_dir: str, *, vocab_size: int, s
   if tokenizer:
     given, vocab_size = given_tokenizer(tokenizer)
   check_settings(vocab_size, seq_len, validation_fraction, stages, trains_tokenizer=not given)
+  if not given:
+    check_sample_budget(spm_sample_docs, spm_sample_bytes)
   report_stale_staging(output_dir, remove_stale_staging)
   source_list = as_sources(inputs)
   resolved = sources_lib.resolve(source_list)
@@ -325,19 +376,36 @@ def run(inputs: list[str] | list[Source], output_dir: str, *, vocab_size: int, s
     logger.info("%d sources, %d read units (%.1f MB of files); staging in %s",
                 len(source_list), len(resolved.units), total_bytes / 1e6, staged)
     result = run_pipeline(config, resolved.units, beam_args)
-    for name in (stage_report.DEAD_LETTER_NAME, stage_report.DUPLICATES_NAME):
-      if not FileSystems.exists(FileSystems.join(staged, name)):  # nothing went there
-        dataset_manifest.write_atomically(FileSystems.join(staged, name), b"")
-    manifest = dataset_manifest.read_manifest(staged)
-    manifest["report"] = stage_report.build_report(
-        manifest, stage_report.counter_totals(result), total_bytes, time.perf_counter() - start)
-    dataset_manifest.write_manifest(staged, manifest)
-    table = stage_report.report_markdown(manifest)
-    dataset_manifest.write_atomically(FileSystems.join(staged, stage_report.REPORT_NAME),
-                                      table.encode("utf-8"))
+    manifest, table = finish_staged(staged, output_dir, result, total_bytes, start)
     check_output_dir(output_dir, overwrite)  # another run may have finished meanwhile
   print(f"prepared {output_dir}\n{table}", flush=True)
   return manifest
+
+
+def finish_staged(staged: str, output_dir: str, result, read_bytes: int, started: float
+                  ) -> tuple[dict, str]:
+  """After the pipeline has run into `staged`: empty line files where no line went, the
+  report in the manifest and `report.md`. Returns (manifest, the report's table), or raises
+  `stage_report.no_train_sequences` when the train split is empty."""
+  for name in (stage_report.DEAD_LETTER_NAME, stage_report.DUPLICATES_NAME):
+    if not FileSystems.exists(FileSystems.join(staged, name)):  # nothing went there
+      dataset_manifest.write_atomically(FileSystems.join(staged, name), b"")
+  manifest = dataset_manifest.read_manifest(staged)
+  totals = stage_report.counter_totals(result)
+  manifest["report"] = stage_report.build_report(manifest, totals, read_bytes,
+                                                 time.perf_counter() - started)
+  dataset_manifest.write_manifest(staged, manifest)
+  table = stage_report.report_markdown(manifest)
+  dataset_manifest.write_atomically(FileSystems.join(staged, stage_report.REPORT_NAME),
+                                    table.encode("utf-8"))
+  if not manifest["splits"]["train"]["sequences"]:
+    raise stage_report.no_train_sequences(staged, output_dir, stage_report.intake_summary(
+        "document", documents_read(manifest["report"]), totals))
+  return manifest, table
+
+
+def documents_read(report: dict) -> int:
+  return sum(row["docs_in"] for row in report["stages"] if row["stage"] == "read")
 
 
 def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -412,10 +480,7 @@ def stages_from_flags(flags: argparse.Namespace) -> StageFlags:
 
 def main(argv: list[str] | None = None) -> None:
   flags, beam_args = parse_flags(argv)
-  # Not force=True: a handler already there (pytest's, an embedding program's) stays, and none
-  # is left bound to a stream that its owner closes later.
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-  logging.getLogger("apache_beam").setLevel(logging.WARNING)
+  staging.log_to_stderr()
   staging.run_until_stopped("prepare_text", flags.output_dir, lambda: run(
       sources_from_flags(flags), flags.output_dir, vocab_size=flags.vocab_size,
       seq_len=flags.seq_len, validation_fraction=flags.validation_fraction, seed=flags.seed,

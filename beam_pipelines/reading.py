@@ -29,8 +29,8 @@ SNIFF_BYTES = 8192
 READ_CHUNK = 1 << 20
 PARQUET_BATCH_ROWS = 1024
 NOT_REGULAR = ("directory", "dangling_symlink", "symlink_loop", "fifo", "special_file")
-REASONS = ("invalid_utf8", "binary", "empty", "too_long", "malformed_json", "missing_text",
-           "unreadable") + NOT_REGULAR
+REASONS = ("invalid_utf8", "binary", "empty", "too_long", "malformed_json", "not_an_object",
+           "missing_text", "text_not_a_string", "unreadable") + NOT_REGULAR
 
 
 class Text(NamedTuple):
@@ -41,6 +41,7 @@ class Text(NamedTuple):
 class Rejected(NamedTuple):
   line: int
   reason: str  # one of REASONS
+  detail: str = ""  # what was found, where the reason alone does not say
 
 
 def is_jsonl(path: str) -> bool:
@@ -62,11 +63,17 @@ def decode_document(data: bytes, line: int) -> Text | Rejected:
 
 
 def text_of_record(record, line: int, max_bytes: int) -> Text | Rejected:
-  text = record.get(TEXT_FIELD) if isinstance(record, dict) else None
+  if not isinstance(record, dict):
+    return Rejected(line, "not_an_object", f"the row is a JSON {json_type(record)}, not an "
+                    f"object with a {TEXT_FIELD!r} field")
+  text = record.get(TEXT_FIELD)
   if isinstance(text, bytes):
     return decode_document(text, line)
-  if not isinstance(text, str):
+  if text is None:
     return Rejected(line, "missing_text")
+  if not isinstance(text, str):
+    return Rejected(line, "text_not_a_string",
+                    f"the {TEXT_FIELD!r} field is a JSON {json_type(text)}, not a string")
   if not text.strip():
     return Rejected(line, "empty")
   if len(text) > max_bytes:
@@ -76,6 +83,14 @@ def text_of_record(record, line: int, max_bytes: int) -> Text | Rejected:
   except UnicodeEncodeError:  # lone surrogates from JSON escapes
     return Rejected(line, "invalid_utf8")
   return Text(line, text)
+
+
+def json_type(value) -> str:
+  """The JSON name of a parsed value's type."""
+  if isinstance(value, bool):
+    return "boolean"
+  return {dict: "object", list: "array", str: "string", int: "number", float: "number",
+          type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def read_whole_file(f, max_bytes: int) -> Iterator[Text | Rejected]:
@@ -123,8 +138,7 @@ def read_parquet(f, max_bytes: int) -> Iterator[Text | Rejected]:
         row += 1
         yield text_of_record({TEXT_FIELD: value}, row, max_bytes)
   except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-    del err
-    yield Rejected(0, "unreadable")
+    yield Rejected(0, "unreadable", str(err))
 
 
 class NotRegularFile(Exception):
@@ -206,8 +220,8 @@ def read_file(path: str, max_bytes: int) -> Iterator[Text | Rejected]:
         yield from read_whole_file(f, max_bytes)
   except NotRegularFile as err:
     yield Rejected(0, err.reason)
-  except (OSError, EOFError, zlib.error):  # unreadable, not gzip, or a truncated .gz
-    yield Rejected(0, "unreadable")
+  except (OSError, EOFError, zlib.error) as err:  # unreadable, not gzip, or a truncated .gz
+    yield Rejected(0, "unreadable", str(err))
 
 
 def parse_tfds_spec(spec: str) -> tuple[str, str]:

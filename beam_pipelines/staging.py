@@ -1,7 +1,7 @@
 """The staging directory a prepare_text or prepare_chat run fills beside --output_dir and renames
 into place when complete, the owner file that says which process it belongs to, the stale ones
-left by runs killed before they could remove theirs, and the stop signals that remove a run's own
-before it exits."""
+left by runs killed before they could remove theirs (or kept by runs that made nothing, for
+their reports), and the stop signals that remove a run's own before it exits."""
 
 import contextlib
 import glob
@@ -22,6 +22,7 @@ STAGING_MARK = ".tmp-"
 OWNER_NAME = ".owner"  # "HOST PID"; removed before the rename, so never published
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 BAD_INPUT_EXIT_CODE = 2
+LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
 
 
 def create(output_dir: str) -> str:
@@ -46,13 +47,34 @@ def publish(staged: str, output_dir: str) -> None:
     FileSystems.rename([staged], [output_dir])
 
 
+class Unpublished(ValueError):
+  """Bad input that only the run itself could find: the staging dir is not published but kept,
+  holding only the files named in `kept` (what the user reads to see why), for the message to
+  name. Without its owner file, later runs name it as stale."""
+
+  def __init__(self, message: str, kept: tuple[str, ...]):
+    super().__init__(message)
+    self.kept = kept
+
+
+def keep_only(path: str, names: tuple[str, ...]) -> None:
+  """Deletes everything in the directory `path` but the files called `names`."""
+  entries = FileSystems.match([FileSystems.join(path, "*")])[0].metadata_list
+  doomed = sorted(entry.path for entry in entries if os.path.basename(entry.path) not in names)
+  if doomed:
+    FileSystems.delete(doomed)
+
+
 @contextlib.contextmanager
 def staged(output_dir: str) -> Iterator[str]:
-  """Yields a fresh staging dir for output_dir, published as output_dir when the body returns
-  and deleted when it raises or is stopped."""
+  """Yields a fresh staging dir for output_dir, published as output_dir when the body returns,
+  deleted when it raises or is stopped, and kept in part when it raises Unpublished."""
   path = create(output_dir)
   try:
     yield path
+  except Unpublished as err:
+    keep_only(path, err.kept)
+    raise
   except BaseException:
     if FileSystems.exists(path):
       FileSystems.delete([path])
@@ -120,6 +142,26 @@ def stop_on_signals():
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
+
+
+def is_implicit_handler(handler: logging.Handler) -> bool:
+  """Whether `handler` is the one a root logger with none gets from a module-level
+  `logging.warning()` (basicConfig's defaults), as `import apache_beam` calls it."""
+  return (type(handler) is logging.StreamHandler  # pylint: disable=unidiomatic-typecheck
+          and handler.stream is sys.stderr and handler.formatter is not None
+          and handler.formatter._fmt == logging.BASIC_FORMAT)  # pylint: disable=protected-access
+
+
+def log_to_stderr() -> None:
+  """A command line's INFO lines (progress, the staging dir) on stderr, Beam's from WARNING.
+  Importing Beam configures the root logger at WARNING on its way (see is_implicit_handler);
+  that handler is replaced. One someone else installed (pytest's, an embedding program's)
+  stays, and none is left bound to a stream that its owner closes later, as force=True would."""
+  root = logging.getLogger()
+  for handler in [h for h in root.handlers if is_implicit_handler(h)]:
+    root.removeHandler(handler)
+  logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+  logging.getLogger("apache_beam").setLevel(logging.WARNING)
 
 
 def run_until_stopped(program: str, output_dir: str, run: Callable[[], object]) -> None:

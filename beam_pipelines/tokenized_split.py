@@ -53,7 +53,9 @@ class TokenizeDocuments(beam.DoFn):
   def start_bundle(self):
     self._batch, self._pending_chars = [], 0
 
-  def process(self, part_and_document, tokenizer_file: dataset_manifest.TokenizerFile):
+  def process(self, part_and_document, tokenizer_file: dataset_manifest.TokenizerFile | None):
+    if tokenizer_file is None:  # none was trained: no train documents, and the run is refused
+      return
     if tokenizer_file is not self._tokenizer_file and tokenizer_file != self._tokenizer_file:
       self._processor = tokenizer_file.load()
       self._tokenizer_file = tokenizer_file

@@ -408,3 +408,57 @@ def test_refuses_to_overwrite_a_prepared_directory(sft_dir, tokenizer_dir):
   with pytest.raises(FileExistsError, match="pass --overwrite"):
     prepare_chat.run(manifest["settings"]["inputs"], str(directory),
                      tokenizer=str(tokenizer_dir), seq_len=SEQ_LEN)
+
+
+def cut_gzip(path: Path) -> None:
+  """A .jsonl.gz cut off before its first row ends."""
+  rows = "\n".join(json.dumps(GOOD_SFT[1]) for _ in range(50)).encode()
+  path.write_bytes(gzip.compress(rows)[:30])
+
+
+def test_sniffing_only_a_truncated_gz_names_the_file_and_what_gzip_says(tmp_path):
+  cut_gzip(tmp_path / "cut.jsonl.gz")
+  with pytest.raises(ValueError) as error:
+    prepare_chat.sniff_kind([str(tmp_path / "cut.jsonl.gz")])
+  assert str(error.value).startswith(f"--input file {tmp_path}/cut.jsonl.gz is unreadable")
+  assert "Compressed file ended before the end-of-stream marker was reached" in str(error.value)
+
+
+def test_rows_that_all_fail_exit_2_naming_the_drops_and_publish_nothing(tmp_path, tokenizer_dir,
+                                                                         capsys):
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  (inputs / "a.jsonl").write_text("\n".join(json.dumps(row) for row in GOOD_SFT[:2]) + "\n")
+  cut_gzip(inputs / "b.jsonl.gz")
+  (inputs / "c.jsonl").write_bytes(b"")
+  output_dir = tmp_path / "out"
+  with pytest.raises(SystemExit) as exit_info:
+    prepare_chat.main([f"--input={inputs}/*", f"--tokenizer={tokenizer_dir}",
+                       f"--output_dir={output_dir}", "--seq_len=4", "--kind=sft"])
+  assert exit_info.value.code == 2
+  [kept] = tmp_path.glob("out.tmp-*")
+  assert capsys.readouterr().err == (
+      "prepare_chat: no train sequences were produced: 3 rows read from 3 files (1 empty), all "
+      f"dropped: 2 too_long, 1 unreadable; see {kept}/dead_letter.jsonl and report.md beside "
+      f"it (--output_dir {output_dir} is as it was)\n")
+  assert not output_dir.exists()
+  assert sorted(p.name for p in kept.iterdir()) == ["dead_letter.jsonl", "report.md"]
+  assert "from 3 files (1 empty)" in (kept / "report.md").read_text()
+
+
+@pytest.mark.parametrize("output_dir, message", [
+    ("a.jsonl", "--output_dir {root}/a.jsonl is a file, not a directory; choose another path"),
+    ("a.jsonl/sub", "--output_dir {root}/a.jsonl/sub is inside {root}/a.jsonl, which is a file"),
+])
+def test_an_output_dir_that_is_or_is_under_a_file_is_refused_in_one_line(
+    tmp_path, tokenizer_dir, capsys, output_dir, message):
+  (tmp_path / "a.jsonl").write_text(json.dumps(GOOD_SFT[0]) + "\n")
+  for overwrite in ([], ["--overwrite"]):
+    with pytest.raises(SystemExit) as exit_info:
+      prepare_chat.main([f"--input={tmp_path}/a.jsonl", f"--tokenizer={tokenizer_dir}",
+                         f"--output_dir={tmp_path}/{output_dir}", "--seq_len=64", *overwrite])
+    assert exit_info.value.code == 2
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith(f"prepare_chat: {message.format(root=tmp_path)}")
+  assert (tmp_path / "a.jsonl").read_text() == json.dumps(GOOD_SFT[0]) + "\n"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]

@@ -241,3 +241,48 @@ def test_a_tfds_split_becomes_question_rows_named_by_class_with_bad_examples_dea
   np.testing.assert_array_equal(replies["cat"], gradient())
   question = sp.encode("What animal?")
   assert all(np.isin(question, record["tokens"]).all() for record in written)
+
+
+def test_a_bad_image_file_is_named_by_its_path_without_pillows_object_repr(tmp_path):
+  (tmp_path / "corrupt.png").write_bytes(bad_image_bytes()["corrupt"])
+  settings = prepare_images.Settings(image_size=SIZE, patch_size=PATCH, max_images=1,
+                                     max_image_pixels=None, seq_len=48)
+  with pytest.raises(images.BadImage) as error:
+    prepare_images.pixels_of("corrupt.png", tmp_path, settings)
+  assert error.value.reason == "unreadable_image"
+  assert str(error.value) == (
+      f"{tmp_path}/corrupt.png: Pillow cannot decode the image (cannot identify image file); "
+      "the file is truncated, corrupt or not an image")
+
+
+def test_images_with_more_patches_than_seq_len_are_refused_before_reading(tmp_path):
+  with pytest.raises(ValueError, match="--image_size 64 / --patch_size 4 makes 256 patches per "
+                     "image, which leave no room for text in --seq_len 64"):
+    prepare_images.run([f"{tmp_path}/nothing/*.jsonl"], str(tmp_path / "out"),
+                       tokenizer=str(tmp_path), image_size=64, patch_size=4, seq_len=64)
+
+
+def test_rows_without_images_make_no_dataset_and_the_output_is_not_written(tmp_path,
+                                                                           tokenizer_dir):
+  (tmp_path / "text.jsonl").write_text(json.dumps({"text": "no image here"}) + "\n")
+  (tmp_path / "empty.jsonl").write_bytes(b"")
+  output_dir = tmp_path / "out"
+  with pytest.raises(ValueError) as error:
+    prepare_images.run([f"{tmp_path}/*.jsonl"], str(output_dir), tokenizer=str(tokenizer_dir),
+                       image_size=SIZE, patch_size=PATCH, seq_len=48)
+  [kept] = tmp_path.glob("out.tmp-*")
+  assert str(error.value) == (
+      "no train sequences were produced: 1 row read from 2 files (1 empty), all dropped: "
+      f"1 malformed_row; see {kept}/dead_letter.jsonl and report.md beside it (--output_dir "
+      f"{output_dir} is as it was)")
+  assert not output_dir.exists()
+  assert sorted(p.name for p in kept.iterdir()) == ["dead_letter.jsonl", "report.md"]
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path, tokenizer_dir):
+  (tmp_path / "rows.jsonl").write_text(json.dumps({"image": "a.png", "caption": "x"}) + "\n")
+  with pytest.raises(ValueError, match=f"--output_dir {tmp_path}/rows.jsonl is a file"):
+    prepare_images.run([str(tmp_path / "rows.jsonl")], str(tmp_path / "rows.jsonl"),
+                       tokenizer=str(tokenizer_dir), image_size=SIZE, patch_size=PATCH,
+                       overwrite=True)
+  assert (tmp_path / "rows.jsonl").is_file()

@@ -9,6 +9,7 @@ import math
 import os
 import pathlib
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -414,3 +415,88 @@ def test_a_run_without_a_runner_flag_never_tries_to_fetch_prism(tmp_path, monkey
   with beam.Pipeline(options=named) as pipeline:
     _ = pipeline | beam.Create([1, 2]) | beam.Map(lambda x: x)
   assert len(attempts) == 1  # as a named DirectRunner still does: this test can see it
+
+
+@pytest.fixture(scope="module")
+def refused_run(tmp_path_factory):
+  """The command line, without --tokenizer, over inputs of which no document survives,
+  replacing (--overwrite) an output dir of an earlier run: (its process, inputs, output dir,
+  the output's files before)."""
+  root = tmp_path_factory.mktemp("refused")
+  inputs = root / "in"
+  inputs.mkdir()
+  (inputs / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
+  (inputs / "empty.jsonl").write_bytes(b"")
+  (inputs / "numbers.jsonl").write_text(json.dumps({"text": 12345}) + "\n")
+  output_dir = root / "out"
+  output_dir.mkdir()
+  (output_dir / "manifest.json").write_text('{"an earlier run": true}')
+  before = {p.name: p.read_bytes() for p in output_dir.iterdir()}
+  command = [sys.executable, "-m", "beam_pipelines.prepare_text", f"--input={inputs}/*",
+             f"--output_dir={output_dir}", f"--seq_len={SEQ_LEN}", "--overwrite"]
+  process = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  return process, inputs, output_dir, before
+
+
+def test_a_run_that_makes_no_train_sequence_exits_2_naming_its_drops_without_a_traceback(
+    refused_run):
+  process, inputs, output_dir, _ = refused_run
+  [kept] = output_dir.parent.glob(f"out{staging.STAGING_MARK}*")
+  assert process.returncode == 2, process.stderr
+  assert process.stderr.splitlines()[-1] == (
+      "prepare_text: no train sequences were produced: 2 documents read from 3 files "
+      "(1 empty), all dropped: 1 invalid_utf8, 1 text_not_a_string; see "
+      f"{kept}/dead_letter.jsonl and report.md beside it (--output_dir {output_dir} is as it "
+      "was)")
+  assert "Traceback" not in process.stderr and "prepared" not in process.stdout
+
+
+def test_a_refused_run_leaves_the_output_as_it_was_and_keeps_only_its_reports(refused_run):
+  _, inputs, output_dir, before = refused_run
+  assert {p.name: p.read_bytes() for p in output_dir.iterdir()} == before
+  [kept] = output_dir.parent.glob(f"out{staging.STAGING_MARK}*")
+  assert sorted(p.name for p in kept.iterdir()) == [
+      "dead_letter.jsonl", "duplicates.jsonl", "report.md"]
+  dead = [json.loads(line) for line in (kept / "dead_letter.jsonl").read_text().splitlines()]
+  assert [(d["file"], d["line"], d["reason"]) for d in dead] == [
+      (str(inputs / "latin1.txt"), 0, "invalid_utf8"),
+      (str(inputs / "numbers.jsonl"), 1, "text_not_a_string")]
+  assert "input files: 3 (1 empty)" in (kept / "report.md").read_text()
+  assert staging.stale_dirs(str(output_dir)) == [str(kept)]  # the next run names it
+
+
+def test_the_command_line_logs_its_progress_to_stderr(refused_run):
+  # Importing Beam configures the root logger at WARNING; these INFO lines were lost to it.
+  process, _, output_dir, _ = refused_run
+  staged_line = re.compile(r"\d{4}-\d\d-\d\d [\d:,]+ \S+: 1 sources, 3 read units \(0\.0 MB of "
+                           rf"files\); staging in {re.escape(str(output_dir))}\.tmp-\w+$")
+  assert any(staged_line.match(line) for line in process.stderr.splitlines()), process.stderr
+
+
+@pytest.mark.parametrize("languages, message", [
+    (("english",), "--languages has 'english', which language ID never returns"),
+    ((), "--languages is empty")])
+def test_language_codes_language_id_never_returns_are_refused_before_reading(
+    tmp_path, languages, message):
+  with pytest.raises(ValueError, match=message):
+    prepare_text.run([f"{tmp_path}/nothing/*.txt"], str(tmp_path / "out"), vocab_size=400,
+                     seq_len=SEQ_LEN, stages=prepare_text.StageFlags(languages=languages))
+
+
+@pytest.mark.parametrize("output_dir, message", [
+    ("a.jsonl", "--output_dir {root}/a.jsonl is a file, not a directory; choose another path"),
+    ("a.jsonl/sub", "--output_dir {root}/a.jsonl/sub is inside {root}/a.jsonl, which is a file"),
+])
+def test_an_output_dir_that_is_or_is_under_a_file_is_refused_in_one_line(
+    tmp_path, capsys, output_dir, message):
+  (tmp_path / "in.txt").write_text("a document\n")
+  (tmp_path / "a.jsonl").write_text('{"text": "data the user keeps"}\n')
+  for overwrite in ([], ["--overwrite"]):
+    with pytest.raises(SystemExit) as exit_info:
+      prepare_text.main([f"--input={tmp_path}/in.txt", f"--output_dir={tmp_path}/{output_dir}",
+                         "--no_langid", *overwrite])
+    assert exit_info.value.code == 2
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith(f"prepare_text: {message.format(root=tmp_path)}")
+  assert (tmp_path / "a.jsonl").read_text() == '{"text": "data the user keeps"}\n'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "in.txt"]

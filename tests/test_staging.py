@@ -34,6 +34,22 @@ def test_a_staged_dir_whose_body_raises_is_deleted_and_the_output_left_as_it_was
   assert sorted(p.name for p in output_dir.iterdir()) == ["old.txt"]
 
 
+def test_an_unpublished_run_keeps_only_its_named_files_and_leaves_the_output(tmp_path):
+  output_dir = tmp_path / "out"
+  output_dir.mkdir()
+  (output_dir / "old.txt").write_text("the run before")
+  with pytest.raises(staging.Unpublished, match="nothing to train on"):
+    with staging.staged(str(output_dir)) as staged:
+      for name in ("report.md", "manifest.json", "train-00000-of-00001.array_record"):
+        (tmp_path / os.path.basename(staged) / name).write_text(name)
+      raise staging.Unpublished("nothing to train on", ("report.md", "dead_letter.jsonl"))
+  assert sorted(p.name for p in output_dir.iterdir()) == ["old.txt"]
+  assert (output_dir / "old.txt").read_text() == "the run before"
+  kept = tmp_path / os.path.basename(staged)
+  assert sorted(p.name for p in kept.iterdir()) == ["report.md"]  # no owner file either
+  assert staging.stale_dirs(str(output_dir)) == [str(kept)]
+
+
 @pytest.mark.parametrize("error", [ValueError("--seq_len must be at least 2, got 1"),
                                    FileExistsError("--output_dir x already exists")])
 def test_bad_input_exits_2_with_one_line_naming_the_program(capsys, error):

@@ -16,6 +16,7 @@ import unicodedata
 import numpy as np
 import pytest
 
+from beam_pipelines import cleaning
 from beam_pipelines import langid
 from beam_pipelines import minhash
 from beam_pipelines import ngrams
@@ -150,6 +151,10 @@ def test_language_id_uses_the_packaged_model():
   assert langid.identify_language(LANGUAGE_SAMPLES[0])[1] > 0.9
 
 
+def test_the_codes_that_flags_are_checked_against_are_those_the_model_returns():
+  assert langid.LANGUAGES == set(langid.language_identifier().nb_classes)
+
+
 def test_unpacked_language_model_answers_as_the_packaged_one():
   texts = LANGUAGE_SAMPLES + ("", "12345 678", "def f(x):\n  return x", "Ciao a tutti, come va?")
   with langid.unpacked_model() as path:  # the first use waits until it is written
@@ -278,14 +283,22 @@ def test_a_huge_file_is_rejected_after_reading_only_the_limit():
 
 def test_bad_jsonl_lines_are_rejected_by_reason(tmp_path):
   lines = [b'{"text": "ok"}', b'{"text": "broken', b'{"body": 1}', b'["text"]',
-           b'{"text": ""}', b'{"text": "caf\xe9"}', b'{"text": "\\ud800"}', b"", b'{"text": 5}']
+           b'{"text": ""}', b'{"text": "caf\xe9"}', b'{"text": "\\ud800"}', b"", b'{"text": 5}',
+           b'{"text": ["a", "b"]}', b'{"text": null}', b'"text"']
   path = tmp_path / "mixed.jsonl.gz"
   path.write_bytes(gzip.compress(b"\n".join(lines)))
+  not_a_string = "the 'text' field is a JSON {}, not a string"
+  not_an_object = "the row is a JSON {}, not an object with a 'text' field"
   assert list(reading.read_file(str(path), 1000)) == [
       reading.Text(1, "ok"), reading.Rejected(2, "malformed_json"),
-      reading.Rejected(3, "missing_text"), reading.Rejected(4, "missing_text"),
+      reading.Rejected(3, "missing_text"),
+      reading.Rejected(4, "not_an_object", not_an_object.format("array")),
       reading.Rejected(5, "empty"), reading.Rejected(6, "invalid_utf8"),
-      reading.Rejected(7, "invalid_utf8"), reading.Rejected(9, "missing_text")]
+      reading.Rejected(7, "invalid_utf8"),
+      reading.Rejected(9, "text_not_a_string", not_a_string.format("number")),
+      reading.Rejected(10, "text_not_a_string", not_a_string.format("array")),
+      reading.Rejected(11, "missing_text"),
+      reading.Rejected(12, "not_an_object", not_an_object.format("string"))]
 
 
 def test_whole_files_binary_invalid_empty_and_truncated_gzip(tmp_path):
@@ -301,7 +314,16 @@ def test_whole_files_binary_invalid_empty_and_truncated_gzip(tmp_path):
                   "latin1.txt": [reading.Rejected(0, "invalid_utf8")],
                   "blank.txt": [reading.Rejected(0, "empty")],
                   "ok.txt": [reading.Text(0, "naïve text\n")],
-                  "cut.txt.gz": [reading.Rejected(0, "unreadable")]}
+                  "cut.txt.gz": [reading.Rejected(0, "unreadable", "Compressed file ended "
+                                                  "before the end-of-stream marker was reached")]}
+
+
+def test_a_dead_letter_carries_its_rejections_detail_where_there_is_one():
+  unit = sources.ReadUnit("web", "/data/cut.jsonl.gz")
+  assert json.loads(cleaning.dead_letter_line(unit, reading.Rejected(0, "unreadable", "cut"))) == {
+      "source": "web", "file": "/data/cut.jsonl.gz", "line": 0, "reason": "unreadable",
+      "detail": "cut"}
+  assert "detail" not in json.loads(cleaning.dead_letter_line(unit, reading.Rejected(3, "empty")))
 
 
 def read_or_fail_after(path: str, seconds: float = 5.0) -> list:
