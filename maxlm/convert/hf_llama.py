@@ -27,6 +27,11 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 # Fields maxlm accepts only at the value its model computes with.
 FIXED_FIELDS = {"model_type": "llama", "architectures": [ARCHITECTURE], "hidden_act": "silu",
                 "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+# Fields every Llama config.json gives, and the types of those maxlm reads.
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads")
+COUNT_FIELDS = (*REQUIRED_FIELDS, "num_key_value_heads", "head_dim", "max_position_embeddings")
+NUMBER_FIELDS = ("rms_norm_eps", "rope_theta")
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
 LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor",
                   "original_max_position_embeddings")
@@ -48,12 +53,37 @@ def model_config(hf: dict) -> ModelConfig:
     if value != FIXED_FIELDS[name]:
       raise UserError(f"config.json field {name}={value!r} is not supported; maxlm imports "
                       f"{name}={FIXED_FIELDS[name]!r} only")
+  check_field_types(hf)
   heads = hf["num_attention_heads"]
   rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
   try:
     return _model_config(hf, heads, rope)
-  except ValueError as error:  # ModelConfig's own checks name its field
+  except (ValueError, TypeError) as error:  # ModelConfig's own checks name its field
     raise UserError(f"config.json does not fit maxlm's model: {error}") from None
+
+
+def check_field_types(hf: dict) -> None:
+  """Raises UserError naming a required field config.json lacks, or one of another type."""
+  if missing := [name for name in REQUIRED_FIELDS if name not in hf]:
+    raise UserError(f"config.json has no {missing[0]} field; add it (a Llama config.json "
+                    f"gives {', '.join(REQUIRED_FIELDS)})")
+  for name in COUNT_FIELDS:
+    value = hf.get(name)
+    if value is not None and not (_is_int(value) and value > 0):
+      raise UserError(f"config.json field {name}={value!r} should be a positive integer; "
+                      "correct it")
+  for name in NUMBER_FIELDS:
+    value = hf.get(name)
+    if value is not None and not (_is_int(value) or isinstance(value, float)):
+      raise UserError(f"config.json field {name}={value!r} should be a number; correct it")
+  for name in ("rope_scaling", "rope_parameters"):
+    if not isinstance(hf.get(name) or {}, dict):
+      raise UserError(f"config.json field {name}={hf[name]!r} should be an object or null; "
+                      "correct it")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _model_config(hf: dict, heads: int, rope: dict) -> ModelConfig:
@@ -71,7 +101,7 @@ def _model_config(hf: dict, heads: int, rope: dict) -> ModelConfig:
 
 def _compute_dtype(hf: dict) -> str:
   dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-  if dtype not in DTYPES:
+  if not isinstance(dtype, str) or dtype not in DTYPES:
     raise UserError(f"config.json field torch_dtype={dtype!r} is not supported; maxlm imports "
                     f"{' and '.join(DTYPES)} checkpoints")
   return DTYPES[dtype]
@@ -84,6 +114,9 @@ def _rope_scaling(rope: dict) -> dict:
   if kind != "llama3":
     raise UserError(f"config.json field rope_scaling.rope_type={kind!r} is not supported; "
                     "maxlm imports llama3 scaling (or none)")
+  if missing := [name for name in LLAMA3_SCALING if name not in rope]:
+    raise UserError(f"config.json field rope_scaling has no {missing[0]}, which llama3 "
+                    f"scaling needs; add it (llama3 scaling gives {', '.join(LLAMA3_SCALING)})")
   factor, low, high, original = (rope[name] for name in LLAMA3_SCALING)
   return {"rope_scaling_factor": float(factor), "rope_low_freq_factor": float(low),
           "rope_high_freq_factor": float(high), "rope_original_max_len": int(original)}

@@ -15,6 +15,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from maxlm.errors import UserError
+
 DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
           "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype(np.float64),
           "I64": np.dtype(np.int64), "I32": np.dtype(np.int32)}
@@ -26,13 +28,23 @@ class SafetensorsFile:
   """The tensors of one .safetensors file, each read when asked for."""
 
   def __init__(self, path: str | os.PathLike):
+    """Reads the header; a file too short for it or for the tensors it lists, or whose header
+    is no safetensors header, raises UserError naming the file."""
     self.path = Path(path)
+    size = self.path.stat().st_size
     with open(self.path, "rb") as file:
-      (length,) = struct.unpack("<Q", file.read(8))
-      header = json.loads(file.read(length))
+      prefix = file.read(8)
+      if len(prefix) < 8:
+        raise _corrupt(self.path, f"it has {size} bytes, fewer than a header's length")
+      (length,) = struct.unpack("<Q", prefix)
+      if 8 + length > size:
+        raise _corrupt(self.path, f"its header claims {length} bytes of the {size} it has")
+      header = _parse_header(self.path, file.read(length))
     self.metadata = header.pop("__metadata__", {})
     self.entries = header
     self._data_start = 8 + length
+    if (end := self._data_start + _data_end(self.path, header)) > size:
+      raise _corrupt(self.path, f"its tensors end at byte {end} but it has {size} bytes")
 
   def keys(self) -> list[str]:
     return list(self.entries)
@@ -43,6 +55,10 @@ class SafetensorsFile:
   def dtype(self, name: str) -> np.dtype:
     return _dtype(self.entries[name]["dtype"], self.path, name)
 
+  def nbytes(self, name: str) -> int:
+    start, end = self.entries[name]["data_offsets"]
+    return end - start
+
   def tensor(self, name: str) -> np.ndarray:
     entry = self.entries[name]
     start, end = entry["data_offsets"]
@@ -50,10 +66,32 @@ class SafetensorsFile:
     return np.array(data.view(self.dtype(name)).reshape(entry["shape"]))
 
 
+def _corrupt(path: Path, reason: str) -> UserError:
+  return UserError(f"{path} is truncated or corrupt ({reason}); download or copy it again")
+
+
+def _parse_header(path: Path, text: bytes) -> dict:
+  try:
+    header = json.loads(text)
+  except ValueError:
+    header = None
+  if not isinstance(header, dict):
+    raise _corrupt(path, "its header is no JSON object")
+  return header
+
+
+def _data_end(path: Path, header: dict) -> int:
+  """Where the last tensor's bytes end, counted from the end of the header."""
+  try:
+    return max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+  except (KeyError, IndexError, TypeError, ValueError):
+    raise _corrupt(path, "a header entry has no data_offsets") from None
+
+
 def _dtype(name: str, path: Path, tensor: str) -> np.dtype:
   if name not in DTYPES:
-    raise ValueError(f"{path}: tensor {tensor} has dtype {name}; maxlm reads "
-                     f"{', '.join(DTYPES)}")
+    raise UserError(f"{path}: tensor {tensor} has dtype {name}, and maxlm reads "
+                    f"{', '.join(DTYPES)} only; convert the checkpoint to one of those")
   return DTYPES[name]
 
 

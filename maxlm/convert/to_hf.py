@@ -1,13 +1,14 @@
 """A maxlm run dir as a Hugging Face Llama model directory.
 
-  python -m maxlm.convert.to_hf --checkpoint_dir=RUN --output_dir=DIR
+  python -m maxlm.convert.to_hf --checkpoint_dir=RUN --output_dir=DIR [--overwrite]
 
 DIR gets config.json, model-0000i-of-0000n.safetensors (each at most --max_shard_bytes) and
 model.safetensors.index.json, and the tokenizer: tokenizer.model plus an equivalent
 tokenizer.json, and tokenizer_config.json whose chat_template renders maxlm's chat template.
 A LoRA run exports its adapters merged, and the adapters alone in PEFT's layout under
 DIR/adapter/. The parameters are restored one layer at a time and written tensor by tensor,
-so no more than one layer is in host memory.
+so no more than one layer is in host memory. DIR must be new, empty or an earlier export (whose
+weights this one replaces, other files staying), unless --overwrite replaces it whole.
 """
 
 import argparse
@@ -26,11 +27,16 @@ from flax import nnx
 
 from maxlm import checkpoint, runs, steps
 from maxlm import tokenizer as tokenizer_lib
-from maxlm.convert import hf_llama, hf_tokenizer, safetensors_file
+from maxlm.convert import hf_llama, hf_tokenizer, output_dirs, safetensors_file
+from maxlm.convert.progress import Progress
 from maxlm.errors import UserError
 from maxlm.model import LORA_TARGETS, ModelConfig, layers
 
 MAX_SHARD_BYTES = 5 * 10**9
+INDEX_FILE = "model.safetensors.index.json"
+# In the index's metadata: what tells an earlier export, which a new one may update, from
+# another model's files.
+WRITTEN_BY = "maxlm.convert.to_hf"
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 ADAPTER_DIR = "adapter"
 
@@ -40,6 +46,9 @@ class Tensor:
   name: str                 # Hugging Face's
   path: tuple               # maxlm's parameter path
   shape: tuple[int, ...]    # Hugging Face's
+
+  def nbytes(self, dtype: np.dtype) -> int:
+    return int(np.prod(self.shape)) * dtype.itemsize
 
 
 class LayerReader:
@@ -102,11 +111,11 @@ def model_tensors(config: ModelConfig, adapters: bool) -> list[Tensor]:
   return tensors
 
 
-def shard_plan(tensors: list[Tensor], itemsize: int, max_bytes: int) -> list[list[Tensor]]:
+def shard_plan(tensors: list[Tensor], dtype: np.dtype, max_bytes: int) -> list[list[Tensor]]:
   """Consecutive tensors in shards of at most `max_bytes` (a larger tensor alone in one)."""
   shards, size = [[]], 0
   for tensor in tensors:
-    nbytes = int(np.prod(tensor.shape)) * itemsize
+    nbytes = tensor.nbytes(dtype)
     if shards[-1] and size + nbytes > max_bytes:
       shards.append([])
       size = 0
@@ -115,28 +124,52 @@ def shard_plan(tensors: list[Tensor], itemsize: int, max_bytes: int) -> list[lis
   return shards
 
 
-def write_model(output_dir: Path, read: LayerReader, dtype: np.dtype,
-                max_shard_bytes: int) -> None:
+def export_tensors(config: ModelConfig) -> list[Tensor]:
+  """Every tensor an export writes: the merged model's, then a LoRA run's adapters."""
+  merged = model_tensors(dataclasses.replace(config, lora_rank=0), False)
+  return merged + (model_tensors(config, True) if config.lora_rank else [])
+
+
+def write_model(output_dir: Path, read: LayerReader, dtype: np.dtype, max_shard_bytes: int,
+                progress: Progress) -> None:
   plan = shard_plan(model_tensors(dataclasses.replace(read.config, lora_rank=0), False),
-                    dtype.itemsize, max_shard_bytes)
+                    dtype, max_shard_bytes)
   weight_map, total = {}, 0
   for index, shard in enumerate(plan, 1):
     name = f"model-{index:05d}-of-{len(plan):05d}.safetensors"
     by_name = {tensor.name: tensor for tensor in shard}
     safetensors_file.write(output_dir / name, [(t.name, t.shape, dtype) for t in shard],
-                           _hf_tensor(by_name, read), metadata={"format": "pt"})
+                           _hf_tensor(by_name, read, dtype, progress), metadata={"format": "pt"})
     weight_map |= dict.fromkeys(by_name, name)
-    total += sum(int(np.prod(t.shape)) * dtype.itemsize for t in shard)
-  (output_dir / "model.safetensors.index.json").write_text(json.dumps(
-      {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    total += sum(t.nbytes(dtype) for t in shard)
+  (output_dir / INDEX_FILE).write_text(json.dumps(
+      {"metadata": {"total_size": total, "written_by": WRITTEN_BY}, "weight_map": weight_map},
+      indent=2))
 
 
-def _hf_tensor(tensors: dict[str, Tensor], read: LayerReader):
+def is_export(directory: Path) -> bool:
+  """Whether `directory` holds an export of ours (its shard index says so)."""
+  try:
+    index = json.loads((directory / INDEX_FILE).read_text(encoding="utf-8"))
+  except (OSError, ValueError):
+    return False
+  return isinstance(index, dict) and isinstance(index.get("metadata"), dict) and (
+      index["metadata"].get("written_by") == WRITTEN_BY)
+
+
+def _hf_tensor(tensors: dict[str, Tensor], read: LayerReader, dtype: np.dtype,
+               progress: Progress):
   """`make(name)` for `safetensors_file.write`: the named tensor in Hugging Face's layout."""
-  return lambda name: hf_llama.to_hf(tensors[name].path, read(tensors[name].path))
+  def make(name: str) -> np.ndarray:
+    tensor = tensors[name]
+    array = hf_llama.to_hf(tensor.path, read(tensor.path))
+    progress.advance(tensor.nbytes(dtype))
+    return array
+  return make
 
 
-def write_adapter(adapter_dir: Path, read: LayerReader, dtype: np.dtype, base: str | None):
+def write_adapter(adapter_dir: Path, read: LayerReader, dtype: np.dtype, base: str | None,
+                  progress: Progress):
   """PEFT's layout: adapter_model.safetensors (lora_A [rank, in], lora_B [out, rank] per
   projection) and adapter_config.json."""
   config = read.config
@@ -144,7 +177,7 @@ def write_adapter(adapter_dir: Path, read: LayerReader, dtype: np.dtype, base: s
   tensors = {t.name: t for t in model_tensors(config, True)}
   safetensors_file.write(adapter_dir / "adapter_model.safetensors",
                          [(t.name, t.shape, dtype) for t in tensors.values()],
-                         _hf_tensor(tensors, read), metadata={"format": "pt"})
+                         _hf_tensor(tensors, read, dtype, progress), metadata={"format": "pt"})
   (adapter_dir / "adapter_config.json").write_text(json.dumps({
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.lora_rank,
       "lora_alpha": config.lora_alpha, "lora_dropout": 0.0, "bias": "none",
@@ -178,10 +211,15 @@ def write_tokenizer(output_dir: Path, tokenizer_file: Path, max_len: int) -> tup
 
 def export(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
            step: int | None = None, dtype: str | None = None,
-           max_shard_bytes: int = MAX_SHARD_BYTES) -> ModelConfig:
-  """Writes the Hugging Face model of a run's latest (or given) checkpoint; returns its
-  (merged) ModelConfig."""
+           max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False) -> ModelConfig:
+  """Writes the Hugging Face model of a run's latest (or given) checkpoint, with progress on
+  stderr; returns its (merged) ModelConfig. `output_dir` must be new, empty or an earlier
+  export unless `overwrite`, which replaces it whole."""
   run_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+  if max_shard_bytes < 1:
+    raise UserError(f"--max_shard_bytes={max_shard_bytes}; pass a positive number of bytes "
+                    f"(the default is {MAX_SHARD_BYTES})")
+  update = check_output_dir(output_dir, run_dir, overwrite)
   step, meta = checkpoint.read_meta(run_dir, step)
   config = checkpoint.config_from_meta(meta)
   if reason := hf_llama.unexportable(config):
@@ -194,23 +232,29 @@ def export(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     raise UserError(f"{run_dir} has no tokenizer.model or tokenizer.json; copy the one it "
                     "was trained with there")
   merged = dataclasses.replace(config, lora_rank=0)
-  target = output_dir.resolve()
-  staging = target.with_name(target.name + ".partial")
-  shutil.rmtree(staging, ignore_errors=True)
-  staging.mkdir(parents=True)
-  try:
+  tensors = export_tensors(config)
+  progress = Progress("to_hf", len(tensors), sum(t.nbytes(DTYPES[dtype]) for t in tensors))
+  publish_staged = publish if update else output_dirs.move_into_place
+  with output_dirs.staged(output_dir, publish_staged) as staging:
     bos_id, eos_id = write_tokenizer(staging, tokenizer_file, config.max_seq_len)
     (staging / "config.json").write_text(json.dumps(
         hf_llama.hf_config(merged, dtype, bos_id, eos_id), indent=2))
     read = LayerReader(run_dir, config, step, merge=True)
-    write_model(staging, read, DTYPES[dtype], max_shard_bytes)
+    write_model(staging, read, DTYPES[dtype], max_shard_bytes, progress)
     if config.lora_rank:
       write_adapter(staging / ADAPTER_DIR, LayerReader(run_dir, config, step, merge=False),
-                    DTYPES[dtype], meta.get("init_from"))
-    publish(staging, output_dir)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
+                    DTYPES[dtype], meta.get("init_from"), progress)
   return merged
+
+
+def check_output_dir(output_dir: Path, run_dir: Path, overwrite: bool) -> bool:
+  """Whether the export updates an earlier one in `output_dir`; refuses a dir holding other
+  files unless `overwrite`, and one that holds the run itself."""
+  names = output_dirs.contents(output_dir)
+  output_dirs.refuse_enclosing(output_dir, run_dir, "--checkpoint_dir")
+  if names and not overwrite and not is_export(output_dir):
+    raise output_dirs.not_empty_error(output_dir, names, "files of no earlier to_hf export")
+  return bool(names) and not overwrite
 
 
 def publish(staging: Path, output_dir: Path) -> None:
@@ -220,7 +264,7 @@ def publish(staging: Path, output_dir: Path) -> None:
   `model.safetensors` a loader would read first, an adapter), as `save_pretrained` does;
   other files in `output_dir` stay."""
   output_dir.mkdir(parents=True, exist_ok=True)
-  index = staging / "model.safetensors.index.json"
+  index = staging / INDEX_FILE
   files = [path for path in sorted(staging.rglob("*")) if path.is_file() and path != index]
   written = {path.relative_to(staging) for path in [*files, index]}
   for path in [*files, index]:
@@ -244,10 +288,13 @@ def main(argv: list[str] | None = None):
                            "is bfloat16)")
   parser.add_argument("--max_shard_bytes", type=int, default=MAX_SHARD_BYTES,
                       help="largest safetensors shard")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace a --output_dir holding other files whole (once the export "
+                           "is written)")
   args = parser.parse_args(argv)
   try:
     config = export(args.checkpoint_dir, args.output_dir, step=args.step, dtype=args.dtype,
-                    max_shard_bytes=args.max_shard_bytes)
+                    max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite)
   except (UserError, OSError, checkpoint.CorruptCheckpointError) as error:
     print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
     sys.exit(2)
