@@ -1,8 +1,11 @@
 """maxlm.evaluate and maxlm.evals over a tiny random-init run dir: bits per byte against a hand
 computation, multiple-choice accuracy against a NumPy log-likelihood reference, generation
-against the engine's decoder without a cache, the --fail_below exit codes, and
-lm-evaluation-harness's `local-completions` against serving.server agreeing with all of it."""
+against the engine's decoder without a cache, the --fail_below exit codes, mistakes refused in
+one line before the model loads, progress lines, and lm-evaluation-harness's
+`local-completions` against serving.server agreeing with all of it."""
 
+import dataclasses
+import io
 import json
 import math
 import os
@@ -22,7 +25,7 @@ from flax import nnx
 from test_serving import CONTEXT, completion_text, random_run
 
 from maxlm import checkpoint, evaluate
-from maxlm.evals import multiple_choice, perplexity, report, scoring
+from maxlm.evals import multiple_choice, perplexity, progress, report, scoring
 from maxlm.evals.multiple_choice import MultipleChoice
 from maxlm.evals.perplexity import Perplexity
 from serving.chat import CHAT_STOPS, chat_prompt
@@ -182,6 +185,127 @@ def test_a_gate_is_parsed_and_a_nan_result_fails_it():
   assert (gate.task, gate.metric, gate.minimum) == ("arc", "acc_norm", 0.25)
   assert report.failed_gates({"arc": {"acc_norm": float("nan")}}, [gate])
   assert not report.failed_gates({"arc": {"acc_norm": 0.25}}, [gate])
+
+
+# --- mistakes: one line and exit 2, before the model loads -----------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tasks=choice:{tmp}/nope.jsonl"], "{tmp}/nope.jsonl does not exist; pass an existing"),
+    (["--tasks=choice:{tmp}/latin1.jsonl"], "{tmp}/latin1.jsonl:2 is not UTF-8 (byte 0xe9)"),
+    (["--tasks=perplexity:{tmp}/latin1.txt"], "{tmp}/latin1.txt:1 is not UTF-8 (byte 0xe9)"),
+    (["--tasks=perplexity:{tmp}"], "perplexity path {tmp} is a directory without manifest"),
+    (["--tasks=choice:{items}", "--batch_size=0"], "--batch_size=0; pass 1 or more"),
+    (["--tasks=choice:{items}", "--limit=0"], "--limit=0; pass 1 or more, or leave --limit out"),
+    (["--tasks=choice:{items}", "--limit=-2"], "--limit=-2; pass 1 or more"),
+    (["--tasks=choice:{items}", "--output_dir={items}"], "--output_dir {items} is not a directory"),
+    (["--tasks=mc=choice:{items}", "--fail_below=other:acc=0.3"],
+     "--fail_below=other:acc=0.3 names no result; there are mc:acc, mc:acc_norm, mc:items"),
+    (["--tasks=mc=choice:{items}", "--fail_below=mc:bleu=0.3"], "mc:bleu=0.3 names no result"),
+    (["--tasks=a=choice:{items},a=perplexity:{items}"], "two eval tasks share a name"),
+])
+def test_a_mistake_in_the_flags_or_inputs_is_one_line_and_exit_2_before_the_model_loads(
+    flags, message, items_file, tmp_path, capsys):
+  """The checkpoint dir does not exist: a mistake caught only after loading would name it."""
+  (tmp_path / "latin1.jsonl").write_bytes(
+      json.dumps(ITEMS[0]).encode() + b"\n" + b'{"context": "caf\xe9", "choices": ["a"], '
+      b'"gold": 0}\n')
+  (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
+  fill = {"tmp": tmp_path, "items": items_file}
+  code = evaluate.main([f"--checkpoint_dir={tmp_path}/no_run", "--compilation_cache_dir=",
+                        f"--output_dir={tmp_path / 'out'}",
+                        *(flag.format(**fill) for flag in flags)])
+  err = capsys.readouterr().err
+  assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+  assert message.format(**fill) in err
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_gate_that_names_no_result_after_the_run_still_leaves_results_and_table(
+    run_dir, items_file, tmp_path, capsys, monkeypatch):
+  """Gates are checked against each kind's metrics up front; should a task not report one of
+  them after all, the results are written and printed before the gate is refused."""
+  monkeypatch.setattr(MultipleChoice, "metrics", ("acc", "acc_norm", "items", "bleu"),
+                      raising=False)
+  code = evaluate.main([f"--checkpoint_dir={run_dir}", f"--tasks=mc=choice:{items_file}",
+                        f"--output_dir={tmp_path}", "--compilation_cache_dir=",
+                        "--fail_below=mc:bleu=0.1"])
+  captured = capsys.readouterr()
+  assert code == 2
+  assert "error: --fail_below=mc:bleu=0.1 names no result; there are mc:acc" in captured.err
+  results = json.loads((tmp_path / "results.json").read_text())["results"]
+  assert set(results["mc"]) == {"acc", "acc_norm", "items"}
+  assert "acc_norm" in captured.out
+
+
+def test_help_describes_the_command_and_its_task_kinds(capsys):
+  with pytest.raises(SystemExit):
+    evaluate.parse_args(["--help"])
+  text = " ".join(capsys.readouterr().out.split())
+  assert ("Evaluates a checkpoint: perplexity and bits per byte, multiple-choice log-likelihood, "
+          "and generation scored by exact match.") in text
+  assert 'choice JSONL of {"context": str, "choices": [str], "gold": int}' in text
+
+
+# --- progress and the table --------------------------------------------------------------------
+
+def test_every_kind_of_task_reports_its_progress_to_stderr(run_dir, engine, items_file, tmp_path,
+                                                          capsys, monkeypatch):
+  monkeypatch.setattr(progress, "EVERY_S", 0.0)  # a line per report, not one every 5 s
+  text = "def wrap(text, width=70):\n    return text\n" * 12
+  (tmp_path / "held.txt").write_text(text)
+  prompts = tmp_path / "gen.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": p, "target": "x"}) + "\n"
+                             for p in ("def wrap(", "text = ", "width")))
+  code = evaluate.main([f"--checkpoint_dir={run_dir}", "--compilation_cache_dir=",
+                        f"--tasks=mc=choice:{items_file},held=perplexity:{tmp_path}/held.txt",
+                        f"--tasks=gen=generate:{prompts}", "--max_tokens=2",
+                        f"--output_dir={tmp_path / 'out'}"])
+  err = capsys.readouterr().err
+  assert code == 0
+  choices = sum(len(item["choices"]) for item in ITEMS)
+  windows = len(perplexity.windows([engine.tokenizer.bos_id()] + engine.tokenizer.encode(text),
+                                   CONTEXT))
+  assert windows > 1
+  assert f"mc: {choices}/{choices} choices [100%] elapsed " in err
+  assert f"held: {windows}/{windows} windows [100%] elapsed " in err
+  assert "gen: 3/3 prompts [100%] elapsed " in err
+
+
+def test_progress_prints_every_few_seconds_and_the_end_of_work_that_printed():
+  now, stream = [0.0], io.StringIO()
+  report_to = progress.ConsoleProgress("arc", every_s=5.0, stream=stream, clock=lambda: now[0])
+  for now[0], done in [(1, 100), (4, 400), (6, 600), (8, 800), (12, 1200), (13, 1300)]:
+    report_to(done, 1300, "choices")
+  assert stream.getvalue().splitlines() == [
+      "arc: 600/1,300 choices [46%] elapsed 6s ETA 7s",  # 6 s for 600: 7 s for 700 more
+      "arc: 1,200/1,300 choices [92%] elapsed 12s ETA 1s",
+      "arc: 1,300/1,300 choices [100%] elapsed 13s ETA 0s"]
+  quick = io.StringIO()
+  report_to = progress.ConsoleProgress("mc", stream=quick, clock=lambda: now[0])
+  now[0] += 2
+  report_to(5, 5, "choices")
+  unknown_total = io.StringIO()
+  progress.ConsoleProgress("held", every_s=0, stream=unknown_total)(12, None, "batches")
+  assert quick.getvalue() == ""
+  assert unknown_total.getvalue().startswith("held: 12 batches elapsed ")
+
+
+def test_scoring_tells_progress_of_every_sequence_once_on_either_path(engine, model):
+  sequences = [engine.encode("def wrap(text, width=70):" + ending)
+               for ending in (" return", " pass", "\n    x = 1")] + [engine.encode("import os")]
+  for each in (model, dataclasses.replace(model, kv_cache_dtype="int8", batch_size=2)):
+    counts = []
+    scoring.score(each, sequences, scored=counts.append)
+    assert sum(counts) == len(sequences) and counts and all(counts)
+
+
+def test_the_table_writes_counts_with_thousands_separators():
+  text = report.table({"held": {"bits_per_byte": 1.4569415, "tokens": 55859.0,
+                                "bytes": 192638.0},
+                       "mc": {"acc": 0.4, "items": 10042}})
+  assert [line.split() for line in text.splitlines()[2:]] == [
+      ["held", "bits_per_byte", "1.45694"], ["held", "tokens", "55,859"],
+      ["held", "bytes", "192,638"], ["mc", "acc", "0.4"], ["mc", "items", "10,042"]]
 
 
 # --- lm-evaluation-harness against serving.server ----------------------------------------------

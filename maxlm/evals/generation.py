@@ -7,15 +7,16 @@ engine (every prompt batched over its decode slots) and the trainer with `maxlm.
 """
 
 import dataclasses
-import json
 import re
 from pathlib import Path
+from typing import ClassVar
 
 import gin
 
 from maxlm import sampling
 from maxlm.errors import UserError
-from maxlm.evals import scoring
+from maxlm.evals import files, scoring
+from maxlm.evals import progress as progress_lib
 
 
 def extract(text: str, pattern: re.Pattern | None) -> str | None:
@@ -46,17 +47,17 @@ def sampling_generate(model: scoring.EvalModel, config):
   return generate
 
 
+EXAMPLE = '{"prompt": "2 + 2 =", "target": "4"}'
+
+
 def read_items(path: str | Path, limit: int | None) -> list[dict]:
   items = []
-  for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-      items.append({"prompt": str(record["prompt"]), "target": str(record["target"])})
-    except (ValueError, KeyError, TypeError) as error:
-      raise UserError(f"{path}:{number} is not a generation item ({error!r}); write one JSON "
-                      'object per line: {"prompt": ..., "target": ...}') from None
+  for where, record in files.jsonl_objects(path, "generation item", ("prompt", "target"),
+                                           EXAMPLE):
+    for name in ("prompt", "target"):
+      if not isinstance(record[name], str):
+        raise files.field_error(where, name, record[name], "a string")
+    items.append({"prompt": record["prompt"], "target": record["target"]})
     if limit is not None and len(items) == limit:
       break
   return items
@@ -72,26 +73,42 @@ class Generation:
   max_tokens: int = 32
   stop: tuple[str, ...] = ("\n",)
   limit: int | None = None
+  metrics: ClassVar[tuple[str, ...]] = ("exact_match", "items")
 
   @property
   def task_name(self) -> str:
-    return self.name or Path(self.path).stem
+    return self.name or files.default_task_name(self.path, "generate")
 
-  def run(self, model: scoring.EvalModel) -> tuple[dict[str, float], list[dict]]:
-    if model.generate is None:
-      raise UserError(f"task {self.task_name} generates text, and this model has no "
-                      "generator; run it with maxlm.evaluate")
-    try:
-      pattern = re.compile(self.regex) if self.regex else None
-    except re.error as error:
-      raise UserError(f"task {self.task_name}: regex {self.regex!r} does not compile "
-                      f"({error}); fix the pattern") from None
+  def items(self) -> list[dict]:
     items = read_items(self.path, self.limit)
     if not items:
       raise UserError(f"{self.path} holds no items")
+    return items
+
+  def pattern(self) -> re.Pattern | None:
+    try:
+      return re.compile(self.regex) if self.regex else None
+    except re.error as error:
+      raise UserError(f"task {self.task_name}: regex {self.regex!r} does not compile "
+                      f"({error}); fix the pattern") from None
+
+  def check_inputs(self):
+    """Raises what `run` would raise on a malformed file or regex, before a model loads."""
+    self.pattern()
+    self.items()
+
+  def run(self, model: scoring.EvalModel, progress: progress_lib.Progress | None = None
+          ) -> tuple[dict[str, float], list[dict]]:
+    if model.generate is None:
+      raise UserError(f"task {self.task_name} generates text, and this model has no "
+                      "generator; run it with maxlm.evaluate")
+    pattern = self.pattern()
+    items = self.items()
     prompts = [[model.tokenizer.bos_id()] + model.tokenizer.encode(item["prompt"])
                for item in items]
-    completions = model.generate(prompts, self.max_tokens, list(self.stop))
+    completions = []
+    for part in progress_lib.chunks(prompts, model.batch_size, progress, "prompts"):
+      completions.extend(model.generate(part, self.max_tokens, list(self.stop)))
     per_item, matches = [], 0
     for item, completion in zip(items, completions):
       answer = extract(completion, pattern)

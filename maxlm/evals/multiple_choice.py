@@ -9,14 +9,15 @@ log-likelihood; `acc_norm` divides each by its choice's length in characters.
 """
 
 import dataclasses
-import json
 from pathlib import Path
+from typing import ClassVar
 
 import gin
 import numpy as np
 
 from maxlm.errors import UserError
-from maxlm.evals import scoring, text_ids
+from maxlm.evals import files, scoring, text_ids
+from maxlm.evals import progress as progress_lib
 
 TARGET_DELIMITER = " "
 
@@ -28,25 +29,33 @@ class Item:
   gold: int
 
 
+EXAMPLE = '{"context": "The sky is", "choices": ["blue", "green"], "gold": 0}'
+
+
 def read_items(path: str | Path, limit: int | None = None) -> list[Item]:
   items = []
-  for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-      item = Item(str(record["context"]), [str(c) for c in record["choices"]], int(record["gold"]))
-    except (ValueError, KeyError, TypeError) as error:
-      raise UserError(f"{path}:{number} is not a multiple-choice item ({error!r}); write one "
-                      'JSON object per line: {"context": ..., "choices": [...], "gold": i}'
-                      ) from None
-    if not 0 <= item.gold < len(item.choices):
-      raise UserError(f"{path}:{number}: gold={item.gold} but the item has "
-                      f"{len(item.choices)} choices; gold is a 0-based index into choices")
-    items.append(item)
+  for where, record in files.jsonl_objects(path, "multiple-choice item",
+                                           ("context", "choices", "gold"), EXAMPLE):
+    items.append(item_of(record, where))
     if limit is not None and len(items) == limit:
       break
   return items
+
+
+def item_of(record: dict, where: str) -> Item:
+  """The item of one JSONL object, its fields' types and the gold index checked."""
+  context, choices, gold = record["context"], record["choices"], record["gold"]
+  if not isinstance(context, str):
+    raise files.field_error(where, "context", context, "a string")
+  if not files.is_string_list(choices):
+    raise files.field_error(where, "choices", choices, "a non-empty list of strings")
+  if not files.is_index(gold):
+    raise files.field_error(where, "gold", gold, "an integer, the 0-based index of the right "
+                            "choice")
+  if not 0 <= gold < len(choices):
+    raise UserError(f"{where}: gold={gold} but the item has {len(choices)} choices; gold is "
+                    "a 0-based index into choices")
+  return Item(context, choices, gold)
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -64,12 +73,13 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
   return context_ids, whole[len(context_ids):]
 
 
-def loglikelihoods(model: scoring.EvalModel, pairs: list[tuple[str, str]]
-                   ) -> list[tuple[float, bool]]:
+def loglikelihoods(model: scoring.EvalModel, pairs: list[tuple[str, str]],
+                   progress: progress_lib.Progress | None = None) -> list[tuple[float, bool]]:
   """(log p(continuation | context), whether every continuation token is the argmax)."""
   encoded = [encode_pair(model.tokenizer, context, continuation)
              for context, continuation in pairs]
-  scored = scoring.score(model, [context + continuation for context, continuation in encoded])
+  scored = scoring.score(model, [context + continuation for context, continuation in encoded],
+                         scored=progress_lib.counting(progress, len(pairs), "choices"))
   results = []
   for (context, _), (logprobs, greedy) in zip(encoded, scored):
     results.append((float(np.sum(logprobs[len(context) - 1:])),
@@ -84,19 +94,29 @@ class MultipleChoice:
   path: str
   name: str | None = None
   limit: int | None = None
+  metrics: ClassVar[tuple[str, ...]] = ("acc", "acc_norm", "items")
 
   @property
   def task_name(self) -> str:
-    return self.name or Path(self.path).stem
+    return self.name or files.default_task_name(self.path, "choice")
 
-  def run(self, model: scoring.EvalModel) -> tuple[dict[str, float], list[dict]]:
-    """({acc, acc_norm, items}, per item: the choices' log-likelihoods and the picks)."""
+  def items(self) -> list[Item]:
     items = read_items(self.path, self.limit)
     if not items:
       raise UserError(f"{self.path} holds no items")
+    return items
+
+  def check_inputs(self):
+    """Raises what `run` would raise on a missing or malformed file, before a model loads."""
+    self.items()
+
+  def run(self, model: scoring.EvalModel, progress: progress_lib.Progress | None = None
+          ) -> tuple[dict[str, float], list[dict]]:
+    """({acc, acc_norm, items}, per item: the choices' log-likelihoods and the picks)."""
+    items = self.items()
     pairs = [(item.context, TARGET_DELIMITER + choice) for item in items
              for choice in item.choices]
-    results = iter(loglikelihoods(model, pairs))
+    results = iter(loglikelihoods(model, pairs, progress))
     per_item, correct, correct_norm = [], 0, 0
     for item in items:
       lls = np.array([next(results)[0] for _ in item.choices])

@@ -13,15 +13,17 @@ import functools
 import glob
 import math
 from pathlib import Path
+from typing import ClassVar
 
 import gin
 import jax
 import numpy as np
 from flax import nnx
 
-from maxlm import tasks
+from maxlm import data, tasks
 from maxlm.errors import UserError
-from maxlm.evals import heldout, scoring
+from maxlm.evals import files, heldout, scoring
+from maxlm.evals import progress as progress_lib
 
 
 def piece_byte_lengths(tokenizer) -> np.ndarray:
@@ -59,16 +61,32 @@ def target_bytes(batch: dict, byte_lengths: np.ndarray) -> float:
 
 
 def split_scalars(model: scoring.EvalModel, data_dir: str, split: str,
-                  max_batches: int | None) -> dict[str, float]:
+                  max_batches: int | None, progress: progress_lib.Progress | None = None
+                  ) -> dict[str, float]:
   byte_lengths = piece_byte_lengths(model.tokenizer)
+  batches = None if progress is None else split_batches(data_dir, split, model.batch_size,
+                                                        max_batches)
+  scored = progress_lib.counting(progress, batches, "batches")
 
   def step(batch):
     arrays = {name: np.asarray(batch[name]) for name in ("tokens", "segment_ids", "positions")}
     nll, tokens = _nll(model.graphdef, model.params, arrays)
+    if scored is not None:
+      scored(1)
     return {"nll": nll, "tokens": tokens, "bytes": target_bytes(arrays, byte_lengths)}
 
   sums = heldout.split_sums(data_dir, step, model.batch_size, max_batches, split)
   return scalars(sums.get("nll", 0.0), sums.get("tokens", 0.0), sums.get("bytes", 0.0))
+
+
+def split_batches(data_dir: str, split: str, batch_size: int, max_batches: int | None
+                  ) -> int | None:
+  """How many batches `heldout.split_sums` reads, where the manifest counts the sequences."""
+  sequences = data.load_manifest(data_dir)["splits"].get(split, {}).get("sequences")
+  if sequences is None:
+    return max_batches
+  batches = -(-sequences // batch_size)
+  return batches if max_batches is None else min(batches, max_batches)
 
 
 def windows(token_ids: list[int], context: int) -> list[list[int]]:
@@ -78,16 +96,21 @@ def windows(token_ids: list[int], context: int) -> list[list[int]]:
   return [token_ids[start:start + context] for start in range(0, len(token_ids) - 1, step)]
 
 
-def text_scalars(model: scoring.EvalModel, paths: list[str]) -> dict[str, float]:
-  nll, tokens, num_bytes = 0.0, 0, 0
-  for path in paths:
-    text = Path(path).read_text(encoding="utf-8")
-    ids = [model.tokenizer.bos_id()] + model.tokenizer.encode(text)
-    for logprobs, _ in scoring.score(model, windows(ids, model.context_length)):
-      nll -= float(np.sum(logprobs))
-      tokens += len(logprobs)
-    num_bytes += len(text.encode("utf-8"))
-  return scalars(nll, tokens, num_bytes)
+def text_scalars(model: scoring.EvalModel, paths: list[str],
+                 progress: progress_lib.Progress | None = None) -> dict[str, float]:
+  texts = [read_text(path) for path in paths]
+  sequences = [window for text in texts for window in windows(
+      [model.tokenizer.bos_id()] + model.tokenizer.encode(text), model.context_length)]
+  nll, tokens = 0.0, 0
+  scored = progress_lib.counting(progress, len(sequences), "windows")
+  for logprobs, _ in scoring.score(model, sequences, scored=scored):
+    nll -= float(np.sum(logprobs))
+    tokens += len(logprobs)
+  return scalars(nll, tokens, sum(len(text.encode("utf-8")) for text in texts))
+
+
+def read_text(path: str) -> str:
+  return files.read_text(path, "UTF-8 text file")
 
 
 @gin.configurable(module="maxlm")
@@ -98,16 +121,43 @@ class Perplexity:
   name: str | None = None
   split: str = "validation"
   max_batches: int | None = None
+  metrics: ClassVar[tuple[str, ...]] = ("bits_per_byte", "perplexity", "tokens", "bytes")
 
   @property
   def task_name(self) -> str:
-    return self.name or Path(self.path.rstrip("/")).stem or "perplexity"
+    return self.name or files.default_task_name(self.path, "perplexity")
 
-  def run(self, model: scoring.EvalModel) -> tuple[dict[str, float], list[dict]]:
-    if (Path(self.path) / "manifest.json").is_file():
-      return split_scalars(model, self.path, self.split, self.max_batches), []
-    paths = sorted(glob.glob(self.path))
+  def is_data_dir(self) -> bool:
+    return (Path(self.path) / "manifest.json").is_file()
+
+  def text_paths(self) -> list[str]:
+    """The text files `path` names, a glob's matches that are files."""
+    if Path(self.path).is_dir():
+      raise UserError(f"perplexity path {self.path} is a directory without manifest.json; "
+                      "pass a data dir from beam_pipelines.prepare_text or a glob of text "
+                      f"files in it, e.g. {Path(self.path) / '*.txt'}")
+    paths = [path for path in sorted(glob.glob(self.path)) if Path(path).is_file()]
     if not paths:
       raise UserError(f"perplexity path {self.path} is neither a data dir (no manifest.json) "
                       "nor a glob that matches text files; pass one of those")
-    return text_scalars(model, paths), []
+    return paths
+
+  def check_inputs(self):
+    """Raises what `run` would raise on a bad path, split or text file, before a model loads."""
+    if not self.is_data_dir():
+      for path in self.text_paths():
+        read_text(path)
+      return
+    try:
+      manifest = data.load_manifest(self.path)
+    except (OSError, ValueError) as error:
+      raise UserError(f"perplexity path {self.path}: {error}") from None
+    if self.split not in manifest["splits"]:
+      raise UserError(f"perplexity path {self.path} has no split {self.split!r}; pick one of "
+                      f"{', '.join(sorted(manifest['splits']))}")
+
+  def run(self, model: scoring.EvalModel, progress: progress_lib.Progress | None = None
+          ) -> tuple[dict[str, float], list[dict]]:
+    if self.is_data_dir():
+      return split_scalars(model, self.path, self.split, self.max_batches, progress), []
+    return text_scalars(model, self.text_paths(), progress), []

@@ -3,10 +3,11 @@ the `--fail_below=task:metric=value` gates."""
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from maxlm.errors import UserError
 from maxlm.evals import scoring
+from maxlm.evals.progress import Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,17 +20,27 @@ class Gate:
     return f"{self.task}:{self.metric}={self.minimum:g}"
 
 
-def run_all(evaluators: Sequence, model: scoring.EvalModel
+def run_all(evaluators: Sequence, model: scoring.EvalModel,
+            progress_of: Callable[[str], Progress] | None = None
             ) -> tuple[dict[str, dict[str, float]], dict[str, list[dict]]]:
-  """({task: {metric: value}}, {task: per-item records}); task names must be distinct."""
+  """({task: {metric: value}}, {task: per-item records}); task names must be distinct.
+  Each task's work reports how far it has come to `progress_of(its name)`."""
+  check_distinct_names(evaluators)
+  results, items = {}, {}
+  for evaluator in evaluators:
+    name = evaluator.task_name
+    if progress_of is None:
+      results[name], items[name] = evaluator.run(model)
+    else:
+      results[name], items[name] = evaluator.run(model, progress=progress_of(name))
+  return results, items
+
+
+def check_distinct_names(evaluators: Sequence):
   names = [evaluator.task_name for evaluator in evaluators]
   if len(set(names)) != len(names):
     raise UserError(f"two eval tasks share a name among {', '.join(names)}; name them apart "
                     "(NAME=KIND:PATH)")
-  results, items = {}, {}
-  for evaluator in evaluators:
-    results[evaluator.task_name], items[evaluator.task_name] = evaluator.run(model)
-  return results, items
 
 
 def writer_scalars(results: dict[str, dict[str, float]], prefix: str = "evals"
@@ -40,12 +51,19 @@ def writer_scalars(results: dict[str, dict[str, float]], prefix: str = "evals"
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
-  rows = [(task, metric, f"{value:.6g}") for task, metrics in results.items()
+  rows = [(task, metric, cell(value)) for task, metrics in results.items()
           for metric, value in metrics.items()]
   widths = [max(len(row[i]) for row in rows + [("task", "metric", "value")]) for i in range(3)]
   line = lambda row: "  ".join(cell.ljust(width) for cell, width in zip(row, widths))  # noqa
   return "\n".join([line(("task", "metric", "value")), line(["-" * w for w in widths]),
                     *map(line, rows)])
+
+
+def cell(value: float) -> str:
+  """A count with thousands separators (`192,638`), any other number to 6 digits."""
+  if math.isfinite(value) and float(value).is_integer() and abs(value) < 1e15:
+    return f"{int(value):,}"
+  return f"{value:.6g}"
 
 
 def parse_gate(spec: str) -> Gate:
@@ -60,14 +78,21 @@ def parse_gate(spec: str) -> Gate:
   return Gate(task, metric, minimum)
 
 
-def failed_gates(results: dict[str, dict[str, float]], gates: Sequence[Gate]) -> list[str]:
-  """One line per gate the results fall below; a gate naming no result is a user error."""
-  failed = []
+def check_gates(gates: Sequence[Gate], metrics_of: Mapping[str, Iterable[str]]):
+  """Each gate names a task and one of its metrics (`metrics_of`: task -> metric names, the
+  evaluators' before they run or their results after)."""
   for gate in gates:
-    if gate.metric not in results.get(gate.task, {}):
-      known = ", ".join(f"{task}:{metric}" for task, metrics in results.items()
+    if gate.metric not in metrics_of.get(gate.task, ()):
+      known = ", ".join(f"{task}:{metric}" for task, metrics in metrics_of.items()
                         for metric in metrics)
       raise UserError(f"--fail_below={gate} names no result; there are {known}")
+
+
+def failed_gates(results: dict[str, dict[str, float]], gates: Sequence[Gate]) -> list[str]:
+  """One line per gate the results fall below; a gate naming no result is a user error."""
+  check_gates(gates, results)
+  failed = []
+  for gate in gates:
     value = results[gate.task][gate.metric]
     if not value >= gate.minimum:  # NaN fails too
       failed.append(f"{gate.task}:{gate.metric} = {value:.6g} is below {gate.minimum:g}")

@@ -129,7 +129,8 @@ def lay_rows(sequences: list[list[int]], groups: list[tuple[int, list[int]]],
   return Rows(**arrays, spans=spans)
 
 
-def score_in_branches(model: EvalModel, sequences: list[list[int]]
+def score_in_branches(model: EvalModel, sequences: list[list[int]],
+                      scored: Callable[[int], None] | None = None
                       ) -> list[tuple[np.ndarray, np.ndarray]]:
   """`score` with each group of sequences that begin alike in one row (`lay_rows`)."""
   groups = row_groups(sequences, model.context_length)
@@ -146,6 +147,8 @@ def score_in_branches(model: EvalModel, sequences: list[list[int]]
         rows.branch_ids, rows.predecessor))
     for index, (row, span) in rows.spans.items():
       results[index] = (target[row, span[1:]].astype(np.float64), greedy[row, span[1:]].copy())
+    if scored is not None:
+      scored(len(rows.spans))
   return results
 
 
@@ -180,16 +183,18 @@ def next_token_scores(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array,
   return target - log_z, sampling.first_largest(logits, largest) == targets
 
 
-def score(model: EvalModel, sequences: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+def score(model: EvalModel, sequences: list[list[int]], *,
+          scored: Callable[[int], None] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
   """Per sequence: (float64 [len - 1] next-token log-probabilities, bool [len - 1] argmax).
   Sequences that differ only in their last token (an item's one-token choices, as MMLU's
-  letters) run as one row, each last token read from the row's final distribution."""
+  letters) run as one row, each last token read from the row's final distribution.
+  `scored(n)` hears after each forward pass that n more sequences are done (for progress)."""
   too_long = [len(s) for s in sequences if len(s) > model.context_length]
   if too_long:
     raise UserError(f"an eval item is {max(too_long)} tokens but the model's context is "
                     f"{model.context_length}; shorten the task's contexts")
   if model.kv_cache_dtype is None and model.attention != "cudnn":
-    return score_in_branches(model, sequences)
+    return score_in_branches(model, sequences, scored)
   groups = same_but_last(sequences)
   order = sorted(range(len(groups)), key=lambda g: len(sequences[groups[g][0]]))
   results: list = [None] * len(sequences)
@@ -215,6 +220,8 @@ def score(model: EvalModel, sequences: list[list[int]]) -> list[tuple[np.ndarray
         if len(members) > 1:
           logprobs[-1], argmax[-1] = alternative[row, column], alternative_greedy[row, column]
         results[i] = (logprobs, argmax)
+    if scored is not None:
+      scored(sum(map(len, batch)))
   return results
 
 
