@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from maxlm import checkpoint, compilation_cache, metrics
+from maxlm.progress import ConsoleProgress
 from maxlm.errors import UserError
 from maxlm.evals import progress, report, scoring
 from maxlm.evals.generation import Generation
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
   try:
     check_output_dir(output_dir)
     evaluators, gates = checked_tasks(args)
-    output = run(args, evaluators, progress.ConsoleProgress)
+    output = run(args, evaluators, ConsoleProgress)
     write_outputs(output, output_dir)
     print(report.table(output["results"]))
     print(f"results: {output_dir / 'results.json'}")

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 
 from maxlm import checkpoint
+from maxlm import progress as console
 from maxlm.convert import from_hf, progress, safetensors_file, to_hf
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 from test_convert import BASE, make_hf_dir  # noqa: E402  pylint: disable=wrong-import-position
 
-PROGRESS_LINE = re.compile(r"(from_hf|to_hf): (\d+)/(\d+) tensors, ([\d.]+)/([\d.]+) (GB|MB|kB)")
+PROGRESS_LINE = re.compile(
+    r"(from_hf|to_hf): (\d+)/(\d+) tensors \(([\d.]+)/([\d.]+) (GB|MB|kB)\) \[\d+%\] .*")
 
 
 def one_line_exit_2(main, argv: list[str], capsys) -> str:
@@ -230,7 +232,8 @@ def progress_lines(stderr: str, label: str) -> list[tuple[int, int, float, float
 
 
 def test_an_export_reports_its_progress_up_to_every_tensor_and_byte_of_the_index(
-    run_dir, tmp_path, capsys):
+    run_dir, tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(console, "EVERY_S", 0.0)  # a line per tensor, not one every 5 s
   to_hf.export(run_dir, tmp_path / "out", max_shard_bytes=40_000)
   index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
   tensors, total_kb = len(index["weight_map"]), index["metadata"]["total_size"] / 1000
@@ -240,7 +243,8 @@ def test_an_export_reports_its_progress_up_to_every_tensor_and_byte_of_the_index
 
 
 def test_an_import_reports_its_progress_up_to_every_tensor_and_byte_of_the_weights(
-    hf_dir, tmp_path, capsys):
+    hf_dir, tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(console, "EVERY_S", 0.0)
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   weights = load_file(hf_dir / "model.safetensors")
   from_hf.import_checkpoint(hf_dir, tmp_path / "run")
@@ -250,13 +254,14 @@ def test_an_import_reports_its_progress_up_to_every_tensor_and_byte_of_the_weigh
   assert lines[-1] == (tensors, tensors, round(total_kb, 1), round(total_kb, 1), "kB")
 
 
-def test_progress_prints_the_first_tensor_then_at_most_once_an_interval_then_the_last(capsys):
+def test_progress_counts_tensors_and_bytes_in_the_unit_of_the_total(capsys):
   now = [0.0]
-  report = progress.Progress("to_hf", tensors=6, nbytes=6 * 10**9, interval_s=3.0,
+  report = progress.Progress("to_hf", tensors=6, nbytes=6 * 10**9, every_s=3.0,
                              clock=lambda: now[0])
   for seconds in (0.0, 1.0, 2.9, 3.0, 4.0, 4.5):
     now[0] = seconds
     report.advance(10**9)
   assert capsys.readouterr().err.splitlines() == [
-      "to_hf: 1/6 tensors, 1.0/6.0 GB", "to_hf: 4/6 tensors, 4.0/6.0 GB",
-      "to_hf: 6/6 tensors, 6.0/6.0 GB"]
+      "to_hf: 4/6 tensors (4.0/6.0 GB) [67%] elapsed 3s ETA 2s",  # 3 s for 4: 1.5 s for 2 more
+      "to_hf: 6/6 tensors (6.0/6.0 GB) [100%] elapsed 4s ETA 0s"]
+  assert progress.sizes(1500, 40_000) == "1.5/40.0 kB"

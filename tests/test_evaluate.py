@@ -25,6 +25,7 @@ from flax import nnx
 from test_serving import CONTEXT, completion_text, random_run
 
 from maxlm import checkpoint, evaluate
+from maxlm import progress as console
 from maxlm.evals import multiple_choice, perplexity, progress, report, scoring
 from maxlm.evals.multiple_choice import MultipleChoice
 from maxlm.evals.perplexity import Perplexity
@@ -250,7 +251,7 @@ def test_help_describes_the_command_and_its_task_kinds(capsys):
 
 def test_every_kind_of_task_reports_its_progress_to_stderr(run_dir, engine, items_file, tmp_path,
                                                           capsys, monkeypatch):
-  monkeypatch.setattr(progress, "EVERY_S", 0.0)  # a line per report, not one every 5 s
+  monkeypatch.setattr(console, "EVERY_S", 0.0)  # a line per report, not one every 5 s
   text = "def wrap(text, width=70):\n    return text\n" * 12
   (tmp_path / "held.txt").write_text(text)
   prompts = tmp_path / "gen.jsonl"
@@ -273,7 +274,7 @@ def test_every_kind_of_task_reports_its_progress_to_stderr(run_dir, engine, item
 
 def test_progress_prints_every_few_seconds_and_the_end_of_work_that_printed():
   now, stream = [0.0], io.StringIO()
-  report_to = progress.ConsoleProgress("arc", every_s=5.0, stream=stream, clock=lambda: now[0])
+  report_to = console.ConsoleProgress("arc", every_s=5.0, stream=stream, clock=lambda: now[0])
   for now[0], done in [(1, 100), (4, 400), (6, 600), (8, 800), (12, 1200), (13, 1300)]:
     report_to(done, 1300, "choices")
   assert stream.getvalue().splitlines() == [
@@ -281,11 +282,11 @@ def test_progress_prints_every_few_seconds_and_the_end_of_work_that_printed():
       "arc: 1,200/1,300 choices [92%] elapsed 12s ETA 1s",
       "arc: 1,300/1,300 choices [100%] elapsed 13s ETA 0s"]
   quick = io.StringIO()
-  report_to = progress.ConsoleProgress("mc", stream=quick, clock=lambda: now[0])
+  report_to = console.ConsoleProgress("mc", stream=quick, clock=lambda: now[0])
   now[0] += 2
   report_to(5, 5, "choices")
   unknown_total = io.StringIO()
-  progress.ConsoleProgress("held", every_s=0, stream=unknown_total)(12, None, "batches")
+  console.ConsoleProgress("held", every_s=0, stream=unknown_total)(12, None, "batches")
   assert quick.getvalue() == ""
   assert unknown_total.getvalue().startswith("held: 12 batches elapsed ")
 
