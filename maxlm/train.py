@@ -419,8 +419,8 @@ def _init_from_step(workdir: Path, init_from: str | None) -> int | None:
   if recorded is not None:
     return recorded
   if not Path(init_from).is_dir():
-    raise UserError(f"--init_from {init_from} does not exist; pass the --workdir of a "
-                    "maxlm.train run (or a maxlm.convert.from_hf output)")
+    raise UserError(f"--init_from {init_from} does not exist yet; train it first: "
+                    f"{train_command(init_from)}")
   if (Path(init_from) / MANIFEST_NAME).exists():
     raise UserError(f"--init_from {init_from} is a data dir (it has {MANIFEST_NAME}); "
                     "pass it as --data_dir, and as --init_from the --workdir of a run")

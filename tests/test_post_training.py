@@ -490,7 +490,7 @@ def test_dpo_with_no_sft_run_yet_exits_2_with_one_line_naming_the_sft_command(tm
                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
   assert done.returncode == 2, done.stdout + done.stderr
   errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
-  assert errors == [("error: --init_from runs/sft_tiny has no checkpoint; train it first: "
+  assert errors == [("error: --init_from runs/sft_tiny does not exist yet; train it first: "
                      "python -m maxlm.train --gin_file=sft_tiny.gin")], done.stderr
   assert "Traceback" not in done.stderr
   assert not (tmp_path / "cache").exists(), "no data is built for a run that cannot start"

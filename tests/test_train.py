@@ -331,7 +331,8 @@ def test_init_from_a_run_without_checkpoints_is_one_line_naming_its_command_befo
 
 def test_init_from_a_missing_path_or_a_data_dir_says_which(data_dir, tmp_path):
   missing = tmp_path / "nowhere"
-  with pytest.raises(UserError, match=f"--init_from {missing} does not exist"):
+  with pytest.raises(UserError, match=re.escape(f"--init_from {missing} does not exist yet; "
+                                                f"train it first: python -m maxlm.train")):
     train_module.train(workdir=str(tmp_path / "run"), data_dir=data_dir, init_from=str(missing))
   with pytest.raises(UserError, match=f"--init_from {data_dir} is a data dir"):
     train_module.train(workdir=str(tmp_path / "run"), data_dir=data_dir, init_from=data_dir)
