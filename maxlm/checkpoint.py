@@ -272,7 +272,9 @@ def read_meta(checkpoint_dir: str | os.PathLike, step: int | None = None) -> tup
 
 def _read_json(checkpoints: Path, step: int, path: Path) -> dict:
   if not (checkpoints / str(step)).is_dir():
-    raise FileNotFoundError(f"{checkpoints} has no checkpoint of step {step}")
+    steps = sorted(int(p.name) for p in checkpoints.glob("*") if p.name.isdigit())
+    raise FileNotFoundError(f"{checkpoints} has no checkpoint of step {step}; its steps: "
+                            f"{', '.join(map(str, steps)) or 'none'}")
   _require_files(checkpoints, step, path.relative_to(checkpoints / str(step)))
   try:
     return json.loads(path.read_text())

@@ -24,6 +24,8 @@ import logging
 import os
 import resource
 import secrets
+import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -78,7 +80,13 @@ log = logging.getLogger("serving")
 
 
 def read_api_keys(path: str | Path) -> list[str]:
-  keys = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+  try:
+    text = Path(path).read_text(encoding="utf-8")
+  except (OSError, UnicodeDecodeError) as e:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+    raise ValueError(f"--api_keys_file {path} cannot be read ({reason}); name a text file "
+                     "of keys, one per line") from None
+  keys = [line.strip() for line in text.splitlines() if line.strip()]
   if not keys:
     raise ValueError(f"--api_keys_file {path} holds no keys; write one key per line")
   return keys
@@ -535,12 +543,39 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="a client must send its request body within this time after the "
                       "headers")
   args = parser.parse_args(argv)
-  for name in ("max_request_bytes", "max_connections", "header_timeout_s", "body_timeout_s"):
-    if getattr(args, name) <= 0:
-      parser.error(f"--{name}={getattr(args, name)}; give a positive number")
-  if args.scoring_cache_mb < 0:
-    parser.error(f"--scoring_cache_mb={args.scoring_cache_mb}; give 0 (none) or more MiB")
+  for name in ("max_request_bytes", "max_connections", "header_timeout_s", "body_timeout_s",
+               "max_queue", "max_len", "kv_cache_memory", "max_image_pixels"):
+    value = getattr(args, name)
+    # NaN passes every comparison: `not value > 0` refuses it too
+    if value is not None and (not value > 0 or value != value):
+      parser.error(f"--{name}={value}; give a positive number")
+  for name in ("shutdown_grace_s", "scoring_cache_mb", "max_images_per_request",
+               "max_prefill_chunk"):
+    if not getattr(args, name) >= 0:
+      parser.error(f"--{name}={getattr(args, name)}; give 0 or more")
+  if args.kv_cache_memory is not None and args.kv_cache_memory == float("inf"):
+    parser.error("--kv_cache_memory=inf; give the GiB the paged KV cache may take")
+  if not 0 <= args.port <= 65535:
+    parser.error(f"--port={args.port}; give a port from 1 to 65535 (0: any free one)")
+  if args.api_keys_file == "":
+    parser.error("--api_keys_file is empty (an unset variable?); name a file of keys, or leave "
+                 "the flag out to serve without keys")
   return args
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+  """The server's socket, bound before the model loads: a port in use or a host this machine
+  does not have is one line at once, not after minutes of loading and compiling."""
+  try:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+  except OSError as e:
+    raise OSError(f"cannot listen on --host {host} --port {port}: {e.strerror or e}; "
+                  "pick a free port or an address of this machine") from None
+  sock.set_inheritable(True)
+  return sock
 
 
 def allow_open_files(connections: int):
@@ -644,18 +679,22 @@ def main(argv=None):
                                     prefix_caching=args.enable_prefix_caching,
                                     max_prefill_chunk=args.max_prefill_chunk or None,
                                     kv_cache_dtype=args.kv_cache_dtype, dtype=args.dtype)
+    sock = listening_socket(args.host, args.port)  # before the compile, which takes minutes
+    log.info("%s; %s", engine.describe_weights(), engine.describe_cache())
+    start = time.perf_counter()
+    log.info("compiling the prefill, decode and scoring programs (a minute or two the first "
+             "time; --compilation_cache_dir keeps them for the next start)")
+    engine.warmup()
   except (OSError, ValueError, UserError) as e:
-    raise SystemExit(f"serving.server: {e}") from None
-  log.info("%s; %s", engine.describe_weights(), engine.describe_cache())
-  start = time.perf_counter()
-  engine.warmup()
+    print(f"serving.server: {e}", file=sys.stderr)
+    sys.exit(2)
   scorer = Scorer(engine, cache_bytes=(args.scoring_cache_mb << 20
                                        if args.enable_prefix_caching else 0))
   # create_app starts it, counting into the app's metrics
   scorer.warmup()
   log.info("compiled in %.1fs; serving %s (context %d, %d slots, weights %s) on http://%s:%d",
            time.perf_counter() - start, engine.model_name, engine.context_length, engine.slots,
-           engine.quantize, args.host, args.port)
+           engine.quantize, args.host, sock.getsockname()[1])  # --port=0: the one given
   # XLA's threads exist now, pinned to the engine's cores. This thread, which runs the event
   # loop, and the orchestrator's, which create_app starts, take the other cores: both are
   # Python and take turns on the GIL, and while they turn one step's tokens into text, XLA
@@ -672,8 +711,18 @@ def main(argv=None):
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                           http=guarded_protocol(limits),
                           timeout_graceful_shutdown=args.shutdown_grace_s + 5)
-  DrainingServer(config, app.state.orchestrator, args.shutdown_grace_s).run()
+  DrainingServer(config, app.state.orchestrator, args.shutdown_grace_s).run(sockets=[sock])
+
+
+def run(argv=None):
+  """Console entry: Ctrl-C while loading or compiling, or a second one while shutting down,
+  ends with one line instead of a traceback."""
+  try:
+    main(argv)
+  except KeyboardInterrupt:
+    print("\nserving.server: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":
-  main()
+  run()

@@ -279,14 +279,22 @@ def test_served_params_are_verified_against_checksums_written_on_another_mesh(ru
     engine.one_device_params(run, CONFIG, 2)
 
 
-def test_the_server_refuses_a_corrupt_checkpoint_naming_the_newest_intact_step(run, states):
+def test_the_server_refuses_a_corrupt_checkpoint_naming_the_newest_intact_step(run, states,
+                                                                              capsys):
   flip_64_bytes_of(run / "checkpoints" / "2", states[2].params["unembedding"])
   with pytest.raises(SystemExit) as exit_info:
     server.main(["--checkpoint_dir", str(run), "--engine_cpus=all"])
-  assert str(exit_info.value) == (
+  assert exit_info.value.code == 2 and capsys.readouterr().err == (
       f"serving.server: checkpoint step 2 in {run / 'checkpoints'} is corrupt: "
       "params.unembedding does not match its checksum; the newest intact one is step 1: serve "
-      "it with --step=1")
+      "it with --step=1\n")
+
+
+def test_the_server_asked_for_a_step_the_run_lacks_lists_those_it_has(run, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    server.main(["--checkpoint_dir", str(run), "--step=5", "--engine_cpus=all"])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.endswith("has no checkpoint of step 5; its steps: 1, 2\n")
 
 
 @pytest.fixture

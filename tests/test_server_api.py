@@ -29,7 +29,8 @@ from maxlm.sampling import TokenChoice
 from serving.engine import Step
 from serving.orchestrator import Delta, Orchestrator
 from serving.server import (DrainingServer, create_app, drain, engine_cpus, parse_args,
-                            read_api_keys, served_params, unless_disconnected)
+                            listening_socket, read_api_keys, served_params,
+                            unless_disconnected)
 
 MODEL = "fake"
 
@@ -157,6 +158,49 @@ def test_api_keys_file_is_one_key_per_line(tmp_path):
   keys.write_text("\n")
   with pytest.raises(ValueError, match="one key per line"):
     read_api_keys(keys)
+
+
+def test_an_api_keys_file_that_cannot_be_read_names_the_flag(tmp_path):
+  for path in (tmp_path / "missing", tmp_path):
+    with pytest.raises(ValueError, match=f"--api_keys_file {path} cannot be read"):
+      read_api_keys(path)
+  binary = tmp_path / "keys.bin"
+  binary.write_bytes(b"\xff\xfe")
+  with pytest.raises(ValueError, match="cannot be read .*utf-8"):
+    read_api_keys(binary)
+
+
+@pytest.mark.parametrize("flag, says", [
+    ("--port=70000", "give a port from 1 to 65535"), ("--port=-1", "give a port"),
+    ("--max_queue=0", "--max_queue=0; give a positive number"),
+    ("--max_queue=-1", "give a positive number"),
+    ("--header_timeout_s=nan", "--header_timeout_s=nan; give a positive number"),
+    ("--kv_cache_memory=nan", "give a positive number"), ("--kv_cache_memory=inf", "GiB"),
+    ("--max_len=0", "--max_len=0; give a positive number"),
+    ("--shutdown_grace_s=-5", "--shutdown_grace_s=-5.0; give 0 or more"),
+    ("--shutdown_grace_s=nan", "give 0 or more"),
+    ("--max_prefill_chunk=-5", "give 0 or more"),
+    ("--max_images_per_request=-1", "give 0 or more"),
+    ("--max_image_pixels=0", "give a positive number"),
+    ("--api_keys_file=", "--api_keys_file is empty")])
+def test_a_flag_out_of_its_range_is_refused_before_anything_loads(flag, says, capsys):
+  with pytest.raises(SystemExit) as exited:
+    parse_args(["--checkpoint_dir=x", flag])
+  assert exited.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads():
+  taken = listening_socket("127.0.0.1", 0)
+  taken.listen()
+  port = taken.getsockname()[1]
+  try:
+    with pytest.raises(OSError, match=f"cannot listen on --host 127.0.0.1 --port {port}: "
+                       "Address already in use"):
+      listening_socket("127.0.0.1", port)
+    with pytest.raises(OSError, match="cannot listen on --host not.a.host.invalid"):
+      listening_socket("not.a.host.invalid", 0)
+  finally:
+    taken.close()
 
 
 # --- failures ----------------------------------------------------------------------------------
