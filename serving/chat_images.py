@@ -37,9 +37,27 @@ def host_allowed(url: str, domains: tuple[str, ...]) -> bool:
   return any(host == d or host.endswith("." + d) for d in (d.lower() for d in domains))
 
 
-def fetch(url: str) -> bytes:
+class _RedirectsWithin(urllib.request.HTTPRedirectHandler):
+  """Follows a redirect only to an http(s) URL whose host `domains` allow: an allowed host
+  must not hand the server on to any other (an internal address, say)."""
+
+  def __init__(self, domains: tuple[str, ...]):
+    super().__init__()
+    self.domains = domains
+
+  def redirect_request(self, req, fp, code, msg, headers, newurl):
+    if not (images.is_remote(newurl) and host_allowed(newurl, self.domains)):
+      host = urllib.parse.urlsplit(newurl).hostname
+      raise images.BadImage("remote_url", f"{req.full_url[:80]} redirects to host {host!r}, "
+                            "which --allowed_media_domains does not name; not fetched")
+    return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def fetch(url: str, domains: tuple[str, ...]) -> bytes:
+  """The bytes at `url` (whose host `domains` allow), following redirects within `domains`."""
+  opener = urllib.request.build_opener(_RedirectsWithin(domains))
   try:
-    with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response:
+    with opener.open(url, timeout=FETCH_TIMEOUT_S) as response:
       data = response.read(MAX_FETCH_BYTES + 1)
   except OSError as e:
     raise images.BadImage("image_not_found", f"cannot fetch {url[:80]} ({e})") from None
@@ -52,7 +70,7 @@ def image_bytes(url: str, policy: MediaPolicy) -> bytes:
   if images.is_data_url(url):
     return images.data_url_bytes(url)
   if images.is_remote(url) and host_allowed(url, policy.allowed_media_domains):
-    return fetch(url)
+    return fetch(url, policy.allowed_media_domains)
   if images.is_remote(url):
     host = urllib.parse.urlsplit(url).hostname
     raise images.BadImage("remote_url", f"remote image URLs are not fetched (host {host!r}); "

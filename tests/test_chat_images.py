@@ -6,7 +6,9 @@ Over the orchestrator tests' fake engine, given an image side where a test needs
 """
 
 import base64
+import http.server
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -128,7 +130,7 @@ def test_a_text_only_model_refuses_images_with_a_400():
 
 def test_an_allowed_domain_is_fetched_and_its_subdomains_too(monkeypatch):
   fetched = []
-  monkeypatch.setattr(chat_images, "fetch", lambda url: fetched.append(url) or base64.b64decode(
+  monkeypatch.setattr(chat_images, "fetch", lambda url, domains: fetched.append(url) or base64.b64decode(
       png_url(PIXELS).split(",", 1)[1]))
   policy = MediaPolicy(allowed_media_domains=("example.com",))
   messages = [ChatMessage(role="user", content=[image_part("https://cdn.example.com/a.png")])]
@@ -137,6 +139,38 @@ def test_an_allowed_domain_is_fetched_and_its_subdomains_too(monkeypatch):
   evil = [ChatMessage(role="user", content=[image_part("https://example.com.evil.org/a.png")])]
   with pytest.raises(OpenAIError, match="not fetched"):
     chat_images.request_images(evil, policy, SIZE)
+
+
+def test_a_fetch_follows_redirects_only_within_the_allowed_domains():
+  png = base64.b64decode(png_url(PIXELS).split(",", 1)[1])
+
+  class Redirecting(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+      port = self.server.server_address[1]
+      if self.path == "/image.png":
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(png)
+        return
+      to = {"/here": f"http://127.0.0.1:{port}/image.png",
+            "/away": f"http://localhost:{port}/image.png"}[self.path]
+      self.send_response(302)
+      self.send_header("Location", to)
+      self.end_headers()
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.HTTPServer(("127.0.0.1", 0), Redirecting)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  base = f"http://127.0.0.1:{server.server_address[1]}"
+  try:
+    assert chat_images.fetch(f"{base}/here", ("127.0.0.1",)) == png
+    with pytest.raises(images.BadImage, match="redirects to host 'localhost'"):
+      chat_images.fetch(f"{base}/away", ("127.0.0.1",))
+    assert chat_images.fetch(f"{base}/away", ("127.0.0.1", "localhost")) == png
+  finally:
+    server.shutdown()
 
 
 def test_a_bomb_over_max_image_pixels_is_refused_before_decoding():
