@@ -557,6 +557,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.error("--kv_cache_memory=inf; give the GiB the paged KV cache may take")
   if not 0 <= args.port <= 65535:
     parser.error(f"--port={args.port}; give a port from 1 to 65535 (0: any free one)")
+  for domain in args.allowed_media_domains.split(","):
+    if any(mark in domain.strip() for mark in ("/", ":", "*", " ")):
+      parser.error(f"--allowed_media_domains entry {domain.strip()!r} is not a host name; write "
+                   "hosts such as example.com,cdn.org (their subdomains are included)")
   if args.api_keys_file == "":
     parser.error("--api_keys_file is empty (an unset variable?); name a file of keys, or leave "
                  "the flag out to serve without keys")

@@ -182,7 +182,9 @@ def test_an_api_keys_file_that_cannot_be_read_names_the_flag(tmp_path):
     ("--max_prefill_chunk=-5", "give 0 or more"),
     ("--max_images_per_request=-1", "give 0 or more"),
     ("--max_image_pixels=0", "give a positive number"),
-    ("--api_keys_file=", "--api_keys_file is empty")])
+    ("--api_keys_file=", "--api_keys_file is empty"),
+    ("--allowed_media_domains=example.com,https://cdn.org/", "'https://cdn.org/' is not a host"),
+    ("--allowed_media_domains=*.cdn.net", "'*.cdn.net' is not a host")])
 def test_a_flag_out_of_its_range_is_refused_before_anything_loads(flag, says, capsys):
   with pytest.raises(SystemExit) as exited:
     parse_args(["--checkpoint_dir=x", flag])
