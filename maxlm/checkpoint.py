@@ -335,5 +335,6 @@ def _unused_path(path: Path) -> Path:
 
 def _first_line(error: BaseException, limit: int = 300) -> str:
   lines = str(error).strip().splitlines() or [type(error).__name__]
-  line = lines[0]
+  # TensorStore follows its reason with the repr of a bound method, which helps nobody
+  line = lines[0].split(" See full TensorStore details:")[0].rstrip(". ")
   return line if len(line) <= limit else line[:limit] + "…"

@@ -364,3 +364,11 @@ def test_a_partial_save_left_by_an_earlier_run_is_removed_by_the_next_ones_first
   saver.close()
   assert not leftover.exists()
   assert saver.all_steps() == [1, 2, 3]
+
+
+def test_a_tensorstore_reason_is_kept_without_the_repr_that_follows_it():
+  error = ValueError("Encountered error while reading array index: (slice(0, 3, 1),). See full "
+                     "TensorStore details: <bound method pybind11_detail_function_record.spec of "
+                     "TensorStore({\n  'driver': 'zarr'})>")
+  assert checkpoint._first_line(error) == ("Encountered error while reading array index: "
+                                           "(slice(0, 3, 1),)")
