@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 
 from maxlm import user_cache
+from maxlm.errors import UserError
 
 ENV = "JAX_COMPILATION_CACHE_DIR"  # JAX's own variable: when set, it wins
 
@@ -26,7 +27,12 @@ def enable(directory: str | None) -> str | None:
   off); returns the directory in use."""
   if not directory:
     return None
-  Path(directory).mkdir(parents=True, exist_ok=True)
+  try:
+    Path(directory).mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise UserError(f"--compilation_cache_dir {directory} cannot be made a directory "
+                    f"({error.strerror or error}); pass another, or an empty value for no "
+                    "cache") from None
   jax.config.update("jax_compilation_cache_dir", str(directory))
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
     # On CPU most programs compile in under JAX's default second; a server has dozens of them.

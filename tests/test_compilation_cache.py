@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from absl import flags
 
 from maxlm import (
@@ -13,6 +14,7 @@ from maxlm import (
   evaluate,
   train,  # noqa: F401  (defines its absl flags)
 )
+from maxlm.errors import UserError
 from serving import server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +54,13 @@ def test_an_empty_directory_turns_the_cache_off(tmp_path):
   run = compile_once("", tmp_path)
   assert run["hits"] == run["misses"] == 0  # no cache was consulted
   assert not (tmp_path / "maxlm_cache").exists()
+
+
+def test_a_cache_dir_that_cannot_be_made_is_one_line_naming_the_flag(tmp_path):
+  blocking = tmp_path / "a_file"
+  blocking.write_text("")
+  with pytest.raises(UserError, match=f"--compilation_cache_dir {blocking}/xla cannot be made"):
+    compilation_cache.enable(str(blocking / "xla"))
 
 
 def test_the_default_lives_in_the_maxlm_cache_unless_jax_names_one(monkeypatch, tmp_path):
