@@ -123,6 +123,18 @@ def verified_params(checkpoint_dir: str | os.PathLike, step: int | None):
   return (step, meta, *one_device_params(checkpoint_dir, checkpoint.config_from_meta(meta), step))
 
 
+def free_device_bytes() -> int | None:
+  """Memory the first device has free (a CPU: the host's available memory), or None where
+  the backend does not say."""
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+  stats = device.memory_stats() or {}
+  if "bytes_limit" not in stats:
+    return None
+  return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
 class Engine:
   """One model, its tokenizer, a paged KV cache and up to `slots` sequences decoding at once.
 
@@ -210,6 +222,7 @@ class Engine:
       slots = 8 if kv_cache_memory is None else kv_pages.MAX_SLOTS
     self.capacity = kv_pages.capacity(block_bytes, block_size, kv_cache_memory, slots,
                                       context_length)
+    kv_pages.check_fits(self.capacity, free_device_bytes())
     self.slots = min(slots, self.capacity.blocks)
     self.context_length = min(context_length, self.capacity.tokens)
     self.block_size = block_size

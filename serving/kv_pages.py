@@ -51,6 +51,14 @@ def capacity(block_bytes: int, block_size: int, kv_cache_memory_gib: float | Non
   return Capacity(blocks, block_size, block_bytes)
 
 
+def check_fits(pool: Capacity, free_bytes: int | None) -> None:
+  """Refuses a pool larger than the memory the device has free (None: unknown, allowed)."""
+  pool_bytes = (pool.blocks + 1) * pool.block_bytes
+  if free_bytes is not None and pool_bytes > free_bytes:
+    raise ValueError(f"the KV cache would take {pool_bytes / 2**30:.1f} GiB but the device has "
+                     f"{free_bytes / 2**30:.1f} GiB free; lower --kv_cache_memory or --slots")
+
+
 class BlockAllocator:
   """Free list of the pool's blocks 1..blocks (block 0 is the trash block)."""
 

@@ -374,3 +374,13 @@ def test_a_decode_step_lowers_to_the_kernel_for_cuda_and_to_the_gather_on_cpu():
   assert "__gpu$xla.gpu.triton" in cuda.mlir_module()
   cpu = jax.export.export(jax.jit(paged_kv.attend), platforms=["cpu"])(layer, q, positions)
   assert "triton" not in cpu.mlir_module()
+
+
+def test_a_pool_past_the_devices_free_memory_is_refused_naming_the_flags():
+  pool = kv_pages.capacity(block_bytes=2**20, block_size=16, kv_cache_memory_gib=2.0, slots=8,
+                           context_length=1024)
+  kv_pages.check_fits(pool, free_bytes=3 * 2**30)
+  kv_pages.check_fits(pool, free_bytes=None)
+  with pytest.raises(ValueError, match="would take 2.0 GiB but the device has 1.0 GiB free; "
+                     "lower --kv_cache_memory or --slots"):
+    kv_pages.check_fits(pool, free_bytes=2**30)
