@@ -684,7 +684,9 @@ def main(argv=None):
                                     max_prefill_chunk=args.max_prefill_chunk or None,
                                     kv_cache_dtype=args.kv_cache_dtype, dtype=args.dtype)
     sock = listening_socket(args.host, args.port)  # before the compile, which takes minutes
-    log.info("%s; %s", engine.describe_weights(), engine.describe_cache())
+    served_step = checkpoint.read_meta(args.checkpoint_dir, args.step)[0]  # as loaded
+    log.info("step %d of %s; %s; %s", served_step, args.checkpoint_dir,
+             engine.describe_weights(), engine.describe_cache())
     start = time.perf_counter()
     log.info("compiling the prefill, decode and scoring programs (a minute or two the first "
              "time; --compilation_cache_dir keeps them for the next start)")
