@@ -31,12 +31,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from maxlm import checkpoint, compilation_cache, metrics
-from maxlm.progress import ConsoleProgress
 from maxlm.errors import UserError
 from maxlm.evals import progress, report, scoring
 from maxlm.evals.generation import Generation
 from maxlm.evals.multiple_choice import MultipleChoice
 from maxlm.evals.perplexity import Perplexity
+from maxlm.progress import ConsoleProgress
 
 KINDS = ("choice", "perplexity", "generate")
 
