@@ -547,7 +547,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                "max_queue", "max_len", "kv_cache_memory", "max_image_pixels"):
     value = getattr(args, name)
     # NaN passes every comparison: `not value > 0` refuses it too
-    if value is not None and (not value > 0 or value != value):
+    if value is not None and not value > 0:
       parser.error(f"--{name}={value}; give a positive number")
   for name in ("shutdown_grace_s", "scoring_cache_mb", "max_images_per_request",
                "max_prefill_chunk"):
@@ -568,8 +568,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-  """The server's socket, bound before the model loads: a port in use or a host this machine
-  does not have is one line at once, not after minutes of loading and compiling."""
+  """The server's socket, bound before the compile (uvicorn listens on it once serving): a
+  port in use or a host this machine does not have is one line within seconds, not after
+  minutes of compiling."""
   try:
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     sock = socket.socket(family, socket.SOCK_STREAM)
