@@ -146,7 +146,8 @@ class Engine:
                max_len: int | None = None, slots: int | None = None,
                quantize: str | None = None, kv_cache_memory: float | None = None,
                block_size: int = 16, prefix_caching: bool = True,
-               max_prefill_chunk: int | None = None, kv_cache_dtype: str | None = None):
+               max_prefill_chunk: int | None = None, kv_cache_dtype: str | None = None,
+               step: int | None = None):
     tokenizer = tokenizer_lib.as_tokenizer(tokenizer)
     if tokenizer.vocab_size() > config.vocab_size:
       raise ValueError(f"the tokenizer has {tokenizer.vocab_size()} pieces but the model only "
@@ -159,6 +160,7 @@ class Engine:
     self.kv_cache_dtype = kv_cache_dtype_of(config, kv_cache_dtype)
     self.tokenizer = tokenizer
     self.model_name = model_name
+    self.step = step  # the checkpoint step of `params`, when they come from one
     self._size_cache(sampling.context_length(config, max_len), slots, kv_cache_memory,
                      block_size)
     self.eos_id = tokenizer.eos_id()
@@ -209,7 +211,7 @@ class Engine:
                model_name=model_name or checkpoints.parent.name, max_len=max_len, slots=slots,
                quantize=quantize, kv_cache_memory=kv_cache_memory,
                prefix_caching=prefix_caching, max_prefill_chunk=max_prefill_chunk,
-               kv_cache_dtype=kv_cache_dtype)
+               kv_cache_dtype=kv_cache_dtype, step=step)
 
   def _size_cache(self, context_length: int, slots: int | None, kv_cache_memory: float | None,
                   block_size: int):

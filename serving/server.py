@@ -685,8 +685,7 @@ def main(argv=None):
                                     max_prefill_chunk=args.max_prefill_chunk or None,
                                     kv_cache_dtype=args.kv_cache_dtype, dtype=args.dtype)
     sock = listening_socket(args.host, args.port)  # before the compile, which takes minutes
-    served_step = checkpoint.read_meta(args.checkpoint_dir, args.step)[0]  # as loaded
-    log.info("step %d of %s; %s; %s", served_step, args.checkpoint_dir,
+    log.info("step %d of %s; %s; %s", engine.step, args.checkpoint_dir,
              engine.describe_weights(), engine.describe_cache())
     start = time.perf_counter()
     log.info("compiling the prefill, decode and scoring programs (a minute or two the first "

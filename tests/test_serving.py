@@ -282,6 +282,7 @@ def test_engine_holds_params_on_one_device(engine, run_dir):
   assert devices == {jax.devices()[0]}
   assert engine.model_name == run_dir.name
   assert Engine.from_checkpoint(run_dir / "checkpoints").model_name == run_dir.name
+  assert engine.step == checkpoint.all_steps(run_dir)[-1]  # the one it loaded, for the log
 
 
 def test_a_checkpoint_written_on_a_mesh_serves_on_one_device(run_dir, engine, tmp_path):
