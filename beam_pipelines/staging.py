@@ -22,6 +22,7 @@ STAGING_MARK = ".tmp-"
 OWNER_NAME = ".owner"  # "HOST PID"; removed before the rename, so never published
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 BAD_INPUT_EXIT_CODE = 2
+BAD_INPUT_ERRORS = (ValueError, FileExistsError)  # run_until_stopped's one line, exit 2
 LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
 
 
@@ -162,6 +163,13 @@ def log_to_stderr() -> None:
     root.removeHandler(handler)
   logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
   logging.getLogger("apache_beam").setLevel(logging.WARNING)
+  logging.getLogger("apache_beam.runners.common").addFilter(_without_bad_input_tracebacks)
+
+
+def _without_bad_input_tracebacks(record: logging.LogRecord) -> bool:
+  """False for Beam's logged traceback of a transform's bad-input error, which
+  run_until_stopped says in one line once it reaches the top (any other error keeps both)."""
+  return not (record.exc_info and isinstance(record.exc_info[1], BAD_INPUT_ERRORS))
 
 
 def run_until_stopped(program: str, output_dir: str, run: Callable[[], object]) -> None:
@@ -176,7 +184,7 @@ def run_until_stopped(program: str, output_dir: str, run: Callable[[], object]) 
               f"--output_dir {output_dir} is as it was and no staging dir is left",
               file=sys.stderr, flush=True)
         raise SystemExit(128 + received[0]) from None
-      if isinstance(err, (ValueError, FileExistsError)):
+      if isinstance(err, BAD_INPUT_ERRORS):
         print(f"{program}: {err}", file=sys.stderr, flush=True)
         raise SystemExit(BAD_INPUT_EXIT_CODE) from None
       raise

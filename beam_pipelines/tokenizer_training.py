@@ -5,6 +5,7 @@ import heapq
 import io
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 
@@ -119,9 +120,20 @@ def train_tokenizer(sample: list[str], vocab_size: int, model_type: str = "bpe",
           model_type=model_type, user_defined_symbols=["\n", *special_tokens],
           num_threads=os.cpu_count() or 1, **TRAINER_OPTIONS)
   except RuntimeError as err:
-    raise ValueError(f"SentencePiece could not train a {vocab_size}-piece tokenizer on "
-                     f"the sample ({err}); lower --vocab_size or add input text") from None
+    raise ValueError(untrainable_sentence(err, vocab_size, len(sample))) from None
   sample_mb = sum(len(text) for text in sample) / 1e6
   logger.info("trained %d-piece %s tokenizer on %d sampled documents (%.1f MB) in %.1fs",
               vocab_size, model_type, len(sample), sample_mb, time.perf_counter() - start)
   return model.getvalue()
+
+
+def untrainable_sentence(err: RuntimeError, vocab_size: int, documents: int) -> str:
+  """What SentencePiece's refusal means for the flags: the most pieces the sample allows when
+  it says so (`Vocabulary size too high (8000). Please set it to a value <= 2395.`)."""
+  most = re.search(r"value <= (\d+)", str(err))
+  if most:
+    return (f"the sampled text ({documents} documents) gives at most {most[1]} tokenizer "
+            f"pieces, not --vocab_size {vocab_size}: pass --vocab_size={most[1]} or less, or "
+            "add input text")
+  return (f"SentencePiece could not train a {vocab_size}-piece tokenizer on the sample "
+          f"({err}); lower --vocab_size or add input text")

@@ -82,3 +82,18 @@ def test_a_stop_signal_exits_128_plus_its_number_saying_the_output_is_untouched(
       f"prepare_chat: stopped by {signal.Signals(signum).name} before finishing; --output_dir "
       "/data/chat is as it was and no staging dir is left\n")
   assert signal.getsignal(signum) == before
+
+
+@pytest.mark.parametrize("error, logged", [(ValueError("--vocab_size too high"), False),
+                                           (KeyError("a bug"), True)])
+def test_beam_logs_no_traceback_of_bad_input_that_the_one_line_says(caplog, error, logged):
+  import apache_beam as beam
+
+  def fail(_):
+    raise error
+  staging.log_to_stderr()
+  with pytest.raises(type(error)):
+    with beam.Pipeline(runner="DirectRunner") as pipeline:
+      _ = pipeline | beam.Create([1]) | beam.Map(fail)
+  tracebacks = [r for r in caplog.records if r.exc_info and r.name.startswith("apache_beam")]
+  assert bool(tracebacks) == logged

@@ -122,3 +122,13 @@ def test_load_and_find_pick_the_kind_by_file(sentencepiece_model, byte_level_jso
                     tokenizer_lib.SentencePieceTokenizer)
   plain = spm.SentencePieceProcessor(model_proto=sentencepiece_model)
   assert isinstance(tokenizer_lib.as_tokenizer(plain), tokenizer_lib.Tokenizer)
+
+
+def test_a_vocab_size_past_what_the_sample_gives_names_the_most_it_gives():
+  sample = ["the quick brown fox jumps over the lazy dog"] * 20
+  with pytest.raises(ValueError) as error:
+    tokenizer_training.train_tokenizer(sample, vocab_size=5000)
+  most = int(str(error.value).split("gives at most ")[1].split()[0])
+  assert f"pass --vocab_size={most} or less" in str(error.value)
+  assert spm.SentencePieceProcessor(model_proto=tokenizer_training.train_tokenizer(
+      sample, vocab_size=most)).get_piece_size() == most  # the number it names trains
