@@ -31,6 +31,8 @@ from maxlm import tokenizer as tokenizer_lib
 from maxlm.errors import UserError
 from maxlm.model import ModelConfig
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINTS = "checkpoints"
 CORRUPT_CHECKPOINTS = "corrupt_checkpoints"
 TOKENIZER = "tokenizer.model"
@@ -218,8 +220,12 @@ def _dropping_closed_loop_callbacks(previous):
 def verify(checkpoints: Path, step: int, tree):
   """Raises CorruptCheckpointError unless every array of `tree` (restored from `step`) matches
   the checksum saved with it and is finite. Checkpoints saved without checksums are only
-  checked for non-finite values."""
+  checked for non-finite values, with a warning."""
   saved = read_checksums(checkpoints, step)
+  if saved is None:
+    logger.warning("checkpoint step %d in %s has no %s/ (saved without them or since removed): "
+                   "its arrays are checked only for non-finite values", step, checkpoints,
+                   CHECKSUMS)
   for name, (checksum, nonfinite) in array_digest.digests(tree).items():
     if saved is not None and saved.get(name) != checksum:
       reason = "does not match its checksum" if name in saved else "has no saved checksum"

@@ -372,3 +372,13 @@ def test_a_tensorstore_reason_is_kept_without_the_repr_that_follows_it():
                      "TensorStore({\n  'driver': 'zarr'})>")
   assert checkpoint._first_line(error) == ("Encountered error while reading array index: "
                                            "(slice(0, 3, 1),)")
+
+
+def test_a_step_without_its_checksums_restores_with_a_warning_saying_so(run, states, caplog):
+  shutil.rmtree(run / "checkpoints" / "2" / checkpoint.CHECKSUMS)
+  _, restore = _restorer(run)
+  with caplog.at_level(logging.WARNING, logger="maxlm.checkpoint"):
+    _assert_identical(restore(2), states[2])
+  assert [r.getMessage() for r in caplog.records if r.name == "maxlm.checkpoint"] == [
+      f"checkpoint step 2 in {run / 'checkpoints'} has no checksums/ (saved without them or "
+      "since removed): its arrays are checked only for non-finite values"]
