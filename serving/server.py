@@ -160,19 +160,30 @@ def create_app(engine: Engine, model_name: str | None = None,
   v1 = APIRouter(prefix="/v1")
   keyed = (401,) * bool(api_keys)  # RequireApiKey's answer, on every route but guards.OPEN_PATHS
 
+  served_model = {
+      "id": model_name, "object": "model", "created": started, "owned_by": "maxlm",
+      "max_model_len": engine.context_length,
+      **({"input_modalities": ["text", "image"], "capabilities": {"vision": True}}
+         if image_size else {})}
+
   @v1.get("/models", responses=errors(*keyed))
   async def models():
-    return {"object": "list", "data": [{
-        "id": model_name, "object": "model", "created": started, "owned_by": "maxlm",
-        "max_model_len": engine.context_length,
-        **({"input_modalities": ["text", "image"], "capabilities": {"vision": True}}
-           if image_size else {})}]}
+    return {"object": "list", "data": [served_model]}
 
-  def check_request(request: SamplingRequest):
-    if request.model != model_name:
-      named = request.model if len(request.model) <= 100 else request.model[:100] + "..."
+  @v1.get("/models/{model:path}", responses=errors(*keyed, 404))
+  async def model(model: str):
+    """OpenAI's retrieve (`client.models.retrieve(id)`); ids may hold slashes, as HF ids do."""
+    check_model(model)
+    return served_model
+
+  def check_model(name: str):
+    if name != model_name:
+      named = name if len(name) <= 100 else name[:100] + "..."
       raise OpenAIError(404, f"the model `{named}` does not exist; this server serves "
                         f"`{model_name}`", param="model", code="model_not_found")
+
+  def check_request(request: SamplingRequest):
+    check_model(request.model)
     check_supported(request)
 
   async def submit(request: SamplingRequest, prompt_ids: Callable[[], tuple[list[int], int]],

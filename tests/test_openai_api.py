@@ -10,6 +10,7 @@ import json
 import shutil
 
 import numpy as np
+import openai
 import pytest
 import sentencepiece as spm
 from fastapi.testclient import TestClient
@@ -117,6 +118,20 @@ def test_a_long_unknown_model_name_is_a_404_that_does_not_echo_it_whole(client):
   response = client.post("/v1/completions", json=completion(model="m" * 100_000))
   assert response.status_code == 404
   assert len(response.json()["error"]["message"]) < 300
+
+
+def openai_client(client) -> openai.OpenAI:
+  return openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client,
+                       max_retries=0)
+
+
+def test_the_openai_client_retrieves_the_served_model_and_gets_a_404_for_another(client):
+  served = openai_client(client).models.retrieve("fake")
+  assert served.id == "fake" and served.object == "model"
+  assert served == openai_client(client).models.list().data[0]
+  with pytest.raises(openai.NotFoundError) as refused:
+    openai_client(client).models.retrieve("org/other-model")
+  assert refused.value.code == "model_not_found" and "`fake`" in refused.value.message
 
 
 @pytest.mark.parametrize("prompt, why", [
