@@ -21,7 +21,9 @@ from PIL import Image, ImageOps
 
 REASONS = ("unreadable_image", "decompression_bomb", "zero_size", "image_not_found",
            "remote_url", "not_an_image_url")
-DATA_URL = re.compile(r"data:(image/[\w.+-]+)?(;[\w=.+-]+)*?;base64,(.*)", re.DOTALL)
+# RFC 2397: its grammar's literals (`data:`, `;base64`) and the media type are case-insensitive.
+DATA_URL = re.compile(r"data:(image/[\w.+-]+)?(;[\w=.+-]+)*?;base64,(.*)",
+                      re.DOTALL | re.IGNORECASE)
 REMOTE_SCHEMES = ("http://", "https://")
 OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
 BACKGROUND = (255, 255, 255)
@@ -36,7 +38,7 @@ class BadImage(ValueError):
 
 
 def is_data_url(source: str) -> bool:
-  return source.startswith("data:")
+  return source[:5].lower() == "data:"
 
 
 def is_remote(source: str) -> bool:

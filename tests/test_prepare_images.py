@@ -111,6 +111,13 @@ def test_remote_urls_are_never_fetched_and_data_urls_decode():
   assert images.source_bytes(data_url(png)) == png
 
 
+@pytest.mark.parametrize("prefix", ["DATA:image/png;base64,", "Data:Image/PNG;Base64,",
+                                    "data:;BASE64,"])
+def test_a_data_url_decodes_whatever_the_case_of_its_scheme_type_and_base64(prefix):
+  png = encoded(gradient())  # RFC 2397's literals are case-insensitive, as browsers read them
+  assert images.source_bytes(prefix + base64.b64encode(png).decode()) == png
+
+
 def test_content_parts_put_a_placeholder_where_each_image_sits():
   row = {"messages": [{"role": "user", "content": [
       {"type": "text", "text": "left "}, {"type": "image_url", "image_url": {"url": "a.png"}},
