@@ -274,8 +274,6 @@ def _failed_union(errors: list[dict]) -> tuple[str, str] | None:
 
 
 def check_supported(request: SamplingRequest):
-  if request.n != 1:
-    raise OpenAIError(400, f"n={request.n} is not supported; send n=1", param="n")
   if request.stream_options is not None and not request.stream:
     raise OpenAIError(400, "stream_options is only allowed with stream=true; set stream or "
                       "drop stream_options", param="stream_options")
@@ -306,7 +304,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 class ResponseShape:
-  """Bodies of one response: the whole one, or its stream chunks (all sharing one id)."""
+  """Bodies of one response: the whole one, or its stream chunks (all sharing one id). A
+  request for n choices of each of its prompts gets them as indexes prompt * n + 0..n-1."""
 
   def __init__(self, model: str, chat: bool):
     self.model, self.chat = model, chat
@@ -317,36 +316,30 @@ class ResponseShape:
     return {"id": self.id, "object": object_, "created": self.created, "model": self.model,
             "choices": choices, **extra}
 
-  def whole(self, text: str, finish_reason: str, prompt_tokens: int,
-            completion_tokens: int, logprobs: dict | None = None) -> dict:
+  def choice(self, index: int, text: str, finish_reason: str, logprobs: dict | None) -> dict:
     if self.chat:
-      choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs, "finish_reason": finish_reason}
-    else:
-      choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-    return self._envelope("chat.completion" if self.chat else "text_completion", [choice],
-                          usage=usage(prompt_tokens, completion_tokens))
-
-  @staticmethod
-  def choice(index: int, text: str, finish_reason: str, logprobs: dict | None) -> dict:
-    """One choice of a completion that answers several prompts."""
+      return {"index": index, "message": {"role": "assistant", "content": text},
+              "logprobs": logprobs, "finish_reason": finish_reason}
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
-  def completion(self, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
-    return self._envelope("text_completion", choices,
+  def whole(self, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    """`prompt_tokens` counts each prompt once, however many choices it has (as OpenAI and
+    vLLM do); `completion_tokens`, every choice's."""
+    return self._envelope("chat.completion" if self.chat else "text_completion", choices,
                           usage=usage(prompt_tokens, completion_tokens))
 
-  def chunk(self, text: str | None, finish_reason: str | None, *, first: bool = False,
-            with_usage_field: bool = False, logprobs: dict | None = None) -> dict:
+  def chunk(self, text: str | None, finish_reason: str | None, *, index: int = 0,
+            first: bool = False, with_usage_field: bool = False,
+            logprobs: dict | None = None) -> dict:
     """text=None: the chat chunk carrying only the finish reason (an empty delta)."""
     if self.chat:
       delta = {} if text is None else {"content": text}
       if first:
         delta = {"role": "assistant", **delta}
-      choice = {"index": 0, "delta": delta, "logprobs": logprobs,
+      choice = {"index": index, "delta": delta, "logprobs": logprobs,
                 "finish_reason": finish_reason}
     else:
-      choice = {"index": 0, "text": text or "", "logprobs": logprobs,
+      choice = {"index": index, "text": text or "", "logprobs": logprobs,
                 "finish_reason": finish_reason}
     extra = {"usage": None} if with_usage_field else {}
     return self._envelope(self.object_chunk, [choice], **extra)

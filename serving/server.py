@@ -185,14 +185,20 @@ def create_app(engine: Engine, model_name: str | None = None,
   def check_request(request: SamplingRequest):
     check_model(request.model)
     check_supported(request)
+    prompts = len(request.prompts()) if isinstance(request, CompletionRequest) else 1
+    if prompts * request.n > max_queue:  # a 429 would say "retry", which never helps
+      raise OpenAIError(400, f"n={request.n} for {prompts} prompt(s) is {prompts * request.n} "
+                        f"generations, more than the waiting line holds (--max_queue "
+                        f"{max_queue}); ask for fewer", param="n")
 
   async def submit(request: SamplingRequest, prompt_ids: Callable[[], tuple[list[int], int]],
                    stops: list[str], echo: bool = False, images: list | None = None
-                   ) -> tuple[Generation, AsyncIterator[list[Delta]]]:
-    """(the generation, its deltas), refusing what cannot run before anything is sent."""
-    generation, deltas = await prepare(request, prompt_ids, stops, echo, images)
-    queue_on(orchestrator.submit, generation)
-    return generation, deltas
+                   ) -> list[tuple[Generation, AsyncIterator[list[Delta]]]]:
+    """(each of the request's n generations, its deltas), queued together, refusing what
+    cannot run before anything is sent."""
+    submitted = await prepare(request, prompt_ids, stops, echo, images)
+    queue_on(orchestrator.submit_all, [generation for generation, _ in submitted])
+    return submitted
 
   def queue_on(submit_to: Callable, work):
     try:
@@ -202,12 +208,14 @@ def create_app(engine: Engine, model_name: str | None = None,
 
   async def prepare(request: SamplingRequest, prompt_ids: Callable[[], tuple[list[int], int]],
                     stops: list[str], echo: bool = False, images: list | None = None
-                    ) -> tuple[Generation, AsyncIterator[list[Delta]]]:
-    """(the generation, its deltas), not yet queued. `prompt_ids` gives (token ids,
-    max_tokens); it runs on `prompt_pool`, with the tokenizer."""
+                    ) -> list[tuple[Generation, AsyncIterator[list[Delta]]]]:
+    """(each of the request's n generations of one prompt, its deltas), not yet queued.
+    `prompt_ids` gives (token ids, max_tokens); it runs on `prompt_pool`, with the
+    tokenizer."""
     param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
     prompt_ids, max_tokens = await checked_prompt(prompt_ids, param)
-    return generation_for(request, prompt_ids, max_tokens, stops, echo, images)
+    return [generation_for(request, prompt_ids, max_tokens, stops, echo, images, choice)
+            for choice in range(request.n)]
 
   async def checked_prompt(prompt_ids: Callable, param: str, *, inline: bool = False):
     """`prompt_ids()`, run on `prompt_pool` (here when `inline`: token ids, no tokenizer to
@@ -222,13 +230,15 @@ def create_app(engine: Engine, model_name: str | None = None,
       raise OpenAIError(400, f"{param}: {e}", param=param) from e
 
   def generation_for(request: SamplingRequest, prompt_ids: list[int], max_tokens: int,
-                     stops: list[str], echo: bool = False, images: list | None = None
-                     ) -> tuple[Generation, AsyncIterator[list[Delta]]]:
+                     stops: list[str], echo: bool = False, images: list | None = None,
+                     choice: int = 0) -> tuple[Generation, AsyncIterator[list[Delta]]]:
+    """`choice`: which of the prompt's n; a seeded request's choices take seed + choice (as
+    vLLM's do), so each is reproducible and they differ."""
     loop = asyncio.get_running_loop()
     deltas: asyncio.Queue = asyncio.Queue()
     settings = SamplingSettings(
         temperature=request.temperature, top_p=request.top_p, top_k=max(request.top_k, 0),
-        seed=secrets.randbits(63) if request.seed is None else request.seed)
+        seed=secrets.randbits(63) if request.seed is None else request.seed + choice)
     generation = Generation(
         prompt_ids, max_tokens=max_tokens, settings=settings, stops=stops,
         ignore_eos=request.ignore_eos, top_logprobs=request.alternatives() or 0, echo=echo,
@@ -236,45 +246,52 @@ def create_app(engine: Engine, model_name: str | None = None,
     return generation, drain(deltas, generation)
 
   async def respond(request: SamplingRequest, shape: ResponseShape, prompt_tokens: int,
-                    deltas: AsyncIterator[list[Delta]], http_request: Request):
-    logprobs = (Logprobs(shape.chat, engine.token_bytes, token_texts)
-                if request.alternatives() is not None else None)
+                    streams: list[AsyncIterator[list[Delta]]], http_request: Request):
+    """The response to the n generations of one prompt whose deltas `streams` are."""
+    logprobs = [Logprobs(shape.chat, engine.token_bytes, token_texts)
+                if request.alternatives() is not None else None for _ in streams]
     if request.stream:
       return StreamingResponse(
-          stream_events(request, shape, prompt_tokens, deltas, logprobs),
+          stream_events(request, shape, prompt_tokens, streams, logprobs),
           media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     begun = time.perf_counter()
-    received = await unless_disconnected(collect(deltas), http_request)
+    received = await unless_disconnected(asyncio.gather(*map(collect, streams)), http_request)
     if received is None:
       log.info("%s: the client left; its generation is cancelled", shape.id)
       return Response(status_code=CLIENT_LEFT)
+    generated = sum(map(len, received))
     log.info("%s: %d prompt + %d generated tokens in %.2fs (%s)", shape.id, prompt_tokens,
-             len(received), time.perf_counter() - begun, received[-1].finish_reason)
-    return shape.whole("".join(d.text for d in received), received[-1].finish_reason,
-                       prompt_tokens, len(received), logprobs and logprobs.of(received))
+             generated, time.perf_counter() - begun, received[-1][-1].finish_reason)
+    return shape.whole([shape.choice(index, "".join(d.text for d in deltas),
+                                     deltas[-1].finish_reason, shaping and shaping.of(deltas))
+                        for index, (deltas, shaping) in enumerate(zip(received, logprobs))],
+                       prompt_tokens, generated)
 
   async def stream_events(request: SamplingRequest, shape: ResponseShape, prompt_tokens: int,
-                          deltas: AsyncIterator[list[Delta]],
-                          logprobs: Logprobs | None) -> AsyncIterator[str]:
+                          streams: list[AsyncIterator[list[Delta]]],
+                          logprobs: list[Logprobs | None]) -> AsyncIterator[str]:
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
 
-    def chunk(text, finish_reason=None, first=False, of=()):
-      return sse(shape.chunk(text, finish_reason, first=first, with_usage_field=include_usage,
-                             logprobs=logprobs.of(list(of)) if logprobs and of else None))
+    def chunk(index, text, finish_reason=None, first=False, of=()):
+      shaping = logprobs[index]
+      return sse(shape.chunk(text, finish_reason, index=index, first=first,
+                             with_usage_field=include_usage,
+                             logprobs=shaping.of(list(of)) if shaping and of else None))
 
     generated = 0
     try:
       if shape.chat:
-        yield chunk("", first=True)
-      async for batch in deltas:
+        for index in range(len(streams)):
+          yield chunk(index, "", first=True)
+      async for index, batch in merged(streams):
         generated += len(batch)
         text, finish_reason = "".join(d.text for d in batch), batch[-1].finish_reason
         if shape.chat and finish_reason:
-          if text or logprobs:
-            yield chunk(text, of=batch)
-          yield chunk(None, finish_reason)
-        elif text or finish_reason or logprobs:
-          yield chunk(text, finish_reason, of=batch)
+          if text or logprobs[index]:
+            yield chunk(index, text, of=batch)
+          yield chunk(index, None, finish_reason)
+        elif text or finish_reason or logprobs[index]:
+          yield chunk(index, text, finish_reason, of=batch)
     except Exception as e:  # the status line is sent; report in the stream, as vLLM does
       error = server_error(e)
       log.warning("%s ended early: %s", shape.id, error.message)
@@ -294,12 +311,12 @@ def create_app(engine: Engine, model_name: str | None = None,
     check_request(request)
     check_completion(request)
     prompts = request.prompts()
-    if len(prompts) > 1 or request.echo:
+    if len(prompts) > 1 or request.echo:  # n choices of one prompt go on below
       return await complete_each(request, prompts, http_request)
-    generation, deltas = await submit(request, completion_ids(prompts[0], request.max_tokens),
-                                      request.stops())
+    submitted = await submit(request, completion_ids(prompts[0], request.max_tokens),
+                             request.stops())
     return await respond(request, ResponseShape(model_name, chat=False),
-                         len(generation.prompt_ids), deltas, http_request)
+                         len(submitted[0][0].prompt_ids), [d for _, d in submitted], http_request)
 
   async def complete_each(request: CompletionRequest, prompts: list[str | list[int]],
                           http_request: Request):
@@ -318,11 +335,12 @@ def create_app(engine: Engine, model_name: str | None = None,
                      for prompt in prompts],
             "prompt", inline=all(isinstance(prompt, list) for prompt in prompts))
         submitted = [generation_for(request, prompt_ids, max_tokens, request.stops(),
-                                    echo=echo_scores) for prompt_ids, max_tokens in checked]
+                                    echo=echo_scores, choice=choice)
+                     for prompt_ids, max_tokens in checked for choice in range(request.n)]
         queue_on(scorer.submit, [generation for generation, _ in submitted])
       else:  # all prompts go in the line together, or none does
         for prompt in prompts:
-          submitted.append(await prepare(request, completion_ids(prompt, request.max_tokens),
+          submitted.extend(await prepare(request, completion_ids(prompt, request.max_tokens),
                                          request.stops(), echo=echo_scores))
         queue_on(orchestrator.submit_all, [generation for generation, _ in submitted])
     except OpenAIError:
@@ -336,7 +354,9 @@ def create_app(engine: Engine, model_name: str | None = None,
                len(submitted))
       return Response(status_code=CLIENT_LEFT)
     shape, choices = ResponseShape(model_name, chat=False), []
-    for index, (prompt, (generation, _), deltas) in enumerate(zip(prompts, submitted, received)):
+    each_choice = [prompt for prompt in prompts for _ in range(request.n)]
+    for index, (prompt, (generation, _), deltas) in enumerate(zip(each_choice, submitted,
+                                                                  received)):
       text = "".join(d.text for d in deltas)
       echoed_text = request.echo and (prompt if isinstance(prompt, str) else engine.decode(prompt))
       logprobs = None
@@ -355,8 +375,9 @@ def create_app(engine: Engine, model_name: str | None = None,
     # Bytes made here skip FastAPI's jsonable_encoder, which walks every value of the echoed
     # logprobs, and orjson writes them ~10x faster than json (an lm-eval request's echoed
     # logprobs were most of its time in the event loop).
-    return Response(orjson.dumps(shape.completion(
-        choices, sum(len(g.prompt_ids) for g, _ in submitted), sum(map(len, received)))),
+    return Response(orjson.dumps(shape.whole(
+        choices, sum(len(g.prompt_ids) for g, _ in submitted[::request.n]),
+        sum(map(len, received)))),
         media_type="application/json")
 
   @v1.post("/chat/completions", responses=generation_responses(keyed=bool(api_keys)))
@@ -372,10 +393,9 @@ def create_app(engine: Engine, model_name: str | None = None,
         return engine.image_prompt_ids(prompt, len(images), max_tokens)
       return engine.prompt_ids(prompt, max_tokens)
 
-    generation, deltas = await submit(request, prompt_ids, request.stops() + CHAT_STOPS,
-                                      images=images)
+    submitted = await submit(request, prompt_ids, request.stops() + CHAT_STOPS, images=images)
     return await respond(request, ResponseShape(model_name, chat=True),
-                         len(generation.prompt_ids), deltas, http_request)
+                         len(submitted[0][0].prompt_ids), [d for _, d in submitted], http_request)
 
   @app.post("/reset_prefix_cache", responses=errors(*keyed, 503))
   async def reset_prefix_cache():
@@ -464,6 +484,40 @@ async def drain(deltas: asyncio.Queue, generation: Generation) -> AsyncIterator[
         return
   finally:
     generation.cancel()
+
+
+async def merged(streams: list[AsyncIterator[list[Delta]]]
+                 ) -> AsyncIterator[tuple[int, list[Delta]]]:
+  """(which stream, its batch) as each of `streams` delivers, until all have ended; one that
+  fails ends them all (leaving cancels every generation). One stream is read directly."""
+  if len(streams) == 1:
+    async for batch in streams[0]:
+      yield 0, batch
+    return
+  arrived: asyncio.Queue = asyncio.Queue()
+
+  async def forward(index: int, stream: AsyncIterator[list[Delta]]):
+    try:
+      async for batch in stream:
+        arrived.put_nowait((index, batch))
+      arrived.put_nowait((index, None))
+    except Exception as e:  # raised below, in the reader
+      arrived.put_nowait((index, e))
+
+  forwarding = [asyncio.ensure_future(forward(*item)) for item in enumerate(streams)]
+  try:
+    running = len(streams)
+    while running:
+      index, item = await arrived.get()
+      if isinstance(item, Exception):
+        raise item
+      if item is None:
+        running -= 1
+      else:
+        yield index, item
+  finally:
+    for task in forwarding:
+      task.cancel()
 
 
 def unavailable(error: Unavailable) -> OpenAIError:

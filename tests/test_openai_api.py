@@ -453,3 +453,51 @@ def test_echoed_logprobs_name_each_token_and_its_text_offset_and_bytes_stay_apar
                                    {"bytes:\\xa9": -0.3, "bc": -5.0}]
   none = Logprobs(chat=False, token_bytes=pieces.__getitem__).of_prompt([0, 4, 2, 3], scored, 0)
   assert none["top_logprobs"] == [None, {}, {}, {}]
+
+
+# --- n choices of a prompt ---------------------------------------------------------------------
+
+def test_n_choices_are_the_samples_of_seed_plus_index_and_count_the_prompt_once(model_client):
+  """Each of n choices equals a request of its own with seed + its index (vLLM's children's
+  seeds), whole and streamed; usage counts the prompt once and every choice's tokens."""
+  http, engine = model_client
+  client = openai_client(http)
+  request = dict(model="tiny", prompt="def f(x):", max_tokens=6, temperature=1.0,
+                 extra_body={"ignore_eos": True})
+  alone = [client.completions.create(**request, seed=5 + index).choices[0].text
+           for index in range(3)]
+  assert len(set(alone)) > 1  # else this test could not tell the choices apart
+  whole = client.completions.create(**request, seed=5, n=3)
+  assert [(c.index, c.text, c.finish_reason) for c in whole.choices] == [
+      (index, text, "length") for index, text in enumerate(alone)]
+  prompt_tokens = len(engine.prompt_ids("def f(x):", 6)[0])
+  assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (prompt_tokens, 18)
+
+  chunks = list(client.completions.create(**request, seed=5, n=3, stream=True,
+                                          stream_options={"include_usage": True}))
+  *text_chunks, usage_chunk = chunks
+  streamed = ["".join(c.choices[0].text for c in text_chunks if c.choices[0].index == index)
+              for index in range(3)]
+  assert streamed == alone and usage_chunk.choices == [] and usage_chunk.usage == whole.usage
+  last = {c.choices[0].index: c.choices[0].finish_reason for c in text_chunks}
+  assert last == {0: "length", 1: "length", 2: "length"}
+
+  chat = dict(model="tiny", messages=[{"role": "user", "content": "def f(x):"}], max_tokens=4,
+              temperature=1.0, seed=9, extra_body={"ignore_eos": True})
+  replies = [client.chat.completions.create(**{**chat, "seed": 9 + index}).choices[0]
+             for index in range(2)]
+  both = client.chat.completions.create(**chat, n=2, logprobs=True)
+  assert [c.message.content for c in both.choices] == [r.message.content for r in replies]
+  assert [len(c.logprobs.content) for c in both.choices] == [4, 4]
+  chunks = list(client.chat.completions.create(**chat, n=2, stream=True))
+  for index, reply in enumerate(replies):
+    mine = [c.choices[0] for c in chunks if c.choices[0].index == index]
+    assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == "length"
+    assert "".join(c.delta.content or "" for c in mine) == reply.message.content
+
+
+def test_more_choices_than_the_waiting_line_holds_is_a_400_not_a_429_to_retry():
+  with TestClient(create_app(FakeEngine(), max_queue=4)) as client:
+    assert client.post("/v1/completions", json=completion(n=4)).status_code == 200
+    assert_refused(client.post("/v1/completions", json=completion(n=3, prompt=["x", "y"])), "n")
+    assert_refused(client.post("/v1/chat/completions", json=chat(n=5)), "n")

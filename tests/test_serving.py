@@ -549,7 +549,6 @@ def app_client(run_dir):
     ({"max_tokens": "eight"}, 400, "max_tokens", None),
     ({"temperature": -1}, 400, "temperature", None),
     ({"prompt": []}, 400, "prompt", None),  # a batch of prompts is served; none is not
-    ({"n": 2}, 400, "n", None),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options", None),
     ({"logprobs": 6}, 400, "logprobs", None),
     ({"top_k": -2}, 400, "top_k", None),
