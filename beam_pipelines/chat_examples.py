@@ -134,7 +134,7 @@ def turns_of(row: dict, key: str, role: str, text_only: bool = False) -> Message
     raise BadRow("malformed_row", f"row lacks `{key}`; add it or use another row format")
   value = row[key]
   if isinstance(value, str):
-    return ((role, value),)
+    return ((role, text_of(value, key)),)
   if isinstance(value, list) and not text_only:
     return messages_of(value, key)
   kinds = "a string" if text_only else "a string or a list of {role, content} objects"
@@ -154,8 +154,20 @@ def messages_of(value, key: str) -> Messages:
     if message["role"] not in chat_template.ROLES:
       raise BadRow("unknown_role", f"`{key}[{i}]` has role {message['role']!r}; use one of "
                    f"{', '.join(chat_template.ROLES)}")
-    messages.append((message["role"], message["content"]))
+    messages.append((message["role"], text_of(message["content"], f"{key}[{i}].content")))
   return tuple(messages)
+
+
+def text_of(value: str, where: str) -> str:
+  """`value`, if it is text: JSON's `\\ud800` escape decodes to a lone surrogate, which is
+  no character and which no tokenizer can encode."""
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError as e:
+    surrogate = f"\\u{ord(value[e.start]):04x}"
+    raise BadRow("invalid_utf8", f"`{where}` holds the lone surrogate {surrogate}, half of a "
+                 "UTF-16 pair; fix the program that wrote the row") from None
+  return value
 
 
 def tokenize(messages: Messages, tokenizer: chat_template.Tokenizer, bos_id: int,

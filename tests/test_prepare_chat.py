@@ -462,3 +462,22 @@ def test_an_output_dir_that_is_or_is_under_a_file_is_refused_in_one_line(
     assert error.startswith(f"prepare_chat: {message.format(root=tmp_path)}")
   assert (tmp_path / "a.jsonl").read_text() == json.dumps(GOOD_SFT[0]) + "\n"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
+
+
+def test_a_lone_surrogate_in_text_is_a_dead_letter_and_in_another_field_is_kept(
+    tmp_path, tokenizer_dir):
+  # json.dumps writes each lone surrogate as a `\udXXX` escape, which json.loads gives back.
+  rows = [{"prompt": "q\ud800", "completion": "a"},
+          {"messages": [turn("user", "u"), turn("assistant", "x\udc00y")]},
+          {**GOOD_SFT[0], "id": "\ud800"}]
+  (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+  manifest = prepare_chat.run([str(tmp_path / "rows.jsonl")], str(tmp_path / "out"),
+                              tokenizer=str(tokenizer_dir), seq_len=SEQ_LEN,
+                              validation_fraction=0.0)
+  lines = (tmp_path / "out" / "dead_letter.jsonl").read_text().splitlines()
+  assert sorted((d["line"], d["reason"], d["detail"]) for d in map(json.loads, lines)) == [
+      (1, "invalid_utf8", "`prompt` holds the lone surrogate \\ud800, half of a UTF-16 pair; "
+       "fix the program that wrote the row"),
+      (2, "invalid_utf8", "`messages[1].content` holds the lone surrogate \\udc00, half of a "
+       "UTF-16 pair; fix the program that wrote the row")]
+  assert manifest["splits"]["train"]["documents"] == 1
