@@ -181,6 +181,12 @@ class ChatMessage(BaseModel):
   role: Literal[ROLES]
   content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
 
+  @field_validator("role", mode="before")
+  @classmethod
+  def _developer_is_system(cls, role):
+    """OpenAI's newer name for the system turn (its clients send it to newer models)."""
+    return "system" if role == "developer" else role
+
   @field_validator("content")
   @classmethod
   def _content_is_text(cls, content: str | list) -> str | list:

@@ -501,3 +501,17 @@ def test_more_choices_than_the_waiting_line_holds_is_a_400_not_a_429_to_retry():
     assert client.post("/v1/completions", json=completion(n=4)).status_code == 200
     assert_refused(client.post("/v1/completions", json=completion(n=3, prompt=["x", "y"])), "n")
     assert_refused(client.post("/v1/chat/completions", json=chat(n=5)), "n")
+
+
+def test_a_developer_message_is_the_system_turn_as_openai_renamed_it(client):
+  from serving.openai_api import ChatCompletionRequest
+  def roles(first_role):
+    request = ChatCompletionRequest.model_validate(chat(messages=[
+        {"role": first_role, "content": "Answer briefly."}, {"role": "user", "content": "x"}]))
+    return [message.role for message in request.messages]
+  assert roles("developer") == roles("system") == ["system", "user"]
+  assert client.post("/v1/chat/completions", json=chat(messages=[
+      {"role": "developer", "content": "Answer briefly."},
+      {"role": "user", "content": "x"}])).status_code == 200
+  assert_refused(client.post("/v1/chat/completions", json=chat(messages=[
+      {"role": "tool", "content": "x"}])), "messages")
