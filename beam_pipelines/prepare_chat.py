@@ -95,6 +95,9 @@ def _parse_json(line: bytes):
     return BadRow("invalid_utf8", "the line is not UTF-8; re-encode the file as UTF-8")
   except ValueError as e:
     return BadRow("malformed_json", f"the line is not JSON ({e}); fix or drop it")
+  except RecursionError:
+    return BadRow("malformed_json", "the line nests arrays or objects deeper than Python's "
+                  "JSON parser goes; flatten it or drop it")
 
 
 def _parquet_rows(f):

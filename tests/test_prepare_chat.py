@@ -481,3 +481,11 @@ def test_a_lone_surrogate_in_text_is_a_dead_letter_and_in_another_field_is_kept(
       (2, "invalid_utf8", "`messages[1].content` holds the lone surrogate \\udc00, half of a "
        "UTF-16 pair; fix the program that wrote the row")]
   assert manifest["splits"]["train"]["documents"] == 1
+
+
+def test_a_line_nested_too_deep_to_parse_is_a_dead_letter_and_reading_goes_on(tmp_path):
+  path = tmp_path / "rows.jsonl"
+  path.write_text('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}\n{}\n")
+  rows = list(prepare_chat.read_rows(str(path)))
+  assert [(line, getattr(row, "reason", row)) for line, row in rows] == [
+      (1, "malformed_json"), (2, {})]
