@@ -176,8 +176,9 @@ class ExamplesOfFile(beam.DoFn):
         yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter_line(path, line, bad))
         continue
       stage_report.count("chat", "truncated_turns", example.truncated)
-      # A lone surrogate in a field the example does not read still keys the row.
-      row_bytes = json.dumps(row, sort_keys=True, ensure_ascii=False).encode(
+      # Fields the example does not read still key the row: a lone surrogate, or a Parquet
+      # column's bytes or timestamps.
+      row_bytes = json.dumps(row, sort_keys=True, ensure_ascii=False, default=repr).encode(
           "utf-8", "surrogatepass")
       yield documents.document_key(row_bytes, self._seed), part, example
     stage_report.count_file("chat", rows)

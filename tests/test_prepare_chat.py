@@ -489,3 +489,17 @@ def test_a_line_nested_too_deep_to_parse_is_a_dead_letter_and_reading_goes_on(tm
   rows = list(prepare_chat.read_rows(str(path)))
   assert [(line, getattr(row, "reason", row)) for line, row in rows] == [
       (1, "malformed_json"), (2, {})]
+
+
+def test_parquet_rows_with_binary_and_timestamp_columns_are_prepared(tmp_path, tokenizer_dir):
+  import datetime  # pylint: disable=import-outside-toplevel
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  rows = [{**row, "created": datetime.datetime(2024, 1, i + 1), "raw": bytes([i, 255])}
+          for i, row in enumerate(GOOD_SFT[:2] + GOOD_SFT[5:6])]
+  pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+  manifest = prepare_chat.run([str(tmp_path / "rows.parquet")], str(tmp_path / "out"),
+                              tokenizer=str(tokenizer_dir), seq_len=SEQ_LEN,
+                              validation_fraction=0.0)
+  assert manifest["splits"]["train"]["documents"] == 3
+  assert (tmp_path / "out" / "dead_letter.jsonl").read_text() == ""
