@@ -299,13 +299,17 @@ def build_pipeline(pipeline: beam.Pipeline, files: list[tuple[str, str | None]],
            shards=beam.pvalue.AsList(written.shards)))
 
 
-def check_settings(seq_len: int, validation_fraction: float, kind: str) -> None:
+def check_settings(output_dir: str, seq_len: int, validation_fraction: float, kind: str,
+                   num_shards: int) -> None:
   if seq_len < 2:
     raise ValueError(f"--seq_len must be at least 2, got {seq_len}")
   if not 0 <= validation_fraction < 1:
     raise ValueError(f"--validation_fraction must be in [0, 1), got {validation_fraction}")
   if kind not in ("auto", *chat_examples.KINDS):
     raise ValueError(f"--kind must be auto, sft or preference, got {kind!r}")
+  if num_shards < 0:
+    raise ValueError(f"--num_shards must be 0 (one per 256 MiB of input) or more, got "
+                     f"{num_shards}")
 
 
 def input_files(inputs: list[str], validation_inputs: list[str]) -> tuple[list, int]:
@@ -327,7 +331,7 @@ def run(inputs: list[str], output_dir: str, *, tokenizer: str, seq_len: int,
         remove_stale_staging: bool = False) -> dict:
   """Runs the pipeline to completion and returns the manifest it wrote."""
   start = time.perf_counter()
-  check_settings(seq_len, validation_fraction, kind)
+  check_settings(output_dir, seq_len, validation_fraction, kind, num_shards)
   prepare_text.check_output_dir(output_dir, overwrite)
   files, total_bytes = input_files(inputs, list(validation_inputs))
   kind = sniff_kind([path for path, _ in files]) if kind == "auto" else kind

@@ -391,6 +391,7 @@ def test_overlong_lines_are_dead_letters_and_reading_goes_on(tmp_path):
     (["--seq_len=1"], "--seq_len must be at least 2"),
     (["--kind=dpo"], "--kind must be auto, sft or preference"),
     (["--validation_fraction=1"], "--validation_fraction must be in"),
+    (["--num_shards=-1"], "--num_shards must be 0 (one per 256 MiB of input) or more, got -1"),
 ])
 def test_bad_flags_exit_2_with_one_line(tmp_path, tokenizer_dir, capsys, flags, message):
   (tmp_path / "rows.jsonl").write_text(json.dumps(GOOD_SFT[0]) + "\n")
@@ -503,3 +504,4 @@ def test_parquet_rows_with_binary_and_timestamp_columns_are_prepared(tmp_path, t
                               validation_fraction=0.0)
   assert manifest["splits"]["train"]["documents"] == 3
   assert (tmp_path / "out" / "dead_letter.jsonl").read_text() == ""
+
