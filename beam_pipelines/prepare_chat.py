@@ -301,6 +301,8 @@ def build_pipeline(pipeline: beam.Pipeline, files: list[tuple[str, str | None]],
 
 def check_settings(output_dir: str, seq_len: int, validation_fraction: float, kind: str,
                    num_shards: int) -> None:
+  if not output_dir:
+    raise ValueError("--output_dir is empty; name the directory to write")
   if seq_len < 2:
     raise ValueError(f"--seq_len must be at least 2, got {seq_len}")
   if not 0 <= validation_fraction < 1:

@@ -505,3 +505,15 @@ def test_parquet_rows_with_binary_and_timestamp_columns_are_prepared(tmp_path, t
   assert manifest["splits"]["train"]["documents"] == 3
   assert (tmp_path / "out" / "dead_letter.jsonl").read_text() == ""
 
+
+def test_an_empty_output_dir_exits_2_with_one_line_and_writes_nothing(
+    tmp_path, tokenizer_dir, capsys, monkeypatch):
+  (tmp_path / "rows.jsonl").write_text(json.dumps(GOOD_SFT[0]) + "\n")
+  monkeypatch.chdir(tmp_path)  # where a staging dir of "" would land
+  with pytest.raises(SystemExit) as exit_info:
+    prepare_chat.main(["--input=rows.jsonl", f"--tokenizer={tokenizer_dir}", "--output_dir=",
+                       "--seq_len=64"])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == (
+      "prepare_chat: --output_dir is empty; name the directory to write\n")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
