@@ -517,3 +517,24 @@ def test_an_empty_output_dir_exits_2_with_one_line_and_writes_nothing(
   assert capsys.readouterr().err == (
       "prepare_chat: --output_dir is empty; name the directory to write\n")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--validation_inputs=held/*.jsonl", "unrecognized flag --validation_inputs: neither "
+     "prepare_chat's nor a Beam pipeline option; did you mean --validation_input?"),
+    ("--truncat", "unrecognized flag --truncat: neither prepare_chat's nor a Beam pipeline "
+     "option; did you mean --truncate?"),
+])
+def test_a_flag_neither_ours_nor_beams_exits_2_naming_it(tmp_path, capsys, flag, message):
+  with pytest.raises(SystemExit) as exit_info:
+    prepare_chat.main(["--input=rows.jsonl", "--tokenizer=t", f"--output_dir={tmp_path}/out",
+                       "--seq_len=64", flag])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {message}")
+  assert sorted(tmp_path.iterdir()) == []
+
+
+def test_beam_pipeline_options_pass_through_to_beam():
+  _, beam_args = prepare_chat.parse_flags(["--input=a", "--tokenizer=t", "--output_dir=o",
+                                           "--seq_len=64", "--direct_num_workers=2"])
+  assert beam_args == ["--direct_num_workers=2"]
