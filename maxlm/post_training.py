@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxlm import tasks
+from maxlm.errors import UserError
 from maxlm.model import training_flops_per_token
 
 SFT_FIELDS = ("tokens", "segment_ids", "positions", "loss_mask")
@@ -177,13 +178,13 @@ class DPO:
   # Set by `bind`: the reference log-probabilities of a batch.
   reference_logps: Callable | None = dataclasses.field(default=None, repr=False, compare=False)
 
-  def __post_init__(self):
+  def __post_init__(self):  # gin builds the task as `train` starts: a UserError is one line
     if self.loss_type not in LOSS_TYPES:
-      raise ValueError(f"DPO.loss_type={self.loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+      raise UserError(f"DPO.loss_type={self.loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
     if self.beta <= 0:
-      raise ValueError(f"DPO.beta={self.beta} must be positive; 0.1 is the usual value")
+      raise UserError(f"DPO.beta={self.beta} must be positive; 0.1 is the usual value")
     if not 0.0 <= self.label_smoothing < 0.5:
-      raise ValueError(f"DPO.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+      raise UserError(f"DPO.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
 
   def bind(self, context: tasks.TaskContext) -> "DPO":
     forward = reference_logps_fn(context.graphdef, context.param_shardings,

@@ -95,10 +95,24 @@ def test_dpo_losses_and_rewards_equal_the_papers_formulas(loss_type, beta, label
 
 
 def test_an_unknown_loss_type_or_a_nonpositive_beta_is_refused_naming_the_choices():
-  with pytest.raises(ValueError, match="choose one of sigmoid, ipo"):
+  with pytest.raises(UserError, match="choose one of sigmoid, ipo"):
     DPO(loss_type="hinge")
-  with pytest.raises(ValueError, match="must be positive"):
+  with pytest.raises(UserError, match="must be positive"):
     DPO(beta=0.0)
+  with pytest.raises(UserError, match=r"must be in \[0, 0.5\)"):
+    DPO(label_smoothing=0.7)
+
+
+def test_a_bad_dpo_setting_exits_2_with_one_line_before_anything_is_written(tmp_path):
+  done = subprocess.run([sys.executable, "-m", "maxlm.train", "--gin_file=dpo_tiny.gin",
+                         "--gin_param=DPO.beta=0", f"--workdir={tmp_path / 'run'}",
+                         f"--data_dir={tmp_path / 'pairs'}"],
+                        check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+  assert (done.returncode, done.stderr.strip().splitlines()[-1]) == (
+      2, "error: DPO.beta=0 must be positive; 0.1 is the usual value"), done.stderr
+  assert "Traceback" not in done.stderr
+  assert list(tmp_path.iterdir()) == []
 
 
 # --- packed pairs ------------------------------------------------------------------------------
