@@ -13,6 +13,7 @@ needs a frozen reference model (DPO). A task without such needs returns itself.
 
 import collections
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from typing import Protocol
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxlm.errors import UserError
 from maxlm.model import ModelConfig, moe, training_flops_per_token
 
 
@@ -175,6 +177,13 @@ class Pretrain:
   load_balancing_loss: float = 0.01
   router_z_loss: float = 0.001
   batch_fields: tuple[str, ...] = ("tokens", "segment_ids", "positions")
+
+  def __post_init__(self):  # SFT and VisionSFT too, whose bindings the run's checks skip
+    for name in ("z_loss", "load_balancing_loss", "router_z_loss"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+          math.isfinite(value) and value >= 0):
+        raise UserError(f"{type(self).__name__}.{name}={value!r} must be a number >= 0")
 
   def bind(self, context):
     del context

@@ -103,6 +103,18 @@ def test_an_unknown_loss_type_or_a_nonpositive_beta_is_refused_naming_the_choice
     DPO(label_smoothing=0.7)
 
 
+
+@pytest.mark.parametrize("binding, message", [
+    ({"z_loss": -1.0}, "SFT.z_loss=-1.0 must be a number >= 0"),
+    ({"router_z_loss": float("nan")}, "SFT.router_z_loss=nan must be a number >= 0"),
+    ({"load_balancing_loss": "0.01"}, "SFT.load_balancing_loss='0.01' must be a number >= 0"),
+])
+def test_a_negative_or_non_numeric_sft_loss_weight_is_refused_naming_it(binding, message):
+  # SFT's gin bindings are not among the run's checked ones; a z_loss of -1 trained to -52.
+  with pytest.raises(UserError) as error:
+    SFT(**binding)
+  assert str(error.value).splitlines()[0] == message  # gin appends where it was called
+
 def test_a_bad_dpo_setting_exits_2_with_one_line_before_anything_is_written(tmp_path):
   done = subprocess.run([sys.executable, "-m", "maxlm.train", "--gin_file=dpo_tiny.gin",
                          "--gin_param=DPO.beta=0", f"--workdir={tmp_path / 'run'}",
