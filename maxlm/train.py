@@ -33,6 +33,7 @@ from absl import app, flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from beam_pipelines import chat_examples
 from beam_pipelines.records import MANIFEST_NAME, fields_of_manifest
 from maxlm import checkpoint, data, metrics, optim, runs, sampling, sharding, tasks, workdir_lock
 from maxlm import compilation_cache
@@ -563,6 +564,12 @@ def check_task_fields(task: tasks.Task, manifest: dict, data_dir) -> None:
     raise UserError(f"--data_dir {data_dir} has no {', '.join(missing)} field (it has "
                     f"{', '.join(available)}), which the {type(task).__name__} task reads; "
                     "prepare the data with the pipeline for that task")
+  branches = chat_examples.BRANCH_FIELD
+  if branches in available and branches not in task.batch_fields:
+    # Without branch_ids each rejected reply attends to its chosen one, and both train.
+    raise UserError(f"--data_dir {data_dir} holds preference pairs ({branches}), which only "
+                    f"the DPO task reads, not {type(task).__name__}; train on it with "
+                    "train.task=@DPO() (dpo_tiny.gin), or prepare SFT rows for SFT")
 
 
 def _tokenizer(data_dir) -> tokenizer_lib.Tokenizer:

@@ -230,6 +230,19 @@ def test_dpo_on_a_data_dir_of_the_old_two_halves_layout_says_to_rerun_prepare_ch
                               "on its inputs")
 
 
+
+@pytest.mark.parametrize("task", [SFT(), tasks.Pretrain()], ids=["SFT", "Pretrain"])
+def test_sft_or_pretraining_on_preference_pairs_is_refused_naming_dpo(task):
+  manifest = {"format": RECORD_FORMAT, "seq_len": 8, "fields": manifest_fields(tuple(
+      field(name, np.int32, (8,)) for name in post_training.PREFERENCE_FIELDS))}
+  train_module.check_task_fields(DPO(), manifest, "/data/pairs")
+  with pytest.raises(UserError) as error:
+    train_module.check_task_fields(task, manifest, "/data/pairs")
+  assert str(error.value) == (
+      f"--data_dir /data/pairs holds preference pairs (branch_ids), which only the DPO task "
+      f"reads, not {type(task).__name__}; train on it with train.task=@DPO() (dpo_tiny.gin), "
+      "or prepare SFT rows for SFT")
+
 # --- sharded steps -----------------------------------------------------------------------------
 
 def sft_batch(seed: int, rows: int = 8, seq_len: int = 32) -> dict[str, np.ndarray]:
