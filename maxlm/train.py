@@ -203,6 +203,8 @@ def train(workdir: str, data_dir: str | Callable[[], str] | None = None,
   except ValueError as error:  # settings that exclude each other
     raise UserError(str(error).splitlines()[0]) from None
   graphdef, abstract_state = train_steps.abstract_model(config, seed)
+  if trainable is not None:
+    check_trainable_matches(nnx.to_pure_dict(abstract_state), trainable, config)
   shardings = train_steps.state_shardings(abstract_state, optimizer, mesh, trainable)
   frozen_shardings = (train_steps.frozen_shardings(abstract_state, mesh, trainable)
                       if trainable else None)
@@ -570,6 +572,22 @@ def check_task_fields(task: tasks.Task, manifest: dict, data_dir) -> None:
     raise UserError(f"--data_dir {data_dir} holds preference pairs ({branches}), which only "
                     f"the DPO task reads, not {type(task).__name__}; train on it with "
                     "train.task=@DPO() (dpo_tiny.gin), or prepare SFT rows for SFT")
+
+
+def check_trainable_matches(params: dict, trainable: str, config: ModelConfig) -> None:
+  """A `trainable` matching no parameter path would run and train nothing."""
+  if train_steps.split_trainable(params, trainable)[0]:
+    return
+  if trainable == LORA_TRAINABLE and config.lora_rank and not config.lora_targets:
+    why = "ModelConfig.lora_targets=() names no projection to put an adapter beside"
+  elif "lora" in trainable and not config.lora_rank:
+    why = "ModelConfig.lora_rank=0 adds no adapters"
+  else:
+    paths = ["/".join(str(key.key) for key in path)
+             for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    why = f"paths read like {paths[0]} or {paths[-1]}"
+  raise UserError(f"train.trainable={trainable!r} matches no parameter, so nothing would "
+                  f"train: {why}")
 
 
 def _tokenizer(data_dir) -> tokenizer_lib.Tokenizer:

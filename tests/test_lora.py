@@ -241,3 +241,20 @@ def test_init_from_takes_new_adapters_but_refuses_a_base_with_other_ones():
   lora_meta = checkpoint.model_meta(dataclasses.replace(CONFIG, lora_rank=2), tokenizer_sha256="t")
   with pytest.raises(UserError, match=r"another model shape \(lora_rank: 2 -> 4\)"):
     check_same_model(lora_meta, base_meta, "runs/lora", CONFIG)
+
+
+@pytest.mark.parametrize("bindings, trainable, why", [
+    ("", "nomatch", "paths read like blocks/0/attention/k or unembedding"),
+    ("ModelConfig.lora_rank = 4\nModelConfig.lora_targets = ()", None,
+     "ModelConfig.lora_targets=() names no projection to put an adapter beside"),
+    ("ModelConfig.lora_rank = 0", LORA, "ModelConfig.lora_rank=0 adds no adapters"),
+], ids=["a_typo", "no_lora_targets", "lora_rank_0"])
+def test_a_trainable_regex_matching_no_parameter_is_refused_before_a_step(
+    data_dir, tmp_path, bindings, trainable, why):
+  with gin_config(TINY_RUN + bindings):
+    with pytest.raises(UserError) as error:
+      train_module.train(workdir=str(tmp_path / "run"), data_dir=data_dir, steps=1,
+                         trainable=trainable, sample_prompt=None)
+  assert str(error.value).splitlines()[0] == (f"train.trainable={trainable or LORA!r} matches "
+                                            f"no parameter, so nothing would train: {why}")
+  assert not (tmp_path / "run").exists()
