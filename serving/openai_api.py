@@ -299,9 +299,6 @@ def check_completion(request: CompletionRequest):
   if request.max_tokens == 0 and not request.echo:
     raise OpenAIError(400, "max_tokens=0 generates nothing; set echo=true to score the prompt, "
                       "or ask for at least one token", param="max_tokens")
-  if request.stream and (request.echo or len(request.prompts()) > 1):
-    raise OpenAIError(400, "stream=true serves one prompt without echo; send stream=false",
-                      param="stream")
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

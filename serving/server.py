@@ -269,14 +269,23 @@ def create_app(engine: Engine, model_name: str | None = None,
 
   async def stream_events(request: SamplingRequest, shape: ResponseShape, prompt_tokens: int,
                           streams: list[AsyncIterator[list[Delta]]],
-                          logprobs: list[Logprobs | None]) -> AsyncIterator[str]:
+                          logprobs: list[Logprobs | None],
+                          echoes: list[Callable | None] | None = None) -> AsyncIterator[str]:
+    """`echoes`: each choice's `prompt_echo`, or None; the prompt goes in the choice's first
+    chunk, before its first tokens (as vLLM sends it), or alone, finished, at the end for a
+    choice that generates nothing (max_tokens=0)."""
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    echoes = list(echoes or [None] * len(streams))
 
     def chunk(index, text, finish_reason=None, first=False, of=()):
-      shaping = logprobs[index]
+      shaping, echo = logprobs[index], echoes[index]
+      if echo:
+        echoes[index] = None
+        text, shown = choice_body(list(of), shaping, echo)
+      else:
+        shown = shaping.of(list(of)) if shaping and of else None
       return sse(shape.chunk(text, finish_reason, index=index, first=first,
-                             with_usage_field=include_usage,
-                             logprobs=shaping.of(list(of)) if shaping and of else None))
+                             with_usage_field=include_usage, logprobs=shown))
 
     generated = 0
     try:
@@ -290,8 +299,11 @@ def create_app(engine: Engine, model_name: str | None = None,
           if text or logprobs[index]:
             yield chunk(index, text, of=batch)
           yield chunk(index, None, finish_reason)
-        elif text or finish_reason or logprobs[index]:
+        elif text or finish_reason or logprobs[index] or echoes[index]:
           yield chunk(index, text, finish_reason, of=batch)
+      for index, echo in enumerate(echoes):
+        if echo:
+          yield chunk(index, "", "length")
     except Exception as e:  # the status line is sent; report in the stream, as vLLM does
       error = server_error(e)
       log.warning("%s ended early: %s", shape.id, error.message)
@@ -320,7 +332,41 @@ def create_app(engine: Engine, model_name: str | None = None,
 
   async def complete_each(request: CompletionRequest, prompts: list[str | list[int]],
                           http_request: Request):
-    """One choice per prompt, the prompt echoed before its completion when asked."""
+    """n choices per prompt, the prompt echoed before each completion when asked; whole or
+    streamed (a streamed scoring request is scored as a whole one is, and sends each choice in
+    one chunk)."""
+    submitted = await submit_each(request, prompts)
+    shape, streams = ResponseShape(model_name, chat=False), [d for _, d in submitted]
+    prompt_tokens = sum(len(generation.prompt_ids) for generation, _ in submitted[::request.n])
+    logprobs = [Logprobs(chat=False, token_bytes=engine.token_bytes, texts=token_texts)
+                if request.logprobs is not None else None for _ in submitted]
+    each_choice = [prompt for prompt in prompts for _ in range(request.n)]
+    echoes = [prompt_echo(request, prompt, generation, shaping) if request.echo else None
+              for prompt, (generation, _), shaping in zip(each_choice, submitted, logprobs)]
+    if request.stream:
+      return StreamingResponse(
+          stream_events(request, shape, prompt_tokens, streams, logprobs, echoes),
+          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    received = await unless_disconnected(asyncio.gather(*map(collect, streams)), http_request)
+    if received is None:
+      log.info("a client left before its %d prompts were answered; they are cancelled",
+               len(submitted))
+      return Response(status_code=CLIENT_LEFT)
+    choices = []
+    for index, (deltas, shaping, echo) in enumerate(zip(received, logprobs, echoes)):
+      text, shown = choice_body(deltas, shaping, echo)
+      choices.append(shape.choice(index, text, deltas[-1].finish_reason if deltas else "length",
+                                  shown))
+    # Bytes made here skip FastAPI's jsonable_encoder, which walks every value of the echoed
+    # logprobs, and orjson writes them ~10x faster than json (an lm-eval request's echoed
+    # logprobs were most of its time in the event loop).
+    return Response(orjson.dumps(shape.whole(choices, prompt_tokens, sum(map(len, received)))),
+                    media_type="application/json")
+
+  async def submit_each(request: CompletionRequest, prompts: list[str | list[int]]
+                        ) -> list[tuple[Generation, AsyncIterator[list[Delta]]]]:
+    """(each of each prompt's n generations, its deltas), all queued together or none: on the
+    scorer for lm-eval's scoring requests, else on the orchestrator."""
     echo_scores = request.echo and request.logprobs is not None
     # lm-eval's log-likelihood requests: every prompt in packed forward passes, no decode slot
     scored = scorer is not None and Scorer.wants(request.echo, request.logprobs,
@@ -347,38 +393,16 @@ def create_app(engine: Engine, model_name: str | None = None,
       for generation, _ in submitted:
         generation.cancel()
       raise
-    received = await unless_disconnected(
-        asyncio.gather(*(collect(deltas) for _, deltas in submitted)), http_request)
-    if received is None:
-      log.info("a client left before its %d prompts were answered; they are cancelled",
-               len(submitted))
-      return Response(status_code=CLIENT_LEFT)
-    shape, choices = ResponseShape(model_name, chat=False), []
-    each_choice = [prompt for prompt in prompts for _ in range(request.n)]
-    for index, (prompt, (generation, _), deltas) in enumerate(zip(each_choice, submitted,
-                                                                  received)):
-      text = "".join(d.text for d in deltas)
-      echoed_text = request.echo and (prompt if isinstance(prompt, str) else engine.decode(prompt))
-      logprobs = None
-      if request.logprobs is not None:
-        shaping = Logprobs(chat=False, token_bytes=engine.token_bytes, texts=token_texts)
-        echoed = request.echo and shaping.of_prompt(
-            generation.prompt_ids, generation.prompt_logprobs, request.logprobs,
-            text_length=len(echoed_text))
-        logprobs = shaping.of(deltas)  # its text offsets follow the prompt's
-        if echoed:
-          logprobs = Logprobs.joined(echoed, logprobs)
-      if request.echo:
-        text = echoed_text + text
-      choices.append(shape.choice(index, text, deltas[-1].finish_reason if deltas else "length",
-                                  logprobs))
-    # Bytes made here skip FastAPI's jsonable_encoder, which walks every value of the echoed
-    # logprobs, and orjson writes them ~10x faster than json (an lm-eval request's echoed
-    # logprobs were most of its time in the event loop).
-    return Response(orjson.dumps(shape.whole(
-        choices, sum(len(g.prompt_ids) for g, _ in submitted[::request.n]),
-        sum(map(len, received)))),
-        media_type="application/json")
+    return submitted
+
+  def prompt_echo(request: CompletionRequest, prompt: str | list[int], generation: Generation,
+                  shaping: Logprobs | None) -> Callable[[], tuple[str, dict | None]]:
+    """(the prompt's text, its logprobs object when `shaping`), for `choice_body`: to be
+    called once `generation` has its prompt's logprobs (by its first delta, or its end)."""
+    text = prompt if isinstance(prompt, str) else engine.decode(prompt)
+    return lambda: (text, shaping and shaping.of_prompt(
+        generation.prompt_ids, generation.prompt_logprobs, request.logprobs,
+        text_length=len(text)))
 
   @v1.post("/chat/completions", responses=generation_responses(keyed=bool(api_keys)))
   async def chat_completions(request: ChatCompletionRequest, http_request: Request):
@@ -436,6 +460,18 @@ def create_app(engine: Engine, model_name: str | None = None,
 
 
 CLIENT_LEFT = 499  # as nginx logs it; nobody reads this response
+
+
+def choice_body(deltas: list[Delta], shaping: Logprobs | None,
+                echo: Callable[[], tuple[str, dict | None]] | None = None
+                ) -> tuple[str, dict | None]:
+  """(the text, the logprobs object) of a choice's `deltas` (all, or a chunk's), after its
+  prompt's when `echo` (`prompt_echo`'s) is given: that is read first, since the deltas'
+  text offsets follow the prompt's."""
+  prompt_text, prompt_logprobs = echo() if echo else ("", None)
+  text = prompt_text + "".join(delta.text for delta in deltas)
+  shown = shaping.of(deltas) if shaping else None
+  return text, Logprobs.joined(prompt_logprobs, shown) if prompt_logprobs else shown
 
 
 async def collect(deltas: AsyncIterator[list[Delta]]) -> list[Delta]:

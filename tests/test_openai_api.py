@@ -371,13 +371,10 @@ def test_a_scoring_batch_with_one_id_the_model_cannot_take_is_a_400_naming_it(mo
   assert len(echo(client, [[1, 2], [5, 6]])["choices"]) == 2
 
 
-def test_max_tokens_0_without_echo_and_echo_with_stream_are_400s(model_client):
+def test_max_tokens_0_without_echo_and_echo_in_chat_are_400s(model_client):
   client, _ = model_client
   no_echo = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 0})
   assert no_echo.status_code == 400 and "echo" in no_echo.json()["error"]["message"]
-  streamed = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "echo": True,
-                                                  "stream": True})
-  assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "stream"
   chat_echo = client.post("/v1/chat/completions", json={
       "model": "tiny", "messages": [{"role": "user", "content": "x"}], "echo": True})
   assert chat_echo.status_code == 400 and chat_echo.json()["error"]["param"] == "echo"
@@ -453,6 +450,85 @@ def test_echoed_logprobs_name_each_token_and_its_text_offset_and_bytes_stay_apar
                                    {"bytes:\\xa9": -0.3, "bc": -5.0}]
   none = Logprobs(chat=False, token_bytes=pieces.__getitem__).of_prompt([0, 4, 2, 3], scored, 0)
   assert none["top_logprobs"] == [None, {}, {}, {}]
+
+
+# --- several prompts, and echo, streamed ------------------------------------------------------
+
+def streamed_choices(client: openai.OpenAI, **request) -> tuple[dict[int, list], object]:
+  """({index: that choice's chunks' choice objects, in order}, the usage chunk)."""
+  *chunks, usage_chunk = client.completions.create(**request, stream=True,
+                                                   stream_options={"include_usage": True})
+  assert usage_chunk.choices == [] and all(len(chunk.choices) == 1 for chunk in chunks)
+  by_index = {}
+  for chunk in chunks:
+    by_index.setdefault(chunk.choices[0].index, []).append(chunk.choices[0])
+  return by_index, usage_chunk.usage
+
+
+def joined_logprobs(parts: list) -> dict:
+  """The chunks' logprobs objects, one after the other."""
+  keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+  return {key: [v for part in parts if part.logprobs for v in getattr(part.logprobs, key)]
+          for key in keys}
+
+
+@pytest.mark.parametrize("as_ids", [False, True])
+def test_several_prompts_stream_each_choice_as_its_prompt_alone_completes(model_client, as_ids):
+  """vLLM streams a batch of prompts: choice prompt * n + i's chunks join to the prompt's own
+  greedy completion; usage counts each prompt once and every choice's tokens."""
+  http, engine = model_client
+  client = openai_client(http)
+  texts = ["def wrap(", "width = 70", "x"]
+  prompts = [engine.encode(text) for text in texts] if as_ids else texts
+  request = dict(model="tiny", max_tokens=5, temperature=0)
+  alone = [client.completions.create(**request, prompt=prompt) for prompt in prompts]
+  by_index, usage = streamed_choices(client, **request, prompt=prompts, n=2)
+  assert sorted(by_index) == list(range(6))
+  for index, parts in by_index.items():
+    expected = alone[index // 2].choices[0]
+    assert "".join(part.text for part in parts) == expected.text, index
+    assert [part.finish_reason for part in parts][-1] == expected.finish_reason
+    assert all(part.finish_reason is None for part in parts[:-1])
+  assert usage.prompt_tokens == sum(response.usage.prompt_tokens for response in alone)
+  assert usage.completion_tokens == 2 * sum(r.usage.completion_tokens for r in alone)
+  assert usage == client.completions.create(**request, prompt=prompts, n=2).usage
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1, 4])  # 0 and 1: lm-eval's, scored by the Scorer
+def test_echo_streams_the_prompt_and_its_logprobs_first_then_the_completion(model_client,
+                                                                            max_tokens):
+  """Each choice's first chunk starts with its prompt; joined, a choice's chunks (text and
+  logprobs, offsets included) are the whole response's choice."""
+  http, engine = model_client
+  client = openai_client(http)
+  prompts = [engine.encode(text) for text in ("def wrap(", "return text")]
+  request = dict(model="tiny", prompt=prompts, max_tokens=max_tokens, temperature=0, echo=True,
+                 logprobs=2)
+  whole = client.completions.create(**request)
+  by_index, usage = streamed_choices(client, **request)
+  assert sorted(by_index) == [0, 1] and usage == whole.usage
+  for expected, (prompt_ids, parts) in zip(whole.choices, zip(prompts, by_index.values())):
+    assert parts[0].text.startswith(engine.decode(prompt_ids))
+    assert "".join(part.text for part in parts) == expected.text
+    assert parts[-1].finish_reason == expected.finish_reason
+    streamed = joined_logprobs(parts)
+    assert len(streamed["tokens"]) == len(prompt_ids) + max_tokens
+    assert streamed["tokens"] == expected.logprobs.tokens
+    assert streamed["text_offset"] == expected.logprobs.text_offset
+    assert streamed["token_logprobs"][0] is None  # nothing predicts the first token
+    assert streamed["token_logprobs"][1:] == pytest.approx(
+        expected.logprobs.token_logprobs[1:], rel=1e-6, abs=1e-5)
+
+
+def test_echo_without_logprobs_streams_the_prompt_text_then_the_completion(model_client):
+  http, _ = model_client
+  client = openai_client(http)
+  request = dict(model="tiny", prompt="def wrap(", max_tokens=4, temperature=0)
+  completion = client.completions.create(**request).choices[0].text
+  by_index, _ = streamed_choices(client, **request, echo=True)
+  assert "".join(part.text for part in by_index[0]) == "def wrap(" + completion
+  assert by_index[0][0].text.startswith("def wrap(")
+  assert all(part.logprobs is None for part in by_index[0])
 
 
 # --- n choices of a prompt ---------------------------------------------------------------------

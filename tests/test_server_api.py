@@ -448,6 +448,26 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(slow_server):
   assert response.json()["choices"][0]["text"] == "ab"
 
 
+@pytest.mark.parametrize("echo", [False, True])
+def test_a_client_that_leaves_a_stream_of_several_prompts_frees_every_slot(slow_server, echo):
+  engine, orchestrator, url = slow_server
+  with httpx.stream("POST", f"{url}/v1/completions", timeout=10, json=completion(
+      prompt=["x", "y"], max_tokens=500, stream=True, echo=echo)) as response:
+    assert response.status_code == 200
+    seen = set()
+    for line in response.iter_lines():
+      if line.startswith("data: "):
+        seen.add(json.loads(line[6:])["choices"][0]["index"])
+        if seen == {0, 1} and engine.decode_steps >= 3:
+          break
+  assert wait_for(lambda: orchestrator.active == 0), "a slot stayed taken after the client left"
+  steps_when_freed = engine.decode_steps
+  time.sleep(0.1)
+  assert engine.decode_steps == steps_when_freed  # nothing decodes for nobody
+  response = httpx.post(f"{url}/v1/completions", json=completion(max_tokens=2), timeout=10)
+  assert response.json()["choices"][0]["text"] == "ab"
+
+
 def test_a_client_that_leaves_before_its_whole_response_frees_its_slot(slow_server):
   engine, orchestrator, url = slow_server
   host, port = url.removeprefix("http://").split(":")
