@@ -25,7 +25,6 @@ Beam pipeline options (a flag Beam does not know either exits 2).
 
 import argparse
 import datetime
-import difflib
 import hashlib
 import itertools
 import json
@@ -40,7 +39,6 @@ import apache_beam as beam
 import numpy as np
 import sentencepiece as spm
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from beam_pipelines import chat_examples
@@ -388,22 +386,7 @@ def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument("--remove_stale_staging", action="store_true",
                       help="remove the staging dirs (--output_dir.tmp-*) of earlier runs whose "
                            "process is gone")
-  flags, beam_args = parser.parse_known_args(argv)
-  if unknown := not_beam_options(beam_args):
-    ours = difflib.get_close_matches(unknown[0], [f"--{name}" for name in vars(flags)], 1)
-    parser.error(f"unrecognized flag {unknown[0]}: neither prepare_chat's nor a Beam "
-                 "pipeline option" + (f"; did you mean {ours[0]}?" if ours else ""))
-  return flags, beam_args
-
-
-def not_beam_options(args: list[str]) -> list[str]:
-  """The flags in `args` (as written, without a value) that no Beam pipeline option knows:
-  Beam itself only logs a warning and drops them, so a mistyped flag of ours went unnoticed."""
-  options = PipelineOptions(args)
-  known = options.get_all_options()
-  unknown = set(options.get_all_options(retain_unknown_options=True)) - set(known)
-  flag_names = [arg.split("=", 1)[0] for arg in args if arg.startswith("-")]
-  return [flag for flag in flag_names if flag.lstrip("-").replace("-", "_") in unknown]
+  return staging.parse_flags(parser, argv, "prepare_chat")
 
 
 def globs(flag: str) -> list[str]:

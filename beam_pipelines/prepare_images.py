@@ -391,7 +391,7 @@ def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument("--remove_stale_staging", action="store_true",
                       help="remove the staging dirs (--output_dir.tmp-*) of earlier runs whose "
                            "process is gone")
-  return parser.parse_known_args(argv)
+  return staging.parse_flags(parser, argv, "prepare_images")
 
 
 def main(argv: list[str] | None = None) -> None:

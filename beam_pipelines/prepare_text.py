@@ -452,7 +452,7 @@ def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                       choices=tokenizer_training.MODEL_TYPES)
   parser.add_argument("--special_tokens", default="",
                       help="comma-separated pieces never split, e.g. '<|user|>,<|image|>'")
-  return parser.parse_known_args(argv)
+  return staging.parse_flags(parser, argv, "prepare_text")
 
 
 def sources_from_flags(flags: argparse.Namespace) -> list[Source]:

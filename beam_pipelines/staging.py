@@ -3,7 +3,9 @@ into place when complete, the owner file that says which process it belongs to, 
 left by runs killed before they could remove theirs (or kept by runs that made nothing, for
 their reports), and the stop signals that remove a run's own before it exits."""
 
+import argparse
 import contextlib
+import difflib
 import glob
 import logging
 import os
@@ -15,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_pipelines import reading
 
@@ -188,3 +191,25 @@ def run_until_stopped(program: str, output_dir: str, run: Callable[[], object]) 
         print(f"{program}: {err}", file=sys.stderr, flush=True)
         raise SystemExit(BAD_INPUT_EXIT_CODE) from None
       raise
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None, program: str
+                ) -> tuple[argparse.Namespace, list[str]]:
+  """(the command line's own flags, the rest for Beam as pipeline options). A flag that
+  neither knows exits 2 naming it (and the closest of ours): Beam itself only logs
+  'Unparseable argument' and runs without it, so a mistyped flag went unnoticed."""
+  flags, beam_args = parser.parse_known_args(argv)
+  if unknown := not_beam_options(beam_args):
+    ours = difflib.get_close_matches(unknown[0], [f"--{name}" for name in vars(flags)], 1)
+    parser.error(f"unrecognized flag {unknown[0]}: neither {program}'s nor a Beam "
+                 "pipeline option" + (f"; did you mean {ours[0]}?" if ours else ""))
+  return flags, beam_args
+
+
+def not_beam_options(args: list[str]) -> list[str]:
+  """The flags in `args` (as written, without a value) that no Beam pipeline option knows."""
+  options = PipelineOptions(args)
+  known = options.get_all_options()
+  unknown = set(options.get_all_options(retain_unknown_options=True)) - set(known)
+  flag_names = [arg.split("=", 1)[0] for arg in args if arg.startswith("-")]
+  return [flag for flag in flag_names if flag.lstrip("-").replace("-", "_") in unknown]

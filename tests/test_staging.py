@@ -97,3 +97,19 @@ def test_beam_logs_no_traceback_of_bad_input_that_the_one_line_says(caplog, erro
       _ = pipeline | beam.Create([1]) | beam.Map(fail)
   tracebacks = [r for r in caplog.records if r.exc_info and r.name.startswith("apache_beam")]
   assert bool(tracebacks) == logged
+
+
+@pytest.mark.parametrize("program", ["prepare_text", "prepare_images", "prepare_chat"])
+def test_each_pipeline_exits_2_on_a_flag_neither_it_nor_beam_knows(capsys, program, tmp_path):
+  import importlib
+  module = importlib.import_module(f"beam_pipelines.{program}")
+  argv = ["--input=x", f"--output_dir={tmp_path}/out", "--tokenizer=t", "--seq_len=64",
+          *(["--image_size=32"] if program == "prepare_images" else []), "--direct_num_workers=2"]
+  _, beam_args = module.parse_flags(argv)
+  assert beam_args == ["--direct_num_workers=2"]  # Beam's own options pass through
+  with pytest.raises(SystemExit) as exit_info:
+    module.parse_flags(argv + ["--seq-len=64"])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.splitlines()[-1].endswith(
+      f"error: unrecognized flag --seq-len: neither {program}'s nor a Beam pipeline option; "
+      "did you mean --seq_len?")
