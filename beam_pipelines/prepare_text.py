@@ -13,7 +13,8 @@ SIGTERM stops it (exit 130 or 143) and removes that directory, and those of earl
 were killed outright are named at the start (--remove_stale_staging removes them). A run that
 makes no train sequence exits 2 naming what it dropped, and keeps of that directory only the
 dead letters and the report, for the user to read. Flags this module does not know are Beam
-pipeline options (e.g. --runner=DataflowRunner --project=...).
+pipeline options (e.g. --runner=DataflowRunner --project=...); a flag Beam does not know either
+exits 2.
 """
 
 import argparse
