@@ -17,6 +17,7 @@ frozen; `DPO.prepare_batch` adds its per-pair log-probabilities to each batch.
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable
 
 import gin
@@ -27,6 +28,8 @@ from flax import nnx
 from maxlm import tasks
 from maxlm.errors import UserError
 from maxlm.model import training_flops_per_token
+
+logger = logging.getLogger(__name__)
 
 SFT_FIELDS = ("tokens", "segment_ids", "positions", "loss_mask")
 PREFERENCE_FIELDS = (*SFT_FIELDS, "branch_ids")
@@ -187,6 +190,10 @@ class DPO:
       raise UserError(f"DPO.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
 
   def bind(self, context: tasks.TaskContext) -> "DPO":
+    if context.reference_from is None:
+      logger.warning("DPO's reference model is this run's random initialization (no "
+                      "train.init_from); DPO usually starts from an SFT run, as "
+                      "dpo_tiny.gin's train.init_from does")
     forward = reference_logps_fn(context.graphdef, context.param_shardings,
                                  context.batch_sharding)
     return dataclasses.replace(

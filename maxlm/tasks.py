@@ -132,12 +132,14 @@ class TaskContext:
   `reference_params()` loads the parameters the run started from (`init_from`'s, else the
   seed's), laid out by `param_shardings`, on a resume too: a reference model stays the same
   across restarts. With frozen parameters it reuses the arrays the run already holds for them.
+  `reference_from` is the `init_from` run they come from (None: the seed's initialization).
   """
   graphdef: object
   param_shardings: dict  # of the whole parameter dict
   batch_sharding: object  # every [batch, ...] field's NamedSharding
   mesh: object
   reference_params: Callable[[], dict]
+  reference_from: str | None = None
 
 
 class Task(Protocol):

@@ -230,7 +230,7 @@ def train(workdir: str, data_dir: str | Callable[[], str] | None = None,
   first_step = int(state.step)
   task = task.bind(tasks.TaskContext(
       graphdef, sharding.param_shardings(abstract_state, mesh), batch_sharding, mesh,
-      reference_params=starting_params))
+      reference_params=starting_params, reference_from=init_from))
   starting_params.release()  # a task that wants them (DPO's reference) holds them now
   train_step = train_steps.make_train_step(graphdef, task.loss, optimizer, shardings,
                                            batch_sharding, microbatches, frozen_shardings)

@@ -4,6 +4,7 @@ log-probabilities of packed rows, sharded steps, resume after SIGKILL, and tiny 
 
 import functools
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -547,3 +548,18 @@ def test_the_stage_configs_pick_their_task_and_keep_the_tiny_models_shape(gin_fi
     assert isinstance(gin.query_parameter("train.task").scoped_configurable_fn(), task)
   finally:
     gin.clear_config()
+
+
+@pytest.mark.parametrize("reference_from, warned", [(None, True), ("runs/sft_tiny", False)])
+def test_dpo_from_no_init_from_warns_its_reference_is_the_random_initialization(
+    caplog, reference_from, warned):
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  graphdef, abstract_state = steps.abstract_model(CONFIG)
+  param_shardings = sharding.param_shardings(abstract_state, mesh)
+  with caplog.at_level(logging.WARNING, logger="maxlm.post_training"):
+    post_training.DPO().bind(tasks.TaskContext(
+        graphdef, param_shardings, sharding.batch_sharding(mesh), mesh,
+        reference_params=lambda: jax.device_put(initial_params(), param_shardings),
+        reference_from=reference_from))
+  assert any("random initialization (no train.init_from)" in r.getMessage()
+             for r in caplog.records) == warned
