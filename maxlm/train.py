@@ -87,7 +87,10 @@ def _checked_and_locked(train_fn):
   def checked_and_locked(*args, **kwargs):
     arguments = signature.bind(*args, **kwargs)
     arguments.apply_defaults()
-    check_run_configuration(arguments.arguments)
+    try:
+      check_run_configuration(arguments.arguments)
+    except ValueError as error:  # a constructor gin runs to read a binding (VisionConfig's own)
+      raise UserError(str(error).splitlines()[0]) from None
     workdir = Path(arguments.arguments["workdir"])
     new_workdir = not workdir.exists()
     try:

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import math
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -25,6 +26,7 @@ from beam_pipelines.chat_template import IMAGE_TOKEN, expand_image_placeholders
 from beam_pipelines.records import (MANIFEST_NAME, RECORD_FORMAT, encode_record, field,
                                     manifest_fields)
 from maxlm import checkpoint, optim, runs, sharding, steps
+from maxlm.errors import UserError
 from maxlm import train as train_module
 from maxlm.model import ModelConfig, Transformer, layers, multimodal
 from maxlm.model.vit import Projector, VisionConfig, VisionEncoder
@@ -417,6 +419,20 @@ def test_projector_stage_from_a_text_run_trains_the_projector_alone(text_run_and
       np.testing.assert_array_equal(value, functools.reduce(dict.__getitem__, keys, start))
     else:  # the text run's LM, untouched
       np.testing.assert_array_equal(value, functools.reduce(dict.__getitem__, keys, text))
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("VisionConfig.image_size = 30",
+     "VisionConfig.patch_size=4 must divide VisionConfig.image_size=30"),
+    ('VisionConfig.projector = "mpl"', "VisionConfig.projector='mpl'; choose one of linear, mlp"),
+])
+def test_a_vision_config_that_contradicts_itself_is_one_line_before_the_workdir_is_made(
+    binding, message, tmp_path):
+  workdir = tmp_path / "run"
+  with gin_bindings(PROJECTOR_STAGE, binding), pytest.raises(UserError) as refused:
+    train_module.train(workdir=str(workdir), data_dir=str(tmp_path / "data"), steps=1)
+  assert str(refused.value).splitlines()[0] == message  # the line `maxlm.train` prints
+  assert not workdir.exists()
 
 
 # SigLIP (stage 0): the ViT trains contrastively, and the projector stage starts from it.
