@@ -190,6 +190,7 @@ def train(workdir: str, data_dir: str | Callable[[], str] | None = None,
   check_task_fields(task, manifest, data_dir)
   seq_len = manifest["seq_len"]
   config = resolve_model_config(build_model_config(), manifest)
+  vision_tasks.check_image_data(task, config, manifest, data_dir)
   if config.lora_rank and trainable is None:
     trainable = LORA_TRAINABLE
   try:

@@ -16,6 +16,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from beam_pipelines.records import fields_of_manifest
 from maxlm import post_training, tasks
 from maxlm.errors import UserError
 from maxlm.model import contrastive, multimodal, training_flops_per_token
@@ -58,11 +59,40 @@ class VisionSFT(post_training.SFT):
   """Image-text fine-tuning (captions, image chat): SFT's loss with images at placeholders."""
   batch_fields: tuple[str, ...] = VISION_FIELDS
 
+  def check_model(self, config) -> None:
+    if getattr(config, "vision", None) is None:
+      raise UserError(f"the {type(self).__name__} task needs a vision tower; bind "
+                      "ModelConfig.vision = @VisionConfig()")
+
   def loss(self, model, batch):
-    if getattr(model.config, "vision", None) is None:
-      raise UserError("the VisionSFT task needs a vision tower; bind ModelConfig.vision = "
-                      "@VisionConfig()")
+    self.check_model(model.config)
     return vision_loss(model, batch, self.z_loss)
+
+
+def check_image_data(task, config, manifest: dict, data_dir) -> None:
+  """Before anything is built: a vision task needs the tower its loss reads, and the tower
+  must cut the data's images into as many patches as each `<|image|>` was expanded to (a
+  wrong size fails in the first step's trace; other patches per image train silently on
+  misplaced patches)."""
+  if isinstance(task, VisionSFT):
+    task.check_model(config)
+  image = {field.name: field for field in fields_of_manifest(manifest)}.get("image")
+  vision = config.vision
+  if image is None or vision is None:
+    return
+  height, width = image.shape[-3:-1]
+  if (height, width) != (vision.image_size, vision.image_size):
+    raise UserError(f"--data_dir {data_dir} holds {height}x{width} images, but "
+                    f"VisionConfig.image_size={vision.image_size}; bind VisionConfig.image_size="
+                    f"{height} or rerun beam_pipelines.prepare_images with "
+                    f"--image_size={vision.image_size}")
+  prepared = manifest.get("vision", {})
+  if prepared.get("num_patches", vision.num_patches) != vision.num_patches:
+    raise UserError(f"--data_dir {data_dir} expands each image to {prepared['num_patches']} "
+                    f"patches (--patch_size={prepared.get('patch_size')}), but "
+                    f"VisionConfig.patch_size={vision.patch_size} cuts {vision.num_patches}; "
+                    f"bind VisionConfig.patch_size={prepared.get('patch_size')} or rerun "
+                    f"beam_pipelines.prepare_images with --patch_size={vision.patch_size}")
 
 
 def siglip_loss(model, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
@@ -92,10 +122,13 @@ class SigLIP(VisionSFT):
   `train.trainable = "(vision|contrastive)/.*"`. A batch's rows are each other's negatives
   (a microbatch's, with `train.microbatches`)."""
 
-  def loss(self, model, batch):
-    if getattr(model.config, "vision", None) is None or not model.config.vision.contrastive_dim:
+  def check_model(self, config) -> None:
+    if getattr(config, "vision", None) is None or not config.vision.contrastive_dim:
       raise UserError("the SigLIP task needs a vision tower with contrastive heads; bind "
                       "ModelConfig.vision = @VisionConfig() and VisionConfig.contrastive_dim")
+
+  def loss(self, model, batch):
+    self.check_model(model.config)
     return siglip_loss(model, batch)
 
   def step_cost(self, config, seq_len):

@@ -369,6 +369,8 @@ def write_image_dir(root: Path, text_dir: Path, rows: int, seq_len: int = 64) ->
     splits[split] = {"sequences": count, "shards": [shard]}
   manifest = {"format": RECORD_FORMAT, "kind": "image_chat", "seq_len": seq_len,
               "fields": manifest_fields(fields), "tokenizer": text_manifest["tokenizer"],
+              "vision": {"image_size": VISION.image_size, "patch_size": VISION.patch_size,
+                         "num_patches": N, "image_token_id": image_id, "max_images": 1},
               "splits": splits}
   (root / MANIFEST_NAME).write_text(json.dumps(manifest))
   shutil.copy(text_dir / text_manifest["tokenizer"]["file"], root)
@@ -432,6 +434,27 @@ def test_a_vision_config_that_contradicts_itself_is_one_line_before_the_workdir_
   with gin_bindings(PROJECTOR_STAGE, binding), pytest.raises(UserError) as refused:
     train_module.train(workdir=str(workdir), data_dir=str(tmp_path / "data"), steps=1)
   assert str(refused.value).splitlines()[0] == message  # the line `maxlm.train` prints
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("VisionConfig.image_size = 32", "holds 16x16 images, but VisionConfig.image_size=32; bind "
+     "VisionConfig.image_size=16 or rerun beam_pipelines.prepare_images with --image_size=32"),
+    ("VisionConfig.patch_size = 8", "expands each image to 16 patches (--patch_size=4), but "
+     "VisionConfig.patch_size=8 cuts 4; bind VisionConfig.patch_size=4 or rerun "
+     "beam_pipelines.prepare_images with --patch_size=8"),
+    ("ModelConfig.vision = None", "the VisionSFT task needs a vision tower"),
+    ("train.task = @SigLIP()", "the SigLIP task needs a vision tower with contrastive heads"),
+])
+def test_a_tower_that_does_not_fit_the_image_data_is_refused_before_a_model_is_built(
+    data_dir, binding, message, tmp_path, monkeypatch):
+  image_dir = write_image_dir(tmp_path / "images", Path(data_dir), rows=8)
+  def built(*args, **kwargs):
+    raise AssertionError("a model was built")
+  monkeypatch.setattr(train_module.train_steps, "abstract_model", built)
+  workdir = tmp_path / "run"
+  with gin_bindings(PROJECTOR_STAGE, binding), pytest.raises(UserError, match=re.escape(message)):
+    train_module.train(workdir=str(workdir), data_dir=image_dir, steps=1)
   assert not workdir.exists()
 
 
