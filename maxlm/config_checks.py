@@ -1,6 +1,7 @@
 """Checks at the boundary of a training run, each failing with one sentence naming the fix."""
 
 import dataclasses
+import inspect
 import json
 import math
 import numbers
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import gin
+import jax
 
 from beam_pipelines.chat_template import IMAGE_TOKEN
 from maxlm import optim, sharding, tasks
@@ -293,6 +295,26 @@ def check_run_configuration(train_arguments: Mapping[str, Any]) -> None:
   for configurable in (ModelConfig, tasks.Pretrain, optim.learning_rate_schedule,
                        optim.make_optimizer, sharding.make_mesh):
     check_values(configurable.__name__, gin.get_bindings(configurable))
+  check_experts_split(gin.get_bindings(ModelConfig).get("num_experts", 0),
+                      gin.get_bindings(sharding.make_mesh))
+
+
+def check_experts_split(num_experts: int, mesh_bindings: Mapping[str, Any]) -> None:
+  """Each device of the mesh's expert axis holds an equal share of every MoE layer's experts
+  (else the first step's trace fails, after the workdir is made)."""
+  arguments = inspect.signature(sharding.make_mesh).bind(**mesh_bindings)
+  arguments.apply_defaults()
+  sizes = {axis: arguments.arguments[axis] for axis in sharding.MESH_AXES}
+  if num_experts and sizes["expert"] == -1:
+    try:
+      sizes = sharding.mesh_sizes(**sizes, num_devices=jax.device_count())
+    except ValueError:
+      return  # make_mesh says which sizes do not fit the devices
+  expert = sizes["expert"]
+  if num_experts and num_experts % expert:
+    raise UserError(f"ModelConfig.num_experts={num_experts} must be a multiple of "
+                    f"make_mesh.expert={expert}, the devices the experts are split over; "
+                    "change one of them")
 
 
 def build_model_config(**values) -> ModelConfig:

@@ -40,21 +40,27 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A (data, expert, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
   devices = list(devices if devices is not None else jax.devices())
+  sizes = mesh_sizes(data, fsdp, tensor, expert, len(devices))
+  device_grid = np.asarray(devices).reshape([sizes[axis] for axis in MESH_AXES])
+  return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def mesh_sizes(data: int, fsdp: int, tensor: int, expert: int, num_devices: int) -> dict:
+  """{mesh axis: size} of `make_mesh`'s arguments on `num_devices`, the -1 axis resolved."""
   sizes = [data, expert, fsdp, tensor]
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
-    if len(devices) % known:
+    if num_devices % known:
       raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} do not divide "
-                       f"the {len(devices)} available devices")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
+                       f"the {num_devices} available devices")
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices "
-                     f"but {len(devices)} are available; set make_mesh.data/fsdp/tensor/expert "
+                     f"but {num_devices} are available; set make_mesh.data/fsdp/tensor/expert "
                      "to match")
-  device_grid = np.asarray(devices).reshape(sizes)
-  return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  return dict(zip(MESH_AXES, sizes))
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int],

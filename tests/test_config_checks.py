@@ -106,6 +106,13 @@ def _run_train(argv, monkeypatch, capsys) -> tuple[int, str]:
      "learning_rate_schedule.peak_learning_rate=-0.0003 must be a positive number"),
     ("--gin_param=make_mesh.data = 0",
      "make_mesh.data=0 must be a positive int, or -1 for the devices left over"),
+    # 8 fake devices: 12 experts do not split 8 ways, whether given or left over (-1)
+    ("--gin_param=ModelConfig.num_experts = 12\nmake_mesh.expert = 8\nmake_mesh.fsdp = 1",
+     "ModelConfig.num_experts=12 must be a multiple of make_mesh.expert=8, the devices the "
+     "experts are split over; change one of them"),
+    ("--gin_param=ModelConfig.num_experts = 12\nmake_mesh.expert = -1\nmake_mesh.fsdp = 1",
+     "ModelConfig.num_experts=12 must be a multiple of make_mesh.expert=8, the devices the "
+     "experts are split over; change one of them"),
 ])
 def test_each_bad_value_from_the_issue_exits_2_with_one_line_before_anything_is_built(
     flag, message, tmp_path, monkeypatch, capsys):
