@@ -78,6 +78,21 @@ def test_cross_field_checks_of_model_config_are_one_line_errors():
     build_model_config()
 
 
+@pytest.mark.parametrize("bindings, message", [
+    ("ModelConfig.first_dense_layers = 4",
+     "ModelConfig.first_dense_layers=4 must be below ModelConfig.num_layers=4, else no layer "
+     "is MoE; set ModelConfig.num_experts=0 for a dense model"),
+    ("ModelConfig.first_dense_layers = 2\nModelConfig.moe_every = 3",
+     "ModelConfig.moe_every=3 must be at most 2 (the layers after "
+     "ModelConfig.first_dense_layers=2), else no layer is MoE; set ModelConfig.num_experts=0 "
+     "for a dense model"),
+])
+def test_an_moe_config_that_leaves_no_layer_moe_is_refused(bindings, message):
+  gin.parse_config("ModelConfig.num_layers = 4\nModelConfig.num_experts = 8\n" + bindings)
+  with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+    build_model_config()
+
+
 def _run_train(argv, monkeypatch, capsys) -> tuple[int, str]:
   """`python -m maxlm.train ARGV` in this process: (exit code, stderr)."""
   # mallopt would change this test process's allocator for the rest of the session.

@@ -102,6 +102,15 @@ class ModelConfig:
     if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
       raise ValueError(f"ModelConfig.experts_per_token={self.experts_per_token} must be "
                        f"between 1 and ModelConfig.num_experts={self.num_experts}")
+    if self.num_experts and self.first_dense_layers >= self.num_layers:
+      raise ValueError(f"ModelConfig.first_dense_layers={self.first_dense_layers} must be below "
+                       f"ModelConfig.num_layers={self.num_layers}, else no layer is MoE; set "
+                       "ModelConfig.num_experts=0 for a dense model")
+    if self.num_experts and not self.num_moe_layers:
+      raise ValueError(f"ModelConfig.moe_every={self.moe_every} must be at most "
+                       f"{self.num_layers - self.first_dense_layers} (the layers after "
+                       f"ModelConfig.first_dense_layers={self.first_dense_layers}), else no "
+                       "layer is MoE; set ModelConfig.num_experts=0 for a dense model")
 
   @property
   def rope_scaling(self) -> tuple[float, float, float, int] | None:
