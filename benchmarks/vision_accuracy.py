@@ -9,7 +9,8 @@ question, the PNG sent as a base64 `data:` URL, greedy, several at once so the s
 batches them. A digit is right when the reply is the digit; a shape when the reply names
 both its color and its kind ("a red circle"); the table also counts color and kind alone.
 The validation file is found beside the run's data dir (its checkpoint records it), or
-given with --validation.
+given with --validation. A run dir that is missing or text-only, or no validation file, is
+one line and exit 2 before the server starts.
 """
 
 import argparse
@@ -27,6 +28,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.chat_exact_match import Server
 from maxlm import checkpoint, default_vision
+from maxlm.errors import UserError
 
 MAX_TOKENS = 8  # the answers are at most "a purple triangle" (4 tokens or so)
 
@@ -46,9 +48,27 @@ def held_out_questions(validation: Path) -> list[dict]:
   return questions
 
 
-def validation_file(run_dir: str) -> Path:
-  _, meta = checkpoint.read_meta(run_dir)
-  return Path(meta["data_dir"]).parent / "validation.jsonl"
+def checked_validation_file(run_dir: str, validation: str | None) -> Path:
+  """The held-out rows to ask, once `run_dir` is known to be a vision run: a mistake is a
+  ValueError of one line, raised before a server starts."""
+  try:
+    _, meta = checkpoint.read_meta(run_dir)
+    vision = checkpoint.config_from_meta(meta).vision
+  except (FileNotFoundError, checkpoint.CorruptCheckpointError, UserError) as error:
+    raise ValueError(f"--run_dir: {str(error).splitlines()[0]}") from None
+  if vision is None:
+    raise ValueError(f"--run_dir {run_dir} is a text-only run (no ModelConfig.vision); pass a "
+                     "vision run, e.g. runs/vision_tiny_sft")
+  if validation:
+    if not Path(validation).is_file():
+      raise ValueError(f"--validation {validation} is not a file")
+    return Path(validation)
+  beside = Path(meta["data_dir"]).parent / "validation.jsonl"
+  if not beside.is_file():
+    raise ValueError(f"--run_dir {run_dir} was trained on {meta['data_dir']}, which has no "
+                     f"{beside.name} beside it (maxlm.default_vision's set has); pass "
+                     "--validation=FILE of image chat rows")
+  return beside
 
 
 def ask(client: openai.OpenAI, model: str, question: dict) -> str:
@@ -89,8 +109,10 @@ def main(argv=None) -> dict:
   parser.add_argument("--slots", type=int, default=8)
   parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
   args = parser.parse_args(argv)
-  questions = held_out_questions(Path(args.validation) if args.validation
-                                 else validation_file(args.run_dir))
+  try:
+    questions = held_out_questions(checked_validation_file(args.run_dir, args.validation))
+  except ValueError as error:
+    parser.error(str(error))
   with Server(args.run_dir, args.port, args.slots) as server:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
                            timeout=300)
