@@ -17,7 +17,7 @@ import jax
 from beam_pipelines.chat_template import IMAGE_TOKEN
 from maxlm import optim, sharding, tasks
 from maxlm.errors import UserError
-from maxlm.model import ModelConfig, moe
+from maxlm.model import ModelConfig, moe, vit
 from maxlm.model.transformer import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -211,8 +211,11 @@ RULES: dict[str, dict[str, Rule]] = {
         "remat": _one_of(tuple(REMAT_POLICIES)),
         "lora_rank": NON_NEGATIVE_INT,
         "lora_alpha": POSITIVE_NUMBER,
-        "lora_targets": ANY,  # ModelConfig names the projections it accepts
-        "vision": ANY,  # VisionConfig checks its own fields
+        "lora_targets": ((lambda value: isinstance(value, str) or (
+            isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value))),
+                         "a list of projection names, e.g. ['q', 'v']"),  # ModelConfig names them
+        "vision": _optional(((lambda value: isinstance(value, (vit.VisionConfig, dict))),
+                             "@VisionConfig()")),  # whose fields RULES["VisionConfig"] checks
         **dict.fromkeys(("num_experts", "num_shared_experts", "first_dense_layers"),
                         NON_NEGATIVE_INT),
         **dict.fromkeys(("experts_per_token", "moe_every"), POSITIVE_INT),
@@ -221,6 +224,14 @@ RULES: dict[str, dict[str, Rule]] = {
         "capacity_factor": POSITIVE_NUMBER,
         "renormalize_routing": BOOL,
         "routing_bias": BOOL,
+    },
+    "VisionConfig": {
+        **dict.fromkeys(("image_size", "patch_size", "num_layers", "embed_dim", "num_heads",
+                         "num_kv_heads", "head_dim", "mlp_dim"), POSITIVE_INT),
+        "norm_eps": POSITIVE_NUMBER,
+        "projector": ANY,  # VisionConfig names the projectors it accepts
+        "image_token_id": _optional(NON_NEGATIVE_INT),
+        "contrastive_dim": NON_NEGATIVE_INT,
     },
     "train": {
         "workdir": PATH,
@@ -292,8 +303,9 @@ def check_values(configurable: str, values: Mapping[str, Any]) -> None:
 def check_run_configuration(train_arguments: Mapping[str, Any]) -> None:
   """`train`'s arguments, then the gin bindings of what it builds, before it builds any."""
   check_values("train", train_arguments)
-  for configurable in (ModelConfig, tasks.Pretrain, optim.learning_rate_schedule,
-                       optim.make_optimizer, sharding.make_mesh):
+  # VisionConfig first: reading ModelConfig's bindings builds the @VisionConfig() they name.
+  for configurable in (vit.VisionConfig, ModelConfig, tasks.Pretrain,
+                       optim.learning_rate_schedule, optim.make_optimizer, sharding.make_mesh):
     check_values(configurable.__name__, gin.get_bindings(configurable))
   check_experts_split(gin.get_bindings(ModelConfig).get("num_experts", 0),
                       gin.get_bindings(sharding.make_mesh))

@@ -15,6 +15,7 @@ from maxlm import train as train_module
 from maxlm.config_checks import (RULES, UserError, build_model_config, changed_numerics,
                                  check_run_configuration, check_values)
 from maxlm.model import ModelConfig
+from maxlm.model.vit import VisionConfig
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.gin"))
 
@@ -28,6 +29,7 @@ def clean_gin():
 
 def test_every_setting_of_the_run_has_a_rule():
   assert set(RULES["ModelConfig"]) == {field.name for field in dataclasses.fields(ModelConfig)}
+  assert set(RULES["VisionConfig"]) == {field.name for field in dataclasses.fields(VisionConfig)}
   for configurable in (train_module.train, optim.learning_rate_schedule, optim.make_optimizer,
                        sharding.make_mesh):
     assert set(RULES[configurable.__name__]) == set(inspect.signature(configurable).parameters)
@@ -121,6 +123,15 @@ def _run_train(argv, monkeypatch, capsys) -> tuple[int, str]:
      "learning_rate_schedule.peak_learning_rate=-0.0003 must be a positive number"),
     ("--gin_param=make_mesh.data = 0",
      "make_mesh.data=0 must be a positive int, or -1 for the devices left over"),
+    ("--gin_param=ModelConfig.vision = @VisionConfig()\nVisionConfig.patch_size = 0",
+     "VisionConfig.patch_size=0 must be a positive int"),
+    ("--gin_param=ModelConfig.vision = @VisionConfig()\nVisionConfig.embed_dim = 0",
+     "VisionConfig.embed_dim=0 must be a positive int"),
+    ("--gin_param=ModelConfig.vision = @VisionConfig()\nVisionConfig.num_layers = 2.5",
+     "VisionConfig.num_layers=2.5 must be a positive int"),
+    ("--gin_param=ModelConfig.vision = 5", "ModelConfig.vision=5 must be @VisionConfig() or None"),
+    ("--gin_param=ModelConfig.lora_targets = 5",
+     "ModelConfig.lora_targets=5 must be a list of projection names, e.g. ['q', 'v']"),
     # 8 fake devices: 12 experts do not split 8 ways, whether given or left over (-1)
     ("--gin_param=ModelConfig.num_experts = 12\nmake_mesh.expert = 8\nmake_mesh.fsdp = 1",
      "ModelConfig.num_experts=12 must be a multiple of make_mesh.expert=8, the devices the "
