@@ -95,6 +95,18 @@ def test_an_moe_config_that_leaves_no_layer_moe_is_refused(bindings, message):
     build_model_config()
 
 
+def test_lora_on_mlps_of_a_model_whose_every_layer_is_moe_is_refused():
+  gin.parse_config("ModelConfig.num_experts = 8\nModelConfig.lora_rank = 4")
+  with pytest.raises(UserError, match=re.escape(
+      "ModelConfig.lora_targets=('q', 'k', 'v', 'o', 'gate', 'up', 'down') must name only q, k, "
+      "v or o when every layer is MoE: gate, up, down would get no adapter")):
+    build_model_config()
+  gin.parse_config("ModelConfig.lora_targets = ['q', 'v']")  # attention adapters: as asked
+  assert build_model_config().lora_targets == ("q", "v")
+  gin.parse_config("ModelConfig.lora_targets = ['q', 'up']\nModelConfig.first_dense_layers = 1")
+  assert build_model_config().lora_targets == ("q", "up")  # layer 0's dense MLP takes them
+
+
 def _run_train(argv, monkeypatch, capsys) -> tuple[int, str]:
   """`python -m maxlm.train ARGV` in this process: (exit code, stderr)."""
   # mallopt would change this test process's allocator for the rest of the session.

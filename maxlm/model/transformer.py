@@ -111,6 +111,12 @@ class ModelConfig:
                        f"{self.num_layers - self.first_dense_layers} (the layers after "
                        f"ModelConfig.first_dense_layers={self.first_dense_layers}), else no "
                        "layer is MoE; set ModelConfig.num_experts=0 for a dense model")
+    mlp_targets = [name for name in ("gate", "up", "down") if name in self.lora_targets]
+    if self.lora_rank and mlp_targets and self.num_moe_layers == self.num_layers:
+      # experts (and the shared expert) take no adapters, so these would join no layer
+      raise ValueError(f"ModelConfig.lora_targets={self.lora_targets} must name only q, k, v "
+                       f"or o when every layer is MoE: {', '.join(mlp_targets)} would get no "
+                       "adapter; bind ModelConfig.lora_targets = ['q', 'k', 'v', 'o']")
 
   @property
   def rope_scaling(self) -> tuple[float, float, float, int] | None:
