@@ -417,8 +417,10 @@ def test_projector_stage_from_a_text_run_trains_the_projector_alone(text_run_and
     keys = [key.key for key in path]
     if keys[0] == "projector":
       assert not np.array_equal(value, functools.reduce(dict.__getitem__, keys, start)), keys
-    elif keys[0] == "vision":  # the seed's fresh tower, untouched
-      np.testing.assert_array_equal(value, functools.reduce(dict.__getitem__, keys, start))
+    elif keys[0] == "vision":  # frozen, so not saved: the seed's tower, made again
+      # under jit, which JAX 0.11.2 rounds a last bit apart from the eager `start` (0.12: equal)
+      np.testing.assert_allclose(value, functools.reduce(dict.__getitem__, keys, start),
+                                 rtol=1e-6, atol=0)
     else:  # the text run's LM, untouched
       np.testing.assert_array_equal(value, functools.reduce(dict.__getitem__, keys, text))
 
