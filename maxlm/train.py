@@ -17,6 +17,7 @@ import functools
 import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -626,7 +627,14 @@ def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
     except (ValueError, KeyError, SyntaxError, OSError, tokenize.TokenError) as error:
       raise UserError(f"gin configuration error in {source}: {gin_error_sentence(error)}"
                       ) from None
-  gin.finalize()
+  try:
+    gin.finalize()
+  except ValueError as error:  # a %NAME no file or binding defines; gin appends every binding
+    first = str(error).splitlines()[0].strip().removesuffix(" in config string:")
+    if macro := re.fullmatch(r"No bindings specified for '(.+)/gin\.macro'", first):
+      first = (f"%{macro[1]} names no macro; bind it ({macro[1]} = value) or drop the "
+               "reference")
+    raise UserError(f"gin configuration error: {first}") from None
 
 
 def gin_error_sentence(error: Exception) -> str:

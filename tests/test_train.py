@@ -252,6 +252,10 @@ def test_a_gin_error_names_the_file_and_line_or_the_binding(tmp_path):
     train_module.parse_gin([], ["train.global_batch_size=eight"])
   with pytest.raises(UserError, match="in --gin_param train.steps=\\(3: unexpected EOF"):
     train_module.parse_gin([], ["train.steps=(3"])
+  with pytest.raises(UserError, match=re.escape(
+      "gin configuration error: %NAN names no macro; bind it (NAN = value) or drop the "
+      "reference")):  # was a traceback from gin.finalize
+    train_module.parse_gin([], ["learning_rate_schedule.peak_learning_rate=%NAN"])
 
 
 # --- tasks and --init_from ---------------------------------------------------------------------
