@@ -129,11 +129,19 @@ def check_same_model(source_meta: dict, meta: dict, run_dir, config: ModelConfig
     # SigLIP's heads come and go between stages: a run without them takes the tower alone,
     # a run that adds them starts them fresh.
     source["vision"]["contrastive_dim"] = ours["vision"]["contrastive_dim"]
-  changed = [f"{name}: {source[name]} -> {ours[name]}" for name in ours
-             if name not in ignored and source[name] != ours[name]]
+  changed = [change for name in ours if name not in ignored
+             for change in _changes(name, source[name], ours[name])]
   if changed:
     raise UserError(f"--init_from {run_dir} has another model shape ({', '.join(changed)}); "
                     "use the ModelConfig of that run")
+
+
+def _changes(name: str, theirs, ours) -> list[str]:
+  """`name: theirs -> ours`, one per field that differs inside a nested config (`vision`)."""
+  if isinstance(theirs, dict) and isinstance(ours, dict):
+    return [change for field in ours
+            for change in _changes(f"{name}.{field}", theirs.get(field), ours[field])]
+  return [f"{name}: {theirs} -> {ours}"] if theirs != ours else []
 
 
 def changed_numerics(source_meta: dict, config: ModelConfig, run_dir) -> str | None:
