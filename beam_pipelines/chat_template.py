@@ -89,6 +89,13 @@ def render_ids(messages: Sequence[tuple[str, str]], tokenizer: Tokenizer) -> Ren
   return RenderedIds(ids, assistant)
 
 
+def missing_pieces(tokenizer: Tokenizer, tokens: Sequence[str]) -> list[str]:
+  """Those of `tokens` the tokenizer has no piece for (an imported model's own tokenizer has
+  none of maxlm's); unlike `render_ids`, a dummy prefix before the piece is allowed."""
+  return [token for token in tokens
+          if tokenizer.encode(token)[-1:] != [tokenizer.piece_to_id(token)]]
+
+
 def _check_reserved(tokenizer: Tokenizer, tokens: list[str]) -> None:
   for token in dict.fromkeys(tokens):
     if tokenizer.encode(token) != [tokenizer.piece_to_id(token)]:

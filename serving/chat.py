@@ -2,6 +2,7 @@
 prompt renders to the ids the same turns had in training."""
 
 from beam_pipelines.chat_template import (CHAT_STOPS, IMAGE_TOKEN, RESERVED_TOKENS, ROLES,
-                                          chat_prompt)
+                                          chat_prompt, missing_pieces)
 
-__all__ = ["CHAT_STOPS", "IMAGE_TOKEN", "RESERVED_TOKENS", "ROLES", "chat_prompt"]
+__all__ = ["CHAT_STOPS", "IMAGE_TOKEN", "RESERVED_TOKENS", "ROLES", "chat_prompt",
+           "missing_pieces"]

@@ -42,7 +42,7 @@ from maxlm import checkpoint, compilation_cache
 from maxlm.errors import UserError
 from maxlm.model import count_params
 from serving import scoring_cache
-from serving.chat import CHAT_STOPS, chat_prompt
+from serving.chat import CHAT_STOPS, chat_prompt, missing_pieces
 from serving.chat_images import DEFAULT_MEDIA, MediaPolicy, request_images
 from serving.connections import ConnectionLimits, guarded_protocol
 from serving.engine import ContextLengthError, Engine, SamplingSettings
@@ -102,6 +102,10 @@ def create_app(engine: Engine, model_name: str | None = None,
   model_name = model_name or engine.model_name
   # The engine hook for images: an engine with a vision tower says its image side here.
   image_size = getattr(engine, "image_size", None)
+  # An imported model's own tokenizer has no chat tokens: rendered as plain text, the template
+  # would be a prompt the model never saw, answered without a word of warning.
+  tokenizer = getattr(engine, "tokenizer", None)  # a stand-in engine has none
+  missing_chat_tokens = missing_pieces(tokenizer, CHAT_STOPS) if tokenizer is not None else []
   started = int(time.time())
   token_texts = TokenTexts(lambda token_id: engine.token_bytes(token_id))
   metrics = ServerMetrics()
@@ -407,6 +411,11 @@ def create_app(engine: Engine, model_name: str | None = None,
   @v1.post("/chat/completions", responses=generation_responses(keyed=bool(api_keys)))
   async def chat_completions(request: ChatCompletionRequest, http_request: Request):
     check_request(request)
+    if missing_chat_tokens:
+      raise OpenAIError(400, f"this model's tokenizer has no {' '.join(missing_chat_tokens)} "
+                        "tokens (not prepared by beam_pipelines.prepare_text: an imported "
+                        "model?), so it has no maxlm chat template; send the prompt in the "
+                        "model's own template to /v1/completions", param="messages")
     images = await asyncio.get_running_loop().run_in_executor(
         prompt_pool, request_images, request.messages, media, image_size)
     max_tokens = request.max_completion_tokens or request.max_tokens

@@ -320,6 +320,28 @@ def test_an_imported_model_with_its_own_tokenizer_json_serves(tmp_path):
                              hf_logits(hf_model, np.asarray([ids]))[0], atol=TOLERANCE)
 
 
+def test_an_imported_model_refuses_chat_in_one_line_and_still_completes(tmp_path):
+  from fastapi.testclient import TestClient  # pylint: disable=import-outside-toplevel
+
+  from serving.engine import Engine  # pylint: disable=import-outside-toplevel
+  from serving.server import create_app  # pylint: disable=import-outside-toplevel
+  make_hf_dir(tmp_path / "hf", "gqa_untied")
+  from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  engine = Engine.from_checkpoint(tmp_path / "run", slots=1)
+  with TestClient(create_app(engine, model_name="imported")) as client:
+    chat = client.post("/v1/chat/completions", json={
+        "model": "imported", "messages": [{"role": "user", "content": "the fox"}],
+        "max_tokens": 4})
+    completion = client.post("/v1/completions", json={
+        "model": "imported", "prompt": "the fox", "max_tokens": 4, "temperature": 0})
+  assert chat.status_code == 400, chat.text
+  assert chat.json()["error"]["message"] == (
+      "this model's tokenizer has no <|end|> <|system|> <|user|> <|assistant|> tokens (not "
+      "prepared by beam_pipelines.prepare_text: an imported model?), so it has no maxlm chat "
+      "template; send the prompt in the model's own template to /v1/completions")
+  assert completion.status_code == 200, completion.text
+
+
 @pytest.mark.slow  # 33-49 s: a pipeline run, an import and two compiled training steps
 def test_an_imported_model_trains_on_text_prepared_with_its_own_tokenizer_json(tmp_path):
   from conftest import gin_config  # pylint: disable=import-outside-toplevel
