@@ -77,9 +77,15 @@ def test_transformers_loads_the_exported_files_with_our_ids_and_chat_template(
   assert (loaded.bos_token_id, loaded.eos_token_id) == (ours.bos_id(), ours.eos_id())
   messages = [("system", "Be  terse."), ("user", "Hi 🙂"), ("assistant", "Hello.")]
   as_dicts = [{"role": role, "content": content} for role, content in messages]
-  assert loaded.apply_chat_template(as_dicts, tokenize=False) == chat_template.render(messages)
+  assert loaded.apply_chat_template(as_dicts, tokenize=False) == (
+      loaded.bos_token + chat_template.render(messages))
+  prompt = chat_template.chat_prompt(messages[:2])
   assert loaded.apply_chat_template(as_dicts[:2], tokenize=False, add_generation_prompt=True) == (
-      chat_template.chat_prompt(messages[:2]))
+      loaded.bos_token + prompt)
+  # transformers tokenizes the rendered text without adding special tokens: the template's bos
+  # makes the ids SFT trained on and the server reads.
+  ids = loaded.apply_chat_template(as_dicts[:2], add_generation_prompt=True, return_dict=True)
+  assert ids["input_ids"] == [ours.bos_id(), *ours.encode(prompt)]
 
 
 def test_a_sentencepiece_model_that_normalizes_text_is_not_exported_as_tokenizer_json():

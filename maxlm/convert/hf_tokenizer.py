@@ -135,11 +135,14 @@ def _bos_first(pieces: list[tuple[str, float, int]]) -> dict | None:
 
 
 def chat_template_jinja() -> str:
-  """Jinja that renders `chat_template.render(messages)`, plus the assistant's header when
-  `add_generation_prompt` (what `chat_template.chat_prompt` renders)."""
+  """Jinja that renders the bos, then `chat_template.render(messages)`, plus the assistant's
+  header when `add_generation_prompt` (what `chat_template.chat_prompt` renders). The bos is
+  the template's, as in Llama's: transformers tokenizes the text without special tokens, and
+  SFT trained (and serving reads) each conversation after a bos."""
   headers = json.dumps(chat_template.CHAT_TURN_TOKENS)
   end = json.dumps(chat_template.END_TOKEN + chat_template.TURN_SEPARATOR)
-  return ("{% set headers = " + headers + " %}"
+  return ("{% if bos_token %}{{ bos_token }}{% endif %}"
+          "{% set headers = " + headers + " %}"
           "{% for message in messages %}"
           "{% if message['role'] not in headers %}"
           "{{ raise_exception('unknown chat role ' + message['role'] + '; use one of "
