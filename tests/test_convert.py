@@ -167,6 +167,15 @@ def test_export_then_import_is_the_identity_across_several_shards(tmp_path):
     np.testing.assert_array_equal(a, b, err_msg=str(path))
 
 
+def test_an_imported_tokenizer_without_maxlm_chat_tokens_exports_without_its_chat_template(
+    tmp_path):
+  make_hf_dir(tmp_path / "hf", "gqa_untied")
+  from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  to_hf.export(tmp_path / "run", tmp_path / "exported")
+  config = json.loads((tmp_path / "exported" / "tokenizer_config.json").read_text())
+  assert "chat_template" not in config  # its tokenizer would read <|user|> as plain text
+
+
 def test_an_moe_run_is_refused_in_one_line_before_anything_is_written(tmp_path):
   make_hf_dir(tmp_path / "hf", "gqa_untied")
   from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")

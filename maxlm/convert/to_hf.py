@@ -25,6 +25,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from beam_pipelines import chat_template
 from maxlm import checkpoint, runs, steps
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.convert import hf_llama, hf_tokenizer, output_dirs, safetensors_file
@@ -193,7 +194,8 @@ def write_tokenizer(output_dir: Path, tokenizer_file: Path, max_len: int) -> tup
     tokenizer_lib.copy_into(tokenizer_file, output_dir)
     config_path = output_dir / tokenizer_lib.HF_TOKENIZER_CONFIG
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    config.setdefault("chat_template", hf_tokenizer.chat_template_jinja())
+    if not chat_template.missing_pieces(tokenizer, chat_template.CHAT_STOPS):
+      config.setdefault("chat_template", hf_tokenizer.chat_template_jinja())
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
     return tokenizer.bos_id(), tokenizer.eos_id()
   shutil.copy(tokenizer_file, output_dir / tokenizer_lib.SENTENCEPIECE_FILE)
