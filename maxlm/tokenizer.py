@@ -77,6 +77,7 @@ class HuggingFaceTokenizer:
     self._bos = self._special_id(config.get("bos_token"), KNOWN_BOS)
     self._eos = self._special_id(config.get("eos_token"), KNOWN_EOS)
     self._pad = self._special_id(config.get("pad_token"), ())
+    self.chat_template = _default_template(config.get("chat_template"))
 
   def _special_id(self, named, known: tuple[str, ...]) -> int:
     name = named.get("content") if isinstance(named, dict) else named
@@ -175,6 +176,14 @@ def load(path: str | os.PathLike) -> Tokenizer:
   tokenizer_config.json beside it (if any) naming bos/eos/pad."""
   path = Path(path)
   return from_bytes(path.name, path.read_bytes(), sibling_config(path))
+
+
+def _default_template(chat_template) -> str | None:
+  """tokenizer_config.json's `chat_template`: one Jinja string, or named ones (the "default")."""
+  if isinstance(chat_template, list):
+    chat_template = next((t.get("template") for t in chat_template
+                          if isinstance(t, dict) and t.get("name") == "default"), None)
+  return chat_template if isinstance(chat_template, str) else None
 
 
 def sibling_config(path: Path) -> dict | None:

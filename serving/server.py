@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import jinja2
 import orjson
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -42,7 +43,8 @@ from maxlm import checkpoint, compilation_cache
 from maxlm.errors import UserError
 from maxlm.model import count_params
 from serving import scoring_cache
-from serving.chat import CHAT_STOPS, chat_prompt, missing_pieces
+from serving.chat import (CHAT_STOPS, chat_prompt, compiled_template, hf_chat_prompt,
+                          missing_pieces)
 from serving.chat_images import DEFAULT_MEDIA, MediaPolicy, request_images
 from serving.connections import ConnectionLimits, guarded_protocol
 from serving.engine import ContextLengthError, Engine, SamplingSettings
@@ -102,10 +104,12 @@ def create_app(engine: Engine, model_name: str | None = None,
   model_name = model_name or engine.model_name
   # The engine hook for images: an engine with a vision tower says its image side here.
   image_size = getattr(engine, "image_size", None)
-  # An imported model's own tokenizer has no chat tokens: rendered as plain text, the template
-  # would be a prompt the model never saw, answered without a word of warning.
+  # An imported model's own tokenizer has no chat tokens: rendered as plain text, maxlm's
+  # template would be a prompt the model never saw. Its own Hugging Face template (if it
+  # brought one) renders its chats instead; without one, chat is refused.
   tokenizer = getattr(engine, "tokenizer", None)  # a stand-in engine has none
   missing_chat_tokens = missing_pieces(tokenizer, CHAT_STOPS) if tokenizer is not None else []
+  model_template = usable_template(tokenizer) if missing_chat_tokens else None
   started = int(time.time())
   token_texts = TokenTexts(lambda token_id: engine.token_bytes(token_id))
   metrics = ServerMetrics()
@@ -411,22 +415,30 @@ def create_app(engine: Engine, model_name: str | None = None,
   @v1.post("/chat/completions", responses=generation_responses(keyed=bool(api_keys)))
   async def chat_completions(request: ChatCompletionRequest, http_request: Request):
     check_request(request)
-    if missing_chat_tokens:
+    if missing_chat_tokens and not model_template:
       raise OpenAIError(400, f"this model's tokenizer has no {' '.join(missing_chat_tokens)} "
                         "tokens (not prepared by beam_pipelines.prepare_text: an imported "
-                        "model?), so it has no maxlm chat template; send the prompt in the "
-                        "model's own template to /v1/completions", param="messages")
+                        "model?) and its tokenizer_config.json no chat_template, so it has no "
+                        "chat template; send the prompt in the model's own format to "
+                        "/v1/completions", param="messages")
     images = await asyncio.get_running_loop().run_in_executor(
         prompt_pool, request_images, request.messages, media, image_size)
     max_tokens = request.max_completion_tokens or request.max_tokens
 
     def prompt_ids():
-      prompt = chat_prompt([(message.role, message.text()) for message in request.messages])
+      turns = [(message.role, message.text()) for message in request.messages]
+      if model_template:  # its bos is the one engine.prompt_ids puts in front
+        bos, eos = (tokenizer.id_to_piece(tokenizer.bos_id()),
+                    tokenizer.id_to_piece(tokenizer.eos_id()))
+        prompt = hf_chat_prompt(model_template, turns, bos, eos).removeprefix(bos)
+      else:
+        prompt = chat_prompt(turns)
       if images:
         return engine.image_prompt_ids(prompt, len(images), max_tokens)
       return engine.prompt_ids(prompt, max_tokens)
 
-    submitted = await submit(request, prompt_ids, request.stops() + CHAT_STOPS, images=images)
+    stops = request.stops() + ([] if model_template else CHAT_STOPS)  # theirs end at the eos
+    submitted = await submit(request, prompt_ids, stops, images=images)
     return await respond(request, ResponseShape(model_name, chat=True),
                          len(submitted[0][0].prompt_ids), [d for _, d in submitted], http_request)
 
@@ -469,6 +481,19 @@ def create_app(engine: Engine, model_name: str | None = None,
 
 
 CLIENT_LEFT = 499  # as nginx logs it; nobody reads this response
+
+
+def usable_template(tokenizer) -> str | None:
+  """The Hugging Face chat template the tokenizer brought, if it compiles (else a warning)."""
+  template = getattr(tokenizer, "chat_template", None)
+  if template is None:
+    return None
+  try:
+    compiled_template(template)
+  except jinja2.TemplateError as e:
+    log.warning("the model's chat_template does not compile (%s); chat is refused", e)
+    return None
+  return template
 
 
 def choice_body(deltas: list[Delta], shaping: Logprobs | None,

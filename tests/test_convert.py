@@ -346,9 +346,47 @@ def test_an_imported_model_refuses_chat_in_one_line_and_still_completes(tmp_path
   assert chat.status_code == 400, chat.text
   assert chat.json()["error"]["message"] == (
       "this model's tokenizer has no <|end|> <|system|> <|user|> <|assistant|> tokens (not "
-      "prepared by beam_pipelines.prepare_text: an imported model?), so it has no maxlm chat "
-      "template; send the prompt in the model's own template to /v1/completions")
+      "prepared by beam_pipelines.prepare_text: an imported model?) and its "
+      "tokenizer_config.json no chat_template, so it has no chat template; send the prompt in "
+      "the model's own format to /v1/completions")
   assert completion.status_code == 200, completion.text
+
+
+# A Llama-3-like template: the bos, each turn after its role's header, a check of its own.
+HF_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if not message['content'] %}{{ raise_exception('a message is empty') }}{% endif %}"
+    "<<{{ message['role'] }}>>{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<<assistant>>{% endif %}")
+
+
+def test_an_imported_model_chats_in_the_template_its_tokenizer_config_brought(tmp_path):
+  from fastapi.testclient import TestClient  # pylint: disable=import-outside-toplevel
+
+  from serving.engine import Engine  # pylint: disable=import-outside-toplevel
+  from serving.server import create_app  # pylint: disable=import-outside-toplevel
+  make_hf_dir(tmp_path / "hf", "gqa_untied")
+  (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(
+      {"chat_template": [{"name": "default", "template": HF_CHAT_TEMPLATE}]}))
+  from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  engine = Engine.from_checkpoint(tmp_path / "run", slots=1)
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the fox"}]
+  with TestClient(create_app(engine, model_name="imported")) as client:
+    chat = client.post("/v1/chat/completions", json={
+        "model": "imported", "messages": messages, "max_tokens": 6, "temperature": 0,
+        "ignore_eos": True})
+    # the template rendered by hand; the server puts the bos in front of any prompt
+    completion = client.post("/v1/completions", json={
+        "model": "imported", "prompt": "<<system>>Be brief.\n<<user>>the fox\n<<assistant>>",
+        "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+    refused = client.post("/v1/chat/completions", json={
+        "model": "imported", "messages": [{"role": "user", "content": ""}], "max_tokens": 2})
+  assert chat.status_code == completion.status_code == 200, (chat.text, completion.text)
+  assert chat.json()["usage"] == completion.json()["usage"]  # the same prompt ids
+  assert chat.json()["choices"][0]["message"]["content"] == completion.json()["choices"][0]["text"]
+  assert refused.status_code == 400, refused.text  # the template's own check, in its words
+  assert refused.json()["error"]["message"] == (
+      "messages: the model's chat template refused the messages: a message is empty")
 
 
 @pytest.mark.slow  # 33-49 s: a pipeline run, an import and two compiled training steps

@@ -138,3 +138,13 @@ def test_a_vocab_size_past_what_the_sample_gives_names_the_most_it_gives():
   assert f"pass --vocab_size={most} or less" in str(error.value)
   assert spm.SentencePieceProcessor(model_proto=tokenizer_training.train_tokenizer(
       sample, vocab_size=most)).get_piece_size() == most  # the number it names trains
+
+
+@pytest.mark.parametrize("chat_template, kept", [
+    ("{{ messages }}", "{{ messages }}"),
+    ([{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}], "d"),
+    ([{"name": "tool_use", "template": "t"}], None), (None, None)])
+def test_a_tokenizer_config_s_chat_template_is_its_string_or_the_one_named_default(
+    byte_level_json, chat_template, kept):
+  config = {} if chat_template is None else {"chat_template": chat_template}
+  assert tokenizer_lib.HuggingFaceTokenizer(byte_level_json, config).chat_template == kept
