@@ -20,6 +20,7 @@ import sentencepiece as spm
 SENTENCEPIECE_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "tokenizer.json"
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_CHAT_TEMPLATE = "chat_template.jinja"  # where transformers >= 4.50 saves the template
 TOKENIZER_FILES = (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE)  # a run dir holds one, looked up in order
 BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
 METASPACE = "\u2581"
@@ -187,9 +188,16 @@ def _default_template(chat_template) -> str | None:
 
 
 def sibling_config(path: Path) -> dict | None:
-  """The tokenizer_config.json beside a tokenizer.json, as a dict; None for others."""
-  config = path.with_name(HF_TOKENIZER_CONFIG)
-  return json.loads(config.read_text()) if path.suffix == ".json" and config.is_file() else None
+  """The tokenizer_config.json beside a tokenizer.json, as a dict, with the chat_template.jinja
+  beside it as its `chat_template`; None for others."""
+  if path.suffix != ".json":
+    return None
+  config_file = path.with_name(HF_TOKENIZER_CONFIG)
+  template_file = path.with_name(HF_CHAT_TEMPLATE)
+  config = json.loads(config_file.read_text()) if config_file.is_file() else None
+  if template_file.is_file():
+    config = {**(config or {}), "chat_template": template_file.read_text()}
+  return config
 
 
 def find(directory: str | os.PathLike) -> Path:
@@ -209,10 +217,12 @@ def sha256(path: str | os.PathLike) -> str:
 
 def copy_into(path: str | os.PathLike, directory: str | os.PathLike) -> Path:
   """Copies a tokenizer file into `directory` as tokenizer.model or tokenizer.json (a .json's
-  tokenizer_config.json with it), where `find` looks; returns the copy."""
+  tokenizer_config.json and chat_template.jinja with it), where `find` looks; returns the
+  copy."""
   path, directory = Path(path), Path(directory)
   if path.suffix != ".json":
     return Path(shutil.copy(path, directory / SENTENCEPIECE_FILE))
-  if (config := path.with_name(HF_TOKENIZER_CONFIG)).is_file():
-    shutil.copy(config, directory / HF_TOKENIZER_CONFIG)
+  for sibling in (HF_TOKENIZER_CONFIG, HF_CHAT_TEMPLATE):
+    if (source := path.with_name(sibling)).is_file():
+      shutil.copy(source, directory / sibling)
   return Path(shutil.copy(path, directory / HF_TOKENIZER_FILE))

@@ -360,14 +360,18 @@ HF_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<<assistant>>{% endif %}")
 
 
-def test_an_imported_model_chats_in_the_template_its_tokenizer_config_brought(tmp_path):
+@pytest.mark.parametrize("saved_in", ["tokenizer_config.json", "chat_template.jinja"])
+def test_an_imported_model_chats_in_the_template_its_tokenizer_brought(tmp_path, saved_in):
   from fastapi.testclient import TestClient  # pylint: disable=import-outside-toplevel
 
   from serving.engine import Engine  # pylint: disable=import-outside-toplevel
   from serving.server import create_app  # pylint: disable=import-outside-toplevel
   make_hf_dir(tmp_path / "hf", "gqa_untied")
-  (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(
-      {"chat_template": [{"name": "default", "template": HF_CHAT_TEMPLATE}]}))
+  if saved_in == "tokenizer_config.json":  # the named-templates form
+    (tmp_path / "hf" / saved_in).write_text(json.dumps(
+        {"chat_template": [{"name": "default", "template": HF_CHAT_TEMPLATE}]}))
+  else:  # where transformers >= 4.50 saves it
+    (tmp_path / "hf" / saved_in).write_text(HF_CHAT_TEMPLATE)
   from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
   engine = Engine.from_checkpoint(tmp_path / "run", slots=1)
   messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the fox"}]
