@@ -636,7 +636,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "prefilled in chunks so running streams keep their token rate; 0 prefills "
                       "every prompt whole")
   parser.add_argument("--max_queue", type=int, default=64,
-                      help="requests that may wait for a slot; one more gets 429")
+                      help="generations (prompts x n) that may wait for a slot; one more "
+                           "gets 429, a request for more than that at once 400")
   parser.add_argument("--quantize", choices=("none", "int8"), default="none",
                       help="int8: int8 weights, also in the compiled program (4x smaller)")
   parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
