@@ -19,7 +19,7 @@ from test_orchestrator import FakeEngine
 from maxlm import checkpoint
 from maxlm.model import ModelConfig
 from serving.engine import Engine
-from serving.openai_api import MAX_STOP_CHARS, MAX_STOPS, Logprobs
+from serving.openai_api import MAX_STOP_CHARS, MAX_STOPS, ChatCompletionRequest, Logprobs
 from serving.orchestrator import Delta, PromptLogprobs
 from serving.server import create_app
 
@@ -580,7 +580,6 @@ def test_more_choices_than_the_waiting_line_holds_is_a_400_not_a_429_to_retry():
 
 
 def test_a_developer_message_is_the_system_turn_as_openai_renamed_it(client):
-  from serving.openai_api import ChatCompletionRequest
   def roles(first_role):
     request = ChatCompletionRequest.model_validate(chat(messages=[
         {"role": first_role, "content": "Answer briefly."}, {"role": "user", "content": "x"}]))
