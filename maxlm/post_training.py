@@ -192,8 +192,8 @@ class DPO:
   def bind(self, context: tasks.TaskContext) -> "DPO":
     if context.reference_from is None:
       logger.warning("DPO's reference model is this run's random initialization (no "
-                      "train.init_from); DPO usually starts from an SFT run, as "
-                      "dpo_tiny.gin's train.init_from does")
+                     "train.init_from); DPO usually starts from an SFT run, as "
+                     "dpo_tiny.gin's train.init_from does")
     forward = reference_logps_fn(context.graphdef, context.param_shardings,
                                  context.batch_sharding)
     return dataclasses.replace(
