@@ -183,6 +183,8 @@ def train(workdir: str, data_dir: str | Callable[[], str] | None = None,
   task = task or tasks.Pretrain()
   init_from_step = _init_from_step(workdir, init_from)
   init_from = str(Path(init_from).resolve()) if init_from else None  # serving finds it anywhere
+  built_by = getattr(data_dir, "__name__", "") if callable(data_dir) else ""
+  built_by = built_by if built_by.isidentifier() else None  # a gin configurable's name
   data_dir = _data_dir(data_dir)
   try:
     manifest = data.load_manifest(data_dir)
@@ -191,7 +193,7 @@ def train(workdir: str, data_dir: str | Callable[[], str] | None = None,
   check_task_fields(task, manifest, data_dir)
   seq_len = manifest["seq_len"]
   config = resolve_model_config(build_model_config(), manifest)
-  vision_tasks.check_image_data(task, config, manifest, data_dir)
+  vision_tasks.check_image_data(task, config, manifest, data_dir, built_by)
   if config.lora_rank and trainable is None:
     trainable = LORA_TRAINABLE
   try:

@@ -69,11 +69,13 @@ class VisionSFT(post_training.SFT):
     return vision_loss(model, batch, self.z_loss)
 
 
-def check_image_data(task, config, manifest: dict, data_dir) -> None:
+def check_image_data(task, config, manifest: dict, data_dir,
+                     built_by: str | None = None) -> None:
   """Before anything is built: a vision task needs the tower its loss reads, and the tower
   must cut the data's images into as many patches as each `<|image|>` was expanded to (a
   wrong size fails in the first step's trace; other patches per image train silently on
-  misplaced patches)."""
+  misplaced patches). `built_by`: the function that built the data dir (the embedded set's
+  `ensure_default_vision`), whose binding a refusal names too."""
   if isinstance(task, VisionSFT):
     task.check_model(config)
   image = {field.name: field for field in fields_of_manifest(manifest)}.get("image")
@@ -82,17 +84,19 @@ def check_image_data(task, config, manifest: dict, data_dir) -> None:
     return
   height, width = image.shape[-3:-1]
   if (height, width) != (vision.image_size, vision.image_size):
+    rebuild = (f"bind {built_by}.image_size={vision.image_size}" if built_by else
+               f"rerun beam_pipelines.prepare_images with --image_size={vision.image_size}")
     raise UserError(f"--data_dir {data_dir} holds {height}x{width} images, but "
                     f"VisionConfig.image_size={vision.image_size}; bind VisionConfig.image_size="
-                    f"{height} or rerun beam_pipelines.prepare_images with "
-                    f"--image_size={vision.image_size}")
+                    f"{height} or {rebuild}")
   prepared = manifest.get("vision", {})
   if prepared.get("num_patches", vision.num_patches) != vision.num_patches:
+    rebuild = (f"bind {built_by}.patch_size={vision.patch_size}" if built_by else
+               f"rerun beam_pipelines.prepare_images with --patch_size={vision.patch_size}")
     raise UserError(f"--data_dir {data_dir} expands each image to {prepared['num_patches']} "
                     f"patches (--patch_size={prepared.get('patch_size')}), but "
                     f"VisionConfig.patch_size={vision.patch_size} cuts {vision.num_patches}; "
-                    f"bind VisionConfig.patch_size={prepared.get('patch_size')} or rerun "
-                    f"beam_pipelines.prepare_images with --patch_size={vision.patch_size}")
+                    f"bind VisionConfig.patch_size={prepared.get('patch_size')} or {rebuild}")
 
 
 def siglip_loss(model, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:

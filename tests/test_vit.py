@@ -460,6 +460,20 @@ def test_a_tower_that_does_not_fit_the_image_data_is_refused_before_a_model_is_b
   assert not workdir.exists()
 
 
+def test_a_default_set_of_another_image_size_names_the_binding_that_builds_it_again(
+    data_dir, tmp_path, monkeypatch):
+  image_dir = write_image_dir(tmp_path / "images", Path(data_dir), rows=8)  # 16x16, patch 4
+
+  def ensure_small_images():  # as configs/vision_*.gin's train.data_dir = @ensure_default_vision
+    return image_dir
+  monkeypatch.setattr(train_module.train_steps, "abstract_model", None)  # never reached
+  with gin_bindings(PROJECTOR_STAGE, "VisionConfig.image_size = 32"), pytest.raises(
+      UserError, match=re.escape("holds 16x16 images, but VisionConfig.image_size=32; bind "
+                                 "VisionConfig.image_size=16 or bind "
+                                 "ensure_small_images.image_size=32")):
+    train_module.train(workdir=str(tmp_path / "run"), data_dir=ensure_small_images, steps=1)
+
+
 # SigLIP (stage 0): the ViT trains contrastively, and the projector stage starts from it.
 SIGLIP_STAGE = PROJECTOR_STAGE.replace("train.task = @VisionSFT()", "train.task = @SigLIP()")
 SIGLIP_STAGE = SIGLIP_STAGE.replace('train.trainable = "projector/.*"',
