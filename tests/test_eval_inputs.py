@@ -108,3 +108,11 @@ def test_perplexity_inputs_are_checked_before_a_model_is_needed(tmp_path):
 ])
 def test_a_tasks_default_name_is_its_paths_last_part_less_a_known_suffix(task, name):
   assert task.task_name == name
+
+
+def test_a_file_of_no_items_is_refused_by_either_reader(tmp_path):
+  path = tmp_path / "blank.jsonl"
+  path.write_text("\n  \n")
+  for read in (multiple_choice.read_items, lambda p: generation.read_items(p, None)):
+    with pytest.raises(UserError, match=f"^{re.escape(str(path))} holds no items$"):
+      read(path)

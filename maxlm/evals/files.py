@@ -3,10 +3,13 @@ the line and field where the fault is (a missing path, a directory, bytes that a
 a line that is not a JSON object, a field of the wrong type)."""
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from maxlm.errors import UserError
+
+T = TypeVar("T")
 
 KNOWN_SUFFIXES = (".jsonl", ".json", ".txt")
 GLOB_CHARACTERS = frozenset("*?[")
@@ -68,6 +71,20 @@ def jsonl_objects(path: str | Path, what: str, fields: tuple[str, ...], example:
       raise UserError(f'{where} is not a {what} (no "{missing[0]}"); write one JSON object per '
                       f"line: {example}")
     yield where, record
+
+
+def jsonl_items(path: str | Path, what: str, fields: tuple[str, ...], example: str,
+                item_of: Callable[[dict, str], T], limit: int | None) -> list[T]:
+  """`item_of(object, "PATH:LINE")` of the first `limit` (None: every) `jsonl_objects`; a file
+  of none is refused."""
+  items = []
+  for where, record in jsonl_objects(path, what, fields, example):
+    items.append(item_of(record, where))
+    if limit is not None and len(items) == limit:
+      break
+  if not items:
+    raise UserError(f"{path} holds no items")
+  return items
 
 
 def field_error(where: str, name: str, value, wanted: str) -> UserError:

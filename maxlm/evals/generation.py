@@ -51,16 +51,15 @@ EXAMPLE = '{"prompt": "2 + 2 =", "target": "4"}'
 
 
 def read_items(path: str | Path, limit: int | None) -> list[dict]:
-  items = []
-  for where, record in files.jsonl_objects(path, "generation item", ("prompt", "target"),
-                                           EXAMPLE):
-    for name in ("prompt", "target"):
-      if not isinstance(record[name], str):
-        raise files.field_error(where, name, record[name], "a string")
-    items.append({"prompt": record["prompt"], "target": record["target"]})
-    if limit is not None and len(items) == limit:
-      break
-  return items
+  return files.jsonl_items(path, "generation item", ("prompt", "target"), EXAMPLE, item_of,
+                           limit)
+
+
+def item_of(record: dict, where: str) -> dict:
+  for name in ("prompt", "target"):
+    if not isinstance(record[name], str):
+      raise files.field_error(where, name, record[name], "a string")
+  return {"prompt": record["prompt"], "target": record["target"]}
 
 
 @gin.configurable(module="maxlm")
@@ -80,10 +79,7 @@ class Generation:
     return self.name or files.default_task_name(self.path, "generate")
 
   def items(self) -> list[dict]:
-    items = read_items(self.path, self.limit)
-    if not items:
-      raise UserError(f"{self.path} holds no items")
-    return items
+    return read_items(self.path, self.limit)
 
   def pattern(self) -> re.Pattern | None:
     try:

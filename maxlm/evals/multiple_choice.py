@@ -33,13 +33,8 @@ EXAMPLE = '{"context": "The sky is", "choices": ["blue", "green"], "gold": 0}'
 
 
 def read_items(path: str | Path, limit: int | None = None) -> list[Item]:
-  items = []
-  for where, record in files.jsonl_objects(path, "multiple-choice item",
-                                           ("context", "choices", "gold"), EXAMPLE):
-    items.append(item_of(record, where))
-    if limit is not None and len(items) == limit:
-      break
-  return items
+  return files.jsonl_items(path, "multiple-choice item", ("context", "choices", "gold"),
+                           EXAMPLE, item_of, limit)
 
 
 def item_of(record: dict, where: str) -> Item:
@@ -101,10 +96,7 @@ class MultipleChoice:
     return self.name or files.default_task_name(self.path, "choice")
 
   def items(self) -> list[Item]:
-    items = read_items(self.path, self.limit)
-    if not items:
-      raise UserError(f"{self.path} holds no items")
-    return items
+    return read_items(self.path, self.limit)
 
   def check_inputs(self):
     """Raises what `run` would raise on a missing or malformed file, before a model loads."""
