@@ -254,36 +254,45 @@ def create_app(engine: Engine, model_name: str | None = None,
     return generation, drain(deltas, generation)
 
   async def respond(request: SamplingRequest, shape: ResponseShape, prompt_tokens: int,
-                    streams: list[AsyncIterator[list[Delta]]], http_request: Request):
-    """The response to the n generations of one prompt whose deltas `streams` are."""
+                    streams: list[AsyncIterator[list[Delta]]], http_request: Request,
+                    echoes: list[Callable | None] | None = None):
+    """The response (whole or streamed) to the generations whose deltas `streams` are, one
+    choice each; `echoes` as `stream_events` takes them."""
     logprobs = [Logprobs(shape.chat, engine.token_bytes, token_texts)
                 if request.alternatives() is not None else None for _ in streams]
+    echoes = echoes or [None] * len(streams)
     if request.stream:
       return StreamingResponse(
-          stream_events(request, shape, prompt_tokens, streams, logprobs),
+          stream_events(request, shape, prompt_tokens, streams, logprobs, echoes),
           media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     begun = time.perf_counter()
     received = await unless_disconnected(asyncio.gather(*map(collect, streams)), http_request)
     if received is None:
-      log.info("%s: the client left; its generation is cancelled", shape.id)
+      log.info("%s: the client left; its %d generations are cancelled", shape.id, len(streams))
       return Response(status_code=CLIENT_LEFT)
     generated = sum(map(len, received))
+    choices = []
+    for index, (deltas, shaping, echo) in enumerate(zip(received, logprobs, echoes)):
+      text, shown = choice_body(deltas, shaping, echo)
+      finish_reason = deltas[-1].finish_reason if deltas else "length"
+      choices.append(shape.choice(index, text, finish_reason, shown))
     log.info("%s: %d prompt + %d generated tokens in %.2fs (%s)", shape.id, prompt_tokens,
-             generated, time.perf_counter() - begun, received[-1][-1].finish_reason)
-    return shape.whole([shape.choice(index, "".join(d.text for d in deltas),
-                                     deltas[-1].finish_reason, shaping and shaping.of(deltas))
-                        for index, (deltas, shaping) in enumerate(zip(received, logprobs))],
-                       prompt_tokens, generated)
+             generated, time.perf_counter() - begun, finish_reason)
+    # Bytes made here skip FastAPI's jsonable_encoder, which walks every value of the echoed
+    # logprobs, and orjson writes them ~10x faster than json (an lm-eval request's echoed
+    # logprobs were most of its time in the event loop).
+    return Response(orjson.dumps(shape.whole(choices, prompt_tokens, generated)),
+                    media_type="application/json")
 
   async def stream_events(request: SamplingRequest, shape: ResponseShape, prompt_tokens: int,
                           streams: list[AsyncIterator[list[Delta]]],
                           logprobs: list[Logprobs | None],
-                          echoes: list[Callable | None] | None = None) -> AsyncIterator[str]:
+                          echoes: list[Callable | None]) -> AsyncIterator[str]:
     """`echoes`: each choice's `prompt_echo`, or None; the prompt goes in the choice's first
     chunk, before its first tokens (as vLLM sends it), or alone, finished, at the end for a
     choice that generates nothing (max_tokens=0)."""
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    echoes = list(echoes or [None] * len(streams))
+    echoes = list(echoes)  # each is taken once, by its choice's first chunk
 
     def chunk(index, text, finish_reason=None, first=False, of=()):
       shaping, echo = logprobs[index], echoes[index]
@@ -328,48 +337,19 @@ def create_app(engine: Engine, model_name: str | None = None,
 
   @v1.post("/completions", responses=generation_responses(keyed=bool(api_keys)))
   async def completions(request: CompletionRequest, http_request: Request):
-    check_request(request)
-    check_completion(request)
-    prompts = request.prompts()
-    if len(prompts) > 1 or request.echo:  # n choices of one prompt go on below
-      return await complete_each(request, prompts, http_request)
-    submitted = await submit(request, completion_ids(prompts[0], request.max_tokens),
-                             request.stops())
-    return await respond(request, ResponseShape(model_name, chat=False),
-                         len(submitted[0][0].prompt_ids), [d for _, d in submitted], http_request)
-
-  async def complete_each(request: CompletionRequest, prompts: list[str | list[int]],
-                          http_request: Request):
     """n choices per prompt, the prompt echoed before each completion when asked; whole or
     streamed (a streamed scoring request is scored as a whole one is, and sends each choice in
     one chunk)."""
+    check_request(request)
+    check_completion(request)
+    prompts = request.prompts()
     submitted = await submit_each(request, prompts)
-    shape, streams = ResponseShape(model_name, chat=False), [d for _, d in submitted]
     prompt_tokens = sum(len(generation.prompt_ids) for generation, _ in submitted[::request.n])
-    logprobs = [Logprobs(chat=False, token_bytes=engine.token_bytes, texts=token_texts)
-                if request.logprobs is not None else None for _ in submitted]
     each_choice = [prompt for prompt in prompts for _ in range(request.n)]
-    echoes = [prompt_echo(request, prompt, generation, shaping) if request.echo else None
-              for prompt, (generation, _), shaping in zip(each_choice, submitted, logprobs)]
-    if request.stream:
-      return StreamingResponse(
-          stream_events(request, shape, prompt_tokens, streams, logprobs, echoes),
-          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    received = await unless_disconnected(asyncio.gather(*map(collect, streams)), http_request)
-    if received is None:
-      log.info("a client left before its %d prompts were answered; they are cancelled",
-               len(submitted))
-      return Response(status_code=CLIENT_LEFT)
-    choices = []
-    for index, (deltas, shaping, echo) in enumerate(zip(received, logprobs, echoes)):
-      text, shown = choice_body(deltas, shaping, echo)
-      choices.append(shape.choice(index, text, deltas[-1].finish_reason if deltas else "length",
-                                  shown))
-    # Bytes made here skip FastAPI's jsonable_encoder, which walks every value of the echoed
-    # logprobs, and orjson writes them ~10x faster than json (an lm-eval request's echoed
-    # logprobs were most of its time in the event loop).
-    return Response(orjson.dumps(shape.whole(choices, prompt_tokens, sum(map(len, received)))),
-                    media_type="application/json")
+    echoes = [prompt_echo(request, prompt, generation) if request.echo else None
+              for prompt, (generation, _) in zip(each_choice, submitted)]
+    return await respond(request, ResponseShape(model_name, chat=False), prompt_tokens,
+                         [d for _, d in submitted], http_request, echoes)
 
   async def submit_each(request: CompletionRequest, prompts: list[str | list[int]]
                         ) -> list[tuple[Generation, AsyncIterator[list[Delta]]]]:
@@ -403,12 +383,13 @@ def create_app(engine: Engine, model_name: str | None = None,
       raise
     return submitted
 
-  def prompt_echo(request: CompletionRequest, prompt: str | list[int], generation: Generation,
-                  shaping: Logprobs | None) -> Callable[[], tuple[str, dict | None]]:
-    """(the prompt's text, its logprobs object when `shaping`), for `choice_body`: to be
-    called once `generation` has its prompt's logprobs (by its first delta, or its end)."""
+  def prompt_echo(request: CompletionRequest, prompt: str | list[int], generation: Generation
+                  ) -> Callable[[Logprobs | None], tuple[str, dict | None]]:
+    """f(shaping) = (the prompt's text, its logprobs object when `shaping`), for `choice_body`:
+    to be called once `generation` has its prompt's logprobs (by its first delta, or its end),
+    with the choice's own `shaping`, whose text offsets then follow the prompt's."""
     text = prompt if isinstance(prompt, str) else engine.decode(prompt)
-    return lambda: (text, shaping and shaping.of_prompt(
+    return lambda shaping: (text, shaping and shaping.of_prompt(
         generation.prompt_ids, generation.prompt_logprobs, request.logprobs,
         text_length=len(text)))
 
@@ -497,12 +478,12 @@ def usable_template(tokenizer) -> str | None:
 
 
 def choice_body(deltas: list[Delta], shaping: Logprobs | None,
-                echo: Callable[[], tuple[str, dict | None]] | None = None
+                echo: Callable[[Logprobs | None], tuple[str, dict | None]] | None = None
                 ) -> tuple[str, dict | None]:
   """(the text, the logprobs object) of a choice's `deltas` (all, or a chunk's), after its
   prompt's when `echo` (`prompt_echo`'s) is given: that is read first, since the deltas'
   text offsets follow the prompt's."""
-  prompt_text, prompt_logprobs = echo() if echo else ("", None)
+  prompt_text, prompt_logprobs = echo(shaping) if echo else ("", None)
   text = prompt_text + "".join(delta.text for delta in deltas)
   shown = shaping.of(deltas) if shaping else None
   return text, Logprobs.joined(prompt_logprobs, shown) if prompt_logprobs else shown
