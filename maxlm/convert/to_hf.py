@@ -125,16 +125,19 @@ def shard_plan(tensors: list[Tensor], dtype: np.dtype, max_bytes: int) -> list[l
   return shards
 
 
+def merged_tensors(config: ModelConfig) -> list[Tensor]:
+  """The model's tensors, a LoRA run's adapters merged into their kernels."""
+  return model_tensors(dataclasses.replace(config, lora_rank=0), False)
+
+
 def export_tensors(config: ModelConfig) -> list[Tensor]:
   """Every tensor an export writes: the merged model's, then a LoRA run's adapters."""
-  merged = model_tensors(dataclasses.replace(config, lora_rank=0), False)
-  return merged + (model_tensors(config, True) if config.lora_rank else [])
+  return merged_tensors(config) + (model_tensors(config, True) if config.lora_rank else [])
 
 
 def write_model(output_dir: Path, read: LayerReader, dtype: np.dtype, max_shard_bytes: int,
                 progress: Progress) -> None:
-  plan = shard_plan(model_tensors(dataclasses.replace(read.config, lora_rank=0), False),
-                    dtype, max_shard_bytes)
+  plan = shard_plan(merged_tensors(read.config), dtype, max_shard_bytes)
   weight_map, total = {}, 0
   for index, shard in enumerate(plan, 1):
     name = f"model-{index:05d}-of-{len(plan):05d}.safetensors"
