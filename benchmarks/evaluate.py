@@ -198,9 +198,9 @@ def cached_scoring_alone(engine: Engine, pairs, batch: int, cache_bytes: int):
   greedy = device_settings(SamplingSettings(temperature=0.0))
   forward = scorer._score_context[1]
 
-  def counted(*arguments):
+  def counted(*arguments, **windows):
     widths.append(arguments[1].shape[1])
-    return forward(*arguments)
+    return forward(*arguments, **windows)
 
   scorer._score_context[1] = counted
 

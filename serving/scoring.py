@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from maxlm import sampling, steps
+from maxlm.model import kv_cache
 from maxlm.evals.shared_prefixes import (  # noqa: F401  (importable from here too)
     common_prefix, empty_rows, group_tokens, laid_tokens, lay_group, shared_prefix_groups)
 from serving import scoring_cache
@@ -132,15 +133,19 @@ def score_pack_fn(graphdef, params, tokens, positions, segment_ids, branch_ids, 
 
 
 def score_context_pack_fn(graphdef, params, tokens, positions, segment_ids, branch_ids,
-                          context_ids, predecessor, last, context, context_owner, *, top: int
+                          context_ids, predecessor, last, context, context_owner, context_start,
+                          *, top: int, lookback: int, context_window: int
                           ) -> tuple[PackedScores, jax.Array, jax.Array]:
   """`score_pack_fn` over a `scoring_cache.ContextPack`: the row attends within its segments
-  and to its context. Also returns the row's own keys and values, [layers, 2, width, kv, d],
-  to keep."""
+  and to its context, each block of queries to its window of keys only. Also returns the
+  row's own keys and values, [layers, 2, width, kv, d], to keep."""
   model = nnx.merge(graphdef, params)
+  windows = kv_cache.PackedWindows(scoring_cache.QUERY_BLOCK, lookback, context_window,
+                                   context_start)
   caches = [{"context_k": layer[0][None], "context_v": layer[1][None],
              "context_owner": context_owner, "context_ids": context_ids,
-             "segment_ids": segment_ids, "branch_ids": branch_ids} for layer in context]
+             "segment_ids": segment_ids, "branch_ids": branch_ids, "windows": windows}
+            for layer in context]
   x, caches = model.decode(model.embed(tokens), positions, segment_ids, caches)
   return (*row_scores(model, x, tokens, predecessor, last, top),
           jnp.stack([jnp.stack([cache["k"][0], cache["v"][0]]) for cache in caches]))
@@ -253,7 +258,8 @@ class Scorer:
     self._sample = {top: jax.jit(functools.partial(sampled_first_tokens, graphdef, top=top))
                     for top in (1, MAX_COMPLETION_LOGPROBS)}
     self._score_context = {
-        top: jax.jit(functools.partial(score_context_pack_fn, graphdef, top=top))
+        top: jax.jit(functools.partial(score_context_pack_fn, graphdef, top=top),
+                     static_argnames=("lookback", "context_window"))
         for top in (1, MAX_COMPLETION_LOGPROBS)}
     self._lines: collections.deque[collections.deque[Request]] = collections.deque()
     self._waiting_prompts = 0
@@ -315,7 +321,8 @@ class Scorer:
         outputs = self._score[1](params, *self._arguments(laid))
       else:  # with nothing reused; longer contexts compile on first use
         laid = self._pack_with_context(prompts, [0], [None])
-        outputs = self._score_context[1](params, *self._context_arguments(laid))
+        outputs = self._score_context[1](params, *self._context_arguments(laid),
+                                              **self._context_windows(laid))
       x_last = jax.block_until_ready(outputs)[1]
       if len(laid.last) not in sampled_rows:
         sampled_rows.add(len(laid.last))
@@ -441,8 +448,8 @@ class Scorer:
               for prompt, (_, shared) in zip(prompts, matches)]
     laid = self._pack_with_context(
         prompts, reused, [entry if start else None for (entry, _), start in zip(matches, reused)])
-    scores, x_last, keys_values = self._score_context[top](self.engine.params,
-                                                            *self._context_arguments(laid))
+    scores, x_last, keys_values = self._score_context[top](
+        self.engine.params, *self._context_arguments(laid), **self._context_windows(laid))
     sampled = any(temperature > 0 for _, temperature, *_ in settings)
     choice = sampled and self._first_tokens(top, laid.positions[0, laid.last], x_last, settings)
     scores, keys_values = jax.device_get((scores, keys_values))
@@ -465,7 +472,11 @@ class Scorer:
 
   def _context_arguments(self, laid: scoring_cache.ContextPack) -> tuple:
     return (laid.tokens, laid.positions, laid.segment_ids, laid.branch_ids, laid.context_ids,
-            laid.predecessor, laid.last, laid.context, laid.context_owner)
+            laid.predecessor, laid.last, laid.context, laid.context_owner, laid.context_start)
+
+  @staticmethod
+  def _context_windows(laid: scoring_cache.ContextPack) -> dict:
+    return {"lookback": laid.lookback, "context_window": laid.context_window}
 
   def _deliver(self, request: Request, step: Step, row: int):
     if request.max_tokens == 0:

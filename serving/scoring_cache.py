@@ -30,6 +30,7 @@ from maxlm.evals.shared_prefixes import (common_prefix, empty_rows, group_tokens
                                          shared_prefix_groups)
 
 BLOCK = 4  # the index names a prompt's beginnings every BLOCK tokens
+QUERY_BLOCK = 32  # a packed row's queries attend in blocks of this many (`attention_windows`)
 DEFAULT_MEGABYTES = 256  # host memory for kept prompts (runs/tiny: 2 KiB a token)
 
 
@@ -144,6 +145,9 @@ class ContextPack:
                             # rest is at most BLOCK tokens only the longest (one-token choices
                             # after one passage: the passage once; a kept prompt lends any
                             # beginning of itself)
+  lookback: int             # `attention_windows`
+  context_window: int
+  context_start: np.ndarray  # int32 [width / QUERY_BLOCK]
 
 
 def pack_with_context(prompts: list[list[int]], reused: list[int],
@@ -205,7 +209,46 @@ def pack_with_context(prompts: list[list[int]], reused: list[int],
   return ContextPack(rows["tokens"], rows["positions"], rows["segment_ids"],
                      rows["branch_ids"], row["context_ids"][None], rows["predecessor"], spans,
                      last, context, context_owner, reused, list(entries),
-                     [index in kept for index in range(len(prompts))])
+                     [index in kept for index in range(len(prompts))],
+                     *attention_windows(row["segment_ids"], row["context_ids"], context_owner[0]))
+
+
+def attention_windows(segment_ids: np.ndarray, context_ids: np.ndarray,
+                      context_owner: np.ndarray) -> tuple[int, int, np.ndarray]:
+  """For a packed row (segment and context ids [width]) over its context (owners
+  [context_width]), which keys each block of QUERY_BLOCK queries needs (`kv_cache`'s
+  `PackedWindows`): (lookback, the most keys before a block's first query that its segment
+  reaches back; context_window, the most context keys between the first and the last kept
+  key of any block's contexts; context_start per block, where its context keys begin), both
+  widths rounded up to a power of two, one compiled program each. Padding needs nothing."""
+  width, context_width = len(segment_ids), len(context_owner)
+  index = np.arange(width)
+  segment_start = np.maximum.accumulate(
+      np.where(np.r_[True, segment_ids[1:] != segment_ids[:-1]], index, 0))
+  block_starts = index[::QUERY_BLOCK]
+  reach = (block_starts - segment_start[block_starts])[segment_ids[block_starts] != 0]
+  lookback = window_width(int(reach.max(initial=0)), width)
+  # Per context id, its first and last key; the last entry stands for no context (id 0).
+  first_key = np.full(max(context_ids.max(), context_owner.max()) + 2, context_width)
+  last_key = np.full_like(first_key, -1)
+  owned = np.flatnonzero(context_owner >= 0)
+  np.minimum.at(first_key, context_owner[owned], owned)
+  np.maximum.at(last_key, context_owner[owned], owned)
+  blocks = -(-width // QUERY_BLOCK)
+  in_blocks = np.full(blocks * QUERY_BLOCK, -1, np.int64)
+  in_blocks[:width] = np.where(context_ids == 0, -1, context_ids)
+  begin = first_key[in_blocks].reshape(blocks, QUERY_BLOCK).min(axis=1)
+  end = last_key[in_blocks].reshape(blocks, QUERY_BLOCK).max(axis=1) + 1
+  seen = end > begin
+  context_window = window_width(int((end - begin)[seen].max(initial=0)), context_width)
+  context_start = np.where(seen, np.minimum(begin, context_width - context_window), 0)
+  return lookback, context_window, context_start.astype(np.int32)
+
+
+def window_width(keys: int, limit: int) -> int:
+  """A window of at least `keys`: the power of two at or above it, 16 at least, `limit` at
+  most."""
+  return min(limit, max(16, 1 << max(keys - 1, 0).bit_length()))
 
 
 def context_width(tokens: int) -> int:

@@ -143,8 +143,9 @@ PREFILL_RTOL = 2e-6
 
 
 def wrap_forward(scorer: Scorer, wrapper):
-  """`wrapper(original, *arguments)` in place of the scorer's logprobs=1 forward (the one that
-  keeps what it scores, or without a cache the plain one); arguments[1] is the packed row."""
+  """`wrapper(original, *arguments, **windows)` in place of the scorer's logprobs=1 forward
+  (the one that keeps what it scores, or without a cache the plain one); arguments[1] is the
+  packed row."""
   programs = scorer._score_context if scorer.context_cache is not None else scorer._score
   programs[1] = functools.partial(wrapper, programs[1])
 
@@ -242,11 +243,11 @@ def test_prompts_waiting_together_share_one_forward_pass(engine):
   scorer = Scorer(engine)
   forwards, entered, gate = [], threading.Event(), threading.Event()
 
-  def counted(original, *args):
+  def counted(original, *args, **windows):
     entered.set()
     gate.wait(60)  # holds the first pack until the rest are queued behind it
     forwards.append(args[1].shape)
-    return original(*args)
+    return original(*args, **windows)
 
   wrap_forward(scorer, counted)
   scorer.start()
@@ -323,9 +324,9 @@ def test_choices_sharing_a_context_fill_one_pack_whose_raw_lengths_exceed_its_bu
   assert scorer.budget == 64
   forwards = []
 
-  def counted(original, *args):
+  def counted(original, *args, **windows):
     forwards.append(args[1].shape)
-    return original(*args)
+    return original(*args, **windows)
 
   wrap_forward(scorer, counted)
   scorer.start()

@@ -182,12 +182,47 @@ def test_packed_context_attention_equals_a_float64_reference():
   second nothing, the third (two branches after a shared token) another kept prompt of 3.
   Each query sees its own context's keys and its segment's earlier keys (its branch's or the
   shared ones); GQA, two query heads a key head."""
-  rng = np.random.default_rng(5)
-  heads, kv_heads, head_dim = 4, 2, 8
   segments = np.array([[1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3, 0, 0]])
   branches = np.array([[0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 0, 0]])
   context_ids = np.array([[1, 1, 1, 0, 0, 0, 0, 2, 2, 2, 2, 2, 0, 0]])
   owner = np.array([[1, 1, 1, 1, 1, 2, 2, 2, -1, -1]])
+  assert_packed_attention_as_float64(np.random.default_rng(5), segments, branches,
+                                     context_ids, owner)
+
+
+def test_each_query_block_attends_within_its_window_as_over_the_whole_row(monkeypatch):
+  """A row of 40 segments (lengths 1-9, some in branches after a shared prefix), most
+  continuing one of 30 kept prompts (lengths 1-12) laid in order, as `pack_with_context`
+  lays them, then padding: `attention_windows` gives each block of 8 queries a window of
+  the row and of the context, both much narrower than either, and every query's output
+  equals the float64 attention over the whole row and context."""
+  monkeypatch.setattr(scoring_cache, "QUERY_BLOCK", 8)
+  rng = np.random.default_rng(11)
+  segments, branches, context_ids, owner, context_id = [], [], [], [], 0
+  for segment in range(1, 41):
+    length, kept = int(rng.integers(1, 10)), rng.random() < 0.75
+    if kept:
+      context_id += 1
+      owner += [context_id] * int(rng.integers(1, 13))
+    shared = int(rng.integers(1, length)) if length > 3 and rng.random() < 0.4 else length
+    branch = [0] * shared + sorted(rng.integers(1, 3, length - shared).tolist())
+    segments += [segment] * length
+    branches += branch
+    context_ids += [context_id if kept else 0] * length
+  pad, context_pad = -len(segments) % 8 + 5, -len(owner) % 16 + 3
+  segments, branches = np.array([segments + [0] * pad]), np.array([branches + [0] * pad])
+  context_ids, owner = np.array([context_ids + [0] * pad]), np.array([owner + [-1] * context_pad])
+  lookback, context_window, context_start = scoring_cache.attention_windows(
+      segments[0], context_ids[0], owner[0])
+  assert lookback <= 16 and context_window <= 64
+  assert segments.shape[1] > 8 * lookback and owner.shape[1] > 3 * context_window
+  windows = kv_cache.PackedWindows(8, lookback, context_window, context_start)
+  assert_packed_attention_as_float64(rng, segments, branches, context_ids, owner, windows)
+
+
+def assert_packed_attention_as_float64(rng, segments, branches, context_ids, owner,
+                                       windows=None):
+  heads, kv_heads, head_dim = 4, 2, 8
   width, context_width = segments.shape[1], owner.shape[1]
   q = rng.normal(size=(1, width, heads, head_dim)).astype(np.float32) * 2
   k, v = (rng.normal(size=(1, width, kv_heads, head_dim)).astype(np.float32) for _ in "kv")
@@ -195,12 +230,15 @@ def test_packed_context_attention_equals_a_float64_reference():
                           .astype(np.float32) for _ in "kv")
   cache = kv_cache.write({"context_k": context_k, "context_v": context_v,
                           "context_owner": owner, "context_ids": context_ids,
-                          "segment_ids": segments, "branch_ids": branches}, k, v, None)
+                          "segment_ids": segments, "branch_ids": branches,
+                          **({"windows": windows} if windows else {})}, k, v, None)
   out = np.asarray(kv_cache.attend(cache, q, None))
 
   keys = np.concatenate([context_k[0], k[0]]).astype(np.float64)
   values = np.concatenate([context_v[0], v[0]]).astype(np.float64)
   for i in range(width):
+    if segments[0, i] == 0:
+      continue  # padding: nobody reads it
     seen = [owner[0, j] == context_ids[0, i] for j in range(context_width)] + [
         j <= i and segments[0, j] == segments[0, i] and branches[0, j] in (0, branches[0, i])
         for j in range(width)]
