@@ -31,6 +31,10 @@ from maxlm.evals.shared_prefixes import (common_prefix, empty_rows, group_tokens
 
 BLOCK = 4  # the index names a prompt's beginnings every BLOCK tokens
 QUERY_BLOCK = 32  # a packed row's queries attend in blocks of this many (`attention_windows`)
+# A block's windows of keys are one of these wide, or the whole row or context: few programs
+# to compile (lm-eval's HellaSwag-shaped requests need 64-256), and as fast as every power of
+# two from 16 on within the spread of runs.
+WINDOWS = (64, 256)
 DEFAULT_MEGABYTES = 256  # host memory for kept prompts (runs/tiny: 2 KiB a token)
 
 
@@ -220,7 +224,7 @@ def attention_windows(segment_ids: np.ndarray, context_ids: np.ndarray,
   `PackedWindows`): (lookback, the most keys before a block's first query that its segment
   reaches back; context_window, the most context keys between the first and the last kept
   key of any block's contexts; context_start per block, where its context keys begin), both
-  widths rounded up to a power of two, one compiled program each. Padding needs nothing."""
+  widths rounded up by `window_width`, one compiled program each. Padding needs nothing."""
   width, context_width = len(segment_ids), len(context_owner)
   index = np.arange(width)
   segment_start = np.maximum.accumulate(
@@ -246,9 +250,8 @@ def attention_windows(segment_ids: np.ndarray, context_ids: np.ndarray,
 
 
 def window_width(keys: int, limit: int) -> int:
-  """A window of at least `keys`: the power of two at or above it, 16 at least, `limit` at
-  most."""
-  return min(limit, max(16, 1 << max(keys - 1, 0).bit_length()))
+  """A window of at least `keys`: the first of WINDOWS that holds them, else `limit` (all)."""
+  return min(limit, next((width for width in WINDOWS if width >= keys), limit))
 
 
 def context_width(tokens: int) -> int:

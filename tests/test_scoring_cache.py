@@ -194,9 +194,11 @@ def test_each_query_block_attends_within_its_window_as_over_the_whole_row(monkey
   """A row of 40 segments (lengths 1-9, some in branches after a shared prefix), most
   continuing one of 30 kept prompts (lengths 1-12) laid in order, as `pack_with_context`
   lays them, then padding: `attention_windows` gives each block of 8 queries a window of
-  the row and of the context, both much narrower than either, and every query's output
+  the row and of the context (one of 8, 16, 64 keys wide), both much narrower than either,
+  and every query's output
   equals the float64 attention over the whole row and context."""
   monkeypatch.setattr(scoring_cache, "QUERY_BLOCK", 8)
+  monkeypatch.setattr(scoring_cache, "WINDOWS", (8, 16, 64))
   rng = np.random.default_rng(11)
   segments, branches, context_ids, owner, context_id = [], [], [], [], 0
   for segment in range(1, 41):
