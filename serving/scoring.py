@@ -25,9 +25,9 @@ import numpy as np
 from flax import nnx
 
 from maxlm import sampling, steps
-from maxlm.model import kv_cache
 from maxlm.evals.shared_prefixes import (  # noqa: F401  (importable from here too)
     common_prefix, empty_rows, group_tokens, laid_tokens, lay_group, shared_prefix_groups)
+from maxlm.model import kv_cache
 from serving import scoring_cache
 from serving.detokenize import TextStream
 from serving.engine import Engine, SamplingSettings, Step, device_settings
