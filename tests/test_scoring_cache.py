@@ -191,12 +191,12 @@ def test_packed_context_attention_equals_a_float64_reference():
 
 
 def test_each_query_block_attends_within_its_window_as_over_the_whole_row(monkeypatch):
-  """A row of 40 segments (lengths 1-9, some in branches after a shared prefix), most
-  continuing one of 30 kept prompts (lengths 1-12) laid in order, as `pack_with_context`
-  lays them, then padding: `attention_windows` gives each block of 8 queries a window of
-  the row and of the context (one of 8, 16, 64 keys wide), both much narrower than either,
-  and every query's output
-  equals the float64 attention over the whole row and context."""
+  """A row of 40 segments (lengths 1-9, some in branches after a shared prefix), about 3 in
+  4 continuing a kept prompt of their own (lengths 1-12), laid in order as
+  `pack_with_context` lays them, then padding: `attention_windows` gives each block of 8
+  queries a window of the row and of the context (8, 16 or 64 keys wide), both much
+  narrower than either, and every query's output equals the float64 attention over the
+  whole row and context."""
   monkeypatch.setattr(scoring_cache, "QUERY_BLOCK", 8)
   monkeypatch.setattr(scoring_cache, "WINDOWS", (8, 16, 64))
   rng = np.random.default_rng(11)
@@ -213,7 +213,8 @@ def test_each_query_block_attends_within_its_window_as_over_the_whole_row(monkey
     context_ids += [context_id if kept else 0] * length
   pad, context_pad = -len(segments) % 8 + 5, -len(owner) % 16 + 3
   segments, branches = np.array([segments + [0] * pad]), np.array([branches + [0] * pad])
-  context_ids, owner = np.array([context_ids + [0] * pad]), np.array([owner + [-1] * context_pad])
+  context_ids = np.array([context_ids + [0] * pad])
+  owner = np.array([owner + [-1] * context_pad])
   lookback, context_window, context_start = scoring_cache.attention_windows(
       segments[0], context_ids[0], owner[0])
   assert lookback <= 16 and context_window <= 64
