@@ -82,21 +82,22 @@ def check_image_data(task, config, manifest: dict, data_dir,
   vision = config.vision
   if image is None or vision is None:
     return
+  def rebuild(name: str, value: int) -> str:
+    return (f"bind {built_by}.{name}={value}" if built_by else
+            f"rerun beam_pipelines.prepare_images with --{name}={value}")
+
   height, width = image.shape[-3:-1]
   if (height, width) != (vision.image_size, vision.image_size):
-    rebuild = (f"bind {built_by}.image_size={vision.image_size}" if built_by else
-               f"rerun beam_pipelines.prepare_images with --image_size={vision.image_size}")
     raise UserError(f"--data_dir {data_dir} holds {height}x{width} images, but "
                     f"VisionConfig.image_size={vision.image_size}; bind VisionConfig.image_size="
-                    f"{height} or {rebuild}")
+                    f"{height} or {rebuild('image_size', vision.image_size)}")
   prepared = manifest.get("vision", {})
   if prepared.get("num_patches", vision.num_patches) != vision.num_patches:
-    rebuild = (f"bind {built_by}.patch_size={vision.patch_size}" if built_by else
-               f"rerun beam_pipelines.prepare_images with --patch_size={vision.patch_size}")
     raise UserError(f"--data_dir {data_dir} expands each image to {prepared['num_patches']} "
                     f"patches (--patch_size={prepared.get('patch_size')}), but "
                     f"VisionConfig.patch_size={vision.patch_size} cuts {vision.num_patches}; "
-                    f"bind VisionConfig.patch_size={prepared.get('patch_size')} or {rebuild}")
+                    f"bind VisionConfig.patch_size={prepared.get('patch_size')} or "
+                    f"{rebuild('patch_size', vision.patch_size)}")
 
 
 def siglip_loss(model, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
