@@ -114,10 +114,10 @@ def _attend_packed_context(layer_cache: LayerCache, q: jax.Array) -> jax.Array:
   masked scores (lm-eval's HellaSwag-shaped requests of 32 prompts on runs/tiny, whose
   packs of 384-704 tokens see 256-1,024 kept ones: 396 ms of forwards a pass without
   windows, 324-335 with)."""
-  segments, branches = layer_cache["segment_ids"], layer_cache["branch_ids"]
-  index = jnp.broadcast_to(jnp.arange(q.shape[1]), segments.shape)
   windows = layer_cache.get("windows")
-  if windows is None or windows.whole(*q.shape[1:2], layer_cache["context_k"].shape[1]):
+  if windows is None or windows.whole(q.shape[1], layer_cache["context_k"].shape[1]):
+    segments, branches = layer_cache["segment_ids"], layer_cache["branch_ids"]
+    index = jnp.broadcast_to(jnp.arange(q.shape[1]), segments.shape)
     mask = jnp.concatenate([
         (layer_cache["context_owner"][:, None, None, :]
          == layer_cache["context_ids"][:, None, :, None]),
