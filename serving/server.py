@@ -110,6 +110,9 @@ def create_app(engine: Engine, model_name: str | None = None,
   tokenizer = getattr(engine, "tokenizer", None)  # a stand-in engine has none
   missing_chat_tokens = missing_pieces(tokenizer, CHAT_STOPS) if tokenizer is not None else []
   model_template = usable_template(tokenizer) if missing_chat_tokens else None
+  if model_template:  # the template's bos is the one engine.prompt_ids puts in front
+    template_bos, template_eos = (tokenizer.id_to_piece(tokenizer.bos_id()),
+                                  tokenizer.id_to_piece(tokenizer.eos_id()))
   started = int(time.time())
   token_texts = TokenTexts(lambda token_id: engine.token_bytes(token_id))
   metrics = ServerMetrics()
@@ -408,10 +411,9 @@ def create_app(engine: Engine, model_name: str | None = None,
 
     def prompt_ids():
       turns = [(message.role, message.text()) for message in request.messages]
-      if model_template:  # its bos is the one engine.prompt_ids puts in front
-        bos, eos = (tokenizer.id_to_piece(tokenizer.bos_id()),
-                    tokenizer.id_to_piece(tokenizer.eos_id()))
-        prompt = hf_chat_prompt(model_template, turns, bos, eos).removeprefix(bos)
+      if model_template:
+        prompt = hf_chat_prompt(model_template, turns, template_bos,
+                                template_eos).removeprefix(template_bos)
       else:
         prompt = chat_prompt(turns)
       if images:
