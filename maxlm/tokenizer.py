@@ -17,10 +17,15 @@ from typing import Protocol, runtime_checkable
 
 import sentencepiece as spm
 
+from maxlm.errors import UserError
+
 SENTENCEPIECE_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "tokenizer.json"
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 HF_CHAT_TEMPLATE = "chat_template.jinja"  # where transformers >= 4.50 saves the template
+# Its eos_token_id (one id or a list): every id generation ends at, as transformers and vLLM
+# read it. Llama 3's instruct models list <|eot_id|> (and <|eom_id|>) beside <|end_of_text|>.
+HF_GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_FILES = (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE)  # a run dir holds one, looked up in order
 BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
 METASPACE = "\u2581"
@@ -51,6 +56,8 @@ class Tokenizer(Protocol):
 
   def pad_id(self) -> int: ...  # -1 when the tokenizer has none
 
+  def stop_ids(self) -> tuple[int, ...]: ...  # every id that ends a generation, eos first
+
 
 class SentencePieceTokenizer(spm.SentencePieceProcessor):
   """A SentencePiece model; `piece_bytes` added to its own methods."""
@@ -64,9 +71,13 @@ class SentencePieceTokenizer(spm.SentencePieceProcessor):
       return b""
     return piece.replace(METASPACE, " ").encode()
 
+  def stop_ids(self) -> tuple[int, ...]:
+    return (self.eos_id(),) if self.eos_id() >= 0 else ()
+
 
 class HuggingFaceTokenizer:
-  """A `tokenizers` tokenizer.json, with bos/eos/pad from its tokenizer_config.json."""
+  """A `tokenizers` tokenizer.json, with bos/eos/pad from its tokenizer_config.json (and,
+  through `load`, the further ids generation stops at from its generation_config.json)."""
 
   def __init__(self, tokenizer_json: str, config: dict | None = None):
     import tokenizers  # pylint: disable=import-outside-toplevel
@@ -79,6 +90,7 @@ class HuggingFaceTokenizer:
     self._eos = self._special_id(config.get("eos_token"), KNOWN_EOS)
     self._pad = self._special_id(config.get("pad_token"), ())
     self.chat_template = _default_template(config.get("chat_template"))
+    self._stops = (self._eos,) if self._eos >= 0 else ()
 
   def _special_id(self, named, known: tuple[str, ...]) -> int:
     name = named.get("content") if isinstance(named, dict) else named
@@ -129,6 +141,12 @@ class HuggingFaceTokenizer:
   def pad_id(self) -> int:
     return self._pad
 
+  def stop_ids(self) -> tuple[int, ...]:
+    return self._stops
+
+  def add_stops(self, token_ids: tuple[int, ...]) -> None:
+    self._stops = tuple(dict.fromkeys((*self._stops, *token_ids)))
+
 
 def _has_byte_level_decoder(decoder: dict | None) -> bool:
   if not decoder:
@@ -174,9 +192,42 @@ def from_bytes(name: str, content: bytes, config: dict | None = None) -> Tokeniz
 
 def load(path: str | os.PathLike) -> Tokenizer:
   """A tokenizer file: SentencePiece's .model, or tokenizer.json with the
-  tokenizer_config.json beside it (if any) naming bos/eos/pad."""
+  tokenizer_config.json beside it (if any) naming bos/eos/pad and the generation_config.json
+  beside it (if any) naming the ids generation stops at."""
   path = Path(path)
-  return from_bytes(path.name, path.read_bytes(), sibling_config(path))
+  tokenizer = from_bytes(path.name, path.read_bytes(), sibling_config(path))
+  if isinstance(tokenizer, HuggingFaceTokenizer):
+    tokenizer.add_stops(generation_stops(path.with_name(HF_GENERATION_CONFIG),
+                                         tokenizer.vocab_size()))
+  return tokenizer
+
+
+def generation_stops(path: Path, vocab_size: int) -> tuple[int, ...]:
+  """generation_config.json's eos_token_id as a tuple of ids (none when the file or the field
+  is absent); a file that is not JSON, or ids that are not the tokenizer's, raise UserError
+  naming the file and the field."""
+  if not path.is_file():
+    return ()
+  try:
+    config = json.loads(path.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise UserError(f"{path} is not valid JSON ({error}); fix it or delete it (it only names "
+                    "the token ids generation stops at)") from None
+  return stop_ids(config.get("eos_token_id") if isinstance(config, dict) else None,
+                  vocab_size, str(path))
+
+
+def stop_ids(eos_token_id, vocab_size: int, where: str) -> tuple[int, ...]:
+  """A Hugging Face config's eos_token_id (an id, a list of them, or None) as a tuple of ids;
+  anything else, or an id outside the vocabulary, raises UserError naming `where`."""
+  ids = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+  if ids is None:
+    return ()
+  if not (isinstance(ids, list) and all(
+      type(i) is int and 0 <= i < vocab_size for i in ids)):  # pylint: disable=unidiomatic-typecheck
+    raise UserError(f"{where}: eos_token_id={json.dumps(eos_token_id)}; give a token id or a "
+                    f"list of them, each in [0, {vocab_size}) (the tokenizer's vocabulary)")
+  return tuple(ids)
 
 
 def _default_template(chat_template) -> str | None:
@@ -217,12 +268,12 @@ def sha256(path: str | os.PathLike) -> str:
 
 def copy_into(path: str | os.PathLike, directory: str | os.PathLike) -> Path:
   """Copies a tokenizer file into `directory` as tokenizer.model or tokenizer.json (a .json's
-  tokenizer_config.json and chat_template.jinja with it), where `find` looks; returns the
-  copy."""
+  tokenizer_config.json, chat_template.jinja and generation_config.json with it), where `find`
+  looks; returns the copy."""
   path, directory = Path(path), Path(directory)
   if path.suffix != ".json":
     return Path(shutil.copy(path, directory / SENTENCEPIECE_FILE))
-  for sibling in (HF_TOKENIZER_CONFIG, HF_CHAT_TEMPLATE):
+  for sibling in (HF_TOKENIZER_CONFIG, HF_CHAT_TEMPLATE, HF_GENERATION_CONFIG):
     if (source := path.with_name(sibling)).is_file():
       shutil.copy(source, directory / sibling)
   return Path(shutil.copy(path, directory / HF_TOKENIZER_FILE))

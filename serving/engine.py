@@ -164,6 +164,8 @@ class Engine:
     self._size_cache(sampling.context_length(config, max_len), slots, kv_cache_memory,
                      block_size)
     self.eos_id = tokenizer.eos_id()
+    # eos and an imported model's generation_config.json ids: every token that ends a request
+    self.stop_ids = frozenset(tokenizer.stop_ids())
     self._prefill, _ = sampling.bind(graphdef)
     self._scored_prefill = jax.jit(functools.partial(sampling.scored_prefill_fn, graphdef))
     self._insert, self._step = paged_sampling.bind(graphdef)
@@ -390,10 +392,10 @@ class Engine:
     return [self.tokenizer.bos_id()] + self.tokenizer.encode(prompt)
 
   def decode(self, token_ids: list[int]) -> str:
-    """Their text; eos and the ids past the tokenizer's (the model's padded vocabulary rows,
-    which an undertrained model may still pick) have none."""
-    eos_id, vocab = self.eos_id, len(self._token_bytes)
-    return self.tokenizer.decode([t for t in token_ids if t != eos_id and t < vocab])
+    """Their text; eos (every stop id) and the ids past the tokenizer's (the model's padded
+    vocabulary rows, which an undertrained model may still pick) have none."""
+    stops, vocab = self.stop_ids, len(self._token_bytes)
+    return self.tokenizer.decode([t for t in token_ids if t not in stops and t < vocab])
 
   def token_bytes(self, token_id: int) -> bytes:
     """The bytes one token stands for (a byte-fallback piece is one raw byte)."""
@@ -486,7 +488,7 @@ class Engine:
     token_ids = list(prompt_ids)
     for _ in range(max_new_tokens):
       token_ids.append(int(np.argmax(self.logits_without_cache(token_ids)[-1])))
-      if stop_at_eos and token_ids[-1] == self.eos_id:
+      if stop_at_eos and token_ids[-1] in self.stop_ids:
         break
     return token_ids[len(prompt_ids):]
 

@@ -124,14 +124,14 @@ class Request:
     """Thread-safe: the loop frees the request's slot before its next decode step."""
     self.cancelled = True
 
-  def next_delta(self, step: Step, row: int, eos_id: int) -> Delta:
+  def next_delta(self, step: Step, row: int, stop_ids: frozenset[int]) -> Delta:
     token_id = int(step.tokens[row])
     self.generated += 1
     self.token_ids.append(token_id)
     top = tuple(zip(step.top_tokens[row, :self.top_logprobs].tolist(),
                     step.top_logprobs[row, :self.top_logprobs].tolist()))
     finish_reason = None
-    if token_id == eos_id and not self.ignore_eos:
+    if token_id in stop_ids and not self.ignore_eos:
       text, finish_reason = self.text.flush(), "stop"
     else:
       text, stopped = self.text.push(token_id)
@@ -500,7 +500,7 @@ class Orchestrator:
     done = request.cancelled
     if not done:
       try:
-        delta = request.next_delta(step, row, self.engine.eos_id)
+        delta = request.next_delta(step, row, self.engine.stop_ids)
       except Exception as e:  # noqa: BLE001 - its text (detokenizing, stop strings)
         self._fail(request, "turning its token into text", e)
         return

@@ -483,7 +483,7 @@ class Scorer:
       self._finish(request, None)
       return
     try:
-      delta = request.next_delta(step, row, self.engine.eos_id)
+      delta = request.next_delta(step, row, self.engine.stop_ids)
       request.emit(delta)
     except Exception as e:  # noqa: BLE001 - its text (detokenizing, stop strings)
       self._finish(request, e)

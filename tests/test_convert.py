@@ -4,6 +4,7 @@ compared against transformers' own forward pass."""
 import collections
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -327,6 +328,71 @@ def test_an_imported_model_with_its_own_tokenizer_json_serves(tmp_path):
   ids = engine.encode(text)
   np.testing.assert_allclose(engine.logits_without_cache(ids),
                              hf_logits(hf_model, np.asarray([ids]))[0], atol=TOLERANCE)
+
+
+def _greedy_completion(run_dir, prompt: str) -> dict:
+  from fastapi.testclient import TestClient  # pylint: disable=import-outside-toplevel
+
+  from serving.engine import Engine  # pylint: disable=import-outside-toplevel
+  from serving.server import create_app  # pylint: disable=import-outside-toplevel
+  engine = Engine.from_checkpoint(run_dir, slots=1)
+  with TestClient(create_app(engine, model_name="imported")) as client:
+    response = client.post("/v1/completions", json={
+        "model": "imported", "prompt": prompt, "max_tokens": 4, "temperature": 0,
+        "logprobs": 1})
+  assert response.status_code == 200, response.text
+  return response.json()
+
+
+def test_generation_stops_at_every_eos_id_the_generation_config_lists(tmp_path):
+  """Llama 3's instruct models end a turn with <|eot_id|>, listed beside <|end_of_text|> in
+  generation_config.json's eos_token_id: the server stops there as transformers does."""
+  from serving.engine import Engine  # pylint: disable=import-outside-toplevel
+  make_hf_dir(tmp_path / "hf", "gqa_untied")
+  from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "plain")
+  engine = Engine.from_checkpoint(tmp_path / "plain", slots=1)
+  prompt = "the lazy fox"
+  first = int(np.argmax(engine.logits_without_cache(engine.encode(prompt))[-1]))
+  assert first != engine.eos_id and engine.stop_ids == {2}
+  plain = _greedy_completion(tmp_path / "plain", prompt)["choices"][0]
+  assert plain["finish_reason"] == "length" and len(plain["logprobs"]["tokens"]) == 4
+
+  generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+  (tmp_path / "hf" / "generation_config.json").write_text(
+      json.dumps({**generation, "eos_token_id": [2, first]}))
+  from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "listed")
+  assert Engine.from_checkpoint(tmp_path / "listed", slots=1).stop_ids == {2, first}
+  listed = _greedy_completion(tmp_path / "listed", prompt)
+  assert listed["choices"][0]["finish_reason"] == "stop"
+  assert listed["choices"][0]["text"] == "" and listed["usage"]["completion_tokens"] == 1
+  to_hf.export(tmp_path / "listed", tmp_path / "exported")
+  assert transformers.GenerationConfig.from_pretrained(
+      tmp_path / "exported").eos_token_id == [2, first]
+
+
+def test_a_list_of_eos_ids_in_config_json_alone_becomes_the_run_dirs_generation_config(
+    tmp_path):
+  make_hf_dir(tmp_path / "hf", "gqa_untied")
+  (tmp_path / "hf" / "generation_config.json").unlink()
+  hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  (tmp_path / "hf" / "config.json").write_text(json.dumps({**hf_config, "eos_token_id": [2, 7]}))
+  from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  tokenizer = tokenizer_lib.load(tmp_path / "run" / "tokenizer.json")
+  assert tokenizer.eos_id() == 2 and tokenizer.stop_ids() == (2, 7)
+
+
+@pytest.mark.parametrize("content, named", [
+    ('{"eos_token_id": [2, 9999]}', "generation_config.json: eos_token_id=[2, 9999]; give a "
+     "token id or a list of them, each in [0, 288)"),
+    ('{"eos_token_id": "</s>"}', 'generation_config.json: eos_token_id="</s>"'),
+    ('{"eos_token_id": [2,', "generation_config.json is not valid JSON"),
+])
+def test_a_bad_generation_config_is_refused_at_import_naming_the_file(tmp_path, content, named):
+  make_hf_dir(tmp_path / "hf", "gqa_untied")
+  (tmp_path / "hf" / "generation_config.json").write_text(content)
+  with pytest.raises(UserError, match=re.escape(str(tmp_path / "hf" / named))):
+    from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  assert not (tmp_path / "run").exists()
 
 
 def test_an_imported_model_refuses_chat_in_one_line_and_still_completes(tmp_path):

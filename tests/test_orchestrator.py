@@ -33,6 +33,7 @@ class FakeEngine:
   step. Its prefill turns the settings into the device's types as the real engine does, and
   `decode` refuses the id `poison`."""
   model_name, context_length, eos_id, quantize = "fake", 1000, -1, "none"
+  stop_ids = frozenset()
 
   def __init__(self, slots: int = 2, seconds_per_token: float = 0.0, poison: int = -1,
                fail_generate: bool = False):
@@ -211,6 +212,7 @@ class TokenizerEngine(FakeEngine):
   def __init__(self, tokenizer, script: list[int]):
     super().__init__(slots=2)
     self.tokenizer, self.script, self.eos_id = tokenizer, script, tokenizer.eos_id()
+    self.stop_ids = frozenset({tokenizer.eos_id()})
 
   def prompt_ids(self, prompt: str, max_tokens: int | None):
     return [self.tokenizer.bos_id()] + self.tokenizer.encode(prompt), max_tokens
