@@ -300,11 +300,10 @@ def build_pipeline(pipeline: beam.Pipeline, files: list[tuple[str, str | None]],
 
 
 def check_settings(output_dir: str, seq_len: int, validation_fraction: float, kind: str,
-                   num_shards: int) -> None:
+                   num_shards: int, seed: int = 0) -> None:
   if not output_dir:
     raise ValueError("--output_dir is empty; name the directory to write")
-  if seq_len < 2:
-    raise ValueError(f"--seq_len must be at least 2, got {seq_len}")
+  records.check_seq_len_and_seed(seq_len, seed, least=2)
   if not 0 <= validation_fraction < 1:
     raise ValueError(f"--validation_fraction must be in [0, 1), got {validation_fraction}")
   if kind not in ("auto", *chat_examples.KINDS):
@@ -333,7 +332,7 @@ def run(inputs: list[str], output_dir: str, *, tokenizer: str, seq_len: int,
         remove_stale_staging: bool = False) -> dict:
   """Runs the pipeline to completion and returns the manifest it wrote."""
   start = time.perf_counter()
-  check_settings(output_dir, seq_len, validation_fraction, kind, num_shards)
+  check_settings(output_dir, seq_len, validation_fraction, kind, num_shards, seed)
   prepare_text.check_output_dir(output_dir, overwrite)
   files, total_bytes = input_files(inputs, list(validation_inputs))
   kind = sniff_kind([path for path, _ in files]) if kind == "auto" else kind

@@ -258,14 +258,13 @@ def report_markdown(manifest: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def check_settings(settings: Settings, validation_fraction: float) -> None:
+def check_settings(settings: Settings, validation_fraction: float, seed: int = 0) -> None:
   size, patch = settings["image_size"], settings["patch_size"]
   if size < 1 or patch < 1 or size % patch:
     raise ValueError(f"--image_size {size} must be a positive multiple of --patch_size {patch}")
   if settings["max_images"] < 1:
     raise ValueError(f"--max_images must be at least 1, got {settings['max_images']}")
-  if settings["seq_len"] < 2:
-    raise ValueError(f"--seq_len must be at least 2, got {settings['seq_len']}")
+  records.check_seq_len_and_seed(settings["seq_len"], seed, least=2)
   if settings.num_patches >= settings["seq_len"]:
     raise ValueError(f"--image_size {size} / --patch_size {patch} makes {settings.num_patches} "
                      f"patches per image, which leave no room for text in --seq_len "
@@ -308,7 +307,7 @@ def run(inputs: list[str], output_dir: str, *, tokenizer: str, image_size: int,
   start = time.perf_counter()
   settings = Settings(image_size=image_size, patch_size=patch_size, max_images=max_images,
                       max_image_pixels=max_image_pixels, seq_len=seq_len)
-  check_settings(settings, validation_fraction)
+  check_settings(settings, validation_fraction, seed)
   prepare_text.check_output_dir(output_dir, overwrite)
   files, total_bytes = work_items(list(inputs), list(validation_inputs))
   chat_tokenizer = prepare_chat.Tokenizer(tokenizer)

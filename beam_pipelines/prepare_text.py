@@ -256,9 +256,8 @@ def shards_for_bytes(input_bytes: int) -> int:
 
 
 def check_settings(vocab_size: int, seq_len: int, validation_fraction: float,
-                   stages: StageFlags, trains_tokenizer: bool = True) -> None:
-  if seq_len < 1:
-    raise ValueError(f"--seq_len must be at least 1, got {seq_len}")
+                   stages: StageFlags, trains_tokenizer: bool = True, seed: int = 0) -> None:
+  records.check_seq_len_and_seed(seq_len, seed, least=1)
   if trains_tokenizer and vocab_size < 300:
     raise ValueError(f"--vocab_size must be at least 300 (256 byte pieces + specials), "
                      f"got {vocab_size}")
@@ -357,7 +356,8 @@ def run(inputs: list[str] | list[Source], output_dir: str, *, vocab_size: int, s
   given = None
   if tokenizer:
     given, vocab_size = given_tokenizer(tokenizer)
-  check_settings(vocab_size, seq_len, validation_fraction, stages, trains_tokenizer=not given)
+  check_settings(vocab_size, seq_len, validation_fraction, stages, trains_tokenizer=not given,
+                 seed=seed)
   if not given:
     check_sample_budget(spm_sample_docs, spm_sample_bytes)
   report_stale_staging(output_dir, remove_stale_staging)

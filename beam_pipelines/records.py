@@ -28,6 +28,21 @@ RECORD_FIELDS = ("tokens", "segment_ids", "positions")  # the packed text fields
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.model"
 SPLITS = ("train", "validation")
+# The longest row the pipelines pack: a million tokens (the longest contexts trained today),
+# 4 MB an int32 field. Beyond it a row is a typo's gigabytes held open in every bucket.
+MAX_SEQ_LEN = 1 << 20
+# Seeds salt a 64-bit hash (`documents.document_key`).
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
+
+
+def check_seq_len_and_seed(seq_len: int, seed: int, least: int) -> None:
+  """--seq_len in [least, MAX_SEQ_LEN] and --seed a signed 64-bit integer, or ValueError."""
+  if not least <= seq_len <= MAX_SEQ_LEN:
+    raise ValueError(f"--seq_len must be at least {least} and at most {MAX_SEQ_LEN}, got "
+                     f"{seq_len}")
+  if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+    raise ValueError(f"--seed must be a signed 64-bit integer, in [{SEED_RANGE[0]}, "
+                     f"{SEED_RANGE[1]}], got {seed}")
 
 
 class Field(NamedTuple):

@@ -388,7 +388,9 @@ def test_overlong_lines_are_dead_letters_and_reading_goes_on(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--seq_len=1"], "--seq_len must be at least 2"),
+    (["--seq_len=1"], "--seq_len must be at least 2 and at most 1048576, got 1"),
+    (["--seq_len=100000000"], "--seq_len must be at least 2 and at most 1048576, got 100000000"),
+    ([f"--seed={2 ** 63}"], "--seed must be a signed 64-bit integer"),
     (["--kind=dpo"], "--kind must be auto, sft or preference"),
     (["--validation_fraction=1"], "--validation_fraction must be in"),
     (["--num_shards=-1"], "--num_shards must be 0 (one per 256 MiB of input) or more, got -1"),

@@ -500,3 +500,20 @@ def test_an_output_dir_that_is_or_is_under_a_file_is_refused_in_one_line(
     assert error.startswith(f"prepare_text: {message.format(root=tmp_path)}")
   assert (tmp_path / "a.jsonl").read_text() == '{"text": "data the user keeps"}\n'
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "in.txt"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seq_len=0"], "--seq_len must be at least 1 and at most 1048576, got 0"),
+    (["--seq_len=100000000"], "--seq_len must be at least 1 and at most 1048576, got 100000000"),
+    ([f"--seed={-2 ** 63 - 1}"], "--seed must be a signed 64-bit integer"),
+])
+def test_a_row_length_or_seed_out_of_range_is_refused_before_reading(
+    tmp_path, capsys, flags, message):
+  (tmp_path / "in.txt").write_text("a document\n")
+  with pytest.raises(SystemExit) as exit_info:
+    prepare_text.main([f"--input={tmp_path}/in.txt", f"--output_dir={tmp_path}/out",
+                       "--no_langid", *flags])
+  assert exit_info.value.code == 2
+  [error] = capsys.readouterr().err.strip().splitlines()
+  assert error.startswith(f"prepare_text: {message}")
+  assert not (tmp_path / "out").exists()
