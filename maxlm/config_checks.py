@@ -315,23 +315,24 @@ def check_run_configuration(train_arguments: Mapping[str, Any]) -> None:
   for configurable in (vit.VisionConfig, ModelConfig, tasks.Pretrain,
                        optim.learning_rate_schedule, optim.make_optimizer, sharding.make_mesh):
     check_values(configurable.__name__, gin.get_bindings(configurable))
-  check_experts_split(gin.get_bindings(ModelConfig).get("num_experts", 0),
-                      gin.get_bindings(sharding.make_mesh))
+  check_mesh(gin.get_bindings(ModelConfig).get("num_experts", 0),
+             gin.get_bindings(sharding.make_mesh))
 
 
-def check_experts_split(num_experts: int, mesh_bindings: Mapping[str, Any]) -> None:
-  """Each device of the mesh's expert axis holds an equal share of every MoE layer's experts
-  (else the first step's trace fails, after the workdir is made)."""
+def check_mesh(num_experts: int, mesh_bindings: Mapping[str, Any]) -> None:
+  """The mesh's sizes fit this host's devices, and each device of its expert axis holds an
+  equal share of every MoE layer's experts (else the first step's trace fails, after the
+  workdir is made)."""
   arguments = inspect.signature(sharding.make_mesh).bind(**mesh_bindings)
   arguments.apply_defaults()
   sizes = {axis: arguments.arguments[axis] for axis in sharding.MESH_AXES}
-  if num_experts and sizes["expert"] == -1:
+  if arguments.arguments["devices"] is None:  # gin may not name devices; a caller might
     try:
       sizes = sharding.mesh_sizes(**sizes, num_devices=jax.device_count())
-    except ValueError:
-      return  # make_mesh says which sizes do not fit the devices
+    except ValueError as error:
+      raise UserError(str(error)) from None
   expert = sizes["expert"]
-  if num_experts and num_experts % expert:
+  if num_experts and expert != -1 and num_experts % expert:
     raise UserError(f"ModelConfig.num_experts={num_experts} must be a multiple of "
                     f"make_mesh.expert={expert}, the devices the experts are split over; "
                     "change one of them")

@@ -46,21 +46,25 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1,
 
 
 def mesh_sizes(data: int, fsdp: int, tensor: int, expert: int, num_devices: int) -> dict:
-  """{mesh axis: size} of `make_mesh`'s arguments on `num_devices`, the -1 axis resolved."""
-  sizes = [data, expert, fsdp, tensor]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
-  known = int(np.prod([s for s in sizes if s != -1]))
-  if -1 in sizes:
+  """{mesh axis: size} of `make_mesh`'s arguments on `num_devices`, the -1 axis resolved.
+  Sizes that do not fit raise ValueError in the form "make_mesh.AXIS=value must be ..."."""
+  sizes = dict(zip(MESH_AXES, (data, expert, fsdp, tensor)))
+  shown = lambda names: ", ".join(f"make_mesh.{n}={sizes[n]}" for n in names)  # noqa: E731
+  if len(rest := [axis for axis, size in sizes.items() if size == -1]) > 1:
+    raise ValueError(f"{shown(rest)} must be -1 on one axis at most (it takes the devices "
+                     "the others leave); give the others sizes")
+  known = int(np.prod([size for size in sizes.values() if size != -1]))
+  if rest:
+    others = [axis for axis in MESH_AXES if axis not in rest]
     if num_devices % known:
-      raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} do not divide "
-                       f"the {num_devices} available devices")
-    sizes[sizes.index(-1)] = num_devices // known
-  if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices "
-                     f"but {num_devices} are available; set make_mesh.data/fsdp/tensor/expert "
-                     "to match")
-  return dict(zip(MESH_AXES, sizes))
+      raise ValueError(f"{shown(rest)} must take the devices the other axes leave, but "
+                       f"{shown(others)} make {known}, which does not divide the {num_devices} "
+                       "available devices; choose sizes whose product divides them")
+    sizes[rest[0]] = num_devices // known
+  elif known != num_devices:
+    raise ValueError(f"{shown(MESH_AXES)} must multiply to the {num_devices} available devices, "
+                     f"not {known}; change a size, or set one to -1 to take the rest")
+  return sizes
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int],

@@ -144,7 +144,18 @@ def _run_train(argv, monkeypatch, capsys) -> tuple[int, str]:
     ("--gin_param=ModelConfig.vision = 5", "ModelConfig.vision=5 must be @VisionConfig() or None"),
     ("--gin_param=ModelConfig.lora_targets = 5",
      "ModelConfig.lora_targets=5 must be a list of projection names, e.g. ['q', 'v']"),
-    # 8 fake devices: 12 experts do not split 8 ways, whether given or left over (-1)
+    # 8 fake devices
+    ("--gin_param=make_mesh.data = 3",
+     "make_mesh.fsdp=-1 must take the devices the other axes leave, but make_mesh.data=3, "
+     "make_mesh.expert=1, make_mesh.tensor=1 make 3, which does not divide the 8 available "
+     "devices; choose sizes whose product divides them"),
+    ("--gin_param=make_mesh.data = 2\nmake_mesh.fsdp = 2\nmake_mesh.tensor = 4",
+     "make_mesh.data=2, make_mesh.expert=1, make_mesh.fsdp=2, make_mesh.tensor=4 must multiply "
+     "to the 8 available devices, not 16; change a size, or set one to -1 to take the rest"),
+    ("--gin_param=make_mesh.data = -1",
+     "make_mesh.data=-1, make_mesh.fsdp=-1 must be -1 on one axis at most (it takes the "
+     "devices the others leave); give the others sizes"),
+    # 12 experts do not split 8 ways, whether given or left over (-1)
     ("--gin_param=ModelConfig.num_experts = 12\nmake_mesh.expert = 8\nmake_mesh.fsdp = 1",
      "ModelConfig.num_experts=12 must be a multiple of make_mesh.expert=8, the devices the "
      "experts are split over; change one of them"),
