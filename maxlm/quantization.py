@@ -5,7 +5,9 @@ channel (symmetric, round to nearest: |error| <= scale / 2), four times smaller 
 model consumes an `Int8Array` where it uses the weight: a projection quantizes its input per
 token on the fly and runs an int8 x int8 -> int32 matmul, scaled afterwards (XLA:CPU does not
 fuse an int8 -> float convert into a dot, so a weight-only matmul would build a float copy of
-the whole weight on every call); the embedding gathers int8 rows and scales them.
+the whole weight on every call); the embedding gathers int8 rows and scales them. MoE
+experts [experts, in, out] have a scale per expert and output channel, and run as int8
+grouped matmuls (`grouped_dense`, `per_group_dense`).
 """
 
 import dataclasses
@@ -20,6 +22,10 @@ import jax.numpy as jnp
 class Int8Array:
   values: jax.Array  # int8, the parameter's shape
   scale: jax.Array   # float32, the parameter's shape with its contracted axes reduced to 1
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.values.shape
 
 
 def quantize_int8(weight: jax.Array, reduced_axes: tuple[int, ...] = (0,)) -> Int8Array:
@@ -38,8 +44,8 @@ def _key_name(key) -> str:
 
 def reduced_axes(path: tuple[str, ...], ndim: int) -> tuple[int, ...] | None:
   """The axes a Transformer parameter at `path` (`blocks/0/attention/q` as a tuple) contracts
-  over, which its int8 scale reduces; None for a parameter that stays float (norms, MoE
-  experts and router, the vision tower, LoRA adapters)."""
+  over, which its int8 scale reduces; None for a parameter that stays float (norms, the MoE
+  router, the vision tower, LoRA adapters)."""
   if path[0] in ("vision", "projector") or ndim < 2:
     return None
   name, parent = path[-1], path[-2] if len(path) > 1 else ""
@@ -51,6 +57,8 @@ def reduced_axes(path: tuple[str, ...], ndim: int) -> tuple[int, ...] | None:
     return (0, 1)
   if parent in ("mlp", "shared_mlp") and name in ("gate", "up", "down") and ndim == 2:
     return (0,)
+  if parent == "mlp" and name in ("gate", "up", "down") and ndim == 3:  # MoE [experts, in, out]
+    return (1,)
   return None
 
 
@@ -125,3 +133,24 @@ def take_rows(kernel: Int8Array, ids: jax.Array, dtype) -> jax.Array:
   """Rows `ids` ([...] int) of an int8 kernel [n, k] with one scale per row: [..., k]."""
   rows = jnp.take(kernel.values, ids, axis=0).astype(jnp.float32)
   return (rows * jnp.take(kernel.scale, ids, axis=0)).astype(dtype)
+
+
+def grouped_dense(x: jax.Array, kernel: Int8Array, group_sizes: jax.Array,
+                  row_groups: jax.Array) -> jax.Array:
+  """`jax.lax.ragged_dot` with an int8 kernel: rows x [rows, in], sorted by group (`group_sizes`
+  of them each), times kernel [groups, in, out] whose scale [groups, 1, out] reduces `in`;
+  row_groups [rows]: each row's group. Returns [rows, out] in x's dtype."""
+  x_int8, x_scale = quantize_rows(x)
+  product = jax.lax.ragged_dot(x_int8, kernel.values, group_sizes,
+                               preferred_element_type=jnp.int32)
+  scale = jnp.take(kernel.scale[:, 0, :], row_groups, axis=0)
+  return (product.astype(jnp.float32) * x_scale * scale).astype(x.dtype)
+
+
+def per_group_dense(x: jax.Array, kernel: Int8Array) -> jax.Array:
+  """Each group's rows through its own int8 kernel: x [..., groups, rows, in], kernel [groups,
+  in, out] (scale [groups, 1, out]) -> [..., groups, rows, out] in x's dtype."""
+  x_int8, x_scale = quantize_rows(x)
+  product = jnp.einsum("...ecd,edf->...ecf", x_int8, kernel.values,
+                       preferred_element_type=jnp.int32)
+  return (product.astype(jnp.float32) * x_scale * kernel.scale).astype(x.dtype)

@@ -1,8 +1,10 @@
 """maxlm.quantization: int8 math against NumPy's integers, and the compiled program XLA runs
 for the server: which weights reach it as int8, and that it makes no float copy of them."""
 
+import hashlib
 import math
 import re
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -10,11 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sentencepiece as spm
 from test_paged_kv import numpy_attention, numpy_int8_rows
-from test_serving import PROMPT, random_run
+from test_serving import CONTEXT, PROMPT, random_run, save_random_checkpoint, train_tokenizer
 
 from maxlm import quantization
-from maxlm.model import kv_cache
+from maxlm.model import ModelConfig, kv_cache
 from serving.engine import Engine, SamplingSettings, with_serving_dtype
 from serving.orchestrator import Orchestrator
 
@@ -141,9 +144,33 @@ def test_only_the_language_models_matrices_are_quantized():
       quantized["embedding"], block["attention"]["o"], block["shared_mlp"]["down"])] == [True] * 3
   assert not any(quantization.is_quantized(leaf) for leaf in (
       quantized["final_norm"]["scale"], quantized["vision"]["patch"],
-      block["attention"]["q_lora_a"], block["mlp"]["router"], block["mlp"]["gate"]))
+      block["attention"]["q_lora_a"], block["mlp"]["router"]))
   assert block["attention"]["o"].scale.shape == (1, 1, 4)
   assert quantized["embedding"].scale.shape == (8, 1)
+  assert block["mlp"]["gate"].scale.shape == (3, 1, 8)  # MoE experts: one scale per expert
+
+
+def test_int8_expert_matmuls_equal_numpy_integer_matmuls_per_expert():
+  """MoE experts [experts, in, out]: the dropless path's grouped matmul over copies sorted by
+  expert, and the capacity path's per-expert buffers."""
+  rng = np.random.default_rng(9)
+  weight = rng.normal(size=(3, 8, 12)).astype(np.float32)
+  kernel = quantization.quantize_int8(weight, (1,))
+  w_values, w_step = numpy_int8(weight.astype(np.float64), 1)
+  row_experts = np.array([0, 0, 2, 2, 2, 2])  # expert 1 gets no copy
+  copies = rng.normal(size=(6, 8)).astype(np.float32)
+  copies[3] = 0.0
+  got = quantization.grouped_dense(jnp.asarray(copies), kernel, jnp.asarray([2, 0, 4]),
+                                   jnp.asarray(row_experts))
+  x_values, x_step = numpy_int8(copies.astype(np.float64), -1)
+  expected = np.stack([(x_values[row] @ w_values[e]) * x_step[row] * w_step[e, 0]
+                       for row, e in enumerate(row_experts)])
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
+  buffers = rng.normal(size=(2, 3, 5, 8)).astype(np.float32)  # [batch, experts, capacity, in]
+  got = quantization.per_group_dense(jnp.asarray(buffers), kernel)
+  x_values, x_step = numpy_int8(buffers.astype(np.float64), -1)
+  expected = np.einsum("becd,edf->becf", x_values, w_values) * x_step * w_step
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -179,6 +206,37 @@ def test_int8_engine_stays_near_float_and_its_paged_decode_equals_its_full_recom
   int8 = Engine.from_checkpoint(run_dir, slots=2, quantize="int8")
   assert quantization.nbytes(int8.params) < 0.3 * quantization.nbytes(engine.params)
   # INIT_SCALE's sharp random model amplifies rounding: weight-only int8 measured KL 0.06 here
+  assert_near_float(engine, int8, max_kl=0.15, min_agreement=0.8)
+  prompt_ids = engine.encode(PROMPT)
+  assert served_greedy(int8, prompt_ids, 8) == int8.greedy_decode_without_cache(prompt_ids, 8)
+
+
+def test_an_int8_moe_engine_keeps_its_experts_int8_and_stays_near_float(tmp_path):
+  """Experts hold most of an MoE model's weights: int8 at rest and inside the program (the
+  dropless path's grouped matmuls take the int8 values), the logits near float32's, and
+  paged decode equal to the full recompute."""
+  tokenizer_file = train_tokenizer(tmp_path)
+  vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer_file)).vocab_size()
+  config = ModelConfig(vocab_size=vocab_size, num_layers=2, embed_dim=64, num_heads=4,
+                       num_kv_heads=2, head_dim=16, mlp_dim=128, max_seq_len=CONTEXT,
+                       num_experts=8, experts_per_token=2, moe_mlp_dim=32,
+                       num_shared_experts=1, first_dense_layers=1)
+  save_random_checkpoint(tmp_path / "run", config,
+                         hashlib.sha256(tokenizer_file.read_bytes()).hexdigest())
+  shutil.copy(tokenizer_file, tmp_path / "run" / "tokenizer.model")
+  engine = Engine.from_checkpoint(tmp_path / "run", slots=2)
+  int8 = Engine.from_checkpoint(tmp_path / "run", slots=2, quantize="int8")
+  experts = [block["mlp"][name] for block in int8.params["blocks"].values()
+             if "router" in block["mlp"] for name in ("gate", "up", "down")]
+  assert len(experts) == 3 and all(quantization.is_quantized(kernel) for kernel in experts)
+  assert quantization.nbytes(int8.params) < 0.3 * quantization.nbytes(engine.params)
+  rows, table = np.full(1, int8.slots, np.int32), np.zeros((1, 1), np.int32)
+  text = int8._step.lower(int8.params, int8.init_decode_state(), rows, table).compile().as_text()
+  signature = entry_signature(text)
+  for kernel in experts:
+    assert f"s8[{shape_text(kernel.values.shape)}]" in signature
+  for shape in float_copy_shapes({"experts": experts}):
+    assert not re.search(rf"f32\[{shape}\]", text), shape
   assert_near_float(engine, int8, max_kl=0.15, min_agreement=0.8)
   prompt_ids = engine.encode(PROMPT)
   assert served_greedy(int8, prompt_ids, 8) == int8.greedy_decode_without_cache(prompt_ids, 8)

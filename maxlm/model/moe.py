@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from maxlm import sharding
+from maxlm import quantization, sharding
 from maxlm.model import layers
 
 DISPATCHES = ("dropless", "capacity")
@@ -118,12 +118,28 @@ def slots(experts: jax.Array, num_experts: int) -> jax.Array:
   return place.reshape(experts.shape[::-1]).T
 
 
-def swiglu_experts(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+def per_expert(x: jax.Array, kernel) -> jax.Array:
+  """x [..., experts, capacity, in] through each expert's kernel [experts, in, out] (float,
+  or int8 for serving)."""
+  if quantization.is_quantized(kernel):
+    return quantization.per_group_dense(x, kernel)
+  return jnp.einsum("...ecd,edf->...ecf", x, kernel)
+
+
+def grouped(copies: jax.Array, kernel, group_sizes: jax.Array,
+            row_experts: jax.Array) -> jax.Array:
+  """Token copies [rows, in] sorted by expert through their experts' kernels (float, or int8
+  for serving); row_experts [rows]: each copy's expert."""
+  if quantization.is_quantized(kernel):
+    return quantization.grouped_dense(copies, kernel, group_sizes, row_experts)
+  return jax.lax.ragged_dot(copies, kernel, group_sizes)
+
+
+def swiglu_experts(x: jax.Array, gate, up, down) -> jax.Array:
   """Every expert on its own buffer. x: [..., experts, capacity, embed]; gate, up:
   [experts, embed, mlp]; down: [experts, mlp, embed]. Returns x's shape."""
-  hidden = layers.swiglu(jnp.einsum("...ecd,edf->...ecf", x, gate),
-                         jnp.einsum("...ecd,edf->...ecf", x, up))
-  return jnp.einsum("...ecf,efd->...ecd", hidden, down)
+  hidden = layers.swiglu(per_expert(x, gate), per_expert(x, up))
+  return per_expert(hidden, down)
 
 
 def dropless(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: jax.Array,
@@ -135,9 +151,10 @@ def dropless(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: jax.Arr
   order = jnp.argsort(flat, stable=True)
   group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
   copies = x[order // k]                                               # [tokens * k, embed]
-  hidden = layers.swiglu(jax.lax.ragged_dot(copies, gate, group_sizes),
-                         jax.lax.ragged_dot(copies, up, group_sizes))
-  out = jnp.zeros_like(copies).at[order].set(jax.lax.ragged_dot(hidden, down, group_sizes))
+  row_experts = flat[order]
+  hidden = layers.swiglu(grouped(copies, gate, group_sizes, row_experts),
+                         grouped(copies, up, group_sizes, row_experts))
+  out = jnp.zeros_like(copies).at[order].set(grouped(hidden, down, group_sizes, row_experts))
   return jnp.einsum("tkd,tk->td", out.reshape(*experts.shape, -1), weights.astype(x.dtype))
 
 
@@ -244,7 +261,8 @@ class MoE(nnx.Module):
     logits = layers.dense(tokens.astype(jnp.float32), self.router[...])
     bias = self.routing_bias[...] if c.routing_bias else None
     weights, experts = route(logits, c.experts_per_token, c.renormalize_routing, bias)
-    gate, up, down = (kernel[...].astype(x.dtype) for kernel in (self.gate, self.up, self.down))
+    gate, up, down = (_as_dtype(kernel.get_value(), x.dtype)
+                      for kernel in (self.gate, self.up, self.down))
     factor = c.capacity_factor if c.moe_dispatch == "capacity" else None
     token_axes = _expert_token_axes(tokens.shape, c.num_experts)
     if token_axes is not None:
@@ -257,6 +275,11 @@ class MoE(nnx.Module):
     self.sow(nnx.Intermediate, "router_stats",
              router_stats(logits, experts, factor, token_axes, bias), capture_noop=True)
     return out.reshape(x.shape)
+
+
+def _as_dtype(kernel, dtype):
+  """A float kernel in the compute dtype; an int8 one (serving) as it is."""
+  return kernel if quantization.is_quantized(kernel) else kernel.astype(dtype)
 
 
 def router_stats(logits: jax.Array, experts: jax.Array, factor: float | None,
