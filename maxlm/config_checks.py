@@ -338,6 +338,27 @@ def check_mesh(num_experts: int, mesh_bindings: Mapping[str, Any]) -> None:
                     "change one of them")
 
 
+MOE_ONLY = {"ModelConfig": ("experts_per_token", "moe_mlp_dim", "num_shared_experts",
+                            "moe_every", "first_dense_layers", "moe_dispatch", "capacity_factor",
+                            "renormalize_routing", "routing_bias"),
+            "make_optimizer": ("router_learning_rate_scale", "routing_bias_learning_rate_scale",
+                               "routing_bias_update_rate")}
+
+
+def ignored_moe_settings(bindings: Mapping[str, Mapping[str, Any]]) -> str | None:
+  """A warning line naming the MoE bindings a dense model (ModelConfig.num_experts=0) leaves
+  unused, e.g. moe_tiny.gin run with num_experts=0 as a dense baseline; None when there are
+  none. bindings: {configurable name: its gin bindings}."""
+  if bindings.get("ModelConfig", {}).get("num_experts", 0):
+    return None
+  unused = [f"{configurable}.{name}" for configurable, names in MOE_ONLY.items()
+            for name in names if name in bindings.get(configurable, {})]
+  if not unused:
+    return None
+  return (f"warning: ModelConfig.num_experts=0 (a dense model) leaves {', '.join(unused)} "
+          "unused")
+
+
 def build_model_config(**values) -> ModelConfig:
   """ModelConfig(**values), gin filling in the rest. Every field is checked first, since a
   wrong type would fail inside ModelConfig's own cross-field checks with a traceback, and

@@ -49,7 +49,7 @@ from maxlm import steps as train_steps
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.config_checks import (UserError, build_model_config, changed_numerics,
                                  check_compatible, check_run_configuration, check_same_model,
-                                 resolve_model_config)
+                                 ignored_moe_settings, resolve_model_config)
 from maxlm.default_corpus import ensure_default_corpus
 from maxlm.model import ModelConfig, attention
 
@@ -92,6 +92,9 @@ def _checked_and_locked(train_fn):
       check_run_configuration(arguments.arguments)
     except ValueError as error:  # a constructor gin runs to read a binding (VisionConfig's own)
       raise UserError(str(error).splitlines()[0]) from None
+    if warning := ignored_moe_settings({configurable.__name__: gin.get_bindings(configurable)
+                                        for configurable in (ModelConfig, optim.make_optimizer)}):
+      _log(warning)
     workdir = Path(arguments.arguments["workdir"])
     new_workdir = not workdir.exists()
     try:

@@ -13,7 +13,7 @@ import pytest
 from maxlm import optim, sharding
 from maxlm import train as train_module
 from maxlm.config_checks import (RULES, UserError, build_model_config, changed_numerics,
-                                 check_run_configuration, check_values)
+                                 check_run_configuration, check_values, ignored_moe_settings)
 from maxlm.model import ModelConfig
 from maxlm.model.vit import VisionConfig
 
@@ -178,3 +178,16 @@ def test_a_run_that_computes_with_another_rope_theta_than_its_init_from_is_warne
   assert "rope_theta=10000.0 (it used 500000.0)" in warning and "runs/llama" in warning
   assert changed_numerics(imported, ModelConfig(vocab_size=64, rope_theta=500000.0,
                                                 dtype="bfloat16"), "runs/llama") is None
+
+
+def test_a_dense_model_names_the_moe_bindings_it_leaves_unused():
+  moe_tiny_as_dense = {"ModelConfig": {"num_experts": 0, "experts_per_token": 4,
+                                       "routing_bias": True, "embed_dim": 192},
+                       "make_optimizer": {"routing_bias_update_rate": 0.2, "b2": 0.95}}
+  assert ignored_moe_settings(moe_tiny_as_dense) == (
+      "warning: ModelConfig.num_experts=0 (a dense model) leaves ModelConfig.experts_per_token, "
+      "ModelConfig.routing_bias, make_optimizer.routing_bias_update_rate unused")
+  with_experts = {**moe_tiny_as_dense,
+                  "ModelConfig": {**moe_tiny_as_dense["ModelConfig"], "num_experts": 8}}
+  assert ignored_moe_settings(with_experts) is None
+  assert ignored_moe_settings({"ModelConfig": {"embed_dim": 64}}) is None
