@@ -101,10 +101,14 @@ def _parse_json(line: bytes):
 
 
 def _parquet_rows(f):
+  """A Parquet file's rows as JSON-like dicts. One schema holds every row, so a row has null
+  in the columns of the other row formats (a file mixing `messages` rows with `prompt` +
+  `completion` ones): a null field is left out, as a JSONL row would not have it."""
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   rows = itertools.chain.from_iterable(
       batch.to_pylist() for batch in pq.ParquetFile(f).iter_batches(reading.PARQUET_BATCH_ROWS))
-  yield from enumerate(rows, 1)
+  yield from enumerate(({key: value for key, value in row.items() if value is not None}
+                        for row in rows), 1)
 
 
 def sniff_kind(paths: list[str]) -> str:

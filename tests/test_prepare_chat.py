@@ -508,6 +508,24 @@ def test_parquet_rows_with_binary_and_timestamp_columns_are_prepared(tmp_path, t
   assert (tmp_path / "out" / "dead_letter.jsonl").read_text() == ""
 
 
+def test_a_parquet_file_mixing_row_formats_prepares_every_row(tmp_path, tokenizer_dir):
+  """Parquet gives every row every column: a `messages` row's `prompt` and `completion` are
+  null, and a `prompt` + `completion` row's `messages`."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  rows = GOOD_SFT[:3]  # two `messages` rows, one `prompt` + `completion` row
+  columns = ("messages", "prompt", "completion")
+  pq.write_table(pa.table({name: [row.get(name) for row in rows] for name in columns}),
+                 tmp_path / "rows.parquet")
+  written = pq.read_table(tmp_path / "rows.parquet").to_pylist()
+  assert written[0]["prompt"] is None and written[2]["messages"] is None
+  manifest = prepare_chat.run([str(tmp_path / "rows.parquet")], str(tmp_path / "out"),
+                              tokenizer=str(tokenizer_dir), seq_len=SEQ_LEN,
+                              validation_fraction=0.0)
+  assert manifest["splits"]["train"]["documents"] == 3
+  assert (tmp_path / "out" / "dead_letter.jsonl").read_text() == ""
+
+
 def test_an_empty_output_dir_exits_2_with_one_line_and_writes_nothing(
     tmp_path, tokenizer_dir, capsys, monkeypatch):
   (tmp_path / "rows.jsonl").write_text(json.dumps(GOOD_SFT[0]) + "\n")
