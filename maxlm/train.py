@@ -705,10 +705,19 @@ def _has_binding(name: str) -> bool:
     return False
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, a bad flag raising UserError (one `error:` line, exit 2, as every
+  other mistake in the command is) where absl's own prints FATAL and exits 1."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    raise UserError(f"{error}; `python -m maxlm.train --helpshort` lists the flags") from None
+
+
 def run():
   """Console entry: user errors print one line instead of a traceback."""
   try:
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
   except UserError as error:
     # gin appends "In call to configurable ..." lines; the first line says what to fix.
     print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)

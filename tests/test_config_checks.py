@@ -172,6 +172,18 @@ def test_each_bad_value_from_the_issue_exits_2_with_one_line_before_anything_is_
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize("flag, message", [
+    ("--bogus_flag=1", "Unknown command line flag 'bogus_flag'"),
+    ("--steps=abc", "flag --steps=abc: invalid literal for int() with base 10: 'abc'"),
+])
+def test_a_bad_command_line_flag_exits_2_with_one_line_as_other_mistakes_do(
+    flag, message, tmp_path, monkeypatch, capsys):
+  code, stderr = _run_train([f"--workdir={tmp_path / 'run'}", flag], monkeypatch, capsys)
+  assert (code, stderr) == (2, f"error: {message}; `python -m maxlm.train --helpshort` lists "
+                               "the flags\n")
+  assert not (tmp_path / "run").exists()
+
+
 def test_a_run_that_computes_with_another_rope_theta_than_its_init_from_is_warned_by_name():
   imported = {"model_config": dataclasses.asdict(ModelConfig(vocab_size=64, rope_theta=500000.0))}
   warning = changed_numerics(imported, ModelConfig(vocab_size=64), "runs/llama")
