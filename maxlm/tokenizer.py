@@ -224,7 +224,7 @@ def stop_ids(eos_token_id, vocab_size: int, where: str) -> tuple[int, ...]:
   if ids is None:
     return ()
   if not (isinstance(ids, list) and all(
-      type(i) is int and 0 <= i < vocab_size for i in ids)):  # pylint: disable=unidiomatic-typecheck
+      isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids)):
     raise UserError(f"{where}: eos_token_id={json.dumps(eos_token_id)}; give a token id or a "
                     f"list of them, each in [0, {vocab_size}) (the tokenizer's vocabulary)")
   return tuple(ids)

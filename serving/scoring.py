@@ -196,9 +196,9 @@ def position_scores(logits: jax.Array, tokens: jax.Array, predecessor: jax.Array
   Each token's log-probability after the one at its predecessor, and the `top` likeliest
   tokens after each position. The reductions go `block` rows at a time, which stay in
   cache: 1.6x faster on CPU than over all rows at once for a pack of 768."""
-  def block_scores(block):
-    largest, log_z = sampling.log_normalizer(block)
-    return log_z, *likeliest(block, largest, log_z, top)
+  def block_scores(block_logits):
+    largest, log_z = sampling.log_normalizer(block_logits)
+    return log_z, *likeliest(block_logits, largest, log_z, top)
 
   log_z, top_tokens, top_logprobs = jax.lax.map(
       block_scores, logits.reshape(-1, block, logits.shape[-1]))

@@ -38,6 +38,7 @@ MODEL = "fake"
 class FakeEngine:
   """Slot i holds the index of the next letter to emit; `generate` advances every slot."""
   model_name, context_length, eos_id, quantize = MODEL, 1000, -1, "none"
+  stop_ids = frozenset()
 
   def __init__(self, seconds_per_token: float = 0.0, fail_after: int | None = None,
                slots: int = 2):
