@@ -206,15 +206,23 @@ def generation_stops(path: Path, vocab_size: int) -> tuple[int, ...]:
   """generation_config.json's eos_token_id as a tuple of ids (none when the file or the field
   is absent); a file that is not JSON, or ids that are not the tokenizer's, raise UserError
   naming the file and the field."""
+  return stop_ids(read_generation_config(path).get("eos_token_id"), vocab_size, str(path))
+
+
+def read_generation_config(path: Path) -> dict:
+  """A generation_config.json as a dict ({} when there is none); a file that is not a JSON
+  object raises UserError naming it."""
   if not path.is_file():
-    return ()
+    return {}
   try:
     config = json.loads(path.read_text(encoding="utf-8"))
   except (json.JSONDecodeError, UnicodeDecodeError) as error:
     raise UserError(f"{path} is not valid JSON ({error}); fix it or delete it (it only names "
-                    "the token ids generation stops at)") from None
-  return stop_ids(config.get("eos_token_id") if isinstance(config, dict) else None,
-                  vocab_size, str(path))
+                    "the ids generation stops at and default sampling settings)") from None
+  if not isinstance(config, dict):
+    raise UserError(f"{path} holds a JSON {type(config).__name__}, not an object; fix it or "
+                    "delete it")
+  return config
 
 
 def stop_ids(eos_token_id, vocab_size: int, where: str) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ and exists as the independent reference for all of it.
 
 import dataclasses
 import functools
+import json
 import os
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from flax import nnx
 
 from maxlm import checkpoint, paged_sampling, quantization, runs, sampling, sharding, steps
 from maxlm import tokenizer as tokenizer_lib
+from maxlm.errors import UserError
 from maxlm.evals import text_ids
 from maxlm.model import ModelConfig, merge_adapters, paged_kv
 from serving import kv_pages, paged_prefill, prefix_cache, vision_prefill
@@ -66,6 +68,31 @@ def device_settings(settings: SamplingSettings) -> tuple:
   int32 raises here; the server's request shapes refuse it (and every other range) first."""
   return (sampling.seed_words(settings.seed), np.float32(settings.temperature),
           np.float32(settings.top_p), np.int32(settings.top_k))
+
+
+# generation_config.json's sampling fields a request's omitted ones default to, as vLLM's
+# `--generation-config auto` takes them, with the ranges the request shapes allow.
+SAMPLING_DEFAULTS = {
+    "temperature": (lambda v: isinstance(v, (int, float)) and 0 <= v <= 2, "a number in [0, 2]"),
+    "top_p": (lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (lambda v: isinstance(v, int) and v >= -1, "an integer, -1 or more"),
+}
+
+
+def sampling_defaults(path: Path) -> dict[str, float | int]:
+  """The sampling settings a generation_config.json names ({} without one): what a request
+  that leaves them out samples with. A value outside its range raises UserError naming the
+  file and the field."""
+  config = tokenizer_lib.read_generation_config(path)
+  defaults = {}
+  for name, (valid, what) in SAMPLING_DEFAULTS.items():
+    if name in config and config[name] is not None:
+      value = config[name]
+      if isinstance(value, bool) or not valid(value):
+        raise UserError(f"{path}: {name}={json.dumps(value)} must be {what}; fix it, or serve "
+                        "with --generation_config=vllm to leave the file's defaults out")
+      defaults[name] = value
+  return defaults
 
 
 def load_tokenizer(path: Path, expected_sha256: str | None) -> tokenizer_lib.Tokenizer:
@@ -164,6 +191,8 @@ class Engine:
     self._size_cache(sampling.context_length(config, max_len), slots, kv_cache_memory,
                      block_size)
     self.eos_id = tokenizer.eos_id()
+    # what a request's omitted sampling settings default to: a run dir's generation_config.json
+    self.sampling_defaults: dict[str, float | int] = {}
     # eos and an imported model's generation_config.json ids: every token that ends a request
     self.stop_ids = frozenset(tokenizer.stop_ids())
     self._prefill, _ = sampling.bind(graphdef)
@@ -209,11 +238,14 @@ class Engine:
     config = dataclasses.replace(config, moe_dispatch="dropless")
     params, config = with_serving_dtype(params, config, dtype)
     graphdef, _ = steps.abstract_model(config)  # LoRA merged: no adapter cost per token
-    return cls(graphdef, params, config, tokenizer,
-               model_name=model_name or checkpoints.parent.name, max_len=max_len, slots=slots,
-               quantize=quantize, kv_cache_memory=kv_cache_memory,
-               prefix_caching=prefix_caching, max_prefill_chunk=max_prefill_chunk,
-               kv_cache_dtype=kv_cache_dtype, step=step)
+    engine = cls(graphdef, params, config, tokenizer,
+                 model_name=model_name or checkpoints.parent.name, max_len=max_len,
+                 slots=slots, quantize=quantize, kv_cache_memory=kv_cache_memory,
+                 prefix_caching=prefix_caching, max_prefill_chunk=max_prefill_chunk,
+                 kv_cache_dtype=kv_cache_dtype, step=step)
+    engine.sampling_defaults = sampling_defaults(
+        tokenizer_file.with_name(tokenizer_lib.HF_GENERATION_CONFIG))
+    return engine
 
   def _size_cache(self, context_length: int, slots: int | None, kv_cache_memory: float | None,
                   block_size: int):

@@ -97,11 +97,16 @@ def read_api_keys(path: str | Path) -> list[str]:
 def create_app(engine: Engine, model_name: str | None = None,
                api_keys: list[str] | None = None, *, max_queue: int = 64,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               media: MediaPolicy = DEFAULT_MEDIA, scorer: Scorer | None = None) -> FastAPI:
+               media: MediaPolicy = DEFAULT_MEDIA, scorer: Scorer | None = None,
+               sampling_defaults: dict | None = None) -> FastAPI:
   """The app, with its orchestrator already running (`app.state.orchestrator`), and the
   scorer of lm-eval's requests (`app.state.scorer`; made here unless given, None for a
-  stand-in engine without a model)."""
+  stand-in engine without a model). `sampling_defaults`: what a request's omitted
+  temperature, top_p and top_k are (default: the engine's, from its run dir's
+  generation_config.json)."""
   model_name = model_name or engine.model_name
+  if sampling_defaults is None:
+    sampling_defaults = getattr(engine, "sampling_defaults", {})
   # The engine hook for images: an engine with a vision tower says its image side here.
   image_size = getattr(engine, "image_size", None)
   # An imported model's own tokenizer has no chat tokens: rendered as plain text, maxlm's
@@ -247,8 +252,12 @@ def create_app(engine: Engine, model_name: str | None = None,
     vLLM's do), so each is reproducible and they differ."""
     loop = asyncio.get_running_loop()
     deltas: asyncio.Queue = asyncio.Queue()
+    sampled = {name: getattr(request, name) if name in request.model_fields_set
+               else sampling_defaults.get(name, getattr(request, name))
+               for name in ("temperature", "top_p", "top_k")}
     settings = SamplingSettings(
-        temperature=request.temperature, top_p=request.top_p, top_k=max(request.top_k, 0),
+        temperature=sampled["temperature"], top_p=sampled["top_p"],
+        top_k=max(sampled["top_k"], 0),
         seed=secrets.randbits(63) if request.seed is None else request.seed + choice)
     generation = Generation(
         prompt_ids, max_tokens=max_tokens, settings=settings, stops=stops,
@@ -621,6 +630,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--max_queue", type=int, default=64,
                       help="generations (prompts x n) that may wait for a slot; one more "
                            "gets 429, a request for more than that at once 400")
+  parser.add_argument("--generation_config", choices=("auto", "vllm"), default="auto",
+                      help="auto: a request's omitted temperature, top_p and top_k take the "
+                      "values of the run dir's generation_config.json (an imported model's), "
+                      "as vLLM's --generation-config auto; vllm: the API's defaults (1, 1, off)")
   parser.add_argument("--quantize", choices=("none", "int8"), default="none",
                       help="int8: int8 weights, also in the compiled program (4x smaller)")
   parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
@@ -829,8 +842,15 @@ def main(argv=None):
   media = MediaPolicy(args.max_images_per_request, tuple(
       d.strip() for d in args.allowed_media_domains.split(",") if d.strip()),
                       args.max_image_pixels)
+  sampling_defaults = engine.sampling_defaults if args.generation_config == "auto" else {}
+  if sampling_defaults:
+    log.info("a request that leaves out %s samples with the model's generation_config.json: "
+             "%s (--generation_config=vllm: the API's defaults instead)",
+             ", ".join(sampling_defaults),
+             ", ".join(f"{name}={value}" for name, value in sampling_defaults.items()))
   app = create_app(engine, api_keys=api_keys, max_queue=args.max_queue,
-                   max_request_bytes=args.max_request_bytes, media=media, scorer=scorer)
+                   max_request_bytes=args.max_request_bytes, media=media, scorer=scorer,
+                   sampling_defaults=sampling_defaults)
   log.info("model on CPU cores %s; HTTP and the decode loop on %s", engine_cores, http_cores)
   limits = ConnectionLimits(args.max_connections, args.header_timeout_s, args.body_timeout_s)
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",

@@ -370,6 +370,47 @@ def test_generation_stops_at_every_eos_id_the_generation_config_lists(tmp_path):
       tmp_path / "exported").eos_token_id == [2, first]
 
 
+def test_a_request_that_leaves_out_sampling_settings_takes_the_generation_configs(tmp_path):
+  """As vLLM's --generation-config auto: the model's top_k=1 makes a request without one
+  greedy; the request's own value, or the API's defaults (--generation_config=vllm), win."""
+  from fastapi.testclient import TestClient  # pylint: disable=import-outside-toplevel
+
+  from serving.engine import Engine  # pylint: disable=import-outside-toplevel
+  from serving.server import create_app  # pylint: disable=import-outside-toplevel
+  make_hf_dir(tmp_path / "hf", "gqa_untied")
+  (tmp_path / "hf" / "generation_config.json").write_text(json.dumps(
+      {"eos_token_id": 2, "temperature": 0.9, "top_k": 1, "do_sample": True}))
+  from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  engine = Engine.from_checkpoint(tmp_path / "run", slots=2)
+  assert engine.sampling_defaults == {"temperature": 0.9, "top_k": 1}
+  request = {"model": "imported", "prompt": "the lazy fox", "max_tokens": 8, "seed": 5,
+             "ignore_eos": True}
+
+  def texts(client, *extras) -> list[str]:
+    return [client.post("/v1/completions", json={**request, **extra}).json()[
+        "choices"][0]["text"] for extra in extras]
+
+  with TestClient(create_app(engine, model_name="imported")) as client:
+    model_defaults, greedy, own_top_k, api_values = texts(
+        client, {}, {"temperature": 0}, {"top_k": -1}, {"temperature": 1, "top_k": 0})
+  assert model_defaults == greedy and own_top_k != greedy
+  engine = Engine.from_checkpoint(tmp_path / "run", slots=2)
+  with TestClient(create_app(engine, model_name="imported", sampling_defaults={})) as client:
+    [api_defaults] = texts(client, {})
+  assert api_defaults == api_values != greedy  # temperature 1, top_k off, the same seed
+
+
+def test_a_sampling_default_outside_its_range_is_refused_naming_the_file(tmp_path):
+  from serving.engine import Engine  # pylint: disable=import-outside-toplevel
+  make_hf_dir(tmp_path / "hf", "gqa_untied")
+  (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"temperature": 3}))
+  from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "run")
+  with pytest.raises(UserError, match=re.escape(
+      f"{tmp_path / 'run' / 'generation_config.json'}: temperature=3 must be a number in "
+      "[0, 2]; fix it, or serve with --generation_config=vllm")):
+    Engine.from_checkpoint(tmp_path / "run", slots=1)
+
+
 def test_a_list_of_eos_ids_in_config_json_alone_becomes_the_run_dirs_generation_config(
     tmp_path):
   make_hf_dir(tmp_path / "hf", "gqa_untied")
