@@ -71,8 +71,14 @@ class SentencePieceTokenizer(spm.SentencePieceProcessor):
       return b""
     return piece.replace(METASPACE, " ").encode()
 
+  _extra_stops: tuple[int, ...] = ()
+
   def stop_ids(self) -> tuple[int, ...]:
-    return (self.eos_id(),) if self.eos_id() >= 0 else ()
+    eos = (self.eos_id(),) if self.eos_id() >= 0 else ()
+    return tuple(dict.fromkeys((*eos, *self._extra_stops)))
+
+  def add_stops(self, token_ids: tuple[int, ...]) -> None:
+    self._extra_stops = (*self._extra_stops, *token_ids)
 
 
 class HuggingFaceTokenizer:
@@ -192,13 +198,13 @@ def from_bytes(name: str, content: bytes, config: dict | None = None) -> Tokeniz
 
 def load(path: str | os.PathLike) -> Tokenizer:
   """A tokenizer file: SentencePiece's .model, or tokenizer.json with the
-  tokenizer_config.json beside it (if any) naming bos/eos/pad and the generation_config.json
-  beside it (if any) naming the ids generation stops at."""
+  tokenizer_config.json beside it (if any) naming bos/eos/pad; either with the
+  generation_config.json beside it (if any: an imported model's) naming the ids generation
+  stops at."""
   path = Path(path)
   tokenizer = from_bytes(path.name, path.read_bytes(), sibling_config(path))
-  if isinstance(tokenizer, HuggingFaceTokenizer):
-    tokenizer.add_stops(generation_stops(path.with_name(HF_GENERATION_CONFIG),
-                                         tokenizer.vocab_size()))
+  tokenizer.add_stops(generation_stops(path.with_name(HF_GENERATION_CONFIG),
+                                       tokenizer.vocab_size()))
   return tokenizer
 
 
@@ -275,13 +281,15 @@ def sha256(path: str | os.PathLike) -> str:
 
 
 def copy_into(path: str | os.PathLike, directory: str | os.PathLike) -> Path:
-  """Copies a tokenizer file into `directory` as tokenizer.model or tokenizer.json (a .json's
-  tokenizer_config.json, chat_template.jinja and generation_config.json with it), where `find`
-  looks; returns the copy."""
+  """Copies a tokenizer file into `directory` as tokenizer.model or tokenizer.json (with the
+  generation_config.json beside it, and a .json's tokenizer_config.json and
+  chat_template.jinja), where `find` looks; returns the copy."""
   path, directory = Path(path), Path(directory)
+  if (generation := path.with_name(HF_GENERATION_CONFIG)).is_file():
+    shutil.copy(generation, directory / HF_GENERATION_CONFIG)
   if path.suffix != ".json":
     return Path(shutil.copy(path, directory / SENTENCEPIECE_FILE))
-  for sibling in (HF_TOKENIZER_CONFIG, HF_CHAT_TEMPLATE, HF_GENERATION_CONFIG):
+  for sibling in (HF_TOKENIZER_CONFIG, HF_CHAT_TEMPLATE):
     if (source := path.with_name(sibling)).is_file():
       shutil.copy(source, directory / sibling)
   return Path(shutil.copy(path, directory / HF_TOKENIZER_FILE))

@@ -3,21 +3,26 @@ compared against transformers' own forward pass."""
 
 import collections
 import dataclasses
+import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sentencepiece as spm
 from flax import nnx
+from test_serving import CONTEXT, save_random_checkpoint
+from test_tokenizer import train_sentencepiece
 
 from maxlm import checkpoint, steps
 from maxlm import tokenizer as tokenizer_lib
 from maxlm.convert import from_hf, hf_llama, safetensors_file, to_hf
 from maxlm.errors import UserError
-from maxlm.model import vit
+from maxlm.model import ModelConfig, vit
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -398,6 +403,28 @@ def test_a_request_that_leaves_out_sampling_settings_takes_the_generation_config
   with TestClient(create_app(engine, model_name="imported", sampling_defaults={})) as client:
     [api_defaults] = texts(client, {})
   assert api_defaults == api_values != greedy  # temperature 1, top_k off, the same seed
+
+
+def test_a_sentencepiece_models_generation_config_comes_in_and_goes_out_with_it(tmp_path):
+  """Llama 2's kind: tokenizer.model, and a generation_config.json with sampling defaults."""
+  from serving.engine import Engine  # pylint: disable=import-outside-toplevel
+  tokenizer_file = tmp_path / "spm.model"  # as beam_pipelines.prepare_text trains them
+  tokenizer_file.write_bytes(train_sentencepiece("bpe"))
+  sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
+  config = ModelConfig(vocab_size=sp.vocab_size(), num_layers=1, embed_dim=32, num_heads=2,
+                       num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=CONTEXT)
+  save_random_checkpoint(tmp_path / "run", config,
+                         hashlib.sha256(tokenizer_file.read_bytes()).hexdigest())
+  shutil.copy(tokenizer_file, tmp_path / "run" / "tokenizer.model")
+  to_hf.export(tmp_path / "run", tmp_path / "hf")
+  generation = {"eos_token_id": [sp.eos_id(), 7], "temperature": 0.5}
+  (tmp_path / "hf" / "generation_config.json").write_text(json.dumps(generation))
+  from_hf.import_checkpoint(tmp_path / "hf", tmp_path / "imported")
+  assert (tmp_path / "imported" / "tokenizer.model").is_file()
+  engine = Engine.from_checkpoint(tmp_path / "imported", slots=1)
+  assert engine.stop_ids == {sp.eos_id(), 7} and engine.sampling_defaults == {"temperature": 0.5}
+  to_hf.export(tmp_path / "imported", tmp_path / "exported")
+  assert json.loads((tmp_path / "exported" / "generation_config.json").read_text()) == generation
 
 
 def test_a_sampling_default_outside_its_range_is_refused_naming_the_file(tmp_path):

@@ -150,21 +150,20 @@ def tokenizer_source(hf_dir: Path) -> Path:
 
 
 def copy_tokenizer(source: Path, hf: dict, output_dir: Path) -> Path:
-  """The tokenizer file `source` in the run dir; a tokenizer.json gets a tokenizer_config.json
-  naming its bos/eos (from config.json's ids when the model's own has none), and its
-  generation_config.json (the ids generation stops at; made from config.json's list of eos
-  ids when the model has none)."""
-  if source.suffix != ".json":
-    return tokenizer_lib.copy_into(source, output_dir)
+  """The tokenizer file `source` in the run dir with the model's generation_config.json (the
+  ids generation stops at, default sampling settings; made from config.json's list of eos ids
+  when the model has none); a tokenizer.json gets a tokenizer_config.json naming its bos/eos
+  (from config.json's ids when the model's own has none)."""
   tokenizer = tokenizer_lib.load(source)  # a bad generation_config.json is named where it is
   copied = tokenizer_lib.copy_into(source, output_dir)
-  config_path = output_dir / tokenizer_lib.HF_TOKENIZER_CONFIG
-  config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-  for name in ("bos", "eos"):
-    token_id = hf.get(f"{name}_token_id")
-    if f"{name}_token" not in config and isinstance(token_id, int):
-      config[f"{name}_token"] = tokenizer.id_to_piece(token_id)
-  config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+  if copied.suffix == ".json":
+    config_path = output_dir / tokenizer_lib.HF_TOKENIZER_CONFIG
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    for name in ("bos", "eos"):
+      token_id = hf.get(f"{name}_token_id")
+      if f"{name}_token" not in config and isinstance(token_id, int):
+        config[f"{name}_token"] = tokenizer.id_to_piece(token_id)
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
   generation_path = output_dir / tokenizer_lib.HF_GENERATION_CONFIG
   if isinstance(stops := hf.get("eos_token_id"), list) and not generation_path.is_file():
     tokenizer_lib.stop_ids(stops, tokenizer.vocab_size(), str(source.with_name("config.json")))

@@ -201,7 +201,7 @@ def write_tokenizer(output_dir: Path, tokenizer_file: Path, max_len: int) -> tup
       config.setdefault("chat_template", hf_tokenizer.chat_template_jinja())
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
     return tokenizer.bos_id(), tokenizer.eos_id()
-  shutil.copy(tokenizer_file, output_dir / tokenizer_lib.SENTENCEPIECE_FILE)
+  tokenizer_lib.copy_into(tokenizer_file, output_dir)  # with an imported generation_config
   proto = tokenizer_file.read_bytes()
   (output_dir / tokenizer_lib.HF_TOKENIZER_FILE).write_text(
       json.dumps(hf_tokenizer.tokenizer_json(proto), ensure_ascii=False))
