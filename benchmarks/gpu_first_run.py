@@ -1,9 +1,11 @@
 """The first run on a lent CUDA GPU, in one call: the flash kernels against the XLA attention
 and cuDNN at 2k/4k/8k, the ragged paged decode kernel and the chunked prefill against the XLA
 gather, the dropless MoE path's grouped matmul (`jax.lax.ragged_dot`) against a dense matmul
-of the same FLOPs, then the 1b train step's MFU with each attention.
+of the same FLOPs, then the 1b train step's MFU with each attention; last, issue 13's ViT
+forward+backward against timm's on the same GPU (`vit_timm`: the image holds timm).
 
-  python benchmarks/gpu_first_run.py [--json=PATH] [--sections=ceilings,train,moe,attention,paged]
+  python benchmarks/gpu_first_run.py [--json=PATH]
+      [--sections=ceilings,train,moe,attention,paged,vit]
       [--budget_s=420] [--smoke] [--attention_impls=pallas,cudnn]
       [--train_attentions=cudnn,pallas] [--train_remats=none,full]
 
@@ -49,9 +51,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
 
 import kernels_pallas  # noqa: E402
+from benchmarks import vit_timm  # noqa: E402
 from benchmarks.train_step import one_device_step  # noqa: E402
 from maxlm.model import ModelConfig, layers, paged_kv, training_flops_per_token  # noqa: E402
 from maxlm.model import attention as fused  # noqa: E402
@@ -79,6 +83,8 @@ class Sizes:
   moe: tuple[int, int, int, int]  # token copies (tokens x top-k), experts, embed, expert width
   calls: int
   rounds: int
+  vit_rounds: int = 7      # alternating rounds of ours and timm's ViT step
+  vit_seconds: float = 2.0
 
 
 FULL = Sizes(seq_lens=(2048, 4096, 8192), tokens_per_batch=32768, heads=32, kv_heads=8,
@@ -94,7 +100,8 @@ SMOKE = Sizes(seq_lens=(64,), tokens_per_batch=64, heads=4, kv_heads=2, head_dim
               train_config=dict(vocab_size=256, num_layers=2, embed_dim=64, num_heads=4,
                                 num_kv_heads=2, head_dim=16, mlp_dim=128, max_seq_len=128,
                                 dtype="bfloat16", remat="full"),
-              train_batch=2, train_seq=64, moe=(256, 4, 64, 32), calls=2, rounds=2)
+              train_batch=2, train_seq=64, moe=(256, 4, 64, 32), calls=2, rounds=2,
+              vit_rounds=1, vit_seconds=0.1)
 
 
 def first_line(error: BaseException) -> str:
@@ -491,8 +498,34 @@ def train_rows(sizes: Sizes, peak: float | None, attentions: list[str], remats: 
   return rows
 
 
+def vit_rows(sizes: Sizes) -> list[dict]:
+  """Issue 13's `vit_ratio_vs_timm` on this device: `configs/vision_tiny_sft.gin`'s ViT
+  forward+backward against timm's of the same shape and FLOPs (`benchmarks/vit_timm.py`'s
+  pairing, as `benchmarks/vision.py` runs it on a CPU; timm on the CUDA GPU beside ours, TF32
+  matmuls on both sides)."""
+  config = vit_timm.config_of_gin_file(REPO_ROOT / "configs" / "vision_tiny_sft.gin")
+  row = {"config": dataclasses.asdict(config), "batch": vit_timm.VIT_BATCH}
+  try:
+    ours, theirs, matmuls = vit_timm.paired_vit_rates(config, sys.executable, sizes.vit_rounds,
+                                                    sizes.vit_seconds)
+    row["vit_images_per_s"] = statistics.median(ours)
+    row["timm_images_per_s"] = theirs and statistics.median(theirs)
+    row["vit_ratio_vs_timm"] = theirs and statistics.median(
+        mine / its for mine, its in zip(ours, theirs))
+    row["matmul_ratio_vs_torch"] = matmuls and vit_timm.matmul_ratio(matmuls)
+    row["rounds"] = {"ours": ours, "timm": theirs}
+    row["status"] = "ok" if theirs else "no timm"
+    print(f"  ours {row['vit_images_per_s']:,.0f} images/s, timm "
+          f"{row['timm_images_per_s'] or 0:,.0f}; ratio {row['vit_ratio_vs_timm'] or 0:.3f} "
+          f"(matmuls {row['matmul_ratio_vs_torch'] or 0:.3f})")
+  except Exception as error:  # noqa: BLE001
+    mark_failed(row, error)
+    print(f"  vit: {row['error_text']}")
+  return [row]
+
+
 # Run in this order: what the last lease (2026-12-04, H200) left open first.
-SECTIONS = ("ceilings", "train", "moe", "attention", "paged")
+SECTIONS = ("ceilings", "train", "moe", "attention", "paged", "vit")
 
 
 def main(argv=None) -> dict:
@@ -554,6 +587,8 @@ def main(argv=None) -> dict:
         result[section] = paged_rows(sizes, args.smoke, on_row)
       elif section == "moe":
         result[section] = moe_rows(sizes)
+      elif section == "vit":
+        result[section] = vit_rows(sizes)
       else:
         peak = result.get("ceilings", {}).get("matmul_bf16_flops")
         result[section] = train_rows(sizes, peak, args.train_attentions.split(","),

@@ -1,11 +1,11 @@
-"""benchmarks/vision.py's FLOP accounting (timm's ViT is widened to our FLOPs per image), its
+"""benchmarks/vit_timm.py's FLOP accounting (timm's ViT is widened to our FLOPs per image), its
 matmul rates, and the busy-machine warning before ratios against PyTorch."""
 
 import jax
 import numpy as np
 from flax import nnx
 
-from benchmarks import machine_load, vision
+from benchmarks import machine_load, vit_timm
 from maxlm.model.vit import VisionConfig, VisionEncoder
 
 CONFIG = VisionConfig(image_size=16, patch_size=4, num_layers=2, embed_dim=32, num_heads=4,
@@ -18,18 +18,18 @@ def test_our_flops_per_image_are_two_per_weight_per_patch_plus_the_attention_pro
                 if np.ndim(leaf) >= 2 and path[-1].key != "position_embedding")
   tokens, c = CONFIG.num_patches, CONFIG
   scores_and_sums = c.num_layers * 2 * 2 * tokens * tokens * c.num_heads * c.head_dim
-  assert vision.vit_flops_per_image(CONFIG) == 2 * tokens * weights + scores_and_sums
+  assert vit_timm.vit_flops_per_image(CONFIG) == 2 * tokens * weights + scores_and_sums
 
 
 def test_timms_mlp_is_widened_by_half_when_its_heads_have_our_width():
   config = VisionConfig(image_size=32, patch_size=8, num_layers=4, embed_dim=128, num_heads=4,
                         num_kv_heads=4, head_dim=32, mlp_dim=384)
-  assert vision.timm_mlp_dim(config) == 576  # SwiGLU's 3 x 384 columns = GELU's 2 x 576
-  assert vision.timm_flops_per_image(config, 576) == vision.vit_flops_per_image(config)
+  assert vit_timm.timm_mlp_dim(config) == 576  # SwiGLU's 3 x 384 columns = GELU's 2 x 576
+  assert vit_timm.timm_flops_per_image(config, 576) == vit_timm.vit_flops_per_image(config)
 
 
 def test_without_timm_our_rounds_are_still_measured_and_timms_are_none(capsys):
-  ours, theirs, matmuls = vision.paired_vit_rates(CONFIG, "/bin/false", rounds=2,
+  ours, theirs, matmuls = vit_timm.paired_vit_rates(CONFIG, "/bin/false", rounds=2,
                                                   seconds=0.05)
   assert theirs is None and matmuls is None
   assert len(ours) == 2 and all(rate > 0 for rate in ours)
@@ -45,7 +45,7 @@ def test_a_timm_that_dies_mid_run_after_many_warnings_names_the_round_and_its_la
                          "echo >&2\necho 'RuntimeError: out of memory' >&2\nexit 1\n")
   fake_python.chmod(0o755)
   try:
-    vision.paired_vit_rates(CONFIG, str(fake_python), rounds=3, seconds=0.05)
+    vit_timm.paired_vit_rates(CONFIG, str(fake_python), rounds=3, seconds=0.05)
   except SystemExit as error:
     assert str(error) == "timm stopped in round 2 of 3: ['RuntimeError: out of memory']"
   else:
@@ -60,16 +60,16 @@ def test_the_matmul_rates_go_both_ways_in_alternating_rounds_and_their_ratio_is_
       "#!/bin/sh\necho ready\nwhile read line; do\n  case \"$line\" in\n"
       "    matmuls*) echo '[10.0, 10.0, 10.0, 10.0]' ;;\n    *) echo 500.0 ;;\n  esac\ndone\n")
   fake_python.chmod(0o755)
-  ours, theirs, matmuls = vision.paired_vit_rates(CONFIG, str(fake_python), rounds=2,
+  ours, theirs, matmuls = vit_timm.paired_vit_rates(CONFIG, str(fake_python), rounds=2,
                                                   seconds=0.05)
   assert theirs == [500.0, 500.0]
   assert matmuls["shapes"] == [(64 * 16, 32, 64), (64 * 16, 32, 32), (64 * 16, 32, 96),
                                (64 * 16, 48, 32)]
-  assert matmuls["torch"] == [[10.0] * 4] * vision.MATMUL_ROUNDS
-  assert len(matmuls["ours"]) == vision.MATMUL_ROUNDS
+  assert matmuls["torch"] == [[10.0] * 4] * vit_timm.MATMUL_ROUNDS
+  assert len(matmuls["ours"]) == vit_timm.MATMUL_ROUNDS
   assert all(len(rates) == 4 and min(rates) > 0 for rates in matmuls["ours"])
   made_up = {"ours": [[20.0, 5.0], [40.0, 40.0], [1.0, 4.0]], "torch": [[10.0, 10.0]] * 3}
-  assert np.isclose(vision.matmul_ratio(made_up), 1.0)  # per round 1.0, 4.0, 0.2
+  assert np.isclose(vit_timm.matmul_ratio(made_up), 1.0)  # per round 1.0, 4.0, 0.2
 
 
 def test_a_busy_machine_is_named_before_the_ratios_against_pytorch(monkeypatch, capsys):
