@@ -20,7 +20,7 @@ HTTP work is small beside its forward); in process,
 `maxlm.evals.scoring.score` batches `--batch` rows per forward pass, each row a group of
 sequences that begin alike (an item's choices: its context once); transformers runs
 `LlamaForCausalLM` with the same weights (benchmarks/hf_llama.py) on right-padded batches of
-`--batch`. Each figure is the best of `--rounds` passes after a warm-up pass; the
+`--batch` (on the CUDA GPU when JAX runs on one, float32 matmuls in TF32 on both sides). Each figure is the best of `--rounds` passes after a warm-up pass; the
 log-likelihoods are checked to agree.
 `ratio_vs_hf` is server items/s over transformers', both at `--batch`; `http_overhead` is
 in-process items/s over the server's. Two further rows: the server with `--concurrent` requests
@@ -265,7 +265,10 @@ def with_transformers(engine: Engine, pairs):
     from benchmarks.hf_llama import to_hf_llama  # noqa: PLC0415
   except ImportError:
     return None
-  model = to_hf_llama(engine.params, engine.config)
+  # on the CUDA GPU when JAX (the server) runs on one, its float32 matmuls in TF32 as XLA's are
+  device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+  torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+  model = to_hf_llama(engine.params, engine.config).to(device)
   order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
 
   def run_at(batch: int):
@@ -280,10 +283,11 @@ def with_transformers(engine: Engine, pairs):
           for row, i in enumerate(rows):
             tokens[row, :len(pairs[i][0])] = torch.tensor(pairs[i][0])
             mask[row, :len(pairs[i][0])] = 1
-          logprobs = torch.log_softmax(model(tokens, attention_mask=mask).logits.float(), -1)
+          logprobs = torch.log_softmax(model(tokens.to(device), attention_mask=mask.to(
+              device)).logits.float(), -1)
           for row, i in enumerate(rows):
             ids, length = pairs[i]
-            targets = torch.tensor(ids[length:])
+            targets = torch.tensor(ids[length:], device=device)
             results[i] = float(logprobs[row, length - 1:len(ids) - 1].gather(
                 -1, targets[:, None]).sum())
       return results
