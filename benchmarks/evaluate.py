@@ -20,8 +20,9 @@ HTTP work is small beside its forward); in process,
 `maxlm.evals.scoring.score` batches `--batch` rows per forward pass, each row a group of
 sequences that begin alike (an item's choices: its context once); transformers runs
 `LlamaForCausalLM` with the same weights (benchmarks/hf_llama.py) on right-padded batches of
-`--batch` (on the CUDA GPU when JAX runs on one, float32 matmuls in TF32 on both sides). Each figure is the best of `--rounds` passes after a warm-up pass; the
-log-likelihoods are checked to agree.
+`--batch` (on the CUDA GPU when JAX runs on one, float32 matmuls in TF32 on both sides). Each
+figure is the best of `--rounds` passes after a warm-up pass; the log-likelihoods are checked
+to agree.
 `ratio_vs_hf` is server items/s over transformers', both at `--batch`; `http_overhead` is
 in-process items/s over the server's. Two further rows: the server with `--concurrent` requests
 in flight at once (lm-eval's `num_concurrent`; the server packs requests waiting together into
