@@ -217,10 +217,12 @@ class Engine:
                       slots: int | None = None, quantize: str | None = None,
                       kv_cache_memory: float | None = None, prefix_caching: bool = True,
                       max_prefill_chunk: int | None = None,
-                      kv_cache_dtype: str | None = None, dtype: str | None = None) -> "Engine":
+                      kv_cache_dtype: str | None = None, dtype: str | None = None,
+                      generation_defaults: bool = True) -> "Engine":
     """The latest (or given) checkpoint of a run dir (or of its checkpoints/ dir). A corrupt
     one is refused, naming the newest intact step to serve instead: serving an older model
-    than the one asked for is the user's decision."""
+    than the one asked for is the user's decision. `generation_defaults`: take the sampling
+    defaults of the run dir's generation_config.json (`sampling_defaults`)."""
     checkpoints, tokenizer_file = checkpoint.run_paths(checkpoint_dir)
     try:
       step, meta, graphdef, params = verified_params(checkpoint_dir, step)
@@ -243,8 +245,9 @@ class Engine:
                  slots=slots, quantize=quantize, kv_cache_memory=kv_cache_memory,
                  prefix_caching=prefix_caching, max_prefill_chunk=max_prefill_chunk,
                  kv_cache_dtype=kv_cache_dtype, step=step)
-    engine.sampling_defaults = sampling_defaults(
-        tokenizer_file.with_name(tokenizer_lib.HF_GENERATION_CONFIG))
+    if generation_defaults:
+      engine.sampling_defaults = sampling_defaults(
+          tokenizer_file.with_name(tokenizer_lib.HF_GENERATION_CONFIG))
     return engine
 
   def _size_cache(self, context_length: int, slots: int | None, kv_cache_memory: float | None,

@@ -815,7 +815,8 @@ def main(argv=None):
                                     kv_cache_memory=args.kv_cache_memory,
                                     prefix_caching=args.enable_prefix_caching,
                                     max_prefill_chunk=args.max_prefill_chunk or None,
-                                    kv_cache_dtype=args.kv_cache_dtype, dtype=args.dtype)
+                                    kv_cache_dtype=args.kv_cache_dtype, dtype=args.dtype,
+                                    generation_defaults=args.generation_config == "auto")
     sock = listening_socket(args.host, args.port)  # before the compile, which takes minutes
     log.info("step %d of %s; %s; %s", engine.step, args.checkpoint_dir,
              engine.describe_weights(), engine.describe_cache())
@@ -842,7 +843,7 @@ def main(argv=None):
   media = MediaPolicy(args.max_images_per_request, tuple(
       d.strip() for d in args.allowed_media_domains.split(",") if d.strip()),
                       args.max_image_pixels)
-  sampling_defaults = engine.sampling_defaults if args.generation_config == "auto" else {}
+  sampling_defaults = engine.sampling_defaults  # none under --generation_config=vllm
   if sampling_defaults:
     log.info("a request that leaves out %s samples with the model's generation_config.json: "
              "%s (--generation_config=vllm: the API's defaults instead)",
