@@ -436,6 +436,9 @@ def test_a_sampling_default_outside_its_range_is_refused_naming_the_file(tmp_pat
       f"{tmp_path / 'run' / 'generation_config.json'}: temperature=3 must be a number in "
       "[0, 2]; fix it, or serve with --generation_config=vllm")):
     Engine.from_checkpoint(tmp_path / "run", slots=1)
+  # what --generation_config=vllm serves with: the file's defaults are not read
+  assert Engine.from_checkpoint(tmp_path / "run", slots=1,
+                                generation_defaults=False).sampling_defaults == {}
 
 
 def test_a_list_of_eos_ids_in_config_json_alone_becomes_the_run_dirs_generation_config(
