@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from maxlm import sampling, steps
+from maxlm.evals.scoring import SCORE_BLOCK, score_block
 from maxlm.evals.shared_prefixes import (  # noqa: F401  (importable from here too)
     common_prefix, empty_rows, group_tokens, laid_tokens, lay_group, shared_prefix_groups)
 from maxlm.model import kv_cache
@@ -37,7 +38,6 @@ from serving.orchestrator import PromptLogprobs, QueueFull, Request, Unavailable
 
 log = logging.getLogger("serving")
 MIN_WIDTH = 16
-SCORE_BLOCK = 64  # logits rows reduced at a time (fewer in a narrower pack: `score_block`)
 
 
 @jax.tree_util.register_dataclass
@@ -158,17 +158,6 @@ def row_scores(model, x, tokens, predecessor, last, top: int) -> tuple[PackedSco
   rows = -(-x.shape[1] // block) * block
   logits = model.logits(jnp.pad(x[0], ((0, rows - x.shape[1]), (0, 0))))
   return position_scores(logits, tokens[0], predecessor[0], top, block), x[0, last]
-
-
-def score_block(width: int) -> int:
-  """The logits rows reduced at a time in a pack of `width`: SCORE_BLOCK, or the largest of
-  its halves that divides the width (pack widths are multiples of MIN_WIDTH), so no row of
-  logits is made for padding; a 16-wide pack (lm-eval's batch of one) made 64, which cost it
-  a third of its forward."""
-  block = SCORE_BLOCK
-  while width % block and block > MIN_WIDTH:
-    block //= 2
-  return block
 
 
 def sampled_first_tokens(graphdef, params, x_last, positions_last, seeds, temperature, top_p,
