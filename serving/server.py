@@ -97,16 +97,13 @@ def read_api_keys(path: str | Path) -> list[str]:
 def create_app(engine: Engine, model_name: str | None = None,
                api_keys: list[str] | None = None, *, max_queue: int = 64,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               media: MediaPolicy = DEFAULT_MEDIA, scorer: Scorer | None = None,
-               sampling_defaults: dict | None = None) -> FastAPI:
+               media: MediaPolicy = DEFAULT_MEDIA, scorer: Scorer | None = None) -> FastAPI:
   """The app, with its orchestrator already running (`app.state.orchestrator`), and the
   scorer of lm-eval's requests (`app.state.scorer`; made here unless given, None for a
-  stand-in engine without a model). `sampling_defaults`: what a request's omitted
-  temperature, top_p and top_k are (default: the engine's, from its run dir's
-  generation_config.json)."""
+  stand-in engine without a model). A request's omitted temperature, top_p and top_k are
+  the engine's `sampling_defaults` (its run dir's generation_config.json)."""
   model_name = model_name or engine.model_name
-  if sampling_defaults is None:
-    sampling_defaults = getattr(engine, "sampling_defaults", {})
+  sampling_defaults = getattr(engine, "sampling_defaults", {})  # a stand-in engine has none
   # The engine hook for images: an engine with a vision tower says its image side here.
   image_size = getattr(engine, "image_size", None)
   # An imported model's own tokenizer has no chat tokens: rendered as plain text, maxlm's
@@ -843,15 +840,12 @@ def main(argv=None):
   media = MediaPolicy(args.max_images_per_request, tuple(
       d.strip() for d in args.allowed_media_domains.split(",") if d.strip()),
                       args.max_image_pixels)
-  sampling_defaults = engine.sampling_defaults  # none under --generation_config=vllm
-  if sampling_defaults:
+  if defaults := engine.sampling_defaults:  # none under --generation_config=vllm
     log.info("a request that leaves out %s samples with the model's generation_config.json: "
-             "%s (--generation_config=vllm: the API's defaults instead)",
-             ", ".join(sampling_defaults),
-             ", ".join(f"{name}={value}" for name, value in sampling_defaults.items()))
+             "%s (--generation_config=vllm: the API's defaults instead)", ", ".join(defaults),
+             ", ".join(f"{name}={value}" for name, value in defaults.items()))
   app = create_app(engine, api_keys=api_keys, max_queue=args.max_queue,
-                   max_request_bytes=args.max_request_bytes, media=media, scorer=scorer,
-                   sampling_defaults=sampling_defaults)
+                   max_request_bytes=args.max_request_bytes, media=media, scorer=scorer)
   log.info("model on CPU cores %s; HTTP and the decode loop on %s", engine_cores, http_cores)
   limits = ConnectionLimits(args.max_connections, args.header_timeout_s, args.body_timeout_s)
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",

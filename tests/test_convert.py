@@ -399,8 +399,8 @@ def test_a_request_that_leaves_out_sampling_settings_takes_the_generation_config
     model_defaults, greedy, own_top_k, api_values = texts(
         client, {}, {"temperature": 0}, {"top_k": -1}, {"temperature": 1, "top_k": 0})
   assert model_defaults == greedy and own_top_k != greedy
-  engine = Engine.from_checkpoint(tmp_path / "run", slots=2)
-  with TestClient(create_app(engine, model_name="imported", sampling_defaults={})) as client:
+  engine = Engine.from_checkpoint(tmp_path / "run", slots=2, generation_defaults=False)
+  with TestClient(create_app(engine, model_name="imported")) as client:
     [api_defaults] = texts(client, {})
   assert api_defaults == api_values != greedy  # temperature 1, top_k off, the same seed
 
