@@ -71,11 +71,14 @@ def device_settings(settings: SamplingSettings) -> tuple:
 
 
 # generation_config.json's sampling fields a request's omitted ones default to, as vLLM's
-# `--generation-config auto` takes them, with the ranges the request shapes allow.
+# `--generation-config auto` takes them, with the ranges `serving.openai_api`'s request shapes
+# allow (kept apart: the engine does not import the web stack); top_k reaches the device as
+# int32 (`device_settings`).
 SAMPLING_DEFAULTS = {
     "temperature": (lambda v: isinstance(v, (int, float)) and 0 <= v <= 2, "a number in [0, 2]"),
     "top_p": (lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "a number in (0, 1]"),
-    "top_k": (lambda v: isinstance(v, int) and v >= -1, "an integer, -1 or more"),
+    "top_k": (lambda v: isinstance(v, int) and -1 <= v < 2**31,
+              "an integer in [-1, 2147483647]"),
 }
 
 

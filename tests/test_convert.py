@@ -436,6 +436,11 @@ def test_a_sampling_default_outside_its_range_is_refused_naming_the_file(tmp_pat
       f"{tmp_path / 'run' / 'generation_config.json'}: temperature=3 must be a number in "
       "[0, 2]; fix it, or serve with --generation_config=vllm")):
     Engine.from_checkpoint(tmp_path / "run", slots=1)
+  # past int32, as a request's top_k is refused (it would fail every request on the device)
+  (tmp_path / "run" / "generation_config.json").write_text(json.dumps({"top_k": 2**31}))
+  with pytest.raises(UserError, match=re.escape(
+      "top_k=2147483648 must be an integer in [-1, 2147483647]")):
+    Engine.from_checkpoint(tmp_path / "run", slots=1)
   # what --generation_config=vllm serves with: the file's defaults are not read
   assert Engine.from_checkpoint(tmp_path / "run", slots=1,
                                 generation_defaults=False).sampling_defaults == {}
