@@ -74,11 +74,15 @@ class SentencePieceTokenizer(spm.SentencePieceProcessor):
   _extra_stops: tuple[int, ...] = ()
 
   def stop_ids(self) -> tuple[int, ...]:
-    eos = (self.eos_id(),) if self.eos_id() >= 0 else ()
-    return tuple(dict.fromkeys((*eos, *self._extra_stops)))
+    return _stop_ids(self.eos_id(), self._extra_stops)
 
   def add_stops(self, token_ids: tuple[int, ...]) -> None:
     self._extra_stops = (*self._extra_stops, *token_ids)
+
+
+def _stop_ids(eos_id: int, extra_stops: tuple[int, ...]) -> tuple[int, ...]:
+  """eos (when the tokenizer has one) first, then the further stop ids, each once."""
+  return tuple(dict.fromkeys(((eos_id,) if eos_id >= 0 else ()) + extra_stops))
 
 
 class HuggingFaceTokenizer:
@@ -96,7 +100,7 @@ class HuggingFaceTokenizer:
     self._eos = self._special_id(config.get("eos_token"), KNOWN_EOS)
     self._pad = self._special_id(config.get("pad_token"), ())
     self.chat_template = _default_template(config.get("chat_template"))
-    self._stops = (self._eos,) if self._eos >= 0 else ()
+    self._extra_stops: tuple[int, ...] = ()
 
   def _special_id(self, named, known: tuple[str, ...]) -> int:
     name = named.get("content") if isinstance(named, dict) else named
@@ -148,10 +152,10 @@ class HuggingFaceTokenizer:
     return self._pad
 
   def stop_ids(self) -> tuple[int, ...]:
-    return self._stops
+    return _stop_ids(self._eos, self._extra_stops)
 
   def add_stops(self, token_ids: tuple[int, ...]) -> None:
-    self._stops = tuple(dict.fromkeys((*self._stops, *token_ids)))
+    self._extra_stops = (*self._extra_stops, *token_ids)
 
 
 def _has_byte_level_decoder(decoder: dict | None) -> bool:
