@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from maxlm.model import ModelConfig, Transformer, count_params, init_kv_cache
+from maxlm.model import ModelConfig, Transformer, count_params, init_kv_cache, layers
 
 CONFIG = ModelConfig(vocab_size=97, num_layers=2, embed_dim=48, num_heads=6, num_kv_heads=2,
                      head_dim=8, mlp_dim=80, max_seq_len=64)
@@ -349,6 +349,28 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_weights_and_gradients()
       {v.aval.dtype for v in eqn.invars} == {jnp.dtype(jnp.bfloat16)} for eqn in forward_matmuls)
   logits, _ = Transformer(config, rngs=nnx.Rngs(0))(jnp.asarray(tokens))
   assert logits.dtype == jnp.float32  # the loss's softmax runs in float32
+
+
+@pytest.mark.parametrize("tokens", [48, 45])  # 45: not in groups of 8, autodiff's road
+def test_a_bfloat16_dense_layers_gradients_equal_float64_numpy_and_multiply_in_bfloat16(tokens):
+  """XLA:CPU ran a bfloat16 dense layer's weight and input gradients as float32 dots;
+  `layers.dense` contracts each as two axes so that they run in bfloat16 (see
+  WEIGHT_GRADIENT_GROUPS)."""
+  rng = np.random.default_rng(7)
+  x, kernel = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+               for shape in ((tokens // 3, 3, 16), (16, 12)))
+  d_out = jnp.asarray(rng.standard_normal((tokens // 3, 3, 12)), jnp.bfloat16)
+  gradients = jax.jit(lambda x, kernel, d_out: jax.vjp(layers.dense, x, kernel)[1](d_out))
+  d_x, d_kernel = gradients(x, kernel, d_out)
+  x64, kernel64, d_out64 = (np.asarray(a, np.float64) for a in (x, kernel, d_out))
+  want_kernel = x64.reshape(-1, 16).T @ d_out64.reshape(-1, 12)
+  # bfloat16 results: one rounding of 2**-9 relative after a float32 sum.
+  np.testing.assert_allclose(np.asarray(d_kernel, np.float64), want_kernel, rtol=1e-2, atol=2e-2)
+  np.testing.assert_allclose(np.asarray(d_x, np.float64), d_out64 @ kernel64.T, rtol=1e-2,
+                             atol=2e-2)
+  compiled = gradients.lower(x, kernel, d_out).compile().as_text()
+  float32_dots = re.findall(r"= f32\[[0-9,]*\]\{[0-9,]*\} dot\(", compiled)
+  assert (not float32_dots) if tokens % layers.WEIGHT_GRADIENT_GROUPS == 0 else float32_dots
 
 
 def _equations(jaxpr):
