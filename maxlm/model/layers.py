@@ -124,12 +124,12 @@ def dense(x: jax.Array, kernel: jax.Array, contracting_dims: int = 1) -> jax.Arr
 # first axis) at 119-150 GFLOP/s on the ViT's shapes where PyTorch reaches 400, and the input
 # gradient (against the kernel's last axis). Contracting an axis as two (groups, then within
 # them) makes XLA lay the operand out as YNNPACK takes it, in bfloat16: 280-326 GFLOP/s on the
-# weight gradient, the same sums.
+# weight gradient, the same sums. Other backends take autodiff's products.
 WEIGHT_GRADIENT_GROUPS = 8
 
 
 def _slow_bfloat16_backward(rows: jax.Array, matrix: jax.Array) -> bool:
-  return (jax.default_backend() == "cpu" and rows.dtype == matrix.dtype == jnp.bfloat16
+  return (rows.dtype == matrix.dtype == jnp.bfloat16
           and rows.shape[0] % WEIGHT_GRADIENT_GROUPS == 0 and matrix.shape[1] % 2 == 0)
 
 
@@ -146,11 +146,22 @@ def _split_matmul_forward(rows, matrix):
 
 def _split_matmul_backward(residuals, d_product):
   rows, matrix = residuals
+  return jax.lax.platform_dependent(rows, matrix, d_product, cpu=_gradients_in_two_axes,
+                                    default=_gradients)
+
+
+def _gradients(rows, matrix, d_product):
+  """(d rows, d matrix) of rows @ matrix, as autodiff computes them."""
+  return d_product @ matrix.T, rows.T @ d_product
+
+
+def _gradients_in_two_axes(rows, matrix, d_product):
+  """`_gradients`, each contraction split in two axes (see WEIGHT_GRADIENT_GROUPS)."""
   groups, (tokens, in_size), out_size = WEIGHT_GRADIENT_GROUPS, rows.shape, matrix.shape[1]
-  d_matrix = jnp.einsum("gti,gto->io", rows.reshape(groups, -1, in_size),
-                        d_product.reshape(groups, -1, out_size))
   d_rows = jnp.einsum("thp,ihp->ti", d_product.reshape(tokens, 2, -1),
                       matrix.reshape(in_size, 2, -1))
+  d_matrix = jnp.einsum("gti,gto->io", rows.reshape(groups, -1, in_size),
+                        d_product.reshape(groups, -1, out_size))
   return d_rows, d_matrix
 
 
