@@ -2,7 +2,8 @@
 and cuDNN at 2k/4k/8k, the ragged paged decode kernel and the chunked prefill against the XLA
 gather, the dropless MoE path's grouped matmul (`jax.lax.ragged_dot`) against a dense matmul
 of the same FLOPs, then the 1b train step's MFU with each attention; last, issue 13's ViT
-forward+backward against timm's on the same GPU (`vit_timm`: the image holds timm).
+forward+backward against timm's on the same GPU, in bfloat16 and in float32 (`vit_timm`: the
+image holds timm).
 
   python benchmarks/gpu_first_run.py [--json=PATH]
       [--sections=ceilings,train,moe,attention,paged,vit]
@@ -501,27 +502,25 @@ def train_rows(sizes: Sizes, peak: float | None, attentions: list[str], remats: 
 def vit_rows(sizes: Sizes) -> list[dict]:
   """Issue 13's `vit_ratio_vs_timm` on this device: `configs/vision_tiny_sft.gin`'s ViT
   forward+backward against timm's of the same shape and FLOPs (`benchmarks/vit_timm.py`'s
-  pairing, as `benchmarks/vision.py` runs it on a CPU; timm on the CUDA GPU beside ours, TF32
-  matmuls on both sides)."""
+  pairing, as `benchmarks/vision.py` runs it on a CPU; timm on the CUDA GPU beside ours), a
+  row per precision: bfloat16 mixed precision, and float32 (TF32 matmuls on both sides)."""
   config = vit_timm.config_of_gin_file(REPO_ROOT / "configs" / "vision_tiny_sft.gin")
-  row = {"config": dataclasses.asdict(config), "batch": vit_timm.VIT_BATCH}
-  try:
-    ours, theirs, matmuls = vit_timm.paired_vit_rates(config, sys.executable, sizes.vit_rounds,
-                                                    sizes.vit_seconds)
-    row["vit_images_per_s"] = statistics.median(ours)
-    row["timm_images_per_s"] = theirs and statistics.median(theirs)
-    row["vit_ratio_vs_timm"] = theirs and statistics.median(
-        mine / its for mine, its in zip(ours, theirs))
-    row["matmul_ratio_vs_torch"] = matmuls and vit_timm.matmul_ratio(matmuls)
-    row["rounds"] = {"ours": ours, "timm": theirs}
-    row["status"] = "ok" if theirs else "no timm"
-    print(f"  ours {row['vit_images_per_s']:,.0f} images/s, timm "
-          f"{row['timm_images_per_s'] or 0:,.0f}; ratio {row['vit_ratio_vs_timm'] or 0:.3f} "
-          f"(matmuls {row['matmul_ratio_vs_torch'] or 0:.3f})")
-  except Exception as error:  # noqa: BLE001
-    mark_failed(row, error)
-    print(f"  vit: {row['error_text']}")
-  return [row]
+  rows = []
+  for precision in vit_timm.PRECISIONS:
+    row = {"config": dataclasses.asdict(config), "batch": vit_timm.VIT_BATCH,
+           "precision": precision}
+    try:
+      row.update(vit_timm.paired_summary(config, sys.executable, sizes.vit_rounds,
+                                         sizes.vit_seconds, precision))
+      row["status"] = "ok" if row["timm_images_per_s"] else "no timm"
+      print(f"  {precision}: ours {row['vit_images_per_s']:,.0f} images/s, timm "
+            f"{row['timm_images_per_s'] or 0:,.0f}; ratio {row['ratio_vs_timm'] or 0:.3f} "
+            f"(matmuls {row['matmul_ratio_vs_torch'] or 0:.3f})")
+    except Exception as error:  # noqa: BLE001
+      mark_failed(row, error)
+      print(f"  vit {precision}: {row['error_text']}")
+    rows.append(row)
+  return rows
 
 
 # Run in this order: what the last lease (2026-12-04, H200) left open first.

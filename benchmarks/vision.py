@@ -19,12 +19,17 @@ On the run's engine, in process (no HTTP, so only the engine and the batching ar
     (`vit_flops_per_image`, printed for both): the ratio is images/s at equal FLOPs. The two
     run in --vit_rounds alternating rounds of --vit_seconds, both warm (timm in a process of
     its own that waits between rounds); the ratio is the median of the rounds' ratios, the
-    images/s the medians of each side's rounds;
-  - `matmul_ratio_vs_torch`: what that ratio is read against, XLA's float32 matmul GFLOP/s
-    over PyTorch's on our ViT's own forward matmul shapes (q/k/v, output, gate/up, down over
-    the batch's patches), a geometric mean over the shapes, the median of 3 alternating
-    rounds; `matmul_gflops` has each shape's rates. Most of a step is these matmuls, so a ViT
-    ratio above this one is what our ViT gains beyond the backend's matmuls.
+    images/s the medians of each side's rounds. Measured in both precisions, each side in the
+    same one: `vit_ratio_vs_timm` is bfloat16 mixed precision, as the vision configs (and
+    1b.gin, 7b.gin) train: float32 parameters, bfloat16 matmuls and activations; timm under
+    `torch.autocast` to bfloat16, PyTorch's own mixed precision. `..._float32` is everything
+    in float32 (as the text tiny configs train); `vit` has each precision's rounds and matmul
+    rates;
+  - `matmul_ratio_vs_torch_{precision}`: what that ratio is read against, XLA's matmul
+    GFLOP/s over PyTorch's on our ViT's own forward matmul shapes in that precision (q/k/v,
+    output, gate/up, down over the batch's patches), a geometric mean over the shapes, the
+    median of 3 alternating rounds. Most of a step is these matmuls, so a ViT ratio above
+    this one is what our ViT gains beyond the backend's matmuls.
 """
 
 import argparse
@@ -41,8 +46,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import machine_load
-from benchmarks.vit_timm import (matmul_ratio, paired_vit_rates, timm_flops_per_image,
-                                 timm_mlp_dim, vit_flops_per_image)
+from benchmarks.vit_timm import (PRECISIONS, paired_summary, timm_flops_per_image, timm_mlp_dim,
+                                 vit_flops_per_image)
 from serving.chat import IMAGE_TOKEN, chat_prompt
 from serving.engine import Engine, SamplingSettings
 from serving.orchestrator import Orchestrator
@@ -131,34 +136,29 @@ def main(argv=None) -> dict:
     beside.append(text_tokens_per_s(orchestrator, engine, args.slots, args.max_tokens, True))
   orchestrator.shutdown()
   python = args.timm_python if Path(args.timm_python).exists() else sys.executable
-  ours, theirs, matmuls = paired_vit_rates(engine.config.vision, python, args.vit_rounds,
-                                           args.vit_seconds)
+  vit = {precision: paired_summary(engine.config.vision, python, args.vit_rounds,
+                                   args.vit_seconds, precision) for precision in PRECISIONS}
   result = {
       "run_dir": args.run_dir, "image_prefill_ms": round(image_ms, 2),
       "text_prefill_ms": round(text_ms, 2),
       "text_tokens_per_s_alone": round(statistics.median(alone), 1),
       "text_tokens_per_s_beside_images": round(statistics.median(beside), 1),
       "text_only_slowdown": round(1 - statistics.median(beside) / statistics.median(alone), 4),
-      "vit_images_per_s": round(statistics.median(ours), 1),
-      "timm_images_per_s": theirs and round(statistics.median(theirs), 1),
-      "vit_ratio_vs_timm": theirs and round(statistics.median(
-          mine / its for mine, its in zip(ours, theirs)), 3),
+      "vit_ratio_vs_timm": vit["bfloat16"]["ratio_vs_timm"],
+      **{f"{name}_{precision}": vit[precision][key] for precision in PRECISIONS
+         for name, key in (("vit_images_per_s", "vit_images_per_s"),
+                           ("timm_images_per_s", "timm_images_per_s"),
+                           ("vit_ratio_vs_timm", "ratio_vs_timm"),
+                           ("matmul_ratio_vs_torch", "matmul_ratio_vs_torch"))},
       "vit_flops_per_image": vit_flops_per_image(engine.config.vision),
       "timm_flops_per_image": timm_flops_per_image(engine.config.vision,
                                                    timm_mlp_dim(engine.config.vision)),
       "timm_mlp_dim": timm_mlp_dim(engine.config.vision),
-      "matmul_ratio_vs_torch": matmuls and round(matmul_ratio(matmuls), 3),
-      "matmul_gflops": matmuls and {
-          "shapes": matmuls["shapes"],
-          **{side: [round(statistics.median(rates), 1) for rates in zip(*matmuls[side])]
-             for side in ("ours", "torch")}},
-      "machine_before_run": machine,
-      "rounds": {"alone": [round(r, 1) for r in alone], "beside": [round(r, 1) for r in beside],
-                 "vit": [round(r, 1) for r in ours],
-                 "timm": theirs and [round(r, 1) for r in theirs]}}
+      "vit": vit, "machine_before_run": machine,
+      "rounds": {"alone": [round(r, 1) for r in alone], "beside": [round(r, 1) for r in beside]}}
   print("| measure | value |\n|---|---|")
   for name, value in result.items():
-    if name not in ("run_dir", "rounds", "matmul_gflops", "machine_before_run"):
+    if name not in ("run_dir", "rounds", "vit", "machine_before_run"):
       print(f"| {name} | {value} |")
   if args.json:
     print(json.dumps(result))

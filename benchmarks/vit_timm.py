@@ -17,12 +17,18 @@ from maxlm.model import vit
 
 VIT_BATCH = 64
 MATMUL_ROUNDS = 3
+# How each side computes: "float32" everywhere, or "bfloat16" mixed precision as the vision
+# configs, 1b.gin and 7b.gin train (float32 parameters, bfloat16 matmuls and activations; timm
+# under PyTorch's own mixed precision, `torch.autocast` to bfloat16).
+PRECISIONS = ("bfloat16", "float32")
 
 TIMM_SCRIPT = """
 import json, sys, time, torch, timm
 shape, batch = json.loads(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(int(sys.argv[3]))
 device = torch.device(sys.argv[4])
+mixed = sys.argv[5] == "bfloat16"
+matmul_dtype = torch.bfloat16 if mixed else torch.float32
 # float32 matmuls as XLA runs them by default there: TF32 on a CUDA GPU, full float32 on CPU
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 wait = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -34,13 +40,16 @@ model = timm.models.vision_transformer.VisionTransformer(
 images = torch.rand(batch, 3, shape["image_size"], shape["image_size"], device=device)
 def step():
   model.zero_grad(set_to_none=True)
-  model(images).float().square().mean().backward()
+  with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
+    features = model(images)
+  features.float().square().mean().backward()
   wait()
 for _ in range(3):
   step()
 print("ready", flush=True)
 def matmul_gflops(m, k, n, seconds=0.2):
-  a, b = torch.rand(m, k, device=device), torch.rand(k, n, device=device)
+  a = torch.rand(m, k, device=device, dtype=matmul_dtype)
+  b = torch.rand(k, n, device=device, dtype=matmul_dtype)
   a @ b
   wait()
   count, start = 0, time.perf_counter()
@@ -61,9 +70,10 @@ for line in sys.stdin:  # a round's seconds, or "matmuls SHAPES_JSON"
 """
 
 
-def vit_step(config: vit.VisionConfig):
-  """A compiled forward+backward (parameter gradients of a mean square) of our ViT over
-  VIT_BATCH images, as a function of no arguments that waits for its result."""
+def vit_gradients(config: vit.VisionConfig, precision: str = "float32"):
+  """(gradients, parameters): our ViT's forward+backward (parameter gradients of a mean
+  square) over VIT_BATCH images in `precision` (one of PRECISIONS; the parameters and their
+  gradients stay float32), not yet compiled, and the parameters it takes."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -72,11 +82,19 @@ def vit_step(config: vit.VisionConfig):
   images = jnp.asarray(np.random.default_rng(2).integers(
       0, 256, (VIT_BATCH, 1, config.image_size, config.image_size, 3), np.uint8))
 
-  @jax.jit
-  def step(params):
-    return jax.grad(lambda p: jnp.mean(jnp.square(nnx.merge(encoder_def, p)(images))))(params)
+  def loss(params):
+    features = nnx.merge(encoder_def, params)(images, jnp.dtype(precision))
+    return jnp.mean(jnp.square(features.astype(jnp.float32)))
 
-  return lambda: jax.block_until_ready(step(encoder_params))
+  return jax.grad(loss), encoder_params
+
+
+def vit_step(config: vit.VisionConfig, precision: str = "float32"):
+  """`vit_gradients` compiled, as a function of no arguments that waits for its result."""
+  import jax
+  gradients, params = vit_gradients(config, precision)
+  step = jax.jit(gradients)
+  return lambda: jax.block_until_ready(step(params))
 
 
 def vit_matmul_shapes(config: vit.VisionConfig, images: int = VIT_BATCH
@@ -89,15 +107,16 @@ def vit_matmul_shapes(config: vit.VisionConfig, images: int = VIT_BATCH
           (tokens, c.mlp_dim, c.embed_dim)]
 
 
-def matmul_gflops(shapes: list[tuple[int, int, int]], seconds: float = 0.2) -> list[float]:
-  """XLA's float32 GFLOP/s on each (rows, inner, columns) matmul, as TIMM_SCRIPT's
-  `matmul_gflops` times PyTorch's: what the ViT ratio is read against."""
+def matmul_gflops(shapes: list[tuple[int, int, int]], seconds: float = 0.2,
+                  precision: str = "float32") -> list[float]:
+  """XLA's GFLOP/s on each (rows, inner, columns) matmul of `precision` operands, as
+  TIMM_SCRIPT's `matmul_gflops` times PyTorch's: what the ViT ratio is read against."""
   import jax
   import jax.numpy as jnp
   product, rng, rates = jax.jit(jnp.matmul), np.random.default_rng(3), []
   for rows, inner, columns in shapes:
-    a = jnp.asarray(rng.random((rows, inner), np.float32))
-    b = jnp.asarray(rng.random((inner, columns), np.float32))
+    a = jnp.asarray(rng.random((rows, inner), np.float32), precision)
+    b = jnp.asarray(rng.random((inner, columns), np.float32), precision)
     run = lambda: jax.block_until_ready(product(a, b))  # noqa: E731
     run()
     rates.append(2 * rows * inner * columns * calls_per_s(run, seconds) / 1e9)
@@ -146,11 +165,13 @@ def timm_mlp_dim(config: vit.VisionConfig) -> int:
   return round((vit_flops_per_image(config) - without_mlp) / per_unit)
 
 
-def paired_vit_rates(config: vit.VisionConfig, python: str, rounds: int, seconds: float
+def paired_vit_rates(config: vit.VisionConfig, python: str, rounds: int, seconds: float,
+                     precision: str = "float32"
                      ) -> tuple[list[float], list[float] | None, dict | None]:
   """Our ViT's and timm's (same shape and FLOPs: LayerNorm and a wider GELU MLP where ours has
   RMSNorm and SwiGLU) forward+backward images/s on JAX's device (timm on the CUDA GPU when
-  JAX runs on one, its float32 matmuls in TF32 as XLA's are there), in `rounds` alternating
+  JAX runs on one, its float32 matmuls in TF32 as XLA's are there), both in `precision` (one
+  of PRECISIONS), in `rounds` alternating
   rounds of `seconds` each, both compiled and warm beforehand: the shared machine's speed
   drifts by tens of percent over a minute, and a round of each side back to back sees the
   same drift. Then
@@ -161,7 +182,9 @@ def paired_vit_rates(config: vit.VisionConfig, python: str, rounds: int, seconds
 
   import jax
   device = "cuda" if jax.default_backend() == "gpu" else "cpu"  # timm beside our ViT's device
-  ours_step = vit_step(config)
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
+  ours_step = vit_step(config, precision)
   ours_step()
   shape = {name: getattr(config, name) for name in
            ("image_size", "patch_size", "embed_dim", "num_layers", "num_heads")}
@@ -170,7 +193,8 @@ def paired_vit_rates(config: vit.VisionConfig, python: str, rounds: int, seconds
   # timm's warnings go to a file: a pipe read only at the end would stall timm once they
   # filled its buffer (64 KiB).
   with tempfile.TemporaryFile("w+") as errors, subprocess.Popen(
-      [python, "-c", TIMM_SCRIPT, json.dumps(shape), str(VIT_BATCH), threads, device],
+      [python, "-c", TIMM_SCRIPT, json.dumps(shape), str(VIT_BATCH), threads, device,
+       precision],
       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True) as timm:
 
     def last_error_line() -> list[str]:
@@ -194,7 +218,7 @@ def paired_vit_rates(config: vit.VisionConfig, python: str, rounds: int, seconds
       theirs.append(float(line))
     matmuls = {"shapes": vit_matmul_shapes(config), "ours": [], "torch": []}
     for _ in range(MATMUL_ROUNDS):
-      matmuls["ours"].append(matmul_gflops(matmuls["shapes"]))
+      matmuls["ours"].append(matmul_gflops(matmuls["shapes"], precision=precision))
       timm.stdin.write(f"matmuls {json.dumps(matmuls['shapes'])}\n")
       timm.stdin.flush()
       if not (line := timm.stdout.readline()):
@@ -220,3 +244,23 @@ def matmul_ratio(matmuls: dict) -> float:
   return statistics.median(
       float(np.exp(np.mean(np.log(np.array(ours) / np.array(theirs)))))
       for ours, theirs in zip(matmuls["ours"], matmuls["torch"]))
+
+
+def paired_summary(config: vit.VisionConfig, python: str, rounds: int, seconds: float,
+                   precision: str) -> dict:
+  """`paired_vit_rates` in `precision`, read: each side's median images/s, the median of the
+  rounds' ratios (`ratio_vs_timm`), the matmul ratio and each shape's median rates (None
+  where timm did not run), and the rounds themselves."""
+  ours, theirs, matmuls = paired_vit_rates(config, python, rounds, seconds, precision)
+  return {
+      "precision": precision, "vit_images_per_s": round(statistics.median(ours), 1),
+      "timm_images_per_s": theirs and round(statistics.median(theirs), 1),
+      "ratio_vs_timm": theirs and round(statistics.median(
+          mine / its for mine, its in zip(ours, theirs)), 3),
+      "matmul_ratio_vs_torch": matmuls and round(matmul_ratio(matmuls), 3),
+      "matmul_gflops": matmuls and {
+          "shapes": matmuls["shapes"],
+          **{side: [round(statistics.median(rates), 1) for rates in zip(*matmuls[side])]
+             for side in ("ours", "torch")}},
+      "rounds": {"vit": [round(rate, 1) for rate in ours],
+                 "timm": theirs and [round(rate, 1) for rate in theirs]}}

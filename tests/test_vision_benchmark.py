@@ -1,8 +1,11 @@
 """benchmarks/vit_timm.py's FLOP accounting (timm's ViT is widened to our FLOPs per image), its
 matmul rates, and the busy-machine warning before ratios against PyTorch."""
 
+import statistics
+
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from benchmarks import machine_load, vit_timm
@@ -80,3 +83,47 @@ def test_a_busy_machine_is_named_before_the_ratios_against_pytorch(monkeypatch, 
   monkeypatch.setattr(machine_load.psutil, "cpu_percent", lambda interval: 4.0)
   assert machine_load.load_before_run()["busy"] is False
   assert capsys.readouterr().err == ""
+
+
+def _dot_operand_dtypes(jaxpr) -> set:
+  found = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.add(tuple(str(v.aval.dtype) for v in eqn.invars))
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        found |= _dot_operand_dtypes(inner)
+  return found
+
+
+def test_the_bfloat16_step_multiplies_in_bfloat16_and_keeps_float32_gradients_near_float32s():
+  """What `vit_ratio_vs_timm` times in bfloat16 is mixed precision, as 1b.gin trains: every
+  matmul of the forward and backward in bfloat16, float32 parameters and gradients."""
+  mixed, params = vit_timm.vit_gradients(CONFIG, "bfloat16")
+  full, _ = vit_timm.vit_gradients(CONFIG, "float32")
+  assert _dot_operand_dtypes(jax.make_jaxpr(mixed)(params).jaxpr) == {("bfloat16", "bfloat16")}
+  assert _dot_operand_dtypes(jax.make_jaxpr(full)(params).jaxpr) == {("float32", "float32")}
+  got, want = jax.jit(mixed)(params), jax.jit(full)(params)
+  assert {leaf.dtype for leaf in jax.tree.leaves(got)} == {np.dtype(np.float32)}
+  flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])  # noqa: E731
+  assert np.linalg.norm(flat(got) - flat(want)) < 0.05 * np.linalg.norm(flat(want))
+
+
+def test_the_precision_reaches_timm_and_an_unknown_one_is_refused(tmp_path):
+  fake_python = tmp_path / "python"
+  fake_python.write_text(f"#!/bin/sh\necho \"$7\" > {tmp_path}/precision\necho ready\n"
+                         "while read line; do\n  case \"$line\" in\n"
+                         "    matmuls*) echo '[1.0, 1.0, 1.0, 1.0]' ;;\n    *) echo 500.0 ;;\n"
+                         "  esac\ndone\n")
+  fake_python.chmod(0o755)
+  summary = vit_timm.paired_summary(CONFIG, str(fake_python), rounds=2, seconds=0.05,
+                                    precision="bfloat16")
+  assert (tmp_path / "precision").read_text() == "bfloat16\n"
+  assert summary["timm_images_per_s"] == 500.0 and summary["precision"] == "bfloat16"
+  assert np.isclose(summary["ratio_vs_timm"],
+                    statistics.median(rate / 500.0 for rate in summary["rounds"]["vit"]),
+                    atol=1e-3)
+  with pytest.raises(ValueError, match="precision 'float16': one of bfloat16, float32"):
+    vit_timm.paired_vit_rates(CONFIG, str(fake_python), rounds=1, seconds=0.05,
+                              precision="float16")
