@@ -253,17 +253,22 @@ def _loss_and_grads(config, batch):
 
 
 @pytest.mark.parametrize("remat", ["full", "save_dots"])
-def test_remat_gives_the_same_gradients_as_none(remat):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: layers.dense's own vjp
+def test_remat_gives_the_same_gradients_as_none(remat, dtype):
   tokens, segment_ids, positions = _packed_example(np.random.default_rng(5), 2, 24)
   batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
-  base_loss, base_grads = jax.jit(lambda b: _loss_and_grads(CONFIG, b))(batch)
-  config = ModelConfig(**{**CONFIG.__dict__, "remat": remat})
+  base_config = ModelConfig(**{**CONFIG.__dict__, "dtype": dtype})
+  base_loss, base_grads = jax.jit(lambda b: _loss_and_grads(base_config, b))(batch)
+  config = ModelConfig(**{**base_config.__dict__, "remat": remat})
   loss, grads = jax.jit(lambda b: _loss_and_grads(config, b))(batch)
   jaxpr = str(jax.make_jaxpr(lambda b: _loss_and_grads(config, b))(batch))
   assert jaxpr.count(" remat2[") == CONFIG.num_layers  # jax.checkpoint, once per layer
   np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads)):
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    if dtype == "float32":
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    else:  # recomputed activations fuse otherwise, so round otherwise: 1.0% here at most
+      assert np.linalg.norm(got - want) < 3e-2 * np.linalg.norm(want)
 
 
 def _masked_attention(q, k, v, mask):

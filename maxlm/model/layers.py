@@ -111,7 +111,7 @@ def dense(x: jax.Array, kernel: jax.Array, contracting_dims: int = 1) -> jax.Arr
   leading = x.shape[:x.ndim - contracting_dims]
   in_size = math.prod(in_shape)
   rows, matrix = x.reshape(-1, in_size), kernel.reshape(in_size, -1)
-  if _slow_bfloat16_backward(rows, matrix):
+  if _takes_split_backward(rows, matrix):
     product = _matmul_with_split_backward(rows, matrix)
   else:
     product = rows @ matrix
@@ -128,7 +128,7 @@ def dense(x: jax.Array, kernel: jax.Array, contracting_dims: int = 1) -> jax.Arr
 WEIGHT_GRADIENT_GROUPS = 8
 
 
-def _slow_bfloat16_backward(rows: jax.Array, matrix: jax.Array) -> bool:
+def _takes_split_backward(rows: jax.Array, matrix: jax.Array) -> bool:
   return (rows.dtype == matrix.dtype == jnp.bfloat16
           and rows.shape[0] % WEIGHT_GRADIENT_GROUPS == 0 and matrix.shape[1] % 2 == 0)
 
