@@ -18,6 +18,7 @@ from test_serving import CONTEXT, PROMPT, random_run, save_random_checkpoint, tr
 
 from maxlm import quantization
 from maxlm.model import ModelConfig, kv_cache
+from serving import engine as engine_module
 from serving.engine import Engine, SamplingSettings, with_serving_dtype
 from serving.orchestrator import Orchestrator
 
@@ -279,3 +280,60 @@ def test_a_bfloat16_engine_holds_bfloat16_weights_and_cache_and_decodes_as_it_re
 def test_a_serving_dtype_other_than_float32_or_bfloat16_is_refused_naming_the_flag():
   with pytest.raises(ValueError, match="--dtype=float16; use auto, float32 or bfloat16"):
     with_serving_dtype({}, None, "float16")
+
+
+def decode_program(engine: Engine, rows: int) -> str:
+  """The compiled text of `engine`'s decode step over `rows` rows."""
+  table = np.zeros((rows, engine.max_blocks), np.int32)
+  return engine._step.lower(engine.params, engine.init_decode_state(),
+                            np.full(rows, engine.slots, np.int32), table).compile().as_text()
+
+
+def test_a_tied_bfloat16_engine_multiplies_by_a_transposed_copy_and_decodes_as_before(
+    tmp_path, monkeypatch):
+  """XLA:CPU converted a tied bfloat16 embedding to float32 for every logits product; the
+  engine keeps it transposed as an unembedding, and serves the same logits and tokens."""
+  tokenizer_file = train_tokenizer(tmp_path)
+  vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer_file)).vocab_size()
+  config = ModelConfig(vocab_size=vocab_size, num_layers=2, embed_dim=64, num_heads=4,
+                       num_kv_heads=2, head_dim=16, mlp_dim=128, max_seq_len=CONTEXT,
+                       tie_embeddings=True)
+  save_random_checkpoint(tmp_path / "run", config,
+                         hashlib.sha256(tokenizer_file.read_bytes()).hexdigest())
+  shutil.copy(tokenizer_file, tmp_path / "run" / "tokenizer.model")
+  bf16 = Engine.from_checkpoint(tmp_path / "run", slots=2, dtype="bfloat16")
+  assert not bf16.config.tie_embeddings
+  np.testing.assert_array_equal(bf16.params["unembedding"], bf16.params["embedding"].T)
+  for unchanged in (Engine.from_checkpoint(tmp_path / "run", slots=2),  # float32
+                    Engine.from_checkpoint(tmp_path / "run", slots=2, dtype="bfloat16",
+                                           quantize="int8")):
+    assert unchanged.config.tie_embeddings and "unembedding" not in unchanged.params
+  monkeypatch.setattr(engine_module, "with_canonical_unembedding", lambda *args: args[:2])
+  tied = Engine.from_checkpoint(tmp_path / "run", slots=2, dtype="bfloat16")
+  assert tied.config.tie_embeddings
+  token_ids = tied.encode(PROMPT)
+  # logits of std ~4 here: a bfloat16 rounding of the products is 2**-9 of them
+  np.testing.assert_allclose(bf16.logits_without_cache(token_ids),
+                             tied.logits_without_cache(token_ids), rtol=1e-2, atol=1e-2)
+  assert served_greedy(bf16, token_ids, 8) == served_greedy(tied, token_ids, 8)
+  converted_embedding = rf"f32\[{vocab_size},64\]"
+  assert re.search(converted_embedding, decode_program(tied, 2))
+  assert not re.search(converted_embedding, decode_program(bf16, 2))
+
+
+def test_a_bfloat16_engine_decodes_one_request_as_two_rows_whose_products_stay_bfloat16(
+    run_dir):
+  """One bfloat16 row times a weight XLA:CPU ran as a float32 matrix-vector product, every
+  weight converted each step; the engine pads one request's decode to two rows."""
+  bf16 = Engine.from_checkpoint(run_dir, slots=4, dtype="bfloat16")
+  assert bf16.min_decode_rows == 2
+  assert Engine.from_checkpoint(run_dir, slots=4).min_decode_rows == 1  # float32
+  assert Engine.from_checkpoint(run_dir, slots=1, dtype="bfloat16").min_decode_rows == 1
+  float32_dot = r"= f32\[[0-9,]*\]\{[0-9,]*\} dot\("
+  assert re.search(float32_dot, decode_program(bf16, 1))  # what one row would have run
+  assert not re.search(float32_dot, decode_program(bf16, 2))
+  prompt_ids = bf16.encode(PROMPT)
+  greedy = served_greedy(bf16, prompt_ids, 8)  # one request alone: two rows, one padding
+  recomputed = bf16.logits_without_cache(prompt_ids + greedy)[len(prompt_ids) - 1:-1]
+  chosen = recomputed[np.arange(len(greedy)), greedy]
+  np.testing.assert_array_less(recomputed.max(-1) - chosen, 0.05)
