@@ -349,7 +349,7 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_weights_and_gradients()
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads)):
     assert np.linalg.norm(got - want) < 0.1 * np.linalg.norm(want)
   jaxpr = jax.make_jaxpr(lambda b: _loss_and_grads(config, b))(batch)
-  forward_matmuls = [eqn for eqn in _equations(jaxpr.jaxpr) if eqn.primitive.name == "dot_general"]
+  forward_matmuls = [eqn for eqn in equations(jaxpr.jaxpr) if eqn.primitive.name == "dot_general"]
   assert forward_matmuls and all(
       {v.aval.dtype for v in eqn.invars} == {jnp.dtype(jnp.bfloat16)} for eqn in forward_matmuls)
   logits, _ = Transformer(config, rngs=nnx.Rngs(0))(jnp.asarray(tokens))
@@ -378,14 +378,14 @@ def test_a_bfloat16_dense_layers_gradients_equal_float64_numpy_and_multiply_in_b
   assert (not float32_dots) if tokens % layers.WEIGHT_GRADIENT_GROUPS == 0 else float32_dots
 
 
-def _equations(jaxpr):
+def equations(jaxpr):
   """Every equation, descending into the sub-jaxprs of jit, remat and the like."""
   for eqn in jaxpr.eqns:
     yield eqn
     for param in eqn.params.values():
       inner = getattr(param, "jaxpr", param)
       if hasattr(inner, "eqns"):
-        yield from _equations(inner)
+        yield from equations(inner)
 
 
 def _np_branch_mask(segment_ids, branch_ids):

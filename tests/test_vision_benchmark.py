@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_model import equations
 
 from benchmarks import machine_load, vit_timm
 from maxlm.model.vit import VisionConfig, VisionEncoder
@@ -86,15 +87,8 @@ def test_a_busy_machine_is_named_before_the_ratios_against_pytorch(monkeypatch, 
 
 
 def _dot_operand_dtypes(jaxpr) -> set:
-  found = set()
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      found.add(tuple(str(v.aval.dtype) for v in eqn.invars))
-    for param in eqn.params.values():
-      inner = getattr(param, "jaxpr", param)
-      if hasattr(inner, "eqns"):
-        found |= _dot_operand_dtypes(inner)
-  return found
+  return {tuple(str(v.aval.dtype) for v in eqn.invars) for eqn in equations(jaxpr)
+          if eqn.primitive.name == "dot_general"}
 
 
 def test_the_bfloat16_step_multiplies_in_bfloat16_and_keeps_float32_gradients_near_float32s():
