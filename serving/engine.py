@@ -136,21 +136,17 @@ def with_serving_dtype(params, config: ModelConfig, dtype: str | None):
   return jax.tree.map(cast, params), dataclasses.replace(config, dtype=dtype)
 
 
-def bfloat16_on_cpu(config: ModelConfig, quantize: str | None) -> bool:
-  """Whether the engine's products are bfloat16 ones on XLA:CPU, which multiplies bfloat16 in
-  YNNPACK only when the lhs contracts its last axis and the rhs its first, and otherwise
-  converts both operands to float32 every step (see `layers.WEIGHT_GRADIENT_GROUPS`)."""
-  return config.dtype == "bfloat16" and not quantize and jax.default_backend() == "cpu"
-
-
 def with_canonical_unembedding(params: dict, config: ModelConfig, quantize: str | None):
   """(params, config) with a tied embedding [vocab, embed] also stored transposed, as an
   untied model's unembedding [embed, vocab], where the engine multiplies in bfloat16 on the
-  CPU: a tied `x @ embedding.T` contracts the embedding's last axis, so XLA converted all of
-  it to float32 for every step (a 2-layer model of width 1,024, vocab 32,000, 8 rows: 52 ms a
-  decode step against 10 ms with the copy, float32 15 ms). Costs vocab x embed more weight
-  bytes; anywhere else the params come back as they are."""
-  if not (config.tie_embeddings and bfloat16_on_cpu(config, quantize)):
+  CPU. XLA:CPU multiplies bfloat16 in YNNPACK only when the lhs contracts its last axis and
+  the rhs its first (see `layers.WEIGHT_GRADIENT_GROUPS`): a tied `x @ embedding.T` contracts
+  the embedding's last axis, so XLA converted all of it to float32 for every step (a 2-layer
+  model of width 1,024, vocab 32,000, 8 rows: 52 ms a decode step against 10 ms with the
+  copy, float32 15 ms). Costs vocab x embed more weight bytes; anywhere else the params come
+  back as they are."""
+  if not (config.tie_embeddings and config.dtype == "bfloat16" and not quantize
+          and jax.default_backend() == "cpu"):
     return params, config
   return ({**params, "unembedding": jnp.transpose(params["embedding"])},
           dataclasses.replace(config, tie_embeddings=False))
@@ -213,10 +209,6 @@ class Engine:
     self.step = step  # the checkpoint step of `params`, when they come from one
     self._size_cache(sampling.context_length(config, max_len), slots, kv_cache_memory,
                      block_size)
-    # One bfloat16 row times a weight XLA:CPU runs as a float32 matrix-vector product (the
-    # weight converted every step); two rows take YNNPACK's bfloat16 kernel (2 layers of width
-    # 1,024, vocab 32,000: a lone request's step 69 ms as one row, 8 ms beside a padding row).
-    self.min_decode_rows = 2 if self.slots >= 2 and bfloat16_on_cpu(config, quantize) else 1
     self.eos_id = tokenizer.eos_id()
     # what a request's omitted sampling settings default to: a run dir's generation_config.json
     self.sampling_defaults: dict[str, float | int] = {}
@@ -417,7 +409,7 @@ class Engine:
     touching nothing on the device, when some slot's next token has no free block."""
     slots = [slot for slot in self.pages.active() if slot not in self.prefills.pending]
     self.pages.grow(slots)
-    rows = max(kv_pages.bucket(len(slots), self.slots), self.min_decode_rows)
+    rows = kv_pages.bucket(len(slots), self.slots)
     row_slots = np.full(rows, self.slots, np.int32)
     row_slots[:len(slots)] = slots
     state, choice = self._step(self.params, state, row_slots,
@@ -444,7 +436,7 @@ class Engine:
       state = self.image_prefills.warmup(self.params, state, vision.image_token_id,
                                          vision.num_patches, vision.image_size,
                                          device_settings(SamplingSettings()))
-    for rows in [rows for rows in kv_pages.buckets(self.slots) if rows >= self.min_decode_rows]:
+    for rows in kv_pages.buckets(self.slots):
       state, _ = self._step(self.params, state, np.full(rows, self.slots, np.int32),
                             np.zeros((rows, self.max_blocks), np.int32))
     jax.block_until_ready(state)

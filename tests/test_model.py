@@ -378,6 +378,22 @@ def test_a_bfloat16_dense_layers_gradients_equal_float64_numpy_and_multiply_in_b
   assert (not float32_dots) if tokens % layers.WEIGHT_GRADIENT_GROUPS == 0 else float32_dots
 
 
+def test_one_bfloat16_row_times_a_weight_equals_float64_numpy_and_multiplies_in_bfloat16():
+  """XLA:CPU ran one bfloat16 row times a weight as a float32 matrix-vector product (the
+  weight converted every call); `layers.dense` multiplies it beside a zero row."""
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.standard_normal((1, 1, 16)), jnp.bfloat16)
+  kernel = jnp.asarray(rng.standard_normal((16, 12)), jnp.bfloat16)
+  product = jax.jit(layers.dense)
+  want = np.asarray(x, np.float64).reshape(1, 16) @ np.asarray(kernel, np.float64)
+  np.testing.assert_allclose(np.asarray(product(x, kernel), np.float64).reshape(1, 12), want,
+                             rtol=1e-2, atol=2e-2)
+  compiled = product.lower(x, kernel).compile().as_text()
+  assert not re.search(r"= f32\[[0-9,]*\]\{[0-9,]*\} dot\(", compiled)
+  plain = jax.jit(lambda x, kernel: x.reshape(1, 16) @ kernel).lower(x, kernel).compile()
+  assert re.search(r"= f32\[[0-9,]*\]\{[0-9,]*\} dot\(", plain.as_text())  # what it avoids
+
+
 def equations(jaxpr):
   """Every equation, descending into the sub-jaxprs of jit, remat and the like."""
   for eqn in jaxpr.eqns:
