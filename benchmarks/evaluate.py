@@ -20,7 +20,10 @@ HTTP work is small beside its forward); in process,
 `maxlm.evals.scoring.score` batches `--batch` rows per forward pass, each row a group of
 sequences that begin alike (an item's choices: its context once); transformers runs
 `LlamaForCausalLM` with the same weights (benchmarks/hf_llama.py) on right-padded batches of
-`--batch` (on the CUDA GPU when JAX runs on one, float32 matmuls in TF32 on both sides). Each
+`--batch` rows made as lm-eval's `hf` model makes them (`hf_rows`: its logits cache, on by
+default, scores prompts that differ only in their last token in one row, so an item's one-token
+choices cost one row, as `lettered`'s do) (on the CUDA GPU when JAX runs on one, float32
+matmuls in TF32 on both sides). Each
 figure is the best of `--rounds` passes after a warm-up pass; the log-likelihoods are checked
 to agree.
 `ratio_vs_hf` is server items/s over transformers', both at `--batch`; `http_overhead` is
@@ -226,9 +229,20 @@ def request_chunks(pairs, batch: int) -> list[list[int]]:
   return [order[start:start + batch] for start in range(0, len(order), batch)]
 
 
+def hf_rows(pairs) -> list[list[int]]:
+  """Transformers' rows as lm-eval's `hf` model makes them (its logits cache, on by default):
+  each row is a prompt without its last token, and prompts that differ only in their last
+  token share one row (an item's one-token choices: its context once). Each row lists the
+  pairs it scores."""
+  rows: dict[tuple[int, ...], list[int]] = {}
+  for i, (ids, _) in enumerate(pairs):
+    rows.setdefault(tuple(ids[:-1]), []).append(i)
+  return list(rows.values())
+
+
 def hf_tokens(pairs, batch: int) -> int:
-  """Transformers' padded batch shapes summed: `with_transformers`'s batches of `batch`."""
-  lengths = sorted(len(ids) for ids, _ in pairs)
+  """Transformers' padded batch shapes summed: `with_transformers`'s batches of `batch` rows."""
+  lengths = sorted(len(pairs[members[0]][0]) - 1 for members in hf_rows(pairs))
   return sum(len(rows) * max(rows) for rows in
              (lengths[start:start + batch] for start in range(0, len(lengths), batch)))
 
@@ -270,27 +284,29 @@ def with_transformers(engine: Engine, pairs):
   device = "cuda" if jax.default_backend() == "gpu" else "cpu"
   torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
   model = to_hf_llama(engine.params, engine.config).to(device)
-  order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
+  rows = sorted(hf_rows(pairs), key=lambda members: len(pairs[members[0]][0]))
 
   def run_at(batch: int):
     def run():
       results = [0.0] * len(pairs)
       with torch.no_grad():
-        for start in range(0, len(order), batch):
-          rows = order[start:start + batch]
-          width = max(len(pairs[i][0]) for i in rows)
-          tokens = torch.zeros((len(rows), width), dtype=torch.long)
-          mask = torch.zeros((len(rows), width), dtype=torch.long)
-          for row, i in enumerate(rows):
-            tokens[row, :len(pairs[i][0])] = torch.tensor(pairs[i][0])
-            mask[row, :len(pairs[i][0])] = 1
+        for start in range(0, len(rows), batch):
+          batch_rows = rows[start:start + batch]
+          inputs = [pairs[members[0]][0][:-1] for members in batch_rows]
+          width = max(map(len, inputs))
+          tokens = torch.zeros((len(inputs), width), dtype=torch.long)
+          mask = torch.zeros((len(inputs), width), dtype=torch.long)
+          for row, ids in enumerate(inputs):
+            tokens[row, :len(ids)] = torch.tensor(ids)
+            mask[row, :len(ids)] = 1
           logprobs = torch.log_softmax(model(tokens.to(device), attention_mask=mask.to(
               device)).logits.float(), -1)
-          for row, i in enumerate(rows):
-            ids, length = pairs[i]
-            targets = torch.tensor(ids[length:], device=device)
-            results[i] = float(logprobs[row, length - 1:len(ids) - 1].gather(
-                -1, targets[:, None]).sum())
+          for row, members in enumerate(batch_rows):
+            for i in members:
+              ids, length = pairs[i]
+              targets = torch.tensor(ids[length:], device=device)
+              results[i] = float(logprobs[row, length - 1:len(ids) - 1].gather(
+                  -1, targets[:, None]).sum())
       return results
     return run
   return run_at

@@ -41,3 +41,26 @@ def test_a_request_larger_than_one_pack_is_scored_in_several_as_the_server_does(
   for i, entry in zip(order, (entry for entries, _ in scored for entry in entries)):
     got[i] = float(np.sum(entry.logprobs[pairs[i][1]:]))  # the continuation's tokens
   np.testing.assert_allclose([got[i] for i in range(len(pairs))], expected, atol=1e-4)
+
+
+def test_transformers_rows_are_lm_evals_and_score_every_choice(engine):
+  """transformers' side forwards the rows lm-eval's `hf` model forwards (its Collator grouping
+  by context + continuation[:-1]: an item's one-token choices share a row) and still gives each
+  choice the in-process scorer's log-likelihood."""
+  collator = pytest.importorskip("lm_eval.models.utils").Collator
+  pytest.importorskip("transformers")
+  rng = np.random.default_rng(1)
+  bos = engine.tokenizer.bos_id()
+  pairs = []
+  for choice_tokens in (1, 1, 3):  # two items of one-token choices, one of longer ones
+    context = [bos, *map(int, rng.integers(4, 300, 12))]
+    pairs += [(context + [int(t) for t in rng.integers(4, 300, choice_tokens)], len(context))
+              for _ in range(4)]
+  requests = [(("", ""), ids[:length], ids[length:]) for ids, length in pairs]
+  lm_eval_rows = sum(len(batch) for batch in collator(
+      requests, sort_fn=lambda request: -len(request[1] + request[2]), group_by="contexts",
+      group_fn=lambda request: request[-2] + request[-1][:-1]).get_batched(n=64))
+  assert len(evaluate.hf_rows(pairs)) == lm_eval_rows == 2 + 4
+  assert sorted(i for row in evaluate.hf_rows(pairs) for i in row) == list(range(len(pairs)))
+  expected = evaluate.in_process(engine, pairs, batch=8)()
+  np.testing.assert_allclose(evaluate.with_transformers(engine, pairs)(4)(), expected, atol=1e-4)
