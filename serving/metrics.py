@@ -40,6 +40,9 @@ class ServerMetrics:
     self._prefix_tokens = [0, 0]  # (looked up, served from the cache) for the hit rate
     self.active_slots = Gauge("maxlm_active_slots", "Decode slots holding a request now",
                               registry=self.registry)
+    self.scoring_programs_compiling = Gauge(
+        "maxlm_scoring_programs_compiling", "Scoring programs (pack shapes) compiling on their "
+        "own thread; their packs run on a wider compiled one until then", registry=self.registry)
 
   def observe_prefix_cache(self, prompt_tokens: int, cached_tokens: int):
     self.prefix_cache_queries.inc(prompt_tokens)

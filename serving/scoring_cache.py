@@ -157,14 +157,15 @@ class ContextPack:
 def pack_with_context(prompts: list[list[int]], reused: list[int],
                       entries: list[ScoredPrompt | None], budget: int, width_of,
                       context_width_of, max_seqs, layers: int, kv_heads: int, head_dim: int,
-                      dtype) -> ContextPack:
+                      dtype, windows: tuple[int, int] | None = None) -> ContextPack:
   """`prompts` in one row of `width_of(tokens)`, tokens <= `budget`. Prompts reusing the same
   kept prompt take its keys and values once into the context (of `context_width_of(tokens)`)
   and start from the fewest positions any of them reuses; then the prompts of each context
   (and those reusing nothing) are grouped by the beginnings they share
   (`shared_prefix_groups`: an item's choices after a kept passage, the passage once). Where
   that takes more than `budget` tokens, nothing is reused. `max_seqs(width)`: the rows of
-  `last`, as `scoring.pack` has them."""
+  `last`, as `scoring.pack` has them. `windows`: (lookback, context_window) to use instead of
+  the narrowest that hold the row's (`attention_windows`), as a wider compiled program has them."""
   reused = list(reused)
   by_entry: dict[int, list[int]] = {}
   for i, start in enumerate(reused):
@@ -183,7 +184,7 @@ def pack_with_context(prompts: list[list[int]], reused: list[int],
   if tokens > budget and any(reused):
     return pack_with_context(prompts, [0] * len(prompts), [None] * len(prompts), budget,
                              width_of, context_width_of, max_seqs, layers, kv_heads, head_dim,
-                             dtype)
+                             dtype, windows)
   width = width_of(tokens)
   rows = empty_rows(1, width)
   row = {name: array[0] for name, array in rows.items()}
@@ -214,24 +215,28 @@ def pack_with_context(prompts: list[list[int]], reused: list[int],
                      rows["branch_ids"], row["context_ids"][None], rows["predecessor"], spans,
                      last, context, context_owner, reused, list(entries),
                      [index in kept for index in range(len(prompts))],
-                     *attention_windows(row["segment_ids"], row["context_ids"], context_owner[0]))
+                     *attention_windows(row["segment_ids"], row["context_ids"], context_owner[0],
+                                        windows))
 
 
 def attention_windows(segment_ids: np.ndarray, context_ids: np.ndarray,
-                      context_owner: np.ndarray) -> tuple[int, int, np.ndarray]:
+                      context_owner: np.ndarray, windows: tuple[int, int] | None = None
+                      ) -> tuple[int, int, np.ndarray]:
   """For a packed row (segment and context ids [width]) over its context (owners
   [context_width]), which keys each block of QUERY_BLOCK queries needs (`kv_cache`'s
   `PackedWindows`): (lookback, the most keys before a block's first query that its segment
   reaches back; context_window, the most context keys between the first and the last kept
   key of any block's contexts; context_start per block, where its context keys begin), both
-  widths rounded up by `window_width`, one compiled program each. Padding needs nothing."""
+  widths rounded up by `window_width`, one compiled program each. Padding needs nothing.
+  `windows`: (lookback, context_window) at least as wide as those, to take instead; narrower
+  ones are a ValueError (a block would miss keys it sees)."""
   width, context_width = len(segment_ids), len(context_owner)
   index = np.arange(width)
   segment_start = np.maximum.accumulate(
       np.where(np.r_[True, segment_ids[1:] != segment_ids[:-1]], index, 0))
   block_starts = index[::QUERY_BLOCK]
   reach = (block_starts - segment_start[block_starts])[segment_ids[block_starts] != 0]
-  lookback = window_width(int(reach.max(initial=0)), width)
+  lookback = window_width(reach_keys := int(reach.max(initial=0)), width)
   # Per context id, its first and last key; the last entry stands for no context (id 0).
   first_key = np.full(max(context_ids.max(), context_owner.max()) + 2, context_width)
   last_key = np.full_like(first_key, -1)
@@ -244,7 +249,13 @@ def attention_windows(segment_ids: np.ndarray, context_ids: np.ndarray,
   begin = first_key[in_blocks].reshape(blocks, QUERY_BLOCK).min(axis=1)
   end = last_key[in_blocks].reshape(blocks, QUERY_BLOCK).max(axis=1) + 1
   seen = end > begin
-  context_window = window_width(int((end - begin)[seen].max(initial=0)), context_width)
+  span_keys = int((end - begin)[seen].max(initial=0))
+  context_window = window_width(span_keys, context_width)
+  if windows is not None:
+    if windows[0] < reach_keys or not span_keys <= windows[1] <= context_width:
+      raise ValueError(f"windows {windows} do not hold this row's lookback of {reach_keys} and "
+                       f"context span of {span_keys} within its context of {context_width}")
+    lookback, context_window = windows
   context_start = np.where(seen, np.minimum(begin, context_width - context_window), 0)
   return lookback, context_window, context_start.astype(np.int32)
 

@@ -33,7 +33,7 @@ def test_a_request_larger_than_one_pack_is_scored_in_several_as_the_server_does(
 
   expected = evaluate.in_process(engine, pairs, batch=8)()
   assert len(evaluate.server_packs(pairs, 24, engine.context_length)) > 1
-  replay, widths = evaluate.cached_scoring_alone(engine, pairs, 24, 1 << 20)
+  replay, widths, _ = evaluate.cached_scoring_alone(engine, pairs, 24, 1 << 20)
   scored = replay()
   assert len(widths) > 1 and max(widths) <= CONTEXT
   order = [i for chunk in evaluate.request_chunks(pairs, 24) for i in chunk]

@@ -2,13 +2,15 @@
 to later ones that begin alike; each prompt's results against its own scored prefill
 (`Engine.prefill_scored`, the single-prompt path with no cache of scored prompts)."""
 
+import threading
+
 import numpy as np
 import pytest
 from test_scoring import app_client, scored
-from test_serving import random_run
+from test_serving import CONTEXT, random_run
 
 from maxlm.model import kv_cache
-from serving import scoring_cache
+from serving import scoring, scoring_cache
 from serving.engine import Engine, SamplingSettings
 from serving.scoring import Scorer
 
@@ -72,6 +74,62 @@ def test_choices_sent_apart_reuse_their_context_and_score_as_each_prompt_own_pre
     for prompt, setting, request, items in zip(prompts, prompt_settings, requests, emitted,
                                                strict=True):
       assert_as_own_prefill(engine, prompt, setting, request, items, top=5)
+
+
+def test_a_pack_whose_program_has_not_compiled_runs_on_a_wider_one_meanwhile(engine):
+  """After warmup, choices continuing a kept context make a pack whose program (its width,
+  context width and windows) has not compiled: it runs on the widest warmed one, scoring as
+  each prompt's own prefill, while its own compiles on the compiler's thread once asked for
+  COMPILE_AFTER times; the next such pack runs on its own, narrower program."""
+  rng = np.random.default_rng(3)
+  bos = engine.tokenizer.bos_id()
+  context = [bos, *map(int, rng.integers(4, 300, 21))]
+  first, later = context + [5, 6, 7], [context + [8, 9], context + [10, 11, 12, 13]]
+  scorer = Scorer(engine)
+  scorer.warmup()
+  calls, forward = [], scorer._score_context[1]
+
+  def recorded(*arguments, **windows):
+    calls.append((threading.current_thread().name, arguments[1].shape[1],
+                  arguments[8].shape[2]))
+    return forward(*arguments, **windows)
+
+  scorer._score_context[1] = recorded
+  scorer.start()
+  try:
+    for _ in range(scoring.COMPILE_AFTER):
+      scorer.reset_cache()
+      scored(scorer, [first], [GREEDY], top=1)
+      calls.clear()
+      requests, emitted = scored(scorer, later, [GREEDY] * 2, top=1)
+      on_scorer = [call for call in calls if call[0] == "maxlm-scorer"]
+      assert on_scorer == [("maxlm-scorer", CONTEXT, CONTEXT)]  # the warmed wide program
+      for prompt, request, items in zip(later, requests, emitted):
+        assert_as_own_prefill(engine, prompt, GREEDY, request, items, top=1)
+    scorer._compiler.submit(lambda: None).result()  # its one thread: what was queued is done
+    [(name, *own)] = [call for call in calls if call[0] != "maxlm-scorer"]
+    assert name == "maxlm-scoring-compile_0"
+    assert own[0] < CONTEXT and own[1] < CONTEXT
+    scorer.reset_cache()
+    scored(scorer, [first], [GREEDY], top=1)
+    calls.clear()
+    requests, emitted = scored(scorer, later, [GREEDY] * 2, top=1)
+    assert calls == [("maxlm-scorer", *own)]
+    for prompt, request, items in zip(later, requests, emitted):
+      assert_as_own_prefill(engine, prompt, GREEDY, request, items, top=1)
+  finally:
+    scorer.stop()
+
+
+def test_windows_narrower_than_a_row_needs_are_refused():
+  segments, context_ids = np.array([1] * 40 + [0] * 8), np.array([1] * 40 + [0] * 8)
+  owner = np.array([1] * 20 + [-1] * 12)
+  lookback, window, _ = scoring_cache.attention_windows(segments, context_ids, owner)
+  assert scoring_cache.attention_windows(segments, context_ids, owner, (48, 32))[:2] == (48, 32)
+  with pytest.raises(ValueError, match="lookback of 32"):
+    scoring_cache.attention_windows(segments, context_ids, owner, (16, 32))
+  with pytest.raises(ValueError, match="context span of 20"):
+    scoring_cache.attention_windows(segments, context_ids, owner, (48, 16))
 
 
 def test_prompts_reusing_one_kept_prompt_start_together_and_count_what_they_reuse(engine):
