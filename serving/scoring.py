@@ -347,18 +347,19 @@ class Scorer:
 
   def _warm_wide_programs(self):
     """A few programs that hold most packs with kept contexts (a context as wide as the
-    budget, the widest windows), at widths 128, 256, 512 and the budget: a pack whose own
-    program has not compiled yet runs on the narrowest of them (`_runnable`) instead of
-    waiting for its compile."""
+    budget, the widest context window), at widths 128, 256, 512 and the budget, each with the
+    widest lookback window and the whole row: a pack whose own program has not compiled yet
+    runs on the narrowest of them (`_runnable`) instead of waiting for its compile."""
     context_width = scoring_cache.context_width(self.budget)
+    widest = max(scoring_cache.WINDOWS)
     widths = {width for width in pack_widths(self.budget) if width in WIDE_WIDTHS}
     for width in sorted(widths | {self.budget}):
-      shape = (width, context_width, min(max(scoring_cache.WINDOWS), width),
-               min(max(scoring_cache.WINDOWS), context_width))
-      laid = self._pack_with_context([[self.engine.tokenizer.bos_id()]], [0], [None], shape)
-      jax.block_until_ready(self._score_context[1](
-          self.engine.params, *self._context_arguments(laid), **self._context_windows(laid)))
-      self._ready.add(program_key(1, laid))
+      for lookback in sorted({min(widest, width), width}):
+        shape = (width, context_width, lookback, min(widest, context_width))
+        laid = self._pack_with_context([[self.engine.tokenizer.bos_id()]], [0], [None], shape)
+        jax.block_until_ready(self._score_context[1](
+            self.engine.params, *self._context_arguments(laid), **self._context_windows(laid)))
+        self._ready.add(program_key(1, laid))
 
   def _arguments(self, laid: Pack) -> tuple:
     return (laid.tokens, laid.positions, laid.segment_ids, laid.branch_ids, laid.predecessor,
