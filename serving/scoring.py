@@ -334,8 +334,7 @@ class Scorer:
         outputs = self._score[1](params, *self._arguments(laid))
       else:  # with nothing reused; longer contexts compile on first use
         laid = self._pack_with_context(prompts, [0], [None])
-        outputs = self._score_context[1](params, *self._context_arguments(laid),
-                                              **self._context_windows(laid))
+        outputs = self._forward_context(1, laid)
         self._ready.add(program_key(1, laid))
       x_last = jax.block_until_ready(outputs)[1]
       if len(laid.last) not in sampled_rows:
@@ -357,8 +356,7 @@ class Scorer:
       for lookback in sorted({min(widest, width), width}):
         shape = (width, context_width, lookback, min(widest, context_width))
         laid = self._pack_with_context([[self.engine.tokenizer.bos_id()]], [0], [None], shape)
-        jax.block_until_ready(self._score_context[1](
-            self.engine.params, *self._context_arguments(laid), **self._context_windows(laid)))
+        jax.block_until_ready(self._forward_context(1, laid))
         self._ready.add(program_key(1, laid))
 
   def _arguments(self, laid: Pack) -> tuple:
@@ -481,8 +479,7 @@ class Scorer:
     entries = [entry if start else None for (entry, _), start in zip(matches, reused)]
     laid = self._runnable(top, self._pack_with_context(prompts, reused, entries), prompts,
                           reused, entries)
-    scores, x_last, keys_values = self._score_context[top](
-        self.engine.params, *self._context_arguments(laid), **self._context_windows(laid))
+    scores, x_last, keys_values = self._forward_context(top, laid)
     sampled = any(temperature > 0 for _, temperature, *_ in settings)
     choice = sampled and self._first_tokens(top, laid.positions[0, laid.last], x_last, settings)
     scores, keys_values = jax.device_get((scores, keys_values))
@@ -528,8 +525,7 @@ class Scorer:
     """Compiles `laid`'s program (by running it once) on the compiler's thread. Packs of
     one that fails stay on the wider program."""
     try:
-      jax.block_until_ready(self._score_context[top](
-          self.engine.params, *self._context_arguments(laid), **self._context_windows(laid)))
+      jax.block_until_ready(self._forward_context(top, laid))
       compiled = True
     except Exception:  # noqa: BLE001 - the wider program still serves these packs
       log.exception("scoring: compiling the program of width %d, context %d, windows %d/%d "
@@ -557,13 +553,13 @@ class Scorer:
         prompts, reused, entries, self.budget, width_of, context_width_of,
         max_seqs, c.num_layers, c.num_kv_heads, c.head_dim, jnp.dtype(c.dtype), windows)
 
-  def _context_arguments(self, laid: scoring_cache.ContextPack) -> tuple:
-    return (laid.tokens, laid.positions, laid.segment_ids, laid.branch_ids, laid.context_ids,
-            laid.predecessor, laid.last, laid.context, laid.context_owner, laid.context_start)
-
-  @staticmethod
-  def _context_windows(laid: scoring_cache.ContextPack) -> dict:
-    return {"lookback": laid.lookback, "context_window": laid.context_window}
+  def _forward_context(self, top: int, laid: scoring_cache.ContextPack):
+    """The context path's forward over `laid`, on the program `program_key` names:
+    (scores, the last positions' hidden states, the keys and values)."""
+    return self._score_context[top](
+        self.engine.params, laid.tokens, laid.positions, laid.segment_ids, laid.branch_ids,
+        laid.context_ids, laid.predecessor, laid.last, laid.context, laid.context_owner,
+        laid.context_start, lookback=laid.lookback, context_window=laid.context_window)
 
   def _deliver(self, request: Request, step: Step, row: int):
     if request.max_tokens == 0:
