@@ -13,6 +13,8 @@ from flax import nnx
 
 from maxlm.model import ModelConfig, Transformer, count_params, init_kv_cache, layers
 
+# A dot XLA computes in float32, in a compiled program's text.
+FLOAT32_DOT = r"= f32\[[0-9,]*\]\{[0-9,]*\} dot\("
 CONFIG = ModelConfig(vocab_size=97, num_layers=2, embed_dim=48, num_heads=6, num_kv_heads=2,
                      head_dim=8, mlp_dim=80, max_seq_len=64)
 
@@ -374,7 +376,7 @@ def test_a_bfloat16_dense_layers_gradients_equal_float64_numpy_and_multiply_in_b
   np.testing.assert_allclose(np.asarray(d_x, np.float64), d_out64 @ kernel64.T, rtol=1e-2,
                              atol=2e-2)
   compiled = gradients.lower(x, kernel, d_out).compile().as_text()
-  float32_dots = re.findall(r"= f32\[[0-9,]*\]\{[0-9,]*\} dot\(", compiled)
+  float32_dots = re.findall(FLOAT32_DOT, compiled)
   assert (not float32_dots) if tokens % layers.WEIGHT_GRADIENT_GROUPS == 0 else float32_dots
 
 
@@ -389,9 +391,9 @@ def test_one_bfloat16_row_times_a_weight_equals_float64_numpy_and_multiplies_in_
   np.testing.assert_allclose(np.asarray(product(x, kernel), np.float64).reshape(1, 12), want,
                              rtol=1e-2, atol=2e-2)
   compiled = product.lower(x, kernel).compile().as_text()
-  assert not re.search(r"= f32\[[0-9,]*\]\{[0-9,]*\} dot\(", compiled)
+  assert not re.search(FLOAT32_DOT, compiled)
   plain = jax.jit(lambda x, kernel: x.reshape(1, 16) @ kernel).lower(x, kernel).compile()
-  assert re.search(r"= f32\[[0-9,]*\]\{[0-9,]*\} dot\(", plain.as_text())  # what it avoids
+  assert re.search(FLOAT32_DOT, plain.as_text())  # what it avoids
 
 
 def equations(jaxpr):

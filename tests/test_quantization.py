@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import sentencepiece as spm
+from test_model import FLOAT32_DOT
 from test_paged_kv import numpy_attention, numpy_int8_rows
 from test_serving import CONTEXT, PROMPT, random_run, save_random_checkpoint, train_tokenizer
 
@@ -325,9 +326,8 @@ def test_a_bfloat16_engine_decodes_one_request_with_products_that_stay_bfloat16(
   """One bfloat16 row times a weight XLA:CPU ran as a float32 matrix-vector product, every
   weight converted each step; `layers.dense` multiplies one row beside a zero row."""
   bf16 = Engine.from_checkpoint(run_dir, slots=4, dtype="bfloat16")
-  float32_dot = r"= f32\[[0-9,]*\]\{[0-9,]*\} dot\("
-  assert not re.search(float32_dot, decode_program(bf16, 1))
-  assert not re.search(float32_dot, decode_program(bf16, 2))
+  assert not re.search(FLOAT32_DOT, decode_program(bf16, 1))
+  assert not re.search(FLOAT32_DOT, decode_program(bf16, 2))
   prompt_ids = bf16.encode(PROMPT)
   greedy = served_greedy(bf16, prompt_ids, 8)  # one request alone: a one-row decode step
   recomputed = bf16.logits_without_cache(prompt_ids + greedy)[len(prompt_ids) - 1:-1]
